@@ -1,0 +1,56 @@
+"""Attention backends.
+
+A backend stores the new keys/values into the paged KV pool and computes attention for a flat batch of
+query tokens from many sequences. The model runner builds one `AttentionMetadata` per step; layers pass it
+through untouched. `torch` is the reference (any device); `triton` is the GPU fast path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: pool slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B+1] int32: sequence b's queries are rows [qsl[b], qsl[b+1])
+    seq_lens: torch.Tensor  # [B] int32: context length of each sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hk, D]
+        v: torch.Tensor,  # [T, Hk, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        ...
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        from slipstream.attention.torch_backend import TorchAttention
+
+        return TorchAttention()
+    if name == "triton":
+        from slipstream.attention.triton_backend import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"attention_backend must be one of: torch, triton; got {name!r}")

@@ -1,0 +1,122 @@
+"""Command line: `slipstream generate`, `slipstream chat`, `slipstream serve`, `slipstream bench ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from slipstream.sampling_params import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        load_format=a.load_format,
+        dtype=a.dtype,
+        device=a.device,
+        attention_backend=a.attention_backend,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        block_size=a.block_size,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        enable_prefix_caching=not a.no_prefix_caching,
+        enforce_eager=a.enforce_eager,
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+
+
+def _stream_to_terminal(llm: Any, prompt: str | list[int], params: SamplingParams) -> tuple[int, float]:
+    start, n = time.perf_counter(), 0
+    for out in llm.stream(prompt, params):
+        o = out.outputs[0]
+        n = len(o.token_ids)
+        sys.stdout.write(o.delta_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return n, time.perf_counter() - start
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from slipstream import LLM
+
+    llm = LLM(a.model, **engine_kwargs(a))
+    prompt: str | list[int] = a.prompt if a.raw else llm.apply_chat_template([{"role": "user", "content": a.prompt}])
+    n, dt = _stream_to_terminal(llm, prompt, _sampling(a))
+    print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {llm.engine.runner.device}]", file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from slipstream import LLM
+
+    llm = LLM(a.model, **engine_kwargs(a))
+    history: list[dict[str, str]] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    print("slipstream chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        texts = []
+        for out in llm.stream(llm.apply_chat_template(history), _sampling(a)):
+            texts.append(out.outputs[0].delta_text)
+            sys.stdout.write(texts[-1])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(texts)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="slipstream", description="slipstream LLM inference engine")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="stream a completion for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    _engine_args(g)
+    _sampling_args(g)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    c.add_argument("--system", default=None)
+    _engine_args(c)
+    _sampling_args(c)
+    c.set_defaults(fn=cmd_chat)
+    a = parser.parse_args(argv)
+    try:
+        a.fn(a)
+    except ValueError as e:
+        parser.exit(2, f"slipstream: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The public offline API: `LLM(model).generate(...)`, `.stream(...)`, `.chat(...)`."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+from typing import Any, Iterator, Sequence
+
+from slipstream.config import CacheConfig, EngineConfig, SchedulerConfig
+from slipstream.engine.llm_engine import LLMEngine
+from slipstream.engine.outputs import RequestOutput
+from slipstream.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+def build_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
+    """Flat keyword arguments (as the CLI and server take them) -> the nested frozen config."""
+    parts: dict[type, dict[str, Any]] = {EngineConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
+    owners = {f.name: cls for cls in (CacheConfig, SchedulerConfig, EngineConfig) for f in fields(cls)}
+    for key, value in kwargs.items():
+        if key not in owners or key in ("cache", "scheduler"):
+            raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(set(owners) - {'cache', 'scheduler'}))}")
+        parts[owners[key]][key] = value
+    return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]), scheduler=SchedulerConfig(**parts[SchedulerConfig]))
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """`model`: an HF model directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct.
+        Keyword options are the fields of EngineConfig, CacheConfig and SchedulerConfig."""
+        self.engine = LLMEngine(build_engine_config(model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def _normalize(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]  # one prompt: text or token ids
+        return list(prompts)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts concurrently to completion; outputs come back in prompt order."""
+        plist = self._normalize(prompts)
+        params = self._params_for(plist, sampling_params)
+        ids = self._submit(plist, params)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput each time the request makes progress; read `delta_text` for the new text."""
+        (rid,) = self._submit([prompt], [sampling_params or SamplingParams()])
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)  # the consumer stopped early: free its pages (no-op once finished)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if self.tokenizer.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def reset_prefix_cache(self) -> int:
+        cache = self.engine.block_manager.prefix_cache
+        return cache.clear() if cache is not None else 0
+
+    @staticmethod
+    def _params_for(
+        prompts: list[Prompt], sp: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[SamplingParams]:
+        if sp is None or isinstance(sp, SamplingParams):
+            return [sp or SamplingParams()] * len(prompts)
+        if len(sp) != len(prompts):
+            raise ValueError(f"got {len(sp)} SamplingParams for {len(prompts)} prompts")
+        return list(sp)
+
+    def _submit(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
+        # Validate everything first so that a bad prompt leaves nothing half-submitted.
+        for p, sp in zip(prompts, params):
+            self.engine.check_request(self.engine.tokenize(p), sp)
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        for rid, p, sp in zip(ids, prompts, params):
+            self.engine.add_request(rid, p, sp)
+        return ids

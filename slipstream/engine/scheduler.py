@@ -1,0 +1,147 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step gets a token budget (`max_num_batched_tokens`). Running sequences are served first, in admission
+order: a decode takes one token, an unfinished prefill takes the next chunk. What is left of the budget admits
+waiting sequences first-come first-served, their prompts chunked to fit, so prefill chunks and decodes share one
+step. When the pool has no page for a running sequence, the most recently admitted one is preempted: its pages
+are freed and it waits at the head of the queue to recompute its prompt and the tokens it already produced.
+Sampling is seeded per (request, position), so a preempted request finishes with the same output.
+
+The scheduler never touches tensors: it hands the model runner a `ScheduledBatch` of sequences and token counts.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from slipstream.config import SchedulerConfig
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.sequence import Sequence, SeqStatus
+
+_RANK_WINDOW = 256  # cache-aware ordering looks at this many queued sequences, bounding its per-step cost
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_steps = 0
+        self._enqueued_at: dict[int, int] = {}  # seq_id -> step it (re)entered the queue, for starvation bounds
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self._enqueued_at[seq.seq_id] = self.num_steps
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        self.num_steps += 1
+        budget = self.config.max_num_batched_tokens
+        batch = ScheduledBatch()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + n, batch):
+                break  # `seq` itself was preempted; it was the last running sequence
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            batch.add(seq, n)
+            budget -= n
+            i += 1
+        if batch.num_preempted == 0:
+            self._reorder_waiting()
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        cache = self.bm.prefix_cache
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.popleft()
+            if cache is not None and self._sibling_prefilling(seq):
+                skipped.append(seq)  # admit it once the first sample has cached the shared prompt
+                continue
+            if seq.num_computed_tokens == 0 and cache is not None:
+                cache.match(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
+                skipped.append(seq)
+                break
+            self._enqueued_at.pop(seq.seq_id, None)
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            if cache is not None:
+                cache.note_admitted(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    @staticmethod
+    def _sibling_prefilling(seq: Sequence) -> bool:
+        first = seq.request.seqs[0]
+        return seq is not first and first.status is SeqStatus.RUNNING and first.num_computed_tokens < first.num_prompt_tokens
+
+    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Preempt from the tail of `running` until `seq` can cover `num_tokens`; False if `seq` went itself."""
+        while not self.bm.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self.preempt(victim)
+            batch.num_preempted += 1
+            if victim is seq:
+                return False
+        return True
+
+    def _reorder_waiting(self) -> None:
+        """Cache-aware order: longest cached prefix first, but anyone waiting too long keeps FCFS priority."""
+        cache = self.bm.prefix_cache
+        if not self.config.cache_aware or cache is None or len(self.waiting) < 2:
+            return
+        deadline = self.num_steps - self.config.max_wait_steps
+        head = [self.waiting.popleft() for _ in range(min(len(self.waiting), _RANK_WINDOW))]
+        starving = [s for s in head if self._enqueued_at.get(s.seq_id, self.num_steps) <= deadline]
+        rest = [s for s in head if self._enqueued_at.get(s.seq_id, self.num_steps) > deadline]
+        starving.sort(key=lambda s: self._enqueued_at.get(s.seq_id, 0))
+        rest.sort(key=lambda s: -cache.peek_match_len(s.token_ids))  # stable: equal matches stay FCFS
+        self.waiting.extendleft(reversed(starving + rest))
+
+    def preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self._enqueued_at[seq.seq_id] = self.num_steps
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence from whichever queue holds it and release its pages."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._enqueued_at.pop(seq.seq_id, None)
+        if self.bm.prefix_cache is not None:
+            self.bm.prefix_cache.insert(seq)
+        self.bm.free(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,79 @@
+"""Request and sequence state. Plain Python: the scheduler and block manager work on these, never on tensors."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from slipstream.engine.detokenizer import IncrementalDetokenizer
+from slipstream.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: sequences live in queues and are removed by identity
+class Sequence:
+    """One sample of a request: its tokens, how many of them have KV in the cache, and its blocks."""
+
+    seq_id: int
+    request: "Request"
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    seed: int
+    detok: IncrementalDetokenizer
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    output_text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: {token: logprob}, sampled first
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
+    emitted_text_len: int = 0  # what streaming has already released
+    emitted_tokens: int = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

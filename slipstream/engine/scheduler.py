@@ -82,10 +82,12 @@ class Scheduler:
             if cache is not None and self._sibling_prefilling(seq):
                 skipped.append(seq)  # admit it once the first sample has cached the shared prompt
                 continue
-            if seq.num_computed_tokens == 0 and cache is not None:
+            if cache is not None:
                 cache.match(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
+                self.bm.free(seq)  # waiting sequences hold no pages, so they can never deadlock the pool
+                seq.num_computed_tokens = 0
                 skipped.append(seq)
                 break
             self._enqueued_at.pop(seq.seq_id, None)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite (CPU; Triton kernels run under TRITON_INTERPRET=1 in their own tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python3 -m pytest -q tests "$@"

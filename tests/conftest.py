@@ -1,0 +1,52 @@
+import os
+
+import pytest
+import torch
+
+from slipstream import LLM
+from slipstream.loader import embedded_model_path
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def assert_no_leak(llm: LLM) -> None:
+    """Every page is free once the prefix cache lets go of what it holds (and nothing is running)."""
+    eng = llm.engine
+    assert not eng.requests and not eng.scheduler.running and not eng.scheduler.waiting
+    bm = eng.block_manager
+    bm.check_consistency()
+    cache = bm.prefix_cache
+    if cache is not None:
+        assert cache.num_evictable_blocks == len(cache.nodes), "a cached page is still referenced by a finished sequence"
+        cache.clear()
+        assert not cache.nodes
+    assert bm.num_used_blocks == 0, f"{bm.num_used_blocks} blocks leaked"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(gguf_path):
+    """HF transformers' own GGUF loader: an independent reference for our dequantization and Q/K permutation."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm(gguf_path) -> LLM:
+    """The embedded model with a default-size pool (tests that need pressure build their own engine)."""
+    return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024)
+
+
+@pytest.fixture
+def fresh(smollm):
+    """Hand out the shared engine and check it leaks nothing afterwards."""
+    yield smollm
+    assert_no_leak(smollm)

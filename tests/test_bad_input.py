@@ -1,0 +1,73 @@
+"""Bad input -> ValueError naming the field and the allowed range; other requests are unaffected."""
+import json
+
+import pytest
+
+from slipstream import LLM, SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(n=0), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(logprobs=50), "logprobs"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_sampling_params_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_leave_others_untouched(fresh):
+    eng = fresh.engine
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = fresh.generate("The capital of France is", params)[0].outputs[0].token_ids
+    eng.add_request("good", "The capital of France is", params)
+    eng.step()  # the good request is mid-flight when the bad ones arrive
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        eng.add_request("empty", "", params)
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        eng.add_request("empty-ids", [], params)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("long", [5] * 1000, SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("too-long", [5] * 2000, params)
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request("oov", [10**9], params)
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("good", "x", params)
+    done = None
+    while eng.has_unfinished():
+        for out in eng.step():
+            done = out
+    assert done.request_id == "good" and done.outputs[0].token_ids == expected
+
+
+def test_generate_validates_all_prompts_first(fresh):
+    with pytest.raises(ValueError):
+        fresh.generate(["fine", ""], SamplingParams(max_tokens=2))
+    assert not fresh.engine.requests  # nothing was half-submitted
+
+
+def test_unknown_model_path():
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM("/nonexistent/model")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        LLM(str(tmp_path))
+
+
+def test_unknown_engine_option():
+    with pytest.raises(ValueError, match="unknown engine option 'max_batch'"):
+        LLM(None, max_batch=3)

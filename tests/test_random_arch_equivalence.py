@@ -1,0 +1,62 @@
+"""Qwen2 (qkv bias, untied), Qwen3 (q/k norm, tied, head_dim != hidden/heads) and Llama 3 (llama3 rope scaling)
+with small random weights saved as an HF directory; HF transformers builds the reference from the same files."""
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+
+from conftest import assert_no_leak
+from hf_reference import hf_greedy
+from slipstream import LLM, SamplingParams
+
+VOCAB = 512
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "qwen2": Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0, **COMMON),
+    "qwen3": Qwen3Config(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, rope_theta=1e6, **COMMON),
+    "llama3": LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **COMMON),
+}
+
+
+def make_model_dir(path, config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger than HF's default init so that greedy choices are far from ties
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.25)
+            elif "bias" in name:
+                p.normal_(0.0, 0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_random_weights_match_hf(tmp_path, arch):
+    hf = make_model_dir(tmp_path, CONFIGS[arch])
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"]
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", block_size=8, num_blocks=24, max_model_len=128,
+              max_num_batched_tokens=32)
+    g = torch.Generator().manual_seed(1)
+    lengths, max_tokens = [5, 37, 12, 60, 3, 21], [20, 8, 30, 15, 25, 11]
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m, logprobs=0, ignore_eos=True) for m in max_tokens])
+    assert llm.engine.stats.num_preemptions >= 1
+    for p, m, out in zip(prompts, max_tokens, outs):
+        ref, ref_lps = hf_greedy(hf, p, m, set())
+        o = out.outputs[0]
+        assert o.token_ids == ref
+        ours = [lp[t] for lp, t in zip(o.logprobs, o.token_ids)]
+        assert max(abs(a - b) for a, b in zip(ours, ref_lps)) < 1e-3
+    assert_no_leak(llm)

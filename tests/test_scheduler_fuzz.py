@@ -1,0 +1,118 @@
+"""Property tests of the block manager, scheduler and radix cache over random arrivals, finishes, aborts and
+preemptions, without a model: 'compute' just advances counters and appends random tokens."""
+import random
+
+import pytest
+
+from slipstream.config import SchedulerConfig
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.radix_cache import RadixCache
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Request, Sequence
+from slipstream.sampling_params import SamplingParams
+
+
+class _NoDetok:
+    def step(self, token: int) -> str:
+        return ""
+
+
+def check_invariants(sched: Scheduler, bm: BlockManager, all_seqs: list[Sequence]) -> None:
+    bm.check_consistency()
+    holders = [0] * bm.num_blocks
+    for s in all_seqs:
+        if not s.is_finished:
+            for b in s.block_table:
+                holders[b] += 1
+    cache = bm.prefix_cache
+    if cache is not None:
+        for b in cache.nodes:
+            holders[b] += 1
+        assert cache.num_evictable_blocks == sum(1 for b in cache.nodes if bm.ref_counts[b] == 1)
+    assert holders == bm.ref_counts, "reference counts disagree with block tables + cached pages"
+    for s in sched.waiting:
+        assert not s.block_table and s.num_computed_tokens == 0, "a waiting sequence holds pages"
+    for s in sched.running:
+        assert len(s.block_table) * bm.block_size >= s.num_computed_tokens
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_random_workload(seed, prefix_caching):
+    rng = random.Random(seed)
+    bs = rng.choice([1, 4, 16])
+    max_len = 96
+    bm = BlockManager(num_blocks=-(-max_len // bs) + rng.randint(0, 40), block_size=bs)
+    if prefix_caching:
+        bm.prefix_cache = RadixCache(bm)
+    cfg = SchedulerConfig(max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(8, 64), max_model_len=max_len,
+                          max_wait_steps=rng.randint(1, 20))
+    sched = Scheduler(cfg, bm)
+    shared = [rng.randrange(50) for _ in range(40)]  # a common prefix so the cache gets hits
+    all_seqs: list[Sequence] = []
+    reqs: list[Request] = []
+    preemptions = 0
+    for step in range(5000):
+        if step < 150 and rng.random() < 0.4:
+            n_prompt = rng.randint(1, 60)
+            prompt = (shared[: rng.randint(0, 40)] + [rng.randrange(50) for _ in range(n_prompt)])[:n_prompt]
+            req = Request(f"r{len(reqs)}", prompt, SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, max_len - n_prompt)))
+            for i in range(req.params.n):
+                seq = Sequence(len(all_seqs), req, i, list(prompt), seed=i, detok=_NoDetok())
+                req.seqs.append(seq)
+                all_seqs.append(seq)
+                sched.add(seq)
+            reqs.append(req)
+        batch = sched.schedule()
+        preemptions += batch.num_preempted
+        assert batch.num_tokens <= cfg.max_num_batched_tokens
+        assert len(sched.running) <= cfg.max_num_seqs
+        assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            assert n >= 1 and seq.num_computed_tokens + n <= seq.num_tokens
+            assert len(seq.block_table) * bs >= seq.num_computed_tokens + n
+        check_invariants(sched, bm, all_seqs)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if bm.prefix_cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
+                bm.prefix_cache.insert(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(rng.randrange(50))
+                if seq.num_output_tokens >= seq.params.max_tokens or rng.random() < 0.02:
+                    sched.finish(seq)
+        if rng.random() < 0.05:  # a client goes away
+            live = [s for s in all_seqs if not s.is_finished]
+            if live:
+                sched.finish(rng.choice(live))
+        check_invariants(sched, bm, all_seqs)
+        if step >= 150 and not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished(), "work left after the arrivals stopped: a request starved or deadlocked"
+    if bm.prefix_cache is not None:
+        bm.prefix_cache.clear()
+    assert bm.num_used_blocks == 0
+    bm.check_consistency()
+
+
+def test_cache_evicts_lru_leaves_only_when_needed():
+    bm = BlockManager(num_blocks=6, block_size=2)
+    cache = bm.prefix_cache = RadixCache(bm)
+    req = Request("a", [1, 2, 3, 4, 5], SamplingParams())
+    a = Sequence(0, req, 0, [1, 2, 3, 4, 5], 0, _NoDetok())
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    cache.insert(a)  # caches pages for [1,2] and [3,4]
+    bm.free(a)
+    assert len(cache.nodes) == 2 and cache.num_evictable_blocks == 2 and bm.num_free_blocks == 6
+    b = Sequence(1, Request("b", [1, 2, 3, 4, 9], SamplingParams()), 0, [1, 2, 3, 4, 9], 0, _NoDetok())
+    cache.match(b)
+    assert b.num_computed_tokens == 4 and cache.num_evictable_blocks == 0  # locked while b uses them
+    c = Sequence(2, Request("c", [7] * 9, SamplingParams()), 0, [7] * 9, 0, _NoDetok())
+    assert not bm.can_allocate(c, 9)  # 5 pages needed, 4 free, the cached ones are locked
+    bm.free(b)
+    assert bm.can_allocate(c, 9)
+    bm.allocate(c, 9)  # evicts one page: the leaf [3,4] goes first, its parent stays
+    assert len(cache.nodes) == 1 and cache.stats.evicted_blocks == 1
+    full = Sequence(3, Request("d", [1, 2], SamplingParams()), 0, [1, 2], 0, _NoDetok())
+    cache.match(full)
+    assert full.num_computed_tokens == 0  # a full-prompt hit still leaves the last token to compute

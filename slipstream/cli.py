@@ -97,6 +97,23 @@ def cmd_chat(a: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(texts)})
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from slipstream.engine.llm import build_engine_config
+    from slipstream.engine.llm_engine import LLMEngine
+    from slipstream.loader import embedded_model_path
+    from slipstream.server.app import build_app
+
+    model = a.model_pos or a.model
+    name = a.served_model_name or os.path.basename(os.path.normpath(model or embedded_model_path()))
+    config = build_engine_config(model, **engine_kwargs(a))
+    app = build_app(name, a.api_key, load=lambda: LLMEngine(config))
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=a.grace_period)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="slipstream", description="slipstream LLM inference engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -111,6 +128,16 @@ def main(argv: list[str] | None = None) -> None:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    s.add_argument("--log-level", default="info")
+    _engine_args(s)
+    s.set_defaults(fn=cmd_serve)
     a = parser.parse_args(argv)
     try:
         a.fn(a)

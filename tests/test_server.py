@@ -1,0 +1,188 @@
+"""A real HTTP server on 127.0.0.1 driven by the official `openai` client (and raw httpx for bad input)."""
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from conftest import assert_no_leak
+from server_util import LiveServer
+from slipstream import LLM, SamplingParams
+
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=512, max_waiting=600)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with LiveServer(llm.engine, MODEL) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    m = re.search(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_health_models(server, client):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_matches_offline_generate(server, client, llm):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(llm.engine.tokenize(prompt))
+    # the offline API on an engine with the same weights and settings
+    offline = LLM(llm.engine.model_path, dtype="float32", device="cpu", max_model_len=512)
+    assert r.choices[0].text == offline.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+
+
+def test_streaming_completion_and_usage(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=10, temperature=0)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+
+
+def test_chat_stop_and_streaming(client):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    parts = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == r.choices[0].message.content
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stop=["Paris"])
+    assert cut.choices[0].finish_reason == "stop" and "Paris" not in cut.choices[0].message.content
+
+
+def test_logprobs_n_and_seed(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
+    assert len(c.choices[0].logprobs.token_logprobs) == 4 and len(c.choices[0].logprobs.top_logprobs[0]) == 3
+    kw = dict(model=MODEL, prompt="My favourite animal is", max_tokens=8, temperature=1.0, seed=7, n=2)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices] and len(a.choices) == 2
+    assert a.usage.completion_tokens == 16
+
+
+def test_multiple_prompts_and_token_ids(client, llm):
+    ids = llm.engine.tokenize("Once upon a time")
+    r = client.completions.create(model=MODEL, prompt=[ids, llm.engine.tokenize("Hello there")], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    alone = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert r.choices[0].text == alone.choices[0].text
+    texts = client.completions.create(model=MODEL, prompt=["Hello there", "Once upon a time"], max_tokens=3, temperature=0)
+    assert {c.index: c.text for c in texts.choices}[1] == alone.choices[0].text
+
+
+BAD = [
+    ("completions", b"{not json", "invalid_request_error"),
+    ("chat/completions", {"model": MODEL}, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("completions", {"model": MODEL, "prompt": 5}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "max_model_len"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+    ("completions", {"model": MODEL, "prompt": ""}, "prompt"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10**6}, "max_model_len"),
+]
+
+
+@pytest.mark.parametrize("path, body, mentions", BAD)
+def test_bad_input_is_a_400_and_the_server_keeps_serving(server, client, path, body, mentions):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/{path}", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and mentions in json.dumps(err)
+    ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_unknown_model_is_404_and_unknown_fields_ignored(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "frobnicate": 1, "user": "u"})
+    assert r.status_code == 200
+
+
+def test_api_key(llm):
+    with LiveServer(llm.engine, MODEL, api_key="sekret") as s:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        body = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer sekret"})
+        assert body.status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_load_with_random_disconnects(server, llm):
+    """240 concurrent streams (loopback only, bounded); a quarter of the clients hang up mid-stream."""
+    import asyncio
+    import random
+
+    rng = random.Random(0)
+    jobs = [(i, rng.randint(4, 16), rng.random() < 0.25) for i in range(240)]
+
+    async def one(client: httpx.AsyncClient, i: int, max_tokens: int, hang_up: bool) -> int | None:
+        body = {"model": MODEL, "prompt": f"Request {i}: count with me,", "max_tokens": max_tokens, "temperature": 0.8,
+                "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        tokens = None
+        async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                seen += 1
+                if hang_up and seen >= 2:
+                    return None  # leaving the block closes the connection mid-stream
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return tokens
+
+    async def main():
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, *j) for j in jobs)), 600)
+
+    results = asyncio.run(main())
+    for (i, max_tokens, hang_up), got in zip(jobs, results):
+        if not hang_up:
+            assert got == max_tokens, (i, got, max_tokens)
+    import time
+
+    deadline = time.time() + 30
+    while metric(server, "slipstream:num_requests_running") or metric(server, "slipstream:num_requests_waiting"):
+        assert time.time() < deadline, "requests still in the engine after every client finished or left"
+        time.sleep(0.2)
+    assert metric(server, "slipstream:kv_cache_free_blocks") == metric(server, "slipstream:kv_cache_total_blocks")
+    assert metric(server, 'slipstream:request_success_total') >= 1
+    text = httpx.get(server.url + "/metrics").text
+    assert 'finished_reason="abort"' in text and "slipstream:time_to_first_token_seconds_count" in text
+    assert not llm.engine.requests

@@ -80,10 +80,13 @@ class ModelRunner:
             self.model.load_weights(loaded.weights())
         self.model.eval().requires_grad_(False)
         self.num_blocks = self._size_kv_pool()
-        shape = (self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        # One page more than the block manager hands out: padded rows of a CUDA graph write their K/V there.
+        self.pad_slot = self.num_blocks * self.block_size
+        shape = (self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         for layer in self.model.layers:
             layer.self_attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.graphs = DecodeGraphs(self) if self._use_graphs() else None
 
     # ---- KV pool sizing ----
     @property
@@ -95,13 +98,16 @@ class ModelRunner:
         cache, sched = self.config.cache, self.config.scheduler
         useful = sched.max_num_seqs * -(-self.max_model_len // self.block_size)  # more can never be used at once
         if cache.num_blocks is not None:
-            n = cache.num_blocks
-        elif cache.kv_cache_bytes is not None:
-            n = min(useful, cache.kv_cache_bytes // self.bytes_per_block)
+            return self._check_pool(cache.num_blocks)
+        if cache.kv_cache_bytes is not None:
+            budget = cache.kv_cache_bytes
         elif self.device.type == "cuda":
-            n = min(useful, self._profile_free_bytes() // self.bytes_per_block)
+            budget = self._profile_free_bytes()
         else:
-            n = min(useful, _CPU_KV_BYTES // self.bytes_per_block)
+            budget = _CPU_KV_BYTES
+        return self._check_pool(min(useful, budget // self.bytes_per_block - 1))  # budget covers the padding page too
+
+    def _check_pool(self, n: int) -> int:
         if n * self.block_size < self.max_model_len:
             raise ValueError(
                 f"KV cache of {n} blocks x {self.block_size} tokens cannot hold one sequence of max_model_len="
@@ -143,8 +149,11 @@ class ModelRunner:
         return free
 
     # ---- one step ----
+    def _use_graphs(self) -> bool:
+        return self.device.type == "cuda" and self.backend_name == "triton" and not self.config.enforce_eager
+
     def _metadata(
-        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int]
+        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int], num_decodes: int = 0
     ) -> AttentionMetadata:
         width = max(len(t) for t in tables)
         dev = self.device
@@ -160,19 +169,24 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
+            num_decodes=num_decodes,
+            decode_max_len=max(seq_lens[:num_decodes], default=0),
         )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, SampledToken]]:
-        """Run one forward over the batch; sample for every sequence whose step reaches its last token."""
+        """Run one forward over the batch; sample for every sequence whose step reaches its last token.
+        One-token sequences go first: the attention backend runs its decode kernel on them."""
         bs = self.block_size
+        items = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda it: it[1] != 1)
+        num_decodes = sum(1 for _, n in items if n == 1)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         to_sample: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in items:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
@@ -182,14 +196,19 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 to_sample.append(seq)
-        meta = self._metadata(batch.num_new_tokens, seq_lens, [s.block_table for s in batch.seqs], slots)
-        dev = self.device
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev), meta
-        )
+        tables = [s.block_table for s, _ in items]
+        if self.graphs is not None and num_decodes == len(items) and self.graphs.fits(num_decodes):
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+        else:
+            meta = self._metadata([n for _, n in items], seq_lens, tables, slots, num_decodes)
+            dev = self.device
+            ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+            hidden = self.model(ids_t, torch.tensor(positions, dtype=torch.int64, device=dev), meta)
         if not to_sample:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        if len(sample_rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         out = sample(logits, self._sampling_batch(to_sample))
         tokens = out.tokens.tolist()
         if out.logprobs is None:
@@ -253,3 +272,65 @@ class ModelRunner:
             banned=banned,
             penalties=penalties,
         )
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode forward for a ladder of batch sizes, sharing one memory pool.
+
+    Inputs live in static buffers; a batch of B decodes replays the smallest captured size >= B, its padded
+    rows pointed at the padding page with context length 0 (the decode kernel skips them). The grid of the
+    decode kernel is sized for max_model_len, so one graph serves every context length. Sampling runs after
+    the graph, eagerly (its shape depends on the requests' parameters)."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        dev = runner.device
+        max_bs = min(runner.config.scheduler.max_num_seqs, 256)
+        self.sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if s <= max_bs} | {max_bs})
+        width = -(-runner.max_model_len // runner.block_size)
+        self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.slots = torch.full((max_bs,), runner.pad_slot, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.tables = torch.full((max_bs, width), runner.num_blocks, dtype=torch.int32, device=dev)
+        self.qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for bsz in reversed(self.sizes):  # largest first: later graphs reuse its pool
+                meta = self._meta(bsz)
+                runner.model(self.ids[:bsz], self.pos[:bsz], meta)  # warm up (Triton compiles outside the capture)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = runner.model(self.ids[:bsz], self.pos[:bsz], meta)
+                self.graphs[bsz] = (graph, out)
+        torch.cuda.synchronize(dev)
+
+    def _meta(self, bsz: int) -> AttentionMetadata:
+        r = self.runner
+        return AttentionMetadata(
+            slot_mapping=self.slots[:bsz], query_start_loc=self.qsl[: bsz + 1], seq_lens=self.seq_lens[:bsz],
+            block_tables=self.tables[:bsz], query_lens_cpu=[1] * bsz, seq_lens_cpu=[r.max_model_len] * bsz,
+            max_query_len=1, max_seq_len=r.max_model_len, num_decodes=bsz, decode_max_len=r.max_model_len,
+        )
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def run(self, ids: list[int], pos: list[int], slots: list[int], seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        b = len(ids)
+        size = next(s for s in self.sizes if s >= b)
+        pad = size - b
+        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.runner.pad_slot] * pad, seq_lens + [0] * pad],
+                            dtype=torch.int64).pin_memory()
+        dev = host.to(self.ids.device, non_blocking=True)
+        self.ids[:size].copy_(dev[0])
+        self.pos[:size].copy_(dev[1])
+        self.slots[:size].copy_(dev[2])
+        self.seq_lens[:size].copy_(dev[3])
+        width = max(len(t) for t in tables)
+        tab = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).pin_memory()
+        self.tables[:b, :width].copy_(tab, non_blocking=True)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:b]

@@ -1,7 +1,11 @@
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (fp16/fp32 only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from slipstream import LLM
 from slipstream.loader import embedded_model_path

@@ -22,6 +22,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    num_decodes: int = 0  # the first num_decodes sequences have exactly one query token each
+    decode_max_len: int = 0  # bound on those sequences' context (max_model_len when a CUDA graph is captured)
 
     @property
     def num_seqs(self) -> int:

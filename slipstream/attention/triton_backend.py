@@ -1,0 +1,28 @@
+"""GPU attention: split-KV decode kernel for the batch's leading one-token sequences, varlen prefill kernel
+(with cached prefix) for the rest, both reading the paged pool directly."""
+from __future__ import annotations
+
+import torch
+
+from slipstream.attention import AttentionMetadata
+from slipstream.attention.torch_backend import store_kv
+from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+
+
+class TritonAttention:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 1
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            part = decode_partition(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
+            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, part, scale, out=out[:nd])
+        if nd < meta.num_seqs:
+            paged_prefill(q, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:], meta.query_start_loc[nd:],
+                          meta.max_query_len, scale, out=out)
+        return out

@@ -1,0 +1,210 @@
+"""Paged attention in Triton: varlen causal prefill with a cached prefix, and split-KV flash decoding.
+
+Both read K/V straight from the paged pool `[num_pages, page_size, Hk, D]` through each sequence's block
+table, so a chunked prefill or a prefix-cache hit attends over pages written by earlier steps or requests.
+
+Prefill: one program per (query tile, sequence, query head). Query row i of a sequence with context length L
+and q_len new tokens sits at position L - q_len + i and attends to keys 0..that position. Heavy tiles (late in
+the sequence, more keys) are launched first for load balance.
+
+Decode: one query token per sequence. A program takes one KV head and all the query heads that share it (GQA
+packing: the K/V tile is loaded once for the whole group, and the group forms the M side of a tensor-core dot),
+over one partition of the context. Partitions are combined by a second kernel using each partition's
+log-sum-exp, so long contexts spread over many SMs (flash decoding).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+    num_tiles,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = num_tiles - 1 - tl.program_id(0)  # heavy (late) tiles first
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(q_start + b)
+    q_len = tl.load(q_start + b + 1) - q0
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(seq_lens + b)
+    prefix = ctx - q_len
+    kvh = h // GROUP
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    pos = prefix + rows
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = block_tables + b * stride_bt
+    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)  # keys past the tile's last row are never needed
+    full_hi = prefix + tile * BLOCK_M  # keys below this are visible to every row: no causal mask
+    for n0 in range(0, hi, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = toks < ctx
+        pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
+        kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
+        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        if n0 + BLOCK_N > full_hi:
+            s = tl.where((toks[None, :] <= pos[:, None]) & tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, scale_log2,
+    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    partition,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(seq_lens + b)
+    start = split * partition
+    if start >= ctx:
+        return
+    end = tl.minimum(start + partition, ctx)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = block_tables + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = toks < end
+        pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
+        kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
+        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if SPLIT:
+        tl.store(part_out + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :], out, mask=g_ok[:, None])
+        tl.store(part_lse + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i), mask=g_ok)
+    else:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _reduce_kernel(
+    part_out, part_lse, seq_lens, out_ptr, partition,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(seq_lens + b)
+    n = tl.cdiv(ctx, partition)
+    s = tl.arange(0, SPLITS_POW2)
+    s_ok = s < n
+    lse = tl.load(part_lse + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(out_ptr.dtype.element_ty))
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
+    hq, d = q.shape[1], q.shape[2]
+    hk = k_cache.shape[2]
+    if hq % hk or d & (d - 1) or d < 16:
+        raise ValueError(f"unsupported attention shape: {hq} query heads, {hk} kv heads, head_dim {d}")
+    return hq, hk, d
+
+
+def paged_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention for the packed queries q [T, Hq, D] of len(seq_lens) sequences; `query_start_loc`
+    holds absolute row offsets into q (it may be a slice of a larger batch's offsets)."""
+    hq, hk, d = _check(q, k_cache)
+    out = torch.empty_like(q) if out is None else out
+    if _INTERPRET:
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    else:
+        block_m, block_n = 128, 64 if d > 64 else 128
+        warps, stages = (8, 3) if d > 64 else (4, 3)
+    num_tiles = triton.cdiv(max_query_len, block_m)
+    grid = (num_tiles, seq_lens.shape[0], hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_tiles,
+        GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
+    """Context tokens per program: enough programs to fill the GPU twice over, at least 256 tokens each."""
+    splits = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
+    return max(256, triton.next_power_of_2(triton.cdiv(max_len, splits)))
+
+
+def paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    max_len: int, partition: int, scale: float, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
+    so a CUDA graph captured with max_model_len serves any shorter context)."""
+    hq, hk, d = _check(q, k_cache)
+    bsz = q.shape[0]
+    out = torch.empty_like(q) if out is None else out
+    splits = triton.cdiv(max_len, partition)
+    group = hq // hk
+    block_n = 16 if _INTERPRET else 64
+    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
+                  BLOCK_N=block_n, num_warps=4, num_stages=1 if _INTERPRET else 3)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+               out.stride(0), out.stride(1))
+    if splits == 1:
+        _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, scale * _LOG2E,
+                                     *strides, 0, 0, 0, 0, 0, partition, SPLIT=False, **common)
+        return out
+    part_out = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=q.device)
+    pstr = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1))
+    _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+                                      scale * _LOG2E, *strides, *pstr, partition, SPLIT=True, **common)
+    _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, out, partition, *pstr, out.stride(0), out.stride(1),
+                              HEAD_DIM=d, SPLITS_POW2=triton.next_power_of_2(splits))
+    return out

@@ -1,0 +1,111 @@
+"""Triton kernels against their torch references in fp32 (CPU: TRITON_INTERPRET=1 with fp16/fp32; the GPU check
+script covers bf16 on the device)."""
+import pytest
+import torch
+
+from slipstream.attention import AttentionMetadata
+from slipstream.attention.torch_backend import paged_attention_ref
+from slipstream.kernels.activation import silu_and_mul
+from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+from slipstream.kernels.rmsnorm import fused_add_rms_norm
+from slipstream.layers.norm import rms_norm_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_paged(ctx_lens, q_lens, hq, hk, d, page, dtype, seed):
+    """Random K/V scattered over a shuffled page pool, random queries; returns tensors and metadata."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = sum(-(-c // page) for c in ctx_lens) + 3
+    perm = torch.randperm(n_pages, generator=g).tolist()
+    k_cache = torch.randn(n_pages, page, hk, d, generator=g).to(dtype)
+    v_cache = torch.randn(n_pages, page, hk, d, generator=g).to(dtype)
+    tables, used = [], 0
+    for c in ctx_lens:
+        n = -(-c // page)
+        tables.append(perm[used : used + n])
+        used += n
+    width = max(len(t) for t in tables)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        query_lens_cpu=list(q_lens), seq_lens_cpu=list(ctx_lens), max_query_len=max(q_lens), max_seq_len=max(ctx_lens),
+    )
+    return q, k_cache, v_cache, meta
+
+
+def to(dev, *ts):
+    return [t.to(dev) for t in ts]
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hk, d", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
+def test_prefill_with_cached_prefix(dtype, hq, hk, d):
+    # ragged: a fresh prompt, a chunk after a cached prefix that ends mid-page, a one-token query, page-aligned
+    ctx, ql = [37, 50, 9, 32], [37, 21, 1, 16]
+    q, kc, vc, meta = make_paged(ctx, ql, hq, hk, d, page=16, dtype=dtype, seed=hq * d)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, d**-0.5)
+    q, kc, vc, bt, sl, qsl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    out = paged_prefill(q, kc, vc, bt, sl, qsl, meta.max_query_len, d**-0.5)
+    assert rel_err(out.cpu(), ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_prefill_on_a_slice_of_the_batch():
+    """The backend runs prefill on the batch's tail with absolute row offsets; rows before it stay untouched."""
+    q, kc, vc, meta = make_paged([5, 30, 44], [1, 30, 12], 4, 2, 64, page=8, dtype=torch.float32, seed=3)
+    ref = paged_attention_ref(q, kc, vc, meta, 0.125)
+    out = torch.full_like(q, float("nan"))
+    q, kc, vc, bt, sl, qsl, out = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, out)
+    paged_prefill(q, kc, vc, bt[1:], sl[1:], qsl[1:], 30, 0.125, out=out)
+    out = out.cpu()
+    assert out[0].isnan().all() and rel_err(out[1:], ref[1:]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hk, d", [(4, 4, 64), (8, 2, 128), (8, 1, 64), (16, 2, 128)])
+@pytest.mark.parametrize("partition", [16, 512])  # many splits + reduction, and a single split
+def test_decode_split_kv(dtype, hq, hk, d, partition):
+    ctx = [1, 16, 17, 95, 300]
+    q, kc, vc, meta = make_paged(ctx, [1] * len(ctx), hq, hk, d, page=16, dtype=dtype, seed=d + hq)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, d**-0.5)
+    q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
+    out = paged_decode(q, kc, vc, bt, sl, max(ctx), partition, d**-0.5)
+    assert rel_err(out.cpu(), ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_decode_grid_bound_exceeds_contexts():
+    """As under a CUDA graph: the grid is sized for a long max_len; short contexts and a 0-length pad row."""
+    ctx = [3, 40, 0]
+    q, kc, vc, meta = make_paged([3, 40, 1], [1, 1, 1], 4, 1, 64, page=8, dtype=torch.float32, seed=9)
+    meta.seq_lens = torch.tensor(ctx, dtype=torch.int32)
+    meta.seq_lens_cpu = [3, 40, 1]
+    ref = paged_attention_ref(q, kc, vc, meta, 0.125)
+    q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
+    out = paged_decode(q, kc, vc, bt, sl, 4096, decode_partition(3, 1, 4096, 132), 0.125)
+    assert rel_err(out[:2].cpu(), ref[:2]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_add_rms_norm(dtype, with_residual):
+    x, r, w = torch.randn(7, 576).to(dtype), torch.randn(7, 576).to(dtype), torch.rand(576).to(dtype) + 0.5
+    out, res = fused_add_rms_norm(*to(DEV, x), *(to(DEV, r) if with_residual else [None]), *to(DEV, w), 1e-5)
+    h = x.float() + (r.float() if with_residual else 0)
+    assert rel_err(res.cpu(), h) < 1e-3 and rel_err(out.cpu(), rms_norm_ref(h, w.float(), 1e-5)) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul(dtype):
+    x = torch.randn(5, 2 * 1536).to(dtype)
+    gate, up = x.float().chunk(2, -1)
+    out = silu_and_mul(*to(DEV, x))
+    assert rel_err(out.cpu(), torch.nn.functional.silu(gate) * up) < 2e-3

@@ -114,6 +114,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=a.grace_period)
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from slipstream.bench.common import write_json
+
+    write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="slipstream", description="slipstream LLM inference engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -138,6 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--log-level", default="info")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
+    b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, serve")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    from slipstream.bench import engine_bench, kernels_bench, serve_bench
+
+    engine_bench.add_parsers(bsub)
+    kernels_bench.add_parser(bsub)
+    serve_bench.add_parser(bsub)
+    b.set_defaults(fn=cmd_bench)
     a = parser.parse_args(argv)
     try:
         a.fn(a)

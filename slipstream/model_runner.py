@@ -6,6 +6,7 @@ block table, sampling params) but never changes scheduling state; the engine app
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,7 @@ class ModelRunner:
             layer.self_attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.graphs = DecodeGraphs(self) if self._use_graphs() else None
+        self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
 
     # ---- KV pool sizing ----
     @property
@@ -210,7 +212,9 @@ class ModelRunner:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         logits = self.model.compute_logits(hidden)
         out = sample(logits, self._sampling_batch(to_sample))
-        tokens = out.tokens.tolist()
+        wait = time.perf_counter()
+        tokens = out.tokens.tolist()  # the step's one host sync
+        self.gpu_wait_s += time.perf_counter() - wait
         if out.logprobs is None:
             return [(s, SampledToken(t, None)) for s, t in zip(to_sample, tokens)]
         lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()

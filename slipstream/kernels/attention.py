@@ -30,6 +30,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
     num_tiles,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = num_tiles - 1 - tl.program_id(0)  # heavy (late) tiles first
     b = tl.program_id(1)
@@ -58,7 +59,7 @@ def _prefill_kernel(
         pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
         kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         if n0 + BLOCK_N > full_hi:
             s = tl.where((toks[None, :] <= pos[:, None]) & tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -66,7 +67,7 @@ def _prefill_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -79,7 +80,7 @@ def _decode_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     partition,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -105,13 +106,13 @@ def _decode_kernel(
         kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
         k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     if SPLIT:
@@ -139,6 +140,11 @@ def _reduce_kernel(
     d = tl.arange(0, HEAD_DIM)
     o = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(out_ptr.dtype.element_ty))
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 models get IEEE fp32 dots (Triton would otherwise use TF32) so they match the torch reference."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -169,7 +175,7 @@ def paged_prefill(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_tiles,
         GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -193,7 +199,7 @@ def paged_decode(
     group = hq // hk
     block_n = 16 if _INTERPRET else 64
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
-                  BLOCK_N=block_n, num_warps=4, num_stages=1 if _INTERPRET else 3)
+                  BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=1 if _INTERPRET else 3)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                out.stride(0), out.stride(1))
     if splits == 1:

@@ -1,0 +1,92 @@
+"""Shared by the benchmarks: measured ceilings (copy bandwidth, matmul rate), dummy model directories."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+
+import torch
+
+BUNDLED = {"llama-3.1-8b", "qwen3-0.6b"}
+
+
+def model_dir(name: str) -> str:
+    """A bundled config name (llama-3.1-8b, qwen3-0.6b), a config.json, or an HF dir. Config-only inputs become a
+    temporary directory with a synthetic word-level tokenizer over the model's vocabulary (for dummy weights)."""
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+        return name
+    if name in BUNDLED:
+        cfg = json.loads(resources.files("slipstream.configs").joinpath(f"{name}.json").read_text())
+    else:
+        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+        with open(path) as f:
+            cfg = json.load(f)
+    out = tempfile.mkdtemp(prefix="slipstream-dummy-")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    _synthetic_tokenizer(cfg["vocab_size"], cfg.get("eos_token_id"), out)
+    return out
+
+
+def _synthetic_tokenizer(vocab: int, eos: int | list[int] | None, out: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    eos_id = (eos[0] if isinstance(eos, list) else eos) or 2
+    words = {f"w{i}": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{eos_id}").save_pretrained(out)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median of 20)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    del src, dst
+    return 2 * nbytes / times[len(times) // 2]
+
+
+def matmul_rate(device: torch.device, n: int = 8192) -> float:
+    """bf16 dense matmul FLOP/s on random data (median of 10)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def table(rows: list[list[object]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)

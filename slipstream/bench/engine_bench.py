@@ -1,0 +1,184 @@
+"""Offline engine benchmarks: batch decode latency vs the HBM roofline, the nano-vllm throughput workload, and
+the prefix-cache workloads (shared system prompt, multi-turn chat) with the cache on vs off."""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+from typing import Any
+
+import torch
+
+from slipstream import LLM, SamplingParams
+from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, write_json
+
+
+def _llm(model: str, **kw: Any) -> LLM:
+    return LLM(model_dir(model), load_format="dummy", dtype="bfloat16", **kw)
+
+
+def _free(llm: LLM | None) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _timed(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[float, list]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, outs
+
+
+def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> float:
+    """HF transformers (eager, dynamic cache) on random weights of the same config: output tok/s."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir(model))
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(10, cfg.vocab_size, (batch, input_len), device="cuda")
+    kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    hf.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    hf.generate(ids, **kw)
+    torch.cuda.synchronize()
+    rate = batch * output_len / (time.perf_counter() - start)
+    _free(hf)
+    return rate
+
+
+def latency(a: argparse.Namespace) -> dict:
+    bw = copy_bandwidth(torch.device("cuda"))
+    peer = hf_decode_rate(a.model, a.batch_size, a.input_len, a.output_len) if a.hf_peer else None
+    llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(a.batch_size, 1),
+               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization)
+    vocab = llm.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch_size)]
+    full = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for _ in range(2):
+        _timed(llm, prompts, full)
+    ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
+    totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
+    ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
+    decode_rate = a.batch_size * (a.output_len - 1) / (total - ttft)
+    mc, runner = llm.engine.model_config, llm.engine.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    avg_ctx = a.input_len + a.output_len / 2
+    kv_bytes = a.batch_size * avg_ctx * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+    roofline = a.batch_size * bw / (weight_bytes + kv_bytes)
+    res = dict(bench="latency", gpu=gpu_name(), model=a.model, batch_size=a.batch_size, input_len=a.input_len,
+               output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft, e2e_s=total,
+               decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes, copy_bw_Bps=bw,
+               roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline, hf_tok_s=peer)
+    rows = [["engine", "decode tok/s", "% of roofline", "TTFT ms"],
+            ["slipstream", f"{decode_rate:.1f}", f"{100 * decode_rate / roofline:.1f}", f"{1e3 * ttft:.1f}"],
+            ["roofline", f"{roofline:.1f}", "100.0", f"({(weight_bytes + kv_bytes) / 1e9:.2f} GB/step at {bw / 1e12:.2f} TB/s)"]]
+    if peer:
+        rows.append(["HF transformers (eager)", f"{peer:.1f}", f"{100 * peer / roofline:.1f}", "-"])
+    print(table(rows))
+    _free(llm)
+    return res
+
+
+def throughput(a: argparse.Namespace) -> dict:
+    """nano-vllm's workload: seed 0, 256 sequences, input and output lengths uniform in [100, 1024], random ids."""
+    llm = _llm(a.model, max_model_len=4096, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization)
+    rng = random.Random(0)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, a.max_len))] for _ in range(a.num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, a.max_len), seed=i)
+              for i in range(a.num_seqs)]
+    assert max(max(p) for p in prompts) < vocab
+    _timed(llm, ["warm up"], SamplingParams(max_tokens=8))
+    runner, eng = llm.engine.runner, llm.engine
+    wait0, steps0 = runner.gpu_wait_s, eng.stats.steps
+    elapsed, outs = _timed(llm, prompts, params)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
+    res = dict(bench="throughput", gpu=gpu_name(), model=a.model, num_seqs=a.num_seqs, elapsed_s=elapsed,
+               output_tokens=out_tokens, output_tok_s=out_tokens / elapsed,
+               total_tok_s=(out_tokens + sum(map(len, prompts))) / elapsed, steps=eng.stats.steps - steps0,
+               preemptions=eng.stats.num_preemptions, cpu_share_of_step_time=cpu_share)
+    print(table([["engine", "output tok/s", "total tok/s", "steps", "CPU share of step time"],
+                 ["slipstream", f"{res['output_tok_s']:.0f}", f"{res['total_tok_s']:.0f}", res["steps"], f"{100 * cpu_share:.1f}%"]]))
+    _free(llm)
+    return res
+
+
+def prefix(a: argparse.Namespace) -> dict:
+    """Shared long system prompt + short distinct suffixes, and a multi-turn chat replay; cache on vs off."""
+    rng = random.Random(0)
+    system = [rng.randint(10, 10000) for _ in range(a.system_len)]
+    shared = [system + [rng.randint(10, 10000) for _ in range(a.suffix_len)] for _ in range(a.num_requests)]
+    res: dict[str, Any] = dict(bench="prefix", gpu=gpu_name(), model=a.model, system_len=a.system_len,
+                               suffix_len=a.suffix_len, num_requests=a.num_requests, output_len=a.output_len)
+    rows = [["workload", "cache", "time s", "req/s", "mean TTFT ms", "hit rate"]]
+    for on in (False, True):
+        llm = _llm(a.model, max_model_len=8192, enable_prefix_caching=on, gpu_memory_utilization=a.gpu_memory_utilization)
+        params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+        _timed(llm, [[5] * 64], params)
+        llm.reset_prefix_cache()
+        elapsed, outs = _timed(llm, shared, params)
+        ttft = sum(o.metrics.ttft for o in outs) / len(outs)
+        hit = llm.engine.block_manager.prefix_cache.stats.hit_rate if on else 0.0
+        res[f"shared_{'on' if on else 'off'}"] = dict(time_s=elapsed, req_s=len(outs) / elapsed, mean_ttft_s=ttft, hit_rate=hit)
+        rows.append(["shared system prompt", "on" if on else "off", f"{elapsed:.2f}", f"{len(outs) / elapsed:.1f}", f"{1e3 * ttft:.1f}", f"{hit:.2f}"])
+        # multi-turn: every conversation resends its history plus a new user turn; rounds run concurrently
+        histories = [system[: a.system_len // 4] + [rng.randint(10, 10000) for _ in range(64)] for _ in range(a.conversations)]
+        total, ttfts, start = 0, [], time.perf_counter()
+        for _ in range(a.turns):
+            _, outs = _timed(llm, histories, params)
+            for h, o in zip(histories, outs):
+                h += o.outputs[0].token_ids + [rng.randint(10, 10000) for _ in range(64)]
+                ttfts.append(o.metrics.ttft)
+                total += 1
+        chat_time = time.perf_counter() - start
+        hit = llm.engine.block_manager.prefix_cache.stats.hit_rate if on else 0.0
+        res[f"chat_{'on' if on else 'off'}"] = dict(time_s=chat_time, req_s=total / chat_time, mean_ttft_s=sum(ttfts) / total)
+        rows.append([f"multi-turn chat ({a.conversations}x{a.turns})", "on" if on else "off", f"{chat_time:.2f}",
+                     f"{total / chat_time:.1f}", f"{1e3 * sum(ttfts) / total:.1f}", f"{hit:.2f}"])
+        _free(llm)
+    res["shared_speedup"] = res["shared_on"]["req_s"] / res["shared_off"]["req_s"]
+    res["chat_speedup"] = res["chat_on"]["req_s"] / res["chat_off"]["req_s"]
+    print(table(rows))
+    print(f"speedup: shared prompt {res['shared_speedup']:.2f}x, multi-turn chat {res['chat_speedup']:.2f}x")
+    return res
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="batch-N decode tok/s and TTFT vs the HBM roofline")
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--hf-peer", action="store_true", help="also time HF transformers on the same config")
+    p.set_defaults(bench_fn=latency)
+    p = sub.add_parser("throughput", help="nano-vllm workload: output tok/s")
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.set_defaults(bench_fn=throughput)
+    p = sub.add_parser("prefix", help="prefix cache on vs off: shared system prompt and multi-turn chat")
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--system-len", type=int, default=2048)
+    p.add_argument("--suffix-len", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--turns", type=int, default=4)
+    p.set_defaults(bench_fn=prefix)
+    for name in ("latency", "throughput", "prefix"):
+        q = sub.choices[name]
+        q.add_argument("--enforce-eager", action="store_true")
+        q.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+        q.add_argument("--json", default=None)

@@ -1,0 +1,196 @@
+"""Online serving benchmark against any OpenAI-compatible server (slipstream, vLLM, llama.cpp, ...).
+
+Prompts come from ShareGPT (the original JSON: prompt = first human turn, output length = the reply's length
+in tokens, vLLM's filters) or random lengths. Requests arrive as a Poisson process at each given rate (or at a
+fixed concurrency), stream their completions with max_tokens = the target length and ignore_eos, and we report
+request throughput, output tok/s, TTFT / TPOT / ITL (mean, p50, p90, p99) and goodput under an SLO."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from slipstream.bench.common import table, write_json
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_len: int = 0
+    error: str = ""
+
+
+def sharegpt(path: str, tokenizer, n: int, seed: int) -> list[tuple[str, int, int]]:  # noqa: ANN001
+    with open(path) as f:
+        data = json.load(f)
+    convs = [d["conversations"] for d in data if len(d.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(convs)
+    out = []
+    for c in convs:
+        prompt, reply = c[0]["value"], c[1]["value"]
+        p_len, o_len = len(tokenizer.encode(prompt)), len(tokenizer.encode(reply))
+        if p_len < 4 or o_len < 4 or p_len > 1024 or p_len + o_len > 2048:  # vLLM's benchmark filters
+            continue
+        out.append((prompt, p_len, o_len))
+        if len(out) == n:
+            break
+    return out
+
+
+def random_prompts(tokenizer, n: int, in_len: int, out_len: int, seed: int) -> list[tuple[list[int], int, int]]:  # noqa: ANN001
+    rng = random.Random(seed)
+    vocab = min(tokenizer.vocab_size, 30000)
+    res = []
+    for _ in range(n):
+        i, o = rng.randint(in_len // 2, in_len * 3 // 2), rng.randint(out_len // 2, out_len * 3 // 2)
+        res.append(([rng.randint(10, vocab - 1) for _ in range(i)], i, o))
+    return res
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: int, o_len: int) -> Result:  # noqa: ANN001
+    body = {"model": model, "prompt": prompt, "max_tokens": o_len, "ignore_eos": True, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    r = Result(prompt_len=p_len)
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                r.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return r
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if r.ttft == 0.0:
+                        r.ttft = now - start
+                    else:
+                        r.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    r.output_tokens = chunk["usage"]["completion_tokens"]
+        r.e2e = time.perf_counter() - start
+        r.ok = r.output_tokens > 0
+    except httpx.HTTPError as e:
+        r.error = repr(e)
+    return r
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _summary(name: str, xs: list[float]) -> dict[str, float]:
+    return {f"{name}_mean_ms": 1e3 * sum(xs) / len(xs) if xs else float("nan"),
+            **{f"{name}_p{p}_ms": 1e3 * _pct(xs, p) for p in (50, 90, 99)}}
+
+
+async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency: int | None, slo: tuple[float, float], seed: int) -> dict:
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        async def gated(p):  # noqa: ANN001, ANN202
+            if sem is None:
+                return await one(client, url, model, *p)
+            async with sem:
+                return await one(client, url, model, *p)
+
+        tasks = []
+        start = time.perf_counter()
+        for p in prompts:
+            tasks.append(asyncio.create_task(gated(p)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results: list[Result] = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    good = [r for r in ok if r.ttft <= slo[0] and (r.output_tokens <= 1 or (r.e2e - r.ttft) / (r.output_tokens - 1) <= slo[1])]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {"request_rate": rate, "max_concurrency": concurrency, "completed": len(ok), "failed": len(results) - len(ok),
+            "errors": [r.error for r in results if not r.ok][:5], "duration_s": elapsed,
+            "request_throughput": len(ok) / elapsed, "output_tok_s": out_tokens / elapsed,
+            "total_tok_s": (out_tokens + sum(r.prompt_len for r in ok)) / elapsed, "goodput_req_s": len(good) / elapsed,
+            **_summary("ttft", [r.ttft for r in ok]), **_summary("tpot", tpot), **_summary("itl", [x for r in ok for x in r.itl])}
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    url = a.base_url.rstrip("/")
+    model = a.model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    if a.dataset == "random":
+        prompts = random_prompts(tok, a.num_prompts, a.random_input_len, a.random_output_len, a.seed)
+    else:
+        prompts = sharegpt(a.dataset, tok, a.num_prompts, a.seed)
+    results = []
+    rows = [["rate", "req/s", "out tok/s", "TTFT mean/p50/p99 ms", "TPOT mean/p50/p99 ms", "ITL p99 ms", "goodput", "failed"]]
+    for rate in a.request_rate:
+        r = asyncio.run(run_rate(url, model, prompts, rate, a.max_concurrency, (a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3), a.seed))
+        r["label"] = a.label
+        results.append(r)
+        rows.append([f"{rate:g}", f"{r['request_throughput']:.2f}", f"{r['output_tok_s']:.0f}",
+                     f"{r['ttft_mean_ms']:.0f}/{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
+                     f"{r['tpot_mean_ms']:.1f}/{r['tpot_p50_ms']:.1f}/{r['tpot_p99_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+                     f"{r['goodput_req_s']:.2f}", r["failed"]])
+    print(f"{a.label or url}: {len(prompts)} prompts, {a.dataset}")
+    print(table(rows))
+    if a.plot and len(results) > 1:
+        _plot(results, a.plot)
+    return results
+
+
+def _plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rates = [r["request_rate"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("ttft", "tpot")):
+        for p in ("p50", "p90", "p99"):
+            ax.plot(rates, [r[f"{metric}_{p}_ms"] for r in results], marker="o", label=p)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(f"{metric.upper()} (ms)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="online benchmark against an OpenAI-compatible server")
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer (HF dir) used to measure prompt/output lengths")
+    p.add_argument("--dataset", default="random", help="path to a ShareGPT JSON file, or 'random'")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--random-input-len", type=int, default=512)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")])
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="")
+    p.add_argument("--plot", default=None, help="PNG of latency percentiles vs request rate")
+    p.add_argument("--json", default=None)
+    p.set_defaults(bench_fn=run)

@@ -16,7 +16,7 @@ from slipstream.attention import AttentionMetadata, get_backend
 from slipstream.config import EngineConfig, ModelConfig
 from slipstream.engine.scheduler import ScheduledBatch
 from slipstream.engine.sequence import Sequence
-from slipstream.layers.sampler import Penalties, SamplingBatch, sample
+from slipstream.layers.sampler import Penalties, SamplerOutput, SamplingBatch, sample
 from slipstream.loader import LoadedModel, init_dummy_weights
 from slipstream.models import build_model
 
@@ -89,6 +89,12 @@ class ModelRunner:
             layer.self_attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.graphs = DecodeGraphs(self) if self._use_graphs() else None
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
+        self.stager = Stager(self.device)
+        self.fstager = Stager(self.device, torch.float32, 1 << 12)
+        self._ahead: _Ahead | None = None
+        if self.device.type == "cuda":
+            self._host_tokens = torch.empty(1024, dtype=torch.int64, pin_memory=True)
+            self._tokens_ready = torch.cuda.Event()
 
     # ---- KV pool sizing ----
     @property
@@ -157,6 +163,7 @@ class ModelRunner:
     def _metadata(
         self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int], num_decodes: int = 0
     ) -> AttentionMetadata:
+        """Metadata for a profile run (no staging buffers yet)."""
         width = max(len(t) for t in tables)
         dev = self.device
         qsl = [0]
@@ -164,23 +171,59 @@ class ModelRunner:
             qsl.append(qsl[-1] + q)
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            num_decodes=num_decodes,
-            decode_max_len=max(seq_lens[:num_decodes], default=0),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=num_decodes, decode_max_len=max(seq_lens[:num_decodes], default=0),
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, SampledToken]]:
+    def execute(self, batch: ScheduledBatch, run_ahead: bool = False) -> list[tuple[Sequence, SampledToken]]:
         """Run one forward over the batch; sample for every sequence whose step reaches its last token.
-        One-token sequences go first: the attention backend runs its decode kernel on them."""
-        bs = self.block_size
+
+        One-token sequences go first: the attention backend runs its decode kernel on them. With `run_ahead`
+        (the caller expects the same decodes next step), a decode-only step launches the next step's forward
+        before waiting for this step's tokens, so the GPU works while the host does its bookkeeping."""
         items = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda it: it[1] != 1)
+        self.stager.reset()
+        ahead, self._ahead = self._ahead, None
+        rows = ahead.rows_for(items) if ahead is not None else None
+        if rows is not None:
+            hidden = ahead.hidden if len(rows) == len(ahead.seqs) else ahead.hidden[torch.tensor(rows, device=self.device)]
+            to_sample = [s for s, _ in items]
+        else:
+            hidden, to_sample = self._forward(items)
+        if not to_sample:
+            return []
+        logits = self.model.compute_logits(hidden)
+        sb = self._sampling_batch(to_sample)
+        out = SamplerOutput(logits.argmax(dim=-1), None, None) if sb is None else sample(logits, sb)
+        decode_only = len(to_sample) == len(items) and all(n == 1 for _, n in items)
+        if self.graphs is not None and run_ahead and decode_only and out.logprobs is None and self.graphs.fits(len(items)):
+            n = len(to_sample)
+            self._host_tokens[:n].copy_(out.tokens, non_blocking=True)
+            self._tokens_ready.record()
+            self._ahead = self._run_ahead(to_sample, out.tokens)
+            wait = time.perf_counter()
+            self._tokens_ready.synchronize()
+            tokens = self._host_tokens[:n].tolist()
+        else:
+            wait = time.perf_counter()
+            tokens = out.tokens.tolist()  # the step's one host sync
+        self.gpu_wait_s += time.perf_counter() - wait
+        if out.logprobs is None:
+            return [(s, SampledToken(t, None)) for s, t in zip(to_sample, tokens)]
+        lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()
+        result = []
+        for s, t, lp, tid in zip(to_sample, tokens, lps, ids):
+            k = s.params.logprobs
+            result.append((s, SampledToken(t, None if k is None else dict(zip(tid[: 1 + k], lp[: 1 + k])))))
+        return result
+
+    def _forward(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Forward the scheduled tokens; return the hidden states of the rows to sample, and their sequences."""
+        bs = self.block_size
         num_decodes = sum(1 for _, n in items if n == 1)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -201,32 +244,41 @@ class ModelRunner:
         tables = [s.block_table for s, _ in items]
         if self.graphs is not None and num_decodes == len(items) and self.graphs.fits(num_decodes):
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
-        else:
-            meta = self._metadata([n for _, n in items], seq_lens, tables, slots, num_decodes)
-            dev = self.device
-            ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-            hidden = self.model(ids_t, torch.tensor(positions, dtype=torch.int64, device=dev), meta)
-        if not to_sample:
-            return []
-        if len(sample_rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
-        logits = self.model.compute_logits(hidden)
-        out = sample(logits, self._sampling_batch(to_sample))
-        wait = time.perf_counter()
-        tokens = out.tokens.tolist()  # the step's one host sync
-        self.gpu_wait_s += time.perf_counter() - wait
-        if out.logprobs is None:
-            return [(s, SampledToken(t, None)) for s, t in zip(to_sample, tokens)]
-        lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()
-        result = []
-        for s, t, lp, tid in zip(to_sample, tokens, lps, ids):
-            k = s.params.logprobs
-            result.append((s, SampledToken(t, None if k is None else dict(zip(tid[: 1 + k], lp[: 1 + k])))))
-        return result
+            return (hidden if len(sample_rows) == len(items) else hidden[torch.tensor(sample_rows, device=self.device)]), to_sample
+        query_lens = [n for _, n in items]
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        st = self.stager
+        ids_t, pos_t, slots_t, qsl_t, lens_t, rows_t = st.put(input_ids), st.put(positions), st.put(slots), st.put(qsl), st.put(seq_lens), st.put(sample_rows)
+        tables_t = st.put_table(tables)
+        st.upload()
+        meta = AttentionMetadata(
+            slot_mapping=slots_t(), query_start_loc=qsl_t(), seq_lens=lens_t(), block_tables=tables_t(),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=num_decodes, decode_max_len=max(seq_lens[:num_decodes], default=0),
+        )
+        hidden = self.model(ids_t(), pos_t(), meta)
+        return (hidden if len(sample_rows) == hidden.shape[0] else hidden[rows_t()]), to_sample
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _run_ahead(self, seqs: list[Sequence], tokens: torch.Tensor) -> _Ahead | None:
+        """Launch the decode step that feeds each sequence the token just sampled (still on the device)."""
+        bs = self.block_size
+        pos = [s.num_tokens for s in seqs]  # where the sampled token will sit
+        if any(p >= self.max_model_len or p // bs >= len(s.block_table) for s, p in zip(seqs, pos)):
+            return None  # a sequence needs a new page first: the scheduler must allocate it
+        self.stager.reset()
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        hidden = self.graphs.run(tokens, pos, slots, [p + 1 for p in pos], [s.block_table for s in seqs])
+        return _Ahead(list(seqs), pos, hidden)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch | None:
+        """Sampling tensors for these rows, or None when plain argmax will do (all greedy, nothing to adjust)."""
         dev, vocab = self.device, self.model_config.vocab_size
         ps = [s.params for s in seqs]
+        plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties for p in ps)
+        if plain and not any(s.num_output_tokens < s.params.min_tokens for s in seqs):
+            return None
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=dev)
@@ -261,13 +313,21 @@ class ModelRunner:
                 seen=seen,
             )
         wants = [p.logprobs for p in ps if p.logprobs is not None]
+        n = len(seqs)
+        floats = self.fstager
+        floats.reset()  # the int stager keeps this step's inputs: sampling appends to it
+        f = floats.put([p.temperature for p in ps] + [p.top_p for p in ps] + [p.min_p for p in ps])
+        i = self.stager.put([p.top_k if p.top_k > 0 else vocab for p in ps] + [s.seed for s in seqs] + [s.num_output_tokens for s in seqs])
+        floats.upload()
+        self.stager.upload()
+        fv, iv = f().view(3, n), i().view(3, n)
         return SamplingBatch(
-            temperature=t([p.temperature for p in ps], torch.float32),
-            top_k=t([p.top_k if p.top_k > 0 else vocab for p in ps], torch.int64),
-            top_p=t([p.top_p for p in ps], torch.float32),
-            min_p=t([p.min_p for p in ps], torch.float32),
-            seeds=t([s.seed for s in seqs], torch.int64),
-            positions=t([s.num_output_tokens for s in seqs], torch.int64),
+            temperature=fv[0],
+            top_k=iv[0],
+            top_p=fv[1],
+            min_p=fv[2],
+            seeds=iv[1],
+            positions=iv[2],
             all_greedy=all(p.greedy for p in ps),
             use_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
             use_min_p=any(p.min_p > 0 for p in ps),
@@ -276,6 +336,88 @@ class ModelRunner:
             banned=banned,
             penalties=penalties,
         )
+
+
+class Stager:
+    """Packs a step's small inputs into one host buffer (pinned on CUDA) and uploads them in one copy.
+
+    `put` returns a getter for the device view, valid after `upload`. Two host buffers alternate, each guarded
+    by an event, so a buffer whose copy may still be queued (the runner launches the next decode before it
+    waits on this one) is never overwritten."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64, capacity: int = 1 << 16) -> None:
+        self.device, self.dtype = device, dtype
+        self.pinned = device.type == "cuda"
+        self.bufs = [self._alloc(capacity), self._alloc(capacity)]
+        self.cur = 0
+        self.host, self.np, self.dev, self.event = self.bufs[0]
+        self.used = self.uploaded = 0
+
+    def _alloc(self, capacity: int) -> list:
+        host = torch.empty(capacity, dtype=self.dtype, pin_memory=self.pinned)
+        dev = torch.empty(capacity, dtype=self.dtype, device=self.device) if self.pinned else host
+        return [host, host.numpy(), dev, torch.cuda.Event() if self.pinned else None]
+
+    def reset(self) -> None:
+        """Start filling the other buffer (after its last upload has left the host)."""
+        self.cur ^= 1
+        self.host, self.np, self.dev, self.event = self.bufs[self.cur]
+        if self.event is not None:
+            self.event.synchronize()
+        self.used = self.uploaded = 0
+
+    def _reserve(self, n: int) -> int:
+        if self.used + n > self.host.numel():
+            if self.used:
+                raise RuntimeError("stager overflow mid-step")  # reserved views would dangle; capacity covers a step
+            self.bufs[self.cur] = self._alloc(max(2 * self.host.numel(), n))
+            self.host, self.np, self.dev, self.event = self.bufs[self.cur]
+        start = self.used
+        self.used += n
+        return start
+
+    def put(self, values: list):  # noqa: ANN201 - returns a getter
+        start = self._reserve(len(values))
+        self.np[start : start + len(values)] = values
+        return lambda: self.dev[start : start + len(values)]
+
+    def put_table(self, rows: list[list[int]]):  # noqa: ANN201
+        width = max(len(r) for r in rows)
+        start = self._reserve(len(rows) * width)
+        view = self.np[start : start + len(rows) * width].reshape(len(rows), width)
+        for i, r in enumerate(rows):
+            view[i, : len(r)] = r
+            view[i, len(r) :] = 0
+        return lambda: self.dev[start : start + len(rows) * width].view(len(rows), width)
+
+    def upload(self) -> None:
+        """Copy what was put since the last upload."""
+        if self.pinned and self.used > self.uploaded:
+            self.dev[self.uploaded : self.used].copy_(self.host[self.uploaded : self.used], non_blocking=True)
+            self.event.record()
+        self.uploaded = self.used
+
+
+@dataclass
+class _Ahead:
+    """A decode forward launched before the host read the previous step's tokens."""
+
+    seqs: list[Sequence]
+    positions: list[int]  # position of the token each row was fed
+    hidden: torch.Tensor
+
+    def rows_for(self, items: list[tuple[Sequence, int]]) -> list[int] | None:
+        """Rows of `hidden` that serve this batch, if it is the same decodes (or some of them, in order)."""
+        index = {id(s): i for i, s in enumerate(self.seqs)}
+        rows = []
+        for seq, n in items:
+            i = index.get(id(seq))
+            if n != 1 or i is None or (rows and i <= rows[-1]):
+                return None
+            if seq.num_computed_tokens != self.positions[i] or seq.num_tokens != self.positions[i] + 1:
+                return None
+            rows.append(i)
+        return rows
 
 
 class DecodeGraphs:
@@ -295,9 +437,9 @@ class DecodeGraphs:
         self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.slots = torch.full((max_bs,), runner.pad_slot, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.tables = torch.full((max_bs, width), runner.num_blocks, dtype=torch.int32, device=dev)
-        self.qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.tables = torch.full((max_bs, width), runner.num_blocks, dtype=torch.int64, device=dev)
+        self.qsl = torch.arange(max_bs + 1, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
@@ -321,20 +463,26 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def run(self, ids: list[int], pos: list[int], slots: list[int], seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
-        b = len(ids)
+    def run(self, ids: list[int] | torch.Tensor, pos: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Replay the graph for len(pos) decodes; `ids` may already be on the device (tokens just sampled)."""
+        b = len(pos)
         size = next(s for s in self.sizes if s >= b)
         pad = size - b
-        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.runner.pad_slot] * pad, seq_lens + [0] * pad],
-                            dtype=torch.int64).pin_memory()
-        dev = host.to(self.ids.device, non_blocking=True)
-        self.ids[:size].copy_(dev[0])
-        self.pos[:size].copy_(dev[1])
-        self.slots[:size].copy_(dev[2])
-        self.seq_lens[:size].copy_(dev[3])
-        width = max(len(t) for t in tables)
-        tab = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).pin_memory()
-        self.tables[:b, :width].copy_(tab, non_blocking=True)
+        st = self.runner.stager
+        host_ids = [0] * size if isinstance(ids, torch.Tensor) else ids + [0] * pad
+        vec = st.put(host_ids + pos + [0] * pad + slots + [self.runner.pad_slot] * pad + seq_lens + [0] * pad)
+        tab = st.put_table(tables)
+        st.upload()
+        v = vec().view(4, size)
+        self.ids[:size].copy_(v[0])
+        if isinstance(ids, torch.Tensor):
+            self.ids[:b].copy_(ids)
+        self.pos[:size].copy_(v[1])
+        self.slots[:size].copy_(v[2])
+        self.seq_lens[:size].copy_(v[3])
+        t = tab()
+        self.tables[:b, : t.shape[1]].copy_(t)
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]

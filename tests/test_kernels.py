@@ -112,3 +112,31 @@ def test_silu_and_mul(dtype):
     gate, up = x.float().chunk(2, -1)
     out = silu_and_mul(*to(DEV, x))
     assert rel_err(out.cpu(), torch.nn.functional.silu(gate) * up) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq, hk, d, qk_norm", [(4, 2, 64, False), (8, 1, 128, True), (2, 2, 64, True)])
+def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
+    from slipstream.attention.torch_backend import store_kv
+    from slipstream.kernels.rope import qk_norm_rope_store
+    from slipstream.layers.rotary import RotaryEmbedding
+
+    t, page, pages = 11, 4, 8
+    rot = RotaryEmbedding(d, 64, 10000.0, {})
+    qkv = torch.randn(t, (hq + 2 * hk) * d).to(dtype)
+    pos = torch.randint(0, 64, (t,))
+    slots = torch.randperm(pages * page)[:t]
+    qw, kw = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if qk_norm else (None, None)
+    # reference: the torch path of the attention layer, in fp32
+    q, k, v = qkv.float().split([hq * d, hk * d, hk * d], -1)
+    q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+    if qk_norm:
+        q, k = rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6)
+    q_ref, k_ref = rot(pos, q, k)
+    kc_ref, vc_ref = torch.zeros(pages, page, hk, d), torch.zeros(pages, page, hk, d)
+    store_kv(k_ref, v, kc_ref, vc_ref, slots)
+    kc, vc = torch.zeros(pages, page, hk, d, dtype=dtype, device=DEV), torch.zeros(pages, page, hk, d, dtype=dtype, device=DEV)
+    norms = (qw.to(DEV), kw.to(DEV), 1e-6) if qk_norm else ()
+    out = qk_norm_rope_store(qkv.to(DEV), pos.to(DEV), rot.cos_sin.to(DEV), slots.to(DEV), kc, vc, hq, hk, d, *norms)
+    assert rel_err(out.cpu(), q_ref) < TOL[dtype]
+    assert rel_err(kc.cpu(), kc_ref) < TOL[dtype] and rel_err(vc.cpu(), vc_ref) < TOL[dtype]

@@ -1,7 +1,7 @@
 """Attention backends.
 
-A backend stores the new keys/values into the paged KV pool and computes attention for a flat batch of
-query tokens from many sequences. The model runner builds one `AttentionMetadata` per step; layers pass it
+A backend computes attention for a flat batch of query tokens from many sequences over the paged KV pool
+(the attention layer stores each step's new keys/values first). The model runner builds one `AttentionMetadata` per step; layers pass it
 through untouched. `torch` is the reference (any device); `triton` is the GPU fast path.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot (block * block_size + offset) of each new token
-    query_start_loc: torch.Tensor  # [B+1] int32: sequence b's queries are rows [qsl[b], qsl[b+1])
-    seq_lens: torch.Tensor  # [B] int32: context length of each sequence after this step
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B+1] int64: sequence b's queries are rows [qsl[b], qsl[b+1])
+    seq_lens: torch.Tensor  # [B] int64: context length of each sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     max_query_len: int
@@ -31,14 +31,14 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    """Attention of a flat batch of queries over each sequence's pages (the layer has stored the new K/V)."""
+
     name: str
 
-    def forward(
+    def attend(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hk, D]
-        v: torch.Tensor,  # [T, Hk, D]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D]
+        k_cache: torch.Tensor,  # [num_pages, page_size, Hk, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from slipstream.attention import AttentionMetadata
-from slipstream.attention.torch_backend import store_kv
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 
 
@@ -15,8 +14,7 @@ class TritonAttention:
     def __init__(self) -> None:
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 1
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

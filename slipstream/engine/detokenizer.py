@@ -38,3 +38,9 @@ class IncrementalDetokenizer:
             self.prefix_offset -= drop
             self.read_offset -= drop
         return full[len(prefix) :]
+
+    def decode_all(self, token_ids: list[int]) -> str:
+        """The text `step` would have released over these tokens, in one decode (for non-streaming requests)."""
+        assert self.read_offset == len(self.ids), "decode_all is for a detokenizer that was never stepped"
+        context = self._decode(self.ids)
+        return self._decode(self.ids + token_ids)[len(context) :]

@@ -46,7 +46,7 @@ class LLM:
         """Run all prompts concurrently to completion; outputs come back in prompt order."""
         plist = self._normalize(prompts)
         params = self._params_for(plist, sampling_params)
-        ids = self._submit(plist, params)
+        ids = self._submit(plist, params, stream=False)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.engine.step():
@@ -97,11 +97,11 @@ class LLM:
             raise ValueError(f"got {len(sp)} SamplingParams for {len(prompts)} prompts")
         return list(sp)
 
-    def _submit(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
+    def _submit(self, prompts: list[Prompt], params: list[SamplingParams], stream: bool = True) -> list[str]:
         # Validate everything first so that a bad prompt leaves nothing half-submitted.
         for p, sp in zip(prompts, params):
             self.engine.check_request(self.engine.tokenize(p), sp)
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         for rid, p, sp in zip(ids, prompts, params):
-            self.engine.add_request(rid, p, sp)
+            self.engine.add_request(rid, p, sp, stream=stream)
         return ids

@@ -88,7 +88,8 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
+        stream: bool = True,
     ) -> Request:
         """Validate and queue a request. Raises ValueError (bad input) or EngineOverloaded; queues nothing then."""
         params = params or SamplingParams()
@@ -98,7 +99,7 @@ class LLMEngine:
         self.check_request(prompt_ids, params)
         if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences already waiting")
-        req = Request(request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None, priority)
+        req = Request(request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None, priority, stream)
         for i in range(params.n):
             seed = self._rng.getrandbits(62) if params.seed is None else params.seed + i * 1_000_003
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
@@ -129,7 +130,8 @@ class LLMEngine:
         self.stats.num_preemptions += batch.num_preempted
         if not batch.seqs:
             return []
-        sampled = self.runner.execute(batch)
+        # With nobody waiting, the next step is most likely the same decodes: let the runner start it early.
+        sampled = self.runner.execute(batch, run_ahead=not self.scheduler.waiting)
         cache = self.block_manager.prefix_cache
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -146,7 +148,9 @@ class LLMEngine:
             if req.is_finished:
                 req.finish_time = now
                 del self.requests[req.request_id]
-            outputs.append(self._output(req))
+                outputs.append(self._output(req))
+            elif req.stream:
+                outputs.append(self._output(req))
         return outputs
 
     def _append(self, seq: Sequence, st: SampledToken, now: float) -> None:
@@ -163,23 +167,34 @@ class LLMEngine:
             return self._finish(seq, "stop", None)
         if may_stop and st.token in p.stop_token_ids:
             return self._finish(seq, "stop", st.token)
-        old_len = len(seq.output_text)
-        seq.output_text += seq.detok.step(st.token)
-        if may_stop and p.stop:
-            longest = max(map(len, p.stop))
-            window_start = max(0, old_len - longest + 1)
-            hits = [(seq.output_text.find(s, window_start), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
-                return self._finish(seq, "stop", s)
+        if req.stream or p.stop:  # otherwise the text is decoded once, when the sequence finishes
+            old_len = len(seq.output_text)
+            seq.output_text += seq.detok.step(st.token)
+            if may_stop and p.stop and self._stop_string(seq, old_len):
+                return
         max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
         if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
 
+    def _stop_string(self, seq: Sequence, old_len: int) -> bool:
+        """Finish `seq` if its text now contains a stop string (searching only where a new match can start)."""
+        p = seq.params
+        window_start = max(0, old_len - max(map(len, p.stop)) + 1)
+        hits = [(i, s) for s in p.stop if (i := seq.output_text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
+        self._finish(seq, "stop", s)
+        return True
+
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not (seq.request.stream or seq.params.stop):
+            ids = seq.output_token_ids
+            if reason == "stop":  # an EOS or stop token ends the sequence but is not part of its text
+                ids = ids[:-1]
+            seq.output_text = seq.detok.decode_all(ids)
         self.scheduler.finish(seq)
 
     def _output(self, req: Request) -> RequestOutput:

@@ -69,6 +69,7 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     priority: int = 0
+    stream: bool = True  # report progress every step; otherwise only the final output (and detokenize once)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None

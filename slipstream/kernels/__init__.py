@@ -29,3 +29,9 @@ def silu_and_mul(x):  # noqa: ANN001
     from slipstream.kernels.activation import silu_and_mul as f
 
     return f(x)
+
+
+def qk_norm_rope_store(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.rope import qk_norm_rope_store as f
+
+    return f(*args, **kwargs)

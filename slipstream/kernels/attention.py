@@ -25,14 +25,45 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, ctx, pos, kvh, scale_log2, stride_kp, stride_kt, stride_kh,
+            HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of online-softmax attention; MASK applies causality and the context end."""
+    toks = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    if MASK:
+        tok_ok = toks < ctx
+        pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
+    else:
+        pages = tl.load(table + toks // PAGE)
+    kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
+    if MASK:
+        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache + kv_off[:, None] + d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASK:
+        s = tl.where((toks[None, :] <= pos[:, None]) & tok_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache + kv_off[:, None] + d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
-    num_tiles,
+    max_q_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = num_tiles - 1 - tl.program_id(0)  # heavy (late) tiles first
+    tile = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(0)  # heavy (late) tiles first
     b = tl.program_id(1)
     h = tl.program_id(2)
     q0 = tl.load(q_start + b)
@@ -51,26 +82,27 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables + b * stride_bt
-    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)  # keys past the tile's last row are never needed
-    full_hi = prefix + tile * BLOCK_M  # keys below this are visible to every row: no causal mask
-    for n0 in range(0, hi, BLOCK_N):
-        toks = n0 + tl.arange(0, BLOCK_N)
-        tok_ok = toks < ctx
-        pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
-        kv_off = pages * stride_kp + (toks % PAGE) * stride_kt + kvh * stride_kh
-        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if n0 + BLOCK_N > full_hi:
-            s = tl.where((toks[None, :] <= pos[:, None]) & tok_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # Keys below the tile's first position are visible to every row: no mask. Then the diagonal band.
+    unmasked_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, ctx, pos, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION)
+    for n0 in range(unmasked_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, ctx, pos, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+if _INTERPRET:
+    _prefill = _prefill_kernel
+else:  # tile shapes for Hopper; tuned once per (head_dim, group) at the first prefill
+    _prefill = triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+         for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2)]],
+        key=["HEAD_DIM", "GROUP"],
+    )(_prefill_kernel)
 
 
 @triton.jit
@@ -163,27 +195,21 @@ def paged_prefill(
     holds absolute row offsets into q (it may be a slice of a larger batch's offsets)."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), max_query_len)
+    consts = dict(GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], PRECISION=_precision(q))
     if _INTERPRET:
-        block_m, block_n, warps, stages = 16, 16, 4, 1
+        _prefill[(triton.cdiv(max_query_len, 16), seq_lens.shape[0], hq)](*args, **consts, BLOCK_M=16, BLOCK_N=16)
     else:
-        block_m, block_n = 128, 64 if d > 64 else 128
-        warps, stages = (8, 3) if d > 64 else (4, 3)
-    num_tiles = triton.cdiv(max_query_len, block_m)
-    grid = (num_tiles, seq_lens.shape[0], hq)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_tiles,
-        GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
-    )
+        _prefill[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"]), seq_lens.shape[0], hq)](*args, **consts)
     return out
 
 
 def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
-    """Context tokens per program: enough programs to fill the GPU twice over, at least 256 tokens each."""
+    """Context tokens per program: enough programs to fill the GPU twice over, at least 128 tokens each."""
     splits = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
-    return max(256, triton.next_power_of_2(triton.cdiv(max_len, splits)))
+    return max(128, triton.next_power_of_2(triton.cdiv(max_len, splits)))
 
 
 def paged_decode(

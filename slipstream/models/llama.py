@@ -11,7 +11,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from slipstream import kernels
 from slipstream.attention import AttentionBackend, AttentionMetadata
+from slipstream.attention.torch_backend import store_kv
 from slipstream.config import ModelConfig
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.norm import RMSNorm
@@ -38,14 +40,22 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        qkv = self.qkv_proj(x)
+        if kernels.enabled(qkv):  # one fused kernel: q/k norm, RoPE, K/V into the pool
+            q = kernels.qk_norm_rope_store(
+                qkv, positions, self.rotary.cos_sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads,
+                self.num_kv_heads, self.head_dim, *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()),
+            )
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+            q, k = self.rotary(positions, q, k)
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.view(-1, self.q_size))
 
 

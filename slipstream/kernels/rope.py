@@ -1,0 +1,74 @@
+"""Fused attention prologue: optional per-head RMSNorm of q and k (Qwen3), RoPE, and the K/V store into the
+paged pool, in one kernel reading the packed QKV projection once (instead of a dozen elementwise kernels)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(
+    qkv_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out, k_cache, v_cache, qw_ptr, kw_ptr, eps,
+    stride_t, stride_qt, stride_qh, stride_cs, stride_kt, stride_kh,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)  # 0..NUM_HEADS-1: a query head; then the key/value heads
+    half = tl.arange(0, HEAD_DIM // 2)
+    is_q = h < NUM_HEADS
+    col = h * HEAD_DIM
+    row = qkv_ptr + t * stride_t + col
+    x1 = tl.load(row + half).to(tl.float32)
+    x2 = tl.load(row + HEAD_DIM // 2 + half).to(tl.float32)
+    if QK_NORM:
+        if is_q:
+            w1 = tl.load(qw_ptr + half).to(tl.float32)
+            w2 = tl.load(qw_ptr + HEAD_DIM // 2 + half).to(tl.float32)
+        else:
+            w1 = tl.load(kw_ptr + half).to(tl.float32)
+            w2 = tl.load(kw_ptr + HEAD_DIM // 2 + half).to(tl.float32)
+        inv = tl.math.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
+        x1 = x1 * inv * w1
+        x2 = x2 * inv * w2
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + half)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HEAD_DIM // 2 + half)
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+    if is_q:
+        dst = q_out + t * stride_qt + h * stride_qh
+        tl.store(dst + half, y1.to(q_out.dtype.element_ty))
+        tl.store(dst + HEAD_DIM // 2 + half, y2.to(q_out.dtype.element_ty))
+    else:
+        kvh = h - NUM_HEADS
+        slot = tl.load(slot_ptr + t)
+        dst = k_cache + slot * stride_kt + kvh * stride_kh
+        tl.store(dst + half, y1.to(k_cache.dtype.element_ty))
+        tl.store(dst + HEAD_DIM // 2 + half, y2.to(k_cache.dtype.element_ty))
+        v_row = row + NUM_KV_HEADS * HEAD_DIM
+        vdst = v_cache + slot * stride_kt + kvh * stride_kh
+        tl.store(vdst + half, tl.load(v_row + half))
+        tl.store(vdst + HEAD_DIM // 2 + half, tl.load(v_row + HEAD_DIM // 2 + half))
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hk) D] -> rotated q [T, Hq, D]; rotated k and v written to the pool at `slot_mapping`
+    (a slot is page * page_size + offset; the pool is [pages, page_size, Hk, D])."""
+    t = qkv.shape[0]
+    q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if t == 0:
+        return q
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    norm = q_norm is not None
+    _qk_norm_rope_store_kernel[(t, num_heads + num_kv_heads)](
+        qkv, positions, cos_sin, slot_mapping, q, flat_k, flat_v, q_norm if norm else qkv, k_norm if norm else qkv, eps,
+        qkv.stride(0), q.stride(0), q.stride(1), cos_sin.stride(0), flat_k.stride(0), flat_k.stride(1),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=norm, num_warps=1,
+    )
+    return q

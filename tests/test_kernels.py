@@ -140,3 +140,19 @@ def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
     out = qk_norm_rope_store(qkv.to(DEV), pos.to(DEV), rot.cos_sin.to(DEV), slots.to(DEV), kc, vc, hq, hk, d, *norms)
     assert rel_err(out.cpu(), q_ref) < TOL[dtype]
     assert rel_err(kc.cpu(), kc_ref) < TOL[dtype] and rel_err(vc.cpu(), vc_ref) < TOL[dtype]
+
+
+def test_gumbel_argmax_matches_the_torch_sampler():
+    """Same hash, same draws: the fused kernel picks what argmax(logit/T - log E) picks in torch."""
+    from slipstream.kernels.sampling import gumbel_argmax
+    from slipstream.layers.sampler import exponential_noise
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 3
+    temp = torch.tensor([0.0, 0.5, 1.0, 1.3, 0.8, 0.0])
+    seeds = torch.tensor([1, 2, 3, 4, 5, 6])
+    pos = torch.tensor([0, 7, 7, 100, 3, 9])
+    ref = torch.where(temp < 1e-5, logits.argmax(-1),
+                      (logits / temp.clamp_min(1e-5).unsqueeze(1) - exponential_noise(seeds, pos, 5000).log()).argmax(-1))
+    out = gumbel_argmax(*to(DEV, logits, temp, seeds, pos))
+    assert out.cpu().tolist() == ref.tolist()

@@ -3,7 +3,10 @@ the prefix-cache workloads (shared system prompt, multi-turn chat) with the cach
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import gc
+import pstats
 import random
 import time
 from typing import Any
@@ -18,8 +21,8 @@ def _llm(model: str, **kw: Any) -> LLM:
     return LLM(model_dir(model), load_format="dummy", dtype="bfloat16", **kw)
 
 
-def _free(llm: LLM | None) -> None:
-    del llm
+def _release() -> None:
+    """Return GPU memory of engines the caller has dropped (graphs and pools are freed by the collector)."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -30,6 +33,23 @@ def _timed(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[Sam
     outs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     return time.perf_counter() - start, outs
+
+
+@contextlib.contextmanager
+def _profiled(kind: str | None):
+    """--profile host: cProfile of the engine loop; --profile gpu: torch.profiler's kernel table."""
+    if kind == "host":
+        prof = cProfile.Profile()
+        prof.enable()
+        yield
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    elif kind == "gpu":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            yield
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+    else:
+        yield
 
 
 def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> float:
@@ -47,7 +67,8 @@ def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> f
     hf.generate(ids, **kw)
     torch.cuda.synchronize()
     rate = batch * output_len / (time.perf_counter() - start)
-    _free(hf)
+    del hf
+    _release()
     return rate
 
 
@@ -65,6 +86,9 @@ def latency(a: argparse.Namespace) -> dict:
         _timed(llm, prompts, full)
     ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
     totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
+    if a.profile:
+        with _profiled(a.profile):
+            _timed(llm, prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
     decode_rate = a.batch_size * (a.output_len - 1) / (total - ttft)
     mc, runner = llm.engine.model_config, llm.engine.runner
@@ -82,7 +106,8 @@ def latency(a: argparse.Namespace) -> dict:
     if peer:
         rows.append(["HF transformers (eager)", f"{peer:.1f}", f"{100 * peer / roofline:.1f}", "-"])
     print(table(rows))
-    _free(llm)
+    del llm
+    _release()
     return res
 
 
@@ -99,7 +124,8 @@ def throughput(a: argparse.Namespace) -> dict:
     _timed(llm, ["warm up"], SamplingParams(max_tokens=8))
     runner, eng = llm.engine.runner, llm.engine
     wait0, steps0 = runner.gpu_wait_s, eng.stats.steps
-    elapsed, outs = _timed(llm, prompts, params)
+    with _profiled(a.profile):
+        elapsed, outs = _timed(llm, prompts, params)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
     res = dict(bench="throughput", gpu=gpu_name(), model=a.model, num_seqs=a.num_seqs, elapsed_s=elapsed,
@@ -108,7 +134,8 @@ def throughput(a: argparse.Namespace) -> dict:
                preemptions=eng.stats.num_preemptions, cpu_share_of_step_time=cpu_share)
     print(table([["engine", "output tok/s", "total tok/s", "steps", "CPU share of step time"],
                  ["slipstream", f"{res['output_tok_s']:.0f}", f"{res['total_tok_s']:.0f}", res["steps"], f"{100 * cpu_share:.1f}%"]]))
-    _free(llm)
+    del llm
+    _release()
     return res
 
 
@@ -144,7 +171,8 @@ def prefix(a: argparse.Namespace) -> dict:
         res[f"chat_{'on' if on else 'off'}"] = dict(time_s=chat_time, req_s=total / chat_time, mean_ttft_s=sum(ttfts) / total)
         rows.append([f"multi-turn chat ({a.conversations}x{a.turns})", "on" if on else "off", f"{chat_time:.2f}",
                      f"{total / chat_time:.1f}", f"{1e3 * sum(ttfts) / total:.1f}", f"{hit:.2f}"])
-        _free(llm)
+        del llm
+        _release()
     res["shared_speedup"] = res["shared_on"]["req_s"] / res["shared_off"]["req_s"]
     res["chat_speedup"] = res["chat_on"]["req_s"] / res["chat_off"]["req_s"]
     print(table(rows))
@@ -182,3 +210,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--enforce-eager", action="store_true")
         q.add_argument("--gpu-memory-utilization", type=float, default=0.85)
         q.add_argument("--json", default=None)
+        q.add_argument("--profile", choices=["host", "gpu"], default=None)

@@ -35,3 +35,9 @@ def qk_norm_rope_store(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.rope import qk_norm_rope_store as f
 
     return f(*args, **kwargs)
+
+
+def gumbel_argmax(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.sampling import gumbel_argmax as f
+
+    return f(*args, **kwargs)

@@ -55,7 +55,7 @@ def _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, ctx, pos, kvh, scale_
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_q_len"])  # varies every step: no recompiles
 def _prefill_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
@@ -105,7 +105,7 @@ else:  # tile shapes for Hopper; tuned once per (head_dim, group) at the first p
     )(_prefill_kernel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, scale_log2,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
@@ -154,7 +154,7 @@ def _decode_kernel(
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition"])
 def _reduce_kernel(
     part_out, part_lse, seq_lens, out_ptr, partition,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slipstream import kernels
+
 
 @dataclass
 class SamplingBatch:
@@ -103,10 +105,12 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
     if b.penalties is not None:
         logits = apply_penalties(logits, b.penalties)
-    greedy = logits.argmax(dim=-1)
-    if b.all_greedy:
-        tokens = greedy
+    if not (b.use_top_k_top_p or b.use_min_p) and kernels.enabled(logits):
+        tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions)
+    elif b.all_greedy:
+        tokens = logits.argmax(dim=-1)
     else:
+        greedy = logits.argmax(dim=-1)
         is_greedy = b.temperature < 1e-5
         temp = torch.where(is_greedy, torch.ones_like(b.temperature), b.temperature)
         probs = filter_probs(torch.softmax(logits / temp.unsqueeze(1), dim=-1), b)

@@ -63,9 +63,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._make_room(seq, seq.num_computed_tokens + n, batch):
+            # A decode also reserves the slot of the token it will produce, so the runner can launch the next
+            # step before this one is read back (run-ahead) without waiting for a page.
+            need = min(seq.num_computed_tokens + n + (n == 1), self.config.max_model_len)
+            if not self._make_room(seq, need, batch):
                 break  # `seq` itself was preempted; it was the last running sequence
-            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            self.bm.allocate(seq, need)
             batch.add(seq, n)
             budget -= n
             i += 1

@@ -190,7 +190,12 @@ class ModelRunner:
         ahead, self._ahead = self._ahead, None
         rows = ahead.rows_for(items) if ahead is not None else None
         if rows is not None:
-            hidden = ahead.hidden if len(rows) == len(ahead.seqs) else ahead.hidden[torch.tensor(rows, device=self.device)]
+            if len(rows) == len(ahead.seqs):
+                hidden = ahead.hidden
+            else:
+                idx = self.stager.put(rows)
+                self.stager.upload()
+                hidden = ahead.hidden[idx()]
             to_sample = [s for s, _ in items]
         else:
             hidden, to_sample = self._forward(items)
@@ -244,7 +249,11 @@ class ModelRunner:
         tables = [s.block_table for s, _ in items]
         if self.graphs is not None and num_decodes == len(items) and self.graphs.fits(num_decodes):
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
-            return (hidden if len(sample_rows) == len(items) else hidden[torch.tensor(sample_rows, device=self.device)]), to_sample
+            if len(sample_rows) == len(items):
+                return hidden, to_sample
+            idx = self.stager.put(sample_rows)
+            self.stager.upload()
+            return hidden[idx()], to_sample
         query_lens = [n for _, n in items]
         qsl = [0]
         for n in query_lens:

@@ -71,3 +71,8 @@ def test_unsupported_architecture(tmp_path):
 def test_unknown_engine_option():
     with pytest.raises(ValueError, match="unknown engine option 'max_batch'"):
         LLM(None, max_batch=3)
+
+
+def test_warm_up_leaves_nothing_behind(fresh):
+    fresh.engine.warm_up()
+    assert not fresh.engine.requests  # the `fresh` fixture then checks that every block is free

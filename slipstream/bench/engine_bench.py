@@ -82,6 +82,7 @@ def latency(a: argparse.Namespace) -> dict:
     prompts = [torch.randint(10, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch_size)]
     full = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.engine.warm_up()
     for _ in range(2):
         _timed(llm, prompts, full)
     ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
@@ -121,7 +122,7 @@ def throughput(a: argparse.Namespace) -> dict:
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, a.max_len), seed=i)
               for i in range(a.num_seqs)]
     assert max(max(p) for p in prompts) < vocab
-    _timed(llm, ["warm up"], SamplingParams(max_tokens=8))
+    llm.engine.warm_up()
     runner, eng = llm.engine.runner, llm.engine
     wait0, steps0 = runner.gpu_wait_s, eng.stats.steps
     with _profiled(a.profile):
@@ -150,8 +151,7 @@ def prefix(a: argparse.Namespace) -> dict:
     for on in (False, True):
         llm = _llm(a.model, max_model_len=8192, enable_prefix_caching=on, gpu_memory_utilization=a.gpu_memory_utilization)
         params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
-        _timed(llm, [[5] * 64], params)
-        llm.reset_prefix_cache()
+        llm.engine.warm_up()
         elapsed, outs = _timed(llm, shared, params)
         ttft = sum(o.metrics.ttft for o in outs) / len(outs)
         hit = llm.engine.block_manager.prefix_cache.stats.hit_rate if on else 0.0

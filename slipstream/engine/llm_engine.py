@@ -121,6 +121,20 @@ class LLMEngine:
         req.finish_time = time.monotonic()
         return self._output(req)
 
+    def warm_up(self) -> None:
+        """Run every step shape once (prefill chunk, mixed prefill + decode, decode; greedy and sampled) so that
+        kernel compilation and autotuning happen now, not inside the first requests."""
+        vocab = self.model_config.vocab_size
+        prompt = [i % vocab for i in range(1, 2 * self.config.cache.block_size + 3)]
+        self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), stream=False)
+        self.step()
+        self.add_request("__warmup_sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0), stream=False)
+        self.add_request("__warmup_top_p", prompt, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0), stream=False)
+        while self.has_unfinished():
+            self.step()
+        if self.block_manager.prefix_cache is not None:
+            self.block_manager.prefix_cache.clear()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

@@ -77,7 +77,9 @@ def build_app(model_name: str, api_key: str | None = None, engine: LLMEngine | N
 
     def load_in_background() -> None:
         try:
-            state.attach(load())
+            engine = load()
+            engine.warm_up()
+            state.attach(engine)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
             log.exception("model load failed")
             state.load_error = e

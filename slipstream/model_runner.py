@@ -376,6 +376,10 @@ class Stager:
         self.used = self.uploaded = 0
 
     def _reserve(self, n: int) -> int:
+        # Every slice starts 16-byte aligned: Triton specializes kernels on pointer alignment, and a slice at an
+        # odd offset would compile a new variant in the middle of serving.
+        align = 16 // self.host.element_size()
+        self.used = -(-self.used // align) * align
         if self.used + n > self.host.numel():
             if self.used:
                 raise RuntimeError("stager overflow mid-step")  # reserved views would dangle; capacity covers a step

@@ -68,7 +68,7 @@ def test_prefill_on_a_slice_of_the_batch():
     ref = paged_attention_ref(q, kc, vc, meta, 0.125)
     out = torch.full_like(q, float("nan"))
     q, kc, vc, bt, sl, qsl, out = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, out)
-    paged_prefill(q, kc, vc, bt[1:], sl[1:], qsl[1:], 30, 0.125, out=out)
+    paged_prefill(q, kc, vc, bt, sl, qsl, 30, 0.125, out=out, first_seq=1)
     out = out.cpu()
     assert out[0].isnan().all() and rel_err(out[1:], ref[1:]) < 1e-5
 

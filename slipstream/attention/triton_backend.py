@@ -21,6 +21,6 @@ class TritonAttention:
             part = decode_partition(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
             paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, part, scale, out=out[:nd])
         if nd < meta.num_seqs:
-            paged_prefill(q, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:], meta.query_start_loc[nd:],
-                          meta.max_query_len, scale, out=out)
+            paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
+                          scale, out=out, first_seq=nd)
         return out

@@ -55,16 +55,16 @@ def _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, ctx, pos, kvh, scale_
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["max_q_len"])  # varies every step: no recompiles
+@triton.jit(do_not_specialize=["max_q_len", "stride_bt", "first_seq"])  # vary every step: no recompiles
 def _prefill_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
-    max_q_len,
+    max_q_len, first_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(0)  # heavy (late) tiles first
-    b = tl.program_id(1)
+    b = first_seq + tl.program_id(1)
     h = tl.program_id(2)
     q0 = tl.load(q_start + b)
     q_len = tl.load(q_start + b + 1) - q0
@@ -105,7 +105,7 @@ else:  # tile shapes for Hopper; tuned once per (head_dim, group) at the first p
     )(_prefill_kernel)
 
 
-@triton.jit(do_not_specialize=["partition"])
+@triton.jit(do_not_specialize=["partition", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, scale_log2,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
@@ -189,20 +189,20 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
 
 def paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None,
+    query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None, first_seq: int = 0,
 ) -> torch.Tensor:
-    """Causal attention for the packed queries q [T, Hq, D] of len(seq_lens) sequences; `query_start_loc`
-    holds absolute row offsets into q (it may be a slice of a larger batch's offsets)."""
+    """Causal attention for the packed queries q [T, Hq, D] of sequences first_seq.. of the batch (the earlier
+    ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), max_query_len)
+            out.stride(0), out.stride(1), max_query_len, first_seq)
     consts = dict(GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], PRECISION=_precision(q))
     if _INTERPRET:
-        _prefill[(triton.cdiv(max_query_len, 16), seq_lens.shape[0], hq)](*args, **consts, BLOCK_M=16, BLOCK_N=16)
+        _prefill[(triton.cdiv(max_query_len, 16), seq_lens.shape[0] - first_seq, hq)](*args, **consts, BLOCK_M=16, BLOCK_N=16)
     else:
-        _prefill[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"]), seq_lens.shape[0], hq)](*args, **consts)
+        _prefill[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"]), seq_lens.shape[0] - first_seq, hq)](*args, **consts)
     return out
 
 

@@ -1,0 +1,61 @@
+"""Prefix cache: outputs identical with the cache on and off for overlapping prompts, eviction under a tiny pool,
+and concurrent requests with a common uncached prefix computing it once."""
+import pytest
+
+from conftest import assert_no_leak
+from slipstream import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engines(gguf_path):
+    kw = dict(dtype="float32", device="cpu", block_size=8, max_model_len=128, max_num_batched_tokens=64)
+    # 18 pages of 8 tokens: far less than the prompts below need together, so the cache must evict
+    return {on: LLM(gguf_path, enable_prefix_caching=on, num_blocks=18, **kw) for on in (False, True)}
+
+
+def overlapping_prompts(llm):
+    system = "You are a terse assistant. Answer in one short sentence and never use lists."
+    chat = lambda *turns: llm.apply_chat_template([{"role": "system", "content": system}, *turns])  # noqa: E731
+    u = lambda t: {"role": "user", "content": t}  # noqa: E731
+    a = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    base = chat(u("Name a planet."))
+    return [
+        chat(u("What is the capital of Italy?")),  # shared system prompt
+        chat(u("What is the capital of Spain?")),
+        chat(u("Name a planet."), a("Mars."), u("Why is it red?")),  # branching conversations
+        chat(u("Name a planet."), a("Mars."), u("How far is it?")),
+        base,  # a prompt that is a prefix of another
+        base + llm.engine.tokenize("Jupiter"),
+        chat(u("What is the capital of Italy?")),  # exact duplicate
+    ]
+
+
+def test_outputs_identical_with_and_without_cache(engines):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    off, on = engines[False], engines[True]
+    prompts = overlapping_prompts(off)
+    ref = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
+    cache = on.engine.block_manager.prefix_cache
+    for round_ in range(2):  # the second round hits what the first cached (minus what was evicted)
+        got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
+        assert got == ref, f"round {round_}"
+    # one at a time: each request finds what the earlier ones left
+    assert [on.generate(p, params)[0].outputs[0].token_ids for p in prompts] == ref
+    assert cache.stats.hit_tokens > 0 and cache.stats.evicted_blocks > 0
+    assert_no_leak(off)
+    assert_no_leak(on)
+
+
+def test_concurrent_requests_compute_a_shared_prefix_once(engines):
+    on = engines[True]
+    cache = on.engine.block_manager.prefix_cache
+    cache.clear()
+    shared = on.engine.tokenize("Once upon a time there was a small robot who lived in a lighthouse by the sea and")
+    prompts = [shared + on.engine.tokenize(f" number {i} said") for i in range(5)]
+    before_q, before_h = cache.stats.query_tokens, cache.stats.hit_tokens
+    on.generate(prompts, SamplingParams(temperature=0, max_tokens=3))
+    hits = cache.stats.hit_tokens - before_h
+    full_pages = len(shared) // 8 * 8
+    assert hits >= 4 * full_pages, (hits, full_pages)  # every request after the first reuses the shared pages
+    assert cache.stats.query_tokens - before_q == sum(map(len, prompts))
+    assert_no_leak(on)

@@ -80,17 +80,13 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         cache = self.bm.prefix_cache
         skipped: list[Sequence] = []
-        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
+            if cache is not None and self._sibling_prefilling(seq):
+                skipped.append(seq)  # admit it once the first sample has cached the shared prompt
+                continue
             if cache is not None:
                 cache.match(seq)
-                if any(self._shares_uncached_page(seq, other) for other in prefilling):
-                    # Another prefill is computing the same pages: admit this one once they are cached.
-                    self.bm.free(seq)
-                    seq.num_computed_tokens = 0
-                    skipped.append(seq)
-                    continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 self.bm.free(seq)  # waiting sequences hold no pages, so they can never deadlock the pool
@@ -103,17 +99,14 @@ class Scheduler:
                 cache.note_admitted(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            prefilling.append(seq)  # its pages reach the cache after this step
             batch.add(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
-    def _shares_uncached_page(self, seq: Sequence, other: Sequence) -> bool:
-        """Would `seq` compute a full page that `other`'s unfinished prefill is computing (same tokens before it)?"""
-        bs = self.bm.block_size
-        page = seq.num_computed_tokens // bs  # seq's first page that the cache could not supply
-        end = (page + 1) * bs
-        return end <= min(seq.num_prompt_tokens, other.num_prompt_tokens) and seq.token_ids[:end] == other.token_ids[:end]
+    @staticmethod
+    def _sibling_prefilling(seq: Sequence) -> bool:
+        first = seq.request.seqs[0]
+        return seq is not first and first.status is SeqStatus.RUNNING and first.num_computed_tokens < first.num_prompt_tokens
 
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt from the tail of `running` until `seq` can cover `num_tokens`; False if `seq` went itself."""

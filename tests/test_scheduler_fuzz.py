@@ -116,3 +116,67 @@ def test_cache_evicts_lru_leaves_only_when_needed():
     full = Sequence(3, Request("d", [1, 2], SamplingParams()), 0, [1, 2], 0, _NoDetok())
     cache.match(full)
     assert full.num_computed_tokens == 0  # a full-prompt hit still leaves the last token to compute
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_radix_cache_against_a_reference_model(seed):
+    """Random insert / match (lock) / release (unlock) / evict against a model that keeps the set of cached
+    page paths: matches agree, eviction takes only unlocked leaves, least recently used first."""
+    rng = random.Random(seed)
+    bs = 2
+    bm = BlockManager(num_blocks=40, block_size=bs)
+    cache = bm.prefix_cache = RadixCache(bm)
+    cached: dict[tuple, int] = {}  # path of page keys -> block   (the reference model)
+    live: list[Sequence] = []
+
+    def paths(tokens):
+        pages = [tuple(tokens[i * bs : (i + 1) * bs]) for i in range(len(tokens) // bs)]
+        return [tuple(pages[: i + 1]) for i in range(len(pages))]
+
+    for step in range(300):
+        op = rng.random()
+        tokens = [rng.randrange(3) for _ in range(rng.randint(1, 12))]
+        seq = Sequence(step, Request(f"r{step}", tokens, SamplingParams()), 0, list(tokens), 0, _NoDetok())
+        if op < 0.5 and bm.can_allocate(seq, len(tokens)):  # a request: match, compute the rest, cache it
+            expect = 0
+            for p in paths(tokens[:-1]):
+                if p not in cached:
+                    break
+                expect += bs
+            cache.match(seq)
+            assert seq.num_computed_tokens == expect
+            locked = {b for s in live + [seq] for b in s.block_table}
+            before = dict(cached)
+            bm.allocate(seq, len(tokens))  # may evict under pressure
+            for p in [p for p in before if before[p] not in cache.nodes]:
+                assert before[p] not in locked, "evicted a locked page"
+                del cached[p]
+            seq.num_computed_tokens = len(tokens)
+            cache.insert(seq)
+            for p, block in zip(paths(tokens), seq.block_table):
+                cached.setdefault(p, block)
+            live.append(seq)
+        elif op < 0.8 and live:  # a request finishes: its pages stay cached but unlocked
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:  # allocator pressure
+            locked = {b for s in live for b in s.block_table}
+            before = dict(cached)
+            evictable_leaves = [p for p, b in before.items() if b not in locked and not any(q[:-1] == p for q in before)]
+            access = {b: n.last_access for b, n in cache.nodes.items()}
+            freed = cache.evict(rng.randint(1, 4))
+            gone = {p for p in before if before[p] not in cache.nodes}
+            left = [b for b, n in cache.nodes.items() if not n.children and bm.ref_counts[b] == 1]
+            if gone and left:  # least recently used first
+                assert max(access[before[p]] for p in gone) <= min(access[b] for b in left)
+            for p in gone:
+                del cached[p]
+            assert len(gone) == freed
+            assert all(before[p] not in locked for p in gone), "evicted a locked page"
+            assert not evictable_leaves or freed >= 1
+        assert set(cached.values()) == set(cache.nodes), "cache and model disagree on what is cached"
+        assert cache.num_evictable_blocks == sum(1 for b in cache.nodes if bm.ref_counts[b] == 1)
+        bm.check_consistency()
+    for s in live:
+        bm.free(s)
+    cache.clear()
+    assert bm.num_used_blocks == 0

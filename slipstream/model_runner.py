@@ -80,6 +80,12 @@ class ModelRunner:
         else:
             self.model.load_weights(loaded.weights())
         self.model.eval().requires_grad_(False)
+        sched = config.scheduler
+        # Room for one step: ids, positions, slots per token; per sequence its block table, query start, length,
+        # sampled row and sampling ints (alignment padding is covered by the +64).
+        width = -(-max_model_len // self.block_size)
+        self.stager = Stager(self.device, torch.int64, 4 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
+        self.fstager = Stager(self.device, torch.float32, 3 * sched.max_num_seqs + 16)
         self.num_blocks = self._size_kv_pool()
         # One page more than the block manager hands out: padded rows of a CUDA graph write their K/V there.
         self.pad_slot = self.num_blocks * self.block_size
@@ -89,8 +95,6 @@ class ModelRunner:
             layer.self_attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.graphs = DecodeGraphs(self) if self._use_graphs() else None
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
-        self.stager = Stager(self.device)
-        self.fstager = Stager(self.device, torch.float32, 1 << 12)
         self._ahead: _Ahead | None = None
         if self.device.type == "cuda":
             self._host_tokens = torch.empty(1024, dtype=torch.int64, pin_memory=True)
@@ -134,10 +138,10 @@ class ModelRunner:
         tmp = torch.empty((nblk, self.block_size, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=self.device)
         for layer in self.model.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = tmp
-        meta = self._metadata([tokens], [tokens], [list(range(nblk))], list(range(tokens)))
-        ids = torch.randint(0, mc.vocab_size, (tokens,), device=self.device)
+        ids = torch.randint(0, mc.vocab_size, (tokens,)).tolist()
         with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), meta)
+            self.stager.reset()
+            hidden = self._eager_forward(ids, list(range(tokens)), list(range(tokens)), [tokens], [tokens], [list(range(nblk))], 0)
             rows = min(tokens, sched.max_num_seqs)
             logits = self.model.compute_logits(hidden[:rows])
             del hidden
@@ -159,24 +163,6 @@ class ModelRunner:
     # ---- one step ----
     def _use_graphs(self) -> bool:
         return self.device.type == "cuda" and self.backend_name == "triton" and not self.config.enforce_eager
-
-    def _metadata(
-        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int], num_decodes: int = 0
-    ) -> AttentionMetadata:
-        """Metadata for a profile run (no staging buffers yet)."""
-        width = max(len(t) for t in tables)
-        dev = self.device
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            num_decodes=num_decodes, decode_max_len=max(seq_lens[:num_decodes], default=0),
-        )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, run_ahead: bool = False) -> list[tuple[Sequence, SampledToken]]:
@@ -254,12 +240,21 @@ class ModelRunner:
             idx = self.stager.put(sample_rows)
             self.stager.upload()
             return hidden[idx()], to_sample
-        query_lens = [n for _, n in items]
+        hidden = self._eager_forward(input_ids, positions, slots, [n for _, n in items], seq_lens, tables, num_decodes)
+        if len(sample_rows) == hidden.shape[0]:
+            return hidden, to_sample
+        idx = self.stager.put(sample_rows)
+        self.stager.upload()
+        return hidden[idx()], to_sample
+
+    def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],
+                       seq_lens: list[int], tables: list[list[int]], num_decodes: int) -> torch.Tensor:
+        """Stage the step's inputs in one upload and run the model without a graph."""
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
         st = self.stager
-        ids_t, pos_t, slots_t, qsl_t, lens_t, rows_t = st.put(input_ids), st.put(positions), st.put(slots), st.put(qsl), st.put(seq_lens), st.put(sample_rows)
+        ids_t, pos_t, slots_t, qsl_t, lens_t = st.put(input_ids), st.put(positions), st.put(slots), st.put(qsl), st.put(seq_lens)
         tables_t = st.put_table(tables)
         st.upload()
         meta = AttentionMetadata(
@@ -267,8 +262,7 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decodes=num_decodes, decode_max_len=max(seq_lens[:num_decodes], default=0),
         )
-        hidden = self.model(ids_t(), pos_t(), meta)
-        return (hidden if len(sample_rows) == hidden.shape[0] else hidden[rows_t()]), to_sample
+        return self.model(ids_t(), pos_t(), meta)
 
     def _run_ahead(self, seqs: list[Sequence], tokens: torch.Tensor) -> _Ahead | None:
         """Launch the decode step that feeds each sequence the token just sampled (still on the device)."""
@@ -354,7 +348,7 @@ class Stager:
     by an event, so a buffer whose copy may still be queued (the runner launches the next decode before it
     waits on this one) is never overwritten."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64, capacity: int = 1 << 16) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int) -> None:
         self.device, self.dtype = device, dtype
         self.pinned = device.type == "cuda"
         self.bufs = [self._alloc(capacity), self._alloc(capacity)]
@@ -381,10 +375,7 @@ class Stager:
         align = 16 // self.host.element_size()
         self.used = -(-self.used // align) * align
         if self.used + n > self.host.numel():
-            if self.used:
-                raise RuntimeError("stager overflow mid-step")  # reserved views would dangle; capacity covers a step
-            self.bufs[self.cur] = self._alloc(max(2 * self.host.numel(), n))
-            self.host, self.np, self.dev, self.event = self.bufs[self.cur]
+            raise RuntimeError(f"staging buffer of {self.host.numel()} entries is too small for this step")
         start = self.used
         self.used += n
         return start

@@ -189,7 +189,10 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden)
         sb = self._sampling_batch(to_sample)
-        out = SamplerOutput(logits.argmax(dim=-1), None, None) if sb is None else sample(logits, sb)
+        if sb is None:
+            out = SamplerOutput(kernels.argmax(logits) if kernels.enabled(logits) else logits.argmax(dim=-1), None, None)
+        else:
+            out = sample(logits, sb)
         decode_only = len(to_sample) == len(items) and all(n == 1 for _, n in items)
         if self.graphs is not None and run_ahead and decode_only and out.logprobs is None and self.graphs.fits(len(items)):
             n = len(to_sample)

@@ -156,3 +156,46 @@ def test_gumbel_argmax_matches_the_torch_sampler():
                       (logits / temp.clamp_min(1e-5).unsqueeze(1) - exponential_noise(seeds, pos, 5000).log()).argmax(-1))
     out = gumbel_argmax(*to(DEV, logits, temp, seeds, pos))
     assert out.cpu().tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 70000), (3, 5000), (300, 999)])
+def test_split_argmax_matches_torch(rows, vocab):
+    """Split over programs, then picked across splits: the same index as torch.argmax, ties included."""
+    from slipstream.kernels.sampling import argmax
+
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=g).half().float()  # fp16-rounded values: ties happen
+    logits[0, [vocab // 3, vocab - 1]] = logits.max() + 1  # a tie across chunks: the lower index wins
+    assert argmax(logits.to(DEV)).cpu().tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "rmsnorm+residual", "silu_mul"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(dtype, prologue, bias):
+    """Batch-1 projection with its fused prologue against the unfused torch path; N and K are not multiples of the
+    tiles."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(len(prologue) + bias)
+    n, k = 83, 200
+    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
+    res, nw = torch.randn(1, k, generator=g), 1 + 0.1 * torch.randn(k, generator=g)
+    with_res = prologue == "rmsnorm+residual"
+    if prologue == "silu_mul":
+        a, ref_res = torch.nn.functional.silu(x[:, :k]) * x[:, k:], None
+    elif prologue.startswith("rmsnorm"):
+        ref_res = x + res if with_res else x
+        a = rms_norm_ref(ref_res, nw, 1e-6)
+    else:
+        a, ref_res = x, None
+    ref = a.double() @ w.double().T + (b.double() if bias else 0)
+    xd, wd, bd, rd, nwd = to(DEV, x.to(dtype), w.to(dtype), b.to(dtype), res.to(dtype), nw.to(dtype))
+    y, new_res = gemv(xd, wd, bd if bias else None, prologue=prologue.removesuffix("+residual"),
+                      residual=rd if with_res else None, norm_weight=nwd)
+    assert rel_err(y.cpu(), ref) < TOL[dtype] * 2
+    if ref_res is not None:
+        assert rel_err(new_res.cpu(), ref_res) < TOL[dtype]
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.zeros(2, k, dtype=dtype, device=DEV), wd)

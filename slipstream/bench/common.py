@@ -1,9 +1,11 @@
 """Shared by the benchmarks: measured ceilings (copy bandwidth, matmul rate), dummy model directories."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 
 import torch
@@ -90,3 +92,21 @@ def write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+@contextlib.contextmanager
+def watch_compiles(label: str) -> Iterator[list[str]]:
+    """Collect the Triton kernels compiled (or autotuned) inside the block and warn about them: a compile inside a
+    timed region spoils the timing, and in a server it is a latency spike."""
+    import triton
+
+    seen: list[str] = []
+    rt = triton.knobs.runtime
+    prev = rt.jit_post_compile_hook
+    rt.jit_post_compile_hook = lambda **kw: seen.append(str(kw.get("repr", "?")).split("[")[0])
+    try:
+        yield seen
+    finally:
+        rt.jit_post_compile_hook = prev
+        if seen:
+            print(f"WARNING: {len(seen)} Triton compilations inside '{label}': {sorted(set(seen))}")

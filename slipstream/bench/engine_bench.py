@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, write_json
+from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles, write_json
 
 
 def _llm(model: str, **kw: Any) -> LLM:
@@ -29,10 +29,12 @@ def _release() -> None:
 
 def _timed(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[float, list]:
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, outs
+    with watch_compiles(f"{len(prompts)} timed requests"):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return elapsed, outs
 
 
 @contextlib.contextmanager
@@ -84,7 +86,7 @@ def latency(a: argparse.Namespace) -> dict:
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.engine.warm_up()
     for _ in range(2):
-        _timed(llm, prompts, full)
+        llm.generate(prompts, full)
     ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
     totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
     if a.profile:

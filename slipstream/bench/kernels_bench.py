@@ -1,5 +1,6 @@
-"""Attention kernels against their limits in one run: prefill TFLOP/s vs torch SDPA (causal, 2K/8K/32K) and
-decode GB/s vs the measured copy bandwidth (batch 1/16/64 x 1K/4K/16K), Llama-3.1-8B head shape."""
+"""Kernels against their limits in one run, Llama-3.1-8B shapes: prefill attention TFLOP/s vs torch SDPA (causal,
+2K/8K/32K), decode attention GB/s vs the measured copy bandwidth (batch 1/16/64 x 1K/4K/16K), and the fused
+batch-1 decode projections (GEMV) vs the unfused kernels + cuBLAS."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,16 @@ import torch
 import triton
 
 from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
+from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+from slipstream.kernels.rmsnorm import fused_add_rms_norm
+from slipstream.kernels.matvec import gemv
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
+HIDDEN, FFN, VOCAB = 4096, 14336, 128256
+# name, N, K, fused prologue
+PROJECTIONS = [("qkv", (HQ + 2 * HK) * D, HIDDEN, "rmsnorm"), ("o_proj", HIDDEN, HQ * D, "none"),
+               ("gate_up", 2 * FFN, HIDDEN, "rmsnorm"), ("down", HIDDEN, FFN, "silu_mul"), ("lm_head", VOCAB, HIDDEN, "none")]
 
 
 def _paged(ctx: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,14 +71,68 @@ def run(a: argparse.Namespace) -> dict:
             rows.append([f"B={batch} x {ctx // 1024}K", f"{r['GBps']:.0f}", f"{r['pct_copy_bw']:.0f}", f"{r['us']:.1f}"])
             del k, v
     print(table(rows))
+    if a.gemv:
+        res["gemv"] = _gemv_bench(bw, dtype)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {mm / 1e12:.0f} TFLOP/s, {gpu_name()}")
     return res
 
 
+def _graph_us(calls: list) -> float:
+    """Mean µs per call, replaying all of `calls` in one CUDA graph: µs-scale kernels are timed without launch gaps,
+    as they run inside the engine's decode graphs."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for fn in calls:  # compile and autotune outside the capture
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 20
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps / len(calls)
+
+
+def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
+    """Each batch-1 decode projection with its prologue: one fused GEMV vs the prologue kernel + torch.matmul
+    (cuBLAS). Weights rotate over copies larger than L2 together, so every call streams its weight from HBM."""
+    out, rows = [], [["projection (prologue)", "fused us", "fused GB/s", "% of copy bw", "unfused us", "unfused GB/s"]]
+    for name, n, k, pro in PROJECTIONS:
+        copies = max(2, -(-(512 << 20) // (2 * n * k)))
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, 2 * k if pro == "silu_mul" else k, device="cuda", dtype=dtype)
+        res, nw = torch.randn(1, k, device="cuda", dtype=dtype), torch.rand(k, device="cuda", dtype=dtype)
+        kw = dict(residual=res, norm_weight=nw) if pro == "rmsnorm" else {}
+        fused = _graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
+        if pro == "rmsnorm":
+            unfused = _graph_us([lambda w=w: fused_add_rms_norm(x, res, nw, 1e-6)[0] @ w.T for w in ws])
+        elif pro == "silu_mul":
+            unfused = _graph_us([lambda w=w: silu_and_mul(x) @ w.T for w in ws])
+        else:
+            unfused = _graph_us([lambda w=w: x @ w.T for w in ws])
+        nbytes = n * k * ws[0].element_size()
+        r = dict(name=name, n=n, k=k, prologue=pro, fused_us=fused, unfused_us=unfused, fused_GBps=nbytes / fused / 1e3,
+                 unfused_GBps=nbytes / unfused / 1e3, pct_copy_bw=100 * nbytes / fused / 1e-6 / bw)
+        out.append(r)
+        rows.append([f"{name} {n}x{k} ({pro})", f"{fused:.1f}", f"{r['fused_GBps']:.0f}", f"{r['pct_copy_bw']:.0f}",
+                     f"{unfused:.1f}", f"{r['unfused_GBps']:.0f}"])
+        del ws, x
+    print(table(rows))
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("kernels", help="attention kernels vs torch SDPA and copy bandwidth")
-    p.add_argument("--prefill-lens", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16, 64])
+    p = sub.add_parser("kernels", help="attention and decode-projection kernels vs torch SDPA, cuBLAS and copy bandwidth")
+    p.add_argument("--prefill-lens", type=int, nargs="*", default=[2048, 8192, 32768])
+    p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16, 64])
     p.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the batch-1 projection table")
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=run)

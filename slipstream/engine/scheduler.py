@@ -80,13 +80,18 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         cache = self.bm.prefix_cache
         skipped: list[Sequence] = []
+        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
-            if cache is not None and self._sibling_prefilling(seq):
-                skipped.append(seq)  # admit it once the first sample has cached the shared prompt
-                continue
             if cache is not None:
                 cache.match(seq)
+                if any(self._computing_my_next_page(seq, other) for other in prefilling):
+                    # Its next page is being computed right now (a shared prompt sent many times at once, n > 1
+                    # siblings): wait until the page is cached instead of computing it twice.
+                    self.bm.free(seq)
+                    seq.num_computed_tokens = 0
+                    skipped.append(seq)
+                    continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 self.bm.free(seq)  # waiting sequences hold no pages, so they can never deadlock the pool
@@ -99,14 +104,20 @@ class Scheduler:
                 cache.note_admitted(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            prefilling.append(seq)
             batch.add(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
-    @staticmethod
-    def _sibling_prefilling(seq: Sequence) -> bool:
-        first = seq.request.seqs[0]
-        return seq is not first and first.status is SeqStatus.RUNNING and first.num_computed_tokens < first.num_prompt_tokens
+    def _computing_my_next_page(self, seq: Sequence, other: Sequence) -> bool:
+        """Is `other`'s unfinished prefill computing the first full page that the cache could not give `seq`?"""
+        bs = self.bm.block_size
+        start = seq.num_computed_tokens  # page-aligned: the cache hands out whole pages
+        end = start + bs
+        if end > min(seq.num_prompt_tokens, other.num_prompt_tokens) or other.num_computed_tokens > start:
+            return False
+        a, b = seq.token_ids, other.token_ids
+        return a[start:end] == b[start:end] and a[:start] == b[:start]  # cheap page test first; rarely the prefix
 
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt from the tail of `running` until `seq` can cover `num_tokens`; False if `seq` went itself."""

@@ -5,9 +5,17 @@ attention backend is `triton` and the model runs on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests only, no autotuning
 _enabled = False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 models get IEEE fp32 dots (Triton would otherwise use TF32) so they match the torch reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def enable(flag: bool) -> None:
@@ -37,7 +45,19 @@ def qk_norm_rope_store(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     return f(*args, **kwargs)
 
 
+def argmax(x):  # noqa: ANN001, ANN201
+    from slipstream.kernels.sampling import argmax as f
+
+    return f(x)
+
+
 def gumbel_argmax(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.sampling import gumbel_argmax as f
+
+    return f(*args, **kwargs)
+
+
+def gemv(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.matvec import gemv as f
 
     return f(*args, **kwargs)

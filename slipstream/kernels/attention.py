@@ -14,13 +14,11 @@ log-sum-exp, so long contexts spread over many SMs (flash decoding).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from slipstream.kernels import INTERPRET, dot_precision, pdl
 _LOG2E = 1.4426950408889634
 
 
@@ -95,7 +93,7 @@ def _prefill_kernel(
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-if _INTERPRET:
+if INTERPRET:
     _prefill = _prefill_kernel
 else:  # tile shapes for Hopper; tuned once per (head_dim, group) at the first prefill
     _prefill = triton.autotune(
@@ -112,8 +110,9 @@ def _decode_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     partition,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,8 +157,9 @@ def _decode_kernel(
 def _reduce_kernel(
     part_out, part_lse, seq_lens, out_ptr, partition,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(seq_lens + b)
@@ -172,11 +172,6 @@ def _reduce_kernel(
     d = tl.arange(0, HEAD_DIM)
     o = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(out_ptr.dtype.element_ty))
-
-
-def _precision(q: torch.Tensor) -> str:
-    """fp32 models get IEEE fp32 dots (Triton would otherwise use TF32) so they match the torch reference."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -198,8 +193,8 @@ def paged_prefill(
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), max_query_len, first_seq)
-    consts = dict(GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], PRECISION=_precision(q))
-    if _INTERPRET:
+    consts = dict(GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], PRECISION=dot_precision(q.dtype))
+    if INTERPRET:
         _prefill[(triton.cdiv(max_query_len, 16), seq_lens.shape[0] - first_seq, hq)](*args, **consts, BLOCK_M=16, BLOCK_N=16)
     else:
         _prefill[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"]), seq_lens.shape[0] - first_seq, hq)](*args, **consts)
@@ -223,9 +218,10 @@ def paged_decode(
     out = torch.empty_like(q) if out is None else out
     splits = triton.cdiv(max_len, partition)
     group = hq // hk
-    block_n = 16 if _INTERPRET else 64
+    block_n = 16 if INTERPRET else 64
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
-                  BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=1 if _INTERPRET else 3)
+                  BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=1 if INTERPRET else 3,
+                  PDL=pdl.enabled(), launch_pdl=pdl.enabled())
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                out.stride(0), out.stride(1))
     if splits == 1:
@@ -238,5 +234,6 @@ def paged_decode(
     _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
                                       scale * _LOG2E, *strides, *pstr, partition, SPLIT=True, **common)
     _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, out, partition, *pstr, out.stride(0), out.stride(1),
-                              HEAD_DIM=d, SPLITS_POW2=triton.next_power_of_2(splits))
+                              HEAD_DIM=d, SPLITS_POW2=triton.next_power_of_2(splits), PDL=pdl.enabled(),
+                              launch_pdl=pdl.enabled())
     return out

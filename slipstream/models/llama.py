@@ -2,7 +2,9 @@
 
 Pre-norm transformer: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); logits = RMSNorm(x) @ W_out.
 Q, K and V are one fused projection, as are the MLP's gate and up projections: one GEMM each instead of three
-and two. `load_weights` maps checkpoint names (HF layout) onto those fused parameters.
+and two. `load_weights` maps checkpoint names (HF layout) onto those fused parameters. Each norm is applied by
+the projection that consumes it (`norm_linear`), and SwiGLU by the down projection (`silu_mul_linear`), so that
+small-batch decode runs each pair as one kernel.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from slipstream import kernels
 from slipstream.attention import AttentionBackend, AttentionMetadata
 from slipstream.attention.torch_backend import store_kv
 from slipstream.config import ModelConfig
-from slipstream.layers.activation import silu_and_mul
+from slipstream.layers.linear import linear, norm_linear, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.rotary import RotaryEmbedding
 
@@ -39,8 +41,8 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the pool for already-projected qkv [T, (Hq + 2 Hk) D], through o_proj."""
         if kernels.enabled(qkv):  # one fused kernel: q/k norm, RoPE, K/V into the pool
             q = kernels.qk_norm_rope_store(
                 qkv, positions, self.rotary.cos_sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads,
@@ -56,7 +58,7 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.view(-1, self.q_size))
+        return linear(o.view(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -65,8 +67,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU on the already-projected [gate | up], through down_proj."""
+        return silu_mul_linear(gate_up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -80,10 +83,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        h = self.self_attn(positions, qkv, meta)
+        gate_up, residual = norm_linear(h, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -106,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return linear(hidden, self.lm_head)
 
     # Checkpoint (HF layout) name fragment -> (fused parameter fragment, shard index)
     _STACKED = {

@@ -1,0 +1,105 @@
+"""GEMV y = f(x) @ W^T for one row x (batch-1 decode), with the elementwise op f before the projection fused in.
+
+At batch 1 a projection is one pass over its weight: its time is W's bytes over HBM bandwidth. cuBLAS picks
+split-K kernels for the narrow projections that leave bandwidth unused and add a reduction launch, and the norm
+and activation before each projection are launches of their own. Here each program streams BLOCK_N rows of W
+in [BLOCK_N, BLOCK_K] tiles (contiguous along K, so every load is coalesced) and builds the matching chunk of
+f(x) on the fly:
+  - "rmsnorm":  f(x) = rms_norm(x + residual) * w_norm. RMSNorm is a per-row scale, so the program accumulates
+                W @ (w_norm * (x + residual)) and the sum of squares in the same pass and scales at the end:
+                one pass over x, no serial pre-pass. The program owning the first rows also writes
+                x + residual, the next block's residual;
+  - "silu_mul": f([gate | up]) = silu(gate) * up, the SwiGLU before the down projection;
+  - "none":     f(x) = x.
+x is re-read by every program, but it is a few KB and stays in L2. f(x) is rounded to W's dtype before it meets
+W, as the unfused kernels round their outputs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels import INTERPRET, pdl
+
+_PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3),
+                         (8, 512, 8, 4), (16, 256, 4, 4), (16, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4)]
+]
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["eps"])
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w,
+                 PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    if PDL:  # W does not depend on the previous kernel: pull the first tiles into L2 while it finishes
+        lines = tl.arange(0, 2 * BLOCK_K // 64) * 64  # one address per 128-byte line of bf16
+        _prefetch_l2(w_ptr + ns[:, None] * stride_w + lines[None, :], n_ok[:, None] & (lines < K)[None, :])
+    pdl.wait_for_previous(PDL)
+    # Products accumulate elementwise and are reduced across K once at the end, not with shuffles every tile.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if PROLOGUE == 2:
+            gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = gate * tl.sigmoid(gate) * up
+        else:
+            a = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_RES:
+                a += tl.load(res_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                if pid == 0:
+                    tl.store(res_out_ptr + ks, a.to(res_out_ptr.dtype.element_ty), mask=k_ok)
+            if PROLOGUE == 1:
+                sq += a * a
+                a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * a.to(w.dtype).to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    if PROLOGUE == 1:
+        y = y * tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# Tuned once per weight shape and prologue, at the first call (the engine warms up before capturing graphs).
+_gemv = _gemv_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["N", "K", "PROLOGUE"])(_gemv_kernel)
+_FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: str = "none",
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """f(x) @ weight.T (+ bias) for x of shape [1, K] ([1, 2K] for "silu_mul"); returns (y, new residual or None).
+
+    "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
+    n, k = weight.shape
+    if x.shape != (1, 2 * k if prologue == "silu_mul" else k):
+        raise ValueError(f"gemv takes one row matching weight {tuple(weight.shape)} and prologue {prologue!r}, got {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    res_out = None
+    if prologue == "rmsnorm":
+        res_out = x if residual is None else torch.empty_like(x)
+    _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
+        weight, bias if bias is not None else weight, y, res_out if res_out is not None else y, n, k, eps, weight.stride(0),
+        PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
+        PDL=pdl.enabled(), launch_pdl=pdl.enabled(), **_FIXED,
+    )
+    return y, res_out

@@ -1,5 +1,7 @@
 """On the GPU: greedy output of the Triton backend with CUDA graphs equals the torch reference backend's.
 
+Two prompt sets: eight short chats, and eight questions after one long system prompt (the prefix cache shares
+its pages, so the Triton decode attends to them with the cascade kernel).
 fp32 (IEEE dots in the kernels): tokens must be identical. bf16: reported (near-ties may flip a token late in
 a sequence, since the two backends accumulate in different orders)."""
 import argparse
@@ -12,15 +14,18 @@ from slipstream import LLM, SamplingParams
 PROMPTS = ["What is the capital of France?", "Write a short poem about the moon.", "Explain what a hash map is.",
            "List five animals that live in the ocean.", "How do I boil an egg?", "Translate 'thank you' into Spanish.",
            "What is 17 times 3?", "Tell me a fun fact about space."]
+SYSTEM = ("You are a patient assistant for a public library. Answer briefly and kindly, cite the shelf when you know it, "
+          "and never invent a book that the catalogue does not hold. ") * 8
 
 
-def run(model: str, dtype: str, backend: str, eager: bool, budget: int) -> list[list[int]]:
+def run(model: str, dtype: str, backend: str, eager: bool, budget: int, system: str | None = None) -> list[list[int]]:
     llm = LLM(model, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=eager, max_model_len=2048,
               max_num_batched_tokens=budget, gpu_memory_utilization=0.3)
-    prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [llm.apply_chat_template(head + [{"role": "user", "content": p}]) for p in PROMPTS]
     params = [SamplingParams(temperature=0, max_tokens=48 + 8 * i) for i in range(len(prompts))]
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    print(f"{dtype:8s} {backend:6s} graphs={not eager!s:5s} budget={budget}: {llm.tokenizer.decode(outs[0])!r}")
+    print(f"{dtype:8s} {backend:6s} graphs={not eager!s:5s} budget={budget} system={bool(system)}: {llm.tokenizer.decode(outs[0])!r}")
     del llm
     torch.cuda.empty_cache()
     return outs
@@ -31,10 +36,10 @@ def main() -> int:
     ap.add_argument("model")
     a = ap.parse_args()
     failures = 0
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "torch", True, 8192)
+    for dtype, system in (("float32", None), ("float32", SYSTEM), ("bfloat16", None)):
+        ref = run(a.model, dtype, "torch", True, 8192, system)
         for eager, budget in ((False, 8192), (True, 8192), (False, 40)):  # graphs; eager; chunked prefill + mixed steps
-            got = run(a.model, dtype, "triton", eager, budget)
+            got = run(a.model, dtype, "triton", eager, budget, system)
             same = sum(g == r for g, r in zip(got, ref))
             print(f"  {same}/{len(ref)} sequences identical to the torch backend")
             if dtype == "float32" and same != len(ref):

@@ -68,6 +68,9 @@ class ModelRunner:
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' on CPU")
         self.backend_name = backend
         kernels.enable(backend == "triton")
+        # Cascade decode: prefix-cache hits put the same pages at the head of many tables; the Triton decode
+        # path then reads them once per step for the whole batch.
+        self.cascade = backend == "triton" and config.cache.enable_prefix_caching
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -236,14 +239,15 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 to_sample.append(seq)
         tables = [s.block_table for s, _ in items]
+        shared = shared_prefix_len(tables[:num_decodes], seq_lens[:num_decodes], bs) if self.cascade else 0
         if self.graphs is not None and num_decodes == len(items) and self.graphs.fits(num_decodes):
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, shared)
             if len(sample_rows) == len(items):
                 return hidden, to_sample
             idx = self.stager.put(sample_rows)
             self.stager.upload()
             return hidden[idx()], to_sample
-        hidden = self._eager_forward(input_ids, positions, slots, [n for _, n in items], seq_lens, tables, num_decodes)
+        hidden = self._eager_forward(input_ids, positions, slots, [n for _, n in items], seq_lens, tables, num_decodes, shared)
         if len(sample_rows) == hidden.shape[0]:
             return hidden, to_sample
         idx = self.stager.put(sample_rows)
@@ -251,19 +255,21 @@ class ModelRunner:
         return hidden[idx()], to_sample
 
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],
-                       seq_lens: list[int], tables: list[list[int]], num_decodes: int) -> torch.Tensor:
+                       seq_lens: list[int], tables: list[list[int]], num_decodes: int, shared: int = 0) -> torch.Tensor:
         """Stage the step's inputs in one upload and run the model without a graph."""
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
         st = self.stager
         ids_t, pos_t, slots_t, qsl_t, lens_t = st.put(input_ids), st.put(positions), st.put(slots), st.put(qsl), st.put(seq_lens)
+        shared_t = st.put([shared]) if shared else None
         tables_t = st.put_table(tables)
         st.upload()
         meta = AttentionMetadata(
             slot_mapping=slots_t(), query_start_loc=qsl_t(), seq_lens=lens_t(), block_tables=tables_t(),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decodes=num_decodes, decode_max_len=max(seq_lens[:num_decodes], default=0),
+            shared_prefix=shared_t() if shared_t else None,
         )
         return self.model(ids_t(), pos_t(), meta)
 
@@ -275,7 +281,8 @@ class ModelRunner:
             return None  # a sequence needs a new page first: the scheduler must allocate it
         self.stager.reset()
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        hidden = self.graphs.run(tokens, pos, slots, [p + 1 for p in pos], [s.block_table for s in seqs])
+        tables, lens = [s.block_table for s in seqs], [p + 1 for p in pos]
+        hidden = self.graphs.run(tokens, pos, slots, lens, tables, shared_prefix_len(tables, lens, bs) if self.cascade else 0)
         return _Ahead(list(seqs), pos, hidden)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch | None:
@@ -342,6 +349,31 @@ class ModelRunner:
             banned=banned,
             penalties=penalties,
         )
+
+
+_MIN_SHARED = 256  # shorter common prefixes are not worth the cascade kernel's launch
+
+
+def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
+    """Context tokens (whole pages) at the head of every sequence that live in the very same pages, or 0.
+
+    Only the prefix cache puts one page in several tables, and a cached page determines every page before it
+    (it is a node of the radix tree), so "page j is shared by all" holds for a prefix of j: binary search."""
+    if len(tables) < 2:
+        return 0
+    first = tables[0]
+    hi = min((n - 1) // block_size for n in seq_lens)  # pages wholly before each sequence's newest token
+    if hi == 0 or any(t[0] != first[0] for t in tables):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        page = first[mid - 1]
+        if all(t[mid - 1] == page for t in tables):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * block_size if lo * block_size >= _MIN_SHARED else 0
 
 
 class Stager:
@@ -447,6 +479,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.tables = torch.full((max_bs, width), runner.num_blocks, dtype=torch.int64, device=dev)
         self.qsl = torch.arange(max_bs + 1, dtype=torch.int64, device=dev)
+        self.shared = torch.zeros(1, dtype=torch.int64, device=dev)  # cascade prefix length, 0 = none
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
@@ -465,23 +498,26 @@ class DecodeGraphs:
             slot_mapping=self.slots[:bsz], query_start_loc=self.qsl[: bsz + 1], seq_lens=self.seq_lens[:bsz],
             block_tables=self.tables[:bsz], query_lens_cpu=[1] * bsz, seq_lens_cpu=[r.max_model_len] * bsz,
             max_query_len=1, max_seq_len=r.max_model_len, num_decodes=bsz, decode_max_len=r.max_model_len,
+            shared_prefix=self.shared if r.cascade and bsz > 1 else None,
         )
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
     def run(self, ids: list[int] | torch.Tensor, pos: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], shared: int = 0) -> torch.Tensor:
         """Replay the graph for len(pos) decodes; `ids` may already be on the device (tokens just sampled)."""
         b = len(pos)
         size = next(s for s in self.sizes if s >= b)
         pad = size - b
         st = self.runner.stager
         host_ids = [0] * size if isinstance(ids, torch.Tensor) else ids + [0] * pad
-        vec = st.put(host_ids + pos + [0] * pad + slots + [self.runner.pad_slot] * pad + seq_lens + [0] * pad)
+        # Padded rows have context 0: they lie outside any shared prefix, and their decode programs exit at once.
+        vec = st.put(host_ids + pos + [0] * pad + slots + [self.runner.pad_slot] * pad + seq_lens + [0] * pad + [shared])
         tab = st.put_table(tables)
         st.upload()
-        v = vec().view(4, size)
+        v = vec()[: 4 * size].view(4, size)
+        self.shared.copy_(vec()[4 * size :])
         self.ids[:size].copy_(v[0])
         if isinstance(ids, torch.Tensor):
             self.ids[:b].copy_(ids)

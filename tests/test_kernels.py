@@ -85,6 +85,20 @@ def test_decode_split_kv(dtype, hq, hk, d, partition):
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_len", [0, 32, 528])  # off at run time; one partition; three, the last partial
+def test_decode_with_shared_prefix(dtype, shared_len):
+    """Cascade decode: the first pages of every table are sequence 0's, attended once for the whole batch."""
+    ctx, page = [600, 530, 700, 545], 16
+    q, kc, vc, meta = make_paged(ctx, [1] * len(ctx), 8, 2, 64, page=page, dtype=dtype, seed=shared_len)
+    meta.block_tables[1:, : shared_len // page] = meta.block_tables[0, : shared_len // page]
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, 0.125)
+    q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
+    shared = torch.tensor([shared_len], dtype=torch.int64, device=DEV)
+    out = paged_decode(q, kc, vc, bt, sl, 1024, 128, 0.125, shared=shared, shared_bound=1024)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
 def test_decode_grid_bound_exceeds_contexts():
     """As under a CUDA graph: the grid is sized for a long max_len; short contexts and a 0-length pad row."""
     ctx = [3, 40, 0]

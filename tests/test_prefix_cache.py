@@ -59,3 +59,17 @@ def test_samples_of_one_request_share_the_prompt(engines):
     assert cache.stats.hit_tokens - before_h == 3 * full_pages  # three siblings reuse every full prompt page
     assert cache.stats.query_tokens - before_q == 4 * len(prompt)
     assert_no_leak(on)
+
+
+def test_shared_prefix_len_finds_the_common_cached_pages():
+    from slipstream.model_runner import shared_prefix_len
+
+    common = list(range(100, 140))  # 40 shared pages = 640 tokens of 16
+    tables = [common + [1, 2], common[:30] + [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], common + [14]]
+    assert shared_prefix_len(tables, [670, 660, 645], 16) == 30 * 16
+    assert shared_prefix_len(tables[::2], [670, 645], 16) == 40 * 16
+    assert shared_prefix_len(tables[::2], [670, 641], 16) == 40 * 16  # the newest token starts a page of its own
+    assert shared_prefix_len(tables[::2], [670, 640], 16) == 39 * 16  # the newest token is in the last shared page
+    assert shared_prefix_len([common, [7] + common[1:]], [700, 700], 16) == 0
+    assert shared_prefix_len([common[:10], common[:10]], [160, 160], 16) == 0  # 144 tokens: below the threshold
+    assert shared_prefix_len([common], [700], 16) == 0

@@ -24,6 +24,9 @@ class AttentionMetadata:
     max_seq_len: int
     num_decodes: int = 0  # the first num_decodes sequences have exactly one query token each
     decode_max_len: int = 0  # bound on those sequences' context (max_model_len when a CUDA graph is captured)
+    # [1] int64 on the device, or None: the decodes' first shared_prefix[0] context tokens sit in the same pages
+    # (sequence 0's), so a backend may attend to them once for all (cascade). Bounded by decode_max_len.
+    shared_prefix: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import INTERPRET, dot_precision, pdl
+from slipstream.kernels import INTERPRET, dot_precision
+
 _LOG2E = 1.4426950408889634
 
 
@@ -103,21 +104,24 @@ else:  # tile shapes for Hopper; tuned once per (head_dim, group) at the first p
     )(_prefill_kernel)
 
 
-@triton.jit(do_not_specialize=["partition", "stride_bt"])
+# The partial-result strides scale with the number of partitions: like the per-step ints, never specialized on.
+@triton.jit(do_not_specialize=["partition", "stride_bt", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base"])
 def _decode_kernel(
-    q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, scale_log2,
+    q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, shared_ptr, scale_log2,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    partition,
+    partition, split_base,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pdl.wait_for_previous(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(seq_lens + b)
-    start = split * partition
+    if SHARED:  # the shared prefix kernel covers [0, shared); this one the rest
+        start = tl.load(shared_ptr) + split * partition
+    else:
+        start = split * partition
     if start >= ctx:
         return
     end = tl.minimum(start + partition, ctx)
@@ -147,31 +151,93 @@ def _decode_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     if SPLIT:
-        tl.store(part_out + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :], out, mask=g_ok[:, None])
-        tl.store(part_lse + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i), mask=g_ok)
+        slot = split_base + split
+        tl.store(part_out + b * stride_pb + heads[:, None] * stride_ph + slot * stride_ps + d[None, :], out, mask=g_ok[:, None])
+        tl.store(part_lse + b * stride_lb + heads * stride_lh + slot, m_i + tl.math.log2(l_i), mask=g_ok)
     else:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["partition"])
-def _reduce_kernel(
-    part_out, part_lse, seq_lens, out_ptr, partition,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, PDL: tl.constexpr,
+@triton.jit(do_not_specialize=["num_rows", "partition", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
+def _shared_prefix_kernel(
+    q_ptr, k_cache, v_cache, block_tables, shared_ptr, part_out, part_lse, scale_log2, num_rows,
+    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    partition,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pdl.wait_for_previous(PDL)
+    """Cascade attention: every decode's query heads of one KV head form the rows of one tile, attending to one
+    partition of the prefix pages all sequences share (sequence 0's table), so those pages are read once per
+    step instead of once per sequence."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    shared = tl.load(shared_ptr)
+    start = split * partition
+    if start >= shared:
+        return
+    end = tl.minimum(start + partition, shared)
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # row r is query head kvh * GROUP + r % GROUP of sequence r // GROUP
+    r_ok = r < num_rows
+    b = r // GROUP
+    h = kvh * GROUP + r % GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b[:, None] * stride_qb + h[:, None] * stride_qh + d[None, :], mask=r_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    visible = tl.full([BLOCK_M], end, tl.int64)  # every shared token precedes every query
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, block_tables, n0, end, visible, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION)
+    tl.store(part_out + b[:, None] * stride_pb + h[:, None] * stride_ph + split * stride_ps + d[None, :], acc / l_i[:, None],
+             mask=r_ok[:, None])
+    tl.store(part_lse + b * stride_lb + h * stride_lh + split, m_i + tl.math.log2(l_i), mask=r_ok)
+
+
+@triton.jit
+def _merge(part_out, part_lse, lo, hi, m, total, acc, b, h, d, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+           SPLIT_BLOCK: tl.constexpr):
+    """Fold partitions lo..hi-1 of one (sequence, head) into a running (max, sum, weighted output)."""
+    for s0 in range(lo, hi, SPLIT_BLOCK):
+        s = s0 + tl.arange(0, SPLIT_BLOCK)
+        s_ok = s < hi
+        lse = tl.load(part_lse + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.math.exp2(lse - m_new)
+        o = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0)
+        rescale = tl.math.exp2(m - m_new)
+        acc = acc * rescale + tl.sum(o * w[:, None], 0)
+        total = total * rescale + tl.sum(w, 0)
+        m = m_new
+    return m, total, acc
+
+
+@triton.jit(do_not_specialize=["partition", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base",
+                               "shared_partition"])
+def _reduce_kernel(
+    part_out, part_lse, seq_lens, shared_ptr, out_ptr, partition, split_base, shared_partition,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr, SHARED: tl.constexpr,
+):
+    # Partitions are merged SPLIT_BLOCK at a time with a running max, so the kernel does not depend on how many
+    # there are (a constexpr split count would compile a new variant whenever contexts grew past a power of 2).
+    # Slots [0, split_base) hold the shared-prefix partitions, the sequence's own follow from split_base.
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(seq_lens + b)
-    n = tl.cdiv(ctx, partition)
-    s = tl.arange(0, SPLITS_POW2)
-    s_ok = s < n
-    lse = tl.load(part_lse + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, 0))
-    w = w / tl.sum(w, 0)
     d = tl.arange(0, HEAD_DIM)
-    o = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, tl.sum(o * w[:, None], 0).to(out_ptr.dtype.element_ty))
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    if SHARED:
+        shared = tl.load(shared_ptr)
+        m, total, acc = _merge(part_out, part_lse, 0, tl.cdiv(shared, shared_partition), m, total, acc, b, h, d,
+                               stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLIT_BLOCK)
+        ctx -= shared
+    m, total, acc = _merge(part_out, part_lse, split_base, split_base + tl.cdiv(ctx, partition), m, total, acc, b, h, d,
+                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLIT_BLOCK)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -201,6 +267,9 @@ def paged_prefill(
     return out
 
 
+SHARED_PARTITION = 256  # shared-prefix tokens per cascade program
+
+
 def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
     """Context tokens per program: enough programs to fill the GPU twice over, at least 128 tokens each."""
     splits = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
@@ -210,9 +279,14 @@ def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     max_len: int, partition: int, scale: float, out: torch.Tensor | None = None,
+    shared: torch.Tensor | None = None, shared_bound: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
-    so a CUDA graph captured with max_model_len serves any shorter context)."""
+    so a CUDA graph captured with max_model_len serves any shorter context).
+
+    `shared` ([1] int, on the device): the first shared[0] context tokens of every sequence sit in the same
+    pages, those of sequence 0's table (a prefix-cache hit common to the batch), shared[0] <= shared_bound.
+    They are attended once for the whole batch by the cascade kernel; 0 turns that off at run time."""
     hq, hk, d = _check(q, k_cache)
     bsz = q.shape[0]
     out = torch.empty_like(q) if out is None else out
@@ -220,20 +294,29 @@ def paged_decode(
     group = hq // hk
     block_n = 16 if INTERPRET else 64
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
-                  BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=1 if INTERPRET else 3,
-                  PDL=pdl.enabled(), launch_pdl=pdl.enabled())
+                  BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=1 if INTERPRET else 3)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                out.stride(0), out.stride(1))
-    if splits == 1:
-        _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, scale * _LOG2E,
-                                     *strides, 0, 0, 0, 0, 0, partition, SPLIT=False, **common)
+    if splits == 1 and shared is None:
+        _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, seq_lens, scale * _LOG2E,
+                                     *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False, **common)
         return out
-    part_out = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=q.device)
+    base = triton.cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
+    part_out = torch.empty((bsz, hq, base + splits, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bsz, hq, base + splits), dtype=torch.float32, device=q.device)
     pstr = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1))
-    _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-                                      scale * _LOG2E, *strides, *pstr, partition, SPLIT=True, **common)
-    _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, out, partition, *pstr, out.stride(0), out.stride(1),
-                              HEAD_DIM=d, SPLITS_POW2=triton.next_power_of_2(splits), PDL=pdl.enabled(),
-                              launch_pdl=pdl.enabled())
+    if shared is not None:
+        block_m = 16 if INTERPRET else 64
+        _shared_prefix_kernel[(triton.cdiv(bsz * group, block_m), hk, base)](
+            q, k_cache, v_cache, block_tables, shared, part_out, part_lse, scale * _LOG2E, bsz * group, q.stride(0),
+            q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *pstr, SHARED_PARTITION,
+            GROUP=group, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=1 if INTERPRET else 3,
+        )
+    flag = shared if shared is not None else seq_lens
+    _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, flag,
+                                      scale * _LOG2E, *strides, *pstr, partition, base, SPLIT=True,
+                                      SHARED=shared is not None, **common)
+    _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, flag, out, partition, base, SHARED_PARTITION, *pstr,
+                              out.stride(0), out.stride(1), HEAD_DIM=d, SPLIT_BLOCK=16, SHARED=shared is not None)
     return out

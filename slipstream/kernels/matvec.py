@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import INTERPRET, pdl
+from slipstream.kernels import INTERPRET
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
@@ -31,23 +31,13 @@ _CONFIGS = [
 ]
 
 
-@triton.jit
-def _prefetch_l2(ptrs, mask):
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["eps"])
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w,
                  PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
-    if PDL:  # W does not depend on the previous kernel: pull the first tiles into L2 while it finishes
-        lines = tl.arange(0, 2 * BLOCK_K // 64) * 64  # one address per 128-byte line of bf16
-        _prefetch_l2(w_ptr + ns[:, None] * stride_w + lines[None, :], n_ok[:, None] & (lines < K)[None, :])
-    pdl.wait_for_previous(PDL)
     # Products accumulate elementwise and are reduced across K once at the end, not with shuffles every tile.
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -100,6 +90,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, y, res_out if res_out is not None else y, n, k, eps, weight.stride(0),
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
-        PDL=pdl.enabled(), launch_pdl=pdl.enabled(), **_FIXED,
+        **_FIXED,
     )
     return y, res_out

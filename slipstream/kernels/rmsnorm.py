@@ -5,13 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import pdl
-
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait_for_previous(PDL)
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -39,6 +36,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, res_out, n, eps, x2.stride(0), r2.stride(0), out.stride(0),
         HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-        PDL=pdl.enabled(), launch_pdl=pdl.enabled(),
     )
     return out.view(shape), res_out.view(shape)

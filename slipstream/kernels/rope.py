@@ -6,16 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import pdl
-
 
 @triton.jit
 def _qk_norm_rope_store_kernel(
     qkv_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out, k_cache, v_cache, qw_ptr, kw_ptr, eps,
     stride_t, stride_qt, stride_qh, stride_cs, stride_kt, stride_kh,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
 ):
-    pdl.wait_for_previous(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)  # 0..NUM_HEADS-1: a query head; then the key/value heads
     half = tl.arange(0, HEAD_DIM // 2)
@@ -73,6 +70,5 @@ def qk_norm_rope_store(
         qkv, positions, cos_sin, slot_mapping, q, flat_k, flat_v, q_norm if norm else qkv, k_norm if norm else qkv, eps,
         qkv.stride(0), q.stride(0), q.stride(1), cos_sin.stride(0), flat_k.stride(0), flat_k.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=norm, num_warps=1,
-        PDL=pdl.enabled(), launch_pdl=pdl.enabled(),
     )
     return q

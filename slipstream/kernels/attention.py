@@ -237,6 +237,7 @@ def _reduce_kernel(
         ctx -= shared
     m, total, acc = _merge(part_out, part_lse, split_base, split_base + tl.cdiv(ctx, partition), m, total, acc, b, h, d,
                            stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLIT_BLOCK)
+    total = tl.where(total > 0, total, 1.0)  # a padded graph row has no context: write 0, not 0/0
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 

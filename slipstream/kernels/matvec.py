@@ -11,8 +11,8 @@ f(x) on the fly:
                 x + residual, the next block's residual;
   - "silu_mul": f([gate | up]) = silu(gate) * up, the SwiGLU before the down projection;
   - "none":     f(x) = x.
-x is re-read by every program, but it is a few KB and stays in L2. f(x) is rounded to W's dtype before it meets
-W, as the unfused kernels round their outputs.
+x is re-read by every program, but it is a few KB and stays in L2. What meets W is rounded to W's dtype, as the
+unfused kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale).
 """
 from __future__ import annotations
 

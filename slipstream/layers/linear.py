@@ -25,8 +25,8 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(x + residual)), x + residual); with no residual, (proj(norm(x)), x)."""
     if _gemv(x):
-        return kernels.gemv(x, proj.weight, proj.bias, prologue="rmsnorm", residual=residual,
-                                     norm_weight=norm.weight, eps=norm.eps)
+        return kernels.gemv(x, proj.weight, proj.bias, prologue="rmsnorm", residual=residual, norm_weight=norm.weight,
+                            eps=norm.eps)
     h, residual = norm(x, residual)
     return proj(h), residual
 

@@ -498,8 +498,12 @@ class DecodeGraphs:
             slot_mapping=self.slots[:bsz], query_start_loc=self.qsl[: bsz + 1], seq_lens=self.seq_lens[:bsz],
             block_tables=self.tables[:bsz], query_lens_cpu=[1] * bsz, seq_lens_cpu=[r.max_model_len] * bsz,
             max_query_len=1, max_seq_len=r.max_model_len, num_decodes=bsz, decode_max_len=r.max_model_len,
-            shared_prefix=self.shared if r.cascade and bsz > 1 else None,
+            shared_prefix=self.shared if self._cascades(bsz) else None,
         )
+
+    def _cascades(self, bsz: int) -> bool:
+        """Does the graph of this size carry the shared-prefix kernel? (One sequence shares with nobody.)"""
+        return self.runner.cascade and bsz > 1
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -517,7 +521,8 @@ class DecodeGraphs:
         tab = st.put_table(tables)
         st.upload()
         v = vec()[: 4 * size].view(4, size)
-        self.shared.copy_(vec()[4 * size :])
+        if self._cascades(size):
+            self.shared.copy_(vec()[4 * size :])
         self.ids[:size].copy_(v[0])
         if isinstance(ids, torch.Tensor):
             self.ids[:b].copy_(ids)

@@ -80,7 +80,7 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         cache = self.bm.prefix_cache
         skipped: list[Sequence] = []
-        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
+        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens] if cache is not None else []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
             if cache is not None:

@@ -88,7 +88,7 @@ _ARCH_BY_MODEL_TYPE = {
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
+    block_size: int = 64  # tokens per KV page; a multiple of 64 lets Hopper prefill fetch key tiles by TMA
     # GPU: fraction of total device memory the engine may use (weights + activations + KV cache).
     gpu_memory_utilization: float = 0.9
     # CPU (or an explicit override on GPU): bytes reserved for the KV cache.

@@ -9,12 +9,13 @@ import torch
 import triton
 
 from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
+from slipstream.config import CacheConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 from slipstream.kernels.matvec import gemv
 
-HQ, HK, D, PAGE = 32, 8, 128, 16
+HQ, HK, D, PAGE = 32, 8, 128, CacheConfig.block_size
 HIDDEN, FFN, VOCAB = 4096, 14336, 128256
 # name, N, K, fused prologue
 PROJECTIONS = [("qkv", (HQ + 2 * HK) * D, HIDDEN, "rmsnorm"), ("o_proj", HIDDEN, HQ * D, "none"),

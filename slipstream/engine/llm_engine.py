@@ -128,10 +128,13 @@ class LLMEngine:
         prompt = [i % vocab for i in range(1, 2 * self.config.cache.block_size + 3)]
         self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), stream=False)
         self.step()
-        # One at a time: a batch samples through one path, and each path has its own kernels.
-        for name, params in (("sampled", SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
-                             ("top_p", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0))):
-            self.add_request(f"__warmup_{name}", prompt[::-1], params, stream=False)
+        # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
+        # short: prefill tiles for chunks of at most 64 tokens are tuned apart.
+        for name, tokens, params in (
+            ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
+            ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
+        ):
+            self.add_request(f"__warmup_{name}", tokens, params, stream=False)
             while self.has_unfinished():
                 self.step()
         if self.block_manager.prefix_cache is not None:

@@ -114,15 +114,21 @@ def latency(a: argparse.Namespace) -> dict:
     return res
 
 
+def nano_vllm_workload(num_seqs: int = 256, max_len: int = 1024) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's throughput workload: seed 0, input and output lengths uniform in [100, max_len], random ids.
+    Returns the prompts and each one's output length (scripts/vllm_throughput.py gives vLLM the same draws)."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, max_len))] for _ in range(num_seqs)]
+    return prompts, [rng.randint(100, max_len) for _ in range(num_seqs)]
+
+
 def throughput(a: argparse.Namespace) -> dict:
-    """nano-vllm's workload: seed 0, 256 sequences, input and output lengths uniform in [100, 1024], random ids."""
+    """nano-vllm's workload (256 sequences, lengths in [100, 1024]), sampled at temperature 0.6 with ignore_eos."""
     llm = _llm(a.model, max_model_len=4096, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization)
-    rng = random.Random(0)
     vocab = llm.engine.model_config.vocab_size
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, a.max_len))] for _ in range(a.num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, a.max_len), seed=i)
-              for i in range(a.num_seqs)]
+    prompts, lengths = nano_vllm_workload(a.num_seqs, a.max_len)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, seed=i) for i, n in enumerate(lengths)]
     assert max(max(p) for p in prompts) < vocab
     llm.engine.warm_up()
     runner, eng = llm.engine.runner, llm.engine

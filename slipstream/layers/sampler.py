@@ -96,7 +96,10 @@ def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) 
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-    logits = logits.float()
+    fused = not (b.use_top_k_top_p or b.use_min_p) and kernels.enabled(logits)
+    adjusted = b.bias is not None or b.banned is not None or b.penalties is not None
+    if not fused or adjusted or b.max_logprobs is not None:  # the fused kernel reads bf16 logits as they are
+        logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.max_logprobs is not None else None
     if b.bias is not None:
         rows, cols, vals = b.bias
@@ -105,7 +108,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
     if b.penalties is not None:
         logits = apply_penalties(logits, b.penalties)
-    if not (b.use_top_k_top_p or b.use_min_p) and kernels.enabled(logits):
+    if fused:
         tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions)
     elif b.all_greedy:
         tokens = logits.argmax(dim=-1)

@@ -231,18 +231,19 @@ from slipstream.kernels.attention import _prefill_kernel as fn
 # The engine stages lengths, offsets and block tables as int64.
 types = dict(q_ptr="*bf16", k_cache="*bf16", v_cache="*bf16", out_ptr="*bf16", block_tables="*i64", seq_lens="*i64",
              q_start="*i64", scale_log2="fp32")
-for page, bulk in ((64, True), (16, False)):  # 16-token pages cannot hold a 64-token tile: the gather path
-    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", TMA_OK=True, SHORT=False)
+for page, bulk in ((64, True), (16, False)):  # bulk copies (TMA) need whole tiles in a page; else the gather path
+    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", TMA=bulk)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == bulk, f"bulk tensor copies with {page}-token pages"
+    assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == bulk, f"TMA={bulk}: bulk tensor copies in the PTX?"
 """
 
 
 def test_prefill_compiles_for_hopper():
-    """What the interpreter cannot vet: the bulk-copy (TMA) prefill path compiles for sm_90 with the engine's
-    argument types. ptxas ships with Triton, so this needs no GPU; it runs uninterpreted, in its own process."""
+    """What the interpreter cannot vet: both prefill paths compile for sm_90 with the engine's argument types,
+    and only the TMA one issues bulk tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
+    uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

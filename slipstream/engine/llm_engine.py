@@ -129,7 +129,7 @@ class LLMEngine:
         self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), stream=False)
         self.step()
         # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
-        # short: prefill tiles for chunks of at most 64 tokens are tuned apart.
+        # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
         for name, tokens, params in (
             ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
             ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),

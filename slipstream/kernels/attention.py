@@ -77,9 +77,8 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
     max_q_len, first_seq, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, TMA_OK: tl.constexpr, SHORT: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
-    TMA: tl.constexpr = TMA_OK and PAGE % BLOCK_N == 0
     tile = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(0)  # heavy (late) tiles first
     b = first_seq + tl.program_id(1)
     h = tl.program_id(2)
@@ -115,17 +114,6 @@ def _prefill_kernel(
                                 stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, TMA)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-if INTERPRET:
-    _prefill = _prefill_kernel
-else:  # tile shapes for Hopper, tuned once per (head_dim, group, load path, chunk size class) at the first prefill.
-    # 128 x 64 tiles on one warpgroup leave room for two programs per SM, whose softmax and dots then overlap.
-    _prefill = triton.autotune(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-         for bm, bn, w, st in [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)]],
-        key=["HEAD_DIM", "GROUP", "PAGE", "TMA_OK", "SHORT"],
-    )(_prefill_kernel)
 
 
 # The partial-result strides scale with the number of partitions: like the per-step ints, never specialized on.
@@ -278,17 +266,18 @@ def paged_prefill(
     ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
-    tma = _bulk_copies(k_cache) and _bulk_copies(v_cache)
-    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1])
-    # SHORT: chunks after a cached prefix or in a busy mixed step are short and tune apart from long prompts.
-    consts = dict(GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], PRECISION=dot_precision(q.dtype), TMA_OK=tma,
-                  SHORT=max_query_len <= 64)
-    if INTERPRET:
-        _prefill[(triton.cdiv(max_query_len, 16), seq_lens.shape[0] - first_seq, hq)](*args, **consts, BLOCK_M=16, BLOCK_N=16)
-    else:
-        _prefill[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"]), seq_lens.shape[0] - first_seq, hq)](*args, **consts)
+    # Fixed tiles, no autotuning (which would tune on whatever prefill came first, often a short one). 128 x 64
+    # tiles on one warpgroup leave room for two programs per SM, whose softmax and dots then overlap; short
+    # chunks (after a cached prefix, in a busy mixed step) take 64-row tiles to waste fewer rows.
+    block_m, block_n = (16, 16) if INTERPRET else (64 if max_query_len <= 64 else 128, 64)
+    tma = k_cache.shape[1] % block_n == 0 and _bulk_copies(k_cache) and _bulk_copies(v_cache)
+    _prefill_kernel[(triton.cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
+        GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype), TMA=tma, num_warps=4, num_stages=1 if INTERPRET else 2 if tma else 3,
+    )
     return out
 
 

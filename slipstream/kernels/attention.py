@@ -271,6 +271,8 @@ def paged_prefill(
     # chunks (after a cached prefix, in a busy mixed step) take 64-row tiles to waste fewer rows.
     block_m, block_n = (16, 16) if INTERPRET else (64 if max_query_len <= 64 else 128, 64)
     tma = k_cache.shape[1] % block_n == 0 and _bulk_copies(k_cache) and _bulk_copies(v_cache)
+    if tma:
+        _device_scratch()
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -283,23 +285,22 @@ def paged_prefill(
 
 def _bulk_copies(cache: torch.Tensor) -> bool:
     """Whether key tiles can be fetched by Hopper's bulk tensor copies (TMA): a dense pool on an sm_90+ GPU (or
-    the interpreter, which emulates them). The descriptors are built on the device, in scratch from torch."""
-    if not cache.is_contiguous() or (cache.stride(1) * cache.element_size()) % 16:
-        return False
-    if not INTERPRET and (not cache.is_cuda or torch.cuda.get_device_capability(cache.device)[0] < 9):
-        return False
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(_scratch)
-        _allocator_set = True
-    return True
+    the interpreter, which emulates them)."""
+    dense = cache.is_contiguous() and (cache.stride(1) * cache.element_size()) % 16 == 0
+    return dense and (INTERPRET or (cache.is_cuda and _capability(cache.device) >= 9))
 
 
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
-_allocator_set = False
+@functools.cache
+def _device_scratch() -> None:
+    """Tensor descriptors built inside a kernel live in global scratch memory, which Triton takes from the
+    allocator set here (once per process): torch's, so it comes from the caching pool."""
+    device = "cpu" if INTERPRET else "cuda"
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 SHARED_PARTITION = 256  # shared-prefix tokens per cascade program

@@ -179,12 +179,7 @@ class ModelRunner:
         ahead, self._ahead = self._ahead, None
         rows = ahead.rows_for(items) if ahead is not None else None
         if rows is not None:
-            if len(rows) == len(ahead.seqs):
-                hidden = ahead.hidden
-            else:
-                idx = self.stager.put(rows)
-                self.stager.upload()
-                hidden = ahead.hidden[idx()]
+            hidden = self._rows(ahead.hidden, rows)
             to_sample = [s for s, _ in items]
         else:
             hidden, to_sample = self._forward(items)
@@ -242,17 +237,17 @@ class ModelRunner:
         shared = shared_prefix_len(tables[:num_decodes], seq_lens[:num_decodes], bs) if self.cascade else 0
         if self.graphs is not None and num_decodes == len(items) and self.graphs.fits(num_decodes):
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, shared)
-            if len(sample_rows) == len(items):
-                return hidden, to_sample
-            idx = self.stager.put(sample_rows)
-            self.stager.upload()
-            return hidden[idx()], to_sample
-        hidden = self._eager_forward(input_ids, positions, slots, [n for _, n in items], seq_lens, tables, num_decodes, shared)
-        if len(sample_rows) == hidden.shape[0]:
-            return hidden, to_sample
-        idx = self.stager.put(sample_rows)
+        else:
+            hidden = self._eager_forward(input_ids, positions, slots, [n for _, n in items], seq_lens, tables, num_decodes, shared)
+        return self._rows(hidden, sample_rows), to_sample
+
+    def _rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """hidden[rows], staged with the step's other inputs; no copy when every row is taken."""
+        if len(rows) == hidden.shape[0]:
+            return hidden
+        idx = self.stager.put(rows)
         self.stager.upload()
-        return hidden[idx()], to_sample
+        return hidden[idx()]
 
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],
                        seq_lens: list[int], tables: list[list[int]], num_decodes: int, shared: int = 0) -> torch.Tensor:

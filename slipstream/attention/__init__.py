@@ -1,8 +1,9 @@
 """Attention backends.
 
 A backend computes attention for a flat batch of query tokens from many sequences over the paged KV pool
-(the attention layer stores each step's new keys/values first). The model runner builds one `AttentionMetadata` per step; layers pass it
-through untouched. `torch` is the reference (any device); `triton` is the GPU fast path.
+(the attention layer stores each step's new keys/values first). The model runner builds one
+`AttentionMetadata` per step; layers pass it through untouched. `torch` is the reference (any device);
+`triton` is the GPU fast path.
 """
 from __future__ import annotations
 

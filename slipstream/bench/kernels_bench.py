@@ -12,8 +12,8 @@ from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
 from slipstream.config import CacheConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
-from slipstream.kernels.rmsnorm import fused_add_rms_norm
 from slipstream.kernels.matvec import gemv
+from slipstream.kernels.rmsnorm import fused_add_rms_norm
 
 HQ, HK, D, PAGE = 32, 8, 128, CacheConfig.block_size
 HIDDEN, FFN, VOCAB = 4096, 14336, 128256

@@ -94,8 +94,8 @@ class ModelRunner:
         self.pad_slot = self.num_blocks * self.block_size
         shape = (self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            layer.self_attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.graphs = DecodeGraphs(self) if self._use_graphs() else None
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
         self._ahead: _Ahead | None = None

@@ -67,6 +67,26 @@ def test_prefill_with_cached_prefix(dtype, hq, hk, d, page, ctx, ql):
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="long contexts: too slow for the interpreter; scripts/gpu_check.sh runs it")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 64, 128])
+def test_prefill_long_ragged_batch(dtype, page):
+    # Many 128-row query tiles over many key tiles: on Hopper each persistent program of the Gluon kernel takes
+    # several work items, its K/V ring wraps many times, and chunks follow cached prefixes that end mid-page. The
+    # 16.5K context makes the kernel take its long-context settings (a two-deep ring, one K/V head per section).
+    # The first row is a decode, left to the decode kernel: prefill starts at sequence 1 (int64 metadata, as the
+    # engine stages it).
+    ctx, ql = [40, 1500, 2000, 300, 16500, 64], [1, 1500, 700, 300, 77, 64]
+    q, kc, vc, meta = make_paged(ctx, ql, 32, 8, 128, page=page, dtype=dtype, seed=page)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, 128**-0.5)
+    out = torch.full_like(q, float("nan"))
+    q, kc, vc, bt, sl, qsl, out = to(DEV, q, kc, vc, meta.block_tables.long(), meta.seq_lens.long(),
+                                     meta.query_start_loc.long(), out)
+    paged_prefill(q, kc, vc, bt, sl, qsl, meta.max_query_len, 128**-0.5, out=out, first_seq=1)
+    out = out.cpu()
+    assert out[0].isnan().all() and rel_err(out[1:], ref[1:]) < TOL[dtype]
+
+
 def test_prefill_on_a_slice_of_the_batch():
     """The backend runs prefill on the batch's tail with absolute row offsets; rows before it stay untouched."""
     q, kc, vc, meta = make_paged([5, 30, 44], [1, 30, 12], 4, 2, 64, page=8, dtype=torch.float32, seed=3)
@@ -237,12 +257,29 @@ for page, bulk in ((64, True), (16, False)):  # bulk copies (TMA) need whole til
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
     assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == bulk, f"TMA={bulk}: bulk tensor copies in the PTX?"
+
+# The Gluon kernel for bf16/fp16 on Hopper: loads by TMA, products by wgmma, registers moved between the loader and
+# the two consumer warpgroups.
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from slipstream.kernels import attention_sm90 as sm90
+
+fn = sm90._prefill_sm90_kernel
+for page, stages in ((16, 3), (64, 2), (128, 3)):  # a key tile spans 8 pages, 2 pages, or one
+    consts = dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_N=sm90.BLOCK_N, STAGES=stages,
+                  Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([sm90.HALF_M, 128], gl.bfloat16),
+                  KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([sm90.BLOCK_N, 128], gl.bfloat16))
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168)).asm["ptx"]
+    for op in ("cp.async.bulk.tensor", "wgmma.mma_async", "setmaxnreg.inc"):
+        assert op in ptx, f"page {page}: no {op} in the PTX"
 """
 
 
 def test_prefill_compiles_for_hopper():
-    """What the interpreter cannot vet: both prefill paths compile for sm_90 with the engine's argument types,
-    and only the TMA one issues bulk tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
+    """What the interpreter cannot vet: the Triton prefill paths and the Gluon one compile for sm_90 with the
+    engine's argument types, and only the TMA Triton variant issues bulk tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
     uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,9 @@
 Both read K/V straight from the paged pool `[num_pages, page_size, Hk, D]` through each sequence's block
 table, so a chunked prefill or a prefix-cache hit attends over pages written by earlier steps or requests.
 
-Prefill: one program per (query tile, sequence, query head). Query row i of a sequence with context length L
+Prefill: on Hopper, bf16/fp16 prefills run the Gluon kernel of `attention_sm90` (FlashAttention-3's pipeline:
+persistent, warp-specialized, wgmma). Elsewhere (and for fp32, or chunks of at most 64 tokens), the Triton kernel
+below: one program per (query tile, sequence, query head). Query row i of a sequence with context length L
 and q_len new tokens sits at position L - q_len + i and attends to keys 0..that position. Heavy tiles (late in
 the sequence, more keys) are launched first for load balance. On Hopper, when a page holds whole key tiles
 (page size a multiple of 64), each tile arrives by one bulk tensor copy (TMA) from a descriptor built on the
@@ -23,6 +25,11 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels import INTERPRET, dot_precision
+
+try:  # Gluon (Triton's tile-level dialect) carries the Hopper prefill kernel; older Tritons lack it
+    from slipstream.kernels import attention_sm90
+except ImportError:
+    attention_sm90 = None
 
 _LOG2E = 1.4426950408889634
 
@@ -263,9 +270,16 @@ def paged_prefill(
     query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None, first_seq: int = 0,
 ) -> torch.Tensor:
     """Causal attention for the packed queries q [T, Hq, D] of sequences first_seq.. of the batch (the earlier
-    ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q."""
+    ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q. Pool slots past a context
+    may be read and must hold finite values (the engine zero-fills its pool)."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
+    if (attention_sm90 is not None and q.is_cuda and _capability(q.device) == 9
+            and attention_sm90.supported(q, k_cache, max_query_len)):
+        _device_scratch()
+        return attention_sm90.paged_prefill_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                 max_query_len, scale * _LOG2E, out, first_seq, _num_sms(q.device),
+                                                 _l2_bytes(q.device))
     # Fixed tiles, no autotuning (which would tune on whatever prefill came first, often a short one). 128 x 64
     # tiles on one warpgroup leave room for two programs per SM, whose softmax and dots then overlap; short
     # chunks (after a cached prefix, in a busy mixed step) take 64-row tiles to waste fewer rows.
@@ -309,6 +323,11 @@ SHARED_PARTITION = 256  # shared-prefix tokens per cascade program
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:

@@ -254,12 +254,12 @@ def _prefill_sm90_kernel(
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> bool:
-    """Whether this kernel takes the call (on a Hopper GPU): 16-bit dtypes, pages that split or hold whole key
-    tiles, a dense pool, heads contiguous in q, and queries long enough to fill 128-row tiles."""
+    """Whether this kernel takes the call (on a Hopper GPU): 16-bit dtypes, pages of at least 16 tokens that split
+    or hold whole key tiles, a dense pool, heads contiguous in q, and queries long enough to fill 128-row tiles."""
     page = k_cache.shape[1]
     return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] in (64, 128) and k_cache.is_contiguous()
-            and (page % BLOCK_N == 0 or BLOCK_N % page == 0) and q.stride(2) == 1 and q.stride(1) == q.shape[2]
-            and max_query_len > HALF_M)
+            and page >= 16 and (page % BLOCK_N == 0 or BLOCK_N % page == 0) and q.stride(2) == 1
+            and q.stride(1) == q.shape[2] and max_query_len > HALF_M)
 
 
 def paged_prefill_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

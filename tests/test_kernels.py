@@ -87,6 +87,22 @@ def test_prefill_long_ragged_batch(dtype, page):
     assert out[0].isnan().all() and rel_err(out[1:], ref[1:]) < TOL[dtype]
 
 
+def test_hopper_prefill_dispatch():
+    """Which prefills the Gluon kernel takes (on a Hopper GPU; the device check is the caller's): 16-bit dtypes,
+    head dims 64/128, pages of 16+ tokens that split or hold whole 128-key tiles, a dense pool, and more than 64
+    query tokens. The rest go to the Triton kernel."""
+    from slipstream.kernels import attention_sm90 as sm90
+
+    def call(dtype=torch.bfloat16, d=128, page=64, q_len=100, dense=True):
+        q = torch.empty(q_len, 8, d, dtype=dtype)
+        pool = torch.empty(4, page, 2, d, dtype=dtype)
+        return sm90.supported(q, pool if dense else pool[:, :, :1], q_len)
+
+    assert call() and call(dtype=torch.float16) and call(d=64) and call(page=16) and call(page=256)
+    assert not call(dtype=torch.float32) and not call(d=96) and not call(page=8) and not call(page=48)
+    assert not call(q_len=64) and not call(dense=False)
+
+
 def test_prefill_on_a_slice_of_the_batch():
     """The backend runs prefill on the batch's tail with absolute row offsets; rows before it stay untouched."""
     q, kc, vc, meta = make_paged([5, 30, 44], [1, 30, 12], 4, 2, 64, page=8, dtype=torch.float32, seed=3)

@@ -153,18 +153,10 @@ def _decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = block_tables + b * stride_bt
+    visible = tl.full([GROUP_PAD], end - 1, tl.int64)  # the query follows every context token
     for n0 in range(start, end, BLOCK_N):
-        tok_ok = n0 + tl.arange(0, BLOCK_N) < end
-        k = _kv_tile(k_cache, table, n0, end, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, False)
-        v = _kv_tile(v_cache, table, n0, end, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, False)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(tok_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, end, visible, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, False)
     out = acc / l_i[:, None]
     if SPLIT:
         slot = split_base + split

@@ -93,6 +93,8 @@ class ModelRunner:
         # One page more than the block manager hands out: padded rows of a CUDA graph write their K/V there.
         self.pad_slot = self.num_blocks * self.block_size
         shape = (self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
+        # Zeros, not whatever the allocator held: the Hopper prefill kernel loads whole key tiles and cancels the
+        # slots past a context with P = 0, which needs them finite.
         for layer in self.model.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -282,7 +282,8 @@ from slipstream.kernels import attention_sm90 as sm90
 
 fn = sm90._prefill_sm90_kernel
 for page, stages in ((16, 3), (64, 2), (128, 3)):  # a key tile spans 8 pages, 2 pages, or one
-    consts = dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_N=sm90.BLOCK_N, STAGES=stages,
+    consts = dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, PAGE=page, ROWS=sm90.HALF_M, BLOCK_N=sm90.BLOCK_N,
+                  STAGES=stages,
                   Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([sm90.HALF_M, 128], gl.bfloat16),
                   KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([sm90.BLOCK_N, 128], gl.bfloat16))
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}

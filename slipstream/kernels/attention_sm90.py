@@ -100,7 +100,7 @@ def _consume(args, HALF: gl.constexpr):
     """One warpgroup: rows HALF * 64 .. +64 of each of the program's query tiles, against every key tile the
     loader brings."""
     sched, total, q_smem, bufs, q_ready, q_empty, out_ptr, stride_ot, stride_oh, num_groups, scale_log2 = args
-    k_smem = bufs[0]
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = bufs
     ROWS: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -125,10 +125,10 @@ def _consume(args, HALF: gl.constexpr):
             mbarrier.wait(q_ready.index(HALF), done & 1)
             # Key tile 0 alone: its scores and softmax, nothing to add to O yet.
             stage = ring % STAGES
-            mbarrier.wait(bufs[2].index(stage), (ring // STAGES) & 1)
+            mbarrier.wait(k_ready.index(stage), (ring // STAGES) & 1)
             s = warpgroup_mma(q_buf, k_smem.index(stage).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
-            mbarrier.arrive(bufs[3].index(stage), count=1)
+            mbarrier.arrive(k_empty.index(stage), count=1)
             if whole > 0:
                 p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, cols, pos, scale_log2, False)
             else:
@@ -140,9 +140,9 @@ def _consume(args, HALF: gl.constexpr):
                 p, o, m_i, l_i = _step(j, ring, q_buf, bufs, p, o, m_i, l_i, cols, pos, scale_log2, s_layout, True)
             mbarrier.arrive(q_empty.index(HALF), count=1)  # every Q K^T product is done: the loader may refill Q
             last = ring + n_tiles - 1
-            mbarrier.wait(bufs[4].index(last % STAGES), (last // STAGES) & 1)
-            o = warpgroup_mma(p, bufs[1].index(last % STAGES), o)
-            mbarrier.arrive(bufs[5].index(last % STAGES), count=1)
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+            o = warpgroup_mma(p, v_smem.index(last % STAGES), o)
+            mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
             o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
             r = HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -218,10 +218,9 @@ def _prefill_sm90_kernel(
     q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
     stride_qt, stride_kt, stride_bt, stride_ot, stride_oh, max_q_len, first_seq, num_seqs, num_slots, num_q_rows,
     section,
-    NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
+    NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, ROWS: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
 ):
-    ROWS: gl.constexpr = 64
     SUB: gl.constexpr = BLOCK_N if PAGE >= BLOCK_N else PAGE
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     q_desc = tma.make_tensor_descriptor(q_ptr, [num_q_rows, stride_qt], [stride_qt, 1], [ROWS, HEAD_DIM], Q_LAYOUT)
@@ -284,7 +283,7 @@ def paged_prefill_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale_log2,
         q.stride(0), k_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq,
         num_seqs, k_cache.shape[0] * k_cache.shape[1], q.shape[0], kv_heads * (hq // hk),
-        NUM_HEADS=hq, GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_N=BLOCK_N, STAGES=stages,
+        NUM_HEADS=hq, GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], ROWS=HALF_M, BLOCK_N=BLOCK_N, STAGES=stages,
         **_layouts(d, q.dtype), num_warps=4, maxnreg=168,
     )
     return out

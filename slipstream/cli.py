@@ -103,16 +103,39 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from slipstream import loader
     from slipstream.engine.llm import build_engine_config
-    from slipstream.engine.llm_engine import LLMEngine
-    from slipstream.loader import embedded_model_path
-    from slipstream.server.app import build_app
+    from slipstream.server.app import ServerOptions, build_app
 
     model = a.model_pos or a.model
-    name = a.served_model_name or os.path.basename(os.path.normpath(model or embedded_model_path()))
+    name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = build_engine_config(model, **engine_kwargs(a))
-    app = build_app(name, a.api_key, load=lambda: LLMEngine(config))
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=a.grace_period)
+    options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
+                            metrics_without_key=a.metrics_without_key)
+    failed: list[BaseException] = []
+
+    def on_dead(error: BaseException) -> None:
+        """The engine core failed or died: open requests have their error; end the process non-zero."""
+        import asyncio
+
+        failed.append(error)
+        asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
+
+    app = build_app(options, config=config, tokenizer=lambda: loader.load_tokenizer(model, None), on_dead=on_dead,
+                    log_level=a.log_level)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                app.state.begin_shutdown(a.grace_period)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own grace is a backstop: streams still open at --grace-period end with an error event first.
+    server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_keep_alive=5,
+                                   timeout_graceful_shutdown=a.grace_period + 5))
+    server.run()
+    if failed:
+        sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -143,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
+    s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
     b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, serve")

@@ -1,7 +1,10 @@
 """Per-request sampling parameters, validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+_INT32_MAX = (1 << 31) - 1
 
 
 @dataclass
@@ -38,20 +41,26 @@ class SamplingParams:
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0", self.min_tokens)
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens", self.min_tokens)
-        _check(self.temperature >= 0.0, "temperature", "must be >= 0 (0 means greedy)", self.temperature)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and math.isfinite(v), name, "must be a finite number", v)
+        _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100] (0 means greedy)", self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
+        for name in ("n", "max_tokens", "min_tokens", "top_k"):  # they travel to the kernels as int32
+            _check((getattr(self, name) or 0) <= _INT32_MAX, name, f"must be <= {_INT32_MAX}", getattr(self, name))
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty)
+        _check(0.0 < self.repetition_penalty <= 100.0, "repetition_penalty", "must be in (0, 100]", self.repetition_penalty)
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]", self.presence_penalty)
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         if self.logprobs is not None:
             _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs", "must be an integer in [0, 20]", self.logprobs)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
+        _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
         if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", "must be an integer", self.seed)
+            _check(isinstance(self.seed, int) and -(1 << 63) <= self.seed < (1 << 63), "seed", "must be a 64-bit signed integer", self.seed)
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        _check(all(0 <= k <= _INT32_MAX for k in self.logit_bias), "logit_bias", "keys must be token ids", self.logit_bias)
         _check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]", self.logit_bias)
 
     @property

@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 in a background thread, around an already loaded engine."""
+"""A real uvicorn server on 127.0.0.1 in a background thread, around an already loaded engine (its core served
+on a thread behind the same ZeroMQ sockets as the engine-core process)."""
 from __future__ import annotations
 
 import socket
@@ -7,7 +8,9 @@ import time
 
 import uvicorn
 
-from slipstream.server.app import build_app
+import httpx
+
+from slipstream.server.app import ServerOptions, build_app
 
 
 def free_port() -> int:
@@ -17,8 +20,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, engine, model_name: str = "smollm2", api_key: str | None = None) -> None:
-        self.app = build_app(model_name, api_key, engine=engine)
+    def __init__(self, engine, model_name: str = "smollm2", api_key: str | None = None, **options) -> None:
+        self.app = build_app(ServerOptions(model_name, api_key, **options), core=engine.core)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -27,7 +30,7 @@ class LiveServer:
     def __enter__(self) -> "LiveServer":
         self.thread.start()
         deadline = time.time() + 30
-        while not self.server.started:
+        while not self.server.started or httpx.get(self.url + "/health").status_code != 200:
             assert time.time() < deadline, "server did not start"
             time.sleep(0.05)
         return self

@@ -12,11 +12,6 @@ from slipstream.engine.sequence import Request, Sequence
 from slipstream.sampling_params import SamplingParams
 
 
-class _NoDetok:
-    def step(self, token: int) -> str:
-        return ""
-
-
 def check_invariants(sched: Scheduler, bm: BlockManager, all_seqs: list[Sequence]) -> None:
     bm.check_consistency()
     holders = [0] * bm.num_blocks
@@ -58,7 +53,7 @@ def test_random_workload(seed, prefix_caching):
             prompt = (shared[: rng.randint(0, 40)] + [rng.randrange(50) for _ in range(n_prompt)])[:n_prompt]
             req = Request(f"r{len(reqs)}", prompt, SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, max_len - n_prompt)))
             for i in range(req.params.n):
-                seq = Sequence(len(all_seqs), req, i, list(prompt), seed=i, detok=_NoDetok())
+                seq = Sequence(len(all_seqs), req, i, list(prompt), seed=i)
                 req.seqs.append(seq)
                 all_seqs.append(seq)
                 sched.add(seq)
@@ -98,22 +93,22 @@ def test_cache_evicts_lru_leaves_only_when_needed():
     bm = BlockManager(num_blocks=6, block_size=2)
     cache = bm.prefix_cache = RadixCache(bm)
     req = Request("a", [1, 2, 3, 4, 5], SamplingParams())
-    a = Sequence(0, req, 0, [1, 2, 3, 4, 5], 0, _NoDetok())
+    a = Sequence(0, req, 0, [1, 2, 3, 4, 5], 0)
     bm.allocate(a, 5)
     a.num_computed_tokens = 5
     cache.insert(a)  # caches pages for [1,2] and [3,4]
     bm.free(a)
     assert len(cache.nodes) == 2 and cache.num_evictable_blocks == 2 and bm.num_free_blocks == 6
-    b = Sequence(1, Request("b", [1, 2, 3, 4, 9], SamplingParams()), 0, [1, 2, 3, 4, 9], 0, _NoDetok())
+    b = Sequence(1, Request("b", [1, 2, 3, 4, 9], SamplingParams()), 0, [1, 2, 3, 4, 9], 0)
     cache.match(b)
     assert b.num_computed_tokens == 4 and cache.num_evictable_blocks == 0  # locked while b uses them
-    c = Sequence(2, Request("c", [7] * 9, SamplingParams()), 0, [7] * 9, 0, _NoDetok())
+    c = Sequence(2, Request("c", [7] * 9, SamplingParams()), 0, [7] * 9, 0)
     assert not bm.can_allocate(c, 9)  # 5 pages needed, 4 free, the cached ones are locked
     bm.free(b)
     assert bm.can_allocate(c, 9)
     bm.allocate(c, 9)  # evicts one page: the leaf [3,4] goes first, its parent stays
     assert len(cache.nodes) == 1 and cache.stats.evicted_blocks == 1
-    full = Sequence(3, Request("d", [1, 2], SamplingParams()), 0, [1, 2], 0, _NoDetok())
+    full = Sequence(3, Request("d", [1, 2], SamplingParams()), 0, [1, 2], 0)
     cache.match(full)
     assert full.num_computed_tokens == 0  # a full-prompt hit still leaves the last token to compute
 
@@ -136,7 +131,7 @@ def test_radix_cache_against_a_reference_model(seed):
     for step in range(300):
         op = rng.random()
         tokens = [rng.randrange(3) for _ in range(rng.randint(1, 12))]
-        seq = Sequence(step, Request(f"r{step}", tokens, SamplingParams()), 0, list(tokens), 0, _NoDetok())
+        seq = Sequence(step, Request(f"r{step}", tokens, SamplingParams()), 0, list(tokens), 0)
         if op < 0.5 and bm.can_allocate(seq, len(tokens)):  # a request: match, compute the rest, cache it
             expect = 0
             for p in paths(tokens[:-1]):

@@ -1,6 +1,25 @@
+"""What the engine reports.
+
+`SeqDelta` is the engine core's token-level output: per sequence and step, the new token ids (and logprobs)
+and, once it ends, why. It is plain data (a msgspec struct), so the core can run in another process and send a
+step's deltas as one message. `RequestOutput` is what users see: text, detokenized and cut at stop strings by
+the output processor, which runs beside the API (in the server's front-end process, or in-process for `LLM`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import msgspec
+
+
+class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None  # per new token: {token_id: logprob}, the sampled token first
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id that ended it
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass

@@ -1,11 +1,10 @@
-"""Request and sequence state. Plain Python: the scheduler and block manager work on these, never on tensors."""
+"""Request and sequence state inside the engine core. Plain Python: the scheduler and block manager work on these,
+never on tensors. Text (detokenization, stop strings) is not kept here: the output processor owns it."""
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
-from slipstream.engine.detokenizer import IncrementalDetokenizer
 from slipstream.sampling_params import SamplingParams
 
 
@@ -24,18 +23,13 @@ class Sequence:
     index: int  # which of the request's n samples
     token_ids: list[int]
     seed: int
-    detok: IncrementalDetokenizer
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    output_text: str = ""
-    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: {token: logprob}, sampled first
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
-    emitted_text_len: int = 0  # what streaming has already released
-    emitted_tokens: int = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -67,12 +61,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
     priority: int = 0
-    stream: bool = True  # report progress every step; otherwise only the final output (and detokenize once)
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    finish_time: float | None = None
     seqs: list[Sequence] = field(default_factory=list)
 
     @property

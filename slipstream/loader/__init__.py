@@ -69,6 +69,18 @@ def load(model: str | None, load_format: str = "auto", tokenizer: str | None = N
     return LoadedModel(config, lambda: safetensors_weights([os.path.join(model_dir, f) for f in files]), tok, model_dir)
 
 
+def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
+    """The tokenizer alone, as `load` would build it (the server's front end needs no weights)."""
+    if tokenizer is not None:
+        return _hf_tokenizer(tokenizer)
+    path = embedded_model_path() if model is None else os.path.expanduser(model)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return _hf_tokenizer(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
 def _hf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -1,29 +1,44 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+This is the API front end. It validates, tokenizes (off the event loop), and turns the engine core's token
+deltas into text and SSE chunks; the core runs in its own process (`CoreProcess`) or, for tests that hold a
+loaded engine, on a thread (`CoreThread`), behind the same ZeroMQ sockets either way.
+"""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slipstream.engine.llm_engine import EngineOverloaded, LLMEngine
+from slipstream.engine.core import EngineOverloaded
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
-from slipstream.server.async_engine import AsyncEngine, EngineDeadError
+from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics
-from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest
+from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
 from slipstream.sampling_params import SamplingParams
 
 log = logging.getLogger("slipstream.server")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_name: str
+    api_key: str | None = None
+    max_request_bytes: int = 32 << 20  # request bodies larger than this are refused (413) before parsing
+    request_timeout: float | None = None  # seconds; a request still running then is aborted (per-request `timeout` may lower it)
+    metrics_without_key: bool = False  # with an API key, /metrics needs it too unless this is set
 
 
 class ApiError(Exception):
@@ -32,9 +47,19 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class RequestTimeout(RuntimeError):
+    pass
+
+
+class ShuttingDown(RuntimeError):
+    pass
 
 
 def _bad_value(e: ValueError, default_param: str | None = None) -> ApiError:
@@ -42,134 +67,201 @@ def _bad_value(e: ValueError, default_param: str | None = None) -> ApiError:
     first = msg.split(" ", 1)[0]
     param = first if first.isidentifier() and first not in ("prompt", "the") else default_param
     if first == "prompt" or "max_model_len" in msg:
-        param = param or "prompt"
+        param = "prompt" if first == "prompt" or param is None else param
     return ApiError(400, msg, param=param)
 
 
 class ServerState:
-    """What the handlers need; `engine` is None until loading finishes (then /health says 200)."""
+    """What the handlers need; `client` is None until the core is ready (then /health says 200)."""
 
-    def __init__(self, model_name: str, api_key: str | None) -> None:
-        self.model_name, self.api_key = model_name, api_key
-        self.engine: AsyncEngine | None = None
-        self.metrics: ServerMetrics | None = None
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.client: AsyncEngineClient | None = None
+        self.metrics = ServerMetrics(options.model_name)
         self.load_error: BaseException | None = None
+        self.shutting_down = False
 
-    def attach(self, engine: LLMEngine) -> None:
-        self.metrics = ServerMetrics(engine, self.model_name)
-        self.engine = AsyncEngine(engine, on_step=self.metrics.on_step)
-
-    def ready(self) -> AsyncEngine:
-        if self.engine is None:
-            raise ApiError(503, "the model is still loading" if self.load_error is None else f"the model failed to load: {self.load_error}",
-                           "service_unavailable", headers={"Retry-After": "5"})
-        if not self.engine.alive:
-            raise ApiError(503, "the engine loop has stopped", "service_unavailable")
-        return self.engine
+    def ready(self) -> AsyncEngineClient:
+        if self.client is None:
+            msg = "the model is still loading" if self.load_error is None else f"the model failed to load: {self.load_error}"
+            raise ApiError(503, msg, "service_unavailable", headers={"Retry-After": "5"})
+        if not self.client.alive:
+            raise ApiError(503, f"the engine has stopped: {self.client.error}", "service_unavailable")
+        return self.client
 
 
-def build_app(model_name: str, api_key: str | None = None, engine: LLMEngine | None = None,
-              load: Callable[[], LLMEngine] | None = None) -> FastAPI:
-    """Serve `engine`, or one built by `load` on a background thread at startup (health is 503 meanwhile)."""
-    state = ServerState(model_name, api_key)
-    if engine is not None:
-        state.attach(engine)
+class _Guard:
+    """Pure ASGI middleware (it leaves `Request.is_disconnected` working): API key on every path but /health,
+    JSON-only POST bodies (no cross-site form posts), and a request-body size limit."""
 
-    def load_in_background() -> None:
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        opts = self.state.options
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        public = path == "/health" or (path == "/metrics" and opts.metrics_without_key)
+        if opts.api_key and not public:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), opts.api_key.encode()):
+                err = ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                err = ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+                return await err.response()(scope, receive, send)
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > opts.max_request_bytes:
+                return await self._too_large()(scope, receive, send)
+            receive = self._limited(receive)
+        return await self.app(scope, receive, send)
+
+    def _too_large(self) -> JSONResponse:
+        return ApiError(413, f"request body exceeds {self.state.options.max_request_bytes} bytes").response()
+
+    def _limited(self, receive: Callable) -> Callable:
+        seen = 0
+        limit = self.state.options.max_request_bytes
+
+        async def wrapped() -> dict:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, f"request body exceeds {limit} bytes")
+            return msg
+
+        return wrapped
+
+
+def build_app(options: ServerOptions, core: Any = None, config: Any = None, tokenizer: Callable[[], Any] | None = None,
+              on_dead: Callable[[BaseException], None] | None = None, log_level: str = "info") -> FastAPI:
+    """Serve an already loaded `core` (EngineCore, on a thread) or start one in its own process from `config`
+    (the tokenizer, from `tokenizer()`, loads meanwhile; /health is 503 until both are ready). `on_dead` is called
+    if the core fails or dies (the CLI then exits non-zero)."""
+    state = ServerState(options)
+
+    def dead(error: BaseException) -> None:
+        if on_dead is not None:
+            on_dead(error)
+
+    async def boot() -> None:
         try:
-            engine = load()
-            engine.warm_up()
-            state.attach(engine)
-        except BaseException as e:  # noqa: BLE001 - reported by /health and every request
-            log.exception("model load failed")
+            if core is not None:
+                runner, tok = CoreThread(core), core.tokenizer
+            else:
+                runner = CoreProcess(config, log_level)
+                tok = await asyncio.get_running_loop().run_in_executor(None, tokenizer)
+            client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
+            await client.start()
+            state.client = client
+            log.info("engine ready: %s", options.model_name)
+        except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits
+            log.critical("the model failed to load: %s", e)
             state.load_error = e
+            dead(e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if load is not None and state.engine is None:
-            threading.Thread(target=load_in_background, daemon=True).start()
+        task = asyncio.ensure_future(boot())
         yield
-        if state.engine is not None:  # graceful shutdown: uvicorn has drained connections by now
-            state.engine.accepting = False
-            state.engine.stop()
+        task.cancel()
+        if state.client is not None:
+            state.client.accepting = False
+            await state.client.stop()
 
     app = FastAPI(title="slipstream", lifespan=lifespan)
     app.state.slipstream = state
+    app.add_middleware(_Guard, state=state)
+
+    def begin_shutdown(grace: float) -> None:
+        """SIGTERM: stop admitting now; whatever still runs after `grace` seconds ends with an error event."""
+        state.shutting_down = True
+        if state.client is not None:
+            state.client.accepting = False
+            asyncio.get_running_loop().call_later(grace, state.client.fail_all, ShuttingDown("the server is shutting down"))
+
+    app.state.begin_shutdown = begin_shutdown
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return e.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        return ApiError(400, str(e)).response()
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         log.exception("internal error")
         return ApiError(500, "internal server error", "internal_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):  # noqa: ANN202
-        if state.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-                return ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> Response:
-        ok = state.engine is not None and state.engine.alive and state.engine.accepting
+        ok = state.client is not None and state.client.alive and not state.shutting_down
         return Response(status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if state.metrics is None:
-            return Response(status_code=503)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "slipstream"}]}
+        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0, "owned_by": "slipstream"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(raw: Request) -> Response:
         req = await _parse(raw, CompletionRequest)
-        eng = _check_model_and_engine(state, req.model)
-        prompts = _prompt_list(req.prompt)
-        ids = [_tokenize(eng.engine, p) for p in prompts]
+        client = _check_model(state, req.model)
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
-        params = _params(req, req.max_tokens, req.logprobs, None)
-        return await _serve(raw, state, eng, req, "cmpl", ids, params, _CompletionFormat(eng, req, prompts, ids))
+        prompts = _prompt_list(req.prompt)
+        ids = [await _off_loop(client.inputs.tokenize, p, param="prompt") for p in prompts]
+        params = _params(req, req.max_tokens, req.logprobs)
+        fmt = _CompletionFormat(client, options.model_name, req, prompts, ids)
+        return await _serve(raw, state, client, req, "cmpl", list(zip(prompts, ids)), params, fmt)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat(raw: Request) -> Response:
         req = await _parse(raw, ChatCompletionRequest)
-        eng = _check_model_and_engine(state, req.model)
-        tok = eng.engine.tokenizer
+        client = _check_model(state, req.model)
+        tok = client.tokenizer
         if getattr(tok, "chat_template", None) is None:
             raise ApiError(400, "this model has no chat template", param="messages")
-        try:
-            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        chars = sum(len(m["content"]) for m in msgs)
+        if chars > client.limits.max_model_len * client.inputs.max_token_chars:
+            raise ApiError(400, f"messages hold {chars} characters, more than max_model_len={client.limits.max_model_len} tokens can hold", param="messages")
+        ids = await _off_loop(_apply_template, tok, msgs, req.add_generation_prompt, param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = _params(req, max_tokens, logprobs, None)
-        return await _serve(raw, state, eng, req, "chatcmpl", [ids], params, _ChatFormat(eng, req))
+        params = _params(req, max_tokens, logprobs)
+        return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, _ChatFormat(client, options.model_name, req))
 
     return app
 
 
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Describe the JSON body in /openapi.json (the handlers parse it themselves, strictly)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 # ---- request handling ----
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def _parse(raw: Request, model: type[BaseModel]) -> Any:
     try:
-        body = json.loads(await raw.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(await raw.body(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -177,64 +269,84 @@ async def _parse(raw: Request, model: type[BaseModel]) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _Unsupported):
+            raise ApiError(400, str(cause), param=cause.field) from None
         where = ".".join(str(p) for p in err["loc"])
         raise ApiError(400, f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
 
 
-def _check_model_and_engine(state: ServerState, model: str | None) -> AsyncEngine:
-    eng = state.ready()
-    if model is not None and model not in (state.model_name, eng.engine.model_path):
+def _check_model(state: ServerState, model: str | None) -> AsyncEngineClient:
+    client = state.ready()
+    if model is not None and model not in (state.options.model_name, client.limits.model_path):
         raise ApiError(404, f"The model `{model}` does not exist.", "invalid_request_error", param="model", code="model_not_found")
-    return eng
+    return client
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]
     if not prompt:
         raise ApiError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
     return list(prompt)
 
 
-def _tokenize(engine: LLMEngine, prompt: str | list[int]) -> list[int]:
+def _apply_template(tok: Any, msgs: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+async def _off_loop(fn: Callable, *args: Any, param: str) -> Any:
+    """Tokenize on a worker thread: a long prompt must not stall the event loop (and every other stream)."""
     try:
-        return engine.tokenize(prompt)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
     except ValueError as e:
-        raise ApiError(400, str(e), param="prompt") from None
+        raise ApiError(400, str(e), param=param) from None
 
 
-def _params(req: Any, max_tokens: int | None, logprobs: int | None, default_max: int | None) -> SamplingParams:
+def _params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     try:
-        return req.sampling_params(max_tokens, logprobs, default_max)
+        return req.sampling_params(max_tokens, logprobs)
     except ValueError as e:
         raise _bad_value(e) from None
 
 
-async def _serve(raw: Request, state: ServerState, eng: AsyncEngine, req: Any, kind: str, prompts: list[list[int]],
-                 params: SamplingParams, fmt: "_Format") -> Response:
-    base = f"{kind}-{uuid.uuid4().hex}"
+async def _serve(raw: Request, state: ServerState, client: AsyncEngineClient, req: Any, kind: str,
+                 prompts: list[tuple[str | None, list[int]]], params: SamplingParams, fmt: "_Format") -> Response:
+    base = new_request_id(kind)
     streams: list[AsyncIterator[RequestOutput]] = []
     rids = [f"{base}-{i}" for i in range(len(prompts))]
     try:
-        for rid, ids in zip(rids, prompts):
-            streams.append(eng.generate(rid, ids, params, req.priority))
+        for rid, (text, ids) in zip(rids, prompts):
+            streams.append(client.generate(rid, text, ids, params, req.priority, stream=req.stream))
     except (ValueError, EngineOverloaded, EngineDeadError) as e:
         for rid in rids[: len(streams)]:
-            eng.abort(rid)
-        if isinstance(e, EngineOverloaded):
-            raise ApiError(503, f"server overloaded: {e}", "service_unavailable", headers={"Retry-After": "1"}) from None
-        if isinstance(e, EngineDeadError):
-            raise ApiError(503, str(e), "service_unavailable") from None
-        raise _bad_value(e, "max_tokens") from None
+            client.abort(rid)
+        raise _admission_error(e) from None
+    timeout = min((t for t in (req.timeout, state.options.request_timeout) if t is not None), default=None)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(base, streams, fmt, params.n, include_usage), media_type="text/event-stream")
-    finals = await _until_disconnect(raw, _collect(streams))
+        so = req.stream_options
+        usage_mode = 2 if so and so.continuous_usage_stats else 1 if so and so.include_usage else 0
+        return StreamingResponse(_sse(base, streams, fmt, params.n, usage_mode, timeout), media_type="text/event-stream")
+    try:
+        finals = await _until_disconnect(raw, _collect(streams), timeout)
+    except (ValueError, EngineOverloaded, EngineDeadError, ShuttingDown, RequestTimeout) as e:
+        raise _admission_error(e) from None
     if finals is None:
         return Response(status_code=499)  # the client is gone; its requests were aborted
-    return JSONResponse(fmt.full(base, finals, params.n))
+    return Response(orjson.dumps(fmt.full(base, finals, params.n)), media_type="application/json")
+
+
+def _admission_error(e: BaseException) -> ApiError:
+    if isinstance(e, EngineOverloaded):
+        return ApiError(503, f"server overloaded: {e}", "service_unavailable", headers={"Retry-After": "1"})
+    if isinstance(e, (EngineDeadError, ShuttingDown)):
+        return ApiError(503, str(e), "service_unavailable")
+    if isinstance(e, RequestTimeout):
+        return ApiError(408, str(e), "timeout", code="request_timeout")
+    return _bad_value(e, "max_tokens")  # type: ignore[arg-type]
 
 
 async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
@@ -247,20 +359,23 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestO
     return list(await asyncio.gather(*(last(s) for s in streams)))
 
 
-async def _until_disconnect(raw: Request, coro: Any) -> Any:
-    """Await `coro`, cancelling it (which aborts its requests) if the client disconnects first."""
+async def _until_disconnect(raw: Request, coro: Awaitable, timeout: float | None) -> Any:
+    """Await `coro`, cancelling it (which aborts its requests) if the client disconnects or time runs out."""
     task = asyncio.ensure_future(coro)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 return task.result()
             if await raw.is_disconnected():
-                task.cancel()
                 return None
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestTimeout(f"the request did not finish within {timeout} s")
     finally:
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -296,26 +411,52 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             t.cancel()
 
 
-async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Format", n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _timed(agen: AsyncIterator, timeout: float | None) -> AsyncIterator:
+    if timeout is None:
+        async for x in agen:
+            yield x
+        return
+    deadline = time.monotonic() + timeout
+    it = agen.__aiter__()
+    while True:
+        try:
+            x = await asyncio.wait_for(it.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request did not finish within {timeout} s") from None
+        yield x
+
+
+def _sse_event(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Format", n: int, usage_mode: int,
+               timeout: float | None) -> AsyncIterator[bytes]:
+    """usage_mode: 0 none, 1 a final usage chunk, 2 usage so far in every chunk as well."""
     usage = _Usage()
     merged = _merge(streams)
     try:
-        async for i, out in merged:
+        async for i, out in _timed(merged, timeout):
             for o in out.outputs:
                 chunk = fmt.chunk(base, i * n + o.index, o, first=o.index not in usage.started.setdefault(i, set()))
                 usage.started[i].add(o.index)
                 if chunk is not None:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    if usage_mode == 2:
+                        chunk["usage"] = usage.so_far(i, out)
+                    yield _sse_event(chunk)
             if out.finished:
-                usage.add(out)
+                usage.add(i, out)
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, never a traceback
-        log.exception("stream failed")
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error', 'param': None, 'code': None}})}\n\n"
+        if not isinstance(e, (EngineDeadError, ShuttingDown, RequestTimeout, EngineOverloaded, ValueError)):
+            log.exception("stream failed")
+        yield _sse_event(_admission_error(e).body())
     finally:
         await merged.aclose()
-    if include_usage:
-        yield f"data: {json.dumps(fmt.envelope(base, [], usage.as_dict()))}\n\n"
-    yield "data: [DONE]\n\n"
+    if usage_mode:
+        yield _sse_event(fmt.envelope(base, [], usage.as_dict()))
+    yield b"data: [DONE]\n\n"
 
 
 class _Usage:
@@ -323,9 +464,14 @@ class _Usage:
         self.prompt = self.completion = 0
         self.started: dict[int, set[int]] = {}
 
-    def add(self, out: RequestOutput) -> None:
+    def add(self, i: int, out: RequestOutput) -> None:
         self.prompt += len(out.prompt_token_ids)
         self.completion += sum(len(o.token_ids) for o in out.outputs)
+
+    def so_far(self, i: int, out: RequestOutput) -> dict[str, int]:
+        p = self.prompt + len(out.prompt_token_ids)
+        c = self.completion + sum(len(o.token_ids) for o in out.outputs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion}
@@ -335,9 +481,9 @@ class _Usage:
 class _Format:
     object_full = object_chunk = ""
 
-    def __init__(self, eng: AsyncEngine, req: Any) -> None:
-        self.tok = eng.engine.tokenizer
-        self.model = req.model or eng.engine.model_path
+    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any) -> None:
+        self.tok = client.tokenizer
+        self.model = model_name
         self.created = int(time.time())
         self.num_top = (req.logprobs if isinstance(req, CompletionRequest) else req.top_logprobs) or 0
 
@@ -352,7 +498,7 @@ class _Format:
         usage = _Usage()
         choices = []
         for i, out in enumerate(finals):
-            usage.add(out)
+            usage.add(i, out)
             choices += [self.choice(i * n + o.index, o, out) for o in out.outputs]
         return self.envelope(base, choices, usage.as_dict(), full=True)
 
@@ -367,10 +513,10 @@ class _Format:
 class _CompletionFormat(_Format):
     object_full = object_chunk = "text_completion"
 
-    def __init__(self, eng: AsyncEngine, req: CompletionRequest, prompts: list, ids: list[list[int]]) -> None:
-        super().__init__(eng, req)
+    def __init__(self, client: AsyncEngineClient, model_name: str, req: CompletionRequest, prompts: list, ids: list[list[int]]) -> None:
+        super().__init__(client, model_name, req)
         self.echo = req.echo
-        self.prompt_texts = [p if isinstance(p, str) else self.tok.decode(i) for p, i in zip(prompts, ids)]
+        self.prompt_texts = [p if isinstance(p, str) else self.tok.decode(i) for p, i in zip(prompts, ids)] if req.echo else []
         self.n = req.n
 
     def logprobs(self, toks: list[int], lps: list[dict[int, float]] | None, offset: int) -> dict | None:

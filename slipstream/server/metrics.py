@@ -1,7 +1,8 @@
 """Prometheus metrics, named after vLLM's (`vllm:*` -> `slipstream:*`) so existing dashboards map over.
 
-Gauges and counters are read from the engine at scrape time (a custom collector); latency histograms are
-observed on the engine thread as tokens come out.
+Gauges and counters come from the engine core's `CoreStats`, which rides on every step message; latency
+histograms are observed in the front end as outputs arrive (what clients see). Warm-up traffic is not counted:
+the core resets its counters after warming up and sends no step of it here.
 """
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ import time
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from slipstream.engine.llm_engine import LLMEngine
+from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class EngineCollector:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
-        self.engine, self.labels = engine, {"model_name": model_name}
+    def __init__(self, model_name: str) -> None:
+        self.labels = {"model_name": model_name}
+        self.stats = CoreStats()
         self.finished: dict[str, int] = {}
 
     def _g(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -32,23 +34,21 @@ class EngineCollector:
         return c
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
-        e = self.engine
-        bm, sched, stats = e.block_manager, e.scheduler, e.stats
-        yield self._g("slipstream:num_requests_running", "Sequences in the running batch.", len(sched.running))
-        yield self._g("slipstream:num_requests_waiting", "Sequences waiting to be scheduled.", len(sched.waiting))
+        s = self.stats
+        yield self._g("slipstream:num_requests_running", "Sequences in the running batch.", s.running)
+        yield self._g("slipstream:num_requests_waiting", "Sequences waiting to be scheduled.", s.waiting)
         yield self._g("slipstream:kv_cache_usage_perc", "Fraction of KV blocks in use (cached pages nobody uses count as free).",
-                      1.0 - bm.num_free_blocks / bm.num_blocks)
-        yield self._g("slipstream:kv_cache_free_blocks", "KV blocks free or evictable.", bm.num_free_blocks)
-        yield self._g("slipstream:kv_cache_total_blocks", "KV blocks in the pool.", bm.num_blocks)
-        yield self._c("slipstream:prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens)
-        yield self._c("slipstream:generation_tokens", "Tokens generated.", stats.generation_tokens)
-        yield self._c("slipstream:num_preemptions", "Sequences preempted (recomputed later).", stats.num_preemptions)
-        cache = bm.prefix_cache
-        if cache is not None:
-            yield self._c("slipstream:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", cache.stats.query_tokens)
-            yield self._c("slipstream:prefix_cache_hits", "Prompt tokens served from the prefix cache.", cache.stats.hit_tokens)
-            yield self._c("slipstream:prefix_cache_evictions", "Cached blocks evicted.", cache.stats.evicted_blocks)
-            yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", len(cache.nodes))
+                      1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0)
+        yield self._g("slipstream:kv_cache_free_blocks", "KV blocks free or evictable.", s.free_blocks)
+        yield self._g("slipstream:kv_cache_total_blocks", "KV blocks in the pool.", s.total_blocks)
+        yield self._c("slipstream:prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens)
+        yield self._c("slipstream:generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield self._c("slipstream:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions)
+        if s.cache_blocks >= 0:
+            yield self._c("slipstream:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.cache_query_tokens)
+            yield self._c("slipstream:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.cache_hit_tokens)
+            yield self._c("slipstream:prefix_cache_evictions", "Cached blocks evicted.", s.cache_evicted_blocks)
+            yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", s.cache_blocks)
         fin = CounterMetricFamily("slipstream:request_success", "Finished requests by finish reason.", labels=[*self.labels, "finished_reason"])
         for reason, n in self.finished.items():
             fin.add_metric([*self.labels.values(), reason], n)
@@ -56,9 +56,9 @@ class EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+    def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
-        self.collector = EngineCollector(engine, model_name)
+        self.collector = EngineCollector(model_name)
         self.registry.register(self.collector)
         lbl = ["model_name"]
         self.ttft = Histogram("slipstream:time_to_first_token_seconds", "Time to first token.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
@@ -68,10 +68,11 @@ class ServerMetrics:
         self.model = model_name
         self._last_token: dict[str, tuple[float, int]] = {}
 
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput], elapsed: float | None) -> None:
+    def on_step(self, outputs: list[RequestOutput], stats: CoreStats, step_time: float) -> None:
         now = time.monotonic()
-        if elapsed is not None:
-            self.step_time.labels(self.model).observe(elapsed)
+        self.collector.stats = stats
+        if step_time > 0:
+            self.step_time.labels(self.model).observe(step_time)
         for out in outputs:
             n = sum(len(o.token_ids) for o in out.outputs)
             prev = self._last_token.get(out.request_id)

@@ -1,0 +1,185 @@
+"""The engine core: admit token-id requests, schedule a step, run it, apply the sampled tokens.
+
+It deals in token ids only (no text, no detokenization): each step returns one `SeqDelta` per sequence that
+made progress. That keeps it cheap to run in its own process (`slipstream serve`), where it is a busy loop
+that never formats HTTP, and lets the offline `LLM` run the same core in-process.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+from dataclasses import replace
+
+
+from slipstream import loader
+from slipstream.config import EngineConfig
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.core_stats import CoreStats
+from slipstream.engine.input_processor import EngineLimits
+from slipstream.engine.outputs import SeqDelta
+from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Request, Sequence
+from slipstream.model_runner import ModelRunner, SampledToken
+from slipstream.sampling_params import SamplingParams
+
+_SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        loaded = loader.load(config.model, config.load_format, config.tokenizer)
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
+        max_len = config.scheduler.max_model_len or mc.max_position_embeddings
+        if max_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_len}")
+        if config.scheduler.max_num_batched_tokens < 1 or config.scheduler.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.config = config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
+        self.max_model_len = max_len
+        self.eos_ids = self._eos_ids(loaded.path)
+        self.runner = ModelRunner(config, loaded, max_len, self.eos_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        if config.cache.enable_prefix_caching:
+            self.block_manager.prefix_cache = RadixCache(self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.stats = CoreStats()
+        self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
+
+    def _eos_ids(self, path: str) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_cfg = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_cfg):
+            with open(gen_cfg) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
+
+    # ---- admission ----
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> Request:
+        """Queue a checked request (see InputProcessor). Raises ValueError for a duplicate id, EngineOverloaded."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences already waiting")
+        req = Request(request_id, prompt_ids, params, priority)
+        for i in range(params.n):
+            seed = self._rng.getrandbits(62) if params.seed is None else (params.seed + i * 1_000_003) % _SEED_SPACE
+            seq = Sequence(next(self._seq_ids), req, i, list(prompt_ids), seed)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.stats.prompt_tokens += len(prompt_ids)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish every sequence of the request now and free its pages; False if it is unknown (or done)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def finish_sequence(self, request_id: str, index: int) -> None:
+        """Stop one sample (its text reached a stop string, which only the output processor can see)."""
+        req = self.requests.get(request_id)
+        if req is None or req.seqs[index].is_finished:
+            return
+        req.seqs[index].finish_reason = "stop"
+        self.scheduler.finish(req.seqs[index])
+        if req.is_finished:
+            del self.requests[request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def warm_up(self) -> None:
+        """Run every step shape once (prefill chunk, mixed prefill + decode, decode; greedy and sampled) so that
+        kernel compilation and autotuning happen now, not inside the first requests. Leaves no trace in stats."""
+        vocab = self.model_config.vocab_size
+        prompt = [i % vocab for i in range(1, 2 * self.config.cache.block_size + 3)]
+        self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        self.step()
+        # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
+        # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
+        for name, tokens, params in (
+            ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
+            ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
+        ):
+            self.add_request(f"__warmup_{name}", tokens, params)
+            while self.has_unfinished():
+                self.step()
+        cache = self.block_manager.prefix_cache
+        if cache is not None:
+            cache.clear()
+            cache.stats = PrefixCacheStats()
+        self.stats = CoreStats()
+
+    # ---- one step ----
+    def step(self) -> list[SeqDelta]:
+        batch = self.scheduler.schedule()
+        self.stats.num_preemptions += batch.num_preempted
+        if not batch.seqs:
+            return []
+        # With nobody waiting, the next step is most likely the same decodes: let the runner start it early.
+        sampled = self.runner.execute(batch, run_ahead=not self.scheduler.waiting)
+        cache = self.block_manager.prefix_cache
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
+                cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
+        self.stats.steps += 1
+        deltas = [self._append(seq, tok) for seq, tok in sampled]
+        for seq, _ in sampled:
+            req = seq.request
+            if req.is_finished:
+                self.requests.pop(req.request_id, None)
+        return deltas
+
+    def _append(self, seq: Sequence, st: SampledToken) -> SeqDelta:
+        p = seq.params
+        seq.token_ids.append(st.token)
+        self.stats.generation_tokens += 1
+        n_out = seq.num_output_tokens
+        may_stop = n_out >= p.min_tokens
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
+        if may_stop and not p.ignore_eos and st.token in self.eos_ids:
+            self._finish(seq, "stop", None)
+        elif may_stop and st.token in p.stop_token_ids:
+            self._finish(seq, "stop", st.token)
+        elif n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+        return SeqDelta(seq.request.request_id, seq.index, [st.token], None if st.logprobs is None else [st.logprobs],
+                        seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def snapshot(self) -> CoreStats:
+        """The counters plus the queue and pool gauges, as of now."""
+        s, bm = self.stats, self.block_manager
+        s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.free_blocks, s.total_blocks = bm.num_free_blocks, bm.num_blocks
+        cache = bm.prefix_cache
+        if cache is not None:
+            s.cache_query_tokens, s.cache_hit_tokens = cache.stats.query_tokens, cache.stats.hit_tokens
+            s.cache_evicted_blocks, s.cache_blocks = cache.stats.evicted_blocks, len(cache.nodes)
+        return s
+

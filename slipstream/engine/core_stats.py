@@ -1,0 +1,21 @@
+"""The engine core's counters and gauges (torch-free, so the API front end can read them)."""
+from __future__ import annotations
+
+import msgspec
+
+
+class CoreStats(msgspec.Struct, array_like=True):
+    """Counters and gauges for /metrics, sent with every step (a few integers)."""
+
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    cache_query_tokens: int = 0
+    cache_hit_tokens: int = 0
+    cache_evicted_blocks: int = 0
+    cache_blocks: int = -1  # -1: no prefix cache

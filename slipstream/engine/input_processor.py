@@ -1,0 +1,64 @@
+"""Requests in: tokenization and every check a request must pass before it is queued.
+
+It runs where the API runs (the server's front-end process, or in-process for `LLM`), so that nothing a client
+sends can raise inside the engine core. The core's limits arrive as `EngineLimits`, plain data it reports at
+start.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from slipstream.sampling_params import SamplingParams
+
+
+class EngineLimits(msgspec.Struct, frozen=True):
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    max_waiting: int  # sequences the core queues at most; a request with more samples can never be admitted
+    eos_token_ids: tuple[int, ...] = ()
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, limits: EngineLimits) -> None:
+        self.tokenizer, self.limits = tokenizer, limits
+        # A token spells at most this many characters, so a longer text cannot fit max_model_len tokens: such a
+        # prompt is refused before tokenizing it (which would take seconds for megabytes of text).
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) + 1
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        lim = self.limits
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if len(prompt) > lim.max_model_len * self.max_token_chars:
+                raise ValueError(f"prompt has {len(prompt)} characters, more than max_model_len={lim.max_model_len} tokens can hold")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < lim.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {lim.vocab_size}), got {bad[:5]}")
+        return ids
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the field) unless the core can run this request to the end."""
+        lim, n = self.limits, len(prompt_ids)
+        if n >= lim.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; max_model_len is {lim.max_model_len}, leaving no room to generate")
+        if params.max_tokens is not None and n + params.max_tokens > lim.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds max_model_len="
+                f"{lim.max_model_len}; max_tokens must be <= {lim.max_model_len - n}"
+            )
+        if params.n > lim.max_waiting:
+            raise ValueError(f"n must be <= {lim.max_waiting} (the engine's queue), got {params.n}")
+        if params.top_k > lim.vocab_size:
+            raise ValueError(f"top_k must be -1 (disabled) or in [1, {lim.vocab_size}] (the vocabulary), got {params.top_k}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))):
+            bad = [t for t in ids if not 0 <= t < lim.vocab_size]
+            if bad:
+                raise ValueError(f"{name} must hold token ids in [0, {lim.vocab_size}), got {bad[:5]}")

@@ -67,6 +67,31 @@ def test_prefill_with_cached_prefix(dtype, hq, hk, d, page, ctx, ql):
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+def test_prefill_with_device_descriptors_on_a_new_thread():
+    """The TMA path needs Triton's scratch allocator, which lives in a per-thread context: a server's engine loop
+    on a thread that never warmed up once died of it. The kernel must run from any thread. (The interpreter
+    emulates descriptors without scratch memory: this fails only on Hopper, in scripts/gpu_check.sh.)"""
+    import threading
+
+    q, kc, vc, meta = make_paged([130, 70], [130, 6], 4, 2, 64, page=64, dtype=torch.float16, seed=11)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, 0.125)
+    args = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    paged_prefill(*args, meta.max_query_len, 0.125)  # the warm-up, on this thread
+    result = {}
+
+    def run():
+        try:
+            result["out"] = paged_prefill(*args, meta.max_query_len, 0.125)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert "error" not in result, result.get("error")
+    assert rel_err(result["out"].cpu(), ref) < TOL[torch.float16]
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="long contexts: too slow for the interpreter; scripts/gpu_check.sh runs it")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("page", [16, 64, 128])

@@ -301,12 +301,16 @@ def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-@functools.cache
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
 def _device_scratch() -> None:
     """Tensor descriptors built inside a kernel live in global scratch memory, which Triton takes from the
-    allocator set here (once per process): torch's, so it comes from the caching pool."""
-    device = "cpu" if INTERPRET else "cuda"
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    allocator set here: torch's, so it comes from the caching pool. Triton keeps the allocator in a context
+    variable, which a new thread does not inherit, so it is set before every launch that needs it (a
+    ContextVar.set, ~0.1 us): a server's engine loop on another thread than the warm-up once died of that."""
+    triton.set_allocator(_scratch)
 
 
 SHARED_PARTITION = 256  # shared-prefix tokens per cascade program

@@ -21,6 +21,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     p.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="tokens per KV-cache page")
     p.add_argument("--gpu-memory-utilization", type=float, default=CacheConfig.gpu_memory_utilization)
+    p.add_argument("--max-decode-stall", type=float, default=SchedulerConfig.max_decode_stall,
+                   help="seconds a step may take while streams decode (sizes prefill chunks); 0: no limit")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
@@ -36,6 +38,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=a.max_num_batched_tokens,
         block_size=a.block_size,
         gpu_memory_utilization=a.gpu_memory_utilization,
+        max_decode_stall=a.max_decode_stall,
         enable_prefix_caching=not a.no_prefix_caching,
         enforce_eager=a.enforce_eager,
     )

@@ -106,6 +106,9 @@ class SchedulerConfig:
     cache_aware: bool = True
     max_wait_steps: int = 64
     max_waiting: int = 4096  # admission bound; beyond it add_request raises EngineOverloaded
+    # Seconds a step may take while sequences are decoding: prefill chunks are then sized to it from the measured
+    # cost per token, so a long prompt cannot stall running streams (0: no limit; chunks up to the token budget).
+    max_decode_stall: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,74 @@ def test_serve_health_and_graceful_sigterm(gguf_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _start(gguf_path, port, *flags):
+    return subprocess.Popen(
+        [sys.executable, "-m", "slipstream.cli", "serve", gguf_path, "--port", str(port), "--device", "cpu",
+         "--dtype", "float32", "--max-model-len", "512", "--log-level", "warning", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_healthy(proc, url):
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not healthy: {proc.stdout.read().decode() if proc.poll() is not None else 'still loading'}")
+
+
+def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path):
+    """SIGKILL the engine-core process while streams are open: each ends with an error event and [DONE], and
+    the server exits non-zero (so a supervisor restarts it) instead of staying up unhealthy."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(gguf_path, port)
+    try:
+        _wait_healthy(proc, url)
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(3)]
+        lines = []
+        for s in streams:
+            resp = s.__enter__()
+            lines.append(resp.iter_lines())
+            next(l for l in lines[-1] if l.startswith("data: "))  # streaming has begun
+        (core,) = [p for p in _children(proc.pid) if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        os.kill(core, signal.SIGKILL)
+        for it in lines:
+            rest = [l for l in it if l.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+            assert "error" in json.loads(rest[-2][6:]), rest[-2]
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
+    proc = _start(str(tmp_path / "does-not-exist"), free_port())
+    try:
+        assert proc.wait(timeout=120) != 0
+        assert "does not exist" in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -9,6 +9,7 @@ import gc
 import pstats
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -188,6 +189,43 @@ def prefix(a: argparse.Namespace) -> dict:
     return res
 
 
+def fairness(a: argparse.Namespace) -> dict:
+    """A stream is decoding when a long prompt arrives: the stream's inter-token gaps while that prompt prefills,
+    with prefill chunks sized to --max-decode-stall and with no limit (one chunk up to the token budget)."""
+    rng = random.Random(0)
+    path, fmt = (a.model, "auto") if a.model.endswith(".gguf") else (model_dir(a.model), "dummy")
+    llm = LLM(path, load_format=fmt, dtype=a.dtype, device=a.device, max_model_len=a.prompt_len + 512,
+              max_num_batched_tokens=max(8192, a.prompt_len), gpu_memory_utilization=a.gpu_memory_utilization)
+    llm.engine.warm_up()
+    vocab = llm.engine.model_config.vocab_size
+    long_prompt = [rng.randrange(10, vocab) for _ in range(a.prompt_len)]
+    res: dict[str, Any] = dict(bench="fairness", gpu=gpu_name(), model=a.model, prompt_len=a.prompt_len)
+    rows = [["prefill chunks", "stream gap p50 ms", "p99 ms", "max ms", "long prompt TTFT s"]]
+    for label, stall in (("one chunk (no limit)", 0.0), (f"sized to {a.max_decode_stall} s", a.max_decode_stall)):
+        eng = llm.engine
+        eng.core.config = replace(eng.core.config, scheduler=replace(eng.core.config.scheduler, max_decode_stall=stall))
+        eng.add_request("stream", [rng.randrange(10, vocab) for _ in range(16)], SamplingParams(max_tokens=a.prompt_len, ignore_eos=True))
+        for _ in range(8):  # the stream is decoding steadily
+            eng.step()
+        eng.add_request("long", long_prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        gaps, last, ttft, start = [], time.perf_counter(), None, time.perf_counter()
+        while ttft is None:
+            for out in eng.step():
+                now = time.perf_counter()
+                if out.request_id == "stream":
+                    gaps.append(now - last)
+                    last = now
+                elif out.request_id == "long" and out.finished:
+                    ttft = now - start
+        eng.abort_request("stream")
+        gaps.sort()
+        pct = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))]  # noqa: E731
+        res[label] = dict(gap_p50_s=pct(0.5), gap_p99_s=pct(0.99), gap_max_s=gaps[-1], ttft_s=ttft)
+        rows.append([label, f"{1e3 * pct(0.5):.1f}", f"{1e3 * pct(0.99):.1f}", f"{1e3 * gaps[-1]:.1f}", f"{ttft:.2f}"])
+    print(table(rows))
+    return res
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="batch-N decode tok/s and TTFT vs the HBM roofline")
     p.add_argument("--model", default="llama-3.1-8b")
@@ -213,7 +251,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=4)
     p.set_defaults(bench_fn=prefix)
-    for name in ("latency", "throughput", "prefix"):
+    p = sub.add_parser("fairness", help="a running stream's inter-token gaps while a long prompt prefills")
+    p.add_argument("--model", default="qwen3-0.6b", help="bundled config name, HF dir (dummy weights) or .gguf file")
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--max-decode-stall", type=float, default=0.25)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(bench_fn=fairness)
+    for name in ("latency", "throughput", "prefix", "fairness"):
         q = sub.choices[name]
         q.add_argument("--enforce-eager", action="store_true")
         q.add_argument("--gpu-memory-utilization", type=float, default=0.85)

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import random
+import time
 from dataclasses import replace
 
 
@@ -55,6 +56,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.stats = CoreStats()
+        self._sec_per_token: float | None = None  # measured cost of a scheduled token, for the prefill budget
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
 
     def _eos_ids(self, path: str) -> set[int]:
@@ -130,15 +132,18 @@ class EngineCore:
             cache.clear()
             cache.stats = PrefixCacheStats()
         self.stats = CoreStats()
+        self._sec_per_token = None  # warm-up steps timed compilation, not tokens
 
     # ---- one step ----
     def step(self) -> list[SeqDelta]:
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         if not batch.seqs:
             return []
+        start = time.perf_counter()
         # With nobody waiting, the next step is most likely the same decodes: let the runner start it early.
         sampled = self.runner.execute(batch, run_ahead=not self.scheduler.waiting)
+        self._measure(batch.num_tokens, time.perf_counter() - start)
         cache = self.block_manager.prefix_cache
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -151,6 +156,18 @@ class EngineCore:
             if req.is_finished:
                 self.requests.pop(req.request_id, None)
         return deltas
+
+    def _prefill_budget(self) -> int | None:
+        stall = self.config.scheduler.max_decode_stall
+        if not stall or self._sec_per_token is None:
+            return None
+        return max(self.config.cache.block_size, int(stall / self._sec_per_token))
+
+    def _measure(self, num_tokens: int, seconds: float) -> None:
+        """Track the cost of a token in prefill-sized steps (small steps are dominated by fixed costs)."""
+        if num_tokens >= 2 * self.config.cache.block_size:
+            rate = seconds / num_tokens
+            self._sec_per_token = rate if self._sec_per_token is None else 0.8 * self._sec_per_token + 0.2 * rate
 
     def _append(self, seq: Sequence, st: SampledToken) -> SeqDelta:
         p = seq.params

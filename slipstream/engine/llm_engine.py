@@ -32,6 +32,7 @@ class LLMEngine:
     block_manager = property(lambda self: self.core.block_manager)
     stats = property(lambda self: self.core.stats)
     requests = property(lambda self: self.core.requests)
+    eos_ids = property(lambda self: self.core.eos_ids)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return self.inputs.tokenize(prompt)

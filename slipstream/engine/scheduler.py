@@ -3,7 +3,8 @@
 Every step gets a token budget (`max_num_batched_tokens`). Running sequences are served first, in admission
 order: a decode takes one token, an unfinished prefill takes the next chunk. What is left of the budget admits
 waiting sequences first-come first-served, their prompts chunked to fit, so prefill chunks and decodes share one
-step. When the pool has no page for a running sequence, the most recently admitted one is preempted: its pages
+step. While sequences are decoding, the engine may cap a step's prefill tokens (`prefill_budget`) so that a long
+prompt arriving does not stall every running stream for the length of its prefill. When the pool has no page for a running sequence, the most recently admitted one is preempted: its pages
 are freed and it waits at the head of the queue to recompute its prompt and the tokens it already produced.
 Sampling is seeded per (request, position), so a preempted request finishes with the same output.
 
@@ -55,14 +56,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, prefill_budget: int | None = None) -> ScheduledBatch:
+        """`prefill_budget`: while some sequence is decoding, at most this many prefill tokens in the step (the
+        engine sizes it so that a step, and so every running stream's next token, is not held up for long)."""
         self.num_steps += 1
         budget = self.config.max_num_batched_tokens
+        if prefill_budget is not None and not any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+            prefill_budget = None  # nobody is waiting for a token: prefill at full speed
+        prefill_left = budget if prefill_budget is None else prefill_budget
         batch = ScheduledBatch()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 1:
+                n = min(n, prefill_left)
+                if n == 0:
+                    i += 1
+                    continue
+                prefill_left -= n
             # A decode also reserves the slot of the token it will produce, so the runner can launch the next
             # step before this one is read back (run-ahead) without waiting for a page.
             need = min(seq.num_computed_tokens + n + (n == 1), self.config.max_model_len)
@@ -74,7 +86,7 @@ class Scheduler:
             i += 1
         if batch.num_preempted == 0:
             self._reorder_waiting()
-            self._admit(batch, budget)
+            self._admit(batch, min(budget, prefill_left))
         return batch
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:

@@ -108,7 +108,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     from slipstream import loader
     from slipstream.engine.llm import build_engine_config
-    from slipstream.server.app import ServerOptions, build_app
+    from slipstream.server.app import ServerOptions, build_app, uvicorn_config
 
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
@@ -134,8 +134,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
             super().handle_exit(sig, frame)
 
     # uvicorn's own grace is a backstop: streams still open at --grace-period end with an error event first.
-    server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_keep_alive=5,
-                                   timeout_graceful_shutdown=a.grace_period + 5))
+    server = Server(uvicorn_config(app, a.host, a.port, a.log_level, a.grace_period + 5, a.header_timeout))
     server.run()
     if failed:
         sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
@@ -171,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--log-level", default="info")
     s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
     s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)

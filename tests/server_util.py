@@ -10,7 +10,7 @@ import uvicorn
 
 import httpx
 
-from slipstream.server.app import ServerOptions, build_app
+from slipstream.server.app import ServerOptions, build_app, uvicorn_config
 
 
 def free_port() -> int:
@@ -20,11 +20,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, engine, model_name: str = "smollm2", api_key: str | None = None, **options) -> None:
+    def __init__(self, engine, model_name: str = "smollm2", api_key: str | None = None, header_timeout: float = 10.0,
+                 **options) -> None:
         self.app = build_app(ServerOptions(model_name, api_key, **options), core=engine.core)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, "warning", header_timeout=header_timeout))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":

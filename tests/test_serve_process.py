@@ -1,6 +1,7 @@
 """`slipstream serve` as a real process: 503 while loading, 200 when ready, SIGTERM finishes in-flight work."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,3 +121,28 @@ def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
+    """SIGTERM with --grace-period 2: a stream that would run for minutes ends after ~2 s with an error event and
+    [DONE] (not a cut connection), and the server exits. Warm-up traffic is not in /metrics."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(gguf_path, port, "--grace-period", "2")
+    try:
+        _wait_healthy(proc, url)
+        assert re.search(r"^slipstream:prompt_tokens_total\{[^}]*\} 0\.0$", httpx.get(url + "/metrics").text, re.M)
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(l for l in lines if l.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
+        assert time.monotonic() - start < 10
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

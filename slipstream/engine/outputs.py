@@ -59,3 +59,12 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+
+    def then(self, newer: "RequestOutput") -> "RequestOutput":
+        """`newer` with the deltas of both: what a consumer that missed this output must be told next."""
+        for old, new in zip(self.outputs, newer.outputs):
+            new.delta_text = old.delta_text + new.delta_text
+            new.delta_token_ids = old.delta_token_ids + new.delta_token_ids
+            if new.delta_logprobs is not None and old.delta_logprobs is not None:
+                new.delta_logprobs = old.delta_logprobs + new.delta_logprobs
+        return newer

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from slipstream.engine.core import EngineOverloaded
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
@@ -246,6 +248,38 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, _ChatFormat(client, options.model_name, req))
 
     return app
+
+
+class _HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, plus a deadline for a request's headers: a connection that never completes
+    them (a slow-loris client) is closed instead of held open forever. uvicorn's own keep-alive timeout only
+    starts once a response is done."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def on_headers_complete(self) -> None:
+        self._header_timer.cancel()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_overdue(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info", grace_period: float = 30.0,
+                   header_timeout: float = 10.0) -> uvicorn.Config:
+    """The ASGI server's settings, one place for the CLI and the tests."""
+    protocol = type("HttpProtocol", (_HeaderTimeoutProtocol,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=5,
+                          timeout_graceful_shutdown=grace_period)
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

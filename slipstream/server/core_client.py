@@ -172,6 +172,14 @@ class AsyncEngineClient:
         try:
             while True:
                 item = await s.queue.get()
+                # A consumer that fell behind (a busy event loop, a slow client) gets one output with every delta
+                # it missed: fewer, larger SSE events exactly when the front end is short of time.
+                while not isinstance(item, BaseException) and not s.queue.empty():
+                    nxt = s.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        s.queue.put_nowait(nxt)  # delivered after what came before it
+                        break
+                    item = item.then(nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

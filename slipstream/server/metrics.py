@@ -7,6 +7,7 @@ the core resets its counters after warming up and sends no step of it here.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -60,32 +61,34 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.collector = EngineCollector(model_name)
         self.registry.register(self.collector)
-        lbl = ["model_name"]
-        self.ttft = Histogram("slipstream:time_to_first_token_seconds", "Time to first token.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.itl = Histogram("slipstream:inter_token_latency_seconds", "Time between output tokens.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.e2e = Histogram("slipstream:e2e_request_latency_seconds", "Arrival to finish.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.step_time = Histogram("slipstream:engine_step_seconds", "Duration of one engine step.", lbl, registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.model = model_name
+
+        def histogram(name: str, doc: str) -> Any:  # bound to the one label value once, not on every observation
+            return Histogram(name, doc, ["model_name"], registry=self.registry, buckets=_LATENCY_BUCKETS).labels(model_name)
+
+        self.ttft = histogram("slipstream:time_to_first_token_seconds", "Time to first token.")
+        self.itl = histogram("slipstream:inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e = histogram("slipstream:e2e_request_latency_seconds", "Arrival to finish.")
+        self.step_time = histogram("slipstream:engine_step_seconds", "Duration of one engine step.")
         self._last_token: dict[str, tuple[float, int]] = {}
 
     def on_step(self, outputs: list[RequestOutput], stats: CoreStats, step_time: float) -> None:
         now = time.monotonic()
         self.collector.stats = stats
         if step_time > 0:
-            self.step_time.labels(self.model).observe(step_time)
+            self.step_time.observe(step_time)
         for out in outputs:
             n = sum(len(o.token_ids) for o in out.outputs)
             prev = self._last_token.get(out.request_id)
             if prev is None and out.metrics.ttft is not None:
-                self.ttft.labels(self.model).observe(out.metrics.ttft)
+                self.ttft.observe(out.metrics.ttft)
             elif prev is not None and n > prev[1]:
                 gap = (now - prev[0]) / (n - prev[1])
                 for _ in range(n - prev[1]):
-                    self.itl.labels(self.model).observe(gap)
+                    self.itl.observe(gap)
             self._last_token[out.request_id] = (now, n)
             if out.finished:
                 del self._last_token[out.request_id]
-                self.e2e.labels(self.model).observe(now - out.metrics.arrival_time)
+                self.e2e.observe(now - out.metrics.arrival_time)
                 for o in out.outputs:
                     reason = o.finish_reason or "abort"
                     self.collector.finished[reason] = self.collector.finished.get(reason, 0) + 1

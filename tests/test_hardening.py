@@ -150,8 +150,6 @@ def test_only_json_bodies(server):
     assert r.status_code == 415
 
 
-@pytest.mark.xfail(strict=True, reason="open defect: a non-streaming request is not aborted when its client leaves "
-                   "(Request.is_disconnected never turns true behind the app's middleware); streaming ones are")
 def test_non_streaming_client_that_leaves_frees_its_work(server):
     body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "n": 2}
     with pytest.raises(httpx.TimeoutException):

@@ -50,6 +50,7 @@ def serve_core(core: EngineCore, in_addr: str, out_addr: str, ctx: zmq.Context |
 def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decode, parent_pid: int | None) -> None:  # noqa: ANN001
     while True:
         rejected: list[Rejected] = []
+        freed = False  # an abort or stop changed the gauges: report them even if no step runs
         timeout = 0 if core.has_unfinished() else _IDLE_POLL_MS
         while inbox.poll(timeout):
             timeout = 0
@@ -61,10 +62,11 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decod
                     rejected.append(Rejected(msg.request_id, str(e), isinstance(e, EngineOverloaded)))
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
-                    core.abort_request(rid)
+                    freed |= core.abort_request(rid)
             elif isinstance(msg, FinishSequences):
                 for rid, index in msg.seqs:
                     core.finish_sequence(rid, index)
+                freed = True
             elif isinstance(msg, Shutdown):
                 return
         if parent_pid is not None and os.getppid() != parent_pid:
@@ -74,7 +76,7 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decod
             start = time.perf_counter()
             deltas = core.step()
             outbox.send(encode(StepOut(deltas, core.snapshot(), time.perf_counter() - start, rejected)))
-        elif rejected:
+        elif rejected or freed:
             outbox.send(encode(StepOut([], core.snapshot(), 0.0, rejected)))
 
 

@@ -394,22 +394,28 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestO
 
 
 async def _until_disconnect(raw: Request, coro: Awaitable, timeout: float | None) -> Any:
-    """Await `coro`, cancelling it (which aborts its requests) if the client disconnects or time runs out."""
+    """Await `coro`, cancelling it (which aborts its requests) if the client disconnects or time runs out. The body
+    is read, so the next ASGI message is the disconnect: wait for it (a non-blocking `is_disconnected` poll
+    never saw it here)."""
     task = asyncio.ensure_future(coro)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    gone = asyncio.ensure_future(_disconnected(raw))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await raw.is_disconnected():
-                return None
-            if deadline is not None and time.monotonic() > deadline:
-                raise RequestTimeout(f"the request did not finish within {timeout} s")
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            return None
+        raise RequestTimeout(f"the request did not finish within {timeout} s")
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

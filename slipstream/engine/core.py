@@ -18,7 +18,7 @@ from slipstream import loader
 from slipstream.config import EngineConfig
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.core_stats import CoreStats
-from slipstream.engine.input_processor import EngineLimits
+from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import Scheduler
@@ -27,10 +27,6 @@ from slipstream.model_runner import ModelRunner, SampledToken
 from slipstream.sampling_params import SamplingParams
 
 _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
-
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; the caller should retry later."""
 
 
 class EngineCore:

@@ -13,6 +13,10 @@ import msgspec
 from slipstream.sampling_params import SamplingParams
 
 
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
 class EngineLimits(msgspec.Struct, frozen=True):
     model_path: str
     max_model_len: int

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from slipstream.engine.core import EngineOverloaded
+from slipstream.engine.input_processor import EngineOverloaded
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics

@@ -20,7 +20,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from slipstream.engine.core import EngineOverloaded
+from slipstream.engine.input_processor import EngineOverloaded
 from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import InputProcessor
 from slipstream.engine.messages import Abort, AddRequest, Failed, FinishSequences, FromCore, Ready, Shutdown, StepOut

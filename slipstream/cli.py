@@ -6,42 +6,23 @@ import sys
 import time
 from typing import Any
 
-from slipstream.config import CacheConfig, SchedulerConfig
+from slipstream.config import ENGINE_OPTIONS, EngineConfig
 from slipstream.sampling_params import SamplingParams
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per engine option (config.ENGINE_OPTIONS), plus --model."""
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
-    p.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="tokens per KV-cache page")
-    p.add_argument("--gpu-memory-utilization", type=float, default=CacheConfig.gpu_memory_utilization)
-    p.add_argument("--max-decode-stall", type=float, default=SchedulerConfig.max_decode_stall,
-                   help="seconds a step may take while streams decode (sizes prefill chunks); 0: no limit")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    for o in ENGINE_OPTIONS.values():
+        if o.type is bool:
+            p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
+        else:
+            p.add_argument(o.flag, dest=o.name, type=o.type, default=o.default, choices=o.choices,
+                           help=o.help + ("" if o.default is None else f" (default: {o.default})"))
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        load_format=a.load_format,
-        dtype=a.dtype,
-        device=a.device,
-        attention_backend=a.attention_backend,
-        max_model_len=a.max_model_len,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens,
-        block_size=a.block_size,
-        gpu_memory_utilization=a.gpu_memory_utilization,
-        max_decode_stall=a.max_decode_stall,
-        enable_prefix_caching=not a.no_prefix_caching,
-        enforce_eager=a.enforce_eager,
-    )
+    return {name: getattr(a, name) for name in ENGINE_OPTIONS}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -107,12 +88,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import uvicorn
 
     from slipstream import loader
-    from slipstream.engine.llm import build_engine_config
     from slipstream.server.app import ServerOptions, build_app, uvicorn_config
 
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
-    config = build_engine_config(model, **engine_kwargs(a))
+    config = EngineConfig.from_options(model, **engine_kwargs(a))
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key)
     failed: list[BaseException] = []

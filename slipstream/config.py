@@ -1,15 +1,20 @@
-"""Frozen configuration dataclasses, built once at engine start.
+"""Frozen configuration dataclasses, built once at engine start and validated when built.
 
 `ModelConfig` describes the transformer (read from an HF config.json or GGUF metadata); `CacheConfig`,
-`SchedulerConfig` and `EngineConfig` describe how the engine runs it. CLI and server flags map onto
-`EngineConfig` field by field.
+`SchedulerConfig` and `EngineConfig` describe how the engine runs it. Their fields are the one table of engine
+options: each is declared with `option(...)` (default, help, choices), and `LLM` keywords, CLI flags and the
+server's flags all derive from `ENGINE_OPTIONS`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from slipstream.attention.registry import BACKENDS, COMPUTE_DTYPES, backend_spec
+from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
+
+from slipstream.models import MODEL_TYPES, check_architecture
+
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,8 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch or cfg.get('model_type')!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = archs[0] if archs else MODEL_TYPES.get(cfg.get("model_type", ""), "")
+        check_architecture(arch, cfg.get("model_type", ""))
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
@@ -78,48 +80,110 @@ class ModelConfig:
         )
 
 
-_ARCH_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:  # noqa: A002
+    """A config field that is also an engine option (keyword of `LLM`, flag of the CLI)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 64  # tokens per KV page; a multiple of 64 lets Hopper prefill fetch key tiles by TMA
-    # GPU: fraction of total device memory the engine may use (weights + activations + KV cache).
-    gpu_memory_utilization: float = 0.9
-    # CPU (or an explicit override on GPU): bytes reserved for the KV cache.
-    kv_cache_bytes: int | None = None
-    num_blocks: int | None = None  # exact override, mainly for tests
-    enable_prefix_caching: bool = True
+    block_size: int = option(64, "tokens per KV-cache page (the triton backend takes 16..256, a power of two; "
+                                 "Hopper's prefill fetches whole pages of 64+ by TMA)")
+    gpu_memory_utilization: float = option(0.9, "GPU: fraction of device memory for weights, activations and KV cache")
+    kv_cache_bytes: int | None = option(None, "bytes for the KV cache (CPU default: 1 GiB; GPU: what memory allows)")
+    num_blocks: int | None = option(None, "exact number of KV pages (overrides the byte budget)")
+    enable_prefix_caching: bool = option(True, "share the KV pages of common prompt prefixes across requests")
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 1, "block_size", "must be >= 1", self.block_size)
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]", self.gpu_memory_utilization)
+        _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", "must be >= 1", self.kv_cache_bytes)
+        _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1", self.num_blocks)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    # Waiting requests are reordered by cached-prefix length, but one that has waited this many steps goes first.
-    cache_aware: bool = True
-    max_wait_steps: int = 64
-    max_waiting: int = 4096  # admission bound; beyond it add_request raises EngineOverloaded
-    # Seconds a step may take while sequences are decoding: prefill chunks are then sized to it from the measured
-    # cost per token, so a long prompt cannot stall running streams (0: no limit; chunks up to the token budget).
-    max_decode_stall: float = 0.25
+    max_num_seqs: int = option(256, "most sequences in one step")
+    max_num_batched_tokens: int = option(8192, "token budget of one step (prefills are chunked to it)")
+    max_model_len: int | None = option(None, "longest sequence, prompt and output (default: the model's own)")
+    cache_aware: bool = option(True, "admit waiting requests with the longest cached prefix first")
+    max_wait_steps: int = option(64, "steps after which a waiting request goes first regardless of cache hits")
+    max_waiting: int = option(4096, "queued sequences beyond which new requests are refused (overloaded)")
+    max_decode_stall: float = option(0.25, "seconds a step may take while streams decode: sizes prefill chunks from "
+                                           "the measured cost per token (0: no limit)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1", self.max_num_seqs)
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1", self.max_num_batched_tokens)
+        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2", self.max_model_len)
+        _check(self.max_wait_steps >= 1, "max_wait_steps", "must be >= 1", self.max_wait_steps)
+        _check(self.max_waiting >= 1, "max_waiting", "must be >= 1", self.max_waiting)
+        _check(self.max_decode_stall >= 0, "max_decode_stall", "must be >= 0", self.max_decode_stall)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF dir, .gguf file, or None for the embedded SmolLM2
-    tokenizer: str | None = None
-    load_format: str = "auto"  # auto | hf | gguf | dummy
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | triton
-    enforce_eager: bool = False  # no CUDA graphs
-    seed: int = 0
+    model: str | None = None  # HF dir, .gguf file, or None for the embedded SmolLM2 (a positional argument)
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
+    load_format: str = option("auto", "how to read the model", ("auto", "hf", "gguf", "dummy"))
+    dtype: str = option("auto", "compute dtype (auto: float32 on CPU, the checkpoint's 16-bit type on GPU)",
+                        ("auto", *COMPUTE_DTYPES))
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    attention_backend: str = option("auto", "attention kernels (auto: triton on CUDA, torch elsewhere)", ("auto", *BACKENDS))
+    quantization: str = option("none", "weight format of the linear layers", QUANTIZATION_METHODS)
+    enforce_eager: bool = option(False, "no CUDA graphs")
+    seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("load_format", "dtype", "attention_backend", "quantization"):
+            choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
+            value = getattr(self, name)
+            _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
+        if self.attention_backend != "auto":  # 'auto' is checked against the backend it becomes, at start
+            backend_spec(self.attention_backend).check_block_size(self.cache.block_size)
+
+    @classmethod
+    def from_options(cls, model: str | None = None, **options: Any) -> "EngineConfig":
+        """Flat keyword options (as `LLM` and the CLI take them) -> the nested frozen config."""
+        parts: dict[type, dict[str, Any]] = {EngineConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
+        for key, value in options.items():
+            if key not in ENGINE_OPTIONS:
+                raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
+            parts[ENGINE_OPTIONS[key].owner][key] = value
+        return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]),
+                            scheduler=SchedulerConfig(**parts[SchedulerConfig]))
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    owner: type
+    default: Any
+    type: type  # int, float, str or bool
+    optional: bool  # None is allowed
+    help: str
+    choices: tuple | None
+    flag: str  # the CLI flag
+
+
+def _options() -> dict[str, Option]:
+    table = {}
+    for owner in (EngineConfig, CacheConfig, SchedulerConfig):
+        for f in fields(owner):
+            if "help" not in f.metadata:
+                continue  # the model (positional) and the nested configs
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            base = {"int": int, "float": float, "str": str, "bool": bool}[kinds[0]]
+            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            table[f.name] = Option(f.name, owner, f.default, base, "None" in kinds, f.metadata["help"], f.metadata["choices"], flag)
+    return table
+
+
+ENGINE_OPTIONS = _options()

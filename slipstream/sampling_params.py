@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (the torch and Triton samplers agree)
 _INT32_MAX = (1 << 31) - 1
 
 
@@ -65,7 +66,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:

@@ -19,7 +19,7 @@ def assert_no_leak(llm: LLM) -> None:
     assert not eng.requests and not eng.scheduler.running and not eng.scheduler.waiting
     bm = eng.block_manager
     bm.check_consistency()
-    cache = bm.prefix_cache
+    cache = eng.core.prefix_cache
     if cache is not None:
         assert cache.num_evictable_blocks == len(cache.nodes), "a cached page is still referenced by a finished sequence"
         cache.clear()

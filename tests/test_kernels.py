@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from slipstream.attention import AttentionMetadata
+from slipstream.attention.backend import AttentionMetadata
 from slipstream.attention.torch_backend import paged_attention_ref
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
@@ -197,7 +197,8 @@ def test_silu_and_mul(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq, hk, d, qk_norm", [(4, 2, 64, False), (8, 1, 128, True), (2, 2, 64, True)])
 def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
-    from slipstream.attention.torch_backend import store_kv
+    from slipstream.attention.backend import AttentionMetadata
+    from slipstream.attention.torch_backend import TorchAttention
     from slipstream.kernels.rope import qk_norm_rope_store
     from slipstream.layers.rotary import RotaryEmbedding
 
@@ -214,7 +215,9 @@ def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
         q, k = rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6)
     q_ref, k_ref = rot(pos, q, k)
     kc_ref, vc_ref = torch.zeros(pages, page, hk, d), torch.zeros(pages, page, hk, d)
-    store_kv(k_ref, v, kc_ref, vc_ref, slots)
+    ref_backend = TorchAttention()
+    ref_backend.bind_kv([kc_ref], [vc_ref])
+    ref_backend.store_kv(0, k_ref, v, AttentionMetadata(slots, None, None, None, [], [], 0, 0))
     kc, vc = torch.zeros(pages, page, hk, d, dtype=dtype, device=DEV), torch.zeros(pages, page, hk, d, dtype=dtype, device=DEV)
     norms = (qw.to(DEV), kw.to(DEV), 1e-6) if qk_norm else ()
     out = qk_norm_rope_store(qkv.to(DEV), pos.to(DEV), rot.cos_sin.to(DEV), slots.to(DEV), kc, vc, hq, hk, d, *norms)
@@ -227,7 +230,7 @@ def test_gumbel_argmax_matches_the_torch_sampler(dtype):
     """Same hash, same draws: the fused kernel picks what argmax(logit/T - log E) picks in torch, reading the
     model's logits in their own dtype."""
     from slipstream.kernels.sampling import gumbel_argmax
-    from slipstream.layers.sampler import exponential_noise
+    from slipstream.kernels.hash import exponential_noise
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 5000, generator=g) * 3).to(dtype)

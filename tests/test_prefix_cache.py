@@ -35,7 +35,7 @@ def test_outputs_identical_with_and_without_cache(engines):
     off, on = engines[False], engines[True]
     prompts = overlapping_prompts(off)
     ref = [o.outputs[0].token_ids for o in off.generate(prompts, params)]
-    cache = on.engine.block_manager.prefix_cache
+    cache = on.engine.core.prefix_cache
     for round_ in range(2):  # the second round hits what the first cached (minus what was evicted)
         got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
         assert got == ref, f"round {round_}"
@@ -49,7 +49,7 @@ def test_outputs_identical_with_and_without_cache(engines):
 def test_samples_of_one_request_share_the_prompt(engines):
     """n > 1: the first sample computes the prompt, its siblings start from the cached pages."""
     on = engines[True]
-    cache = on.engine.block_manager.prefix_cache
+    cache = on.engine.core.prefix_cache
     cache.clear()
     prompt = on.engine.tokenize("Once upon a time there was a small robot who lived in a lighthouse by the sea and")
     before_q, before_h = cache.stats.query_tokens, cache.stats.hit_tokens
@@ -62,7 +62,7 @@ def test_samples_of_one_request_share_the_prompt(engines):
 
 
 def test_shared_prefix_len_finds_the_common_cached_pages():
-    from slipstream.model_runner import shared_prefix_len
+    from slipstream.runner.inputs import shared_prefix_len
 
     common = list(range(100, 140))  # 40 shared pages = 640 tokens of 16
     tables = [common + [1, 2], common[:30] + [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], common + [14]]

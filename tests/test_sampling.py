@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from slipstream import SamplingParams
-from slipstream.layers.sampler import Penalties, SamplingBatch, exponential_noise, sample
+from slipstream.kernels.hash import exponential_noise
+from slipstream.layers.sampler import Penalties, SamplingBatch, sample
 
 V = 64
 

@@ -19,7 +19,7 @@ def check_invariants(sched: Scheduler, bm: BlockManager, all_seqs: list[Sequence
         if not s.is_finished:
             for b in s.block_table:
                 holders[b] += 1
-    cache = bm.prefix_cache
+    cache = sched.prefix_cache
     if cache is not None:
         for b in cache.nodes:
             holders[b] += 1
@@ -38,11 +38,9 @@ def test_random_workload(seed, prefix_caching):
     bs = rng.choice([1, 4, 16])
     max_len = 96
     bm = BlockManager(num_blocks=-(-max_len // bs) + rng.randint(0, 40), block_size=bs)
-    if prefix_caching:
-        bm.prefix_cache = RadixCache(bm)
     cfg = SchedulerConfig(max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(8, 64), max_model_len=max_len,
                           max_wait_steps=rng.randint(1, 20))
-    sched = Scheduler(cfg, bm)
+    sched = Scheduler(cfg, bm, RadixCache(bm) if prefix_caching else None)
     shared = [rng.randrange(50) for _ in range(40)]  # a common prefix so the cache gets hits
     all_seqs: list[Sequence] = []
     reqs: list[Request] = []
@@ -69,8 +67,8 @@ def test_random_workload(seed, prefix_caching):
         check_invariants(sched, bm, all_seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if bm.prefix_cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
-                bm.prefix_cache.insert(seq)
+            if sched.prefix_cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
+                sched.prefix_cache.insert(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.token_ids.append(rng.randrange(50))
                 if seq.num_output_tokens >= seq.params.max_tokens or rng.random() < 0.02:
@@ -83,15 +81,15 @@ def test_random_workload(seed, prefix_caching):
         if step >= 150 and not sched.has_unfinished():
             break
     assert not sched.has_unfinished(), "work left after the arrivals stopped: a request starved or deadlocked"
-    if bm.prefix_cache is not None:
-        bm.prefix_cache.clear()
+    if sched.prefix_cache is not None:
+        sched.prefix_cache.clear()
     assert bm.num_used_blocks == 0
     bm.check_consistency()
 
 
 def test_cache_evicts_lru_leaves_only_when_needed():
     bm = BlockManager(num_blocks=6, block_size=2)
-    cache = bm.prefix_cache = RadixCache(bm)
+    cache = RadixCache(bm)
     req = Request("a", [1, 2, 3, 4, 5], SamplingParams())
     a = Sequence(0, req, 0, [1, 2, 3, 4, 5], 0)
     bm.allocate(a, 5)
@@ -106,7 +104,8 @@ def test_cache_evicts_lru_leaves_only_when_needed():
     assert not bm.can_allocate(c, 9)  # 5 pages needed, 4 free, the cached ones are locked
     bm.free(b)
     assert bm.can_allocate(c, 9)
-    bm.allocate(c, 9)  # evicts one page: the leaf [3,4] goes first, its parent stays
+    assert cache.evict(bm.blocks_needed(c, 9) - bm.num_unused_blocks) == 1  # what the scheduler does when short
+    bm.allocate(c, 9)  # the leaf [3,4] went first, its parent stays
     assert len(cache.nodes) == 1 and cache.stats.evicted_blocks == 1
     full = Sequence(3, Request("d", [1, 2], SamplingParams()), 0, [1, 2], 0)
     cache.match(full)
@@ -120,7 +119,7 @@ def test_radix_cache_against_a_reference_model(seed):
     rng = random.Random(seed)
     bs = 2
     bm = BlockManager(num_blocks=40, block_size=bs)
-    cache = bm.prefix_cache = RadixCache(bm)
+    cache = RadixCache(bm)
     cached: dict[tuple, int] = {}  # path of page keys -> block   (the reference model)
     live: list[Sequence] = []
 
@@ -142,7 +141,10 @@ def test_radix_cache_against_a_reference_model(seed):
             assert seq.num_computed_tokens == expect
             locked = {b for s in live + [seq] for b in s.block_table}
             before = dict(cached)
-            bm.allocate(seq, len(tokens))  # may evict under pressure
+            short = bm.blocks_needed(seq, len(tokens)) - bm.num_unused_blocks
+            if short > 0:
+                cache.evict(short)  # under pressure, as the scheduler does
+            bm.allocate(seq, len(tokens))
             for p in [p for p in before if before[p] not in cache.nodes]:
                 assert before[p] not in locked, "evicted a locked page"
                 del cached[p]

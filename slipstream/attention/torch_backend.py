@@ -4,12 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slipstream.attention import AttentionMetadata
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.attention.registry import BACKENDS
 
 
 def paged_attention_ref(
@@ -21,8 +17,8 @@ def paged_attention_ref(
     start = 0
     for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         blocks = meta.block_tables[b, : -(-ctx // block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hk, ctx, D]
-        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)  # [Hk, ctx, D]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)
         qb = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
         # query i sits at position ctx - q_len + i and sees keys 0..that position
         mask = None
@@ -35,8 +31,9 @@ def paged_attention_ref(
     return out
 
 
-class TorchAttention:
-    name = "torch"
+class TorchAttention(AttentionBackend):
+    spec = BACKENDS["torch"]
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache(layer)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from slipstream.attention import AttentionMetadata
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.attention.registry import BACKENDS
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 
 
-class TritonAttention:
-    name = "triton"
+class TritonAttention(AttentionBackend):
+    spec = BACKENDS["triton"]
 
     def __init__(self) -> None:
+        super().__init__()
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 1
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache(layer)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

@@ -163,7 +163,7 @@ def prefix(a: argparse.Namespace) -> dict:
         llm.engine.warm_up()
         elapsed, outs = _timed(llm, shared, params)
         ttft = sum(o.metrics.ttft for o in outs) / len(outs)
-        hit = llm.engine.block_manager.prefix_cache.stats.hit_rate if on else 0.0
+        hit = llm.engine.core.prefix_cache.stats.hit_rate if on else 0.0
         res[f"shared_{'on' if on else 'off'}"] = dict(time_s=elapsed, req_s=len(outs) / elapsed, mean_ttft_s=ttft, hit_rate=hit)
         rows.append(["shared system prompt", "on" if on else "off", f"{elapsed:.2f}", f"{len(outs) / elapsed:.1f}", f"{1e3 * ttft:.1f}", f"{hit:.2f}"])
         # multi-turn: every conversation resends its history plus a new user turn; rounds run concurrently
@@ -176,7 +176,7 @@ def prefix(a: argparse.Namespace) -> dict:
                 ttfts.append(o.metrics.ttft)
                 total += 1
         chat_time = time.perf_counter() - start
-        hit = llm.engine.block_manager.prefix_cache.stats.hit_rate if on else 0.0
+        hit = llm.engine.core.prefix_cache.stats.hit_rate if on else 0.0
         res[f"chat_{'on' if on else 'off'}"] = dict(time_s=chat_time, req_s=total / chat_time, mean_ttft_s=sum(ttfts) / total)
         rows.append([f"multi-turn chat ({a.conversations}x{a.turns})", "on" if on else "off", f"{chat_time:.2f}",
                      f"{total / chat_time:.1f}", f"{1e3 * sum(ttfts) / total:.1f}", f"{hit:.2f}"])

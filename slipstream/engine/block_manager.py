@@ -11,11 +11,13 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from slipstream.engine.radix_cache import RadixCache
     from slipstream.engine.sequence import Sequence
 
 
 class BlockManager:
+    """Knows which pages are cached (the prefix cache marks them) but not the cache itself: a cached page whose
+    only reference is the cache's is evictable, and the scheduler asks the cache to evict before allocating."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
@@ -23,13 +25,18 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self.prefix_cache: RadixCache | None = None  # set by the engine when prefix caching is on
+        self._cached: set[int] = set()
+        self.num_evictable_blocks = 0  # cached pages with no user but the cache
+
+    @property
+    def num_unused_blocks(self) -> int:
+        """Pages on the free list."""
+        return len(self._free)
 
     @property
     def num_free_blocks(self) -> int:
         """Pages that can be handed out now: the free list plus cached pages nobody uses (evictable)."""
-        evictable = self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0
-        return len(self._free) + evictable
+        return len(self._free) + self.num_evictable_blocks
 
     @property
     def num_used_blocks(self) -> int:
@@ -43,10 +50,8 @@ class BlockManager:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: "Sequence", num_tokens: int) -> None:
-        """Grow `seq`'s block table to cover `num_tokens` tokens. The caller checked `can_allocate`."""
+        """Grow `seq`'s block table to cover `num_tokens` tokens from the free list (evict first if it is short)."""
         need = self.blocks_needed(seq, num_tokens)
-        if need > len(self._free) and self.prefix_cache is not None:
-            self.prefix_cache.evict(need - len(self._free))
         if need > len(self._free):
             raise RuntimeError(f"out of KV blocks: need {need}, {len(self._free)} free")
         for _ in range(need):
@@ -54,12 +59,19 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
+    def trim(self, seq: "Sequence", num_tokens: int) -> None:
+        """Give back the pages past the first `num_tokens` tokens (slots reserved for drafts that were rejected)."""
+        keep = -(-num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"sharing free block {b}"
             self.ref_counts[b] += 1
-            if self.ref_counts[b] == 2 and self.prefix_cache is not None:
-                self.prefix_cache.page_locked(b)
+            if self.ref_counts[b] == 2 and b in self._cached:
+                self.num_evictable_blocks -= 1
 
     def release(self, blocks: list[int]) -> None:
         for b in blocks:
@@ -67,8 +79,21 @@ class BlockManager:
             assert self.ref_counts[b] >= 0, f"block {b} released twice"
             if self.ref_counts[b] == 0:
                 self._free.append(b)
-            elif self.ref_counts[b] == 1 and self.prefix_cache is not None:
-                self.prefix_cache.page_unlocked(b)
+            elif self.ref_counts[b] == 1 and b in self._cached:
+                self.num_evictable_blocks += 1
+
+    def mark_cached(self, block: int) -> None:
+        """The prefix cache took a reference on `block` (with `share`) and now keeps it."""
+        self._cached.add(block)
+        if self.ref_counts[block] == 1:
+            self.num_evictable_blocks += 1
+
+    def uncache(self, block: int) -> None:
+        """The prefix cache drops `block` and its reference."""
+        self._cached.discard(block)
+        if self.ref_counts[block] == 1:
+            self.num_evictable_blocks -= 1
+        self.release([block])
 
     def free(self, seq: "Sequence") -> None:
         """Drop `seq`'s references to its pages (pages shared with the prefix cache stay cached)."""
@@ -81,3 +106,4 @@ class BlockManager:
         assert len(free) == len(self._free), "a block is on the free list twice"
         for b in range(self.num_blocks):
             assert (self.ref_counts[b] == 0) == (b in free), f"block {b}: ref {self.ref_counts[b]} vs free list"
+        assert self.num_evictable_blocks == sum(1 for b in self._cached if self.ref_counts[b] == 1)

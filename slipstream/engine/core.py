@@ -13,7 +13,6 @@ import random
 import time
 from dataclasses import replace
 
-
 from slipstream import loader
 from slipstream.config import EngineConfig
 from slipstream.engine.block_manager import BlockManager
@@ -21,9 +20,9 @@ from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
-from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
-from slipstream.model_runner import ModelRunner, SampledToken
+from slipstream.runner.batch import SamplingRow, SeqResult, SeqStep, Step
 from slipstream.sampling_params import SamplingParams
 
 _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
@@ -31,23 +30,21 @@ _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        # The runner (torch, the GPU) is imported here, not at module level: the scheduler side stays torch-free.
+        from slipstream.runner.model_runner import ModelRunner
+
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         max_len = config.scheduler.max_model_len or mc.max_position_embeddings
-        if max_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {max_len}")
-        if config.scheduler.max_num_batched_tokens < 1 or config.scheduler.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.config = config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)
-        self.runner = ModelRunner(config, loaded, max_len, self.eos_ids)
+        self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        if config.cache.enable_prefix_caching:
-            self.block_manager.prefix_cache = RadixCache(self.block_manager)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.prefix_cache = RadixCache(self.block_manager) if config.cache.enable_prefix_caching else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.prefix_cache)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -123,7 +120,7 @@ class EngineCore:
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
                 self.step()
-        cache = self.block_manager.prefix_cache
+        cache = self.prefix_cache
         if cache is not None:
             cache.clear()
             cache.stats = PrefixCacheStats()
@@ -136,21 +133,45 @@ class EngineCore:
         self.stats.num_preemptions += batch.num_preempted
         if not batch.seqs:
             return []
-        start = time.perf_counter()
         # With nobody waiting, the next step is most likely the same decodes: let the runner start it early.
-        sampled = self.runner.execute(batch, run_ahead=not self.scheduler.waiting)
+        step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)],
+                    run_ahead=not self.scheduler.waiting and not any(batch.num_drafts))
+        start = time.perf_counter()
+        results = self.runner.execute(step)
         self._measure(batch.num_tokens, time.perf_counter() - start)
-        cache = self.block_manager.prefix_cache
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+        return self._apply(batch, results)
+
+    def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
+        start = seq.num_computed_tokens
+        ids = seq.token_ids[start : start + n - drafts] + seq.draft_token_ids[:drafts]
+        sampling = None
+        if start + n - drafts == seq.num_tokens:  # the step reaches the sequence's last token: draw the next
+            p = seq.params
+            sampling = SamplingRow(p, seq.seed, seq.num_output_tokens,
+                                   list(seq.token_ids) if p.needs_penalties else None, seq.num_prompt_tokens)
+        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling)
+
+    def _apply(self, batch: ScheduledBatch, results: list[SeqResult]) -> list[SeqDelta]:
+        """Advance what was computed, append what was accepted (drafts past a rejection had their KV computed for
+        nothing: their slots are overwritten later and whole pages go back)."""
+        accepted = {r.seq_id: len(r.tokens) - 1 for r in results}
+        cache = self.prefix_cache
+        for seq, n, drafts in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts):
+            seq.num_computed_tokens += n - drafts + accepted.get(seq.seq_id, 0)
             if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
+            if drafts:
+                seq.draft_token_ids = []
         self.stats.steps += 1
-        deltas = [self._append(seq, tok) for seq, tok in sampled]
-        for seq, _ in sampled:
-            req = seq.request
-            if req.is_finished:
-                self.requests.pop(req.request_id, None)
+        by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(batch.seqs, batch.num_drafts)}
+        deltas = []
+        for r in results:
+            seq, drafts = by_id[r.seq_id]
+            deltas.append(self._append(seq, r))
+            if seq.request.is_finished:
+                self.requests.pop(seq.request.request_id, None)
+            elif drafts:
+                self.block_manager.trim(seq, seq.num_tokens)
         return deltas
 
     def _prefill_budget(self) -> int | None:
@@ -165,24 +186,32 @@ class EngineCore:
             rate = seconds / num_tokens
             self._sec_per_token = rate if self._sec_per_token is None else 0.8 * self._sec_per_token + 0.2 * rate
 
-    def _append(self, seq: Sequence, st: SampledToken) -> SeqDelta:
+    def _append(self, seq: Sequence, r: SeqResult) -> SeqDelta:
+        """Append the accepted tokens one by one, stopping at the first that ends the sequence."""
         p = seq.params
-        seq.token_ids.append(st.token)
-        self.stats.generation_tokens += 1
-        n_out = seq.num_output_tokens
-        may_stop = n_out >= p.min_tokens
         max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
-        if may_stop and not p.ignore_eos and st.token in self.eos_ids:
-            self._finish(seq, "stop", None)
-        elif may_stop and st.token in p.stop_token_ids:
-            self._finish(seq, "stop", st.token)
-        elif n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length", None)
-        return SeqDelta(seq.request.request_id, seq.index, [st.token], None if st.logprobs is None else [st.logprobs],
+        taken = 0
+        for token in r.tokens:
+            seq.token_ids.append(token)
+            taken += 1
+            n_out = seq.num_output_tokens
+            may_stop = n_out >= p.min_tokens
+            if may_stop and not p.ignore_eos and token in self.eos_ids:
+                self._finish(seq, "stop", None)
+            elif may_stop and token in p.stop_token_ids:
+                self._finish(seq, "stop", token)
+            elif n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length", None)
+            if seq.is_finished:
+                break
+        self.stats.generation_tokens += taken
+        return SeqDelta(seq.request.request_id, seq.index, r.tokens[:taken], None if r.logprobs is None else r.logprobs[:taken],
                         seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        # Stopped inside a run of accepted drafts: KV past the kept tokens must not reach the prefix cache.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
         self.scheduler.finish(seq)
 
     def snapshot(self) -> CoreStats:
@@ -190,7 +219,7 @@ class EngineCore:
         s, bm = self.stats, self.block_manager
         s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.free_blocks, s.total_blocks = bm.num_free_blocks, bm.num_blocks
-        cache = bm.prefix_cache
+        cache = self.prefix_cache
         if cache is not None:
             s.cache_query_tokens, s.cache_hit_tokens = cache.stats.query_tokens, cache.stats.hit_tokens
             s.cache_evicted_blocks, s.cache_blocks = cache.stats.evicted_blocks, len(cache.nodes)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
-from slipstream.config import CacheConfig, EngineConfig, SchedulerConfig
+from slipstream.config import EngineConfig
 from slipstream.engine.llm_engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.sampling_params import SamplingParams
@@ -14,22 +13,12 @@ Prompt = str | list[int]
 Message = dict[str, str]
 
 
-def build_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
-    """Flat keyword arguments (as the CLI and server take them) -> the nested frozen config."""
-    parts: dict[type, dict[str, Any]] = {EngineConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
-    owners = {f.name: cls for cls in (CacheConfig, SchedulerConfig, EngineConfig) for f in fields(cls)}
-    for key, value in kwargs.items():
-        if key not in owners or key in ("cache", "scheduler"):
-            raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(set(owners) - {'cache', 'scheduler'}))}")
-        parts[owners[key]][key] = value
-    return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]), scheduler=SchedulerConfig(**parts[SchedulerConfig]))
-
-
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         """`model`: an HF model directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct.
-        Keyword options are the fields of EngineConfig, CacheConfig and SchedulerConfig."""
-        self.engine = LLMEngine(build_engine_config(model, **kwargs))
+        Keyword options are the engine options (config.ENGINE_OPTIONS: the fields of EngineConfig, CacheConfig
+        and SchedulerConfig)."""
+        self.engine = LLMEngine(EngineConfig.from_options(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -84,7 +73,7 @@ class LLM:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def reset_prefix_cache(self) -> int:
-        cache = self.engine.block_manager.prefix_cache
+        cache = self.engine.core.prefix_cache
         return cache.clear() if cache is not None else 0
 
     @staticmethod
@@ -99,9 +88,8 @@ class LLM:
 
     def _submit(self, prompts: list[Prompt], params: list[SamplingParams], stream: bool = True) -> list[str]:
         # Validate everything first so that a bad prompt leaves nothing half-submitted.
-        for p, sp in zip(prompts, params):
-            self.engine.check_request(self.engine.tokenize(p), sp)
+        checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, params)]
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        for rid, p, sp in zip(ids, prompts, params):
-            self.engine.add_request(rid, p, sp, stream=stream)
+        for rid, p, ids_, sp in zip(ids, prompts, checked, params):
+            self.engine.add_checked(rid, p, ids_, sp, stream=stream)
         return ids

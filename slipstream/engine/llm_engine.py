@@ -37,15 +37,21 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return self.inputs.tokenize(prompt)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request against every limit; its prompt ids. Raises ValueError."""
+        prompt_ids = self.tokenize(prompt)
         self.inputs.check(prompt_ids, params)
+        return prompt_ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0, stream: bool = True) -> None:
         """Validate and queue a request. Raises ValueError (bad input) or EngineOverloaded; queues nothing then."""
         params = params or SamplingParams()
-        prompt_ids = self.tokenize(prompt)
-        self.check_request(prompt_ids, params)
+        self.add_checked(request_id, prompt, self.check_request(prompt, params), params, priority, stream)
+
+    def add_checked(self, request_id: str, prompt: str | list[int], prompt_ids: list[int], params: SamplingParams,
+                    priority: int = 0, stream: bool = True) -> None:
+        """Queue a request that `check_request` passed (its prompt ids)."""
         self.core.add_request(request_id, prompt_ids, params, priority)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, stream)
 

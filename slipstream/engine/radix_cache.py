@@ -52,7 +52,6 @@ class RadixCache:
         self.block_size = block_manager.block_size
         self.root = _Node((), -1, None)
         self.nodes: dict[int, _Node] = {}  # block id -> node
-        self.num_evictable_blocks = 0  # cached pages with no user but the tree
         self.stats = PrefixCacheStats()
         self._clock = itertools.count(1)
 
@@ -97,22 +96,17 @@ class RadixCache:
             if child is None:
                 block = seq.block_table[i]
                 assert block not in self.nodes, f"page {block} already caches another prefix"
-                self.bm.share([block])  # before registering: the tree's own reference is not a user
+                self.bm.share([block])  # the tree's own reference
+                self.bm.mark_cached(block)
                 child = _Node(key, block, node)
                 node.children[key] = child
                 self.nodes[block] = child
             child.last_access = now
             node = child
 
-    def page_locked(self, block: int) -> None:
-        """BlockManager hook: a page went from one reference to two (a user besides the tree, if cached)."""
-        if block in self.nodes:
-            self.num_evictable_blocks -= 1
-
-    def page_unlocked(self, block: int) -> None:
-        """BlockManager hook: a page went from two references to one (only the tree, if cached)."""
-        if block in self.nodes:
-            self.num_evictable_blocks += 1
+    @property
+    def num_evictable_blocks(self) -> int:
+        return self.bm.num_evictable_blocks
 
     def evict(self, num_blocks: int) -> int:
         """Free up to `num_blocks` unreferenced pages, least recently used leaves first."""
@@ -133,8 +127,7 @@ class RadixCache:
     def _remove(self, node: _Node) -> None:
         del node.parent.children[node.key]
         del self.nodes[node.block]
-        self.num_evictable_blocks -= 1
-        self.bm.release([node.block])
+        self.bm.uncache(node.block)
 
     def clear(self) -> int:
         """Drop every cached page that no sequence uses; returns how many were freed."""

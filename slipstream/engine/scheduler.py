@@ -1,14 +1,16 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
 Every step gets a token budget (`max_num_batched_tokens`). Running sequences are served first, in admission
-order: a decode takes one token, an unfinished prefill takes the next chunk. What is left of the budget admits
+order: a decode takes one token (plus its draft tokens to verify, if a proposer gave it some), an unfinished
+prefill takes the next chunk. What is left of the budget admits
 waiting sequences first-come first-served, their prompts chunked to fit, so prefill chunks and decodes share one
 step. While sequences are decoding, the engine may cap a step's prefill tokens (`prefill_budget`) so that a long
 prompt arriving does not stall every running stream for the length of its prefill. When the pool has no page for a running sequence, the most recently admitted one is preempted: its pages
 are freed and it waits at the head of the queue to recompute its prompt and the tokens it already produced.
 Sampling is seeded per (request, position), so a preempted request finishes with the same output.
 
-The scheduler never touches tensors: it hands the model runner a `ScheduledBatch` of sequences and token counts.
+The scheduler never touches tensors: it returns a `ScheduledBatch` of sequences and token counts, which the engine
+core turns into the runner's plain-data step.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from slipstream.config import SchedulerConfig
 from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.radix_cache import RadixCache
 from slipstream.engine.sequence import Sequence, SeqStatus
 
 _RANK_WINDOW = 256  # cache-aware ordering looks at this many queued sequences, bounding its per-step cost
@@ -25,12 +28,14 @@ _RANK_WINDOW = 256  # cache-aware ordering looks at this many queued sequences, 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens computed this step, drafts included
+    num_drafts: list[int] = field(default_factory=list)  # of which draft tokens (the head of seq.draft_token_ids)
     num_preempted: int = 0
 
-    def add(self, seq: Sequence, n: int) -> None:
+    def add(self, seq: Sequence, n: int, drafts: int = 0) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
+        self.num_drafts.append(drafts)
 
     @property
     def num_tokens(self) -> int:
@@ -41,9 +46,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, prefix_cache: RadixCache | None = None) -> None:
         self.config = config
         self.bm = block_manager
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
@@ -69,19 +75,24 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n > 1:
+            drafts = 0
+            if seq.num_tokens - seq.num_computed_tokens == 1:
+                # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len.
+                drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
+                n += drafts
+            else:
                 n = min(n, prefill_left)
                 if n == 0:
                     i += 1
                     continue
                 prefill_left -= n
-            # A decode also reserves the slot of the token it will produce, so the runner can launch the next
+            # A plain decode also reserves the slot of the token it will produce, so the runner can launch the next
             # step before this one is read back (run-ahead) without waiting for a page.
             need = min(seq.num_computed_tokens + n + (n == 1), self.config.max_model_len)
             if not self._make_room(seq, need, batch):
                 break  # `seq` itself was preempted; it was the last running sequence
-            self.bm.allocate(seq, need)
-            batch.add(seq, n)
+            self._allocate(seq, need)
+            batch.add(seq, n, drafts)
             budget -= n
             i += 1
         if batch.num_preempted == 0:
@@ -90,7 +101,7 @@ class Scheduler:
         return batch
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        cache = self.bm.prefix_cache
+        cache = self.prefix_cache
         skipped: list[Sequence] = []
         prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens] if cache is not None else []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -111,7 +122,7 @@ class Scheduler:
                 skipped.append(seq)
                 break
             self._enqueued_at.pop(seq.seq_id, None)
-            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            self._allocate(seq, seq.num_computed_tokens + n)
             if cache is not None:
                 cache.note_admitted(seq)
             seq.status = SeqStatus.RUNNING
@@ -131,6 +142,13 @@ class Scheduler:
         a, b = seq.token_ids, other.token_ids
         return a[start:end] == b[start:end] and a[:start] == b[:start]  # cheap page test first; rarely the prefix
 
+    def _allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow `seq`'s table; cached pages nobody uses are evicted first when the free list runs short."""
+        short = self.bm.blocks_needed(seq, num_tokens) - self.bm.num_unused_blocks
+        if short > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(short)
+        self.bm.allocate(seq, num_tokens)
+
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt from the tail of `running` until `seq` can cover `num_tokens`; False if `seq` went itself."""
         while not self.bm.can_allocate(seq, num_tokens):
@@ -143,7 +161,7 @@ class Scheduler:
 
     def _reorder_waiting(self) -> None:
         """Cache-aware order: longest cached prefix first, but anyone waiting too long keeps FCFS priority."""
-        cache = self.bm.prefix_cache
+        cache = self.prefix_cache
         if not self.config.cache_aware or cache is None or len(self.waiting) < 2:
             return
         deadline = self.num_steps - self.config.max_wait_steps
@@ -169,7 +187,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._enqueued_at.pop(seq.seq_id, None)
-        if self.bm.prefix_cache is not None:
-            self.bm.prefix_cache.insert(seq)
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(seq)
         self.bm.free(seq)
         seq.status = SeqStatus.FINISHED

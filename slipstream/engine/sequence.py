@@ -30,6 +30,8 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
+    # Proposed continuations (speculative decoding) that the next decode step verifies; cleared after it.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:

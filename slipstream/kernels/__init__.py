@@ -1,30 +1,10 @@
 """Triton kernels: pure functions of tensors, one kernel family per file, each with a torch reference.
 
-`enabled(x)` says whether the fused GPU path should run for a tensor; the engine switches it on when the
-attention backend is `triton` and the model runs on CUDA.
+Nothing here decides whether a kernel runs: the model runner builds the model with `fused=True` when the
+attention backend is `triton` on a CUDA device, and the layers built that way call these. The wrappers below
+import a family on first use, so a CPU-only run never compiles (or imports) a Triton kernel.
 """
 from __future__ import annotations
-
-import os
-
-import torch
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests only, no autotuning
-_enabled = False
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 models get IEEE fp32 dots (Triton would otherwise use TF32) so they match the torch reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def enable(flag: bool) -> None:
-    global _enabled
-    _enabled = flag
-
-
-def enabled(x: torch.Tensor) -> bool:
-    return _enabled and x.is_cuda
 
 
 def fused_add_rms_norm(x, residual, weight, eps):  # noqa: ANN001 - thin dispatch, typed in the kernel module

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import INTERPRET, dot_precision
+from slipstream.kernels._device import INTERPRET, dot_precision
 
 try:  # Gluon (Triton's tile-level dialect) carries the Hopper prefill kernel; older Tritons lack it
     from slipstream.kernels import attention_sm90

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels import INTERPRET
+from slipstream.kernels._device import INTERPRET
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 

@@ -8,7 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.layers.sampler import _GOLDEN, _mix64
+from slipstream.kernels.hash import row_keys
+from slipstream.sampling_params import GREEDY_BELOW
+
+_GREEDY_BELOW = tl.constexpr(GREEDY_BELOW)  # jit code reads globals only as constexpr
 
 
 @triton.jit
@@ -30,7 +33,7 @@ def _race_kernel(logits_ptr, row_key_ptr, temp_ptr, val_ptr, idx_ptr, vocab, str
     if SAMPLED:
         key = tl.load(row_key_ptr + row).to(tl.uint64)
         temp = tl.load(temp_ptr + row)
-        greedy = temp < 1e-5
+        greedy = temp < _GREEDY_BELOW
         inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK], tl.int64)
@@ -90,7 +93,7 @@ def _race(logits: torch.Tensor, row_key: torch.Tensor | None, temperature: torch
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Per row: greedy argmax if its temperature is 0, else a seeded draw from softmax(logits / T)."""
-    return _race(logits, _mix64(seeds * _GOLDEN + positions), temperature)
+    return _race(logits, row_keys(seeds, positions), temperature)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from slipstream import kernels
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on a fused [gate | up] projection: silu(gate) * up."""
-    if kernels.enabled(gate_up):
+def silu_and_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection: silu(gate) * up (`fused`: the Triton kernel)."""
+    if fused:
         return kernels.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

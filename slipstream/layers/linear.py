@@ -1,8 +1,14 @@
-"""Projections with the elementwise op that precedes them: RMSNorm before QKV and gate-up, SwiGLU before down.
+"""Linear layers, and the projections fused with the elementwise op before them (RMSNorm before QKV and gate-up,
+SwiGLU before down).
 
-For one row (batch-1 decode) on the GPU the pair runs as one GEMV kernel that streams the weight once; for more
-rows, or off the GPU, it runs as written: the op, then the matmul (cuBLAS)."""
+A `Linear` may stack several outputs along its rows (q | k | v, gate | up: one GEMM instead of three and two);
+its parameters load per shard, each through its own `weight_loader`, so a checkpoint's separate tensors land in
+the stacked weight and a new weight format only brings a new quantization method. For one row (batch-1
+decode) on the GPU, an unquantized projection and the op before it run as one GEMV kernel that streams the
+weight once; otherwise the op runs, then the method's matmul.
+"""
 from __future__ import annotations
+
 
 import torch
 from torch import nn
@@ -10,29 +16,73 @@ from torch import nn
 from slipstream import kernels
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.norm import RMSNorm
+from slipstream.layers.quantization import LinearMethod, get_linear_method
 
 
-def _gemv(x: torch.Tensor) -> bool:
-    return kernels.enabled(x) and x.shape[0] == 1
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard: int | None = None) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+    param.data.copy_(tensor)
 
 
-def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    if _gemv(x):
-        return kernels.gemv(x, proj.weight, proj.bias)[0]
-    return proj(x)
+class Linear(nn.Module):
+    def __init__(self, in_features: int, output_sizes: int | list[int], bias: bool = False,
+                 method: LinearMethod | None = None, fused: bool = False) -> None:
+        super().__init__()
+        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.in_features, self.out_features = in_features, sum(self.output_sizes)
+        self.fused = fused
+        self.method = method or get_linear_method("none")
+        self.method.create_weights(self)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False)
+            self.set_loader(self.bias, stacked=True)
+        else:
+            self.register_parameter("bias", None)
+
+    def set_loader(self, param: nn.Parameter, stacked: bool) -> None:
+        """Give `param` its weight loader: by output shard when its rows follow `output_sizes`, else whole."""
+        if stacked and len(self.output_sizes) > 1:
+            param.weight_loader = self._load_rows
+            param.shards = tuple(range(len(self.output_sizes)))
+        else:
+            param.weight_loader = default_weight_loader
+
+    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        if shard is None:
+            raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
+        start = sum(self.output_sizes[:shard])
+        dst = param.data.narrow(0, start, self.output_sizes[shard])
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+
+    def gemv_prologue(self, x: torch.Tensor) -> bool:
+        """May this one-row input run fused with the op before the projection?"""
+        return self.fused and self.method.supports_gemv and x.shape[0] == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
 
 
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_loading(model: nn.Module) -> None:
+    """Let every linear layer's method convert what was loaded (after real or random weights)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_after_loading(module)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(x + residual)), x + residual); with no residual, (proj(norm(x)), x)."""
-    if _gemv(x):
+    if proj.gemv_prologue(x):
         return kernels.gemv(x, proj.weight, proj.bias, prologue="rmsnorm", residual=residual, norm_weight=norm.weight,
                             eps=norm.eps)
     h, residual = norm(x, residual)
     return proj(h), residual
 
 
-def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+def silu_mul_linear(gate_up: torch.Tensor, proj: Linear) -> torch.Tensor:
     """proj(silu(gate) * up) for a fused [gate | up] input."""
-    if _gemv(gate_up):
+    if proj.gemv_prologue(gate_up):
         return kernels.gemv(gate_up, proj.weight, proj.bias, prologue="silu_mul")[0]
-    return proj(silu_and_mul(gate_up))
+    return proj(silu_and_mul(gate_up, proj.fused))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from slipstream import kernels
+from slipstream.kernels.hash import exponential_noise
+from slipstream.sampling_params import GREEDY_BELOW
 
 
 @dataclass
@@ -73,30 +75,9 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-_M1 = -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64 (splitmix64 finalizer constants)
-_M2 = -7723592293110705685  # 0x94d049bb133111eb
-_GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic wraps; `>>` is arithmetic on signed ints, so mask to make it a logical shift.
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _M1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _M2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """E[s, v] ~ Exp(1), a pure function of (seeds[s], positions[s], v)."""
-    row_key = _mix64(seeds * _GOLDEN + positions)
-    x = _mix64(row_key.unsqueeze(1) + torch.arange(vocab, device=seeds.device).unsqueeze(0) * _GOLDEN)
-    u = (((x >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # top 24 bits -> (0, 1)
-    return -torch.log(u)
-
-
-def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-    fused = not (b.use_top_k_top_p or b.use_min_p) and kernels.enabled(logits)
+def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) -> SamplerOutput:
+    """`fused_kernels`: the model runs on the GPU with Triton kernels; temperature-only rows then draw in one pass."""
+    fused = not (b.use_top_k_top_p or b.use_min_p) and fused_kernels
     adjusted = b.bias is not None or b.banned is not None or b.penalties is not None
     if not fused or adjusted or b.max_logprobs is not None:  # the fused kernel reads bf16 logits as they are
         logits = logits.float()
@@ -114,7 +95,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         tokens = logits.argmax(dim=-1)
     else:
         greedy = logits.argmax(dim=-1)
-        is_greedy = b.temperature < 1e-5
+        is_greedy = b.temperature < GREEDY_BELOW
         temp = torch.where(is_greedy, torch.ones_like(b.temperature), b.temperature)
         probs = filter_probs(torch.softmax(logits / temp.unsqueeze(1), dim=-1), b)
         noise = exponential_noise(b.seeds, b.positions, logits.shape[-1])

@@ -10,19 +10,18 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from slipstream.config import ModelConfig
 
-Weights = Iterable[tuple[str, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None  # None: dummy (random) weights
+    weights: Callable[[], Iterator[tuple[str, "torch.Tensor"]]] | None  # None: dummy (random) weights
     tokenizer: Any
     path: str
 
@@ -49,9 +48,10 @@ def load(model: str | None, load_format: str = "auto", tokenizer: str | None = N
         raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
     is_gguf = path.endswith(".gguf") and os.path.isfile(path)
     if is_gguf and load_format in ("auto", "gguf"):
-        from slipstream.loader.gguf_loader import load_gguf
+        from slipstream.loader.gguf_loader import open_gguf
 
-        return load_gguf(path, tokenizer)
+        config, weights = open_gguf(path)
+        return LoadedModel(config, weights, load_tokenizer(path, tokenizer), path)
     cfg_file = path if os.path.isfile(path) and path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ValueError(f"model path {path!r} is neither a .gguf file nor a directory with config.json")
@@ -88,17 +88,3 @@ def _hf_tokenizer(path: str) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a config-only dir (dummy benchmarks) may have no tokenizer: fail loudly, not later
         raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
-
-
-def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights like vLLM's `--load-format dummy`: small uniform values, norms at one."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data.fill_(1.0)
-        else:
-            # Draw on the host in chunks (same values on any device), then copy.
-            flat = p.data.view(-1)
-            for start in range(0, flat.numel(), 1 << 24):
-                chunk = torch.empty(min(1 << 24, flat.numel() - start)).uniform_(-0.05, 0.05, generator=gen)
-                flat[start : start + chunk.numel()].copy_(chunk)

@@ -7,14 +7,14 @@ Qwen2/Qwen3 GGUFs keep the NeoX layout and are not permuted.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from slipstream.config import ModelConfig
+from slipstream.models import MODEL_TYPES
 
-_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 _NAMES = {
     "token_embd": "model.embed_tokens",
@@ -55,14 +55,14 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 def gguf_config(reader: Any) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
-    if arch not in _ARCH:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCH)}")
+    if arch not in MODEL_TYPES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(MODEL_TYPES)}")
     names = {t.name for t in reader.tensors}
     heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     cfg = {
-        "architectures": [_ARCH[arch]],
+        "architectures": [MODEL_TYPES[arch]],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
@@ -102,17 +102,11 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool) -> Iterator[tu
         yield hf_name(t.name), torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def load_gguf(path: str, tokenizer: str | None = None):  # noqa: ANN201 - returns loader.LoadedModel
+def open_gguf(path: str) -> tuple[ModelConfig, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
+    """The model config and a weight iterator (HF names and layout) of a GGUF file."""
     from gguf import GGUFReader
-    from transformers import AutoTokenizer
-
-    from slipstream.loader import LoadedModel, _hf_tokenizer
 
     reader = GGUFReader(path)
     config = ModelConfig.from_hf(gguf_config(reader))
     permute = _field(reader, "general.architecture") == "llama"
-    if tokenizer is None:
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    else:
-        tok = _hf_tokenizer(tokenizer)
-    return LoadedModel(config, lambda: gguf_weights(reader, config, permute), tok, path)
+    return config, lambda: gguf_weights(reader, config, permute)

@@ -1,24 +1,33 @@
-"""Model registry: HF architecture name -> module class."""
+"""Model registry: HF architecture name -> module class, the one list of what slipstream runs.
+
+Torch-free (classes are imported when built), so that configs are checked without importing a model."""
 from __future__ import annotations
 
-from torch import nn
-
-from slipstream.attention import AttentionBackend
-from slipstream.config import ModelConfig
-from slipstream.models.llama import LlamaForCausalLM
+import importlib
+from typing import Any
 
 # Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) are the Llama block with a flag that ModelConfig derives.
-_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
+ARCHITECTURES = {
+    "LlamaForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+}
+# HF `model_type` (and GGUF `general.architecture`) -> architecture, for configs that name no architecture.
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
-def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:
-    try:
-        cls = _REGISTRY[cfg.architecture]
-    except KeyError:
-        raise ValueError(f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(_REGISTRY)}") from None
-    return cls(cfg, backend)
+def check_architecture(arch: str, described_as: str = "") -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch or described_as!r}; supported: {', '.join(ARCHITECTURES)}")
+
+
+def model_class(arch: str) -> Any:
+    check_architecture(arch)
+    module, name = ARCHITECTURES[arch].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -8,44 +8,54 @@ small-batch decode runs each pair as one kernel.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from slipstream import kernels
-from slipstream.attention import AttentionBackend, AttentionMetadata
-from slipstream.attention.torch_backend import store_kv
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.config import ModelConfig
-from slipstream.layers.linear import linear, norm_linear, silu_mul_linear
+from slipstream.layers.linear import Linear, default_weight_loader, finish_loading, norm_linear, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
+from slipstream.layers.quantization import LinearMethod, get_linear_method
 from slipstream.layers.rotary import RotaryEmbedding
+
+# Which quantization method the linear layer at a given parameter prefix uses ("model.layers.0.mlp.down_proj").
+MethodFor = Callable[[str], LinearMethod]
+
+
+def unquantized(prefix: str) -> LinearMethod:
+    return get_linear_method("none")
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 method_for: MethodFor, fused: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        prefix = f"layers.{layer}.self_attn"
+        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias,
+                               method=method_for(f"{prefix}.qkv_proj"), fused=fused)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, method=method_for(f"{prefix}.o_proj"), fused=fused)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = rotary
-        self.backend = backend
+        self.backend = backend  # owns this layer's KV pages (index `layer`)
+        self.layer = layer
+        self.fused = fused
         self.scale = cfg.head_dim**-0.5
-        # Bound by the model runner once the KV pool is allocated: [num_blocks, block_size, Hk, D] each.
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the pool for already-projected qkv [T, (Hq + 2 Hk) D], through o_proj."""
-        if kernels.enabled(qkv):  # one fused kernel: q/k norm, RoPE, K/V into the pool
+        if self.fused:  # one kernel: q/k norm, RoPE, K/V into the backend's pages
+            k_cache, v_cache = self.backend.kv_cache(self.layer)
             q = kernels.qk_norm_rope_store(
-                qkv, positions, self.rotary.cos_sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads,
+                qkv, positions, self.rotary.cos_sin, meta.slot_mapping, k_cache, v_cache, self.num_heads,
                 self.num_kv_heads, self.head_dim, *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()),
             )
         else:
@@ -56,16 +66,18 @@ class Attention(nn.Module):
             if self.qk_norm:
                 q, k = self.q_norm(q)[0], self.k_norm(k)[0]
             q, k = self.rotary(positions, q, k)
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
-        return linear(o.view(-1, self.q_size), self.o_proj)
+            self.backend.store_kv(self.layer, k, v, meta)
+        o = self.backend.attend(self.layer, q, meta, self.scale)
+        return self.o_proj(o.view(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, method_for: MethodFor, fused: bool) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        prefix = f"layers.{layer}.mlp"
+        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, method=method_for(f"{prefix}.gate_up_proj"),
+                                   fused=fused)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, method=method_for(f"{prefix}.down_proj"), fused=fused)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """SwiGLU on the already-projected [gate | up], through down_proj."""
@@ -73,12 +85,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 method_for: MethodFor, fused: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.mlp = MLP(cfg, layer, method_for, fused)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -90,14 +103,19 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    """`fused`: the model runs on a CUDA device with the Triton kernels (the runner decides, once, at build)."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, method_for: MethodFor = unquantized,
+                 fused: bool = False) -> None:
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        # The output projection stays in the model's dtype: its error lands on every logit.
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, fused=fused)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -109,10 +127,10 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head)
+        return self.lm_head(hidden)
 
-    # Checkpoint (HF layout) name fragment -> (fused parameter fragment, shard index)
-    _STACKED = {
+    # Checkpoint (HF layout) projection -> (stacked parameter, shard index)
+    packed_modules = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),
@@ -121,42 +139,28 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (HF names, `model.` prefix optional) into the fused parameters."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        """Hand each checkpoint tensor (HF names, `model.` prefix optional) to its parameter's weight loader."""
+        params = dict(self.named_parameters())  # a tied lm_head shares the embedding's entry
+        loaded: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             target, shard = name, None
-            for frag, (fused, idx) in self._STACKED.items():
+            for frag, (stacked, idx) in self.packed_modules.items():
                 if f".{frag}." in name:
-                    target, shard = name.replace(frag, fused), idx
+                    target, shard = name.replace(frag, stacked), idx
                     break
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
-            if shard is None:
-                dst = param.data
-            else:
-                sizes = self._shard_sizes(target)
-                dst = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
-            if dst.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
-            loaded.add(f"{target}#{shard}")
-        expected = {f"{n}#{s}" for n in params for s in self._shards_of(n)}
-        if self.config.tie_word_embeddings:
-            expected.discard("lm_head.weight#None")
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            loaded.add((target, shard))
+        expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))}
         missing = expected - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-
-    def _shard_sizes(self, fused_name: str) -> list[int]:
-        c = self.config
-        if "qkv_proj" in fused_name:
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
-
-    def _shards_of(self, name: str) -> list[int | None]:
-        return list(range(len(self._shard_sizes(name)))) if ("qkv_proj" in name or "gate_up_proj" in name) else [None]
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+        finish_loading(self)

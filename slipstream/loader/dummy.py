@@ -1,0 +1,18 @@
+"""Random weights for benchmarks with real shapes and no checkpoint."""
+from __future__ import annotations
+
+import torch
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights like vLLM's `--load-format dummy`: small uniform values, norms at one."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            # Draw on the host in chunks (same values on any device), then copy.
+            flat = p.data.view(-1)
+            for start in range(0, flat.numel(), 1 << 24):
+                chunk = torch.empty(min(1 << 24, flat.numel() - start)).uniform_(-0.05, 0.05, generator=gen)
+                flat[start : start + chunk.numel()].copy_(chunk)

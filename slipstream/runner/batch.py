@@ -1,0 +1,63 @@
+"""The plain-data step between the engine core and the model runner, in both directions.
+
+No engine objects cross it (no `Sequence`, no request): each sequence is named by its id and carries what the
+runner needs this step. A sequence may compute any number of tokens in one step: a prefill chunk, one decode
+token, or a decode token followed by k draft tokens to verify. Everything here pickles, so a step can be sent
+to worker processes (tensor parallelism) as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slipstream.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """How to draw a sequence's next token(s)."""
+
+    params: SamplingParams
+    seed: int
+    num_output_tokens: int  # output index of the first token this step draws (the sampler's counter)
+    # Only when the params need penalties: every token the sequence has (prompt then outputs), and the prompt length.
+    history: list[int] | None = None
+    num_prompt_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SeqStep:
+    seq_id: int
+    token_ids: list[int]  # tokens whose KV this step computes
+    start: int  # position of token_ids[0]: tokens before it are in the cache
+    block_table: list[int]  # pages covering every position this step writes
+    num_drafts: int = 0  # the last num_drafts tokens are proposed continuations to verify
+    sampling: SamplingRow | None = None  # None: a prefill chunk that does not reach the end of the prompt
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_samples(self) -> int:
+        """Rows drawn this step: one per draft, plus the token after them."""
+        return 0 if self.sampling is None else self.num_drafts + 1
+
+
+@dataclass(slots=True)
+class Step:
+    seqs: list[SeqStep] = field(default_factory=list)
+    # The core expects the same decodes next step (nobody waits): the runner may launch that step early.
+    run_ahead: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(slots=True)
+class SeqResult:
+    """A sequence's accepted tokens: drafts that matched the draws, then one drawn token (1..k+1 in all)."""
+
+    seq_id: int
+    tokens: list[int]
+    logprobs: list[dict[int, float]] | None = None  # per token: the token's own logprob first, then top-n

@@ -1,0 +1,150 @@
+"""A step's inputs: host lists from the plain-data step, then device tensors staged in one upload."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slipstream.attention.backend import AttentionMetadata
+from slipstream.runner.batch import SeqStep
+
+_MIN_SHARED = 256  # shorter common prefixes are not worth the cascade kernel's launch
+
+
+@dataclass
+class HostInputs:
+    """One step on the host. Sequences with one token (decodes) come first: the backend's decode kernel takes them."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # pool slot of each token
+    query_lens: list[int]
+    seq_lens: list[int]  # context length of each sequence after this step
+    tables: list[list[int]]
+    sample_rows: list[int]  # rows of the hidden states to turn into logits, in sequence order
+    num_decodes: int
+    shared: int  # cascade: context tokens every decode reads from the same pages (0: none)
+
+
+def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInputs:
+    bs = block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    seq_lens: list[int] = []
+    rows: list[int] = []
+    for s in seqs:
+        end = s.start + len(s.token_ids)
+        ids += s.token_ids
+        positions += range(s.start, end)
+        table = s.block_table
+        slots += [table[p // bs] * bs + p % bs for p in range(s.start, end)]
+        seq_lens.append(end)
+        rows += range(len(ids) - s.num_samples, len(ids))
+    num_decodes = 0
+    while num_decodes < len(seqs) and len(seqs[num_decodes].token_ids) == 1:
+        num_decodes += 1
+    tables = [s.block_table for s in seqs]
+    shared = shared_prefix_len(tables[:num_decodes], seq_lens[:num_decodes], bs) if cascade else 0
+    return HostInputs(ids, positions, slots, [len(s.token_ids) for s in seqs], seq_lens, tables, rows, num_decodes, shared)
+
+
+def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
+    """Context tokens (whole pages) at the head of every sequence that live in the very same pages, or 0.
+
+    Only the prefix cache puts one page in several tables, and a cached page determines every page before it
+    (it is a node of the radix tree), so "page j is shared by all" holds for a prefix of j: binary search."""
+    if len(tables) < 2:
+        return 0
+    first = tables[0]
+    hi = min((n - 1) // block_size for n in seq_lens)  # pages wholly before each sequence's newest token
+    if hi == 0 or any(t[0] != first[0] for t in tables):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        page = first[mid - 1]
+        if all(t[mid - 1] == page for t in tables):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * block_size if lo * block_size >= _MIN_SHARED else 0
+
+
+def eager_inputs(h: HostInputs, st: "Stager") -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Stage the step's inputs in one upload: (input ids, positions, attention metadata)."""
+    qsl = [0]
+    for n in h.query_lens:
+        qsl.append(qsl[-1] + n)
+    ids_t, pos_t, slots_t, qsl_t, lens_t = st.put(h.input_ids), st.put(h.positions), st.put(h.slots), st.put(qsl), st.put(h.seq_lens)
+    shared_t = st.put([h.shared]) if h.shared else None
+    tables_t = st.put_table(h.tables)
+    st.upload()
+    nd = h.num_decodes
+    meta = AttentionMetadata(
+        slot_mapping=slots_t(), query_start_loc=qsl_t(), seq_lens=lens_t(), block_tables=tables_t(),
+        query_lens_cpu=h.query_lens, seq_lens_cpu=h.seq_lens, max_query_len=max(h.query_lens), max_seq_len=max(h.seq_lens),
+        num_decodes=nd, decode_max_len=max(h.seq_lens[:nd], default=0), shared_prefix=shared_t() if shared_t else None,
+    )
+    return ids_t(), pos_t(), meta
+
+
+class Stager:
+    """Packs a step's small inputs into one host buffer (pinned on CUDA) and uploads them in one copy.
+
+    `put` returns a getter for the device view, valid after `upload`. Two host buffers alternate, each guarded
+    by an event, so a buffer whose copy may still be queued (the runner launches the next decode before it
+    waits on this one) is never overwritten."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int) -> None:
+        self.device, self.dtype = device, dtype
+        self.pinned = device.type == "cuda"
+        self.bufs = [self._alloc(capacity), self._alloc(capacity)]
+        self.cur = 0
+        self.host, self.np, self.dev, self.event = self.bufs[0]
+        self.used = self.uploaded = 0
+
+    def _alloc(self, capacity: int) -> list:
+        host = torch.empty(capacity, dtype=self.dtype, pin_memory=self.pinned)
+        dev = torch.empty(capacity, dtype=self.dtype, device=self.device) if self.pinned else host
+        return [host, host.numpy(), dev, torch.cuda.Event() if self.pinned else None]
+
+    def reset(self) -> None:
+        """Start filling the other buffer (after its last upload has left the host)."""
+        self.cur ^= 1
+        self.host, self.np, self.dev, self.event = self.bufs[self.cur]
+        if self.event is not None:
+            self.event.synchronize()
+        self.used = self.uploaded = 0
+
+    def _reserve(self, n: int) -> int:
+        # Every slice starts 16-byte aligned: Triton specializes kernels on pointer alignment, and a slice at an
+        # odd offset would compile a new variant in the middle of serving.
+        align = 16 // self.host.element_size()
+        self.used = -(-self.used // align) * align
+        if self.used + n > self.host.numel():
+            raise RuntimeError(f"staging buffer of {self.host.numel()} entries is too small for this step")
+        start = self.used
+        self.used += n
+        return start
+
+    def put(self, values: list):  # noqa: ANN201 - returns a getter
+        start = self._reserve(len(values))
+        self.np[start : start + len(values)] = values
+        return lambda: self.dev[start : start + len(values)]
+
+    def put_table(self, rows: list[list[int]]):  # noqa: ANN201
+        width = max(len(r) for r in rows)
+        start = self._reserve(len(rows) * width)
+        view = self.np[start : start + len(rows) * width].reshape(len(rows), width)
+        for i, r in enumerate(rows):
+            view[i, : len(r)] = r
+            view[i, len(r) :] = 0
+        return lambda: self.dev[start : start + len(rows) * width].view(len(rows), width)
+
+    def upload(self) -> None:
+        """Copy what was put since the last upload."""
+        if self.pinned and self.used > self.uploaded:
+            self.dev[self.uploaded : self.used].copy_(self.host[self.uploaded : self.used], non_blocking=True)
+            self.event.record()
+        self.uploaded = self.used

@@ -1,0 +1,67 @@
+"""The paged KV pool: how many pages fit, and the per-layer tensors handed to the attention backend.
+
+The pool is `num_blocks + 1` pages per layer for K and for V: the extra page takes the writes of padded rows
+in a CUDA graph. Its dtype (`kv_dtype`) is the pool's own, apart from the model's compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from slipstream.attention.backend import AttentionBackend
+from slipstream.config import CacheConfig, ModelConfig
+
+_CPU_KV_BYTES = 1 << 30  # default KV budget on CPU
+
+
+class KVPool:
+    def __init__(self, model: ModelConfig, block_size: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.block_size, self.kv_dtype, self.device = model, block_size, kv_dtype, device
+        self.num_blocks = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        m = self.model
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
+
+    @property
+    def pad_slot(self) -> int:
+        """First slot of the padding page (after the pages the block manager hands out)."""
+        return self.num_blocks * self.block_size
+
+    def size(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int, free_bytes: Callable[[], int]) -> int:
+        """Pages to allocate: the exact override, else what the byte budget holds (no more than can ever be used)."""
+        useful = max_num_seqs * -(-max_model_len // self.block_size)
+        if cache.num_blocks is not None:
+            n = cache.num_blocks
+        else:
+            if cache.kv_cache_bytes is not None:
+                budget = cache.kv_cache_bytes
+            elif self.device.type == "cuda":
+                budget = free_bytes()
+            else:
+                budget = _CPU_KV_BYTES
+            n = min(useful, budget // self.bytes_per_block - 1)  # the budget covers the padding page too
+        if n * self.block_size < max_model_len:
+            raise ValueError(
+                f"KV cache of {n} blocks x {self.block_size} tokens cannot hold one sequence of max_model_len="
+                f"{max_model_len}; lower max_model_len or give the cache more memory"
+            )
+        return n
+
+    def allocate(self, num_blocks: int, backend: AttentionBackend) -> None:
+        """Zeros, not whatever the allocator held: the Hopper prefill kernel loads whole key tiles and cancels the
+        slots past a context with P = 0, which needs them finite."""
+        self.num_blocks = num_blocks
+        m = self.model
+        shape = (num_blocks + 1, self.block_size, m.num_kv_heads, m.head_dim)
+        pages = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2 * m.num_layers)]
+        backend.bind_kv(pages[: m.num_layers], pages[m.num_layers :])
+
+    def bind_scratch(self, num_blocks: int, backend: AttentionBackend) -> torch.Tensor:
+        """One scratch page set shared by every layer (for measuring activation memory before the pool exists)."""
+        m = self.model
+        tmp = torch.empty((num_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.kv_dtype, device=self.device)
+        backend.bind_kv([tmp] * m.num_layers, [tmp] * m.num_layers)
+        return tmp

@@ -1,0 +1,141 @@
+"""Steps that carry many tokens per sequence.
+
+Runner level (plain-data steps): feeding k known tokens to a sequence in one step (teacher forcing) gives the
+same logits and writes the same KV as k one-token steps. On a GPU the single-token steps replay the decode
+graphs and the k-token steps a graph ladder captured for k tokens (scripts/gpu_check.sh runs this file there).
+
+Engine level: drafts given to running sequences (as a speculative proposer will) are verified by the rule
+"accept while the draw equals the draft, then take the draw"; whatever the drafts, the output is exactly that
+of plain decoding (greedy, seeded sampling, penalties), correct drafts save steps, and no page leaks.
+"""
+import random
+
+import pytest
+import torch
+
+from conftest import assert_no_leak
+from slipstream import SamplingParams
+from slipstream.config import EngineConfig, ModelConfig
+from slipstream.runner.batch import SamplingRow, SeqStep, Step
+from slipstream.runner.model_runner import ModelRunner
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TINY = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   max_position_embeddings=256, tie_word_embeddings=True, qk_norm=True)
+BS = 16
+
+
+def _logits_by_seq(runner: ModelRunner, step: Step) -> dict[int, torch.Tensor]:
+    seqs, draws, logits = runner.compute_logits(step)
+    out, r = {}, 0
+    for s in seqs:
+        if s.sampling is not None:
+            out[s.seq_id] = logits[r : r + s.num_samples].float().cpu()
+            r += s.num_samples
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_tokens_in_one_step_equal_k_single_steps(device):
+    k = 4
+    config = EngineConfig.from_options(None, device=device, dtype="float32", block_size=BS, num_blocks=32,
+                                       max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256)
+    runner = ModelRunner(config, TINY, None, 256, {2})
+    if device == "cuda":
+        runner.capture_graphs(k)
+        assert set(runner.graphs) == {1, k}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (37, 21)]
+    forced = [torch.randint(3, 256, (k,), generator=g).tolist() for _ in prompts]
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+
+    def tables(first_page: int) -> list[list[int]]:
+        return [list(range(first_page + 4 * i, first_page + 4 * i + 4)) for i in range(len(prompts))]
+
+    # k single-token steps (sequences 0, 1 on pages 0..7)
+    t1 = tables(0)
+    runner.compute_logits(Step([SeqStep(i, p, 0, t1[i], 0, row) for i, p in enumerate(prompts)]))
+    single = {i: [] for i in range(len(prompts))}
+    for j in range(k):
+        got = _logits_by_seq(runner, Step([SeqStep(i, [forced[i][j]], len(p) + j, t1[i], 0, row) for i, p in enumerate(prompts)]))
+        for i in single:
+            single[i].append(got[i])
+    # one step of k tokens per sequence (sequences 10, 11 on pages 8..15): the first is the decode token, the
+    # other k - 1 are drafts, so k rows are drawn
+    t2 = tables(8)
+    runner.compute_logits(Step([SeqStep(10 + i, p, 0, t2[i], 0, row) for i, p in enumerate(prompts)]))
+    multi = _logits_by_seq(runner, Step([SeqStep(10 + i, forced[i], len(p), t2[i], k - 1, row) for i, p in enumerate(prompts)]))
+    for i, p in enumerate(prompts):
+        ref = torch.cat(single[i])
+        assert multi[10 + i].shape == ref.shape == (k, TINY.vocab_size)
+        torch.testing.assert_close(multi[10 + i], ref, atol=2e-4, rtol=1e-4)
+        # the same K/V at every position the forced tokens were written to (and the prompt's)
+        slots1 = [t1[i][q // BS] * BS + q % BS for q in range(len(p) + k)]
+        slots2 = [t2[i][q // BS] * BS + q % BS for q in range(len(p) + k)]
+        for layer in range(TINY.num_layers):
+            for cache in runner.backend.kv_cache(layer):
+                flat = cache.view(-1, *cache.shape[2:])
+                torch.testing.assert_close(flat[slots2].cpu(), flat[slots1].cpu(), atol=2e-5, rtol=1e-5)
+
+
+def _with_drafts(monkeypatch, llm, propose):
+    """Before every step, give each decoding sequence the drafts `propose(seq)` returns."""
+    core = llm.engine.core
+    step = core.step
+
+    def drafting_step():
+        for seq in core.scheduler.running:
+            if seq.num_tokens - seq.num_computed_tokens == 1:
+                seq.draft_token_ids = propose(seq)
+        return step()
+
+    monkeypatch.setattr(core, "step", drafting_step)
+
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    "seeded": SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=24, logprobs=2, ignore_eos=True),
+    "penalties": SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=24,
+                                ignore_eos=True),
+    "stops_in_drafts": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_drafts_never_change_the_output(fresh, monkeypatch, kind):
+    llm, params, k = fresh, PARAMS[kind], 4
+    prompt = "The three most important ideas in physics are"
+    core = llm.engine.core
+    start = core.stats.steps
+    ref = llm.generate([prompt], params)[0].outputs[0]
+    plain_steps = core.stats.steps - start
+
+    def right(seq):
+        n = seq.num_output_tokens
+        return ref.token_ids[n : n + k]
+
+    rng = random.Random(0)
+
+    def wrong(seq):
+        return [rng.randrange(llm.engine.model_config.vocab_size) for _ in range(k)]
+
+    def half(seq):  # right for two tokens, then wrong: a rejection in the middle
+        good = right(seq)[:2]
+        return good + [(t + 1) % 1000 for t in right(seq)[2:]]
+
+    for name, propose in (("right", right), ("wrong", wrong), ("half", half)):
+        with monkeypatch.context() as m:
+            _with_drafts(m, llm, propose)
+            before = core.stats.steps
+            out = llm.generate([prompt], params)[0].outputs[0]
+            steps = core.stats.steps - before
+        assert out.token_ids == ref.token_ids, name
+        assert out.text == ref.text and out.finish_reason == ref.finish_reason
+        if params.logprobs is not None:
+            assert len(out.logprobs) == len(ref.logprobs)
+            for a, b in zip(out.logprobs, ref.logprobs):
+                assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-3 for t in a)
+        if name == "right":
+            assert steps < plain_steps, f"correct drafts took {steps} steps, plain decoding {plain_steps}"
+    assert_no_leak(llm)

@@ -137,12 +137,14 @@ class EngineConfig:
     attention_backend: str = option("auto", "attention kernels (auto: triton on CUDA, torch elsewhere)", ("auto", *BACKENDS))
     quantization: str = option("none", "weight format of the linear layers", QUANTIZATION_METHODS)
     enforce_eager: bool = option(False, "no CUDA graphs")
+    async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
+                                           "for the host (auto: on for CUDA)", ("auto", "on", "off"))
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        for name in ("load_format", "dtype", "attention_backend", "quantization"):
+        for name in ("load_format", "dtype", "attention_backend", "quantization", "async_scheduling"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)

@@ -194,8 +194,10 @@ def test_openapi_documents_request_bodies(server):
     assert "prompt" in schema["properties"]
 
 
-def test_api_key_guards_everything_but_health(llm):
-    with LiveServer(llm.engine, MODEL, api_key="sekret") as s:
+def test_api_key_guards_everything_but_health(gguf_path):
+    # Its own engine: a core is served by one loop at a time, and the module's server holds `llm`'s.
+    keyed = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256)
+    with LiveServer(keyed.engine, MODEL, api_key="sekret") as s:
         for path in ("/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"):
             assert httpx.get(s.url + path).status_code == 401, path
         assert httpx.get(s.url + "/health").status_code == 200

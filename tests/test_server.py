@@ -129,7 +129,9 @@ def test_unknown_model_is_404_and_unknown_fields_ignored(server):
     assert r.status_code == 200
 
 
-def test_api_key(llm):
+def test_api_key(gguf_path):
+    # Its own engine: a core is served by one loop at a time, and the module's server holds `llm`'s.
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256)
     with LiveServer(llm.engine, MODEL, api_key="sekret") as s:
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401

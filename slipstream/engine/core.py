@@ -10,8 +10,10 @@ import itertools
 import json
 import os
 import random
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from slipstream import loader
 from slipstream.config import EngineConfig
@@ -50,6 +52,11 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self.stats = CoreStats()
         self._sec_per_token: float | None = None  # measured cost of a scheduled token, for the prefill budget
+        # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
+        # it is asked, so overlap there would only hold every output back by one step.
+        self.overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda")
+        self._inflight: _InFlight | None = None
+        self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
 
     def _eos_ids(self, path: str) -> set[int]:
@@ -71,9 +78,10 @@ class EngineCore:
         if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences already waiting")
         req = Request(request_id, prompt_ids, params, priority)
+        max_total = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(prompt_ids) + params.max_tokens)
         for i in range(params.n):
             seed = self._rng.getrandbits(62) if params.seed is None else (params.seed + i * 1_000_003) % _SEED_SPACE
-            seq = Sequence(next(self._seq_ids), req, i, list(prompt_ids), seed)
+            seq = Sequence(next(self._seq_ids), req, i, list(prompt_ids), seed, max_total_tokens=max_total)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -102,7 +110,7 @@ class EngineCore:
             del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     def warm_up(self) -> None:
         """Run every step shape once (prefill chunk, mixed prefill + decode, decode; greedy and sampled) so that
@@ -129,44 +137,64 @@ class EngineCore:
 
     # ---- one step ----
     def step(self) -> list[SeqDelta]:
+        """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
+        while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
-        if not batch.seqs:
-            return []
-        # With nobody waiting, the next step is most likely the same decodes: let the runner start it early.
-        step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)],
-                    run_ahead=not self.scheduler.waiting and not any(batch.num_drafts))
-        start = time.perf_counter()
-        results = self.runner.execute(step)
-        self._measure(batch.num_tokens, time.perf_counter() - start)
-        return self._apply(batch, results)
+        launched = self._launch(batch) if batch.seqs else None
+        deltas = self._collect() if self._inflight is not None else []
+        self._inflight = launched
+        if launched is not None and (not self.overlap or launched.sync):
+            deltas += self._collect()
+        return deltas
+
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+        step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
+        # Drafts: the next step depends on how many are accepted. Penalties: the next draw needs this token.
+        sync = any(batch.num_drafts) or any(s.sampling is not None and s.sampling.history is not None for s in step.seqs)
+        launched = _InFlight(batch, self.runner.launch(step), time.perf_counter(), sync)
+        cache = self.prefix_cache
+        for seq, n, drafts, s in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts, step.seqs):
+            # Counted as computed now (their KV is written before anything later on the device reads it); drafts
+            # are counted when their verdict is read.
+            seq.num_computed_tokens += n - drafts
+            if s.sampling is not None:
+                seq.num_pending += 1
+            if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
+                cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
+        self.stats.steps += 1
+        return launched
 
     def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
         start = seq.num_computed_tokens
-        ids = seq.token_ids[start : start + n - drafts] + seq.draft_token_ids[:drafts]
+        known = len(seq.token_ids)
+        if start >= known:  # a decode of the token the step in flight is drawing
+            ids, fed = [0], True
+        else:
+            ids, fed = seq.token_ids[start : start + n - drafts] + seq.draft_token_ids[:drafts], False
         sampling = None
         if start + n - drafts == seq.num_tokens:  # the step reaches the sequence's last token: draw the next
             p = seq.params
             sampling = SamplingRow(p, seq.seed, seq.num_output_tokens,
                                    list(seq.token_ids) if p.needs_penalties else None, seq.num_prompt_tokens)
-        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling)
+        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed)
 
-    def _apply(self, batch: ScheduledBatch, results: list[SeqResult]) -> list[SeqDelta]:
-        """Advance what was computed, append what was accepted (drafts past a rejection had their KV computed for
-        nothing: their slots are overwritten later and whole pages go back)."""
-        accepted = {r.seq_id: len(r.tokens) - 1 for r in results}
-        cache = self.prefix_cache
-        for seq, n, drafts in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts):
-            seq.num_computed_tokens += n - drafts + accepted.get(seq.seq_id, 0)
-            if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
-                cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
-            if drafts:
-                seq.draft_token_ids = []
-        self.stats.steps += 1
-        by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(batch.seqs, batch.num_drafts)}
+    def _collect(self) -> list[SeqDelta]:
+        """Read the step in flight and append what it drew (finished or aborted sequences drop theirs). Drafts past
+        a rejection had their KV computed for nothing: their slots are overwritten later and whole pages go back."""
+        flight, self._inflight = self._inflight, None
+        results = self.runner.collect(flight.launched)
+        self._measure(flight.batch.num_tokens, time.perf_counter() - flight.started)
+        by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(flight.batch.seqs, flight.batch.num_drafts)}
         deltas = []
         for r in results:
             seq, drafts = by_id[r.seq_id]
+            seq.num_pending -= 1
+            if seq.is_finished:
+                continue
+            if drafts:
+                seq.draft_token_ids = []
+                seq.num_computed_tokens += len(r.tokens) - 1
             deltas.append(self._append(seq, r))
             if seq.request.is_finished:
                 self.requests.pop(seq.request.request_id, None)
@@ -189,18 +217,16 @@ class EngineCore:
     def _append(self, seq: Sequence, r: SeqResult) -> SeqDelta:
         """Append the accepted tokens one by one, stopping at the first that ends the sequence."""
         p = seq.params
-        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len - seq.num_prompt_tokens
         taken = 0
         for token in r.tokens:
             seq.token_ids.append(token)
             taken += 1
-            n_out = seq.num_output_tokens
-            may_stop = n_out >= p.min_tokens
+            may_stop = len(seq.token_ids) - seq.num_prompt_tokens >= p.min_tokens
             if may_stop and not p.ignore_eos and token in self.eos_ids:
                 self._finish(seq, "stop", None)
             elif may_stop and token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
-            elif n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            elif len(seq.token_ids) >= seq.max_total_tokens:
                 self._finish(seq, "length", None)
             if seq.is_finished:
                 break
@@ -210,8 +236,9 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        # Stopped inside a run of accepted drafts: KV past the kept tokens must not reach the prefix cache.
-        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        # Stopped inside a run of accepted drafts, or with a step in flight: KV past the kept tokens must not reach
+        # the prefix cache.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
         self.scheduler.finish(seq)
 
     def snapshot(self) -> CoreStats:
@@ -225,3 +252,15 @@ class EngineCore:
             s.cache_evicted_blocks, s.cache_blocks = cache.stats.evicted_blocks, len(cache.nodes)
         return s
 
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduledBatch
+    launched: Launched
+    started: float
+    sync: bool  # read it before scheduling the next step
+
+
+if TYPE_CHECKING:
+    from slipstream.runner.model_runner import Launched

@@ -29,6 +29,8 @@ def serve_core(core: EngineCore, in_addr: str, out_addr: str, ctx: zmq.Context |
                parent_pid: int | None = None) -> None:
     """Run `core` until a Shutdown message (or the death of process `parent_pid`). Raises what the core raises,
     after telling the front end."""
+    if not core.serving.acquire(blocking=False):  # two loops stepping one core would steal each other's tokens
+        raise RuntimeError("this engine core is already served by another loop")
     ctx = ctx or zmq.Context.instance()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.bind(in_addr)
@@ -45,6 +47,7 @@ def serve_core(core: EngineCore, in_addr: str, out_addr: str, ctx: zmq.Context |
     finally:
         inbox.close(linger=0)
         outbox.close(linger=2000)  # let the last message (Failed, or the final step) reach the front end
+        core.serving.release()
 
 
 def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decode, parent_pid: int | None) -> None:  # noqa: ANN001

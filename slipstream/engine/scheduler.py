@@ -74,11 +74,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_tokens >= seq.max_total_tokens:
+                i += 1  # its pending token is its last: nothing more to compute
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             drafts = 0
-            if seq.num_tokens - seq.num_computed_tokens == 1:
-                # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len.
-                drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
+            if seq.num_tokens - seq.num_computed_tokens == 1:  # a decode
+                if not seq.num_pending:
+                    # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len (and
+                    # need every token before them known: none pending).
+                    drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
                 n += drafts
             else:
                 n = min(n, prefill_left)
@@ -86,9 +91,7 @@ class Scheduler:
                     i += 1
                     continue
                 prefill_left -= n
-            # A plain decode also reserves the slot of the token it will produce, so the runner can launch the next
-            # step before this one is read back (run-ahead) without waiting for a page.
-            need = min(seq.num_computed_tokens + n + (n == 1), self.config.max_model_len)
+            need = min(seq.num_computed_tokens + n, self.config.max_model_len)
             if not self._make_room(seq, need, batch):
                 break  # `seq` itself was preempted; it was the last running sequence
             self._allocate(seq, need)

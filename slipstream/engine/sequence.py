@@ -32,6 +32,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     # Proposed continuations (speculative decoding) that the next decode step verifies; cleared after it.
     draft_token_ids: list[int] = field(default_factory=list)
+    # Tokens drawn by launched steps whose results the core has not read yet (0..2: the engine launches step N + 1
+    # before it reads step N). They count in num_tokens: the scheduler plans with them.
+    num_pending: int = 0
+    max_total_tokens: int = 1 << 62  # the sequence ends at this many tokens (max_tokens, max_model_len)
 
     @property
     def params(self) -> SamplingParams:
@@ -39,7 +43,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -51,7 +55,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Outputs drawn so far, pending ones included (the output index of the next draw)."""
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

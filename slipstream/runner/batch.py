@@ -32,6 +32,9 @@ class SeqStep:
     block_table: list[int]  # pages covering every position this step writes
     num_drafts: int = 0  # the last num_drafts tokens are proposed continuations to verify
     sampling: SamplingRow | None = None  # None: a prefill chunk that does not reach the end of the prompt
+    # token_ids[0] stands for the token this sequence drew in the step launched just before (its value is still
+    # on the device: the core scheduled this step before reading that one's results)
+    feed_previous: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -46,8 +49,6 @@ class SeqStep:
 @dataclass(slots=True)
 class Step:
     seqs: list[SeqStep] = field(default_factory=list)
-    # The core expects the same decodes next step (nobody waits): the runner may launch that step early.
-    run_ahead: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,8 @@ sized for max_model_len, so one graph serves every context length. Sampling runs
 (its shape depends on the requests' parameters)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from slipstream.attention.backend import AttentionMetadata
@@ -76,22 +78,21 @@ class GraphLadder:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, h: HostInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay for the step `h` (every sequence has q tokens); `device_ids` replaces the input ids when they are
-        already on the device (the tokens just sampled). Returns the hidden states of the real rows."""
+    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Replay for the step `h` (every sequence has q tokens); `feed` writes the ids that are already on the
+        device (tokens just drawn) into the input ids. Returns the hidden states of the real rows."""
         b, q = len(h.seq_lens), self.q
         size = next(s for s in self.sizes if s >= b)
         pos, slots, lens = self._pad_rows(b, size)
         n = size * q
         st = self.stager
-        host_ids = [0] * n if device_ids is not None else h.input_ids + [0] * (n - b * q)
-        vec = st.put(host_ids + h.positions + pos + h.slots + slots + h.seq_lens + lens + [h.shared])
+        vec = st.put(h.input_ids + [0] * (n - b * q) + h.positions + pos + h.slots + slots + h.seq_lens + lens + [h.shared])
         tab = st.put_table(h.tables)
         st.upload()
         v = vec()
         self.ids[:n].copy_(v[:n])
-        if device_ids is not None:
-            self.ids[: b * q].copy_(device_ids)
+        if feed is not None:
+            feed(self.ids)
         self.pos[:n].copy_(v[n : 2 * n])
         self.slots[:n].copy_(v[2 * n : 3 * n])
         self.seq_lens[:size].copy_(v[3 * n : 3 * n + size])

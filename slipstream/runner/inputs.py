@@ -22,6 +22,7 @@ class HostInputs:
     seq_lens: list[int]  # context length of each sequence after this step
     tables: list[list[int]]
     sample_rows: list[int]  # rows of the hidden states to turn into logits, in sequence order
+    first_rows: list[int]  # row of each sequence's first token
     num_decodes: int
     shared: int  # cascade: context tokens every decode reads from the same pages (0: none)
 
@@ -33,8 +34,10 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
     slots: list[int] = []
     seq_lens: list[int] = []
     rows: list[int] = []
+    first: list[int] = []
     for s in seqs:
         end = s.start + len(s.token_ids)
+        first.append(len(ids))
         ids += s.token_ids
         positions += range(s.start, end)
         table = s.block_table
@@ -46,7 +49,8 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
         num_decodes += 1
     tables = [s.block_table for s in seqs]
     shared = shared_prefix_len(tables[:num_decodes], seq_lens[:num_decodes], bs) if cascade else 0
-    return HostInputs(ids, positions, slots, [len(s.token_ids) for s in seqs], seq_lens, tables, rows, num_decodes, shared)
+    return HostInputs(ids, positions, slots, [len(s.token_ids) for s in seqs], seq_lens, tables, rows, first, num_decodes,
+                      shared)
 
 
 def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:

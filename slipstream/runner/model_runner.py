@@ -6,9 +6,10 @@ For a sequence that verifies k drafts, the k + 1 rows are drawn with the request
 drafts are accepted while they equal the draws: for drafts proposed deterministically (n-gram lookup) this is
 exactly speculative sampling's rule, so the output distribution is that of plain decoding.
 
-Decode-only steps run ahead: when the core says the same decodes come next, the next forward is launched (fed
-the tokens just sampled, still on the device) before the host reads this step's tokens, so the GPU works
-while the host does its bookkeeping.
+A step is launched (`launch`: inputs staged, forward, draw, results copied to pinned host memory, all queued
+on the device) and its results read later (`collect`). The engine core launches step N + 1 before it collects
+step N, so the GPU never waits for the host's bookkeeping: a sequence that drew a token in step N is fed it in
+step N + 1 straight from the device (`SeqStep.feed_previous`), and only `collect` waits for the GPU.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from slipstream.models import model_class
 from slipstream.runner.batch import SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import GraphLadder
 from slipstream.runner.device import dtype_name, resolve_device, resolve_dtype
-from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs, shared_prefix_len
+from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import Draw, SamplingTensors
 
@@ -72,10 +73,9 @@ class ModelRunner:
         if self.device.type == "cuda" and self.fused and not config.enforce_eager:
             self.capture_graphs(1)
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
-        self._ahead: _Ahead | None = None
-        if self.device.type == "cuda":
-            self._host_tokens = torch.empty(1024, dtype=torch.int64, pin_memory=True)
-            self._tokens_ready = torch.cuda.Event()
+        # The last launched step's draws, on the device: sequence id -> row, and the tokens.
+        self._last_rows: dict[int, int] = {}
+        self._last_tokens: torch.Tensor | None = None
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
         default_dtype = torch.get_default_dtype()
@@ -117,7 +117,7 @@ class ModelRunner:
         slots = list(range(tokens))
         with torch.inference_mode():
             self.ints.reset()
-            h = HostInputs(ids, slots, slots, [tokens], [tokens], [list(range(nblk))], [], 0, 0)
+            h = HostInputs(ids, slots, slots, [tokens], [tokens], [list(range(nblk))], [], [0], 0, 0)
             hidden = self.model(*eager_inputs(h, self.ints))
             logits = self.model.compute_logits(hidden[: min(tokens, sched.max_num_seqs)])
             del hidden
@@ -138,51 +138,69 @@ class ModelRunner:
     # ---- one step ----
     @torch.inference_mode()
     def compute_logits(self, step: Step) -> tuple[list[SeqStep], list[Draw], torch.Tensor | None]:
-        """Run the step's forward: (its sequences in run order, the rows to draw, their logits [rows, vocab])."""
+        """Queue the step's forward: (its sequences in run order, the rows to draw, their logits [rows, vocab])."""
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
-        ahead, self._ahead = self._ahead, None
-        rows = ahead.rows_for(seqs) if ahead is not None else None
-        if rows is not None:
-            hidden = self._take(ahead.hidden, rows)
-        else:
-            h = host_inputs(seqs, self.block_size, self.cascade)
-            hidden = self._take(self._forward(h), h.sample_rows)
+        h = host_inputs(seqs, self.block_size, self.cascade)
+        fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
+        hidden = self._take(self._forward(h, self._feeder(fed)), h.sample_rows)
         draws = [Draw(s.sampling, j, s.token_ids[len(s.token_ids) - s.num_drafts :])
                  for s in seqs if s.sampling is not None for j in range(s.num_samples)]
         return seqs, draws, self.model.compute_logits(hidden) if draws else None
 
+    def _feeder(self, fed: list[tuple[int, int]]):  # noqa: ANN202 - a callable that patches input ids, or None
+        """Rows of the input ids to fill with the previous step's draws, still on the device."""
+        if not fed:
+            return None
+        try:
+            src = [self._last_rows[sid] for _, sid in fed]
+        except KeyError:
+            raise RuntimeError("a sequence is fed a token that the previous step did not draw") from None
+        dst_t, src_t = self.ints.put([row for row, _ in fed]), self.ints.put(src)
+        self.ints.upload()
+        last = self._last_tokens
+        return lambda ids: ids.index_copy_(0, dst_t(), last[src_t()])
+
     @torch.inference_mode()
-    def execute(self, step: Step) -> list[SeqResult]:
-        """Run one forward over the step; draw for every sequence that has a sampling row."""
+    def launch(self, step: Step) -> Launched:
+        """Queue the step on the device: forward, draws, and the copy of the results to host memory."""
         seqs, draws, logits = self.compute_logits(step)
-        if not draws:
-            return []
         drawing = [s for s in seqs if s.sampling is not None]
+        if not draws:
+            return Launched(drawing, None, None, None, None)
         sb = self.sampling.build(draws, self.ints)
         if sb is None:
             out = SamplerOutput(kernels.argmax(logits) if self.fused else logits.argmax(dim=-1), None, None)
         else:
             out = sample(logits, sb, self.fused)
-        decode_only = len(draws) == len(seqs) and all(len(s.token_ids) == 1 for s in seqs)
-        ladder = self.graphs.get(1)
-        if ladder is not None and step.run_ahead and decode_only and out.logprobs is None and ladder.fits(len(seqs)):
-            n = len(draws)
-            self._host_tokens[:n].copy_(out.tokens, non_blocking=True)
-            self._tokens_ready.record()
-            self._ahead = self._run_ahead(seqs, out.tokens)
-            wait = time.perf_counter()
-            self._tokens_ready.synchronize()
-            tokens = self._host_tokens[:n].tolist()
-        else:
-            wait = time.perf_counter()
-            tokens = out.tokens.tolist()  # the step's one host sync
-        self.gpu_wait_s += time.perf_counter() - wait
-        lps = ids = None
-        if out.logprobs is not None:
-            lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()
-        results, r = [], 0
+        rows, r = {}, 0
         for s in drawing:
+            if not s.num_drafts:  # after drafts the next fed token depends on how many were accepted: known later
+                rows[s.seq_id] = r
+            r += s.num_samples
+        self._last_rows, self._last_tokens = rows, out.tokens
+        if self.device.type != "cuda":
+            return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None)
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (out.tokens, out.logprobs, out.logprob_ids)]
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(drawing, *host, done)
+
+    def collect(self, launched: Launched) -> list[SeqResult]:
+        """Wait for a launched step and read its results: per drawing sequence, its accepted tokens."""
+        if launched.tokens is None:
+            return []
+        wait = time.perf_counter()
+        if launched.done is not None:
+            launched.done.synchronize()
+        self.gpu_wait_s += time.perf_counter() - wait
+        tokens = launched.tokens.tolist()
+        lps = ids = None
+        if launched.logprobs is not None:
+            lps, ids = launched.logprobs.tolist(), launched.logprob_ids.tolist()
+        results, r = [], 0
+        for s in launched.seqs:
             k = s.num_drafts
             drafts = s.token_ids[len(s.token_ids) - k :] if k else []
             accepted = 0
@@ -197,14 +215,20 @@ class ModelRunner:
             r += k + 1
         return results
 
-    def _forward(self, h: HostInputs) -> torch.Tensor:
+    def execute(self, step: Step) -> list[SeqResult]:
+        """Launch and collect one step."""
+        return self.collect(self.launch(step))
+
+    def _forward(self, h: HostInputs, feed) -> torch.Tensor:  # noqa: ANN001
         """Hidden states of every token of the step: a captured graph when one fits, else eagerly."""
         q = h.query_lens[0]
         ladder = self.graphs.get(q)
-        uniform = ladder is not None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens))
-        if uniform:
-            return ladder.run(h)
-        return self.model(*eager_inputs(h, self.ints))
+        if ladder is not None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens)):
+            return ladder.run(h, feed)
+        ids, positions, meta = eager_inputs(h, self.ints)
+        if feed is not None:
+            feed(ids)
+        return self.model(ids, positions, meta)
 
     def _take(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """hidden[rows], the index staged with the step's other inputs; no copy when every row is taken."""
@@ -214,37 +238,13 @@ class ModelRunner:
         self.ints.upload()
         return hidden[idx()]
 
-    def _run_ahead(self, seqs: list[SeqStep], tokens: torch.Tensor) -> _Ahead | None:
-        """Launch the decode step that feeds each sequence the token just sampled (still on the device)."""
-        bs = self.block_size
-        pos = [s.start + 1 for s in seqs]  # where the sampled token will sit
-        if any(p >= self.max_model_len or p // bs >= len(s.block_table) for s, p in zip(seqs, pos)):
-            return None  # a sequence needs a new page first: the scheduler must allocate it
-        self.ints.reset()
-        tables, lens = [s.block_table for s in seqs], [p + 1 for p in pos]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
-        shared = shared_prefix_len(tables, lens, bs) if self.cascade else 0
-        h = HostInputs([], pos, slots, [1] * len(seqs), lens, tables, list(range(len(seqs))), len(seqs), shared)
-        return _Ahead([s.seq_id for s in seqs], pos, self.graphs[1].run(h, device_ids=tokens))
-
 
 @dataclass
-class _Ahead:
-    """A decode forward launched before the host read the previous step's tokens."""
+class Launched:
+    """A step queued on the device; its results land in host memory (pinned on CUDA) once `done` has passed."""
 
-    seq_ids: list[int]
-    positions: list[int]  # position of the token each row was fed
-    hidden: torch.Tensor
-
-    def rows_for(self, seqs: list[SeqStep]) -> list[int] | None:
-        """Rows of `hidden` that serve this step, if it is the same decodes (or some of them, in order)."""
-        index = {sid: i for i, sid in enumerate(self.seq_ids)}
-        rows: list[int] = []
-        for s in seqs:
-            i = index.get(s.seq_id)
-            if len(s.token_ids) != 1 or s.sampling is None or i is None or (rows and i <= rows[-1]):
-                return None
-            if s.start != self.positions[i]:
-                return None
-            rows.append(i)
-        return rows
+    seqs: list[SeqStep]  # the drawing sequences, in run order
+    tokens: torch.Tensor | None
+    logprobs: torch.Tensor | None
+    logprob_ids: torch.Tensor | None
+    done: torch.cuda.Event | None

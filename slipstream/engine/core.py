@@ -196,8 +196,9 @@ class EngineCore:
                 seq.draft_token_ids = []
                 seq.num_computed_tokens += len(r.tokens) - 1
             deltas.append(self._append(seq, r))
-            if seq.request.is_finished:
-                self.requests.pop(seq.request.request_id, None)
+            if seq.is_finished:
+                if seq.request.is_finished:
+                    self.requests.pop(seq.request.request_id, None)
             elif drafts:
                 self.block_manager.trim(seq, seq.num_tokens)
         return deltas
@@ -217,22 +218,25 @@ class EngineCore:
     def _append(self, seq: Sequence, r: SeqResult) -> SeqDelta:
         """Append the accepted tokens one by one, stopping at the first that ends the sequence."""
         p = seq.params
+        ids = seq.token_ids
+        min_len = seq.num_prompt_tokens + p.min_tokens
         taken = 0
         for token in r.tokens:
-            seq.token_ids.append(token)
+            ids.append(token)
             taken += 1
-            may_stop = len(seq.token_ids) - seq.num_prompt_tokens >= p.min_tokens
-            if may_stop and not p.ignore_eos and token in self.eos_ids:
+            if len(ids) >= min_len and token in self.eos_ids and not p.ignore_eos:
                 self._finish(seq, "stop", None)
-            elif may_stop and token in p.stop_token_ids:
+            elif len(ids) >= min_len and token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
-            elif len(seq.token_ids) >= seq.max_total_tokens:
+            elif len(ids) >= seq.max_total_tokens:
                 self._finish(seq, "length", None)
-            if seq.is_finished:
-                break
+            else:
+                continue
+            break
         self.stats.generation_tokens += taken
-        return SeqDelta(seq.request.request_id, seq.index, r.tokens[:taken], None if r.logprobs is None else r.logprobs[:taken],
-                        seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
+        tokens = r.tokens if taken == len(r.tokens) else r.tokens[:taken]
+        lps = None if r.logprobs is None else r.logprobs[:taken]
+        return SeqDelta(seq.request.request_id, seq.index, tokens, lps, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

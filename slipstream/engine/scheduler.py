@@ -92,9 +92,10 @@ class Scheduler:
                     continue
                 prefill_left -= n
             need = min(seq.num_computed_tokens + n, self.config.max_model_len)
-            if not self._make_room(seq, need, batch):
-                break  # `seq` itself was preempted; it was the last running sequence
-            self._allocate(seq, need)
+            if need > len(seq.block_table) * self.bm.block_size:  # most decodes still fit their last page
+                if not self._make_room(seq, need, batch):
+                    break  # `seq` itself was preempted; it was the last running sequence
+                self._allocate(seq, need)
             batch.add(seq, n, drafts)
             budget -= n
             i += 1

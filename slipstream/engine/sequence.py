@@ -36,6 +36,10 @@ class Sequence:
     # before it reads step N). They count in num_tokens: the scheduler plans with them.
     num_pending: int = 0
     max_total_tokens: int = 1 << 62  # the sequence ends at this many tokens (max_tokens, max_model_len)
+    num_prompt_tokens: int = field(init=False)  # read every step: an attribute, not a property
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.request.prompt_token_ids)
 
     @property
     def params(self) -> SamplingParams:
@@ -45,9 +49,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids) + self.num_pending
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

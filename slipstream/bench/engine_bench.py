@@ -16,6 +16,7 @@ import torch
 
 from slipstream import LLM, SamplingParams
 from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles, write_json
+from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 
 def _llm(model: str, **kw: Any) -> LLM:
@@ -79,7 +80,8 @@ def latency(a: argparse.Namespace) -> dict:
     bw = copy_bandwidth(torch.device("cuda"))
     peer = hf_decode_rate(a.model, a.batch_size, a.input_len, a.output_len) if a.hf_peer else None
     llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(a.batch_size, 1),
-               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization)
+               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
+               quantization=a.quantization)
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch_size)]
@@ -100,7 +102,7 @@ def latency(a: argparse.Namespace) -> dict:
     avg_ctx = a.input_len + a.output_len / 2
     kv_bytes = a.batch_size * avg_ctx * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
     roofline = a.batch_size * bw / (weight_bytes + kv_bytes)
-    res = dict(bench="latency", gpu=gpu_name(), model=a.model, batch_size=a.batch_size, input_len=a.input_len,
+    res = dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization, batch_size=a.batch_size, input_len=a.input_len,
                output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft, e2e_s=total,
                decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes, copy_bw_Bps=bw,
                roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline, hf_tok_s=peer)
@@ -126,7 +128,8 @@ def nano_vllm_workload(num_seqs: int = 256, max_len: int = 1024) -> tuple[list[l
 def throughput(a: argparse.Namespace) -> dict:
     """nano-vllm's workload (256 sequences, lengths in [100, 1024]), sampled at temperature 0.6 with ignore_eos."""
     llm = _llm(a.model, max_model_len=4096, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization)
+               enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
+               quantization=a.quantization)
     vocab = llm.engine.model_config.vocab_size
     prompts, lengths = nano_vllm_workload(a.num_seqs, a.max_len)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, seed=i) for i, n in enumerate(lengths)]
@@ -138,7 +141,7 @@ def throughput(a: argparse.Namespace) -> dict:
         elapsed, outs = _timed(llm, prompts, params)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
-    res = dict(bench="throughput", gpu=gpu_name(), model=a.model, num_seqs=a.num_seqs, elapsed_s=elapsed,
+    res = dict(bench="throughput", gpu=gpu_name(), model=a.model, quantization=a.quantization, num_seqs=a.num_seqs, elapsed_s=elapsed,
                output_tokens=out_tokens, output_tok_s=out_tokens / elapsed,
                total_tok_s=(out_tokens + sum(map(len, prompts))) / elapsed, steps=eng.stats.steps - steps0,
                preemptions=eng.stats.num_preemptions, cpu_share_of_step_time=cpu_share)
@@ -258,6 +261,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="auto")
     p.set_defaults(bench_fn=fairness)
+    for name in ("latency", "throughput"):
+        sub.choices[name].add_argument("--quantization", default="auto", choices=QUANTIZATION_METHODS,
+                                       help="weights of the linear layers (fp8: quantized at load)")
     for name in ("latency", "throughput", "prefix", "fairness"):
         q = sub.choices[name]
         q.add_argument("--enforce-eager", action="store_true")

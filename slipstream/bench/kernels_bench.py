@@ -1,6 +1,7 @@
 """Kernels against their limits in one run, Llama-3.1-8B shapes: prefill attention TFLOP/s vs torch SDPA (causal,
 2K/8K/32K), decode attention GB/s vs the measured copy bandwidth (batch 1/16/64 x 1K/4K/16K), and the fused
-batch-1 decode projections (GEMV) vs the unfused kernels + cuBLAS."""
+batch-1 decode projections (GEMV) vs the unfused kernels + cuBLAS, with FP8 weights too; the FP8 GEMM vs cuBLAS
+bf16 and cuBLASLt FP8 (`torch._scaled_mm`) on the 8B model's projections."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
 from slipstream.config import CacheConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 
@@ -74,6 +76,8 @@ def run(a: argparse.Namespace) -> dict:
     print(table(rows))
     if a.gemv:
         res["gemv"] = _gemv_bench(bw, dtype)
+    if a.fp8:
+        res["fp8_gemm"] = _fp8_gemm_bench(a.fp8_rows, mm)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {mm / 1e12:.0f} TFLOP/s, {gpu_name()}")
     return res
 
@@ -104,7 +108,8 @@ def _graph_us(calls: list) -> float:
 def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
     """Each batch-1 decode projection with its prologue: one fused GEMV vs the prologue kernel + torch.matmul
     (cuBLAS). Weights rotate over copies larger than L2 together, so every call streams its weight from HBM."""
-    out, rows = [], [["projection (prologue)", "fused us", "fused GB/s", "% of copy bw", "unfused us", "unfused GB/s"]]
+    out, rows = [], [["projection (prologue)", "fused us", "fused GB/s", "% of copy bw", "unfused us", "unfused GB/s",
+                      "FP8 fused us", "FP8 % of copy bw"]]
     for name, n, k, pro in PROJECTIONS:
         copies = max(2, -(-(512 << 20) // (2 * n * k)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
@@ -119,13 +124,55 @@ def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
         else:
             unfused = _graph_us([lambda w=w: x @ w.T for w in ws])
         nbytes = n * k * ws[0].element_size()
+        # FP8 weights (per-channel scales), as a model quantized with --quantization fp8 runs them
+        w8 = [(w.to(torch.float8_e4m3fn), torch.rand(n, device="cuda") / 448) for w in ws for _ in range(2)]
+        fp8 = _graph_us([lambda w=w, sc=sc: gemv(x, w, prologue=pro, weight_scale=sc, **kw) for w, sc in w8])
         r = dict(name=name, n=n, k=k, prologue=pro, fused_us=fused, unfused_us=unfused, fused_GBps=nbytes / fused / 1e3,
-                 unfused_GBps=nbytes / unfused / 1e3, pct_copy_bw=100 * nbytes / fused / 1e-6 / bw)
+                 unfused_GBps=nbytes / unfused / 1e3, pct_copy_bw=100 * nbytes / fused / 1e-6 / bw, fp8_us=fp8,
+                 fp8_pct_copy_bw=100 * (n * k + 4 * n) / fp8 / 1e-6 / bw)
         out.append(r)
         rows.append([f"{name} {n}x{k} ({pro})", f"{fused:.1f}", f"{r['fused_GBps']:.0f}", f"{r['pct_copy_bw']:.0f}",
-                     f"{unfused:.1f}", f"{r['unfused_GBps']:.0f}"])
-        del ws, x
+                     f"{unfused:.1f}", f"{r['unfused_GBps']:.0f}", f"{fp8:.1f}", f"{r['fp8_pct_copy_bw']:.0f}"])
+        del ws, x, w8
     print(table(rows))
+    return out
+
+
+def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
+    """The 8B model's projections at M rows: our FP8 GEMM (per-token x per-channel scales, and 128-block scales),
+    cuBLASLt FP8 through torch._scaled_mm (row-wise scales), and cuBLAS bf16. TFLOP/s of the GEMM alone (the
+    activation quantization is timed apart: it is one pass over the activations)."""
+    out = []
+    rows = [["M x N x K", "ours FP8", "ours FP8 block", "_scaled_mm FP8", "cuBLAS bf16", "ours / bf16",
+             "ours / _scaled_mm", "quantize us"]]
+    for m in row_counts:
+        for name, n, k, _ in PROJECTIONS[:4]:
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            a8, sa = quantize_fp8(a)
+            w8, sw = w.to(torch.float8_e4m3fn), torch.rand(n, device="cuda") / 448
+            ab8, sab = quantize_fp8(a, 128)
+            swb = torch.rand(n // 128, k // 128, device="cuda") / 448
+            flops = 2 * m * n * k
+            ours = _ms(lambda: fp8_gemm(a8, sa, w8, sw, None, torch.bfloat16))
+            block = _ms(lambda: fp8_gemm(ab8, sab, w8, swb, None, torch.bfloat16, (128, 128)))
+            bf16 = _ms(lambda: a @ w.T)
+            quant = _ms(lambda: quantize_fp8(a))
+            try:
+                cublas = _ms(lambda: torch._scaled_mm(a8, w8.T, scale_a=sa[:, None], scale_b=sw[None, :],
+                                                      out_dtype=torch.bfloat16))
+            except RuntimeError as e:  # row-wise scales need a recent cuBLASLt
+                print(f"torch._scaled_mm: {str(e).splitlines()[0]}")
+                cublas = float("nan")
+            tf = lambda ms: flops / ms / 1e9  # noqa: E731
+            r = dict(m=m, n=n, k=k, name=name, ours_tflops=tf(ours), ours_block_tflops=tf(block), scaled_mm_tflops=tf(cublas),
+                     bf16_tflops=tf(bf16), quantize_us=quant * 1e3)
+            out.append(r)
+            rows.append([f"{m} x {n} x {k} ({name})", f"{tf(ours):.0f}", f"{tf(block):.0f}", f"{tf(cublas):.0f}",
+                         f"{tf(bf16):.0f}", f"{bf16 / ours:.2f}", f"{cublas / ours:.2f}", f"{quant * 1e3:.1f}"])
+            del a, w, a8, w8, ab8
+    print(table(rows))
+    print(f"TFLOP/s; bf16 matmul rate measured {mm / 1e12:.0f}")
     return out
 
 
@@ -135,5 +182,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16, 64])
     p.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the batch-1 projection table")
+    p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the FP8 GEMM table")
+    p.add_argument("--fp8-rows", type=int, nargs="*", default=[64, 512, 4096], help="M of the FP8 GEMM table")
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=run)

@@ -41,3 +41,15 @@ def gemv(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.matvec import gemv as f
 
     return f(*args, **kwargs)
+
+
+def quantize_fp8(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.fp8 import quantize_fp8 as f
+
+    return f(*args, **kwargs)
+
+
+def fp8_gemm(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.fp8 import fp8_gemm as f
+
+    return f(*args, **kwargs)

@@ -11,8 +11,10 @@ f(x) on the fly:
                 x + residual, the next block's residual;
   - "silu_mul": f([gate | up]) = silu(gate) * up, the SwiGLU before the down projection;
   - "none":     f(x) = x.
-x is re-read by every program, but it is a few KB and stays in L2. What meets W is rounded to W's dtype, as the
+x is re-read by every program, but it is a few KB and stays in L2. What meets W is rounded to x's dtype, as the
 unfused kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale).
+FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
+(applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1).
 """
 from __future__ import annotations
 
@@ -27,14 +29,18 @@ _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [(2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3),
-                         (8, 512, 8, 4), (16, 256, 4, 4), (16, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4)]
+                         (8, 512, 8, 4), (16, 256, 4, 4), (16, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4),
+                         # FP8 weights: half the bytes per column, so wider K tiles keep as many loads in flight
+                         (4, 2048, 8, 3), (8, 1024, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3)]
 ]
 
 
 @triton.jit(do_not_specialize=["eps"])
-def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w,
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w, stride_ws,
                  PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -57,9 +63,14 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K,
             if PROLOGUE == 1:
                 sq += a * a
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * a.to(w.dtype).to(tl.float32)[None, :]
+        w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if SCALE == 2:
+            w *= tl.load(ws_ptr + (ns // SCALE_BN)[:, None] * stride_ws + (ks // SCALE_BK)[None, :],
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
+    if SCALE == 1:
+        y *= tl.load(ws_ptr + ns, mask=n_ok, other=0.0)
     if PROLOGUE == 1:
         y = y * tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
     if HAS_BIAS:
@@ -68,15 +79,17 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, N, K,
 
 
 # Tuned once per weight shape and prologue, at the first call (the engine warms up before capturing graphs).
-_gemv = _gemv_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["N", "K", "PROLOGUE"])(_gemv_kernel)
+_gemv = _gemv_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["N", "K", "PROLOGUE", "SCALE"])(_gemv_kernel)
 _FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """f(x) @ weight.T (+ bias) for x of shape [1, K] ([1, 2K] for "silu_mul"); returns (y, new residual or None).
+         eps: float = 1e-6, weight_scale: torch.Tensor | None = None,
+         scale_block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """f(x) @ W.T (+ bias) for x of shape [1, K] ([1, 2K] for "silu_mul"); returns (y, new residual or None).
 
+    W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
     n, k = weight.shape
     if x.shape != (1, 2 * k if prologue == "silu_mul" else k):
@@ -86,10 +99,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
+    scale = 0 if weight_scale is None else (1 if scale_block is None else 2)
+    bn, bk = scale_block or (1, 1)
     _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
-        weight, bias if bias is not None else weight, y, res_out if res_out is not None else y, n, k, eps, weight.stride(0),
+        weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x, y,
+        res_out if res_out is not None else y, n, k, eps, weight.stride(0),
+        weight_scale.stride(0) if weight_scale is not None else 0,
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
-        **_FIXED,
+        SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, **_FIXED,
     )
     return y, res_out

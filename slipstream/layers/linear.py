@@ -4,8 +4,8 @@ SwiGLU before down).
 A `Linear` may stack several outputs along its rows (q | k | v, gate | up: one GEMM instead of three and two);
 its parameters load per shard, each through its own `weight_loader`, so a checkpoint's separate tensors land in
 the stacked weight and a new weight format only brings a new quantization method. For one row (batch-1
-decode) on the GPU, an unquantized projection and the op before it run as one GEMV kernel that streams the
-weight once; otherwise the op runs, then the method's matmul.
+decode) on the GPU, a projection and the op before it run as one GEMV kernel (the method's `gemv`) that streams
+the weight once; otherwise the op runs, then the method's matmul.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slipstream import kernels
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
@@ -40,22 +39,32 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def set_loader(self, param: nn.Parameter, stacked: bool) -> None:
-        """Give `param` its weight loader: by output shard when its rows follow `output_sizes`, else whole."""
-        if stacked and len(self.output_sizes) > 1:
-            param.weight_loader = self._load_rows
+    def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False) -> None:
+        """Give `param` its weight loader: by output shard when its rows follow `output_sizes` (one row per
+        `rows_per` output rows: block scales), one entry per shard (`per_shard`: per-tensor scales), else whole."""
+        if per_shard:
+            param.weight_loader = self._load_entry
+            param.shards = tuple(range(len(self.output_sizes))) if len(self.output_sizes) > 1 else (None,)
+        elif stacked and len(self.output_sizes) > 1:
+            param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per)
             param.shards = tuple(range(len(self.output_sizes)))
         else:
             param.weight_loader = default_weight_loader
 
-    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None, rows_per: int) -> None:
         if shard is None:
             raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
-        start = sum(self.output_sizes[:shard])
-        dst = param.data.narrow(0, start, self.output_sizes[shard])
+        start = sum(self.output_sizes[:shard]) // rows_per
+        dst = param.data.narrow(0, start, self.output_sizes[shard] // rows_per)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(tensor)
+
+    @staticmethod
+    def _load_entry(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        if tensor.numel() != 1:
+            raise ValueError(f"expected one scale per tensor, got shape {tuple(tensor.shape)}")
+        param.data[shard or 0] = tensor.reshape(())
 
     def gemv_prologue(self, x: torch.Tensor) -> bool:
         """May this one-row input run fused with the op before the projection?"""
@@ -75,8 +84,7 @@ def finish_loading(model: nn.Module) -> None:
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(x + residual)), x + residual); with no residual, (proj(norm(x)), x)."""
     if proj.gemv_prologue(x):
-        return kernels.gemv(x, proj.weight, proj.bias, prologue="rmsnorm", residual=residual, norm_weight=norm.weight,
-                            eps=norm.eps)
+        return proj.method.gemv(proj, x, prologue="rmsnorm", residual=residual, norm_weight=norm.weight, eps=norm.eps)
     h, residual = norm(x, residual)
     return proj(h), residual
 
@@ -84,5 +92,5 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
 def silu_mul_linear(gate_up: torch.Tensor, proj: Linear) -> torch.Tensor:
     """proj(silu(gate) * up) for a fused [gate | up] input."""
     if proj.gemv_prologue(gate_up):
-        return kernels.gemv(gate_up, proj.weight, proj.bias, prologue="silu_mul")[0]
+        return proj.method.gemv(proj, gate_up, prologue="silu_mul")[0]
     return proj(silu_and_mul(gate_up, proj.fused))

@@ -24,6 +24,7 @@ class LoadedModel:
     weights: Callable[[], Iterator[tuple[str, "torch.Tensor"]]] | None  # None: dummy (random) weights
     tokenizer: Any
     path: str
+    hf_config: dict[str, Any]  # the config.json it was read from (for a GGUF file: the one its metadata gives)
 
 
 def embedded_model_path() -> str:
@@ -50,23 +51,25 @@ def load(model: str | None, load_format: str = "auto", tokenizer: str | None = N
     if is_gguf and load_format in ("auto", "gguf"):
         from slipstream.loader.gguf_loader import open_gguf
 
-        config, weights = open_gguf(path)
-        return LoadedModel(config, weights, load_tokenizer(path, tokenizer), path)
+        hf_config, config, weights = open_gguf(path)
+        return LoadedModel(config, weights, load_tokenizer(path, tokenizer), path, hf_config)
     cfg_file = path if os.path.isfile(path) and path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ValueError(f"model path {path!r} is neither a .gguf file nor a directory with config.json")
     with open(cfg_file) as f:
-        config = ModelConfig.from_hf(json.load(f))
+        hf_config = json.load(f)
+    config = ModelConfig.from_hf(hf_config)
     model_dir = os.path.dirname(cfg_file)
     tok = _hf_tokenizer(tokenizer or model_dir)
     if load_format == "dummy":
-        return LoadedModel(config, None, tok, model_dir)
+        return LoadedModel(config, None, tok, model_dir, hf_config)
     from slipstream.loader.hf import safetensors_weights
 
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {model_dir!r} (use load_format='dummy' for random weights)")
-    return LoadedModel(config, lambda: safetensors_weights([os.path.join(model_dir, f) for f in files]), tok, model_dir)
+    return LoadedModel(config, lambda: safetensors_weights([os.path.join(model_dir, f) for f in files]), tok, model_dir,
+                       hf_config)
 
 
 def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:

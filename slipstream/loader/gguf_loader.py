@@ -102,11 +102,12 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool) -> Iterator[tu
         yield hf_name(t.name), torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def open_gguf(path: str) -> tuple[ModelConfig, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
-    """The model config and a weight iterator (HF names and layout) of a GGUF file."""
+def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
+    """The HF-style config dict, the model config and a weight iterator (HF names and layout) of a GGUF file."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
-    config = ModelConfig.from_hf(gguf_config(reader))
+    hf_config = gguf_config(reader)
+    config = ModelConfig.from_hf(hf_config)
     permute = _field(reader, "general.architecture") == "llama"
-    return config, lambda: gguf_weights(reader, config, permute)
+    return hf_config, config, lambda: gguf_weights(reader, config, permute)

@@ -129,6 +129,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    # Checkpoint modules that a quantized checkpoint stores in low precision (the rest stay 16-bit)
+    quantizable = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     # Checkpoint (HF layout) projection -> (stacked parameter, shard index)
     packed_modules = {
         "q_proj": ("qkv_proj", 0),
@@ -138,6 +141,13 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    @classmethod
+    def checkpoint_modules(cls, prefix: str) -> list[str]:
+        """The checkpoint's modules fused into the layer at `prefix` (qkv_proj -> q_proj, k_proj, v_proj)."""
+        head, _, last = prefix.rpartition(".")
+        parts = sorted((idx, frag) for frag, (stacked, idx) in cls.packed_modules.items() if stacked == last)
+        return [f"{head}.{frag}" for _, frag in parts] or [prefix]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hand each checkpoint tensor (HF names, `model.` prefix optional) to its parameter's weight loader."""
         params = dict(self.named_parameters())  # a tied lm_head shares the embedding's entry
@@ -145,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            if name.endswith((".k_scale", ".v_scale")):  # FP8 KV-cache scales: the KV cache is kept in 16 bits
                 continue
             target, shard = name, None
             for frag, (stacked, idx) in self.packed_modules.items():

@@ -24,6 +24,7 @@ from slipstream import kernels
 from slipstream.attention.registry import create_backend, resolve_backend
 from slipstream.config import EngineConfig, ModelConfig
 from slipstream.layers.linear import finish_loading
+from slipstream.layers.quantization import method_table, resolve_quantization
 from slipstream.layers.sampler import SamplerOutput, sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
@@ -85,7 +86,9 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = model_class(self.model_config.architecture)(self.model_config, self.backend, fused=self.fused)
+                cls = model_class(self.model_config.architecture)
+                spec = resolve_quantization(self.config.quantization, self.model_config.quantization)
+                model = cls(self.model_config, self.backend, method_table(spec, cls.checkpoint_modules), fused=self.fused)
         finally:
             torch.set_default_dtype(default_dtype)
         if weights is None:

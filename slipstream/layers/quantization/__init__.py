@@ -4,21 +4,27 @@ A method has three moments, as in the checkpoint formats it reads: `create_weigh
 parameters (each with a `weight_loader` that takes its checkpoint tensor, or one shard of it), `process_after_loading`
 turns what was loaded into the form the kernels want (repacking, scales), and `apply` computes x @ W^T (+ b).
 Models never see which method a layer uses; a new format (FP8, 4-bit) is a new method here.
+
+`QuantSpec` (spec.py) says what a model's linear layers hold; `method_table` turns it into each layer's method.
+This module stays torch-free: the engine config lists METHODS and parses specs without loading torch.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-if TYPE_CHECKING:  # torch-free at import: the engine config lists METHODS without loading torch
+from slipstream.layers.quantization.spec import METHODS, QuantSpec, parse_quantization_config, resolve_quantization
+
+if TYPE_CHECKING:
     import torch
 
     from slipstream.layers.linear import Linear
 
-METHODS = ("none",)
+__all__ = ["METHODS", "LinearMethod", "QuantSpec", "get_linear_method", "method_table", "parse_quantization_config",
+           "resolve_quantization"]
 
 
 class LinearMethod(Protocol):
-    # Whether a one-row input may run as the fused GEMV (with the norm or SwiGLU before it) on `layer.weight`.
+    # Whether a one-row input may run as the fused GEMV (with the norm or SwiGLU before it).
     supports_gemv: bool
 
     def create_weights(self, layer: "Linear") -> None: ...
@@ -27,10 +33,25 @@ class LinearMethod(Protocol):
 
     def apply(self, layer: "Linear", x: "torch.Tensor") -> "torch.Tensor": ...
 
+    def gemv(self, layer: "Linear", x: "torch.Tensor", **prologue: Any) -> "tuple[torch.Tensor, torch.Tensor | None]": ...
 
-def get_linear_method(name: str) -> LinearMethod:
-    if name == "none":
+
+def get_linear_method(spec: QuantSpec | str = "none") -> LinearMethod:
+    method = spec if isinstance(spec, str) else spec.method
+    if method == "none":
         from slipstream.layers.quantization.unquantized import Unquantized
 
         return Unquantized()
-    raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {name!r}")
+    if method == "fp8" and isinstance(spec, QuantSpec):
+        from slipstream.layers.quantization.fp8 import Fp8
+
+        return Fp8(spec)
+    raise ValueError(f"no linear method for quantization {method!r}")
+
+
+def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]]) -> Callable[[str], LinearMethod]:
+    """prefix of a layer ("layers.0.mlp.gate_up_proj") -> its method; `checkpoint_names` lists the checkpoint
+    modules fused into that layer, which the spec's ignore list names."""
+    def method_for(prefix: str) -> LinearMethod:
+        return get_linear_method("none" if spec.keeps_16bit(checkpoint_names(prefix)) else spec)
+    return method_for

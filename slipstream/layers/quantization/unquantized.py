@@ -1,7 +1,7 @@
 """Weights kept in the model's dtype: cuBLAS for many rows, the fused GEMV for one row on the GPU."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ class Unquantized:
 
     def process_after_loading(self, layer: "Linear") -> None:
         pass
+
+    def gemv(self, layer: "Linear", x: torch.Tensor, **prologue: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return kernels.gemv(x, layer.weight, layer.bias, **prologue)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if layer.fused and x.shape[0] == 1:

@@ -1,0 +1,95 @@
+"""What a model's linear layers hold (`QuantSpec`): read from a checkpoint's `quantization_config`
+(`parse_quantization_config`) and reconciled with the `quantization` option (`resolve_quantization`): an FP8
+checkpoint runs as stored; `fp8` asked of a 16-bit checkpoint quantizes its weights at load. Torch-free: the
+engine config parses specs without loading torch."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# "auto": whatever the checkpoint holds; "none": 16-bit weights; "fp8": FP8 E4M3 weights and activations (W8A8).
+METHODS = ("auto", "none", "fp8")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str = "none"  # "none" | "fp8"
+    # How weight scales are laid out: one per tensor (per stacked shard), one per output channel, or one per
+    # block of `block` = (rows, columns) weights (DeepSeek-V3 / Qwen3-FP8: 128 x 128).
+    weight_scales: str = "channel"
+    block: tuple[int, int] = (128, 128)
+    # "dynamic": activation scales computed per token as the step runs (per token and 128-column group for
+    # block-scaled weights); "static": one calibrated scale per layer from the checkpoint (`input_scale`).
+    activations: str = "dynamic"
+    serialized: bool = False  # the checkpoint holds FP8 weights; False: 16-bit weights quantized at load
+    scale_name: str = "weight_scale"  # the checkpoint's name of the weight scale ("weight_scale_inv" in HF block FP8)
+    ignore: tuple[str, ...] = ()  # checkpoint module names kept in 16 bits ("re:" entries are regular expressions)
+
+    def keeps_16bit(self, names: list[str]) -> bool:
+        """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
+        hits = [any(_matches(pattern, n) for pattern in self.ignore) for n in names]
+        if any(hits) and not all(hits):
+            raise ValueError(f"quantization ignores only some of the modules fused into one layer: {names}")
+        return self.method == "none" or all(hits)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None or re.fullmatch(pattern[3:], "model." + name) is not None
+    return pattern.removeprefix("model.") == name
+
+
+def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
+    """An HF config.json's `quantization_config` -> QuantSpec (ValueError for formats slipstream does not read)."""
+    if not qc:
+        return QuantSpec()
+    method = qc.get("quant_method")
+    if method == "fp8":  # transformers / vLLM FP8: per-tensor scales, or 128 x 128 blocks with weight_scale_inv
+        block = qc.get("weight_block_size")
+        act = qc.get("activation_scheme", "dynamic")
+        if act not in ("dynamic", "static"):
+            raise ValueError(f"fp8 activation_scheme must be dynamic or static, got {act!r}")
+        if block is not None and act != "dynamic":
+            raise ValueError("block-scaled fp8 checkpoints need dynamic activation scales")
+        ignore = tuple(qc.get("modules_to_not_convert") or qc.get("ignored_layers") or ())
+        if block is not None:
+            return QuantSpec("fp8", "block", tuple(block), "dynamic", True, "weight_scale_inv", ignore)
+        return QuantSpec("fp8", "tensor", activations=act, serialized=True, ignore=ignore)
+    if method == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        if len(groups) != 1:
+            raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config groups are not supported (one)")
+        w, a = groups[0].get("weights") or {}, groups[0].get("input_activations")
+        if w.get("type") != "float" or w.get("num_bits") != 8:
+            raise ValueError(f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: only float 8-bit (FP8) is supported")
+        strategy = w.get("strategy")
+        if strategy not in ("tensor", "channel", "block"):
+            raise ValueError(f"compressed-tensors weight strategy {strategy!r}: supported tensor, channel, block")
+        block = tuple(w.get("block_structure") or (128, 128))
+        if a is None:  # weight-only FP8: activations are quantized per token as the step runs
+            act = "dynamic"
+        elif a.get("dynamic"):
+            act = "dynamic"
+        elif a.get("strategy") == "tensor":
+            act = "static"
+        else:
+            raise ValueError(f"compressed-tensors static activations with strategy {a.get('strategy')!r} are not supported")
+        if strategy == "block" and act != "dynamic":
+            raise ValueError("block-scaled fp8 checkpoints need dynamic activation scales")
+        return QuantSpec("fp8", strategy, block, act, True, "weight_scale", tuple(qc.get("ignore") or ()))
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported (supported: fp8, compressed-tensors FP8)")
+
+
+def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
+    """The `quantization` option against what the checkpoint holds -> what the model's layers will hold."""
+    if option not in METHODS:
+        raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {option!r}")
+    if checkpoint.method != "none":
+        if option == "none":
+            raise ValueError(f"the checkpoint holds {checkpoint.method} weights; quantization='none' cannot run it "
+                             f"(use 'auto' or '{checkpoint.method}')")
+        return checkpoint
+    if option == "fp8":  # online: per-channel weight scales taken at load, per-token activation scales per step
+        return QuantSpec("fp8", "channel", activations="dynamic", serialized=False, ignore=checkpoint.ignore)
+    return checkpoint

@@ -1,0 +1,173 @@
+"""`slipstream quantize`: write an FP8 checkpoint in the formats other readers know, from a 16-bit model.
+
+Schemes (all FP8 E4M3 weights; norms, embeddings and the output projection stay in the source dtype):
+  - "block":   HF fine-grained FP8, as DeepSeek-V3 and Qwen3-FP8 ship: `weight_scale_inv` per 128 x 128 block,
+               dynamic activation scales (per token and 128-column group);
+  - "channel": compressed-tensors `float-quantized`, as llm-compressor writes: `weight_scale` [N, 1] per output
+               channel, activations dynamic per token or static per tensor;
+  - "tensor":  HF FP8 per tensor: scalar `weight_scale`, activations dynamic or static (`input_scale`).
+Static activation scales come from a calibration pass: the 16-bit model runs over the given texts and each
+linear layer keeps the largest |input| it saw; scale = that / 448.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+import torch
+
+from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
+from slipstream.loader import load
+from slipstream.models import model_class
+
+SCHEMES = ("block", "channel", "tensor")
+_SHARD_BYTES = 4 << 30
+
+
+def quantization_config(scheme: str, activations: str) -> dict[str, Any]:
+    if scheme == "block":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+                "modules_to_not_convert": ["lm_head"]}
+    if scheme == "tensor":
+        return {"quant_method": "fp8", "activation_scheme": activations, "modules_to_not_convert": ["lm_head"]}
+    act = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+           if activations == "dynamic" else
+           {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False})
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": act,
+                                          "weights": {"num_bits": 8, "type": "float", "symmetric": True,
+                                                      "strategy": "channel", "dynamic": False}}}}
+
+
+def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, **engine: Any) -> dict[str, float]:
+    """Largest |input| of every quantizable linear layer (checkpoint module names) over the texts, run through
+    the model in 16 bits."""
+    from slipstream import LLM, SamplingParams
+    from slipstream.layers.linear import Linear
+
+    llm = LLM(model, quantization="none", enable_prefix_caching=False, **engine)
+    net = llm.engine.runner.model
+    amax: dict[str, torch.Tensor] = {}
+
+    def watch(prefix: str):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            m = args[0].detach().abs().amax().float()
+            amax[prefix] = torch.maximum(amax[prefix], m) if prefix in amax else m
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(name)) for name, m in net.named_modules()
+               if isinstance(m, Linear) and name != "lm_head"]
+    budget, limit = max_tokens, llm.engine.max_model_len - 1
+    try:
+        for text in texts:
+            ids = llm.engine.tokenizer.encode(text)
+            for start in range(0, len(ids), limit):
+                chunk = ids[start : start + min(limit, budget)]
+                if len(chunk) < 2:
+                    break
+                llm.generate([chunk], SamplingParams(max_tokens=1, temperature=0))  # the prefill sees every row
+                budget -= len(chunk)
+                if budget <= 0:
+                    break
+            if budget <= 0:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    cls = type(net)
+    return {f"model.{name}": v.item() for prefix, v in amax.items() for name in cls.checkpoint_modules(prefix)}
+
+
+def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", activations: str = "dynamic",
+                         calibration: Iterable[str] | None = None, calibration_tokens: int = 8192,
+                         **engine: Any) -> dict[str, Any]:
+    """Quantize `model` (HF dir, .gguf, or the embedded default) into `out`; returns the written config."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of: {', '.join(SCHEMES)}; got {scheme!r}")
+    if activations not in ("dynamic", "static"):
+        raise ValueError(f"activations must be dynamic or static, got {activations!r}")
+    if scheme == "block" and activations != "dynamic":
+        raise ValueError("block-scaled FP8 takes dynamic activation scales")
+    loaded = load(model)
+    if loaded.weights is None:
+        raise ValueError(f"{loaded.path} has no weights to quantize")
+    if loaded.config.quantization.method != "none":
+        raise ValueError(f"{loaded.path} is already quantized ({loaded.config.quantization.method})")
+    quantizable = model_class(loaded.config.architecture).quantizable
+    input_amax = {}
+    if activations == "static":
+        if calibration is None:
+            raise ValueError("static activation scales need calibration text")
+        input_amax = calibrate(model, calibration, calibration_tokens, **engine)
+    os.makedirs(out, exist_ok=True)
+    writer = _ShardWriter(out)
+    for name, tensor in loaded.weights():
+        module, _, kind = name.rpartition(".")
+        if kind != "weight" or module.rpartition(".")[2] not in quantizable:
+            writer.add(name, tensor)
+            continue
+        if scheme == "block":
+            n, k = tensor.shape
+            if n % 128 or k % 128:
+                raise ValueError(f"{name} {tuple(tensor.shape)}: the block scheme needs both sides multiples of 128 "
+                                 f"(use --scheme channel)")
+            q, s = quantize_weight_blocks(tensor, (128, 128))
+            writer.add(name, q)
+            writer.add(f"{module}.weight_scale_inv", s)
+            continue
+        if scheme == "channel":
+            q, s = quantize_weight_per_channel(tensor)
+            s = s[:, None]
+        else:
+            s = tensor.float().abs().amax().clamp(min=1e-12) / FP8_MAX
+            q = (tensor.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        writer.add(name, q)
+        writer.add(f"{module}.weight_scale", s)
+        if activations == "static":
+            key = module if module.startswith("model.") else f"model.{module}"
+            if key not in input_amax:
+                raise ValueError(f"calibration saw no input for {module}")
+            writer.add(f"{module}.input_scale", torch.tensor(max(input_amax[key], 1e-12) / FP8_MAX))
+    writer.close()
+    config = dict(loaded.hf_config)
+    config["quantization_config"] = quantization_config(scheme, activations)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    loaded.tokenizer.save_pretrained(out)
+    return config
+
+
+class _ShardWriter:
+    """safetensors files of about 4 GiB, with the HF index file when there is more than one."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.files, self.pending, self.bytes = out, [], {}, 0
+        self.index: dict[str, int] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        self.index[name] = len(self.files)
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self.bytes >= _SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            path = os.path.join(self.out, f"part-{len(self.files)}.safetensors")
+            save_file(self.pending, path, metadata={"format": "pt"})
+            self.files.append(path)
+            self.pending, self.bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for path, name in zip(self.files, names):
+            os.replace(path, os.path.join(self.out, name))
+        if n > 1:
+            with open(os.path.join(self.out, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": {k: names[i] for k, i in self.index.items()}}, f, indent=1)

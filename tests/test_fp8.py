@@ -1,0 +1,261 @@
+"""FP8 weights (W8A8): checkpoint formats, scale layouts, kernels against their torch references, quality.
+
+Checkpoints are written by `slipstream quantize` (loader/quantize.py) from a tiny Llama we write ourselves, in
+each format; their loaded weights must equal a dequantization computed here by hand, and the engine must run
+them. On the GPU (scripts/gpu_check.sh) the same tests run the Triton kernels in CUDA graphs."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slipstream import LLM, SamplingParams
+from slipstream.layers.quantization import QuantSpec, parse_quantization_config, resolve_quantization
+from slipstream.layers.quantization.fp8 import (
+    FP8_MAX, dequantize, dequantize_activation, quantize_activation_ref, quantize_weight_blocks,
+    quantize_weight_per_channel,
+)
+from slipstream.loader.quantize import write_fp8_checkpoint
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+def test_parse_checkpoint_configs():
+    block = parse_quantization_config({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+    assert block == QuantSpec("fp8", "block", (128, 128), "dynamic", True, "weight_scale_inv")
+    tensor = parse_quantization_config({"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]})
+    assert (tensor.weight_scales, tensor.activations, tensor.scale_name, tensor.ignore) == ("tensor", "static", "weight_scale", ("lm_head",))
+    ct = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*mlp.down_proj"],
+          "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                                  "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}}}}
+    spec = parse_quantization_config(ct)
+    assert (spec.weight_scales, spec.activations) == ("channel", "dynamic")
+    assert spec.keeps_16bit(["layers.3.mlp.down_proj"]) and not spec.keeps_16bit(["layers.3.mlp.gate_proj", "layers.3.mlp.up_proj"])
+    with pytest.raises(ValueError, match="only some"):
+        QuantSpec("fp8", ignore=("layers.0.self_attn.q_proj",)).keeps_16bit(
+            ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj"])
+    for bad in ({"quant_method": "awq"}, {"quant_method": "fp8", "activation_scheme": "weird"},
+                {**ct, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}}):
+        with pytest.raises(ValueError):
+            parse_quantization_config(bad)
+    # the option against the checkpoint
+    assert resolve_quantization("auto", block) is block and resolve_quantization("fp8", block) is block
+    with pytest.raises(ValueError, match="holds fp8"):
+        resolve_quantization("none", block)
+    online = resolve_quantization("fp8", QuantSpec())
+    assert (online.method, online.serialized, online.weight_scales) == ("fp8", False, "channel")
+    assert resolve_quantization("auto", QuantSpec()).method == "none"
+
+
+def test_weight_scales_by_hand():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 300, generator=g) * torch.rand(200, 1, generator=g)
+    q, s = quantize_weight_per_channel(w)
+    assert s.shape == (200,) and q.dtype == FP8
+    torch.testing.assert_close(s, w.abs().amax(1) / FP8_MAX)
+    rel = (dequantize(q, s, None, torch.float32) - w).norm() / w.norm()
+    assert rel < 0.04  # three mantissa bits: about 2^-4 relative per weight, less on average
+    q, s = quantize_weight_blocks(w, (128, 128))
+    assert s.shape == (2, 3)  # ceil(200/128) x ceil(300/128)
+    torch.testing.assert_close(s[1, 2], w[128:, 256:].abs().max() / FP8_MAX)
+    by_hand = q.float().clone()
+    for i in range(2):
+        for j in range(3):
+            by_hand[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)] *= s[i, j]
+    torch.testing.assert_close(dequantize(q, s, (128, 128), torch.float32), by_hand)
+    assert (by_hand - w).norm() / w.norm() < 0.04
+
+
+def _tiny_llama(path, hidden=128, inter=256, heads=4, kv_heads=2, head_dim=64, layers=2, vocab=384):
+    """A random Llama checkpoint in the HF layout, with a tokenizer (a word-level one over `vocab` ids)."""
+    from slipstream.bench.common import _synthetic_tokenizer
+
+    os.makedirs(path, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
+           "eos_token_id": 2, "bos_token_id": 1, "torch_dtype": "float32"}
+    g = torch.Generator().manual_seed(1)
+    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g), "model.norm.weight": torch.ones(hidden),
+         "lm_head.weight": torch.randn(vocab, hidden, generator=g) / hidden**0.5}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (heads * head_dim, hidden)), ("self_attn.k_proj", (kv_heads * head_dim, hidden)),
+                            ("self_attn.v_proj", (kv_heads * head_dim, hidden)), ("self_attn.o_proj", (hidden, heads * head_dim)),
+                            ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))):
+            t[p + name + ".weight"] = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+        t[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+        t[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    save_file(t, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    _synthetic_tokenizer(vocab, 2, path)
+    return t
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    return path, _tiny_llama(path)
+
+
+def _llm(path, **kw):
+    return LLM(path, device=DEV, dtype="float32", max_model_len=256, num_blocks=64, block_size=16, **kw)
+
+
+def _linear(llm, prefix):
+    return dict(llm.engine.runner.model.named_modules())[prefix]
+
+
+PROMPTS = [[1, 5, 9, 77, 300, 12, 8], [1, 200, 201, 202]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("scheme, activations", [("block", "dynamic"), ("channel", "dynamic"), ("channel", "static"),
+                                                 ("tensor", "dynamic"), ("tensor", "static")])
+def test_written_checkpoint_round_trips(tiny, tmp_path, scheme, activations):
+    """`slipstream quantize` writes the format; loading it gives back the hand-computed dequantization, per layer
+    and shard, and the engine generates from it."""
+    src, weights = tiny
+    out = str(tmp_path / scheme)
+    # calibration text: every word of the synthetic vocabulary, in a shuffled order
+    words = [f"w{i}" for i in torch.randperm(384, generator=torch.Generator().manual_seed(5)).tolist()]
+    calib = [" ".join(words)] if activations == "static" else None
+    cfg = write_fp8_checkpoint(src, out, scheme, activations, calib, 512, device="cpu", dtype="float32")
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    scale_name = "weight_scale_inv" if scheme == "block" else "weight_scale"
+    assert stored["model.layers.0.self_attn.k_proj.weight"].dtype == FP8
+    assert stored["lm_head.weight"].dtype == torch.float32  # the output projection stays 16-bit or wider
+    assert ("input_scale" in " ".join(stored)) == (activations == "static")
+    expected_scale_shape = {"block": (1, 1), "channel": (128, 1), "tensor": ()}[scheme]
+    assert tuple(stored[f"model.layers.0.self_attn.k_proj.{scale_name}"].shape) == expected_scale_shape
+    assert cfg["quantization_config"]["quant_method"] == ("compressed-tensors" if scheme == "channel" else "fp8")
+
+    llm = _llm(out)
+    qkv = _linear(llm, "layers.1.self_attn.qkv_proj")
+    block = (128, 128) if scheme == "block" else None
+    got = dequantize(qkv.weight, qkv.weight_scale, block, torch.float32).cpu()
+    by_hand = []
+    for part in ("q_proj", "k_proj", "v_proj"):
+        q = stored[f"model.layers.1.self_attn.{part}.weight"].float()
+        s = stored[f"model.layers.1.self_attn.{part}.{scale_name}"].float()
+        if scheme == "block":
+            s = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: q.shape[0], : q.shape[1]]
+        by_hand.append(q * (s if s.dim() == 2 else s.reshape(-1, 1) if s.numel() > 1 else s))
+        # and the dequantized weight is close to the original
+        w = weights[f"model.layers.1.self_attn.{part}.weight"]
+        assert (by_hand[-1] - w).norm() / w.norm() < 0.05
+    torch.testing.assert_close(got, torch.cat(by_hand))
+    if activations == "static":
+        scales = [stored[f"model.layers.1.self_attn.{p}.input_scale"].item() for p in ("q_proj", "k_proj", "v_proj")]
+        assert qkv.input_scale.item() == max(scales) > 0
+    ref = _llm(tiny[0], quantization="none")
+    a = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    b = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, GREEDY)]
+    assert all(len(x) == 12 for x in a)
+    assert sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)) >= 12  # mostly the same tokens on random weights
+
+
+def test_online_fp8_equals_channel_checkpoint(tiny, tmp_path):
+    """--quantization fp8 on a 16-bit checkpoint quantizes exactly as the channel checkpoint does: same logits."""
+    src, _ = tiny
+    out = str(tmp_path / "ch")
+    write_fp8_checkpoint(src, out, "channel", "dynamic")
+    online, stored = _llm(src, quantization="fp8"), _llm(out)
+    for name in ("layers.0.mlp.gate_up_proj", "layers.1.self_attn.o_proj"):
+        torch.testing.assert_close(_linear(online, name).weight.float(), _linear(stored, name).weight.float(), rtol=0, atol=0)
+    a = [o.outputs[0].token_ids for o in online.generate(PROMPTS, GREEDY)]
+    assert a == [o.outputs[0].token_ids for o in stored.generate(PROMPTS, GREEDY)]
+    assert _linear(online, "lm_head").weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="holds fp8"):
+        _llm(out, quantization="none")
+
+
+def test_block_scheme_refuses_unaligned_shapes(tmp_path):
+    src = str(tmp_path / "odd")
+    _tiny_llama(src, hidden=96, head_dim=24)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        write_fp8_checkpoint(src, str(tmp_path / "out"), "block")
+
+
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("mode", ["channel", "static", "block"])
+def test_fp8_gemm_matches_reference(m, mode):
+    """The Triton FP8 GEMM against dequantize-then-matmul in float64 (CPU: the interpreter)."""
+    from slipstream.kernels.fp8 import fp8_gemm
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 160, 384
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    bias = torch.randn(n, generator=g)
+    if mode == "block":
+        wq, ws = quantize_weight_blocks(w, (128, 128))
+        xq, xs = quantize_activation_ref(x, 128)
+        group, block = 128, (128, 128)
+    else:
+        wq, ws = quantize_weight_per_channel(w)
+        xq, xs = quantize_activation_ref(x, 0, torch.tensor([0.02]) if mode == "static" else None)
+        group, block = 0, None
+    ref = dequantize_activation(xq, xs, group, torch.float64) @ dequantize(wq, ws, block, torch.float64).T + bias.double()
+    out = fp8_gemm(xq.to(DEV), xs.to(DEV), wq.to(DEV), ws.to(DEV), bias.to(DEV), torch.float32, block)
+    assert out.shape == (m, n)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="the Triton interpreter rounds float32 -> FP8 wrongly at binade edges")
+@pytest.mark.parametrize("group", [0, 128])
+def test_quantize_kernel_matches_reference(group):
+    from slipstream.kernels.fp8 import quantize_fp8
+
+    x = torch.randn(37, 512, device=DEV, dtype=torch.bfloat16) * 3
+    q, s = quantize_fp8(x, group)
+    qr, sr = quantize_activation_ref(x, group)
+    torch.testing.assert_close(s, sr)
+    assert torch.equal(q.float(), qr.float())
+    q, s = quantize_fp8(x, 0, torch.tensor([0.01], device=DEV))
+    assert torch.equal(q.float(), quantize_activation_ref(x, 0, torch.tensor([0.01], device=DEV))[0].float())
+
+
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("block", [None, (128, 128)])
+def test_fp8_gemv_matches_reference(prologue, block):
+    """One row against FP8 weights: the fused GEMV (W8A16: the activation stays 16-bit) vs dequantized weights."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 200, 256
+    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    nw = 1 + 0.1 * torch.randn(k, generator=g)
+    wq, ws = quantize_weight_blocks(w, block) if block else quantize_weight_per_channel(w)
+    if prologue == "silu_mul":
+        a = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+    elif prologue == "rmsnorm":
+        a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+    else:
+        a = x
+    ref = a.double() @ dequantize(wq, ws, block, torch.float64).T
+    kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
+    y, _ = gemv(x.to(DEV), wq.to(DEV), prologue=prologue, weight_scale=ws.to(DEV), scale_block=block, **kw)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_perplexity_on_real_text(smollm):
+    """The embedded SmolLM2 with FP8 weights and activations (quantized at load) on real English text: perplexity
+    within 6% of the unquantized model and the same greedy next token at >= 85% of positions: a wrong scale layout
+    costs far more. (Measured: +4.1% and 88.9% on these 512 tokens, +2.3% and 90.9% over 4,096 tokens with
+    `slipstream bench quality`; this 135M model is more sensitive than the billion-parameter ones FP8 is usually
+    judged on — docs/benchmarks.md.)"""
+    from slipstream.bench.quality import compare, essays, score
+
+    fp8 = LLM(smollm.engine.model_path, device="cpu", dtype="float32", quantization="fp8", max_model_len=512,
+              num_blocks=40, block_size=16, enable_prefix_caching=False)
+    ids = smollm.engine.tokenizer.encode(essays(20_000))[: 512 + 256]
+    res = compare(score(smollm, ids, 512, 256), score(fp8, ids, 512, 256))
+    assert res["tokens"] == 512
+    assert math.isfinite(res["ppl"]) and 0 < res["ppl_change_pct"] < 6, res
+    assert res["greedy_agreement"] >= 0.85, res

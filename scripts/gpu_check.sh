@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the kernel tests in bf16/fp16/fp32, multi-token steps (fp32, in CUDA graphs), FP8 weights
-# (formats, kernels, the engine on FP8 checkpoints), the end-to-end Triton-vs-torch check, and
+# On a CUDA machine: the kernel tests in bf16/fp16/fp32 (attention, GEMV, FP8, fused MoE), multi-token steps (fp32,
+# in CUDA graphs), FP8 weights (formats, kernels, the engine on FP8 checkpoints), the end-to-end Triton-vs-torch
+# check, and
 # `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit
 # and with FP8 weights.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
@@ -10,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rc=0
-python3 -m pytest -q tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py -p no:cacheprovider || rc=1
+python3 -m pytest -q tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py -p no:cacheprovider || rc=1
 python3 scripts/gpu_e2e.py "${1:-$(python3 -c 'from slipstream.loader import embedded_model_path as p; print(p())')}" || rc=1
 dummy=${2:-$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-0.6b"))')}
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 || rc=1

@@ -19,6 +19,45 @@ from slipstream.models import MODEL_TYPES, check_architecture
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward (layers/moe.py says what each routing option does)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    renormalize: bool = True  # the k weights are rescaled to sum to one
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    num_groups: int = 1  # grouped selection (DeepSeek): only the best `topk_groups` groups of experts are eligible
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False  # a learned per-expert bias added to the scores for selection only
+    shared_intermediate_size: int = 0  # a shared expert every token uses (0: none)
+    shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a learned gate)
+    layers: tuple[int, ...] = ()  # decoder layers whose feed-forward is this MoE (the others are dense)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.top_k <= self.num_experts, "num_experts_per_tok", f"must be in [1, {self.num_experts}]", self.top_k)
+        _check(self.scoring in ("softmax", "sigmoid"), "scoring_func", "must be softmax or sigmoid", self.scoring)
+        _check(self.num_experts % self.num_groups == 0 and 1 <= self.topk_groups <= self.num_groups, "topk_group",
+               f"must be in [1, n_group] with n_group dividing {self.num_experts}", (self.num_groups, self.topk_groups))
+
+
+def _moe_config(arch: str, cfg: dict[str, Any], num_layers: int) -> MoEConfig | None:
+    if arch == "MixtralForCausalLM":
+        return MoEConfig(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"],
+                         layers=tuple(range(num_layers)))
+    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # the hub's name; transformers 5 writes the other
+        step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+        layers = tuple(i for i in range(num_layers) if i not in dense and experts and (i + 1) % step == 0)
+        shared = cfg.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
+        return MoEConfig(experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                         cfg.get("norm_topk_prob", False), shared_intermediate_size=shared, shared_gate=bool(shared),
+                         layers=layers)
+    return None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -39,6 +78,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"  # the checkpoint's own dtype
     quantization: QuantSpec = QuantSpec()  # what the checkpoint's linear layers hold
+    moe: MoEConfig | None = None  # Mixture-of-Experts feed-forward, in the layers it names
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -73,13 +113,15 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=next((cfg[k] for k in ("attention_bias", "qkv_bias") if cfg.get(k) is not None),
+                                arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_scaling=tuple(sorted(rope_scaling.items())),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             quantization=parse_quantization_config(cfg.get("quantization_config")),
+            moe=_moe_config(arch, cfg, cfg["num_hidden_layers"]),
         )
 
 

@@ -1,11 +1,16 @@
-"""Qwen2 (qkv bias, untied), Qwen3 (q/k norm, tied, head_dim != hidden/heads) and Llama 3 (llama3 rope scaling)
-with small random weights saved as an HF directory; HF transformers builds the reference from the same files."""
+"""Qwen2 (qkv bias, untied), Qwen3 (q/k norm, tied, head_dim != hidden/heads), Llama 3 (llama3 rope scaling) and
+the Mixture-of-Experts models (Qwen3-MoE with a dense layer, Mixtral, Qwen2-MoE with its gated shared expert)
+with small random weights saved as an HF directory; HF transformers builds the reference from the same files.
+The engine runs the prompts together, with chunked prefill and at least one preemption."""
 import json
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from conftest import assert_no_leak
 from hf_reference import hf_greedy
@@ -20,6 +25,15 @@ CONFIGS = {
     "llama3": LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **COMMON),
+    # top-2 of 8 renormalized; layer 1 is dense (mlp_only_layers)
+    "qwen3_moe": Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1],
+                                tie_word_embeddings=False, rope_theta=1e6, **COMMON),
+    "mixtral": MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, **COMMON),
+    # top-3 of 6 without renormalization, a shared expert behind a sigmoid gate; layer 0 is dense
+    "qwen2_moe": Qwen2MoeConfig(num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+                                shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[0],
+                                rope_theta=1e6, **COMMON),
 }
 
 
@@ -28,7 +42,7 @@ def make_model_dir(path, config) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # larger than HF's default init so that greedy choices are far from ties
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # matrices, and the stacked [E, ...] expert weights
                 p.normal_(0.0, 0.25)
             elif "bias" in name:
                 p.normal_(0.0, 0.5)

@@ -16,6 +16,7 @@ import torch
 
 from slipstream import LLM, SamplingParams
 from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles, write_json
+from slipstream.layers.moe import MoE
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 
@@ -76,6 +77,20 @@ def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> f
     return rate
 
 
+def active_weight_bytes(model: torch.nn.Module, batch: int) -> float:
+    """Weight bytes one decode step must read: every parameter, except that a MoE layer's experts count only as
+    far as tokens reach them — k of E for one token; for B tokens routed uniformly, E * (1 - (1 - k/E)^B)."""
+    total = 0.0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            nbytes = p.numel() * p.element_size()
+            if isinstance(module, MoE) and name in ("w13", "w2"):
+                e, k = module.cfg.num_experts, module.cfg.top_k
+                nbytes *= 1 - (1 - k / e) ** batch
+            total += nbytes
+    return total
+
+
 def latency(a: argparse.Namespace) -> dict:
     bw = copy_bandwidth(torch.device("cuda"))
     peer = hf_decode_rate(a.model, a.batch_size, a.input_len, a.output_len) if a.hf_peer else None
@@ -98,7 +113,7 @@ def latency(a: argparse.Namespace) -> dict:
     ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
     decode_rate = a.batch_size * (a.output_len - 1) / (total - ttft)
     mc, runner = llm.engine.model_config, llm.engine.runner
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    weight_bytes = active_weight_bytes(runner.model, a.batch_size)
     avg_ctx = a.input_len + a.output_len / 2
     kv_bytes = a.batch_size * avg_ctx * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
     roofline = a.batch_size * bw / (weight_bytes + kv_bytes)

@@ -53,3 +53,9 @@ def fp8_gemm(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.fp8 import fp8_gemm as f
 
     return f(*args, **kwargs)
+
+
+def fused_moe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.moe import fused_moe as f
+
+    return f(*args, **kwargs)

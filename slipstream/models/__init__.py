@@ -6,12 +6,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) are the Llama block with a flag that ModelConfig derives.
+# Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) are the Llama block with a flag that ModelConfig derives; their MoE
+# variants and Mixtral swap the feed-forward of some or all layers for layers/moe.py (ModelConfig.moe).
 ARCHITECTURES = {
     "LlamaForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "Qwen2MoeForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "Qwen3MoeForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
 }
 # HF `model_type` (and GGUF `general.architecture`) -> architecture, for configs that name no architecture.
 MODEL_TYPES = {
@@ -19,6 +23,9 @@ MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 

@@ -1,6 +1,8 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, TinyLlama; Qwen2 adds q/k/v bias, Qwen3 adds q/k RMSNorm).
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, TinyLlama; Qwen2 adds q/k/v bias, Qwen3 adds q/k RMSNorm;
+Mixtral, Qwen2-MoE and Qwen3-MoE replace the SwiGLU of some or all layers by a Mixture of Experts).
 
-Pre-norm transformer: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); logits = RMSNorm(x) @ W_out.
+Pre-norm transformer: x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)); logits = RMSNorm(x) @ W_out, where FFN is
+a SwiGLU MLP or, in the layers ModelConfig.moe names, a routed mixture of SwiGLU experts (layers/moe.py).
 Q, K and V are one fused projection, as are the MLP's gate and up projections: one GEMM each instead of three
 and two. `load_weights` maps checkpoint names (HF layout) onto those fused parameters. Each norm is applied by
 the projection that consumes it (`norm_linear`), and SwiGLU by the down projection (`silu_mul_linear`), so that
@@ -8,6 +10,7 @@ small-batch decode runs each pair as one kernel.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +20,7 @@ from slipstream import kernels
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.config import ModelConfig
 from slipstream.layers.linear import Linear, default_weight_loader, finish_loading, norm_linear, silu_mul_linear
+from slipstream.layers.moe import MoE
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
 from slipstream.layers.rotary import RotaryEmbedding
@@ -79,9 +83,10 @@ class MLP(nn.Module):
                                    fused=fused)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, method=method_for(f"{prefix}.down_proj"), fused=fused)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """SwiGLU on the already-projected [gate | up], through down_proj."""
-        return silu_mul_linear(gate_up, self.down_proj)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SwiGLU(norm(h + residual)), h + residual): the norm rides on gate_up, SwiGLU on down_proj."""
+        gate_up, residual = norm_linear(h, residual, norm, self.gate_up_proj)
+        return silu_mul_linear(gate_up, self.down_proj), residual
 
 
 class DecoderLayer(nn.Module):
@@ -91,15 +96,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.mlp = MLP(cfg, layer, method_for, fused)
+        if cfg.moe is not None and layer in cfg.moe.layers:
+            self.mlp: nn.Module = MoE(cfg.moe, cfg.hidden_size, fused)
+        else:
+            self.mlp = MLP(cfg, layer, method_for, fused)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
         h = self.self_attn(positions, qkv, meta)
-        gate_up, residual = norm_linear(h, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
-        return self.mlp(gate_up), residual
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -148,12 +155,29 @@ class LlamaForCausalLM(nn.Module):
         parts = sorted((idx, frag) for frag, (stacked, idx) in cls.packed_modules.items() if stacked == last)
         return [f"{head}.{frag}" for _, frag in parts] or [prefix]
 
+    # One expert's tensor in a checkpoint (Qwen-MoE names; Mixtral's w1 / w3 / w2 are gate / up / down)
+    expert_tensor = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+    expert_parts = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
+                    "down_proj": ("w2", None), "w2": ("w2", None)}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hand each checkpoint tensor (HF names, `model.` prefix optional) to its parameter's weight loader."""
         params = dict(self.named_parameters())  # a tied lm_head shares the embedding's entry
-        loaded: set[tuple[str, int | None]] = set()
+        loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
-            name = name.removeprefix("model.")
+            name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+            expert = self.expert_tensor.fullmatch(name)
+            if expert:
+                stacked, part = self.expert_parts[expert[3]]
+                target, shard = f"{expert[1]}.{stacked}", (int(expert[2]), part)
+                if target not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                try:
+                    params[target].weight_loader(params[target], tensor, shard)
+                except (ValueError, IndexError) as e:
+                    raise ValueError(f"{name}: {e}") from None
+                loaded.add((target, shard))
+                continue
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             if name.endswith((".k_scale", ".v_scale")):  # FP8 KV-cache scales: the KV cache is kept in 16 bits

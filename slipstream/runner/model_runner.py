@@ -88,6 +88,9 @@ class ModelRunner:
             with torch.device(self.device):
                 cls = model_class(self.model_config.architecture)
                 spec = resolve_quantization(self.config.quantization, self.model_config.quantization)
+                if spec.serialized and self.model_config.moe is not None:
+                    raise ValueError("FP8 checkpoints of MoE models (FP8 experts) are not supported yet; "
+                                     "--quantization fp8 on a 16-bit MoE checkpoint quantizes all but the experts")
                 model = cls(self.model_config, self.backend, method_table(spec, cls.checkpoint_modules), fused=self.fused)
         finally:
             torch.set_default_dtype(default_dtype)

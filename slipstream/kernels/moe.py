@@ -1,0 +1,125 @@
+"""Fused Mixture-of-Experts: tokens sorted by expert, then one grouped GEMM per projection.
+
+Each of T tokens goes to k experts. `align_by_expert` lays the T * k (token, expert) pairs out expert by expert,
+each expert's run padded to a multiple of BLOCK_M, in buffers whose size depends only on T, k and E (so a CUDA
+graph can hold them): `sorted_ids` lists pair indices (pair = token * k + slot; padding holds T * k), and
+`block_expert` names the expert of each BLOCK_M rows (-1 past the used blocks). The grouped GEMM then runs one
+program per (BLOCK_M pairs, BLOCK_N outputs): it gathers its rows of A, streams only its expert's weight tile,
+and scatters the result to the pairs' rows. Experts that received no pair own no block, so a batch-1 decode
+step reads the weights of its k selected experts only.
+
+  - gate-up with SwiGLU fused: the program keeps two accumulators, over the gate rows n and the up rows I + n of
+    the expert's stacked [gate | up] weight, and writes silu(gate) * up: the [pairs, 2I] intermediate never
+    exists;
+  - down with the routing weight fused: each pair's output row is scaled by its weight before it is written;
+    the k rows of a token are then summed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels._device import INTERPRET, dot_precision
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (sorted_ids [T*k + E*(block_m-1)] int32, block_expert [that / block_m] int32); device
+    ops only, no host sync."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    pairs = flat.numel()
+    # scatter_add, not bincount: bincount sizes its output from the data (a host sync, not graph-safe)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order within an expert
+    expert_sorted = flat[order]
+    first = torch.cumsum(counts, 0) - counts  # index in `order` where each expert's pairs begin
+    dest = starts[expert_sorted] + torch.arange(pairs, device=flat.device) - first[expert_sorted]
+    capacity = pairs + num_experts * (block_m - 1)
+    capacity = (capacity + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((capacity,), pairs, dtype=torch.int32, device=flat.device)
+    sorted_ids[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, capacity, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True).to(torch.int32)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
+                     stride_am, stride_be, stride_bn, stride_cm,
+                     GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    ok_m = pairs < num_pairs
+    rows = pairs // top_k if A_PER_TOKEN else pairs  # gate-up reads the token's row; down reads the pair's
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_n = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    b_ptrs = b_base + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:  # the up rows sit N rows below the gate rows in the stacked weight
+        up_ptrs = b_ptrs + N * stride_bn
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ok_k = rk < K - k0
+        a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+            acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+            up_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(w_ptr + pairs, mask=ok_m, other=0.0)[:, None]
+    c_ptrs = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
+
+
+def _tiles(pairs: int) -> dict:
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    # small steps (decode): short row blocks waste less padding; large steps: square tiles for reuse
+    if pairs <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if pairs <= 1024:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
+    (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]."""
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    inter, k = two_i // 2, topk_ids.shape[1]
+    pairs = t * k
+    tiles = _tiles(pairs)
+    bm = tiles["BLOCK_M"]
+    sorted_ids, block_expert = align_by_expert(topk_ids, e, bm)
+    x = x.contiguous()
+    mid = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    out = torch.empty((pairs, h), dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    precision = dot_precision(x.dtype)
+    grid = lambda n: (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))  # noqa: E731
+    _moe_gemm_kernel[grid(inter)](x, w13, mid, weights, sorted_ids, block_expert, inter, h, pairs, k,
+                                  x.stride(0), w13.stride(0), w13.stride(1), mid.stride(0),
+                                  GATED=True, WEIGHTED=False, A_PER_TOKEN=True, PRECISION=precision, **tiles)
+    _moe_gemm_kernel[grid(h)](mid, w2, out, weights, sorted_ids, block_expert, h, inter, pairs, 1,
+                              mid.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+                              GATED=False, WEIGHTED=True, A_PER_TOKEN=False, PRECISION=precision, **tiles)
+    return out.view(t, k, h).sum(1)

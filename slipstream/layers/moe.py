@@ -1,0 +1,112 @@
+"""Mixture-of-Experts feed-forward: a router picks k of E SwiGLU experts per token; their outputs, weighted by
+the router, are summed (plus, in some models, a shared expert every token uses).
+
+Routing variants, all options of `route` (MoEConfig says which a model uses):
+  - Mixtral / Qwen3-MoE: softmax over the E router logits, the top k, renormalized to sum to one
+    (`renormalize`; Qwen2-MoE keeps the raw softmax weights);
+  - DeepSeek-V3 style: sigmoid scores; a per-expert correction bias added for *selection only*; experts in
+    `num_groups` groups of which the best `topk_groups` (by the sum of their two best scores) are eligible;
+    weights renormalized and multiplied by `routed_scaling_factor`.
+Experts are stacked: w13 [E, 2I, H] (each expert's gate rows, then its up rows) and w2 [E, H, I], filled from the
+checkpoint's per-expert tensors by their weight loaders. On the GPU the experts run as the fused grouped GEMMs
+of kernels/moe.py; elsewhere as a loop over the experts that received tokens (the reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream import kernels
+from slipstream.config import MoEConfig
+from slipstream.layers.linear import Linear, silu_mul_linear
+from slipstream.layers.norm import RMSNorm
+
+
+def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+    scores = torch.softmax(logits.float(), -1) if cfg.scoring == "softmax" else torch.sigmoid(logits.float())
+    choose = scores if bias is None else scores + bias.float()
+    if cfg.num_groups > 1:
+        t, e = choose.shape
+        groups = choose.view(t, cfg.num_groups, e // cfg.num_groups)
+        group_score = groups.topk(2, -1).values.sum(-1) if bias is not None else groups.amax(-1)
+        keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(cfg.topk_groups, -1).indices, 1.0)
+        choose = choose.masked_fill(~keep.bool().repeat_interleave(e // cfg.num_groups, 1), float("-inf"))
+    ids = choose.topk(cfg.top_k, -1).indices
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The experts as a loop: each expert runs on the tokens routed to it (the reference of kernels.fused_moe)."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        gate, up = F.linear(x[token], w13[e]).chunk(2, -1)
+        y = F.linear(F.silu(gate) * up, w2[e])
+        out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
+    return out
+
+
+class SharedExpert(nn.Module):
+    """The SwiGLU expert every token goes through (Qwen2-MoE, DeepSeek), named as checkpoints name it."""
+
+    def __init__(self, hidden: int, inter: int, fused: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden, [inter, inter], fused=fused)
+        self.down_proj = Linear(inter, hidden, fused=fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig, hidden: int, fused: bool) -> None:
+        super().__init__()
+        self.cfg, self.fused = cfg, fused
+        e, inter = cfg.num_experts, cfg.intermediate_size
+        self.gate = Linear(hidden, e)  # the router stays in the model's dtype
+        self.w13 = nn.Parameter(torch.empty(e, 2 * inter, hidden), requires_grad=False)
+        self.w13.weight_loader = self._load_expert
+        self.w13.shards = tuple((i, part) for i in range(e) for part in (0, 1))
+        self.w2 = nn.Parameter(torch.empty(e, hidden, inter), requires_grad=False)
+        self.w2.weight_loader = self._load_expert
+        self.w2.shards = tuple((i, None) for i in range(e))
+        if cfg.correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
+            self.e_score_correction_bias.dummy_value = 0.0
+        if cfg.shared_intermediate_size:
+            self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused)
+            self.shared_expert_gate = Linear(hidden, 1) if cfg.shared_gate else None
+
+    @staticmethod
+    def _load_expert(param: nn.Parameter, tensor: torch.Tensor, shard: tuple[int, int | None]) -> None:
+        expert, part = shard
+        dst = param.data[expert]
+        if part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]
+            dst = dst.narrow(0, part * (dst.shape[0] // 2), dst.shape[0] // 2)
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MoE(norm(h + residual)), h + residual)."""
+        x, residual = norm(h, residual)
+        return self.routed(x), residual
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "e_score_correction_bias", None)
+        weights, ids = route(self.gate(x), self.cfg, bias)
+        if self.fused and x.is_cuda:
+            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids)
+        else:
+            y = experts_ref(x, self.w13, self.w2, weights, ids)
+        if self.cfg.shared_intermediate_size:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            y = y + shared
+        return y

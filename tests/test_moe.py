@@ -1,0 +1,111 @@
+"""Mixture of Experts: routing variants against HF transformers' DeepSeek-V3 layer, the fused Triton grouped GEMMs
+against the per-expert loop (CPU: the interpreter in fp32/fp16; GPU: bf16 too, scripts/gpu_check.sh), including
+experts that receive no token, every token on one expert, and tied router scores. Whole MoE models against HF
+are in test_random_arch_equivalence.py."""
+import pytest
+import torch
+
+from slipstream.config import MoEConfig
+from slipstream.layers.moe import MoE, experts_ref, route
+from slipstream.layers.norm import RMSNorm
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def test_align_by_expert_lays_pairs_out_by_expert():
+    from slipstream.kernels.moe import align_by_expert
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]])  # expert 3 four times, experts 4..5 never
+    sorted_ids, block_expert = align_by_expert(ids, 6, 4)
+    pairs = ids.numel()
+    blocks = sorted_ids.view(-1, 4)
+    assert blocks.shape[0] == block_expert.numel() and sorted_ids.numel() % 4 == 0
+    seen = []
+    for b, e in zip(blocks.tolist(), block_expert.tolist()):
+        real = [p for p in b if p < pairs]
+        if e < 0:
+            assert not real
+            continue
+        assert real and all(ids.view(-1)[p] == e for p in real)  # every pair in a block belongs to its expert
+        assert real == sorted(real)  # token order kept within an expert
+        seen += real
+    assert sorted(seen) == list(range(pairs))  # each pair exactly once
+    assert set(block_expert.tolist()) - {-1} == {0, 1, 2, 3}  # unused experts own no block
+
+
+def _weights(e, h, inter, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, generator=g) / inter**0.5).to(dtype)
+    return w13, w2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["random", "one_expert", "single_token", "many_tokens"])
+def test_fused_moe_matches_loop(dtype, case):
+    from slipstream.kernels.moe import fused_moe
+
+    e, h, inter, k = 8, 96, 80, 2
+    t = {"random": 13, "one_expert": 9, "single_token": 1, "many_tokens": 70}[case]
+    w13, w2 = _weights(e, h, inter, dtype, t)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    logits = torch.randn(t, e, generator=g)
+    if case == "one_expert":  # every token's first choice is expert 5 (and experts 0, 6, 7 get nothing)
+        logits[:, 5] += 10
+        logits[:, [0, 6, 7]] -= 10
+    weights, ids = route(logits, MoEConfig(e, k, inter))
+    ref = experts_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV))
+    assert out.shape == (t, h) and out.dtype == dtype
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype] * 4, err
+
+
+def test_route_ties_pick_distinct_experts():
+    logits = torch.zeros(3, 8)  # every score tied
+    weights, ids = route(logits, MoEConfig(8, 4, 16))
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    torch.testing.assert_close(weights, torch.full((3, 4), 0.25))
+    w, _ = route(logits, MoEConfig(8, 4, 16, renormalize=False))
+    torch.testing.assert_close(w, torch.full((3, 4), 1 / 8))
+
+
+def test_deepseek_routing_and_shared_expert_match_hf():
+    """Sigmoid scores, grouped top-k, the correction bias for selection only, routed_scaling_factor and a shared
+    expert: our MoE layer against HF transformers' DeepseekV3MoE with the same weights."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    torch.manual_seed(0)
+    hcfg = DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                            n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1)
+    hf = DeepseekV3MoE(hcfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.3)
+        hf.gate.e_score_correction_bias.normal_(0, 0.2)
+    cfg = MoEConfig(16, 4, 32, renormalize=True, scoring="sigmoid", num_groups=4, topk_groups=2,
+                    routed_scaling_factor=2.5, correction_bias=True, shared_intermediate_size=32)
+    ours = MoE(cfg, 64, fused=False)
+    with torch.no_grad():
+        ours.gate.weight.copy_(hf.gate.weight)
+        ours.e_score_correction_bias.copy_(hf.gate.e_score_correction_bias)
+        ours.w13.copy_(hf.experts.gate_up_proj)
+        ours.w2.copy_(hf.experts.down_proj)
+        se = hf.shared_experts
+        ours.shared_expert.gate_up_proj.weight.copy_(torch.cat([se.gate_proj.weight, se.up_proj.weight]))
+        ours.shared_expert.down_proj.weight.copy_(se.down_proj.weight)
+    x = torch.randn(23, 64)
+    _, hf_w, hf_ids = hf.gate(x)
+    w, ids = route(ours.gate(x), cfg, ours.e_score_correction_bias)
+    assert [sorted(r) for r in ids.tolist()] == [sorted(r) for r in hf_ids.tolist()]
+    torch.testing.assert_close(w.sort(-1).values, hf_w.sort(-1).values)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        out, res = ours(x, None, norm)
+        torch.testing.assert_close(res, x)
+        torch.testing.assert_close(out, hf(norm(x, None)[0][None])[0], atol=1e-5, rtol=1e-5)

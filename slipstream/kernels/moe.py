@@ -1,8 +1,8 @@
 """Fused Mixture-of-Experts: tokens sorted by expert, then one grouped GEMM per projection.
 
 Each of T tokens goes to k experts. `align_by_expert` lays the T * k (token, expert) pairs out expert by expert,
-each expert's run padded to a multiple of BLOCK_M, in buffers whose size depends only on T, k and E (so a CUDA
-graph can hold them): `sorted_ids` lists pair indices (pair = token * k + slot; padding holds T * k), and
+each expert's run padded to a multiple of BLOCK_M, in buffers whose size depends only on T, k and E, with no sort
+and no host sync (so a CUDA graph can hold it): `sorted_ids` lists pair indices (pair = token * k + slot; padding holds T * k), and
 `block_expert` names the expert of each BLOCK_M rows (-1 past the used blocks). The grouped GEMM then runs one
 program per (BLOCK_M pairs, BLOCK_N outputs): it gathers its rows of A, streams only its expert's weight tile,
 and scatters the result to the pairs' rows. Experts that received no pair own no block, so a batch-1 decode
@@ -23,27 +23,46 @@ import triton.language as tl
 from slipstream.kernels._device import INTERPRET, dot_precision
 
 
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, pairs, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    n = tl.zeros([BLOCK], dtype=tl.int32)
+    for p0 in range(0, pairs, BLOCK):
+        ps = p0 + tl.arange(0, BLOCK)
+        n += (tl.load(ids_ptr + ps, mask=ps < pairs, other=-1) == e).to(tl.int32)
+    tl.store(counts_ptr + e, tl.sum(n, 0))
+
+
+@triton.jit
+def _place_kernel(ids_ptr, starts_ptr, counts_ptr, sorted_ptr, block_expert_ptr, pairs,
+                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    start = tl.load(starts_ptr + e)
+    placed = start
+    for p0 in range(0, pairs, BLOCK):
+        ps = p0 + tl.arange(0, BLOCK)
+        hit = (tl.load(ids_ptr + ps, mask=ps < pairs, other=-1) == e).to(tl.int32)
+        pos = placed + tl.cumsum(hit, 0) - hit  # this expert's pairs, in token order
+        tl.store(sorted_ptr + pos, ps, mask=hit > 0)
+        placed += tl.sum(hit, 0)
+    for b in range(0, (tl.load(counts_ptr + e) + BLOCK_M - 1) // BLOCK_M):
+        tl.store(block_expert_ptr + start // BLOCK_M + b, e)
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_ids [T, k] -> (sorted_ids [T*k + E*(block_m-1)] int32, block_expert [that / block_m] int32); device
-    ops only, no host sync."""
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    """topk_ids [T, k] -> (sorted_ids [T*k + E*(block_m-1), rounded up to block_m] int32, block_expert [that /
+    block_m] int32). Two small kernels, one program per expert (count, then place), and cumulative sums: no sort
+    and no host sync, so a CUDA graph can hold it."""
+    flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     pairs = flat.numel()
-    # scatter_add, not bincount: bincount sizes its output from the data (a host sync, not graph-safe)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    _count_kernel[(num_experts,)](flat, counts, pairs, BLOCK=1024)
     padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order within an expert
-    expert_sorted = flat[order]
-    first = torch.cumsum(counts, 0) - counts  # index in `order` where each expert's pairs begin
-    dest = starts[expert_sorted] + torch.arange(pairs, device=flat.device) - first[expert_sorted]
-    capacity = pairs + num_experts * (block_m - 1)
-    capacity = (capacity + block_m - 1) // block_m * block_m
+    starts = (torch.cumsum(padded, 0) - padded).to(torch.int32)
+    capacity = -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
     sorted_ids = torch.full((capacity,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_ids[dest] = order.to(torch.int32)
-    block_start = torch.arange(0, capacity, block_m, device=flat.device)
-    block_expert = torch.searchsorted(ends, block_start, right=True).to(torch.int32)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    block_expert = torch.full((capacity // block_m,), -1, dtype=torch.int32, device=flat.device)
+    _place_kernel[(num_experts,)](flat, starts, counts, sorted_ids, block_expert, pairs, BLOCK_M=block_m, BLOCK=1024)
     return sorted_ids, block_expert
 
 

@@ -186,15 +186,22 @@ class EngineConfig:
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))
+    speculative_method: str = option("none", "speculative decoding: ngram proposes drafts by prompt lookup, verified "
+                                             "in one step (the output is exactly that without it)", ("none", "ngram"))
+    num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        for name in ("load_format", "dtype", "attention_backend", "quantization", "async_scheduling"):
+        for name in ("load_format", "dtype", "attention_backend", "quantization", "async_scheduling", "speculative_method"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
+        _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
+        if self.speculative_method != "none" and self.async_scheduling == "on":
+            raise ValueError("async_scheduling='on' cannot be combined with speculative decoding: a draft needs every "
+                             "token before it known when the step is scheduled")
         if self.attention_backend != "auto":  # 'auto' is checked against the backend it becomes, at start
             backend_spec(self.attention_backend).check_block_size(self.cache.block_size)
 

@@ -21,6 +21,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
+from slipstream.engine.proposer import NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
@@ -54,7 +55,10 @@ class EngineCore:
         self._sec_per_token: float | None = None  # measured cost of a scheduled token, for the prefill budget
         # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
         # it is asked, so overlap there would only hold every output back by one step.
-        self.overlap = config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda")
+        # Speculative decoding turns it off: drafts follow the last token, which must be known when a step is scheduled.
+        self.proposer = NgramProposer(config.num_speculative_tokens) if config.speculative_method == "ngram" else None
+        self.overlap = self.proposer is None and (
+            config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
         self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
@@ -96,7 +100,7 @@ class EngineCore:
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._release(seq)
         return True
 
     def finish_sequence(self, request_id: str, index: int) -> None:
@@ -105,7 +109,7 @@ class EngineCore:
         if req is None or req.seqs[index].is_finished:
             return
         req.seqs[index].finish_reason = "stop"
-        self.scheduler.finish(req.seqs[index])
+        self._release(req.seqs[index])
         if req.is_finished:
             del self.requests[request_id]
 
@@ -139,6 +143,8 @@ class EngineCore:
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         launched = self._launch(batch) if batch.seqs else None
@@ -147,6 +153,13 @@ class EngineCore:
         if launched is not None and (not self.overlap or launched.sync):
             deltas += self._collect()
         return deltas
+
+    def _propose(self) -> None:
+        """Drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
+        for seq in self.scheduler.running:
+            if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending:
+                # drafts and the token after them must fit under the sequence's length limit
+                seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, seq.max_total_tokens - seq.num_tokens - 1)
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
@@ -195,6 +208,8 @@ class EngineCore:
             if drafts:
                 seq.draft_token_ids = []
                 seq.num_computed_tokens += len(r.tokens) - 1
+                self.stats.draft_tokens += drafts
+                self.stats.accepted_draft_tokens += len(r.tokens) - 1
             deltas.append(self._append(seq, r))
             if seq.is_finished:
                 if seq.request.is_finished:
@@ -243,7 +258,12 @@ class EngineCore:
         # Stopped inside a run of accepted drafts, or with a step in flight: KV past the kept tokens must not reach
         # the prefix cache.
         seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.forget(seq.seq_id)
 
     def snapshot(self) -> CoreStats:
         """The counters plus the queue and pool gauges, as of now."""

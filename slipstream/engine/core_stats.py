@@ -19,3 +19,5 @@ class CoreStats(msgspec.Struct, array_like=True):
     cache_hit_tokens: int = 0
     cache_evicted_blocks: int = 0
     cache_blocks: int = -1  # -1: no prefix cache
+    draft_tokens: int = 0  # speculative decoding: drafts verified, and of those accepted
+    accepted_draft_tokens: int = 0

@@ -50,6 +50,8 @@ class EngineCollector:
             yield self._c("slipstream:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.cache_hit_tokens)
             yield self._c("slipstream:prefix_cache_evictions", "Cached blocks evicted.", s.cache_evicted_blocks)
             yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", s.cache_blocks)
+        yield self._c("slipstream:spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).", s.draft_tokens)
+        yield self._c("slipstream:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.accepted_draft_tokens)
         fin = CounterMetricFamily("slipstream:request_success", "Finished requests by finish reason.", labels=[*self.labels, "finished_reason"])
         for reason, n in self.finished.items():
             fin.add_metric([*self.labels.values(), reason], n)

@@ -1,0 +1,83 @@
+"""Speculative decoding with the n-gram (prompt lookup) proposer: its index against a brute-force search, and the
+engine's output with speculation on exactly equal to the output without it (greedy, seeded sampling with
+logprobs, penalties, n > 1, stop strings), with fewer steps where the text repeats."""
+import random
+
+import pytest
+
+from conftest import assert_no_leak
+from slipstream import LLM, SamplingParams
+from slipstream.config import EngineConfig
+from slipstream.engine.proposer import NgramProposer
+
+
+def brute_force(ids, k, min_n, max_n):
+    for n in range(min(max_n, len(ids)), min_n - 1, -1):
+        for end in range(len(ids) - 1, n - 1, -1):  # the latest earlier occurrence of the last n tokens
+            if ids[end - n : end] == ids[len(ids) - n :]:
+                return ids[end : end + k]
+    return []
+
+
+def test_ngram_index_matches_brute_force():
+    rng = random.Random(0)
+    for trial in range(40):
+        prop = NgramProposer(num_tokens=rng.randint(1, 5), min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
+        ids = [rng.randint(0, 5) for _ in range(rng.randint(1, 6))]
+        for _ in range(30):  # tokens arrive a few at a time, as accepted drafts do
+            assert prop.propose(7, ids, 100) == brute_force(ids, prop.k, prop.min_n, prop.max_n), (trial, ids)
+            ids += [rng.randint(0, 5) for _ in range(rng.randint(1, 3))]
+    prop = NgramProposer(4)
+    assert prop.propose(1, [5, 6, 7, 8, 9, 5, 6], 100) == [7, 8, 9, 5]
+    assert prop.propose(2, [5, 6, 7, 8, 9, 5, 6], 2) == [7, 8]  # the limit caps the drafts
+    assert prop.propose(3, [1, 2, 3, 4], 100) == []
+    prop.forget(1)
+    assert 1 not in prop._index
+
+
+def test_speculation_needs_synchronous_steps():
+    with pytest.raises(ValueError, match="speculative"):
+        EngineConfig.from_options(None, speculative_method="ngram", async_scheduling="on")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig.from_options(None, speculative_method="ngram", num_speculative_tokens=0)
+
+
+LIST = ("Copy this list twice: red, orange, yellow, green, blue, indigo, violet, black, white, gray, pink, brown. "
+        "First copy: red, orange, yellow,")
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    "seeded": SamplingParams(temperature=0.7, top_p=0.9, seed=11, max_tokens=24, logprobs=2, ignore_eos=True),
+    "penalties": SamplingParams(temperature=0.6, seed=5, repetition_penalty=1.1, frequency_penalty=0.2, max_tokens=24,
+                                ignore_eos=True),
+    "n2_stop": SamplingParams(temperature=0.8, seed=2, n=2, max_tokens=24, stop=[" pink"], ignore_eos=True),
+}
+
+
+@pytest.fixture(scope="module")
+def speculative(gguf_path):
+    return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024, speculative_method="ngram",
+               num_speculative_tokens=4)
+
+
+def test_speculation_never_changes_the_output(fresh, speculative):
+    """...and correct drafts save steps (greedy on a text that repeats)."""
+    prompts = [LIST, "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+    for name, params in PARAMS.items():
+        plain_steps = fresh.engine.stats.steps
+        plain = fresh.generate(prompts, params)
+        plain_steps = fresh.engine.stats.steps - plain_steps
+        steps0, core = speculative.engine.stats.steps, speculative.engine.core
+        spec = speculative.generate(prompts, params)
+        if name == "greedy":
+            assert core.stats.steps - steps0 < plain_steps
+        for a, b in zip(plain, spec):
+            for x, y in zip(a.outputs, b.outputs):
+                assert x.token_ids == y.token_ids, name
+                assert x.text == y.text and x.finish_reason == y.finish_reason, name
+                if params.logprobs is not None:
+                    for la, lb in zip(x.logprobs, y.logprobs):
+                        assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la), name
+    stats = speculative.engine.core.stats
+    assert stats.accepted_draft_tokens > 0 and stats.draft_tokens >= stats.accepted_draft_tokens
+    assert_no_leak(speculative)
+    assert not speculative.engine.core.proposer._index  # every finished sequence's index is dropped

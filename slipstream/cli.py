@@ -52,35 +52,137 @@ def _stream_to_terminal(llm: Any, prompt: str | list[int], params: SamplingParam
 def cmd_generate(a: argparse.Namespace) -> None:
     from slipstream import LLM
 
+    params = _sampling(a)  # a bad value is reported before anything loads
     llm = LLM(a.model, **engine_kwargs(a))
     prompt: str | list[int] = a.prompt if a.raw else llm.apply_chat_template([{"role": "user", "content": a.prompt}])
-    n, dt = _stream_to_terminal(llm, prompt, _sampling(a))
+    n, dt = _stream_to_terminal(llm, prompt, params)
     print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {llm.engine.runner.device}]", file=sys.stderr)
+
+
+CHAT_HELP = """commands: /help  /reset (forget the conversation)  /system TEXT (set the system prompt and reset)  /exit
+keys: Ctrl-C stops a reply (at the prompt, twice quits)  Ctrl-D quits"""
+
+
+class Chat:
+    """`slipstream chat`: a conversation through the model's chat template, kept within max_model_len by
+    dropping the oldest turns. Ctrl-C during a reply only raises a flag that the reply loop reads between tokens:
+    the engine is never interrupted halfway through a step, and the stopped request frees its pages."""
+
+    def __init__(self, llm: Any, params: SamplingParams, system: str | None) -> None:
+        self.llm, self.params, self.system = llm, params, system
+        self.turns: list[dict[str, str]] = []
+        self.stop = False
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def prompt_ids(self) -> list[int] | None:
+        """The conversation's ids, dropping the oldest turns until it leaves room for a reply (None: the last
+        message alone is too long)."""
+        room = self.llm.engine.max_model_len - (self.params.max_tokens or 1)
+        dropped = 0
+        while True:
+            ids = self.llm.apply_chat_template(self.messages())
+            if len(ids) <= room:
+                break
+            if len(self.turns) <= 1:
+                return None
+            del self.turns[:2]  # the oldest user turn and its reply
+            dropped += 1
+        if dropped:
+            print(f"[dropped the {dropped} oldest exchange(s) to fit max_model_len={self.llm.engine.max_model_len}]",
+                  file=sys.stderr)
+        return ids
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False to quit."""
+        name, _, arg = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.turns = []
+            print("[conversation cleared]", file=sys.stderr)
+        elif name == "/system":
+            self.system, self.turns = arg.strip() or None, []
+            print("[system prompt set; conversation cleared]", file=sys.stderr)
+        else:
+            print(CHAT_HELP, file=sys.stderr)
+        return True
+
+    def reply(self, ids: list[int]) -> None:
+        import signal
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            self.stop = True
+
+        self.stop, texts, n = False, [], 0
+        start, first = time.perf_counter(), None
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            stream = self.llm.stream(ids, self.params)
+            for out in stream:
+                o = out.outputs[0]
+                first = first or time.perf_counter()
+                n = len(o.token_ids)
+                texts.append(o.delta_text)
+                sys.stdout.write(o.delta_text)
+                sys.stdout.flush()
+                if self.stop:
+                    stream.close()  # aborts the request and frees its pages
+                    sys.stdout.write(" [stopped]")
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        sys.stdout.write("\n")
+        self.turns.append({"role": "assistant", "content": "".join(texts)})
+        if first is not None:
+            end = time.perf_counter()
+            rate = f", {(n - 1) / (end - first):.1f} tok/s" if n > 1 and end > first else ""
+            print(f"[{n} tokens in {end - start:.2f} s{rate}, first token after {first - start:.2f} s]", file=sys.stderr)
+
+    def run(self) -> None:
+        try:
+            import readline  # noqa: F401 - line editing, and no terminal line-length limit on input()
+        except ImportError:
+            pass
+        print("slipstream chat — /help for commands, Ctrl-D to quit", file=sys.stderr)
+        interrupted = False
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            except KeyboardInterrupt:
+                if interrupted:
+                    print(file=sys.stderr)
+                    return
+                print("\n[Ctrl-C again to quit]", file=sys.stderr)
+                interrupted = True
+                continue
+            interrupted = False
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.turns.append({"role": "user", "content": line})
+            ids = self.prompt_ids()
+            if ids is None:
+                self.turns.pop()
+                print(f"[that message alone does not fit max_model_len={self.llm.engine.max_model_len} with "
+                      f"{self.params.max_tokens} tokens for the reply; not sent]", file=sys.stderr)
+                continue
+            self.reply(ids)
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from slipstream import LLM
 
+    params = _sampling(a)
     llm = LLM(a.model, **engine_kwargs(a))
-    history: list[dict[str, str]] = []
-    if a.system:
-        history.append({"role": "system", "content": a.system})
-    print("slipstream chat — empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        texts = []
-        for out in llm.stream(llm.apply_chat_template(history), _sampling(a)):
-            texts.append(out.outputs[0].delta_text)
-            sys.stdout.write(texts[-1])
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(texts)})
+    Chat(llm, params, a.system).run()
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -121,6 +223,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
 
 
+_GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
+
+
 def cmd_quantize(a: argparse.Namespace) -> None:
     from slipstream.loader.quantize import write_fp8_checkpoint
 
@@ -135,13 +240,29 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    import torch
+
     from slipstream.bench.common import write_json
+
+    if a.bench in _GPU_BENCHES and not torch.cuda.is_available():
+        raise ValueError(f"`slipstream bench {a.bench}` measures an NVIDIA GPU (CUDA) and none is available here; "
+                         f"`bench quality` and `bench fairness --device cpu` run on a CPU")
 
     write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slipstream")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="slipstream", description="slipstream LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"slipstream {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="stream a completion for one prompt")
     g.add_argument("prompt")

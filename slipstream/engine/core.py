@@ -34,8 +34,10 @@ _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         # The runner (torch, the GPU) is imported here, not at module level: the scheduler side stays torch-free.
+        from slipstream.runner.device import resolve_device
         from slipstream.runner.model_runner import ModelRunner
 
+        resolve_device(config.device)  # an unusable device is reported before the model loads
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer

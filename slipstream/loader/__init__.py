@@ -77,6 +77,8 @@ def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
     if tokenizer is not None:
         return _hf_tokenizer(tokenizer)
     path = embedded_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
     if path.endswith(".gguf") and os.path.isfile(path):
         from transformers import AutoTokenizer
 

@@ -1,0 +1,123 @@
+"""The command line as a new user meets it: errors before anything loads, `--version`, `python -m slipstream`, and
+`slipstream chat` driven through a pseudo-terminal (Ctrl-C stops a reply, slash commands, old turns dropped to fit
+max_model_len, Ctrl-D quits)."""
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _run(*args, timeout=60):
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "slipstream", *args], capture_output=True, text=True, timeout=timeout)
+    return p, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "hi", "--max-tokens", "-1"], "max_tokens must be an integer >= 1"),
+    (["generate", "hi", "--block-size", "0"], "block_size must be >= 1"),
+    (["generate", "hi", "--gpu-memory-utilization", "5"], "gpu_memory_utilization must be in (0, 1]"),
+    (["chat", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--model", "/does/not/exist"], "does not exist"),
+])
+def test_bad_options_fail_before_loading(args, message):
+    p, _ = _run(*args)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_device_and_gpu_bench_checked_first():
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    p, _ = _run("generate", "hi", "--device", "cuda")
+    assert p.returncode == 2 and "no CUDA GPU" in p.stderr
+    p, _ = _run("bench", "latency")
+    assert p.returncode == 2 and "NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_version_and_module_entry_point():
+    p, _ = _run("--version")
+    assert p.returncode == 0 and p.stdout.startswith("slipstream ")
+    p, _ = _run("--help")
+    assert p.returncode == 0 and "quantize" in p.stdout
+
+
+class Terminal:
+    """A child process on a pseudo-terminal: keys in, screen text out."""
+
+    def __init__(self, argv):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execv(sys.executable, [sys.executable, *argv])
+        self.seen = ""
+
+    def read_until(self, text, timeout=120.0):
+        end = time.time() + timeout
+        while text not in self.seen:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"waited for {text!r}; the screen shows:\n{self.seen[-2000:]}")
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:
+                    break
+                self.seen += chunk
+        if text not in self.seen:
+            raise AssertionError(f"the program ended before {text!r}:\n{self.seen[-2000:]}")
+        i = self.seen.index(text) + len(text)
+        before, self.seen = self.seen[:i], self.seen[i:]
+        return before
+
+    def send(self, keys):
+        os.write(self.fd, keys.encode())
+
+    def wait(self, timeout=30.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                if select.select([self.fd], [], [], 0.2)[0]:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:
+                pass
+        os.kill(self.pid, 9)
+        raise AssertionError(f"the program did not end:\n{self.seen[-2000:]}")
+
+
+def test_chat_keys_commands_and_long_conversations(gguf_path):
+    term = Terminal(["-m", "slipstream", "chat", "--model", gguf_path, "--device", "cpu", "--max-tokens", "48",
+                     "--max-model-len", "256", "--temperature", "0"])
+    term.read_until("> ")
+    term.send("Write a long poem about the sea.\r")
+    term.read_until("Write a long poem about the sea.")
+    time.sleep(0.3)  # let the reply begin
+    term.send("\x03")  # Ctrl-C: stop the reply, not the program
+    term.read_until("[stopped]")
+    term.read_until("> ")
+    term.send("/reset\r")
+    term.read_until("[conversation cleared]")
+    term.read_until("> ")
+    term.send("\x03")  # once at the prompt: a hint; the chat goes on
+    term.read_until("Ctrl-C again to quit")
+    term.read_until("> ")
+    for i in range(5):  # more exchanges than 256 tokens hold: the oldest go, the chat goes on
+        term.send(f"Tell me fact number {i} about the moon.\r")
+        out = term.read_until("tokens in")
+        term.read_until("> ")
+        if "oldest exchange" in out:
+            break
+    else:
+        raise AssertionError("the conversation outgrew max_model_len without dropping old turns")
+    term.send("\x04")  # Ctrl-D at the prompt: quit cleanly
+    assert term.wait() == 0

@@ -220,6 +220,7 @@ def fairness(a: argparse.Namespace) -> dict:
     res: dict[str, Any] = dict(bench="fairness", gpu=gpu_name(), model=a.model, prompt_len=a.prompt_len)
     rows = [["prefill chunks", "stream gap p50 ms", "p99 ms", "max ms", "long prompt TTFT s"]]
     for label, stall in (("one chunk (no limit)", 0.0), (f"sized to {a.max_decode_stall} s", a.max_decode_stall)):
+        llm.reset_prefix_cache()  # the long prompt must be computed again, not found in the cache
         eng = llm.engine
         eng.core.config = replace(eng.core.config, scheduler=replace(eng.core.config.scheduler, max_decode_stall=stall))
         eng.add_request("stream", [rng.randrange(10, vocab) for _ in range(16)], SamplingParams(max_tokens=a.prompt_len, ignore_eos=True))

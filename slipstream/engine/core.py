@@ -167,7 +167,8 @@ class EngineCore:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
         # Drafts: the next step depends on how many are accepted. Penalties: the next draw needs this token.
         sync = any(batch.num_drafts) or any(s.sampling is not None and s.sampling.history is not None for s in step.seqs)
-        launched = _InFlight(batch, self.runner.launch(step), time.perf_counter(), sync)
+        started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
+        launched = _InFlight(batch, self.runner.launch(step), started, sync)
         cache = self.prefix_cache
         for seq, n, drafts, s in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts, step.seqs):
             # Counted as computed now (their KV is written before anything later on the device reads it); drafts

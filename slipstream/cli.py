@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -12,8 +13,9 @@ from slipstream.sampling_params import SamplingParams
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    """One flag per engine option (config.ENGINE_OPTIONS), plus --model."""
+    """One flag per engine option (config.ENGINE_OPTIONS), plus --model and --quiet."""
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines while the engine starts")
     for o in ENGINE_OPTIONS.values():
         if o.type is bool:
             p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
@@ -312,6 +314,13 @@ def main(argv: list[str] | None = None) -> None:
     serve_bench.add_parser(bsub)
     b.set_defaults(fn=cmd_bench)
     a = parser.parse_args(argv)
+    # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.
+    if a.cmd != "serve":
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[slipstream] %(message)s"))
+        root = logging.getLogger("slipstream")
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING if getattr(a, "quiet", False) else logging.INFO)
     try:
         a.fn(a)
     except ValueError as e:

@@ -98,6 +98,8 @@ class Terminal:
 def test_chat_keys_commands_and_long_conversations(gguf_path):
     term = Terminal(["-m", "slipstream", "chat", "--model", gguf_path, "--device", "cpu", "--max-tokens", "48",
                      "--max-model-len", "256", "--temperature", "0"])
+    term.read_until("[slipstream] KV cache:")  # start-up progress lines
+    term.read_until("[slipstream] ready in")
     term.read_until("> ")
     term.send("Write a long poem about the sea.\r")
     term.read_until("Write a long poem about the sea.")
@@ -121,3 +123,21 @@ def test_chat_keys_commands_and_long_conversations(gguf_path):
         raise AssertionError("the conversation outgrew max_model_len without dropping old turns")
     term.send("\x04")  # Ctrl-D at the prompt: quit cleanly
     assert term.wait() == 0
+
+
+def test_gguf_tokenizer_is_converted_once(gguf_path, tmp_path, monkeypatch):
+    """The GGUF tokenizer is converted on the first start and read from the cache afterwards, unchanged."""
+    from slipstream.loader import load_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = load_tokenizer(gguf_path)
+    entries = list((tmp_path / "slipstream" / "tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+    start = time.perf_counter()
+    again = load_tokenizer(gguf_path)
+    assert time.perf_counter() - start < 3.0  # conversion takes seconds; reading the cache a fraction of one
+    text = "The capital of France is Paris.\n\n日本語 🙂"
+    assert again.encode(text) == first.encode(text)
+    chat = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        first.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)

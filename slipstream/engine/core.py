@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import threading
@@ -28,6 +29,7 @@ from slipstream.engine.sequence import Request, Sequence
 from slipstream.runner.batch import SamplingRow, SeqResult, SeqStep, Step
 from slipstream.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
 
 
@@ -38,6 +40,8 @@ class EngineCore:
         from slipstream.runner.model_runner import ModelRunner
 
         resolve_device(config.device)  # an unusable device is reported before the model loads
+        started = time.perf_counter()
+        log.info("loading %s", config.model or "the embedded SmolLM2-135M-Instruct")
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -64,6 +68,7 @@ class EngineCore:
         self._inflight: _InFlight | None = None
         self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
+        log.info("ready in %.1f s", time.perf_counter() - started)
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)

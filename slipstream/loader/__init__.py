@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -80,10 +82,35 @@ def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
     if not os.path.exists(path):
         raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
     if path.endswith(".gguf") and os.path.isfile(path):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        return _gguf_tokenizer(path)
     return _hf_tokenizer(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def _gguf_tokenizer(path: str) -> Any:
+    """The tokenizer of a GGUF file. Converting it (transformers parses the whole file again) takes seconds, so the
+    result is kept in ~/.cache/slipstream/tokenizers, keyed by the file's name, size and modification time, and
+    later starts read that (a fraction of a second)."""
+    from transformers import AutoTokenizer
+
+    st = os.stat(path)
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slipstream", "tokenizers")
+    cached = os.path.join(root, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception:  # noqa: BLE001 - a damaged cache entry: convert again below
+            pass
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    staging = None
+    try:
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=root)
+        tok.save_pretrained(staging)
+        os.replace(staging, cached)  # whole or not at all, even with several processes starting at once
+    except OSError:  # no writable cache (read-only home), or another process got there first
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tok
 
 
 def _hf_tokenizer(path: str) -> Any:

@@ -59,7 +59,10 @@ class ModelRunner:
         # Cascade decode: prefix-cache hits put the same pages at the head of many tables; the Triton decode
         # path then reads them once per step for the whole batch.
         self.cascade = self.fused and config.cache.enable_prefix_caching
+        started = time.perf_counter()
         self.model = self._build(weights)
+        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("weights: %.2f GB on %s in %.1f s", nbytes / 1e9, self.device, time.perf_counter() - started)
         sched = config.scheduler
         width = -(-max_model_len // bs)
         # Room for one step: ids, positions, slots per token; per sequence its block table, query start, length and
@@ -69,11 +72,14 @@ class ModelRunner:
         self.kv = KVPool(mc, bs, self.dtype, self.device)
         self.num_blocks = self.kv.size(config.cache, max_model_len, sched.max_num_seqs, self._profile_free_bytes)
         self.kv.allocate(self.num_blocks, self.backend)
+        log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
         self._graph_pool = None
         # MoE models decode eagerly until their fused path has passed scripts/gpu_check.sh inside CUDA graphs on a GPU
         if self.device.type == "cuda" and self.fused and not config.enforce_eager and mc.moe is None:
+            started = time.perf_counter()
             self.capture_graphs(1)
+            log.info("CUDA graphs for %d batch sizes captured in %.1f s", len(self.graphs[1].sizes), time.perf_counter() - started)
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
         # The last launched step's draws, on the device: sequence id -> row, and the tokens.
         self._last_rows: dict[int, int] = {}

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--calibration-tokens", type=int, default=8192)
     q.add_argument("--device", default="auto", help="where calibration runs")
     q.add_argument("--dtype", default="auto", help="dtype of the calibration run")
+    q.add_argument("--quiet", action="store_true", help="no progress lines")
     q.set_defaults(fn=cmd_quantize)
     b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve")
     bsub = b.add_subparsers(dest="bench", required=True)

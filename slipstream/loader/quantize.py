@@ -59,7 +59,8 @@ def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, **engine
 
     handles = [m.register_forward_pre_hook(watch(name)) for name, m in net.named_modules()
                if isinstance(m, Linear) and name != "lm_head"]
-    budget, limit = max_tokens, llm.engine.max_model_len - 1
+    # windows of up to 1,024 tokens: enough context for realistic activations, and cheap where attention is not
+    budget, limit = max_tokens, min(llm.engine.max_model_len - 1, 1024)
     try:
         for text in texts:
             ids = llm.engine.tokenizer.encode(text)

@@ -141,3 +141,14 @@ def test_gguf_tokenizer_is_converted_once(gguf_path, tmp_path, monkeypatch):
     chat = [{"role": "user", "content": "hi"}]
     assert again.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
         first.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+def test_readme_names_every_engine_option():
+    """The README's option list and the CLI's flags come from one table: every option is documented."""
+    from pathlib import Path
+
+    from slipstream.config import ENGINE_OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in ENGINE_OPTIONS if f"`{name}`" not in readme]
+    assert not missing, f"README does not name the engine options {missing}"

@@ -107,15 +107,22 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr, N
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
 
 
-def _tiles(pairs: int) -> dict:
+def _tiles(pairs: int, elem_bytes: int, device: torch.device) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     # small steps (decode): short row blocks waste less padding; large steps: square tiles for reuse
     if pairs <= 64:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if pairs <= 1024:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif pairs <= 1024:
+        bm, bn, bk, warps, stages = 32, 64, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 64, 128, 64, 8, 3
+    # Each pipeline stage holds an A tile and two weight tiles (gate and up): fewer stages where they would not fit
+    # in shared memory (float32 models, GPUs with less of it).
+    per_stage = (bm * bk + 2 * bk * bn) * elem_bytes
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 96 << 10)
+    stages = max(1, min(stages, (limit - 4096) // per_stage))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -126,7 +133,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = _tiles(pairs)
+    tiles = _tiles(pairs, x.element_size(), x.device)
     bm = tiles["BLOCK_M"]
     sorted_ids, block_expert = align_by_expert(topk_ids, e, bm)
     x = x.contiguous()

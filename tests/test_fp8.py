@@ -166,7 +166,12 @@ def test_online_fp8_equals_channel_checkpoint(tiny, tmp_path):
     write_fp8_checkpoint(src, out, "channel", "dynamic")
     online, stored = _llm(src, quantization="fp8"), _llm(out)
     for name in ("layers.0.mlp.gate_up_proj", "layers.1.self_attn.o_proj"):
-        torch.testing.assert_close(_linear(online, name).weight.float(), _linear(stored, name).weight.float(), rtol=0, atol=0)
+        a, b = _linear(online, name).weight.float(), _linear(stored, name).weight.float()
+        torch.testing.assert_close(_linear(online, name).weight_scale, _linear(stored, name).weight_scale, rtol=0, atol=0)
+        # the checkpoint is quantized on the CPU, the online weights on the model's device: on a GPU a value that
+        # falls on a rounding tie may land one FP8 step (1/8 relative) apart (seen: 1 of 65,536 on an H200)
+        off = a != b
+        assert off.float().mean() < 1e-3 and ((a - b).abs() <= 0.125 * b.abs()).all(), name
     a = [o.outputs[0].token_ids for o in online.generate(PROMPTS, GREEDY)]
     assert a == [o.outputs[0].token_ids for o in stored.generate(PROMPTS, GREEDY)]
     assert _linear(online, "lm_head").weight.dtype == torch.float32
@@ -203,7 +208,10 @@ def test_fp8_gemm_matches_reference(m, mode):
     ref = dequantize_activation(xq, xs, group, torch.float64) @ dequantize(wq, ws, block, torch.float64).T + bias.double()
     out = fp8_gemm(xq.to(DEV), xs.to(DEV), wq.to(DEV), ws.to(DEV), bias.to(DEV), torch.float32, block)
     assert out.shape == (m, n)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-4)
+    # Hopper's FP8 tensor cores keep about 14 bits of the running sum (DeepSeek-V3 report, section 3.3.2), as cuBLAS's
+    # fast-accumulation FP8 kernels do: outputs of size ~1 differ from float64 by up to ~1e-3 over K = 384
+    tol = 4e-3 if DEV == "cuda" else 1e-4
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=tol)
 
 
 @pytest.mark.skipif(DEV == "cpu", reason="the Triton interpreter rounds float32 -> FP8 wrongly at binade edges")

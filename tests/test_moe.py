@@ -17,7 +17,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 def test_align_by_expert_lays_pairs_out_by_expert():
     from slipstream.kernels.moe import align_by_expert
 
-    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]])  # expert 3 four times, experts 4..5 never
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]], device=DEV)  # expert 3 four times, experts 4..5 never
     sorted_ids, block_expert = align_by_expert(ids, 6, 4)
     pairs = ids.numel()
     blocks = sorted_ids.view(-1, 4)
@@ -28,7 +28,7 @@ def test_align_by_expert_lays_pairs_out_by_expert():
         if e < 0:
             assert not real
             continue
-        assert real and all(ids.view(-1)[p] == e for p in real)  # every pair in a block belongs to its expert
+        assert real and all(ids.view(-1)[p].item() == e for p in real)  # every pair in a block belongs to its expert
         assert real == sorted(real)  # token order kept within an expert
         seen += real
     assert sorted(seen) == list(range(pairs))  # each pair exactly once
@@ -113,8 +113,8 @@ def test_deepseek_routing_and_shared_expert_match_hf():
 
 @pytest.mark.skipif(DEV == "cpu", reason="the fused MoE path runs on CUDA")
 def test_engine_moe_on_gpu_matches_torch_backend(tmp_path):
-    """A small random Qwen3-MoE on the GPU in fp32: the Triton backend (the fused MoE kernels) and the torch backend
-    (the per-expert loop) give the same greedy tokens."""
+    """A small random Qwen3-MoE on the GPU in fp32: the Triton backend (the fused MoE kernels), in CUDA graphs and
+    eagerly, and the torch backend (the per-expert loop) give the same greedy tokens."""
     import json
 
     from slipstream import LLM, SamplingParams
@@ -131,9 +131,9 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path):
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 40, 17, 90, 3, 64, 33, 8)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = {}
-    for backend in ("triton", "torch"):
+    for name, backend, eager in (("graphs", "triton", False), ("eager", "triton", True), ("torch", "torch", True)):
         llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend, max_model_len=256,
-                  gpu_memory_utilization=0.3)
-        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                  gpu_memory_utilization=0.3, enforce_eager=eager)
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm
-    assert outs["triton"] == outs["torch"]
+    assert outs["graphs"] == outs["eager"] == outs["torch"]

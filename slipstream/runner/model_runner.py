@@ -75,8 +75,7 @@ class ModelRunner:
         log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
         self._graph_pool = None
-        # MoE models decode eagerly until their fused path has passed scripts/gpu_check.sh inside CUDA graphs on a GPU
-        if self.device.type == "cuda" and self.fused and not config.enforce_eager and mc.moe is None:
+        if self.device.type == "cuda" and self.fused and not config.enforce_eager:
             started = time.perf_counter()
             self.capture_graphs(1)
             log.info("CUDA graphs for %d batch sizes captured in %.1f s", len(self.graphs[1].sizes), time.perf_counter() - started)
@@ -127,13 +126,23 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = sched.max_num_batched_tokens
-        nblk = -(-tokens // self.block_size)
+        # the step as the scheduler could fill it: sequences of at most max_model_len tokens (positions past it
+        # would index beyond the rotary table), each on whole pages of its own
+        lens = [min(self.max_model_len, tokens - i) for i in range(0, tokens, self.max_model_len)]
+        bs = self.block_size
+        tables, slots, positions, nblk = [], [], [], 0
+        for n in lens:
+            pages = -(-n // bs)
+            tables.append(list(range(nblk, nblk + pages)))
+            slots += range(nblk * bs, nblk * bs + n)
+            positions += range(n)
+            nblk += pages
         tmp = self.kv.bind_scratch(nblk, self.backend)
         ids = torch.randint(0, self.model_config.vocab_size, (tokens,)).tolist()
-        slots = list(range(tokens))
+        firsts = [sum(lens[:i]) for i in range(len(lens))]
         with torch.inference_mode():
             self.ints.reset()
-            h = HostInputs(ids, slots, slots, [tokens], [tokens], [list(range(nblk))], [], [0], 0, 0)
+            h = HostInputs(ids, positions, slots, lens, lens, tables, [], firsts, 0, 0)
             hidden = self.model(*eager_inputs(h, self.ints))
             logits = self.model.compute_logits(hidden[: min(tokens, sched.max_num_seqs)])
             del hidden

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slipstream import SamplingParams
-from slipstream.kernels.hash import exponential_noise
+from slipstream.kernels.hash import exponential_noise, unit_interval
 from slipstream.layers.sampler import Penalties, SamplingBatch, sample
 
 V = 64
@@ -61,6 +61,14 @@ def test_draws_follow_the_distribution():
     toks = draws(logits, 4000)[0]
     freq = torch.bincount(toks, minlength=V)[:4].float() / 4000
     assert torch.allclose(freq, logits[0, :4].softmax(-1), atol=0.03)
+
+
+def test_uniforms_stay_inside_the_open_interval():
+    """The extreme hashes (all bits clear, all set) map strictly inside (0, 1) in float32: noise E = -log(u) is
+    never 0, so p / E is never inf (a token that always wins) or NaN (a filtered token argmax would pick)."""
+    u = unit_interval(torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63)], dtype=torch.int64))
+    assert bool((u > 0).all() and (u < 1).all()), u
+    assert bool((-torch.log(u) > 0).all())
 
 
 def test_noise_is_a_function_of_seed_and_position_only():

@@ -27,5 +27,11 @@ def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """E[s, v] ~ Exp(1), a pure function of (seeds[s], positions[s], v)."""
     x = mix64(row_keys(seeds, positions).unsqueeze(1) + torch.arange(vocab, device=seeds.device).unsqueeze(0) * GOLDEN)
-    u = (((x >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # top 24 bits -> (0, 1)
-    return -torch.log(u)
+    return -torch.log(unit_interval(x))
+
+
+def unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """The top 23 bits of 64-bit hashes as float32 in the open interval (0, 1). With 24 bits the largest value,
+    1 - 2^-25, rounds to 1.0 in float32: E = -log(1) = 0, and p / E made one token in 2^24 win every draw it was
+    in (or, filtered out with p = 0, gave NaN, which argmax picks)."""
+    return (((x >> 41) & 0x7FFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 23))

@@ -46,7 +46,7 @@ def _race_kernel(logits_ptr, row_key_ptr, temp_ptr, val_ptr, idx_ptr, vocab, str
         if SAMPLED:
             if not greedy:
                 x = _mix(key + idx.to(tl.uint64) * 0x9E3779B97F4A7C15)
-                u = ((x >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                u = ((x >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 in float32 (hash.py)
                 z = z * inv_t - tl.log(-tl.log(u))
         take = z > best
         best = tl.where(take, z, best)

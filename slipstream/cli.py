@@ -10,6 +10,7 @@ from typing import Any
 
 from slipstream.config import ENGINE_OPTIONS, EngineConfig
 from slipstream.sampling_params import SamplingParams
+from slipstream.server.tools import FORMATS
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -199,7 +200,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
-                            metrics_without_key=a.metrics_without_key)
+                            metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser)
     failed: list[BaseException] = []
 
     def on_dead(error: BaseException) -> None:
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
     s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
+    s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
+                   help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
     q = sub.add_parser("quantize", help="write an FP8 checkpoint (HF / compressed-tensors format) from a 16-bit model")

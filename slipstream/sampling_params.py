@@ -1,11 +1,56 @@
 """Per-request sampling parameters, validated on construction."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (the torch and Triton samplers agree)
 _INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain a request's output to a language: exactly one of a JSON schema (a dict or its JSON text), any JSON
+    object, a regular expression, one of a list of strings, or an EBNF grammar (xgrammar's dialect, GBNF-like)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice), "structured_outputs.choice",
+                   "must be a non-empty list of non-empty strings", self.choice)
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            _check(isinstance(schema, dict), "structured_outputs.json", "must be a JSON object (a schema)", self.json)
+        else:
+            _check(self.json is None or isinstance(self.json, dict), "structured_outputs.json", "must be a schema object", self.json)
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and v), f"structured_outputs.{name}", "must be a non-empty string", v)
+        given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, "structured_outputs", "must set exactly one of json, json_object, regex, choice, grammar", given)
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint: equal constraints share one compiled grammar."""
+        if self.json is not None:
+            schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+            return "json:" + json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if self.json_object:
+            return "json_object"
+        if self.choice is not None:
+            return "choice:" + json.dumps(self.choice)
+        return f"regex:{self.regex}" if self.regex is not None else f"grammar:{self.grammar}"
 
 
 @dataclass
@@ -28,6 +73,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +109,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         _check(all(0 <= k <= _INT32_MAX for k in self.logit_bias), "logit_bias", "keys must be token ids", self.logit_bias)
         _check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]", self.logit_bias)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs", "must be a StructuredOutputs", self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

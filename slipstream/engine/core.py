@@ -6,6 +6,7 @@ that never formats HTTP, and lets the offline `LLM` run the same core in-process
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -27,7 +28,7 @@ from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
 from slipstream.runner.batch import SamplingRow, SeqResult, SeqStep, Step
-from slipstream.sampling_params import SamplingParams
+from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
 log = logging.getLogger(__name__)
 _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
@@ -67,6 +68,10 @@ class EngineCore:
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
         self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
+        # Structured output: the grammar service starts with the first constrained request (it imports xgrammar).
+        self._grammars: Grammars | None = None
+        self._awaiting: list[tuple[Request, concurrent.futures.Future]] = []  # requests whose grammar compiles
+        self._matchers: dict[int, Matcher] = {}  # seq_id -> its place in its grammar
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
         log.info("ready in %.1f s", time.perf_counter() - started)
 
@@ -92,12 +97,58 @@ class EngineCore:
         max_total = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(prompt_ids) + params.max_tokens)
         for i in range(params.n):
             seed = self._rng.getrandbits(62) if params.seed is None else (params.seed + i * 1_000_003) % _SEED_SPACE
-            seq = Sequence(next(self._seq_ids), req, i, list(prompt_ids), seed, max_total_tokens=max_total)
-            req.seqs.append(seq)
-            self.scheduler.add(seq)
+            req.seqs.append(Sequence(next(self._seq_ids), req, i, list(prompt_ids), seed, max_total_tokens=max_total))
+        if params.structured_outputs is None:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        else:  # queued once its grammar has compiled (step() looks), so that a slow compile holds up no one else
+            self._awaiting.append((req, self._grammar_service().compile(params.structured_outputs)))
         self.requests[request_id] = req
         self.stats.prompt_tokens += len(prompt_ids)
         return req
+
+    def _grammar_service(self) -> Grammars:
+        if self._grammars is None:
+            from slipstream.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+        return self._grammars
+
+    def _admit_compiled(self) -> list[SeqDelta]:
+        """Queue the requests whose grammar is ready; a grammar that failed to compile aborts its request."""
+        if not self.scheduler.running and not self.scheduler.waiting:  # nothing else to do: wait a little, not spin
+            concurrent.futures.wait([f for _, f in self._awaiting], timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+        deltas, still = [], []
+        for req, fut in self._awaiting:
+            if self.requests.get(req.request_id) is not req:
+                continue  # aborted while it waited
+            if not fut.done():
+                still.append((req, fut))
+                continue
+            if fut.exception() is not None:
+                log.error("request %s: its grammar failed to compile: %s", req.request_id, fut.exception())
+                self.requests.pop(req.request_id)
+                for seq in req.seqs:
+                    seq.finish_reason = "abort"
+                    self._release(seq)
+                    deltas.append(SeqDelta(req.request_id, seq.index, [], None, "abort", None, 0))
+                continue
+            for seq in req.seqs:
+                self._matchers[seq.seq_id] = self._grammars.matcher(fut.result())
+                self.scheduler.add(seq)
+        self._awaiting = still
+        return deltas
+
+    def _fill_masks(self, owners: list[int], before: list[list[int]] | None):  # noqa: ANN202 - host bitmask or None
+        """The runner calls this once the step's forward is queued (the host fills while the device computes): the
+        allowed tokens of each drawn row, rows named by sequence id, after the drafts drawn ahead of them."""
+        rows = [(i, m) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
+        if not rows:
+            return None
+        out = self._grammars.bitmask(len(owners))
+        for i, m in rows:
+            m.fill(out, i, before[i] if before else [])
+        return out
 
     def abort_request(self, request_id: str) -> bool:
         """Finish every sequence of the request now and free its pages; False if it is unknown (or done)."""
@@ -132,9 +183,13 @@ class EngineCore:
         self.step()
         # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
         # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
+        # The constrained one loads the grammar service (xgrammar, the tokenizer's token table) and runs the masked
+        # draw: here, not while the first constrained request holds up every running stream.
         for name, tokens, params in (
             ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
             ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
+            ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0,
+                                                     structured_outputs=StructuredOutputs(regex="[0-9]{1,3}"))),
         ):
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
@@ -150,6 +205,7 @@ class EngineCore:
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
+        admitted = self._admit_compiled() if self._awaiting else []
         if self.proposer is not None:
             self._propose()
         batch = self.scheduler.schedule(self._prefill_budget())
@@ -159,7 +215,7 @@ class EngineCore:
         self._inflight = launched
         if launched is not None and (not self.overlap or launched.sync):
             deltas += self._collect()
-        return deltas
+        return admitted + deltas if admitted else deltas
 
     def _propose(self) -> None:
         """Drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
@@ -170,10 +226,12 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
-        # Drafts: the next step depends on how many are accepted. Penalties: the next draw needs this token.
-        sync = any(batch.num_drafts) or any(s.sampling is not None and s.sampling.history is not None for s in step.seqs)
+        # Drafts: the next step depends on how many are accepted. Penalties and grammars: the next draw needs this token.
+        matchers = self._matchers
+        sync = any(batch.num_drafts) or any(
+            s.sampling is not None and (s.sampling.history is not None or s.seq_id in matchers) for s in step.seqs)
         started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
-        launched = _InFlight(batch, self.runner.launch(step), started, sync)
+        launched = _InFlight(batch, self.runner.launch(step, self._fill_masks if matchers else None), started, sync)
         cache = self.prefix_cache
         for seq, n, drafts, s in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts, step.seqs):
             # Counted as computed now (their KV is written before anything later on the device reads it); drafts
@@ -243,11 +301,21 @@ class EngineCore:
         p = seq.params
         ids = seq.token_ids
         min_len = seq.num_prompt_tokens + p.min_tokens
+        matcher = self._matchers.get(seq.seq_id)
         taken = 0
         for token in r.tokens:
             ids.append(token)
             taken += 1
-            if len(ids) >= min_len and token in self.eos_ids and not p.ignore_eos:
+            if matcher is not None and not matcher.advance(token):
+                # only a mask nothing survives can draw outside the grammar (min_tokens banning the stop token that
+                # the complete output needs): end the sequence rather than emit text that breaks the constraint
+                log.warning("sequence %d drew token %d outside its grammar; stopping it", seq.seq_id, token)
+                ids.pop()
+                taken -= 1
+                self._finish(seq, "abort", None)
+            elif matcher is not None and matcher.done:  # the output is complete and took its stop token
+                self._finish(seq, "stop", None if token in self.eos_ids else token)
+            elif len(ids) >= min_len and token in self.eos_ids and not p.ignore_eos:
                 self._finish(seq, "stop", None)
             elif len(ids) >= min_len and token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
@@ -270,6 +338,7 @@ class EngineCore:
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        self._matchers.pop(seq.seq_id, None)
         if self.proposer is not None:
             self.proposer.forget(seq.seq_id)
 
@@ -295,4 +364,5 @@ class _InFlight:
 
 
 if TYPE_CHECKING:
+    from slipstream.grammar import Grammars, Matcher
     from slipstream.runner.model_runner import Launched

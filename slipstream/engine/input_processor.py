@@ -66,3 +66,7 @@ class InputProcessor:
             bad = [t for t in ids if not 0 <= t < lim.vocab_size]
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {lim.vocab_size}), got {bad[:5]}")
+        if params.structured_outputs is not None:  # a bad schema, regex or grammar is refused here, not in the core
+            from slipstream.grammar import grammar_of  # imports xgrammar: only for constrained requests
+
+            grammar_of(params.structured_outputs)

@@ -1,4 +1,5 @@
-"""Batched sampling: logit bias, min_tokens, penalties, temperature, min-p, top-k, top-p, then a draw.
+"""Batched sampling: logit bias, min_tokens, penalties, the structured-output mask, temperature, min-p, top-k, top-p,
+then a draw.
 
 The draw is the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i, and a
 filtered token (p_i = 0) can never win. E_i comes from a counter-based hash of (seed, output position, token),
@@ -34,6 +35,7 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) masked to -inf (min_tokens)
     penalties: "Penalties | None" = None
+    allowed: torch.Tensor | None = None  # [S, ceil(V / 32)] int32: bit t % 32 of word t // 32 set = token t may be drawn
 
 
 @dataclass
@@ -60,6 +62,14 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     return logits - p.frequency.unsqueeze(1) * counts - p.presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
+def apply_token_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """-inf for every token whose bit in the row's bitmask is clear (structured output)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=allowed.device)
+    bits = (allowed.unsqueeze(-1) >> shifts) & 1  # [S, W, 32]: word w, bit b is token 32 w + b
+    keep = bits.view(allowed.shape[0], -1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Zero the probabilities that min-p, top-k and top-p exclude (at least the most likely token survives)."""
     if b.use_min_p:
@@ -78,7 +88,7 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) -> SamplerOutput:
     """`fused_kernels`: the model runs on the GPU with Triton kernels; temperature-only rows then draw in one pass."""
     fused = not (b.use_top_k_top_p or b.use_min_p) and fused_kernels
-    adjusted = b.bias is not None or b.banned is not None or b.penalties is not None
+    adjusted = b.bias is not None or b.banned is not None or b.penalties is not None or b.allowed is not None
     if not fused or adjusted or b.max_logprobs is not None:  # the fused kernel reads bf16 logits as they are
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.max_logprobs is not None else None
@@ -89,6 +99,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) 
         logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
     if b.penalties is not None:
         logits = apply_penalties(logits, b.penalties)
+    if b.allowed is not None:  # last: no adjustment can bring back a token the grammar refuses
+        logits = apply_token_mask(logits, b.allowed)
     if fused:
         tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions)
     elif b.all_greedy:

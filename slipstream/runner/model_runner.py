@@ -35,6 +35,9 @@ from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inpu
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors, expand_rows
 
+# (row owners' sequence ids, drafts before each row or None) -> host int32 bitmask [rows, ceil(V / 32)] or None
+MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | None"]
+
 log = logging.getLogger(__name__)
 
 WeightSource = Callable[[], Iterator[tuple[str, torch.Tensor]]] | None  # None: random weights
@@ -186,13 +189,20 @@ class ModelRunner:
         return lambda ids: ids.index_copy_(0, dst_t(), last[src_t()])
 
     @torch.inference_mode()
-    def launch(self, step: Step) -> Launched:
-        """Queue the step on the device: forward, draws, and the copy of the results to host memory."""
+    def launch(self, step: Step, fill_masks: MaskFiller | None = None) -> Launched:
+        """Queue the step on the device: forward, draws, and the copy of the results to host memory.
+        `fill_masks(owners, before)`, called once the forward is queued, returns the allowed tokens of the drawn
+        rows as a host bitmask (structured output), or None; `owners` names each row's sequence, `before` the
+        drafts drawn ahead of it (None: no drafts)."""
         seqs, logits = self.compute_logits(step)
         drawing = [s for s in seqs if s.sampling is not None]
         if logits is None:
             return Launched(drawing, None, None, None, None)
-        sb = self.sampling.build(*expand_rows(drawing), self.ints)
+        rows, positions, before = expand_rows(drawing)
+        allowed = None
+        if fill_masks is not None:
+            allowed = fill_masks([s.seq_id for s in drawing for _ in range(s.num_samples)], before)
+        sb = self.sampling.build(rows, positions, before, self.ints, allowed)
         if sb is None:
             out = SamplerOutput(kernels.argmax(logits) if self.fused else logits.argmax(dim=-1), None, None)
         else:

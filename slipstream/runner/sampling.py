@@ -30,12 +30,14 @@ class SamplingTensors:
         self.device, self.vocab, self.eos_ids = device, vocab, eos_ids
         self.floats = Stager(device, torch.float32, 3 * max_rows + 16)
 
-    def build(self, rows: list[SamplingRow], positions: list[int], before: list[list[int]] | None, ints: Stager) -> SamplingBatch | None:
+    def build(self, rows: list[SamplingRow], positions: list[int], before: list[list[int]] | None, ints: Stager,
+              allowed: torch.Tensor | None = None) -> SamplingBatch | None:
         """Tensors for these rows (small ints staged in `ints`, which holds the step's other inputs), or None when
         plain argmax will do (all greedy, nothing to adjust). `positions`: each row's output index; `before`: the
-        draft tokens drawn ahead of it in this step (penalties count them)."""
+        draft tokens drawn ahead of it in this step (penalties count them); `allowed`: a host bitmask of the tokens
+        each row may draw (structured output)."""
         ps = [r.params for r in rows]
-        plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties for p in ps)
+        plain = allowed is None and all(p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties for p in ps)
         if plain and not any(pos < p.min_tokens for pos, p in zip(positions, ps)):
             return None
         dev, vocab = self.device, self.vocab
@@ -76,6 +78,7 @@ class SamplingTensors:
             use_min_p=any(p.min_p > 0 for p in ps),
             max_logprobs=max(wants) if wants else None,
             bias=bias, banned=banned, penalties=penalties,
+            allowed=None if allowed is None else allowed.to(dev, non_blocking=True),
         )
 
     def _penalties(self, rows: list[SamplingRow], before: list[list[int]], t) -> Penalties:  # noqa: ANN001

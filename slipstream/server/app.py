@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
+from slipstream.server.tools import ToolStream, detect_format, finished_calls, render_messages, template_renders_tools
 from slipstream.sampling_params import SamplingParams
 
 log = logging.getLogger("slipstream.server")
@@ -41,6 +43,7 @@ class ServerOptions:
     max_request_bytes: int = 32 << 20  # request bodies larger than this are refused (413) before parsing
     request_timeout: float | None = None  # seconds; a request still running then is aborted (per-request `timeout` may lower it)
     metrics_without_key: bool = False  # with an API key, /metrics needs it too unless this is set
+    tool_call_parser: str = "auto"  # how the model writes tool calls (server/tools.py); auto: from the chat template
 
 
 class ApiError(Exception):
@@ -157,7 +160,11 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
                 runner, tok = CoreThread(core), core.tokenizer
             else:
                 runner = CoreProcess(config, log_level)
-                tok = await asyncio.get_running_loop().run_in_executor(None, tokenizer)
+                loop = asyncio.get_running_loop()
+                # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the event
+                # loop when the first constrained request arrives
+                tok, _ = await asyncio.gather(loop.run_in_executor(None, tokenizer),
+                                              loop.run_in_executor(None, importlib.import_module, "slipstream.grammar"))
             client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
             await client.start()
             state.client = client
@@ -237,15 +244,22 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             raise ApiError(400, "this model has no chat template", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tools = req.tool_dicts()
+        renders = tools is not None and template_renders_tools(tok.chat_template)
+        msgs = render_messages([m.for_template() for m in req.messages], tools, renders)
         chars = sum(len(m["content"]) for m in msgs)
         if chars > client.limits.max_model_len * client.inputs.max_token_chars:
             raise ApiError(400, f"messages hold {chars} characters, more than max_model_len={client.limits.max_model_len} tokens can hold", param="messages")
-        ids = await _off_loop(_apply_template, tok, msgs, req.add_generation_prompt, param="messages")
+        ids = await _off_loop(_apply_template, tok, msgs, req.add_generation_prompt, tools if renders else None, param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _params(req, max_tokens, logprobs)
-        return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, _ChatFormat(client, options.model_name, req))
+        calls = None
+        if tools is not None:  # where calls come from: a format the request fixes, or the model's own
+            parser = options.tool_call_parser
+            calls = req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)
+        fmt = _ChatFormat(client, options.model_name, req, calls)
+        return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, fmt)
 
     return app
 
@@ -327,8 +341,8 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _apply_template(tok: Any, msgs: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True)
+def _apply_template(tok: Any, msgs: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+    ids = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -588,6 +602,16 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
 
+    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any, calls: tuple[str, str | None] | None) -> None:
+        super().__init__(client, model_name, req)
+        self.calls = calls  # (tool call format, the named function) when the request has tools
+        self.streams: dict[int, ToolStream] = {}
+
+    def _finish_reason(self, o: CompletionOutput, called: bool) -> str | None:
+        if called and o.finish_reason == "stop" and self.calls[0] != "named":  # OpenAI: a forced call "stop"s
+            return "tool_calls"
+        return o.finish_reason
+
     def logprobs(self, toks: list[int], lps: list[dict[int, float]] | None) -> dict | None:
         if lps is None:
             return None
@@ -599,15 +623,29 @@ class _ChatFormat(_Format):
         return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in self.top(lp)]} for t, lp in zip(toks, lps)]}
 
     def choice(self, index: int, o: CompletionOutput, out: RequestOutput) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": self.logprobs(o.token_ids, o.logprobs), "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": o.text}
+        found = finished_calls(self.calls[0], o.text, self.calls[1]) if self.calls else None
+        if found is not None:
+            message["content"], message["tool_calls"] = found
+        return {"index": index, "message": message, "logprobs": self.logprobs(o.token_ids, o.logprobs),
+                "finish_reason": self._finish_reason(o, found is not None), "stop_reason": o.stop_reason}
 
     def chunk(self, base: str, index: int, o: CompletionOutput, first: bool) -> dict | None:
         if not o.delta_text and not o.finished and not first and not o.delta_token_ids:
             return None
         delta: dict[str, Any] = {"content": o.delta_text}
+        reason = o.finish_reason
+        if self.calls:  # content and calls from re-reading the text so far; each sent once
+            stream = self.streams.setdefault(index, ToolStream(*self.calls))
+            content, calls = stream.feed(o.text, o.finished)
+            delta = {"content": content} if content or not calls else {}
+            if calls:
+                delta["tool_calls"] = calls
+            reason = self._finish_reason(o, stream.called)
+            if not content and not calls and not o.finished and not first:
+                return None
         if first:
             delta["role"] = "assistant"
         c = {"index": index, "delta": delta, "logprobs": self.logprobs(o.delta_token_ids, o.delta_logprobs),
-             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+             "finish_reason": reason, "stop_reason": o.stop_reason}
         return self.envelope(base, [c])

@@ -2,7 +2,11 @@
 
 Integers must fit the kernels' int64 / int32 arguments and floats must be finite, so that nothing a client sends
 can raise inside the engine. Unknown fields are ignored, except those that would change the output if they were
-ignored (`response_format`, `tools`, ...): those are refused with a 400 naming the field until implemented.
+ignored (`tools`, ...): those are refused with a 400 naming the field until implemented.
+
+Structured output arrives as OpenAI's `response_format` (`json_object`, `json_schema`) or as vLLM's extras
+(`structured_outputs` with one of json / regex / choice / grammar / json_object, or the older `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar`); at most one of them per request.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from slipstream.sampling_params import SamplingParams
+from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
 Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 Count = Annotated[int, Field(ge=1, le=(1 << 31) - 1)]
@@ -19,17 +23,35 @@ _CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 # Fields that change the output: accepted only with the value that means "off" (vLLM extras included).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "suffix": (None, ""),
     "prompt_logprobs": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,),
     "logits_processors": (None,),
 }
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _CONFIG
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    model_config = _CONFIG
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: bool | None = None
 
 
 class StreamOptions(BaseModel):
@@ -64,6 +86,12 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds until the request is aborted (extension)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -104,7 +132,48 @@ class _Common(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured(),
         )
+
+    def structured(self) -> StructuredOutputs | None:
+        """The request's output constraint, from whichever of the fields that carry one is set; a ValueError names
+        that field if the constraint is not valid (a bad schema, regex or grammar)."""
+        given = self._constraints()
+        if not given:
+            return None
+        if len(given) > 1:
+            first, *rest = sorted(given)
+            raise ValueError(f"{first} conflicts with {', '.join(rest)}: set at most one constraint on the output")
+        (name, fields), = given.items()
+        from slipstream.grammar import grammar_of  # imports xgrammar: only for constrained requests
+
+        try:
+            constraint = StructuredOutputs(**fields)
+            grammar_of(constraint)
+        except ValueError as e:
+            raise ValueError(f"{name} is invalid: {e}") from None
+        return constraint
+
+    def _constraints(self) -> dict[str, dict[str, Any]]:
+        """Each field that constrains the output -> the StructuredOutputs fields it asks for."""
+        given: dict[str, dict[str, Any]] = {}
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ValueError("response_format needs json_schema.schema when its type is json_schema")
+            given["response_format"] = {"json": rf.json_schema.json_schema}
+        so = self.structured_outputs
+        if so is not None:
+            given["structured_outputs"] = {"json": so.json_, "json_object": bool(so.json_object), "regex": so.regex,
+                                           "choice": so.choice, "grammar": so.grammar}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given[name] = {key: value}
+        return given
 
 
 class _Unsupported(ValueError):
@@ -114,6 +183,8 @@ class _Unsupported(ValueError):
 
 
 class CompletionRequest(_Common):
+    tools: None = None  # only "off" is accepted (tools are a chat feature)
+    tool_choice: Literal["none"] | None = None
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
     max_tokens: Count | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -126,10 +197,35 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr = "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: StrictStr | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
+    name: StrictStr | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                m[key] = getattr(self, key)
+        return m
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -137,9 +233,80 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Common):
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice needs tools: it asks for a call")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        return self
+
+    def tool_mode(self) -> tuple[str, str | None] | None:
+        """How to read calls from the output: (format, function name) for the formats the request itself fixes
+        (a named function, `required`), or None (the model's own format, or no tools)."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named", choice.function.name
+        if choice == "required":
+            return "json_array", None
+        return None
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def _constraints(self) -> dict[str, dict[str, Any]]:
+        given = super()._constraints()
+        mode = self.tool_mode()
+        if mode is not None:  # `required` and a named function: a grammar makes the call parse, every time
+            from slipstream.server.tools import required_schema
+
+            fmt, name = mode
+            tools = self.tool_dicts() or []
+            if fmt == "named":
+                params = next(t["function"].get("parameters") for t in tools if t["function"]["name"] == name)
+                given["tool_choice"] = {"json": params or {"type": "object"}}
+            else:
+                given["tool_choice"] = {"json": required_schema(tools, self.parallel_tool_calls)}
+        return given

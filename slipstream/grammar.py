@@ -1,0 +1,114 @@
+"""Structured output: constraints compiled to token-level grammars (xgrammar), one matcher per sequence.
+
+A constraint (`StructuredOutputs`) becomes a grammar over characters (`grammar_of`, cheap and tokenizer-free: the
+front end calls it to refuse a bad schema or regex before the request is queued), then a compiled grammar over
+this model's tokens (`Grammars.compile`, on a worker thread and cached by the constraint's text, so a request
+waiting for its grammar holds up no one and a repeated schema compiles once). Each sequence walks the compiled
+grammar with its own matcher: before a draw the matcher writes the set of tokens that keep the output inside the
+language as a bitmask (bit t of word t // 32 set: token t allowed), which the sampler applies on the device; after
+the draw the token advances the matcher. When the language is complete the mask allows only the stop tokens.
+"""
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from slipstream.sampling_params import StructuredOutputs
+
+# JSON is generated compact (no free whitespace between tokens): a small model given free whitespace can spend its
+# whole budget on newlines, and compact output parses the same.
+_JSON = dict(any_whitespace=False)
+_XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:36:50] /project/cpp/x.cc:94: " before xgrammar's message
+
+
+_REGEX_SPECIAL = re.compile(r"([\\^$.|?*+()\[\]{}/-])")
+
+
+def _choice_regex(choices: tuple[str, ...]) -> str:
+    # re.escape also escapes spaces and other plain characters, which xgrammar's regex dialect warns about
+    return "(" + "|".join(_REGEX_SPECIAL.sub(r"\\\1", c) for c in choices) + ")"
+
+
+def grammar_of(so: StructuredOutputs) -> Any:
+    """The constraint as an xgrammar Grammar; ValueError naming the problem if it is not a valid one."""
+    try:
+        if so.json is not None:
+            return xgr.Grammar.from_json_schema(so.json if isinstance(so.json, str) else json.dumps(so.json), **_JSON)
+        if so.json_object:
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON)
+        if so.regex is not None:
+            return xgr.Grammar.from_regex(so.regex)
+        if so.choice is not None:
+            return xgr.Grammar.from_regex(_choice_regex(so.choice))
+        return xgr.Grammar.from_ebnf(so.grammar)
+    except (RuntimeError, ValueError, TypeError) as e:
+        kind = "json schema" if so.json is not None else "regex" if so.regex is not None else "grammar"
+        raise ValueError(f"structured_outputs holds an invalid {kind}: {_XGR_PREFIX.sub('', str(e)).strip()}") from None
+
+
+class Grammars:
+    """Compiles constraints for one model (tokenizer, vocabulary, stop tokens) and makes matchers for them."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self._tokenizer, self._stop = tokenizer, sorted(stop_token_ids)
+        self._compiler: Any = None  # built on first use: models that never see a constraint never pay for it
+        self._cache: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-grammar")
+
+    def compile(self, so: StructuredOutputs) -> Future:
+        """A future of the compiled grammar; the same future for every request with an equal constraint."""
+        key = so.key
+        fut = self._cache.get(key)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = self._cache[key] = self._pool.submit(self._compile, so)
+        return fut
+
+    def _compile(self, so: StructuredOutputs) -> Any:
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler.compile_grammar(grammar_of(so))
+
+    def matcher(self, compiled: Any) -> Matcher:
+        return Matcher(xgr.GrammarMatcher(compiled))
+
+    def bitmask(self, rows: int) -> torch.Tensor:
+        """A host buffer of `rows` masks, every token allowed (rows without a constraint stay so)."""
+        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Matcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, m: Any) -> None:
+        self._m = m
+
+    def advance(self, token: int) -> bool:
+        """Take a drawn token; False if the grammar does not allow it (the mask makes that impossible)."""
+        return self._m.accept_token(token)
+
+    @property
+    def done(self) -> bool:
+        """The output is a complete sentence of the language and the stop token was taken."""
+        return self._m.is_terminated()
+
+    def fill(self, out: torch.Tensor, row: int, ahead: list[int]) -> None:
+        """Write into out[row] the tokens allowed after the taken tokens and then `ahead` (drafts being verified in
+        this step), leaving the matcher where it was."""
+        taken = 0
+        for t in ahead:
+            if not self._m.accept_token(t):
+                break  # a draft the grammar refuses is never accepted, so the rows after it are never kept
+            taken += 1
+        self._m.fill_next_token_bitmask(out, row)
+        if taken:
+            self._m.rollback(taken)

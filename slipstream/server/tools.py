@@ -1,0 +1,278 @@
+"""OpenAI tool calling: tools rendered into the prompt, tool calls found in the model's text, streamed as deltas.
+
+Each model family writes calls its own way; an extractor per format finds them in the text generated so far:
+  - hermes (Qwen, Hermes, and any ChatML model whose template does not render tools: we render them so):
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number of them;
+  - llama3_json: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `;`), maybe after
+    `<|python_tag|>`;
+  - mistral: `[TOOL_CALLS]` and then a JSON array of `{"name": ..., "arguments": {...}}`;
+  - json_array: what `tool_choice="required"` constrains the output to (any model): `[{"name": ..., "arguments": ...}]`;
+  - named: `tool_choice` names a function: the whole output is its arguments.
+The extractor reads the JSON with a small scanner that tolerates a cut-off end, so the same code serves a finished
+output and a stream: a stream re-reads the text so far at every delta and sends what grew since (a call once its
+name is complete, then its arguments text piece by piece), and the pieces concatenate to exactly the arguments a
+non-streamed response holds. `required` and named choices are enforced by a grammar (`constraint`): those calls
+always parse.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("auto", "hermes", "llama3_json", "mistral")
+
+
+@dataclass
+class Call:
+    name: str | None  # None until the name's string is complete
+    arguments: str  # the arguments' JSON text as written so far
+    done: bool = False
+
+
+def _skip_string(text: str, i: int) -> int:
+    """Index after the string starting at text[i] == '"', or -1 if it is cut off."""
+    i += 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i + 1
+        i += 1
+    return -1
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index after the JSON value starting at text[i], or -1 if it is cut off."""
+    if i >= len(text):
+        return -1
+    if text[i] == '"':
+        return _skip_string(text, i)
+    if text[i] not in "{[":
+        j = i
+        while j < len(text) and text[j] not in ",}] \n\r\t":
+            j += 1
+        return j if j < len(text) else -1
+    depth = 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            i = _skip_string(text, i)
+            if i < 0:
+                return -1
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _ws(text: str, i: int, extra: str = "") -> int:
+    while i < len(text) and (text[i].isspace() or text[i] in extra):
+        i += 1
+    return i
+
+
+def _object(text: str, i: int, args_keys: tuple[str, ...]) -> tuple[Call, int]:
+    """Read the call object starting at text[i] == '{': (the call as far as the text goes, index after it or -1)."""
+    name, args, args_done = None, "", False
+    i = _ws(text, i + 1)
+    while i < len(text) and text[i] == '"':
+        end = _skip_string(text, i)
+        if end < 0:
+            break
+        key = json.loads(text[i:end])
+        i = _ws(text, end)
+        if i >= len(text) or text[i] != ":":
+            break
+        i = _ws(text, i + 1)
+        stop = _skip_value(text, i)
+        if key == "name" and stop > 0 and text[i] == '"':
+            name = json.loads(text[i:stop])
+        elif key in args_keys:
+            args, args_done = text[i : stop if stop > 0 else len(text)], stop > 0
+        if stop < 0:
+            return Call(name, args), -1
+        i = _ws(text, stop)
+        if i < len(text) and text[i] == ",":
+            i = _ws(text, i + 1)
+    if i < len(text) and text[i] == "}":
+        return Call(name, args, done=name is not None and args_done), i + 1
+    return Call(name, args), -1
+
+
+def _objects(text: str, i: int, args_keys: tuple[str, ...], separators: str) -> list[Call]:
+    calls = []
+    while True:
+        i = _ws(text, i, separators)
+        if i >= len(text) or text[i] != "{":
+            return calls
+        call, i = _object(text, i, args_keys)
+        calls.append(call)
+        if i < 0:
+            return calls
+
+
+def _held(text: str, marker: str) -> int:
+    """Length of the end of `text` that could be the start of `marker` (held back from streamed content)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def extract(fmt: str, text: str, final: bool, name: str | None = None) -> tuple[str, list[Call]]:
+    """(content, calls) in `text`. Not `final`: content leaves out an end that may open a call, and trailing
+    whitespace (a finished output with calls drops the whitespace before them)."""
+    content, calls = _extract(fmt, text, final, name)
+    return (content if final else content.rstrip()), calls
+
+
+def _extract(fmt: str, text: str, final: bool, name: str | None) -> tuple[str, list[Call]]:
+    if fmt == "named":
+        return "", [Call(name, text, final)]
+    if fmt == "json_array":
+        return "", _objects(text, _ws(text, 0, "["), ("arguments", "parameters"), ",")
+    if fmt == "hermes":
+        start = text.find("<tool_call>")
+        if start < 0:
+            return text if final else text[: len(text) - _held(text, "<tool_call>")], []
+        calls, i = [], start
+        while i >= 0:
+            calls += _objects(text, i + len("<tool_call>"), ("arguments", "parameters"), "")[:1]
+            i = text.find("<tool_call>", i + 1)
+        return text[:start].rstrip(), calls
+    if fmt == "mistral":
+        start = text.find("[TOOL_CALLS]")
+        if start < 0:
+            return text if final else text[: len(text) - _held(text, "[TOOL_CALLS]")], []
+        i = _ws(text, start + len("[TOOL_CALLS]"), "[")
+        return text[:start].rstrip(), _objects(text, i, ("arguments", "parameters"), ",")
+    if fmt == "llama3_json":
+        body = text.removeprefix("<|python_tag|>")
+        i = _ws(body, 0)
+        if i < len(body) and body[i] == "{":
+            return "", _objects(body, i, ("parameters", "arguments"), ";")
+        if not final and "<|python_tag|>".startswith(text.strip()):
+            return "", []  # nothing yet, or the start of the tag
+        return text, []
+    raise ValueError(f"unknown tool call format {fmt!r}")
+
+
+def finished_calls(fmt: str, text: str, name: str | None = None) -> tuple[str | None, list[dict]] | None:
+    """The OpenAI message parts of a finished output: (content, tool_calls), or None if it holds no complete call
+    (then the whole text is the content)."""
+    content, calls = extract(fmt, text, True, name)
+    calls = [c for c in calls if c.done]
+    if not calls:
+        return None
+    return content or None, [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in calls]
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass
+class ToolStream:
+    """One choice's stream: feed the text so far, get (content delta, tool call deltas) since the last feed."""
+
+    fmt: str
+    name: str | None = None
+    content_sent: int = 0
+    ids: list[str] = field(default_factory=list)
+    args_sent: list[int] = field(default_factory=list)
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[dict]]:
+        content, calls = extract(self.fmt, text, final, self.name)
+        delta_content = content[self.content_sent :] if len(content) > self.content_sent else ""
+        self.content_sent = max(self.content_sent, len(content))
+        deltas = []
+        for i, c in enumerate(calls):
+            if c.name is None:
+                break  # calls are sent in order, each once its name is known
+            if i == len(self.ids):
+                self.ids.append(new_call_id())
+                self.args_sent.append(0)
+                deltas.append({"index": i, "id": self.ids[i], "type": "function",
+                               "function": {"name": c.name, "arguments": ""}})
+            piece = c.arguments[self.args_sent[i] :]
+            if piece:
+                self.args_sent[i] = len(c.arguments)
+                if deltas and deltas[-1]["index"] == i:
+                    deltas[-1]["function"]["arguments"] += piece
+                else:
+                    deltas.append({"index": i, "function": {"arguments": piece}})
+        return delta_content, deltas
+
+    @property
+    def called(self) -> bool:
+        return bool(self.ids)
+
+
+def detect_format(chat_template: str | None) -> str:
+    """The call format a chat template teaches its model; hermes for templates that do not render tools (we do)."""
+    t = chat_template or ""
+    if "[TOOL_CALLS]" in t:
+        return "mistral"
+    if "<|python_tag|>" in t or "ipython" in t:
+        return "llama3_json"
+    return "hermes"
+
+
+def template_renders_tools(chat_template: str | None) -> bool:
+    return "tools" in (chat_template or "")
+
+
+def render_messages(messages: list[dict], tools: list[dict] | None, renders_tools: bool) -> list[dict]:
+    """Messages for a template. A template that knows tools gets OpenAI's shapes; one that does not gets the tools
+    described in a system message and calls written in the hermes format, so any chat model can call tools."""
+    if renders_tools:
+        return messages
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": _args(c)})
+                              + "\n</tool_call>" for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + calls).strip()})
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "content": m.get("content") or ""})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    if tools:
+        spec = "\n".join(json.dumps(t) for t in tools)
+        system = ("You can call functions. Their signatures, one JSON object per line, are between <tools></tools>:\n"
+                  f"<tools>\n{spec}\n</tools>\nTo call one, answer with\n<tool_call>\n"
+                  '{"name": <function-name>, "arguments": <arguments-json-object>}\n</tool_call>')
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + system}
+        else:
+            out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def _args(call: dict) -> Any:
+    raw = call["function"].get("arguments") or "{}"
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def required_schema(tools: list[dict], parallel: bool) -> dict:
+    """The JSON schema `tool_choice="required"` holds the output to: a list of calls of the given functions."""
+    one = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                             "arguments": t["function"].get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema

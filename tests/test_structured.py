@@ -1,0 +1,236 @@
+"""Structured output: the mask kernel against an explicit mask, matchers with drafts, constraints that hold on
+every sampled output (regex, choice, JSON schema, EBNF) through `LLM` with n > 1, preemption and speculative
+decoding, compilation that holds up no other request, and the official `openai` client's `parse` against a real
+server for ten schemas."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from enum import Enum
+from typing import Optional
+
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+from conftest import assert_no_leak
+from server_util import LiveServer
+from slipstream import LLM, SamplingParams
+from slipstream.layers.sampler import apply_token_mask
+from slipstream.sampling_params import StructuredOutputs
+
+MODEL = "smollm2"
+
+
+def test_token_mask_keeps_exactly_the_set_bits():
+    g = torch.Generator().manual_seed(0)
+    vocab = 100  # not a multiple of 32: the last word's high bits fall past the vocabulary
+    keep = torch.rand(3, vocab, generator=g) < 0.3
+    words = torch.zeros(3, 4, dtype=torch.int64)
+    for t in range(vocab):
+        words[:, t // 32] |= keep[:, t].long() << (t % 32)
+    bitmask = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # as int32, sign bit included
+    logits = torch.randn(3, vocab, generator=g)
+    out = apply_token_mask(logits, bitmask)
+    assert torch.equal(out == float("-inf"), ~keep)
+    assert torch.equal(out[keep], logits[keep])
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=512)
+
+
+def _grammars(llm):
+    return llm.engine.core._grammar_service()
+
+
+def test_matcher_masks_follow_drafts_and_roll_back(llm):
+    grammars = _grammars(llm)
+    compiled = grammars.compile(StructuredOutputs(regex="(ab|ac)d")).result()
+    m = grammars.matcher(compiled)
+    tok = llm.engine.tokenizer
+    a, b, c, d = (tok.convert_tokens_to_ids(x) for x in "abcd")
+    out = grammars.bitmask(3)
+    m.fill(out, 0, [])
+    m.fill(out, 1, [a])
+    m.fill(out, 2, [a, b])
+
+    def allowed(row):
+        return {t for t in range(grammars.vocab_size) if (int(out[row, t // 32]) >> (t % 32)) & 1}
+
+    assert a in allowed(0) and b not in allowed(0)
+    assert {b, c} <= allowed(1) and d not in allowed(1)
+    assert d in allowed(2) and c not in allowed(2)
+    again = grammars.bitmask(1)
+    m.fill(again, 0, [])  # the drafts were rolled back
+    assert torch.equal(again[0], out[0])
+    assert m.advance(a) and not m.advance(d)
+
+
+PATTERN = r"[A-Z][a-z]{2,6}-\d{2}"
+COLORS = ["red", "green", "blue", "dark purple"]
+
+
+def test_regex_and_choice_hold_on_every_sample(llm):
+    sampled = dict(temperature=1.0, max_tokens=24, seed=7, n=100)
+    outs = llm.generate(["Name a code:", "Pick a color:"], [
+        SamplingParams(structured_outputs=StructuredOutputs(regex=PATTERN), **sampled),
+        SamplingParams(structured_outputs=StructuredOutputs(choice=COLORS), **sampled),
+    ])
+    codes, colors = [c.text for c in outs[0].outputs], [c.text for c in outs[1].outputs]
+    assert len(codes) == len(colors) == 100
+    assert all(re.fullmatch(PATTERN, t) for t in codes), codes
+    assert all(t in COLORS for t in colors) and len(set(colors)) > 1, colors
+    assert {c.finish_reason for o in outs for c in o.outputs} == {"stop"}
+    assert_no_leak(llm)
+
+
+def test_ebnf_grammar_and_json_object(llm):
+    grammar = 'root ::= "(" expr ")"\nexpr ::= num | num " + " num\nnum ::= [1-9] [0-9]?'
+    outs = llm.generate(["Write a sum:", "A user record in JSON: "], [
+        SamplingParams(temperature=0.9, seed=1, n=8, max_tokens=16, structured_outputs=StructuredOutputs(grammar=grammar)),
+        SamplingParams(temperature=0, max_tokens=200, structured_outputs=StructuredOutputs(json_object=True)),
+    ])
+    assert all(re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?)?\)", c.text) for c in outs[0].outputs)
+    assert isinstance(json.loads(outs[1].outputs[0].text), dict)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_constraint_survives_preemption_and_speculation(gguf_path):
+    """A pool too small for every sequence preempts and recomputes; n-gram drafts are verified row by row against
+    masks computed after the drafts before them. Greedy outputs equal the unconstrained-pool, draft-free run."""
+    params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputs(json=SCHEMA))
+    prompts = [f"Person number {i} as JSON:" for i in range(6)]
+    base = [o.outputs[0].text for o in LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256).generate(prompts, params)]
+    assert all(set(json.loads(t)) == {"name", "age"} for t in base)
+    small = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, block_size=16, num_blocks=8)
+    assert [o.outputs[0].text for o in small.generate(prompts, params)] == base
+    assert small.engine.core.stats.num_preemptions > 0
+    spec = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256, speculative_method="ngram")
+    assert [o.outputs[0].text for o in spec.generate(prompts, params)] == base
+    assert spec.engine.core.stats.draft_tokens > 0
+    for e in (small, spec):
+        assert_no_leak(e)
+
+
+def test_a_compiling_grammar_holds_up_no_other_request(llm, monkeypatch):
+    grammars = _grammars(llm)
+    release = threading.Event()
+    slow = grammars._compile
+
+    def blocked(so):
+        release.wait(60)
+        return slow(so)
+
+    monkeypatch.setattr(grammars, "_compile", blocked)
+    core = llm.engine.core
+    core.add_request("slow", llm.engine.tokenize("Hi"), SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(regex="x{2,3}y")))
+    core.add_request("plain", llm.engine.tokenize("Hi"), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))
+    done = set()
+    for _ in range(50):
+        done |= {(d.request_id, d.finish_reason) for d in core.step() if d.finish_reason}
+        if ("plain", "length") in done:
+            break
+    assert ("plain", "length") in done and not any(r == "slow" for r, _ in done)
+    release.set()
+    while core.has_unfinished():
+        done |= {(d.request_id, d.finish_reason) for d in core.step() if d.finish_reason}
+    assert ("slow", "stop") in done
+    assert_no_leak(llm)
+
+
+# ---- the OpenAI API -------------------------------------------------------------------------------------------------
+
+class Color(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class City(BaseModel):
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=16)
+    age: int = Field(ge=0, le=120)
+
+
+class Team(BaseModel):
+    lead: Person
+    members: list[Person] = Field(max_length=2)
+
+
+class Paint(BaseModel):
+    color: Color
+    shade: int = Field(ge=1, le=9)
+
+
+class Tags(BaseModel):
+    tags: list[str] = Field(min_length=1, max_length=3)
+
+
+class Maybe(BaseModel):
+    title: str = Field(max_length=20)
+    subtitle: Optional[str] = Field(default=None, max_length=20)
+
+
+class Reading(BaseModel):
+    celsius: float = Field(ge=-50, le=60)
+    ok: bool
+
+
+class Order(BaseModel):
+    item: str = Field(max_length=16)
+    qty: int = Field(ge=1, le=10)
+    express: bool
+
+
+class Vote(BaseModel):
+    choice: Color
+    weights: list[int] = Field(max_length=3)
+
+
+class Nested(BaseModel):
+    city: City
+    population: int = Field(ge=0, le=10**8)
+
+
+SCHEMAS = [City, Person, Team, Paint, Tags, Maybe, Reading, Order, Vote, Nested]
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    with LiveServer(llm.engine, MODEL) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("model", SCHEMAS, ids=[m.__name__ for m in SCHEMAS])
+def test_openai_parse_returns_a_valid_instance(client, model):
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": f"Give me a {model.__name__} as JSON."}],
+                                      response_format=model, max_tokens=150, temperature=0)
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(r.choices[0].message.parsed, model)
+
+
+def test_streamed_constrained_output_equals_the_full_one(client):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "A person:"}], max_tokens=80, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}})
+    full = client.chat.completions.create(**body).choices[0].message.content
+    parts = client.chat.completions.create(**body, stream=True)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == full
+    assert set(json.loads(full)) == {"name", "age"}
+    comp = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=8, temperature=1.0, seed=3, n=20,
+                                     extra_body={"structured_outputs": {"choice": COLORS}})
+    assert all(c.text in COLORS for c in comp.choices)
+    regex = client.completions.create(model=MODEL, prompt="Code:", max_tokens=16, temperature=1.0, seed=4, n=20,
+                                      extra_body={"guided_regex": PATTERN})
+    assert all(re.fullmatch(PATTERN, c.text) for c in regex.choices)

@@ -1,0 +1,153 @@
+"""Tool calling: the call extractors on text in each model family's format, streamed split at every character
+boundary (the deltas must assemble to exactly the finished parse), and the OpenAI protocol against a real server
+with the embedded model: `required` and named choices (grammar-enforced), streamed and not, and a full round trip
+call -> `tool` message -> answer."""
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from server_util import LiveServer
+from slipstream import LLM
+from slipstream.server.tools import ToolStream, extract, finished_calls, render_messages
+
+MODEL = "smollm2"
+
+TEXTS = {  # as the families' models write them
+    "hermes": 'Let me check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "note": "say \\"hi\\" {}"}}\n'
+              '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+    "mistral": 'Sure. [TOOL_CALLS] [{"name": "lookup", "arguments": {"ids": [1, 2, {"k": "]"}]}}, {"name": "b", "arguments": {"q": null}}]',
+    "llama3_json": '<|python_tag|>{"name": "search", "parameters": {"query": "cats; dogs"}}; {"name": "x", "parameters": {}}',
+    "json_array": '[{"name": "f", "arguments": {"a": 1.5e3}}, {"name": "g", "arguments": {"b": "[}"}}]',
+}
+EXPECTED = {
+    "hermes": ("Let me check both.", [("get_weather", '{"city": "Paris", "note": "say \\"hi\\" {}"}'), ("get_time", "{}")]),
+    "mistral": ("Sure.", [("lookup", '{"ids": [1, 2, {"k": "]"}]}'), ("b", '{"q": null}')]),
+    "llama3_json": (None, [("search", '{"query": "cats; dogs"}'), ("x", "{}")]),
+    "json_array": (None, [("f", '{"a": 1.5e3}'), ("g", '{"b": "[}"}')]),
+}
+
+
+def _assemble(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    stream, content, calls = ToolStream(fmt), "", {}
+    for i, text in enumerate(pieces):
+        c, deltas = stream.feed(text, i == len(pieces) - 1)
+        content += c
+        for d in deltas:
+            entry = calls.setdefault(d["index"], ["", ""])
+            if "id" in d:
+                assert d["id"].startswith("call_") and d["type"] == "function"
+                entry[0] = d["function"]["name"]
+            entry[1] += d["function"]["arguments"]
+    return content, [tuple(e) for e in calls.values()]
+
+
+@pytest.mark.parametrize("fmt", list(TEXTS))
+def test_extractors_parse_each_family(fmt):
+    content, calls = finished_calls(fmt, TEXTS[fmt])
+    assert (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == EXPECTED[fmt]
+    assert all(json.loads(c["function"]["arguments"]) is not None for c in calls)
+
+
+@pytest.mark.parametrize("fmt", list(TEXTS))
+def test_streamed_calls_equal_the_finished_parse_at_every_split(fmt):
+    text = TEXTS[fmt]
+    content, calls = EXPECTED[fmt]
+    for cut in range(len(text) + 1):
+        assert _assemble(fmt, [text[:cut], text]) == (content or "", calls), cut
+    # and fed one character at a time
+    assert _assemble(fmt, [text[:i] for i in range(1, len(text) + 1)]) == (content or "", calls)
+
+
+def test_text_without_calls_is_content():
+    for fmt in ("hermes", "mistral", "llama3_json"):
+        assert finished_calls(fmt, "Paris is the capital.") is None
+        assert _assemble(fmt, ["Paris is", "Paris is the capital."]) == ("Paris is the capital.", [])
+    # a marker cut off at the end of a delta is held back, not sent as content
+    assert extract("hermes", "Sure <tool_", final=False)[0] == "Sure"
+    assert extract("mistral", "ok [TOOL_C", final=False)[0] == "ok"
+
+
+def test_templates_without_tools_get_them_in_a_system_message():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    out = render_messages(msgs, tools, renders_tools=False)
+    assert out[0]["role"] == "system" and '"name": "f"' in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    assert out[3] == {"role": "tool", "content": "42"}
+    assert render_messages(msgs, tools, renders_tools=True) is msgs
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 12}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(gguf_path):
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024)
+    with LiveServer(llm.engine, MODEL) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _streamed(client, **body):
+    content, calls, reasons = "", {}, []
+    for chunk in client.chat.completions.create(stream=True, **body):
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for c in d.tool_calls or []:
+            entry = calls.setdefault(c.index, {"id": None, "name": None, "arguments": ""})
+            if c.id:
+                entry["id"], entry["name"] = c.id, c.function.name
+            entry["arguments"] += c.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    return content, list(calls.values()), reasons[-1]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_calls_parse_streamed_and_not(client, choice):
+    body = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, temperature=0, max_tokens=120)
+    r = client.chat.completions.create(**body)
+    msg = r.choices[0].message
+    assert msg.tool_calls and msg.content is None
+    for call in msg.tool_calls:
+        assert call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+    assert r.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
+    content, calls, reason = _streamed(client, **body)
+    assert not content and reason == r.choices[0].finish_reason
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments) for c in msg.tool_calls]
+
+
+def test_tool_round_trip(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=80,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = r.choices[0].message.tool_calls[0]
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=40)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    content, calls, _ = _streamed(client, model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=40)
+    assert content == answer.choices[0].message.content and not calls
+
+
+def test_bad_tool_requests_are_400(client):
+    for body in (dict(tool_choice="required"),
+                 dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+                 dict(tools=[WEATHER, WEATHER]),
+                 dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **body)

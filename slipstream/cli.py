@@ -10,7 +10,7 @@ from typing import Any
 
 from slipstream.config import ENGINE_OPTIONS, EngineConfig
 from slipstream.sampling_params import SamplingParams
-from slipstream.server.tools import FORMATS
+from slipstream.server.tools import FORMATS, REASONING
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -200,7 +200,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
-                            metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser)
+                            metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
+                            reasoning_parser=a.reasoning_parser)
     failed: list[BaseException] = []
 
     def on_dead(error: BaseException) -> None:
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
                    help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")
+    s.add_argument("--reasoning-parser", default="none", choices=REASONING,
+                   help="send a reasoning model's <think> block as reasoning_content (qwen3; deepseek_r1: the prompt opens it)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
     q = sub.add_parser("quantize", help="write an FP8 checkpoint (HF / compressed-tensors format) from a 16-bit model")

@@ -1,17 +1,18 @@
 """Tool calling: the call extractors on text in each model family's format, streamed split at every character
 boundary (the deltas must assemble to exactly the finished parse), and the OpenAI protocol against a real server
-with the embedded model: `required` and named choices (grammar-enforced), streamed and not, and a full round trip
-call -> `tool` message -> answer."""
+with the embedded model: `required` and named choices (grammar-enforced), streamed and not, a full round trip
+call -> `tool` message -> answer, and a reasoning model's <think> block sent as reasoning_content."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
 
 from server_util import LiveServer
 from slipstream import LLM
-from slipstream.server.tools import ToolStream, extract, finished_calls, render_messages
+from slipstream.server.tools import ReasoningStream, ToolStream, extract, finished_calls, render_messages, split_reasoning
 
 MODEL = "smollm2"
 
@@ -151,3 +152,39 @@ def test_bad_tool_requests_are_400(client):
                  dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **body)
+
+
+REASONED = {"qwen3": ("<think>\nThe user asks 2+2. That is 4.\n</think>\n\nThe answer is 4.",
+                      ("\nThe user asks 2+2. That is 4.\n", "The answer is 4.")),
+            "deepseek_r1": ("2+2 is 4, so answer 4.</think>\n\n4", ("2+2 is 4, so answer 4.", "4"))}
+
+
+@pytest.mark.parametrize("parser", list(REASONED))
+def test_reasoning_splits_the_same_streamed_at_every_split(parser):
+    text, expected = REASONED[parser]
+    assert split_reasoning(parser, text, True) == expected
+    for cut in range(len(text) + 1):
+        stream, reasoning = ReasoningStream(parser), ""
+        for piece, final in ((text[:cut], False), (text, True)):
+            delta, content = stream.feed(piece, final)
+            reasoning += delta
+        assert (reasoning, content) == expected, cut
+    assert split_reasoning("qwen3", "No thinking here.", True) == ("", "No thinking here.")
+
+
+def test_reasoning_content_through_the_server(gguf_path):
+    """A regex makes the embedded model write a <think> block; the server sends it as reasoning_content."""
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=512)
+    with LiveServer(llm.engine, MODEL, reasoning_parser="qwen3") as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        body = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=40,
+                    extra_body={"guided_regex": r"<think>[a-z ]{3,20}</think>[A-Z][a-z]{2,10}"})
+        msg = c.chat.completions.create(**body).choices[0].message
+        reasoning, content = msg.model_extra["reasoning_content"], msg.content
+        assert re.fullmatch(r"[a-z ]{3,20}", reasoning) and re.fullmatch(r"[A-Z][a-z]{2,10}", content)
+        r, t = "", ""
+        for chunk in c.chat.completions.create(stream=True, **body):
+            d = chunk.choices[0].delta
+            r += (d.model_extra or {}).get("reasoning_content") or ""
+            t += d.content or ""
+        assert (r, t) == (reasoning, content)

@@ -30,7 +30,8 @@ from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
-from slipstream.server.tools import ToolStream, detect_format, finished_calls, render_messages, template_renders_tools
+from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, render_messages,
+                                     split_reasoning, template_renders_tools)
 from slipstream.sampling_params import SamplingParams
 
 log = logging.getLogger("slipstream.server")
@@ -44,6 +45,7 @@ class ServerOptions:
     request_timeout: float | None = None  # seconds; a request still running then is aborted (per-request `timeout` may lower it)
     metrics_without_key: bool = False  # with an API key, /metrics needs it too unless this is set
     tool_call_parser: str = "auto"  # how the model writes tool calls (server/tools.py); auto: from the chat template
+    reasoning_parser: str = "none"  # how a reasoning model marks its reasoning (server/tools.py), sent as reasoning_content
 
 
 class ApiError(Exception):
@@ -258,7 +260,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         if tools is not None:  # where calls come from: a format the request fixes, or the model's own
             parser = options.tool_call_parser
             calls = req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)
-        fmt = _ChatFormat(client, options.model_name, req, calls)
+        fmt = _ChatFormat(client, options.model_name, req, calls, options.reasoning_parser)
         return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, fmt)
 
     return app
@@ -602,10 +604,12 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any, calls: tuple[str, str | None] | None) -> None:
+    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any, calls: tuple[str, str | None] | None,
+                 reasoning: str = "none") -> None:
         super().__init__(client, model_name, req)
         self.calls = calls  # (tool call format, the named function) when the request has tools
-        self.streams: dict[int, ToolStream] = {}
+        self.reasoning = reasoning  # how the model marks its reasoning (server/tools.py), "none": it does not
+        self.streams: dict[int, tuple[ReasoningStream, ToolStream]] = {}
 
     def _finish_reason(self, o: CompletionOutput, called: bool) -> str | None:
         if called and o.finish_reason == "stop" and self.calls[0] != "named":  # OpenAI: a forced call "stop"s
@@ -623,8 +627,13 @@ class _ChatFormat(_Format):
         return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in self.top(lp)]} for t, lp in zip(toks, lps)]}
 
     def choice(self, index: int, o: CompletionOutput, out: RequestOutput) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": o.text}
-        found = finished_calls(self.calls[0], o.text, self.calls[1]) if self.calls else None
+        text = o.text
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.reasoning != "none":
+            reasoning, text = split_reasoning(self.reasoning, text, True)
+            message["reasoning_content"] = reasoning or None
+        message["content"] = text
+        found = finished_calls(self.calls[0], text, self.calls[1]) if self.calls else None
         if found is not None:
             message["content"], message["tool_calls"] = found
         return {"index": index, "message": message, "logprobs": self.logprobs(o.token_ids, o.logprobs),
@@ -635,14 +644,17 @@ class _ChatFormat(_Format):
             return None
         delta: dict[str, Any] = {"content": o.delta_text}
         reason = o.finish_reason
-        if self.calls:  # content and calls from re-reading the text so far; each sent once
-            stream = self.streams.setdefault(index, ToolStream(*self.calls))
-            content, calls = stream.feed(o.text, o.finished)
-            delta = {"content": content} if content or not calls else {}
+        if self.calls or self.reasoning != "none":  # re-read the text so far: reasoning, content, calls; each sent once
+            thinking, stream = self.streams.setdefault(index, (ReasoningStream(self.reasoning), ToolStream(*(self.calls or ("text", None)))))
+            reasoning, text = thinking.feed(o.text, o.finished) if self.reasoning != "none" else ("", o.text)
+            content, calls = stream.feed(text, o.finished)
+            delta = {"content": content} if content or not (calls or reasoning) else {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if calls:
                 delta["tool_calls"] = calls
             reason = self._finish_reason(o, stream.called)
-            if not content and not calls and not o.finished and not first:
+            if not delta and not o.finished and not first:
                 return None
         if first:
             delta["role"] = "assistant"

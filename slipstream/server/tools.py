@@ -136,6 +136,8 @@ def extract(fmt: str, text: str, final: bool, name: str | None = None) -> tuple[
 
 
 def _extract(fmt: str, text: str, final: bool, name: str | None) -> tuple[str, list[Call]]:
+    if fmt == "text":  # no tools: all of it is content
+        return text, []
     if fmt == "named":
         return "", [Call(name, text, final)]
     if fmt == "json_array":
@@ -276,3 +278,40 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
     if not parallel:
         schema["maxItems"] = 1
     return schema
+
+
+REASONING = ("none", "qwen3", "deepseek_r1")
+
+
+def split_reasoning(parser: str, text: str, final: bool) -> tuple[str, str]:
+    """(reasoning, content) of a reasoning model's output: the text inside `<think>...</think>` and what follows.
+    qwen3 opens the block in its output (or never, with thinking off); deepseek_r1's template opens it in the prompt,
+    so the output starts inside it. Not `final`: an end that may be the start of a tag is held back."""
+    start = 0
+    if parser == "qwen3":
+        lead = len(text) - len(text.lstrip())
+        if text.startswith("<think>", lead):
+            start = lead + len("<think>")
+        elif not final and "<think>".startswith(text.strip()):
+            return "", ""  # the output may be opening the block
+        else:
+            return "", text
+    end = text.find("</think>", start)
+    if end < 0:
+        reasoning = text[start:]
+        return (reasoning if final else reasoning[: len(reasoning) - _held(reasoning, "</think>")]), ""
+    return text[start:end], text[end + len("</think>") :].lstrip()
+
+
+@dataclass
+class ReasoningStream:
+    """One choice's stream for a reasoning model: feed the text so far, get (reasoning delta, content so far)."""
+
+    parser: str
+    sent: int = 0
+
+    def feed(self, text: str, final: bool) -> tuple[str, str]:
+        reasoning, content = split_reasoning(self.parser, text, final)
+        delta = reasoning[self.sent :]
+        self.sent = max(self.sent, len(reasoning))
+        return delta, content

@@ -163,10 +163,11 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             else:
                 runner = CoreProcess(config, log_level)
                 loop = asyncio.get_running_loop()
+                tok = await loop.run_in_executor(None, tokenizer)
                 # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the event
-                # loop when the first constrained request arrives
-                tok, _ = await asyncio.gather(loop.run_in_executor(None, tokenizer),
-                                              loop.run_in_executor(None, importlib.import_module, "slipstream.grammar"))
+                # loop when the first constrained request arrives; after the tokenizer, not beside it: two threads
+                # importing transformers at once break its lazy imports
+                await loop.run_in_executor(None, importlib.import_module, "slipstream.grammar")
             client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
             await client.start()
             state.client = client

@@ -19,8 +19,14 @@ class StructuredOutputs:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    # The constraint starts once the output has produced these tokens (a reasoning model's end of thinking); before
+    # that the output is free. Empty: from the first token.
+    start_after_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "start_after_ids", tuple(self.start_after_ids))
+        _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.start_after_ids),
+               "structured_outputs.start_after_ids", "must be token ids", self.start_after_ids)
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
             _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice), "structured_outputs.choice",

@@ -234,3 +234,19 @@ def test_streamed_constrained_output_equals_the_full_one(client):
     regex = client.completions.create(model=MODEL, prompt="Code:", max_tokens=16, temperature=1.0, seed=4, n=20,
                                       extra_body={"guided_regex": PATTERN})
     assert all(re.fullmatch(PATTERN, c.text) for c in regex.choices)
+
+
+def test_a_grammar_can_start_after_a_marker(llm):
+    """A reasoning model thinks freely and answers under the constraint: the output is the unconstrained one up to
+    the marker tokens (here the third and fourth tokens greedy decoding writes), then matches the regex."""
+    prompt = "The capital of France is"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    marker = tuple(free[2:4])
+    so = StructuredOutputs(regex=r" [0-9]{3}", start_after_ids=marker)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, structured_outputs=so))[0].outputs[0]
+    assert out.token_ids[:4] == free[:4]
+    tail = llm.engine.tokenizer.decode(out.token_ids[4:], skip_special_tokens=True)
+    assert re.fullmatch(r" [0-9]{3}", tail) and out.finish_reason == "stop", tail
+    with pytest.raises(ValueError, match="start_after_ids"):
+        llm.generate(prompt, SamplingParams(structured_outputs=StructuredOutputs(regex="a", start_after_ids=(10**7,))))
+    assert_no_leak(llm)

@@ -12,7 +12,8 @@ import pytest
 
 from server_util import LiveServer
 from slipstream import LLM
-from slipstream.server.tools import ReasoningStream, ToolStream, extract, finished_calls, render_messages, split_reasoning
+from slipstream.server.tools import (ReasoningStream, ToolStream, extract, finished_calls, reasoning_end_ids, render_messages,
+                                     split_reasoning)
 
 MODEL = "smollm2"
 
@@ -172,12 +173,22 @@ def test_reasoning_splits_the_same_streamed_at_every_split(parser):
     assert split_reasoning("qwen3", "No thinking here.", True) == ("", "No thinking here.")
 
 
+def test_constraints_start_after_the_reasoning_unless_the_prompt_closed_it(gguf_path):
+    tok = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128).engine.tokenizer
+    end = tuple(tok.encode("</think>", add_special_tokens=False))
+    assert reasoning_end_ids(tok, tok.encode("<|im_start|>assistant\n")) == end
+    assert reasoning_end_ids(tok, tok.encode("<|im_start|>assistant\n<think>\n")) == end  # deepseek_r1 opens it
+    assert reasoning_end_ids(tok, tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")) == ()  # thinking off
+
+
 def test_reasoning_content_through_the_server(gguf_path):
-    """A regex makes the embedded model write a <think> block; the server sends it as reasoning_content."""
+    """A regex makes the embedded model write a <think> block; the server sends it as reasoning_content. (The user
+    message ends in an empty block, as a template with thinking off would write it, so the constraint applies from
+    the first token: the embedded model never writes </think> itself.)"""
     llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=512)
     with LiveServer(llm.engine, MODEL, reasoning_parser="qwen3") as server:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        body = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=40,
+        body = dict(model=MODEL, messages=[{"role": "user", "content": "Hi <think></think>"}], temperature=0, max_tokens=40,
                     extra_body={"guided_regex": r"<think>[a-z ]{3,20}</think>[A-Z][a-z]{2,10}"})
         msg = c.chat.completions.create(**body).choices[0].message
         reasoning, content = msg.model_extra["reasoning_content"], msg.content

@@ -72,6 +72,7 @@ class EngineCore:
         self._grammars: Grammars | None = None
         self._awaiting: list[tuple[Request, concurrent.futures.Future]] = []  # requests whose grammar compiles
         self._matchers: dict[int, Matcher] = {}  # seq_id -> its place in its grammar
+        self._dormant: dict[int, Matcher] = {}  # seq_id -> a grammar that starts after a marker (end of reasoning)
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
         log.info("ready in %.1f s", time.perf_counter() - started)
 
@@ -133,8 +134,9 @@ class EngineCore:
                     self._release(seq)
                     deltas.append(SeqDelta(req.request_id, seq.index, [], None, "abort", None, 0))
                 continue
+            waits = bool(req.params.structured_outputs.start_after_ids)
             for seq in req.seqs:
-                self._matchers[seq.seq_id] = self._grammars.matcher(fut.result())
+                (self._dormant if waits else self._matchers)[seq.seq_id] = self._grammars.matcher(fut.result())
                 self.scheduler.add(seq)
         self._awaiting = still
         return deltas
@@ -220,16 +222,18 @@ class EngineCore:
     def _propose(self) -> None:
         """Drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
         for seq in self.scheduler.running:
-            if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending:
+            # no drafts before a dormant grammar starts: draws after its marker in the same step would go unmasked
+            if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending and seq.seq_id not in self._dormant:
                 # drafts and the token after them must fit under the sequence's length limit
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, seq.max_total_tokens - seq.num_tokens - 1)
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
         # Drafts: the next step depends on how many are accepted. Penalties and grammars: the next draw needs this token.
-        matchers = self._matchers
+        matchers, dormant = self._matchers, self._dormant
         sync = any(batch.num_drafts) or any(
-            s.sampling is not None and (s.sampling.history is not None or s.seq_id in matchers) for s in step.seqs)
+            s.sampling is not None and (s.sampling.history is not None or s.seq_id in matchers or s.seq_id in dormant)
+            for s in step.seqs)
         started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
         launched = _InFlight(batch, self.runner.launch(step, self._fill_masks if matchers else None), started, sync)
         cache = self.prefix_cache
@@ -306,6 +310,8 @@ class EngineCore:
         for token in r.tokens:
             ids.append(token)
             taken += 1
+            if matcher is None and seq.seq_id in self._dormant:
+                self._wake(seq)  # the grammar starts with the next draw if this token completed its marker
             if matcher is not None and not matcher.advance(token):
                 # only a mask nothing survives can draw outside the grammar (min_tokens banning the stop token that
                 # the complete output needs): end the sequence rather than emit text that breaks the constraint
@@ -329,6 +335,12 @@ class EngineCore:
         lps = None if r.logprobs is None else r.logprobs[:taken]
         return SeqDelta(seq.request.request_id, seq.index, tokens, lps, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
 
+    def _wake(self, seq: Sequence) -> None:
+        after = seq.params.structured_outputs.start_after_ids
+        ids = seq.token_ids
+        if len(ids) - seq.num_prompt_tokens >= len(after) and tuple(ids[len(ids) - len(after) :]) == after:
+            self._matchers[seq.seq_id] = self._dormant.pop(seq.seq_id)
+
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         # Stopped inside a run of accepted drafts, or with a step in flight: KV past the kept tokens must not reach
@@ -339,6 +351,7 @@ class EngineCore:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self._matchers.pop(seq.seq_id, None)
+        self._dormant.pop(seq.seq_id, None)
         if self.proposer is not None:
             self.proposer.forget(seq.seq_id)
 

@@ -67,6 +67,9 @@ class InputProcessor:
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {lim.vocab_size}), got {bad[:5]}")
         if params.structured_outputs is not None:  # a bad schema, regex or grammar is refused here, not in the core
+            bad = [t for t in params.structured_outputs.start_after_ids if t >= lim.vocab_size]
+            if bad:
+                raise ValueError(f"structured_outputs.start_after_ids must be token ids in [0, {lim.vocab_size}), got {bad[:5]}")
             from slipstream.grammar import grammar_of  # imports xgrammar: only for constrained requests
 
             grammar_of(params.structured_outputs)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -30,8 +30,8 @@ from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
-from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, render_messages,
-                                     split_reasoning, template_renders_tools)
+from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, reasoning_end_ids,
+                                     render_messages, split_reasoning, template_renders_tools)
 from slipstream.sampling_params import SamplingParams
 
 log = logging.getLogger("slipstream.server")
@@ -257,6 +257,9 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _params(req, max_tokens, logprobs)
+        so = params.structured_outputs
+        if options.reasoning_parser != "none" and so is not None:  # the model reasons freely, then answers constrained
+            params = replace(params, structured_outputs=replace(so, start_after_ids=reasoning_end_ids(tok, ids)))
         calls = None
         if tools is not None:  # where calls come from: a format the request fixes, or the model's own
             parser = options.tool_call_parser

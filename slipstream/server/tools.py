@@ -315,3 +315,12 @@ class ReasoningStream:
         delta = reasoning[self.sent :]
         self.sent = max(self.sent, len(reasoning))
         return delta, content
+
+
+def reasoning_end_ids(tokenizer: Any, prompt_ids: list[int]) -> tuple[int, ...]:
+    """The tokens that end a reasoning block, after which an output constraint starts; none when the prompt has
+    closed the block already (a template with thinking turned off writes an empty one into the prompt)."""
+    tail = tokenizer.decode(prompt_ids[-16:])
+    if tail.rfind("</think>") > tail.rfind("<think>"):
+        return ()
+    return tuple(tokenizer.encode("</think>", add_special_tokens=False))

@@ -47,25 +47,22 @@ def _grammars(llm):
     return llm.engine.core._grammar_service()
 
 
-def test_matcher_masks_follow_drafts_and_roll_back(llm):
+def test_masks_follow_drafts_and_roll_back(llm):
     grammars = _grammars(llm)
     compiled = grammars.compile(StructuredOutputs(regex="(ab|ac)d")).result()
     m = grammars.matcher(compiled)
     tok = llm.engine.tokenizer
     a, b, c, d = (tok.convert_tokens_to_ids(x) for x in "abcd")
-    out = grammars.bitmask(3)
-    m.fill(out, 0, [])
-    m.fill(out, 1, [a])
-    m.fill(out, 2, [a, b])
+    out = grammars.masks(4, [(0, m, []), (1, m, [a]), (3, m, [a, b])])  # row 2: no constraint
 
     def allowed(row):
         return {t for t in range(grammars.vocab_size) if (int(out[row, t // 32]) >> (t % 32)) & 1}
 
     assert a in allowed(0) and b not in allowed(0)
     assert {b, c} <= allowed(1) and d not in allowed(1)
-    assert d in allowed(2) and c not in allowed(2)
-    again = grammars.bitmask(1)
-    m.fill(again, 0, [])  # the drafts were rolled back
+    assert d in allowed(3) and c not in allowed(3)
+    assert len(allowed(2)) == grammars.vocab_size
+    again = grammars.masks(1, [(0, m, [])])  # the drafts were rolled back
     assert torch.equal(again[0], out[0])
     assert m.advance(a) and not m.advance(d)
 
@@ -103,12 +100,12 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"], "additionalProperties": False}
 
 
-def test_constraint_survives_preemption_and_speculation(gguf_path):
+def test_constraint_survives_preemption_and_speculation(llm, gguf_path):
     """A pool too small for every sequence preempts and recomputes; n-gram drafts are verified row by row against
     masks computed after the drafts before them. Greedy outputs equal the unconstrained-pool, draft-free run."""
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputs(json=SCHEMA))
     prompts = [f"Person number {i} as JSON:" for i in range(6)]
-    base = [o.outputs[0].text for o in LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256).generate(prompts, params)]
+    base = [o.outputs[0].text for o in llm.generate(prompts, params)]
     assert all(set(json.loads(t)) == {"name", "age"} for t in base)
     small = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, block_size=16, num_blocks=8)
     assert [o.outputs[0].text for o in small.generate(prompts, params)] == base
@@ -131,7 +128,7 @@ def test_a_compiling_grammar_holds_up_no_other_request(llm, monkeypatch):
 
     monkeypatch.setattr(grammars, "_compile", blocked)
     core = llm.engine.core
-    core.add_request("slow", llm.engine.tokenize("Hi"), SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(regex="x{2,3}y")))
+    core.add_request("slow", llm.engine.tokenize("Hi"), SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputs(regex="x{2,3}y")))
     core.add_request("plain", llm.engine.tokenize("Hi"), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))
     done = set()
     for _ in range(50):
@@ -143,6 +140,22 @@ def test_a_compiling_grammar_holds_up_no_other_request(llm, monkeypatch):
     while core.has_unfinished():
         done |= {(d.request_id, d.finish_reason) for d in core.step() if d.finish_reason}
     assert ("slow", "stop") in done
+    assert_no_leak(llm)
+
+
+def test_a_grammar_can_start_after_a_marker(llm):
+    """A reasoning model thinks freely and answers under the constraint: the output is the unconstrained one up to
+    the marker tokens (here the third and fourth tokens greedy decoding writes), then matches the regex."""
+    prompt = "The capital of France is"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    marker = tuple(free[2:4])
+    so = StructuredOutputs(regex=r" [0-9]{3}", start_after_ids=marker)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, structured_outputs=so))[0].outputs[0]
+    assert out.token_ids[:4] == free[:4]
+    tail = llm.engine.tokenizer.decode(out.token_ids[4:], skip_special_tokens=True)
+    assert re.fullmatch(r" [0-9]{3}", tail) and out.finish_reason == "stop", tail
+    with pytest.raises(ValueError, match="start_after_ids"):
+        llm.generate(prompt, SamplingParams(structured_outputs=StructuredOutputs(regex="a", start_after_ids=(10**7,))))
     assert_no_leak(llm)
 
 
@@ -235,18 +248,3 @@ def test_streamed_constrained_output_equals_the_full_one(client):
                                       extra_body={"guided_regex": PATTERN})
     assert all(re.fullmatch(PATTERN, c.text) for c in regex.choices)
 
-
-def test_a_grammar_can_start_after_a_marker(llm):
-    """A reasoning model thinks freely and answers under the constraint: the output is the unconstrained one up to
-    the marker tokens (here the third and fourth tokens greedy decoding writes), then matches the regex."""
-    prompt = "The capital of France is"
-    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
-    marker = tuple(free[2:4])
-    so = StructuredOutputs(regex=r" [0-9]{3}", start_after_ids=marker)
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, structured_outputs=so))[0].outputs[0]
-    assert out.token_ids[:4] == free[:4]
-    tail = llm.engine.tokenizer.decode(out.token_ids[4:], skip_special_tokens=True)
-    assert re.fullmatch(r" [0-9]{3}", tail) and out.finish_reason == "stop", tail
-    with pytest.raises(ValueError, match="start_after_ids"):
-        llm.generate(prompt, SamplingParams(structured_outputs=StructuredOutputs(regex="a", start_after_ids=(10**7,))))
-    assert_no_leak(llm)

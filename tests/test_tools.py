@@ -12,6 +12,7 @@ import pytest
 
 from server_util import LiveServer
 from slipstream import LLM
+from slipstream.loader import load_tokenizer
 from slipstream.server.tools import (ReasoningStream, ToolStream, extract, finished_calls, reasoning_end_ids, render_messages,
                                      split_reasoning)
 
@@ -174,7 +175,7 @@ def test_reasoning_splits_the_same_streamed_at_every_split(parser):
 
 
 def test_constraints_start_after_the_reasoning_unless_the_prompt_closed_it(gguf_path):
-    tok = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128).engine.tokenizer
+    tok = load_tokenizer(gguf_path)
     end = tuple(tok.encode("</think>", add_special_tokens=False))
     assert reasoning_end_ids(tok, tok.encode("<|im_start|>assistant\n")) == end
     assert reasoning_end_ids(tok, tok.encode("<|im_start|>assistant\n<think>\n")) == end  # deepseek_r1 opens it

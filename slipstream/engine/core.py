@@ -144,13 +144,8 @@ class EngineCore:
     def _fill_masks(self, owners: list[int], before: list[list[int]] | None):  # noqa: ANN202 - host bitmask or None
         """The runner calls this once the step's forward is queued (the host fills while the device computes): the
         allowed tokens of each drawn row, rows named by sequence id, after the drafts drawn ahead of them."""
-        rows = [(i, m) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
-        if not rows:
-            return None
-        out = self._grammars.bitmask(len(owners))
-        for i, m in rows:
-            m.fill(out, i, before[i] if before else [])
-        return out
+        rows = [(i, m, before[i] if before else []) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
+        return self._grammars.masks(len(owners), rows) if rows else None
 
     def abort_request(self, request_id: str) -> bool:
         """Finish every sequence of the request now and free its pages; False if it is unknown (or done)."""

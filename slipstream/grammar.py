@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +24,7 @@ from slipstream.sampling_params import StructuredOutputs
 # JSON is generated compact (no free whitespace between tokens): a small model given free whitespace can spend its
 # whole budget on newlines, and compact output parses the same.
 _JSON = dict(any_whitespace=False)
+CACHE_SIZE = 512  # compiled grammars kept per engine
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:36:50] /project/cpp/x.cc:94: " before xgrammar's message
 
 
@@ -58,7 +60,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._tokenizer, self._stop = tokenizer, sorted(stop_token_ids)
         self._compiler: Any = None  # built on first use: models that never see a constraint never pay for it
-        self._cache: dict[str, Future] = {}
+        self._cache: OrderedDict[str, Future] = OrderedDict()  # least recently used first
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-grammar")
 
     def compile(self, so: StructuredOutputs) -> Future:
@@ -67,6 +69,9 @@ class Grammars:
         fut = self._cache.get(key)
         if fut is None or (fut.done() and fut.exception() is not None):
             fut = self._cache[key] = self._pool.submit(self._compile, so)
+            if len(self._cache) > CACHE_SIZE:  # schemas are client input: keep the most recent ones only
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         return fut
 
     def _compile(self, so: StructuredOutputs) -> Any:
@@ -114,14 +119,16 @@ class Matcher:
         """Advance through `ahead` as far as the grammar allows; how many were taken (`undo` them after)."""
         taken = 0
         for t in ahead:
-            if not self._m.accept_token(t):
-                break  # a draft the grammar refuses is never accepted, so the rows after it are never kept
+            if self._m.is_terminated() or not self._m.accept_token(t):
+                break  # a draft the grammar refuses (or one after the stop token) is never accepted, nor rows after it
             taken += 1
         return taken
 
     def fill(self, out: torch.Tensor, row: int) -> None:
-        """Write into out[row] the tokens the grammar allows next."""
-        self._m.fill_next_token_bitmask(out, row)
+        """Write into out[row] the tokens the grammar allows next. Past the stop token (a draft took it) nothing
+        follows: the row is never kept, and it is left as it was."""
+        if not self._m.is_terminated():
+            self._m.fill_next_token_bitmask(out, row)
 
     def undo(self, taken: int) -> None:
         if taken:

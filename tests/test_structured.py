@@ -65,6 +65,9 @@ def test_masks_follow_drafts_and_roll_back(llm):
     assert len(allowed(2)) == grammars.vocab_size
     again = grammars.masks(1, [(0, m, [])])  # the drafts were rolled back
     assert torch.equal(again[0], out[0])
+    eos = tok.eos_token_id  # a draft may be the stop token (n-gram drafts copy the prompt): rows after it are free
+    past = grammars.masks(2, [(0, m, [a, b, d, eos]), (1, m, [a, b, d, eos, a])])
+    assert torch.equal(past, grammars.masks(2, []))
     assert m.advance(a) and not m.advance(d)
 
 
@@ -155,6 +158,8 @@ def test_a_grammar_can_start_after_a_marker(llm):
     assert out.token_ids[:4] == free[:4]
     tail = llm.engine.tokenizer.decode(out.token_ids[4:], skip_special_tokens=True)
     assert re.fullmatch(r" [0-9]{3}", tail) and out.finish_reason == "stop", tail
+    with pytest.raises(ValueError, match="min_tokens"):  # the grammar decides where the output ends
+        llm.generate(prompt, SamplingParams(min_tokens=3, structured_outputs=StructuredOutputs(choice=["yes", "no"])))
     with pytest.raises(ValueError, match="start_after_ids"):
         llm.generate(prompt, SamplingParams(structured_outputs=StructuredOutputs(regex="a", start_after_ids=(10**7,))))
     assert_no_leak(llm)

@@ -14,7 +14,7 @@ from server_util import LiveServer
 from slipstream import LLM
 from slipstream.loader import load_tokenizer
 from slipstream.server.tools import (ReasoningStream, ToolStream, extract, finished_calls, reasoning_end_ids, render_messages,
-                                     split_reasoning)
+                                     required_schema, split_reasoning)
 
 MODEL = "smollm2"
 
@@ -82,7 +82,36 @@ def test_templates_without_tools_get_them_in_a_system_message():
     assert out[0]["role"] == "system" and '"name": "f"' in out[0]["content"]
     assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
     assert out[3] == {"role": "tool", "content": "42"}
-    assert render_messages(msgs, tools, renders_tools=True) is msgs
+    kept = render_messages(msgs, tools, renders_tools=True)  # templates that know tools get the arguments as an object
+    assert kept[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and kept[0] == msgs[0] and kept[2] == msgs[2]
+
+
+def test_calls_without_arguments_and_broken_strings():
+    content, calls = finished_calls("hermes", '<tool_call>{"name": "now"}</tool_call>')
+    assert calls[0]["function"] == {"name": "now", "arguments": "{}"}
+    assert _assemble("hermes", ['<tool_call>{"name": "now"', '<tool_call>{"name": "now"}</tool_call>']) == ("", [("now", "{}")])
+    assert finished_calls("hermes", '<tool_call>{"name": "bad\\q", "arguments": {}}</tool_call>') is None  # invalid escape
+
+
+def test_required_schema_keeps_each_tools_definitions():
+    """Pydantic-style parameters ($defs + $ref) still resolve once nested under the required-call schema."""
+    from pydantic import BaseModel
+
+    from slipstream.grammar import grammar_of
+    from slipstream.sampling_params import StructuredOutputs
+
+    class Addr(BaseModel):
+        city: str
+
+    class Trip(BaseModel):
+        start: Addr
+        end: Addr | None = None
+
+    tools = [{"type": "function", "function": {"name": n, "parameters": Trip.model_json_schema()}} for n in ("a", "b")]
+    schema = required_schema(tools, parallel=True)
+    assert set(schema["$defs"]) == {"tool0_Addr", "tool1_Addr"}
+    assert schema["items"]["anyOf"][1]["properties"]["arguments"]["properties"]["start"] == {"$ref": "#/$defs/tool1_Addr"}
+    grammar_of(StructuredOutputs(json=schema))  # xgrammar resolves every reference
 
 
 WEATHER = {"type": "function", "function": {

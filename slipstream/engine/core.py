@@ -92,8 +92,9 @@ class EngineCore:
         """Queue a checked request (see InputProcessor). Raises ValueError for a duplicate id, EngineOverloaded."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences already waiting")
+        waiting = len(self.scheduler.waiting) + sum(len(r.seqs) for r, _ in self._awaiting)  # grammars compiling too
+        if waiting + params.n > self.config.scheduler.max_waiting:
+            raise EngineOverloaded(f"{waiting} sequences already waiting")
         req = Request(request_id, prompt_ids, params, priority)
         max_total = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(prompt_ids) + params.max_tokens)
         for i in range(params.n):

@@ -67,6 +67,8 @@ class InputProcessor:
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {lim.vocab_size}), got {bad[:5]}")
         if params.structured_outputs is not None:  # a bad schema, regex or grammar is refused here, not in the core
+            if params.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides where the output ends")
             bad = [t for t in params.structured_outputs.start_after_ids if t >= lim.vocab_size]
             if bad:
                 raise ValueError(f"structured_outputs.start_after_ids must be token ids in [0, {lim.vocab_size}), got {bad[:5]}")

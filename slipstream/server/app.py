@@ -264,6 +264,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         if tools is not None:  # where calls come from: a format the request fixes, or the model's own
             parser = options.tool_call_parser
             calls = req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)
+            if calls[0] == "mistral":  # its [TOOL_CALLS] marker is a special token: keep it in the text
+                params = replace(params, skip_special_tokens=False)
         fmt = _ChatFormat(client, options.model_name, req, calls, options.reasoning_parser)
         return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, fmt)
 

@@ -82,30 +82,38 @@ def _ws(text: str, i: int, extra: str = "") -> int:
 
 def _object(text: str, i: int, args_keys: tuple[str, ...]) -> tuple[Call, int]:
     """Read the call object starting at text[i] == '{': (the call as far as the text goes, index after it or -1)."""
-    name, args, args_done = None, "", False
+    name, args, args_seen = None, "", False
     i = _ws(text, i + 1)
     while i < len(text) and text[i] == '"':
         end = _skip_string(text, i)
         if end < 0:
             break
-        key = json.loads(text[i:end])
+        key = _string(text[i:end])
         i = _ws(text, end)
         if i >= len(text) or text[i] != ":":
             break
         i = _ws(text, i + 1)
         stop = _skip_value(text, i)
         if key == "name" and stop > 0 and text[i] == '"':
-            name = json.loads(text[i:stop])
+            name = _string(text[i:stop])
         elif key in args_keys:
-            args, args_done = text[i : stop if stop > 0 else len(text)], stop > 0
+            args, args_seen = text[i : stop if stop > 0 else len(text)], True
         if stop < 0:
             return Call(name, args), -1
         i = _ws(text, stop)
         if i < len(text) and text[i] == ",":
             i = _ws(text, i + 1)
-    if i < len(text) and text[i] == "}":
-        return Call(name, args, done=name is not None and args_done), i + 1
+    if i < len(text) and text[i] == "}":  # closed: a call without arguments takes none
+        return Call(name, args if args_seen else "{}", done=name is not None), i + 1
     return Call(name, args), -1
+
+
+def _string(literal: str) -> str | None:
+    """A JSON string literal's value; None if the model wrote an invalid one (the call then never completes)."""
+    try:
+        return json.loads(literal)
+    except json.JSONDecodeError:
+        return None
 
 
 def _objects(text: str, i: int, args_keys: tuple[str, ...], separators: str) -> list[Call]:
@@ -237,8 +245,9 @@ def template_renders_tools(chat_template: str | None) -> bool:
 def render_messages(messages: list[dict], tools: list[dict] | None, renders_tools: bool) -> list[dict]:
     """Messages for a template. A template that knows tools gets OpenAI's shapes; one that does not gets the tools
     described in a system message and calls written in the hermes format, so any chat model can call tools."""
-    if renders_tools:
-        return messages
+    if renders_tools:  # templates take a call's arguments as an object (they write it with tojson)
+        return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": _args(c)}} for c in m["tool_calls"]]}
+                if m.get("tool_calls") else m for m in messages]
     out = []
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
@@ -261,6 +270,21 @@ def render_messages(messages: list[dict], tools: list[dict] | None, renders_tool
     return out
 
 
+def _rerooted(node: Any, rename: dict[str, str]) -> Any:
+    """`node` with its local $refs ("#/$defs/X", "#/definitions/X") pointing at the renamed root definitions."""
+    if isinstance(node, list):
+        return [_rerooted(x, rename) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rerooted(v, rename) for k, v in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if ref.startswith(prefix) and ref[len(prefix):] in rename:
+                out["$ref"] = "#/$defs/" + rename[ref[len(prefix):]]
+    return out
+
+
 def _args(call: dict) -> Any:
     raw = call["function"].get("arguments") or "{}"
     try:
@@ -270,11 +294,20 @@ def _args(call: dict) -> Any:
 
 
 def required_schema(tools: list[dict], parallel: bool) -> dict:
-    """The JSON schema `tool_choice="required"` holds the output to: a list of calls of the given functions."""
-    one = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                             "arguments": t["function"].get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    """The JSON schema `tool_choice="required"` holds the output to: a list of calls of the given functions. Each
+    tool's definitions ($defs) move to the root, renamed per tool, so that its $refs still resolve there."""
+    defs: dict[str, Any] = {}
+    one = []
+    for i, t in enumerate(tools):
+        params = dict(t["function"].get("parameters") or {"type": "object"})
+        local = {**params.pop("$defs", {}), **params.pop("definitions", {})}
+        rename = {name: f"tool{i}_{name}" for name in local}
+        defs.update({rename[name]: _rerooted(d, rename) for name, d in local.items()})
+        one.append({"type": "object", "properties": {"name": {"const": t["function"]["name"]}, "arguments": _rerooted(params, rename)},
+                    "required": ["name", "arguments"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one}}
+    if defs:
+        schema["$defs"] = defs
     if not parallel:
         schema["maxItems"] = 1
     return schema

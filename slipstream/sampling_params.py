@@ -48,10 +48,11 @@ class StructuredOutputs:
 
     @property
     def key(self) -> str:
-        """A canonical text of the constraint: equal constraints share one compiled grammar."""
+        """A canonical text of the constraint: equal constraints share one compiled grammar. Key order is kept: a
+        schema's property order is the order the output writes them in."""
         if self.json is not None:
             schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-            return "json:" + json.dumps(schema, sort_keys=True, separators=(",", ":"))
+            return "json:" + json.dumps(schema, separators=(",", ":"))
         if self.json_object:
             return "json_object"
         if self.choice is not None:

@@ -25,6 +25,13 @@ from slipstream.sampling_params import StructuredOutputs
 MODEL = "smollm2"
 
 
+def test_property_order_is_part_of_a_schema():
+    a = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}}
+    b = {"type": "object", "properties": {"y": {"type": "integer"}, "x": {"type": "integer"}}}
+    assert StructuredOutputs(json=a).key != StructuredOutputs(json=b).key
+    assert StructuredOutputs(json=a).key == StructuredOutputs(json=json.dumps(a, indent=2)).key
+
+
 def test_token_mask_keeps_exactly_the_set_bits():
     g = torch.Generator().manual_seed(0)
     vocab = 100  # not a multiple of 32: the last word's high bits fall past the vocabulary

@@ -1,5 +1,5 @@
 """`slipstream serve` under concurrent load, as users drive it: prompts of many lengths, streaming and not, a
-quarter of the clients hanging up early. Passes only with zero failed requests, every admitted request
+quarter of the clients hanging up early, a tenth held to a regular expression (structured output). Passes only with zero failed requests, every admitted request
 finished or aborted, and every KV page free afterwards. On the GPU (scripts/gpu_check.sh) it runs in bf16 on the
 Hopper kernels with prompts of 65 to 16K tokens; on a CPU, small sizes check the script itself.
 
@@ -34,8 +34,18 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else math.nan
 
 
-async def one(client: httpx.AsyncClient, url: str, i: int, prompt: list[int], max_tokens: int, stream: bool, hang_up: bool) -> str:
+async def one(client: httpx.AsyncClient, url: str, pattern: str, i: int, prompt: list[int], max_tokens: int, stream: bool,
+              hang_up: bool) -> str:
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i, "stream": stream}
+    if i % 10 == 1 and not hang_up:  # constrained: ends when the pattern is complete, and must match it
+        body.update(ignore_eos=False, max_tokens=32, guided_regex=pattern)
+        r = await client.post(url + "/v1/completions", json=body, timeout=600)
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        choice = r.json()["choices"][0]
+        # (stripped: a word-level tokenizer's text puts a space before each word)
+        ok = re.fullmatch(pattern, choice["text"].strip()) and choice["finish_reason"] == "stop"
+        return "ok" if ok else f"constrained output {choice['text']!r} ({choice['finish_reason']})"
     if not stream:
         try:
             r = await client.post(url + "/v1/completions", json=body, timeout=0.3 if hang_up else 600)
@@ -63,7 +73,7 @@ async def one(client: httpx.AsyncClient, url: str, i: int, prompt: list[int], ma
     return "ok" if usage and usage["completion_tokens"] == max_tokens else f"usage {usage} for {max_tokens} tokens"
 
 
-async def drive(url: str, n: int, max_prompt: int, vocab: int) -> list[str]:
+async def drive(url: str, n: int, max_prompt: int, vocab: int, pattern: str) -> list[str]:
     rng = random.Random(0)
     jobs = []
     for i in range(n):
@@ -71,7 +81,7 @@ async def drive(url: str, n: int, max_prompt: int, vocab: int) -> list[str]:
         jobs.append((i, [rng.randrange(3, vocab) for _ in range(length)], rng.randint(16, 128), i % 2 == 0, i % 4 == 3))
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits) as client:
-        return list(await asyncio.gather(*(one(client, url, *j) for j in jobs)))
+        return list(await asyncio.gather(*(one(client, url, pattern, *j) for j in jobs)))
 
 
 def main() -> int:
@@ -80,6 +90,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--max-prompt", type=int, default=16384)
     ap.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
+    ap.add_argument("--regex", default=r"[a-z]{3,8}-[0-9]{2}",
+                    help="what every tenth request's output is held to (one the model's vocabulary can spell)")
     a, serve_flags = ap.parse_known_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -97,7 +109,7 @@ def main() -> int:
             assert proc.poll() is None and time.time() < deadline, "the server did not become healthy"
             time.sleep(0.5)
         start = time.time()
-        results = asyncio.run(drive(url, a.requests, a.max_prompt, a.vocab))
+        results = asyncio.run(drive(url, a.requests, a.max_prompt, a.vocab, a.regex))
         elapsed = time.time() - start
         failures = [r for r in results if r not in ("ok", "left")]
         deadline = time.time() + 60

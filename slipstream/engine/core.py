@@ -187,7 +187,7 @@ class EngineCore:
             ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
             ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
             ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0,
-                                                     structured_outputs=StructuredOutputs(regex="[0-9]{1,3}"))),
+                                                     structured_outputs=StructuredOutputs(choice=(self._plain_word(),)))),
         ):
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
@@ -198,6 +198,12 @@ class EngineCore:
             cache.stats = PrefixCacheStats()
         self.stats = CoreStats()
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
+
+    def _plain_word(self) -> str:
+        """The shortest alphanumeric word among the vocabulary's first tokens: a constraint the model can meet
+        (xgrammar allows a token that starts a longer word even if nothing can finish it)."""
+        words = (self.tokenizer.decode([t]) for t in range(min(self.model_config.vocab_size, 5000)))
+        return min((w for w in words if w.isalnum()), key=len, default="0")
 
     # ---- one step ----
     def step(self) -> list[SeqDelta]:

@@ -26,8 +26,6 @@ from slipstream.sampling_params import StructuredOutputs
 _JSON = dict(any_whitespace=False)
 CACHE_SIZE = 512  # compiled grammars kept per engine
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:36:50] /project/cpp/x.cc:94: " before xgrammar's message
-
-
 _REGEX_SPECIAL = re.compile(r"([\\^$.|?*+()\[\]{}/-])")
 
 
@@ -95,9 +93,6 @@ class Grammars:
             m.fill(out, r)
             m.undo(taken)
         return out
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Matcher:

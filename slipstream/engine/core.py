@@ -315,8 +315,8 @@ class EngineCore:
             if matcher is None and seq.seq_id in self._dormant:
                 self._wake(seq)  # the grammar starts with the next draw if this token completed its marker
             if matcher is not None and not matcher.advance(token):
-                # only a mask nothing survives can draw outside the grammar (min_tokens banning the stop token that
-                # the complete output needs): end the sequence rather than emit text that breaks the constraint
+                # only a mask nothing survives can draw outside the grammar (a vocabulary where a token that starts a
+                # word has no continuation): end the sequence rather than emit text that breaks the constraint
                 log.warning("sequence %d drew token %d outside its grammar; stopping it", seq.seq_id, token)
                 ids.pop()
                 taken -= 1

@@ -265,3 +265,18 @@ def test_streamed_constrained_output_equals_the_full_one(client):
                                       extra_body={"guided_regex": PATTERN})
     assert all(re.fullmatch(PATTERN, c.text) for c in regex.choices)
 
+
+
+
+def test_serve_bench_holds_every_request_to_a_schema(client):
+    """`slipstream bench serve --structured json-unique`: each request's own schema is accepted and an output that
+    ends before max_tokens is its complete JSON (the first schema's object fits in 80 tokens, the second's does not)."""
+    import asyncio
+
+    from slipstream.bench.serve_bench import run_rate
+
+    prompts = [(f"Reply with a JSON object for record {i}:", 8, 80) for i in range(2)]
+    r = asyncio.run(run_rate(str(client.base_url).removesuffix("/v1/"), MODEL, prompts, float("inf"), None, (1.0, 1.0), 0,
+                             "json-unique"))
+    assert r["failed"] == 0, r["errors"]
+    assert (r["json_complete"], r["json_broken"]) == (1, 0), r

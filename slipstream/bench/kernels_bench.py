@@ -1,20 +1,24 @@
 """Kernels against their limits in one run, Llama-3.1-8B shapes: prefill attention TFLOP/s vs torch SDPA (causal,
 2K/8K/32K), decode attention GB/s vs the measured copy bandwidth (batch 1/16/64 x 1K/4K/16K), and the fused
 batch-1 decode projections (GEMV) vs the unfused kernels + cuBLAS, with FP8 weights too; the FP8 GEMM vs cuBLAS
-bf16 and cuBLASLt FP8 (`torch._scaled_mm`) on the 8B model's projections."""
+bf16 and cuBLASLt FP8 (`torch._scaled_mm`) on the 8B model's projections; the fused MoE layer (Qwen3-30B-A3B
+shape) vs torch's grouped GEMM."""
 from __future__ import annotations
 
 import argparse
+import json
+from importlib import resources
 
 import torch
 import triton
 
 from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
-from slipstream.config import CacheConfig
+from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.matvec import gemv
+from slipstream.kernels.moe import fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 
 HQ, HK, D, PAGE = 32, 8, 128, CacheConfig.block_size
@@ -78,6 +82,8 @@ def run(a: argparse.Namespace) -> dict:
         res["gemv"] = _gemv_bench(bw, dtype)
     if a.fp8:
         res["fp8_gemm"] = _fp8_gemm_bench(a.fp8_rows, mm)
+    if a.moe_tokens:
+        res["moe"] = _moe_bench(a.moe_tokens, bw, mm)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {mm / 1e12:.0f} TFLOP/s, {gpu_name()}")
     return res
 
@@ -176,6 +182,62 @@ def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
     return out
 
 
+def _grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    """The same layer out of torch ops: pairs sorted by expert, two torch._grouped_mm calls (cuBLAS grouped GEMM on
+    Hopper), SwiGLU and the weighted sum between them."""
+    k, e = ids.shape[1], w13.shape[0]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    offs = torch.nn.functional.one_hot(flat, e).sum(0).cumsum(0).to(torch.int32)
+    token = order // k
+    gate, up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs).chunk(2, -1)
+    y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    return torch.zeros_like(x).index_add_(0, token, y * weights.reshape(-1)[order, None].to(y.dtype))
+
+
+def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
+    """One Qwen3-30B-A3B MoE layer (128 experts, top 8, hidden 2048, expert width 768), bf16, router output fixed
+    (uniformly random experts): our fused kernels vs torch._grouped_mm, each replayed in a CUDA graph where it can
+    be captured. TFLOP/s over the pairs' FLOPs; weight bytes of the experts hit per unit of time vs the copy rate
+    (what bounds the small steps of decode)."""
+    model = ModelConfig.from_hf(json.loads(resources.files("slipstream.configs").joinpath("qwen3-30b-a3b.json").read_text()))
+    e, k, h, inter = model.moe.num_experts, model.moe.top_k, model.hidden_size, model.moe.intermediate_size
+    w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    out, rows = [], [["tokens", "ours us", "ours TFLOP/s", "ours % of matmul", "ours weights % of copy bw",
+                      "grouped_mm us", "grouped_mm TFLOP/s", "ours / grouped_mm"]]
+    for t in token_counts:
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        weights = torch.rand(t, k, device="cuda").softmax(-1)
+        ids = torch.rand(t, e, device="cuda").topk(k, -1).indices
+        ref = _grouped_mm_moe(x, w13, w2, weights, ids) if hasattr(torch, "_grouped_mm") else None
+        ours = fused_moe(x, w13, w2, weights, ids)
+        if ref is not None:
+            torch.testing.assert_close(ours, ref, atol=3e-2, rtol=3e-2)  # the comparison is of the same layer
+        us = _timed(lambda: fused_moe(x, w13, w2, weights, ids))
+        theirs = _timed(lambda: _grouped_mm_moe(x, w13, w2, weights, ids)) if ref is not None else float("nan")
+        flops = 6 * t * k * h * inter
+        nbytes = ids.unique().numel() * 3 * h * inter * 2
+        r = dict(tokens=t, ours_us=us, ours_tflops=flops / us / 1e6, grouped_mm_us=theirs,
+                 grouped_mm_tflops=flops / theirs / 1e6, pct_matmul=100 * flops / us / 1e-6 / mm,
+                 weights_pct_copy_bw=100 * nbytes / us / 1e-6 / bw)
+        out.append(r)
+        rows.append([str(t), f"{us:.1f}", f"{r['ours_tflops']:.0f}", f"{r['pct_matmul']:.0f}", f"{r['weights_pct_copy_bw']:.0f}",
+                     f"{theirs:.1f}", f"{r['grouped_mm_tflops']:.0f}", f"{theirs / us:.2f}"])
+    print(table(rows))
+    return out
+
+
+def _timed(fn) -> float:  # noqa: ANN001
+    """µs per call: replayed in a CUDA graph (as the engine runs decode), or timed eagerly where capture fails."""
+    try:
+        return _graph_us([fn])
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return _ms(fn) * 1e3
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kernels", help="attention and decode-projection kernels vs torch SDPA, cuBLAS and copy bandwidth")
     p.add_argument("--prefill-lens", type=int, nargs="*", default=[2048, 8192, 32768])
@@ -184,5 +246,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the batch-1 projection table")
     p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the FP8 GEMM table")
     p.add_argument("--fp8-rows", type=int, nargs="*", default=[64, 512, 4096], help="M of the FP8 GEMM table")
+    p.add_argument("--moe-tokens", type=int, nargs="*", default=[1, 64, 512, 4096], help="tokens of the MoE layer table")
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=run)

@@ -3,7 +3,13 @@
 Prompts come from ShareGPT (the original JSON: prompt = first human turn, output length = the reply's length
 in tokens, vLLM's filters) or random lengths. Requests arrive as a Poisson process at each given rate (or at a
 fixed concurrency), stream their completions with max_tokens = the target length and ignore_eos, and we report
-request throughput, output tok/s, TTFT / TPOT / ITL (mean, p50, p90, p99) and goodput under an SLO."""
+request throughput, output tok/s, TTFT / TPOT / ITL (mean, p50, p90, p99) and goodput under an SLO.
+
+With --structured json every request also carries a JSON schema (`response_format`, round robin over SCHEMAS: the
+grammars stay cached after their first use); with json-unique each request's schema is new (an extra required
+property named after the request), so every request waits for a fresh compile. A constrained output ends when its
+JSON is complete, so compare output tok/s; the report counts the outputs that parse, and those that ended before
+max_tokens without parsing (a broken constraint: always 0)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from slipstream.bench.common import table, write_json
+from slipstream.bench.common import table
 
 
 @dataclass
@@ -27,6 +33,38 @@ class Result:
     output_tokens: int = 0
     prompt_len: int = 0
     error: str = ""
+    text: str = ""
+    max_tokens: int = 0
+
+
+_ADDRESS = {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"},
+                                              "postcode": {"type": "string", "pattern": "[0-9]{5}"}},
+            "required": ["street", "city"]}
+SCHEMAS: list[dict] = [  # the shapes agents ask for: nested objects, enums, arrays, optional fields, bounded numbers
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                      "address": _ADDRESS}, "required": ["name", "age", "address"]},
+    {"type": "object", "properties": {
+        "status": {"enum": ["open", "closed", "pending"]}, "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8}, "summary": {"type": "string"}},
+     "required": ["status", "priority", "tags", "summary"]},
+    {"type": "object", "properties": {
+        "order_id": {"type": "string"}, "total": {"type": "number", "minimum": 0},
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "sku": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1}}, "required": ["sku", "quantity"]}},
+        "note": {"type": ["string", "null"]}}, "required": ["order_id", "total", "items"]},
+    {"type": "object", "properties": {
+        "function": {"enum": ["search", "fetch", "summarize"]},
+        "arguments": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                      "required": ["query"]}, "reason": {"type": "string"}}, "required": ["function", "arguments"]},
+]
+
+
+def schema_for(i: int, unique: bool) -> dict:
+    schema = SCHEMAS[i % len(SCHEMAS)]
+    if not unique:
+        return schema
+    key = f"request_{i}"
+    return {**schema, "properties": {**schema["properties"], key: {"type": "integer"}}, "required": [*schema["required"], key]}
 
 
 def sharegpt(path: str, tokenizer, n: int, seed: int) -> list[tuple[str, int, int]]:  # noqa: ANN001
@@ -56,10 +94,13 @@ def random_prompts(tokenizer, n: int, in_len: int, out_len: int, seed: int) -> l
     return res
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: int, o_len: int) -> Result:  # noqa: ANN001
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: int, o_len: int,  # noqa: ANN001
+              schema: dict | None = None) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": o_len, "ignore_eos": True, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
-    r = Result(prompt_len=p_len)
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
+    r = Result(prompt_len=p_len, max_tokens=o_len)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
@@ -72,6 +113,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: in
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    r.text += chunk["choices"][0]["text"]
                     if r.ttft == 0.0:
                         r.ttft = now - start
                     else:
@@ -98,21 +140,31 @@ def _summary(name: str, xs: list[float]) -> dict[str, float]:
             **{f"{name}_p{p}_ms": 1e3 * _pct(xs, p) for p in (50, 90, 99)}}
 
 
-async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency: int | None, slo: tuple[float, float], seed: int) -> dict:
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency: int | None, slo: tuple[float, float],
+                   seed: int, structured: str = "none") -> dict:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        async def gated(p):  # noqa: ANN001, ANN202
+        async def gated(p, schema):  # noqa: ANN001, ANN202
             if sem is None:
-                return await one(client, url, model, *p)
+                return await one(client, url, model, *p, schema)
             async with sem:
-                return await one(client, url, model, *p)
+                return await one(client, url, model, *p, schema)
 
         tasks = []
         start = time.perf_counter()
-        for p in prompts:
-            tasks.append(asyncio.create_task(gated(p)))
+        for i, p in enumerate(prompts):
+            schema = None if structured == "none" else schema_for(i, structured == "json-unique")
+            tasks.append(asyncio.create_task(gated(p, schema)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         results: list[Result] = await asyncio.gather(*tasks)
@@ -125,6 +177,9 @@ async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency
             "errors": [r.error for r in results if not r.ok][:5], "duration_s": elapsed,
             "request_throughput": len(ok) / elapsed, "output_tok_s": out_tokens / elapsed,
             "total_tok_s": (out_tokens + sum(r.prompt_len for r in ok)) / elapsed, "goodput_req_s": len(good) / elapsed,
+            "mean_output_tokens": out_tokens / max(1, len(ok)), "structured": structured,
+            "json_complete": None if structured == "none" else sum(_parses(r.text) for r in ok),
+            "json_broken": None if structured == "none" else sum(r.output_tokens < r.max_tokens and not _parses(r.text) for r in ok),
             **_summary("ttft", [r.ttft for r in ok]), **_summary("tpot", tpot), **_summary("itl", [x for r in ok for x in r.itl])}
 
 
@@ -139,16 +194,19 @@ def run(a: argparse.Namespace) -> list[dict]:
     else:
         prompts = sharegpt(a.dataset, tok, a.num_prompts, a.seed)
     results = []
-    rows = [["rate", "req/s", "out tok/s", "TTFT mean/p50/p99 ms", "TPOT mean/p50/p99 ms", "ITL p99 ms", "goodput", "failed"]]
+    rows = [["rate", "req/s", "out tok/s", "out len", "TTFT mean/p50/p99 ms", "TPOT mean/p50/p99 ms", "ITL p99 ms", "goodput",
+             "failed", "JSON complete/broken"]]
     for rate in a.request_rate:
-        r = asyncio.run(run_rate(url, model, prompts, rate, a.max_concurrency, (a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3), a.seed))
+        r = asyncio.run(run_rate(url, model, prompts, rate, a.max_concurrency, (a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3),
+                                 a.seed, a.structured))
         r["label"] = a.label
         results.append(r)
-        rows.append([f"{rate:g}", f"{r['request_throughput']:.2f}", f"{r['output_tok_s']:.0f}",
+        rows.append([f"{rate:g}", f"{r['request_throughput']:.2f}", f"{r['output_tok_s']:.0f}", f"{r['mean_output_tokens']:.0f}",
                      f"{r['ttft_mean_ms']:.0f}/{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
                      f"{r['tpot_mean_ms']:.1f}/{r['tpot_p50_ms']:.1f}/{r['tpot_p99_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
-                     f"{r['goodput_req_s']:.2f}", r["failed"]])
-    print(f"{a.label or url}: {len(prompts)} prompts, {a.dataset}")
+                     f"{r['goodput_req_s']:.2f}", r["failed"],
+                     "-" if r["json_complete"] is None else f"{r['json_complete']}/{r['json_broken']}"])
+    print(f"{a.label or url}: {len(prompts)} prompts, {a.dataset}, structured {a.structured}")
     print(table(rows))
     if a.plot and len(results) > 1:
         _plot(results, a.plot)
@@ -190,6 +248,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--structured", default="none", choices=["none", "json", "json-unique"],
+                   help="a JSON schema on every request: json cycles through a few (cached after first use), "
+                        "json-unique sends a new one each time (compiled fresh)")
     p.add_argument("--label", default="")
     p.add_argument("--plot", default=None, help="PNG of latency percentiles vs request rate")
     p.add_argument("--json", default=None)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On one GPU: structured output under load. `slipstream serve` on the Qwen3-0.6B shape with random weights and the
+# embedded model's tokenizer (a real BPE vocabulary, in which JSON can be spelled), ShareGPT prompts streamed by
+# `slipstream bench serve` at 256 concurrent requests: unconstrained, a JSON schema on every request (four schemas,
+# cached after their first use) and a new schema on every request (each compiled fresh); then one request at a time,
+# for TTFT with a cached vs a fresh schema; then the host's grammar costs for this tokenizer.
+# usage: bash scripts/gpu_structured_bench.sh SHAREGPT.json OUT_DIR [NUM_PROMPTS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+data=$1 out=$2 n=${3:-1024}
+mkdir -p "$out"
+model=$(python3 - <<'PY'
+import json, tempfile
+from importlib import resources
+from slipstream.loader import embedded_model_path, load_tokenizer
+d = tempfile.mkdtemp(prefix="slipstream-structured-")
+json.dump(json.loads(resources.files("slipstream.configs").joinpath("qwen3-0.6b.json").read_text()), open(f"{d}/config.json", "w"))
+load_tokenizer(embedded_model_path()).save_pretrained(d)
+print(d)
+PY
+)
+port=8125
+python3 -m slipstream.cli serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 --port $port \
+  --max-model-len 4096 --log-level warning > "$out/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done
+bench() {  # $1: structured mode, $2: concurrency, $3: prompts
+  python3 -m slipstream.cli bench serve --base-url "http://127.0.0.1:$port" --model q3 --tokenizer "$model" \
+    --dataset "$data" --num-prompts "$3" --max-concurrency "$2" --structured "$1" --label "$1-c$2" \
+    --json "$out/$1-c$2.json" 2>&1 | tail -4
+}
+bench none 256 "$n"; bench json 256 "$n"; bench json-unique 256 "$n"; bench none 256 "$n"
+bench json 1 32; bench json-unique 1 32
+kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
+grep -iE "error|warning|traceback" "$out/server.log" | head -5
+python3 scripts/grammar_costs.py "$model"

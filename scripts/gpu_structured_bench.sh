@@ -5,17 +5,23 @@
 # cached after their first use) and a new schema on every request (each compiled fresh); then one request at a time,
 # for TTFT with a cached vs a fresh schema; then the host's grammar costs for this tokenizer.
 # usage: bash scripts/gpu_structured_bench.sh SHAREGPT.json OUT_DIR [NUM_PROMPTS]
+#   TOKENIZER=DIR: a saved tokenizer in place of the embedded model's (where the package is not installed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 n=${3:-1024}
 mkdir -p "$out"
 model=$(python3 - <<'PY'
-import json, tempfile
+import json, os, tempfile
 from importlib import resources
 from slipstream.loader import embedded_model_path, load_tokenizer
 d = tempfile.mkdtemp(prefix="slipstream-structured-")
-json.dump(json.loads(resources.files("slipstream.configs").joinpath("qwen3-0.6b.json").read_text()), open(f"{d}/config.json", "w"))
-load_tokenizer(embedded_model_path()).save_pretrained(d)
+tok = load_tokenizer(os.environ.get("TOKENIZER") or embedded_model_path())
+cfg = json.loads(resources.files("slipstream.configs").joinpath("qwen3-0.6b.json").read_text())
+# the head keeps Qwen3's 151,936 rows (past the tokenizer's 49,152: padding, as real checkpoints pad); the stop token
+# is the tokenizer's own, which the grammar can end on
+cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+json.dump(cfg, open(f"{d}/config.json", "w"))
+tok.save_pretrained(d)
 print(d)
 PY
 )
@@ -29,8 +35,8 @@ bench() {  # $1: structured mode, $2: concurrency, $3: prompts
     --dataset "$data" --num-prompts "$3" --max-concurrency "$2" --structured "$1" --label "$1-c$2" \
     --json "$out/$1-c$2.json" 2>&1 | tail -4
 }
-bench none 256 "$n"; bench json 256 "$n"; bench json-unique 256 "$n"; bench none 256 "$n"
-bench json 1 32; bench json-unique 1 32
+bench none 256 "$n"; bench json 256 "$n"; bench json-unique 1 16; bench json 1 16; bench none 1 16
+bench json-unique 256 "$n"
 kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
 grep -iE "error|warning|traceback" "$out/server.log" | head -5
-python3 scripts/grammar_costs.py "$model"
+python3 scripts/grammar_costs.py "$model" 151936

@@ -1,23 +1,28 @@
 """What structured output costs on the host: compile time for each of tests/test_structured.py's ten schemas (plus
 a regex and a tool_choice="required" schema) for a model's tokenizer, fresh (no cache) and again (the cache); and
-the per-step mask fill for 256 sequences part-way through a JSON object, one at a time (as the engine does) and with
-xgrammar's threaded batch fill.
+one decode step's grammar work for 256 sequences part-way through JSON objects: the mask fill (one row at a time, and
+in xgrammar's threads) and taking the drawn tokens.
 
-usage: python3 scripts/grammar_costs.py [MODEL]
+usage: python3 scripts/grammar_costs.py [MODEL] [VOCAB_SIZE]   (MODEL "" for the embedded one; VOCAB_SIZE: the model's,
+where it pads the tokenizer's)
 """
 from __future__ import annotations
 
+import os
+import random
 import statistics
 import sys
 import time
 
+import torch
 import xgrammar as xgr
 
 sys.path.insert(0, "tests")
 
-from test_structured import SCHEMAS, Team  # noqa: E402
+from test_structured import SCHEMAS  # noqa: E402
 from test_tools import TIME, WEATHER  # noqa: E402
 
+from slipstream.bench.serve_bench import SCHEMAS as BENCH_SCHEMAS, schema_for  # noqa: E402
 from slipstream.grammar import Grammars  # noqa: E402
 from slipstream.loader import embedded_model_path, load_tokenizer  # noqa: E402
 from slipstream.sampling_params import StructuredOutputs  # noqa: E402
@@ -25,8 +30,9 @@ from slipstream.server.tools import required_schema  # noqa: E402
 
 
 def main() -> None:
-    tok = load_tokenizer(sys.argv[1] if len(sys.argv) > 1 else embedded_model_path())
+    tok = load_tokenizer(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else embedded_model_path())
     vocab = len(tok)
+    vocab_size = int(sys.argv[2]) if len(sys.argv) > 2 else vocab
     constraints = [StructuredOutputs(json=m.model_json_schema()) for m in SCHEMAS]
     constraints += [StructuredOutputs(regex=r"[A-Z][a-z]{2,6}-\d{2}"),
                     StructuredOutputs(json=required_schema([WEATHER, TIME], True))]
@@ -48,24 +54,70 @@ def main() -> None:
     print(f"{len(fresh)} grammars, fresh compile ms: p50 {statistics.median(fresh):.2f}  p99 {q(fresh, 0.99):.2f}  max {max(fresh):.2f}")
     print(f"cached: p50 {statistics.median(cached):.3f} ms  max {max(cached):.3f} ms")
 
-    compiled = g.compile(StructuredOutputs(json=Team.model_json_schema())).result()
-    ids = tok.encode('{"lead": {"name": "Ann", "age": 31}, "members": [{"name": "Bo', add_special_tokens=False)
-    matchers = []
-    for i in range(256):  # at every point of that text
-        m = g.matcher(compiled)
-        m.take(ids[: i % len(ids)])
-        matchers.append(m)
-    out = g.masks(256, [])
-    batch = xgr.BatchGrammarMatcher(max_threads="auto")
-    for _ in range(3):  # the last of three runs
-        t = time.perf_counter()
-        g.masks(256, [(i, m, []) for i, m in enumerate(matchers)])
-        one_by_one = time.perf_counter() - t
-        t = time.perf_counter()
-        batch.batch_fill_next_token_bitmask([m._m for m in matchers], out)
-        batched = time.perf_counter() - t
-    print(f"mask fill, 256 rows: one at a time {1e3 * one_by_one:.2f} ms, batched {1e3 * batched:.2f} ms")
+    steps(tok, vocab_size)
 
+
+def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
+    """One decode step's grammar work for 256 sequences under `bench serve --structured json`'s schemas, each walked
+    a random number of tokens drawn uniformly from what its grammar allows (as a random-weight model draws them):
+    the mask fill, one row at a time and with xgrammar's threaded batch fill, and taking each row's drawn token."""
+    g = Grammars(tok, vocab_size, [tok.eos_token_id])
+    rng = random.Random(0)
+    compiled = [g.compile(StructuredOutputs(json=schema_for(i, False))).result() for i in range(len(BENCH_SCHEMAS))]
+    matchers = []
+    for i in range(256):
+        m = g.matcher(compiled[i % len(compiled)])
+        for _ in range(rng.randrange(200)):
+            if m.done:
+                break
+            m.advance(_draw(g, m, rng))
+        matchers.append(m)
+    live = [m for m in matchers if not m.done]
+    rows = [(i, m, []) for i, m in enumerate(live)]
+    n = len(rows)
+    draws = [_draw(g, m, rng) for m in live]
+    out = torch.full((n, (g.grammar_vocab + 31) // 32), -1, dtype=torch.int32)
+    timings: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:  # noqa: ANN001
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            timings.setdefault(name, []).append(1e3 * (time.perf_counter() - t))
+
+    def one_at_a_time() -> None:
+        for r, m, _ in rows:
+            m.fill(out, r)
+
+    timed("Grammars.masks, as the engine calls it", lambda: g.masks(n, rows))
+    timed("fill, one row at a time", one_at_a_time)
+    for threads in (1, 2, 4, 8, 16):
+        if threads <= (os.cpu_count() or 1):
+            batch = xgr.BatchGrammarMatcher(max_threads=threads)
+            timed(f"fill, batch of {n}, {threads} threads", lambda: batch.batch_fill_next_token_bitmask([m._m for m in live], out))
+
+    def accept_one_by_one() -> None:
+        for m, t in zip(live, draws):
+            m.advance(t)
+        for m in live:
+            m.undo(1)
+
+    def accept_batched() -> None:
+        xgr.BatchGrammarMatcher.batch_accept_token([m._m for m in live], draws)
+        xgr.BatchGrammarMatcher.batch_rollback([m._m for m in live], 1)
+
+    timed("take the drawn token, one at a time (+ undo)", accept_one_by_one)
+    timed("take the drawn token, batched (+ undo)", accept_batched)
+    print(f"one step's grammar work for {n} live sequences, vocabulary {vocab_size} ({os.cpu_count()} CPUs), median of 5:")
+    for name, ts in timings.items():
+        print(f"  {name}: {statistics.median(ts):.2f} ms")
+
+
+def _draw(g: Grammars, m, rng: random.Random) -> int:  # noqa: ANN001
+    mask = g.masks(1, [(0, m, [])])[0]
+    words = mask.view(-1)
+    allowed = [w * 32 + b for w in range(words.numel()) if (x := int(words[w])) for b in range(32) if (x >> b) & 1]
+    return rng.choice([t for t in allowed if t < g.vocab_size])
 
 if __name__ == "__main__":
     main()

@@ -61,6 +61,15 @@ def test_streaming_completion_and_usage(client):
     assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
 
 
+def test_streamed_events_survive_a_splitlines_reader(server):
+    """Text holding U+2028 / U+0085 (here echoed from the prompt) streams as events that httpx's aiter_lines, which
+    splits at every str.splitlines break, still reads whole."""
+    body = {"model": MODEL, "prompt": "a\u2028b\x85c", "echo": True, "max_tokens": 2, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]).startswith("a\u2028b\x85c")
+
+
 def test_chat_stop_and_streaming(client):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0)

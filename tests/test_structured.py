@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from conftest import assert_no_leak
 from server_util import LiveServer
 from slipstream import LLM, SamplingParams
+from slipstream.grammar import Grammars
 from slipstream.layers.sampler import apply_token_mask
 from slipstream.sampling_params import StructuredOutputs
 
@@ -80,6 +81,40 @@ def test_masks_follow_drafts_and_roll_back(llm):
 
 PATTERN = r"[A-Z][a-z]{2,6}-\d{2}"
 COLORS = ["red", "green", "blue", "dark purple"]
+
+
+def test_masks_refuse_a_models_padding_rows(llm):
+    """A head wider than the tokenizer (padded vocabularies): the grammar covers the tokenizer's ids and the stop
+    token, the rows past them are refused in constrained rows and left alone in the others; rows filled together in
+    xgrammar's threads allow what rows filled one at a time do."""
+    tok = llm.engine.tokenizer
+    n = len(tok)
+    stop = n + 5  # past the tokenizer: the grammar's vocabulary ends mid-word, at n + 6
+    wide = Grammars(tok, n + 75, [stop])
+    narrow = Grammars(tok, n + 6, [stop])
+    assert wide.grammar_vocab == n + 6
+    so = StructuredOutputs(json={"type": "object", "properties": {"name": {"type": "string"}}})
+    texts = ['{"na', '{"name": "A', '{"name": "Ann"}']
+
+    def matchers(g):
+        out = []
+        for text in texts:
+            m = g.matcher(g.compile(so).result())
+            ids = tok.encode(text, add_special_tokens=False)
+            assert m.take(ids) == len(ids)
+            out.append(m)
+        return out
+
+    def allowed(row, limit):
+        return {t for t in range(limit) if (int(row[t // 32]) >> (t % 32)) & 1}
+
+    got = wide.masks(4, [(r, m, []) for r, m in zip((0, 2, 3), matchers(wide))])
+    one = narrow.masks(1, [])
+    for row, m in zip((0, 2, 3), matchers(narrow)):
+        m.fill(one, 0)
+        assert allowed(got[row], n + 75) == allowed(one[0], n + 6)
+    assert allowed(got[3], n + 75) == {stop}
+    assert allowed(got[1], n + 75) == set(range(n + 75))
 
 
 def test_regex_and_choice_hold_on_every_sample(llm):

@@ -107,7 +107,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: in
             if resp.status_code != 200:
                 r.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return r
-            async for line in resp.aiter_lines():
+            async for line in _sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -123,9 +123,21 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt, p_len: in
                     r.output_tokens = chunk["usage"]["completion_tokens"]
         r.e2e = time.perf_counter() - start
         r.ok = r.output_tokens > 0
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ValueError) as e:  # a broken event fails its request, not the run
         r.error = repr(e)
     return r
+
+
+async def _sse_lines(resp: httpx.Response):  # noqa: ANN202
+    """The stream's lines, split at LF only (as SSE splits them): httpx's aiter_lines also splits at U+2028 and the
+    other breaks of str.splitlines, which JSON text may carry raw."""
+    rest = ""
+    async for text in resp.aiter_text():
+        *lines, rest = (rest + text).split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    if rest:
+        yield rest
 
 
 def _pct(xs: list[float], p: float) -> float:

@@ -490,8 +490,18 @@ async def _timed(agen: AsyncIterator, timeout: float | None) -> AsyncIterator:
         yield x
 
 
+# JSON carries U+0085, U+2028 and U+2029 raw, and SSE ends lines only at CR and LF; but Python's str.splitlines
+# (httpx's aiter_lines, for one) also breaks lines at these three. Escaped, a client that splits events that way
+# still reads each one whole.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def _sse_event(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    data = orjson.dumps(obj)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Format", n: int, usage_mode: int,

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+# Weight scales are amax times the float32 reciprocal of FP8_MAX: CUDA divides a tensor by a scalar that way, the CPU
+# divides exactly, and the two disagreed in the last bit for half the rows of a checkpoint quantized on the CPU vs
+# the same weights quantized at load on an H200.
+_INV_MAX = 1.0 / FP8_MAX
 _DUMMY_SCALE = 0.05 / FP8_MAX  # random weights: FP8 values across the whole range, weights in ±0.05
 
 
@@ -36,7 +40,7 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r in range(0, w.shape[0], 4096):  # rows in chunks: no float32 copy of a whole large matrix
         chunk = w[r : r + 4096].float()
-        s[r : r + 4096] = chunk.abs().amax(1).clamp(min=1e-12) / FP8_MAX
+        s[r : r + 4096] = chunk.abs().amax(1).clamp(min=1e-12) * _INV_MAX
         q[r : r + 4096] = (chunk / s[r : r + 4096, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, s
 
@@ -47,7 +51,7 @@ def quantize_weight_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[tor
     n, k = w.shape
     padded = F.pad(w.float(), (0, -k % bk, 0, -n % bn))
     tiles = padded.view(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
-    s = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    s = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) * _INV_MAX
     q = (tiles / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view_as(padded)[:n, :k].to(FP8)
     return q, s
 

@@ -8,10 +8,16 @@
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
 #   config with a synthetic tokenizer, written by `slipstream.bench.common.model_dir`)
+# PARTS="tests serve" (default): on a new machine, where Triton compiles every kernel on first use, the tests alone
+# take about ten minutes on an H200: PARTS=tests and PARTS=serve run the halves apart.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rc=0
-python3 -m pytest -q tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py -p no:cacheprovider || rc=1
+parts=${PARTS:-tests serve}
+if [[ " $parts " == *" tests "* ]]; then
+python3 -m pytest -q -rf tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py -p no:cacheprovider || rc=1
+fi
+[[ " $parts " == *" serve "* ]] || exit $rc
 python3 scripts/gpu_e2e.py "${1:-$(python3 -c 'from slipstream.loader import embedded_model_path as p; print(p())')}" || rc=1
 dummy=${2:-$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-0.6b"))')}
 # the synthetic tokenizer's words are w0, w1, ...: the constrained tenth of the requests asks for one of them

@@ -1,4 +1,9 @@
-"""GGUF files: metadata -> HF-style config, tensors dequantized (with the `gguf` package) into the HF layout.
+"""GGUF files: metadata -> HF-style config, tensors dequantized (with the `gguf` package) into the HF layout, or
+Q4_0 / Q4_1 projections kept 4-bit, repacked into the int4 layout (layers/quantization/int4.py).
+
+A layer stays 4-bit when every GGUF tensor fused into it (q, k, v; gate, up) is Q4_0 or Q4_1; the config's
+`quantization_config` names the others, which load dequantized (mixes such as Q4_K_M give some projections more
+bits or other block formats).
 
 llama.cpp's converter permutes the rows of Llama's Q and K projections so that its RoPE can rotate adjacent
 pairs (GPT-J style); our RoPE rotates halves (NeoX style, as in HF), so those rows are permuted back here.
@@ -32,6 +37,12 @@ _NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+# GGUF projections fused into one of our layers: they stay 4-bit together or not at all
+_FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+_Q4 = ("Q4_0", "Q4_1")
+_BLOCK = 32  # weights per Q4_0 / Q4_1 block
 
 
 def hf_name(gguf_name: str) -> str:
@@ -79,35 +90,75 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    kept, dense = [], []
+    for layer in range(cfg["num_hidden_layers"]):
+        for group in _FUSED:
+            names = [f"blk.{layer}.{part}.weight" for part in group]
+            modules = [hf_name(n).removesuffix(".weight") for n in names]
+            (kept if all(types.get(n) in _Q4 for n in names) else dense).extend(modules)
+    if kept:
+        cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense}
     factor = _field(reader, f"{arch}.rope.scaling.factor")
     if factor and _field(reader, f"{arch}.rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     return cfg
 
 
-def gguf_weights(reader: Any, config: ModelConfig, permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def q4_blocks(data: np.ndarray, kind: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0 / Q4_1 rows of blocks -> (q uint8 [rows, cols] 0..15, scale float16 [rows, cols / 32], offset float16):
+    w = q * scale + offset. A block is d (float16), for Q4_1 m (float16), then 16 bytes: byte j holds weight j in
+    its low nibble and weight j + 16 in its high one. Q4_0's w = (q - 8) d is q d + (-8 d), exactly."""
+    head = 2 if kind == "Q4_0" else 4
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // _BLOCK, head + 16)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else (d.astype(np.float32) * -8).astype(np.float16)
+    qs = blocks[..., head:]
+    q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(rows, cols)
+    return q, d, m
+
+
+def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors; `as_stored`: the 4-bit layers' weights as `qweight` / `scales` / `offsets`, not dequantized."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    from slipstream.layers.quantization.int4 import pack
+
+    spec = config.quantization
     for t in reader.tensors:
+        name = hf_name(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
+        heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
+        flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
+        module = name.removeprefix("model.").removesuffix(".weight")
+        if as_stored and spec.method == "int4" and t.tensor_type.name in _Q4 and not spec.keeps_16bit([module]):
+            parts = q4_blocks(t.data, t.tensor_type.name, *shape)
+            if flip:
+                parts = tuple(unpermute_qk(a, heads) for a in parts)
+            q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
+            base = name.removesuffix(".weight")
+            yield f"{base}.qweight", pack(q)
+            yield f"{base}.scales", scale
+            yield f"{base}.offsets", offset
+            continue
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = np.array(t.data, dtype=np.float32)  # copy: the reader maps the file read-only
         else:
             arr = dequantize(t.data, t.tensor_type)
-        arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))  # ggml lists dims innermost first
-        if permute and t.name.endswith("attn_q.weight"):
-            arr = unpermute_qk(arr, config.num_heads)
-        elif permute and t.name.endswith("attn_k.weight"):
-            arr = unpermute_qk(arr, config.num_kv_heads)
-        yield hf_name(t.name), torch.from_numpy(np.ascontiguousarray(arr))
+        arr = arr.reshape(shape)
+        if flip:
+            arr = unpermute_qk(arr, heads)
+        yield name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
-    """The HF-style config dict, the model config and a weight iterator (HF names and layout) of a GGUF file."""
+def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[bool], Iterator[tuple[str, torch.Tensor]]]]:
+    """The HF-style config dict, the model config and a weight iterator (HF names and layout; `as_stored`: the
+    4-bit layers kept packed) of a GGUF file."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     hf_config = gguf_config(reader)
     config = ModelConfig.from_hf(hf_config)
     permute = _field(reader, "general.architecture") == "llama"
-    return hf_config, config, lambda: gguf_weights(reader, config, permute)
+    return hf_config, config, lambda as_stored: gguf_weights(reader, config, permute, as_stored)

@@ -104,7 +104,7 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
         input_amax = calibrate(model, calibration, calibration_tokens, **engine)
     os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out)
-    for name, tensor in loaded.weights():
+    for name, tensor in loaded.weights(False):
         module, _, kind = name.rpartition(".")
         if kind != "weight" or module.rpartition(".")[2] not in quantizable:
             writer.add(name, tensor)

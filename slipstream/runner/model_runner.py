@@ -40,7 +40,7 @@ MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | Non
 
 log = logging.getLogger(__name__)
 
-WeightSource = Callable[[], Iterator[tuple[str, torch.Tensor]]] | None  # None: random weights
+WeightSource = Callable[[bool], Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?) -> tensors; None: random
 
 
 class ModelRunner:
@@ -98,8 +98,8 @@ class ModelRunner:
                 cls = model_class(self.model_config.architecture)
                 spec = resolve_quantization(self.config.quantization, self.model_config.quantization)
                 if spec.serialized and self.model_config.moe is not None:
-                    raise ValueError("FP8 checkpoints of MoE models (FP8 experts) are not supported yet; "
-                                     "--quantization fp8 on a 16-bit MoE checkpoint quantizes all but the experts")
+                    raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
+                                     "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
                 model = cls(self.model_config, self.backend, method_table(spec, cls.checkpoint_modules), fused=self.fused)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -107,7 +107,7 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
             finish_loading(model)
         else:
-            model.load_weights(weights())
+            model.load_weights(weights(spec.serialized))
         return model.eval()
 
     @property

@@ -46,6 +46,10 @@ def get_linear_method(spec: QuantSpec | str = "none") -> LinearMethod:
         from slipstream.layers.quantization.fp8 import Fp8
 
         return Fp8(spec)
+    if method == "int4" and isinstance(spec, QuantSpec):
+        from slipstream.layers.quantization.int4 import Int4
+
+        return Int4(spec)
     raise ValueError(f"no linear method for quantization {method!r}")
 
 

@@ -8,13 +8,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# "auto": whatever the checkpoint holds; "none": 16-bit weights; "fp8": FP8 E4M3 weights and activations (W8A8).
-METHODS = ("auto", "none", "fp8")
+# "auto": whatever the checkpoint holds; "none": 16-bit weights; "fp8": FP8 E4M3 weights and activations (W8A8);
+# "int4": 4-bit integer weights with a scale and an offset per group, 16-bit activations (W4A16).
+METHODS = ("auto", "none", "fp8", "int4")
+INT4_GROUP = 128  # columns per scale when int4 quantizes a 16-bit checkpoint at load
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    method: str = "none"  # "none" | "fp8"
+    method: str = "none"  # "none" | "fp8" | "int4"
     # How weight scales are laid out: one per tensor (per stacked shard), one per output channel, or one per
     # block of `block` = (rows, columns) weights (DeepSeek-V3 / Qwen3-FP8: 128 x 128).
     weight_scales: str = "channel"
@@ -25,6 +27,7 @@ class QuantSpec:
     serialized: bool = False  # the checkpoint holds FP8 weights; False: 16-bit weights quantized at load
     scale_name: str = "weight_scale"  # the checkpoint's name of the weight scale ("weight_scale_inv" in HF block FP8)
     ignore: tuple[str, ...] = ()  # checkpoint module names kept in 16 bits ("re:" entries are regular expressions)
+    group: int = INT4_GROUP  # int4: columns per scale and offset
 
     def keeps_16bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
@@ -45,6 +48,8 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
     if not qc:
         return QuantSpec()
     method = qc.get("quant_method")
+    if method == "gguf":  # a GGUF file's Q4_0 / Q4_1 layers (the loader writes this entry: GGUF has no such config)
+        return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32)
     if method == "fp8":  # transformers / vLLM FP8: per-tensor scales, or 128 x 128 blocks with weight_scale_inv
         block = qc.get("weight_block_size")
         act = qc.get("activation_scheme", "dynamic")
@@ -85,11 +90,17 @@ def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
     """The `quantization` option against what the checkpoint holds -> what the model's layers will hold."""
     if option not in METHODS:
         raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {option!r}")
+    # A GGUF file's 4-bit layers run 4-bit when asked (`int4`); otherwise they load dequantized, as 16-bit weights
+    # (or FP8 from those): the 4-bit path has no fused batch-1 GEMV yet, and its speed on the GPU is unmeasured.
+    if checkpoint.method == "int4" and option in ("auto", "none", "fp8"):
+        checkpoint = QuantSpec()
     if checkpoint.method != "none":
-        if option == "none":
-            raise ValueError(f"the checkpoint holds {checkpoint.method} weights; quantization='none' cannot run it "
+        if option not in ("auto", checkpoint.method):
+            raise ValueError(f"the checkpoint holds {checkpoint.method} weights; quantization={option!r} cannot run it "
                              f"(use 'auto' or '{checkpoint.method}')")
         return checkpoint
     if option == "fp8":  # online: per-channel weight scales taken at load, per-token activation scales per step
         return QuantSpec("fp8", "channel", activations="dynamic", serialized=False, ignore=checkpoint.ignore)
+    if option == "int4":  # online: round-to-nearest per group of INT4_GROUP columns
+        return QuantSpec("int4", serialized=False, ignore=checkpoint.ignore)
     return checkpoint

@@ -1,0 +1,77 @@
+"""W4A16: a 16-bit activation times a 4-bit weight, dequantized in registers as the tiles stream in.
+
+The weight is stored as layers/quantization/int4.py lays it out: `qweight` uint8 [N, K / 2] (column 2j in the low
+nibble of byte j, column 2j + 1 in the high one), and per group of `group` columns of a row a float16 `scale` and
+`offset`: w = q * scale + offset (GGUF Q4_0 / Q4_1 and round-to-nearest with a minimum, one layout). Each program
+computes a BLOCK_M x BLOCK_N tile of the output; a K step of BLOCK_K (one group, or a part of one) loads BLOCK_N x
+BLOCK_K / 2 bytes, splits the nibbles, scales them in float32, and feeds the tensor cores in the activation's dtype.
+A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains up to 4x less the scales.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels._device import INTERPRET, dot_precision
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
+                  stride_xm, stride_qn, stride_sn, stride_ym,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_m, ok_n = rm < M, rn < N
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, and BLOCK_K divides the group
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
+        packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + rb)[None, :], mask=ok_n[:, None], other=0)
+        q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)  # (lo, hi) = (2j, 2j + 1)
+        g = k0 // group
+        scale = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
+        offset = tl.load(o_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
+        w = (q * scale[:, None] + offset[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ok_m[:, None] & ok_n[None, :])
+
+
+def block_k(k: int, group: int) -> int:
+    """The K step: the group, or the largest power of two up to 128 that divides it (and K)."""
+    step = 128
+    while step > 16 and (group % step or k % step):
+        step //= 2
+    if group % step or k % step:
+        raise ValueError(f"4-bit weights need groups of a multiple of 16 columns and K a multiple of 16 (group {group}, K {k})")
+    return step
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (16/32-bit) @ W^T with W [N, K] = unpack(qweight) * scales + offsets per group -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bk = block_k(k, group)
+    if INTERPRET:
+        bm, bn, warps, stages = 16, 32, 4, 1
+    elif m <= 16:  # decode: many narrow column tiles keep every SM streaming weight bytes
+        bm, bn, warps, stages = 16, 32, 4, 4
+    elif m <= 128:
+        bm, bn, warps, stages = 64, 64, 4, 4
+    else:
+        bm, bn, warps, stages = 128, 128, 8, 3
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _w4a16_kernel[grid](x, qweight, scales, offsets, bias if bias is not None else y, y, m, n, k, group,
+                        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return y

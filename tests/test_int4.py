@@ -1,0 +1,104 @@
+"""4-bit weights (W4A16): the packed layout, GGUF Q4_0 / Q4_1 blocks decoded by hand and against the gguf package,
+round-to-nearest quantization, the Triton kernel against its torch reference (interpreter, fp16/fp32), and the
+embedded Q4_1 model kept 4-bit giving the weights and greedy tokens of the dequantize-at-load path."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from slipstream import LLM, SamplingParams
+from slipstream.layers.quantization import QuantSpec, resolve_quantization
+from slipstream.layers.quantization.int4 import dequantize, pack, quantize_rtn, unpack
+from slipstream.loader.gguf_loader import q4_blocks
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def test_pack_is_adjacent_pairs_low_first():
+    q = torch.tensor([[1, 2, 3, 15], [0, 9, 14, 7]], dtype=torch.uint8)
+    packed = pack(q)
+    assert packed.tolist() == [[1 | 2 << 4, 3 | 15 << 4], [0 | 9 << 4, 14 | 7 << 4]]
+    assert torch.equal(unpack(packed), q)
+
+
+def test_q4_blocks_by_hand():
+    """One Q4_1 block and one Q4_0 block written byte by byte: d, (m), then byte j = weight j | weight j + 16 << 4."""
+    lo, hi = np.arange(16, dtype=np.uint8), 15 - np.arange(16, dtype=np.uint8)
+    qs = lo | (hi << 4)
+    q4_1 = np.concatenate([np.array([0.5, -1.0], dtype=np.float16).view(np.uint8), qs])[None]
+    q, d, m = q4_blocks(q4_1, "Q4_1", 1, 32)
+    expected = np.concatenate([lo, hi]) * 0.5 - 1.0
+    got = dequantize(pack(torch.from_numpy(q)), torch.from_numpy(d), torch.from_numpy(m), torch.float32)
+    assert got[0].tolist() == expected.tolist()
+    assert np.array_equal(gguf_dequantize(q4_1, GGMLQuantizationType.Q4_1)[0], expected)
+    q4_0 = np.concatenate([np.array([0.25], dtype=np.float16).view(np.uint8), qs])[None]
+    q, d, m = q4_blocks(q4_0, "Q4_0", 1, 32)
+    got = dequantize(pack(torch.from_numpy(q)), torch.from_numpy(d), torch.from_numpy(m), torch.float32)
+    assert got[0].tolist() == ((np.concatenate([lo, hi]).astype(np.float32) - 8) * 0.25).tolist()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_blocks_equal_the_gguf_package(kind):
+    """Random rows quantized by the gguf package: our repacked form dequantizes to its values, bit for bit."""
+    w = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32)
+    blocks = gguf_quantize(w, GGMLQuantizationType[kind])
+    q, d, m = q4_blocks(blocks, kind, 6, 256)
+    got = dequantize(pack(torch.from_numpy(q)), torch.from_numpy(d), torch.from_numpy(m), torch.float32)
+    assert torch.equal(got, torch.from_numpy(gguf_dequantize(blocks, GGMLQuantizationType[kind])))
+
+
+def test_rtn_error_is_half_a_step():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    qweight, scales, offsets = quantize_rtn(w, 128)
+    err = (dequantize(qweight, scales, offsets, torch.float32) - w).abs().view(64, 2, 128)
+    assert (err <= scales.float()[..., None] * 0.5 + 1e-3).all()
+    assert unpack(qweight).max() == 15 and unpack(qweight).min() == 0
+
+
+def test_resolve_quantization_for_4bit_checkpoints():
+    gguf = QuantSpec("int4", serialized=True, group=32)
+    assert resolve_quantization("int4", gguf) == gguf
+    assert resolve_quantization("auto", gguf) == resolve_quantization("none", gguf) == QuantSpec()  # dequantized
+    assert resolve_quantization("fp8", gguf).method == "fp8"  # from the dequantized weights
+    online = resolve_quantization("int4", QuantSpec())
+    assert online.method == "int4" and not online.serialized
+    with pytest.raises(ValueError, match="holds fp8"):
+        resolve_quantization("int4", QuantSpec("fp8", serialized=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,group", [(1, 32), (19, 128), (40, 64)])
+def test_w4a16_gemm_matches_reference(dtype, m, group):
+    from slipstream.kernels.int4 import w4a16_gemm
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 80, 256  # N not a multiple of the column tile
+    w = torch.randn(n, k, generator=g) * 0.05
+    qweight, scales, offsets = quantize_rtn(w, group)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), dequantize(qweight, scales, offsets, dtype).float(), bias.float())
+    out = w4a16_gemm(x.to(DEV), qweight.to(DEV), scales.to(DEV), offsets.to(DEV), group, bias.to(DEV))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+
+
+def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
+    """The Q4_1 layers loaded packed (repacked nibbles, Q/K rows unpermuted with their scales) decode to the very
+    weights the dequantize-at-load path holds, and give the same greedy tokens."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    packed = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, quantization="int4")
+    dense = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128)
+    a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
+    assert type(a.layers[0].self_attn.qkv_proj.method).__name__ == "Int4"
+    assert type(b.layers[0].self_attn.qkv_proj.method).__name__ == "Unquantized"
+    wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [o.outputs[0].token_ids for o in packed.generate(prompts, greedy)] == \
+        [o.outputs[0].token_ids for o in dense.generate(prompts, greedy)]

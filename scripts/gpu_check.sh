@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the kernel tests in bf16/fp16/fp32 (attention, GEMV, FP8, fused MoE), multi-token steps (fp32,
+# On a CUDA machine: the kernel tests in bf16/fp16/fp32 (attention, GEMV, FP8, fused MoE, W4A16), multi-token steps (fp32,
 # in CUDA graphs), FP8 weights (formats, kernels, the engine on FP8 checkpoints), the end-to-end Triton-vs-torch
 # check, and
-# `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit
-# and with FP8 weights.
+# `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit,
+# FP8 and 4-bit weights.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 rc=0
 parts=${PARTS:-tests serve}
 if [[ " $parts " == *" tests "* ]]; then
-python3 -m pytest -q -rf tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py -p no:cacheprovider || rc=1
+python3 -m pytest -q -rf tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py tests/test_int4.py \
+  -p no:cacheprovider || rc=1
 fi
 [[ " $parts " == *" serve "* ]] || exit $rc
 python3 scripts/gpu_e2e.py "${1:-$(python3 -c 'from slipstream.loader import embedded_model_path as p; print(p())')}" || rc=1
@@ -25,4 +26,6 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
   --regex 'w[0-9]{1,6}' || rc=1
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --quantization fp8 || rc=1
+python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
+  --regex 'w[0-9]{1,6}' --quantization int4 || rc=1
 exit $rc

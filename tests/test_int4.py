@@ -102,3 +102,28 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [o.outputs[0].token_ids for o in packed.generate(prompts, greedy)] == \
         [o.outputs[0].token_ids for o in dense.generate(prompts, greedy)]
+
+
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_4bit_gemv_matches_reference(prologue, group):
+    """One row against 4-bit weights: the fused GEMV (the norm or SwiGLU before it) vs the dequantized weights."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(group)
+    n, k = 200, 256
+    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, group)
+    nw = 1 + 0.1 * torch.randn(k, generator=g)
+    if prologue == "silu_mul":
+        a = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+    elif prologue == "rmsnorm":
+        a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+    else:
+        a = x
+    bias = torch.randn(n, generator=g)
+    ref = a.double() @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
+    kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
+    y, _ = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
+                weight_offset=offsets.to(DEV), group=group, **kw)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)

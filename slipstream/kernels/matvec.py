@@ -14,7 +14,9 @@ f(x) on the fly:
 x is re-read by every program, but it is a few KB and stays in L2. What meets W is rounded to x's dtype, as the
 unfused kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale).
 FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
-(applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1).
+(applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
+(layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) are unpacked and
+dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds them.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ _CONFIGS = [
 
 
 @triton.jit(do_not_specialize=["eps"])
-def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w, stride_ws,
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w, stride_ws,
                  PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block
+    # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
+    # offset per SCALE_BK columns of a row
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -63,7 +66,16 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, res_out_pt
             if PROLOGUE == 1:
                 sq += a * a
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if SCALE == 3:
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
+            q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)
+            group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
+            ok = n_ok[:, None] & k_ok[None, :]
+            w = q * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32) + tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
+            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if SCALE == 2:
             w *= tl.load(ws_ptr + (ns // SCALE_BN)[:, None] * stride_ws + (ks // SCALE_BK)[None, :],
                          mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -86,12 +98,15 @@ _FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CP
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 1e-6, weight_scale: torch.Tensor | None = None,
-         scale_block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         scale_block: tuple[int, int] | None = None, weight_offset: torch.Tensor | None = None,
+         group: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """f(x) @ W.T (+ bias) for x of shape [1, K] ([1, 2K] for "silu_mul"); returns (y, new residual or None).
 
-    W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block.
+    W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block; for
+    4-bit weights (uint8 [N, K / 2]) unpack(weight) * weight_scale + weight_offset per `group` columns.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
-    n, k = weight.shape
+    four_bit = weight.dtype == torch.uint8
+    n, k = weight.shape[0], weight.shape[1] * (2 if four_bit else 1)
     if x.shape != (1, 2 * k if prologue == "silu_mul" else k):
         raise ValueError(f"gemv takes one row matching weight {tuple(weight.shape)} and prologue {prologue!r}, got {tuple(x.shape)}")
     x = x.contiguous()
@@ -99,11 +114,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
-    scale = 0 if weight_scale is None else (1 if scale_block is None else 2)
-    bn, bk = scale_block or (1, 1)
+    scale = 3 if four_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
+    bn, bk = (1, group) if four_bit else scale_block or (1, 1)
     _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
-        weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x, y,
+        weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,
+        bias if bias is not None else x, y,
         res_out if res_out is not None else y, n, k, eps, weight.stride(0),
         weight_scale.stride(0) if weight_scale is not None else 0,
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,

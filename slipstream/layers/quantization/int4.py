@@ -7,12 +7,13 @@ nearest of 16 levels between its minimum and maximum (RTN with a minimum; groups
 width is not a multiple of 128). Both are exact in this form: q * d and
 8 d are exact in float32, so the dequantized weights equal the format's own arithmetic.
 
-On the GPU the Triton kernel (kernels/int4.py) reads the packed weight; elsewhere (CPU, the torch backend) the
+On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for one row the fused
+GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
 weights are dequantized once after loading, to the same values, and run as 16-bit weights.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Int4:
-    supports_gemv = False  # one row runs through the same kernel (a fused-prologue 4-bit GEMV is still to come)
+    supports_gemv = True
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
@@ -100,7 +101,13 @@ class Int4:
         else:
             layer.weight = nn.Parameter(dequantize(q, s, o, self.dtype), requires_grad=False)
 
+    def gemv(self, layer: "Linear", x: torch.Tensor, **prologue: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return kernels.gemv(x, layer.qweight, layer.bias, weight_scale=layer.scales, weight_offset=layer.offsets,
+                            group=self.group, **prologue)
+
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if layer.fused and x.is_cuda:
+            if x.shape[0] == 1:
+                return self.gemv(layer, x)[0]
             return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias)
         return F.linear(x, layer.weight, layer.bias)

@@ -91,7 +91,7 @@ def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
     if option not in METHODS:
         raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {option!r}")
     # A GGUF file's 4-bit layers run 4-bit when asked (`int4`); otherwise they load dequantized, as 16-bit weights
-    # (or FP8 from those): the 4-bit path has no fused batch-1 GEMV yet, and its speed on the GPU is unmeasured.
+    # (or FP8 from those) until the 4-bit kernels' speed on the GPU has been measured against the 16-bit ones.
     if checkpoint.method == "int4" and option in ("auto", "none", "fp8"):
         checkpoint = QuantSpec()
     if checkpoint.method != "none":

@@ -60,7 +60,7 @@ def test_rtn_error_is_half_a_step():
 
 
 def test_resolve_quantization_for_4bit_checkpoints():
-    gguf = QuantSpec("int4", serialized=True, group=32)
+    gguf = QuantSpec("int4", serialized=True, group=32, format="gguf")
     assert resolve_quantization("int4", gguf) == gguf
     assert resolve_quantization("auto", gguf) == resolve_quantization("none", gguf) == QuantSpec()  # dequantized
     assert resolve_quantization("fp8", gguf).method == "fp8"  # from the dequantized weights
@@ -68,6 +68,10 @@ def test_resolve_quantization_for_4bit_checkpoints():
     assert online.method == "int4" and not online.serialized
     with pytest.raises(ValueError, match="holds fp8"):
         resolve_quantization("int4", QuantSpec("fp8", serialized=True))
+    awq = QuantSpec("int4", serialized=True, format="awq")
+    assert resolve_quantization("auto", awq) == awq  # AWQ / GPTQ run 4-bit as stored
+    with pytest.raises(ValueError, match="holds int4"):
+        resolve_quantization("none", awq)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -127,3 +131,111 @@ def test_4bit_gemv_matches_reference(prologue, group):
     y, _ = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
                 weight_offset=offsets.to(DEV), group=group, **kw)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_and_gptq_words_by_hand():
+    """One int32 word 0x76543210 (nibble i holds i): AutoAWQ's GEMM order puts column c in nibble
+    (0, 4, 1, 5, 2, 6, 3, 7)[c]; GPTQ packs 8 consecutive input rows (qweight) or columns (qzeros) in order."""
+    from slipstream.layers.quantization.int4 import AWQ_NIBBLE, unpack_int32
+
+    word = torch.tensor([[0x76543210]], dtype=torch.int32)
+    assert unpack_int32(word, 1, AWQ_NIBBLE).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+    assert unpack_int32(word, 1).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    assert unpack_int32(word, 0).tolist() == [[i] for i in range(8)]
+    assert unpack_int32(torch.tensor([[-(1 << 31)]], dtype=torch.int32), 1).tolist() == [[0] * 7 + [8]]
+
+
+def _words(vals, along_rows, order=range(8)):
+    """Independent packer, straight from the formats' writers: int values [R, C] -> int32 words, 8 per word along
+    rows (GPTQ qweight) or columns (AWQ qweight, qzeros); value j of a word in nibble order[j]."""
+    v = np.asarray(vals, dtype=np.int64)
+    if along_rows:
+        v = v.T
+    out = np.zeros((v.shape[0], v.shape[1] // 8), dtype=np.int64)
+    for c in range(v.shape[1]):
+        out[:, c // 8] |= v[:, c] << (4 * list(order)[c % 8])
+    out = np.where(out >= 1 << 31, out - (1 << 32), out).astype(np.int32)
+    return torch.from_numpy(out.T.copy() if along_rows else out)
+
+
+def _int4_checkpoint(src, out, fmt, act_order=False):
+    """The 16-bit tiny checkpoint's projections as an AWQ / GPTQ checkpoint (group 32, random zero points); returns
+    the weights those formats decode to, (q - z) * s, by module."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    t, ref = load_file(os.path.join(src, "model.safetensors")), {}
+    g = torch.Generator().manual_seed(7)
+    group = 32
+    orders = {}  # act-order: projections of one input (q, k, v; gate, up) share their column order, as GPTQ finds it
+    for name in [n for n in t if n.endswith("_proj.weight")]:
+        w = t.pop(name)
+        n, k = w.shape
+        q = torch.randint(0, 16, (k, n), generator=g)
+        zeros = torch.randint(1, 15, (k // group, n), generator=g)
+        scales = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
+        g_idx = torch.arange(k) // group
+        if act_order:
+            shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+            g_idx = g_idx[orders.setdefault(shared, torch.randperm(k, generator=g))]
+        ref[name.removesuffix(".weight")] = ((q - zeros[g_idx]).float() * scales.float()[g_idx]).t()
+        base = name.removesuffix(".weight")
+        if fmt == "awq":
+            awq = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's writer: nibble i holds column awq[i]
+            where = [awq.index(c) for c in range(8)]
+            t[base + ".qweight"], t[base + ".qzeros"] = _words(q, False, where), _words(zeros, False, where)
+        else:
+            t[base + ".qweight"], t[base + ".qzeros"] = _words(q, True), _words(zeros - 1, False)  # v1: minus one
+            t[base + ".g_idx"] = g_idx.int()
+        t[base + ".scales"] = scales
+    save_file(t, os.path.join(out, "model.safetensors"))
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+                                  if fmt == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": False})
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    for f in os.listdir(src):
+        if f.startswith("tokenizer") or f.endswith(".jinja") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, f), out)
+    return ref
+
+
+@pytest.mark.parametrize("fmt,act_order", [("awq", False), ("gptq", False), ("gptq", True)])
+def test_awq_gptq_checkpoints_load_to_their_weights(tmp_path, fmt, act_order):
+    """Checkpoints packed by hand in each format load to the weights the format defines, bit for bit (GPTQ with
+    act-order's shuffled g_idx too), fused q|k|v and gate|up included."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_fp8 import _tiny_llama
+
+    src = str(tmp_path / "src")
+    _tiny_llama(src)
+    ref = _int4_checkpoint(src, str(tmp_path / fmt), fmt, act_order)
+    llm = LLM(str(tmp_path / fmt), dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    model = llm.engine.core.runner.model
+    for i in range(2):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([ref[p + "self_attn." + x] for x in ("q_proj", "k_proj", "v_proj")])
+        assert torch.equal(model.layers[i].self_attn.qkv_proj.weight, qkv)
+        assert torch.equal(model.layers[i].mlp.gate_up_proj.weight, torch.cat([ref[p + "mlp.gate_proj"], ref[p + "mlp.up_proj"]]))
+        assert torch.equal(model.layers[i].mlp.down_proj.weight, ref[p + "mlp.down_proj"])
+    assert len(llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4
+
+
+def test_parse_awq_gptq_configs():
+    from slipstream.layers.quantization import parse_quantization_config as parse
+
+    assert parse({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "GEMM"}) == \
+        QuantSpec("int4", serialized=True, group=64, format="awq")
+    assert parse({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True, "sym": True,
+                  "checkpoint_format": "gptq_v2"}).format == "gptq_v2"
+    for bad, field in (({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8 bits"),
+                       ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "GEMM layout"),
+                       ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format")):
+        with pytest.raises(ValueError, match=field):
+            parse(bad)

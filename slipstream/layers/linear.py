@@ -39,26 +39,39 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False) -> None:
+    def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False, dim: int = 0,
+                   same: bool = False) -> None:
         """Give `param` its weight loader: by output shard when its rows follow `output_sizes` (one row per
-        `rows_per` output rows: block scales), one entry per shard (`per_shard`: per-tensor scales), else whole."""
+        `rows_per` output rows: block scales, packed columns; the output axis is `dim`), one entry per shard
+        (`per_shard`: per-tensor scales), every shard the same tensor (`same`: GPTQ's g_idx), else whole."""
         if per_shard:
             param.weight_loader = self._load_entry
             param.shards = tuple(range(len(self.output_sizes))) if len(self.output_sizes) > 1 else (None,)
+        elif same and len(self.output_sizes) > 1:
+            param.weight_loader = self._load_same
+            param.shards = tuple(range(len(self.output_sizes)))
         elif stacked and len(self.output_sizes) > 1:
-            param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per)
+            param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per, dim)
             param.shards = tuple(range(len(self.output_sizes)))
         else:
             param.weight_loader = default_weight_loader
 
-    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None, rows_per: int) -> None:
+    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None, rows_per: int, dim: int = 0) -> None:
         if shard is None:
             raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
         start = sum(self.output_sizes[:shard]) // rows_per
-        dst = param.data.narrow(0, start, self.output_sizes[shard] // rows_per)
+        dst = param.data.narrow(dim, start, self.output_sizes[shard] // rows_per)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(tensor)
+
+    @staticmethod
+    def _load_same(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        seen = param.__dict__.setdefault("loaded_shards", set())
+        if seen and not torch.equal(param.data, tensor.to(param.dtype)):
+            raise ValueError("the projections fused into this layer hold different tensors where they must agree")
+        default_weight_loader(param, tensor)
+        seen.add(shard)
 
     @staticmethod
     def _load_entry(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:

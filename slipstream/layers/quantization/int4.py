@@ -1,8 +1,11 @@
 """4-bit weights (W4A16): 16-bit activations times weights of 4-bit integers with a scale and an offset per group.
 
 One layout for every 4-bit integer format: `qweight` uint8 [N, K / 2] (column 2j in the low nibble of byte j, 2j + 1
-in the high one), `scales` and `offsets` float16 [N, K / group], and w = q * scale + offset. GGUF Q4_1 (d, m) maps
-onto it as is, Q4_0 as (d, -8 d); `quantization="int4"` on a 16-bit checkpoint rounds each group of 128 to the
+in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * scale + offset. GGUF Q4_1 (d, m) maps
+onto it as is, Q4_0 as (d, -8 d) (float16 offsets); AWQ (GEMM layout) and GPTQ checkpoints, whose weights are
+(q - zero) * scale, as (scale, -zero * scale) in float32 offsets, with GPTQ's act-order columns sorted into
+contiguous groups (`perm`: the input's columns are gathered to match); `quantization="int4"` on a 16-bit checkpoint
+rounds each group of 128 to the
 nearest of 16 levels between its minimum and maximum (RTN with a minimum; groups of 64 or fewer where the input
 width is not a multiple of 128). Both are exact in this form: q * d and
 8 d are exact in float32, so the dequantized weights equal the format's own arithmetic.
@@ -45,6 +48,45 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
     return (g * scales.float()[..., None] + offsets.float()[..., None]).view(n, k).to(dtype)
 
 
+# AutoAWQ's GEMM layout packs 8 columns into an int32 in this order: column c sits in nibble AWQ_NIBBLE[c]
+AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def unpack_int32(packed: torch.Tensor, dim: int, nibble_of: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """int32 words of 8 nibbles -> int values 0..15, the 8 values of a word becoming 8 consecutive entries along
+    `dim` (0: rows, GPTQ's qweight [K / 8, N]; 1: columns, AWQ's qweight [K, N / 8] and both formats' qzeros);
+    value j of a word is in nibble nibble_of[j]."""
+    shifts = torch.tensor([4 * i for i in nibble_of], dtype=torch.int32, device=packed.device)
+    vals = (packed.unsqueeze(-1) >> shifts) & 15  # [..., 8]
+    if dim == 1:
+        return vals.reshape(packed.shape[0], -1)
+    return vals.permute(0, 2, 1).reshape(-1, packed.shape[1])
+
+
+def pack_int32(vals: torch.Tensor, dim: int, nibble_of: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """The inverse of `unpack_int32`."""
+    v = vals.to(torch.int32)
+    v = v.reshape(v.shape[0], -1, 8) if dim == 1 else v.reshape(-1, 8, v.shape[1]).permute(0, 2, 1)
+    out = torch.zeros(v.shape[:2], dtype=torch.int32, device=vals.device)
+    for j, nib in enumerate(nibble_of):
+        out |= v[..., j] << (4 * nib)
+    return out
+
+
+def from_zero_points(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_of: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """AWQ / GPTQ's w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n], g = k // group or group_of[k] (GPTQ's g_idx),
+    -> (qweight, scales, offsets, perm) in our layout, transposed to [N, ...]: offsets = -zeros * scales in float32
+    (exact: both have at most 15 significant bits), so the weights are the format's own, bit for bit. Where g_idx
+    reorders the columns (act-order), perm sorts them into contiguous groups and x[:, perm] meets them."""
+    perm = None
+    if group_of is not None and bool((group_of[1:] < group_of[:-1]).any()):
+        perm = torch.argsort(group_of, stable=True)
+        q = q[perm]
+    offsets = -(zeros.float() * scales.float())
+    return pack(q.t().contiguous()), scales.t().contiguous(), offsets.t().contiguous(), perm
+
+
 def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] -> (qweight, scales, offsets): per group, 16 levels from its minimum to its maximum, each weight
     rounded to the nearest. The scale and offset are rounded to float16 first, and q chosen against those."""
@@ -69,6 +111,7 @@ class Int4:
     def create_weights(self, layer: "Linear") -> None:
         n, k = layer.out_features, layer.in_features
         self.dtype = torch.get_default_dtype()  # the model's: the dequantized weights' dtype off the GPU
+        fmt = self.spec.format
         if not self.spec.serialized:  # 16-bit weights, quantized once loaded
             # groups of spec.group columns, or fewer where the input width is not a multiple (SmolLM2's 576: 64)
             self.group = next((g for g in (self.spec.group, 64, 32, 16) if g <= self.spec.group and k % g == 0), 0)
@@ -78,28 +121,67 @@ class Int4:
             layer.register_parameter("weight", weight)
             layer.set_loader(weight, stacked=True)
             return
-        if k % self.group:
-            raise ValueError(f"int4 weights need the input width {k} to be a multiple of the group {self.group}")
-        for name, shape, dtype in (("qweight", (n, k // 2), torch.uint8), ("scales", (n, k // self.group), torch.float16),
-                                   ("offsets", (n, k // self.group), torch.float16)):
+        if self.group == -1:  # one group per row
+            self.group = k
+        if k % self.group or (fmt != "gguf" and (k % 8 or any(size % 8 for size in layer.output_sizes))):
+            raise ValueError(f"int4 weights need the input width {k} to be a multiple of the group {self.group}"
+                             + ("" if fmt == "gguf" else " and 8, and each fused projection's rows a multiple of 8"))
+        g = k // self.group
+        if fmt == "gguf":  # the loader repacked it: our layout, rows stacked
+            params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), torch.float16, {}),
+                      ("offsets", (n, g), torch.float16, {})]
+        else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
+            params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
+                       dict(dim=1, rows_per=8 if fmt == "awq" else 1)),
+                      ("qzeros", (g, n // 8), torch.int32, dict(dim=1, rows_per=8)),
+                      ("scales", (g, n), torch.float16, dict(dim=1))]
+            if fmt != "awq":
+                params.append(("g_idx", (k,), torch.int32, dict(same=True)))
+        for name, shape, dtype, how in params:
             p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, p)
-            layer.set_loader(p, stacked=True)
+            layer.set_loader(p, stacked=True, **how)
+
+    def _from_checkpoint(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        fmt = self.spec.format
+        if fmt == "gguf":
+            out = layer.qweight.data, layer.scales.data, layer.offsets.data, None
+            del layer.qweight, layer.scales, layer.offsets
+            return out
+        scales = layer.scales.data
+        if fmt == "awq":
+            q = unpack_int32(layer.qweight.data, 1, AWQ_NIBBLE)
+            zeros = unpack_int32(layer.qzeros.data, 1, AWQ_NIBBLE)
+            group_of = None
+        else:
+            q = unpack_int32(layer.qweight.data, 0)
+            zeros = unpack_int32(layer.qzeros.data, 1) + (1 if fmt == "gptq" else 0)
+            group_of = layer.g_idx.data.long()
+            del layer.g_idx
+        del layer.qweight, layer.qzeros, layer.scales
+        return from_zero_points(q, zeros, scales, group_of)
 
     def process_after_loading(self, layer: "Linear") -> None:
-        """Packed on the GPU kernels' path (`qweight`, `scales`, `offsets`); elsewhere one dequantized `weight`."""
+        """Packed on the GPU kernels' path (`qweight`, `scales`, `offsets`, and `perm` where GPTQ's act-order
+        reorders the columns); elsewhere one dequantized `weight`, columns in the checkpoint's order."""
+        perm = None
         if not self.spec.serialized:
             q, s, o = quantize_rtn(layer.weight.data, self.group)
             del layer.weight
         else:
-            q, s, o = layer.qweight.data, layer.scales.data, layer.offsets.data
-            del layer.qweight, layer.scales, layer.offsets
+            q, s, o, perm = self._from_checkpoint(layer)
         if layer.fused:
             layer.qweight = nn.Parameter(q.contiguous(), requires_grad=False)
             layer.scales = nn.Parameter(s.contiguous(), requires_grad=False)
             layer.offsets = nn.Parameter(o.contiguous(), requires_grad=False)
+            if perm is not None:
+                layer.register_buffer("perm", perm)
+                self.supports_gemv = False  # the norm before the projection would meet the columns out of order
         else:
-            layer.weight = nn.Parameter(dequantize(q, s, o, self.dtype), requires_grad=False)
+            w = dequantize(q, s, o, self.dtype)
+            if perm is not None:
+                w = torch.empty_like(w).index_copy_(1, perm, w)
+            layer.weight = nn.Parameter(w, requires_grad=False)
 
     def gemv(self, layer: "Linear", x: torch.Tensor, **prologue: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return kernels.gemv(x, layer.qweight, layer.bias, weight_scale=layer.scales, weight_offset=layer.offsets,
@@ -107,7 +189,9 @@ class Int4:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if layer.fused and x.is_cuda:
-            if x.shape[0] == 1:
+            if hasattr(layer, "perm"):
+                x = x.index_select(1, layer.perm)
+            elif x.shape[0] == 1:
                 return self.gemv(layer, x)[0]
             return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias)
         return F.linear(x, layer.weight, layer.bias)

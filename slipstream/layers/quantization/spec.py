@@ -27,7 +27,10 @@ class QuantSpec:
     serialized: bool = False  # the checkpoint holds FP8 weights; False: 16-bit weights quantized at load
     scale_name: str = "weight_scale"  # the checkpoint's name of the weight scale ("weight_scale_inv" in HF block FP8)
     ignore: tuple[str, ...] = ()  # checkpoint module names kept in 16 bits ("re:" entries are regular expressions)
-    group: int = INT4_GROUP  # int4: columns per scale and offset
+    group: int = INT4_GROUP  # int4: columns per scale and offset (-1: the whole input width)
+    # int4: how the checkpoint packs it: "gguf" (our layout, repacked by the GGUF loader), "awq" (AutoAWQ GEMM),
+    # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are)
+    format: str = ""
 
     def keeps_16bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
@@ -49,7 +52,21 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
         return QuantSpec()
     method = qc.get("quant_method")
     if method == "gguf":  # a GGUF file's Q4_0 / Q4_1 layers (the loader writes this entry: GGUF has no such config)
-        return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32)
+        return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32,
+                         format="gguf")
+    if method in ("awq", "gptq"):
+        if qc.get("bits") != 4:
+            raise ValueError(f"{method} checkpoints with {qc.get('bits')} bits: only 4-bit ones are supported")
+        group = int(qc.get("group_size", 128))
+        ignore = tuple(qc.get("modules_to_not_convert") or ())
+        if method == "awq":
+            if str(qc.get("version", "gemm")).lower() != "gemm" or not qc.get("zero_point", True):
+                raise ValueError("awq checkpoints: only the GEMM layout with zero points is supported")
+            return QuantSpec("int4", serialized=True, ignore=ignore, group=group, format="awq")
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"gptq checkpoint_format {fmt!r}: supported gptq, gptq_v2")
+        return QuantSpec("int4", serialized=True, ignore=ignore, group=group, format=fmt)
     if method == "fp8":  # transformers / vLLM FP8: per-tensor scales, or 128 x 128 blocks with weight_scale_inv
         block = qc.get("weight_block_size")
         act = qc.get("activation_scheme", "dynamic")
@@ -83,7 +100,8 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
         if strategy == "block" and act != "dynamic":
             raise ValueError("block-scaled fp8 checkpoints need dynamic activation scales")
         return QuantSpec("fp8", strategy, block, act, True, "weight_scale", tuple(qc.get("ignore") or ()))
-    raise ValueError(f"quantization_config.quant_method {method!r} is not supported (supported: fp8, compressed-tensors FP8)")
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported (supported: fp8, compressed-tensors "
+                     f"FP8, awq, gptq)")
 
 
 def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
@@ -92,7 +110,7 @@ def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
         raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {option!r}")
     # A GGUF file's 4-bit layers run 4-bit when asked (`int4`); otherwise they load dequantized, as 16-bit weights
     # (or FP8 from those) until the 4-bit kernels' speed on the GPU has been measured against the 16-bit ones.
-    if checkpoint.method == "int4" and option in ("auto", "none", "fp8"):
+    if checkpoint.method == "int4" and checkpoint.format == "gguf" and option in ("auto", "none", "fp8"):
         checkpoint = QuantSpec()
     if checkpoint.method != "none":
         if option not in ("auto", checkpoint.method):

@@ -1,14 +1,14 @@
 """4-bit weights (W4A16): 16-bit activations times weights of 4-bit integers with a scale and an offset per group.
 
 One layout for every 4-bit integer format: `qweight` uint8 [N, K / 2] (column 2j in the low nibble of byte j, 2j + 1
-in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * scale + offset. GGUF Q4_1 (d, m) maps
-onto it as is, Q4_0 as (d, -8 d) (float16 offsets); AWQ (GEMM layout) and GPTQ checkpoints, whose weights are
-(q - zero) * scale, as (scale, -zero * scale) in float32 offsets, with GPTQ's act-order columns sorted into
-contiguous groups (`perm`: the input's columns are gathered to match); `quantization="int4"` on a 16-bit checkpoint
-rounds each group of 128 to the
-nearest of 16 levels between its minimum and maximum (RTN with a minimum; groups of 64 or fewer where the input
-width is not a multiple of 128). Both are exact in this form: q * d and
-8 d are exact in float32, so the dequantized weights equal the format's own arithmetic.
+in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * scale + offset:
+  - GGUF Q4_1 (d, m) as is, Q4_0 as (d, -8 d), float16 offsets;
+  - AWQ (GEMM layout) and GPTQ, whose weights are (q - zero) * scale, as (scale, -zero * scale), float32 offsets;
+    GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
+  - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
+    multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
+Every form is exact: q * scale and zero * scale have at most 15 significant bits, so the dequantized weights equal
+each format's own arithmetic in float32.
 
 On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for one row the fused
 GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the

@@ -231,8 +231,12 @@ _GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from slipstream.loader.quantize import write_fp8_checkpoint
+    from slipstream.loader.quantize import write_fp8_checkpoint, write_int4_checkpoint
 
+    if a.format != "fp8":
+        cfg = write_int4_checkpoint(a.model_pos, a.out, a.format, a.group_size)
+        print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
+        return
     texts = None
     if a.activations == "static":
         from slipstream.bench.quality import calibration_text
@@ -297,9 +301,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="send a reasoning model's <think> block as reasoning_content (qwen3; deepseek_r1: the prompt opens it)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
-    q = sub.add_parser("quantize", help="write an FP8 checkpoint (HF / compressed-tensors format) from a 16-bit model")
+    q = sub.add_parser("quantize", help="write an FP8 (HF / compressed-tensors) or 4-bit (AWQ / GPTQ) checkpoint "
+                                         "from a 16-bit model")
     q.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")
     q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq"],
+                   help="fp8 (see --scheme), or 4-bit round-to-nearest in AutoAWQ's GEMM or AutoGPTQ's layout")
+    q.add_argument("--group-size", type=int, default=128, help="4-bit formats: input columns per scale and zero point")
     q.add_argument("--scheme", default="channel", choices=["block", "channel", "tensor"],
                    help="block: HF fp8 128x128 weight_scale_inv; channel: compressed-tensors per channel; "
                         "tensor: HF fp8 per tensor")

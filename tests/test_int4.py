@@ -239,3 +239,31 @@ def test_parse_awq_gptq_configs():
                        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format")):
         with pytest.raises(ValueError, match=field):
             parse(bad)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_quantize_writes_4bit_checkpoints_that_round_trip(tmp_path, fmt):
+    """`slipstream quantize --format awq|gptq`: the checkpoint loads to (q - zero) * scale of its own rounding,
+    within a step of the 16-bit weights (half a step inside the grid; the integer zero point shifts the grid by up to
+    half a step, which the range's ends can meet)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_fp8 import _tiny_llama
+
+    from slipstream.cli import main
+    from slipstream.layers.quantization.int4 import quantize_zero_point
+
+    src, out = str(tmp_path / "src"), str(tmp_path / fmt)
+    t = _tiny_llama(src)
+    main(["quantize", src, "--out", out, "--format", fmt, "--group-size", "64"])
+    llm = LLM(out, dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    down = llm.engine.core.runner.model.layers[1].mlp.down_proj
+    w = t["model.layers.1.mlp.down_proj.weight"]
+    q, zeros, scales = quantize_zero_point(w, 64, min_zero=1 if fmt == "gptq" else 0)
+    n, k = w.shape
+    expected = ((q.view(n, k // 64, 64) - zeros[..., None]).float() * scales.float()[..., None]).view(n, k)
+    assert torch.equal(down.weight, expected)
+    err = (down.weight - w).abs().view(n, k // 64, 64) / scales.float()[..., None]
+    assert err.max() <= 1 + 1e-3 and err.mean() < 0.3
+    assert llm.generate(["w5 w6"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids

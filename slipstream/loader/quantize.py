@@ -1,4 +1,6 @@
-"""`slipstream quantize`: write an FP8 checkpoint in the formats other readers know, from a 16-bit model.
+"""`slipstream quantize`: write an FP8 or a 4-bit checkpoint in the formats other readers know, from a 16-bit model.
+
+4-bit: AutoAWQ's GEMM layout or AutoGPTQ's, round-to-nearest per group with integer zero points (write_int4_checkpoint).
 
 Schemes (all FP8 E4M3 weights; norms, embeddings and the output projection stay in the source dtype):
   - "block":   HF fine-grained FP8, as DeepSeek-V3 and Qwen3-FP8 ship: `weight_scale_inv` per 128 x 128 block,
@@ -18,10 +20,12 @@ from typing import Any, Iterable
 import torch
 
 from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
+from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack_int32, quantize_zero_point
 from slipstream.loader import load
 from slipstream.models import model_class
 
 SCHEMES = ("block", "channel", "tensor")
+INT4_FORMATS = ("awq", "gptq")
 _SHARD_BYTES = 4 << 30
 
 
@@ -91,12 +95,7 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
         raise ValueError(f"activations must be dynamic or static, got {activations!r}")
     if scheme == "block" and activations != "dynamic":
         raise ValueError("block-scaled FP8 takes dynamic activation scales")
-    loaded = load(model)
-    if loaded.weights is None:
-        raise ValueError(f"{loaded.path} has no weights to quantize")
-    if loaded.config.quantization.method != "none":
-        raise ValueError(f"{loaded.path} is already quantized ({loaded.config.quantization.method})")
-    quantizable = model_class(loaded.config.architecture).quantizable
+    loaded, quantizable = _source(model)
     input_amax = {}
     if activations == "static":
         if calibration is None:
@@ -131,9 +130,58 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
             if key not in input_amax:
                 raise ValueError(f"calibration saw no input for {module}")
             writer.add(f"{module}.input_scale", torch.tensor(max(input_amax[key], 1e-12) / FP8_MAX))
+    return _finish(loaded, out, writer, quantization_config(scheme, activations))
+
+
+def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int = 128) -> dict[str, Any]:
+    """Quantize `model` to 4 bits in AutoAWQ's GEMM layout or AutoGPTQ's (zero points stored minus one): per group
+    of `group` input columns, round-to-nearest between the group's minimum and maximum with an integer zero point,
+    w = (q - zero) * scale. Returns the written config."""
+    if fmt not in INT4_FORMATS:
+        raise ValueError(f"format must be one of: {', '.join(INT4_FORMATS)}; got {fmt!r}")
+    loaded, quantizable = _source(model)
+    os.makedirs(out, exist_ok=True)
+    writer = _ShardWriter(out)
+    for name, tensor in loaded.weights(False):
+        module, _, kind = name.rpartition(".")
+        if kind != "weight" or module.rpartition(".")[2] not in quantizable:
+            writer.add(name, tensor)
+            continue
+        n, k = tensor.shape
+        if k % group or n % 8:
+            raise ValueError(f"{name} {tuple(tensor.shape)}: {fmt} needs input widths that are multiples of the group "
+                             f"({group}; try --group-size 64 or 32) and output widths that are multiples of 8")
+        q, zeros, scales = quantize_zero_point(tensor, group, min_zero=1 if fmt == "gptq" else 0)
+        if fmt == "awq":
+            writer.add(f"{module}.qweight", pack_int32(q.t(), 1, AWQ_NIBBLE))
+            writer.add(f"{module}.qzeros", pack_int32(zeros.t(), 1, AWQ_NIBBLE))
+        else:
+            writer.add(f"{module}.qweight", pack_int32(q.t(), 0))
+            writer.add(f"{module}.qzeros", pack_int32(zeros.t() - 1, 1))
+            writer.add(f"{module}.g_idx", (torch.arange(k) // group).to(torch.int32))
+        writer.add(f"{module}.scales", scales.t())
+    qc = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
+           "modules_to_not_convert": ["lm_head"]} if fmt == "awq" else
+          {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+           "checkpoint_format": "gptq"})
+    return _finish(loaded, out, writer, qc)
+
+
+def _source(model: str | None) -> tuple[Any, tuple[str, ...]]:
+    """The 16-bit model to quantize and the names of its quantizable projections."""
+    loaded = load(model)
+    if loaded.weights is None:
+        raise ValueError(f"{loaded.path} has no weights to quantize")
+    if loaded.config.quantization.method != "none":
+        raise ValueError(f"{loaded.path} is already quantized ({loaded.config.quantization.method})")
+    return loaded, model_class(loaded.config.architecture).quantizable
+
+
+def _finish(loaded: Any, out: str, writer: "_ShardWriter", qc: dict[str, Any]) -> dict[str, Any]:
     writer.close()
     config = dict(loaded.hf_config)
-    config["quantization_config"] = quantization_config(scheme, activations)
+    config.pop("quantization_config", None)
+    config["quantization_config"] = qc
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     loaded.tokenizer.save_pretrained(out)

@@ -101,6 +101,19 @@ def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return pack(q.view(n, k)), scales, offsets
 
 
+def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q [N, K], zeros [N, K / group] integers in min_zero..15, scales float16 [N, K / group]) with
+    W ≈ (q - zero) * scale: AWQ's and GPTQ's round-to-nearest. (AutoGPTQ stores zero - 1: min_zero=1 keeps it
+    a nibble.)"""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # the range holds 0, so a zero point exists
+    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
+    zeros = (-lo / scales.float()).round().clamp(min_zero, 15)
+    q = (g / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15)
+    return q.view(n, k).to(torch.int32), zeros.to(torch.int32), scales
+
+
 class Int4:
     supports_gemv = True
 

@@ -2,7 +2,7 @@
 
 The weight is stored as layers/quantization/int4.py lays it out: `qweight` uint8 [N, K / 2] (column 2j in the low
 nibble of byte j, column 2j + 1 in the high one), and per group of `group` columns of a row a float16 `scale` and
-`offset`: w = q * scale + offset (GGUF Q4_0 / Q4_1 and round-to-nearest with a minimum, one layout). Each program
+an `offset` (float16 or float32): w = q * scale + offset (GGUF, AWQ, GPTQ and round-to-nearest: one layout). Each program
 computes a BLOCK_M x BLOCK_N tile of the output; a K step of BLOCK_K (one group, or a part of one) loads BLOCK_N x
 BLOCK_K / 2 bytes, splits the nibbles, scales them in float32, and feeds the tensor cores in the activation's dtype.
 A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains up to 4x less the scales.

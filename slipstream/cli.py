@@ -233,15 +233,16 @@ _GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
 def cmd_quantize(a: argparse.Namespace) -> None:
     from slipstream.loader.quantize import write_fp8_checkpoint, write_int4_checkpoint
 
-    if a.format != "fp8":
-        cfg = write_int4_checkpoint(a.model_pos, a.out, a.format, a.group_size)
-        print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
-        return
-    texts = None
-    if a.activations == "static":
+    texts = None  # calibration text, for static FP8 input scales and for GPTQ
+    if (a.format == "fp8" and a.activations == "static") or (a.format != "fp8" and a.algorithm == "gptq"):
         from slipstream.bench.quality import calibration_text
 
         texts = [calibration_text()]
+    if a.format != "fp8":
+        cfg = write_int4_checkpoint(a.model_pos, a.out, a.format, a.group_size, a.algorithm, texts, a.calibration_tokens,
+                                    device=a.device, dtype=a.dtype)
+        print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
+        return
     cfg = write_fp8_checkpoint(a.model_pos, a.out, a.scheme, a.activations, texts, a.calibration_tokens,
                                device=a.device, dtype=a.dtype)
     print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq"],
                    help="fp8 (see --scheme), or 4-bit round-to-nearest in AutoAWQ's GEMM or AutoGPTQ's layout")
     q.add_argument("--group-size", type=int, default=128, help="4-bit formats: input columns per scale and zero point")
+    q.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
+                   help="4-bit formats: round to nearest, or GPTQ's error compensation (calibrated on text)")
     q.add_argument("--scheme", default="channel", choices=["block", "channel", "tensor"],
                    help="block: HF fp8 128x128 weight_scale_inv; channel: compressed-tensors per channel; "
                         "tensor: HF fp8 per tensor")

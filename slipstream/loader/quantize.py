@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
-from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack_int32, quantize_zero_point
+from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack_int32, quantize_zero_point, zero_point_grid
 from slipstream.loader import load
 from slipstream.models import model_class
 
@@ -45,20 +45,28 @@ def quantization_config(scheme: str, activations: str) -> dict[str, Any]:
                                                       "strategy": "channel", "dynamic": False}}}}
 
 
-def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, **engine: Any) -> dict[str, float]:
-    """Largest |input| of every quantizable linear layer (checkpoint module names) over the texts, run through
-    the model in 16 bits."""
+def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, stat: str = "amax",
+              **engine: Any) -> dict[str, Any]:
+    """A statistic of every quantizable linear layer's input (by checkpoint module name) over the texts, run through
+    the model in 16 bits: "amax", the largest |input| (static FP8 scales); "hessian", X^T X / rows in float64 over
+    the input rows X (GPTQ)."""
     from slipstream import LLM, SamplingParams
     from slipstream.layers.linear import Linear
 
     llm = LLM(model, quantization="none", enable_prefix_caching=False, **engine)
     net = llm.engine.runner.model
-    amax: dict[str, torch.Tensor] = {}
+    acc: dict[str, Any] = {}
 
     def watch(prefix: str):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            m = args[0].detach().abs().amax().float()
-            amax[prefix] = torch.maximum(amax[prefix], m) if prefix in amax else m
+            x = args[0].detach()
+            if stat == "amax":
+                m = x.abs().amax().float()
+                acc[prefix] = torch.maximum(acc[prefix], m) if prefix in acc else m
+            else:
+                x = x.reshape(-1, x.shape[-1]).double()
+                h, rows = acc.get(prefix, (0.0, 0))
+                acc[prefix] = (h + x.T @ x, rows + x.shape[0])
         return hook
 
     handles = [m.register_forward_pre_hook(watch(name)) for name, m in net.named_modules()
@@ -82,7 +90,8 @@ def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, **engine
         for h in handles:
             h.remove()
     cls = type(net)
-    return {f"model.{name}": v.item() for prefix, v in amax.items() for name in cls.checkpoint_modules(prefix)}
+    value = (lambda v: v.item()) if stat == "amax" else (lambda v: v[0].cpu() / v[1])
+    return {f"model.{name}": value(v) for prefix, v in acc.items() for name in cls.checkpoint_modules(prefix)}
 
 
 def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", activations: str = "dynamic",
@@ -133,13 +142,23 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
     return _finish(loaded, out, writer, quantization_config(scheme, activations))
 
 
-def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int = 128) -> dict[str, Any]:
+def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int = 128, algorithm: str = "rtn",
+                          calibration: Iterable[str] | None = None, calibration_tokens: int = 8192,
+                          **engine: Any) -> dict[str, Any]:
     """Quantize `model` to 4 bits in AutoAWQ's GEMM layout or AutoGPTQ's (zero points stored minus one): per group
-    of `group` input columns, round-to-nearest between the group's minimum and maximum with an integer zero point,
-    w = (q - zero) * scale. Returns the written config."""
+    of `group` input columns a scale and an integer zero point, w = (q - zero) * scale, the values chosen by
+    round-to-nearest ("rtn") or by GPTQ ("gptq": each column's rounding error pushed onto the columns not yet
+    rounded, weighted by the inputs' second moments measured on calibration text). Returns the written config."""
     if fmt not in INT4_FORMATS:
         raise ValueError(f"format must be one of: {', '.join(INT4_FORMATS)}; got {fmt!r}")
+    if algorithm not in ("rtn", "gptq"):
+        raise ValueError(f"algorithm must be rtn or gptq, got {algorithm!r}")
     loaded, quantizable = _source(model)
+    hessians = {}
+    if algorithm == "gptq":
+        if calibration is None:
+            raise ValueError("gptq needs calibration text")
+        hessians = calibrate(model, calibration, calibration_tokens, stat="hessian", **engine)
     os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out)
     for name, tensor in loaded.weights(False):
@@ -151,7 +170,14 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         if k % group or n % 8:
             raise ValueError(f"{name} {tuple(tensor.shape)}: {fmt} needs input widths that are multiples of the group "
                              f"({group}; try --group-size 64 or 32) and output widths that are multiples of 8")
-        q, zeros, scales = quantize_zero_point(tensor, group, min_zero=1 if fmt == "gptq" else 0)
+        min_zero = 1 if fmt == "gptq" else 0
+        if algorithm == "gptq":
+            key = module if module.startswith("model.") else f"model.{module}"
+            if key not in hessians:
+                raise ValueError(f"calibration saw no input for {module}")
+            q, zeros, scales = gptq(tensor, hessians[key], group, min_zero)
+        else:
+            q, zeros, scales = quantize_zero_point(tensor, group, min_zero)
         if fmt == "awq":
             writer.add(f"{module}.qweight", pack_int32(q.t(), 1, AWQ_NIBBLE))
             writer.add(f"{module}.qzeros", pack_int32(zeros.t(), 1, AWQ_NIBBLE))
@@ -165,6 +191,43 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
           {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
            "checkpoint_format": "gptq"})
     return _finish(loaded, out, writer, qc)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, block: int = 128,
+         damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) for W [N, K] and H = E[x x^T] [K, K] of its inputs: columns are rounded in order;
+    each one's error, divided by the matching diagonal entry of the inverse Hessian's Cholesky factor, is subtracted
+    from the columns after it along that factor's row, so the layer's output on the calibration inputs moves as
+    little as possible. A group's scale and zero point come from its (already corrected) weights when its first
+    column is reached. Returns (q, zeros, scales) as `quantize_zero_point` does."""
+    n, k = w.shape
+    w = w.double().clone()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fired: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(n, k, dtype=torch.int32)
+    zeros = torch.zeros(n, k // group, dtype=torch.int32)
+    scales = torch.zeros(n, k // group, dtype=torch.float16)
+    block = max(group, block // group * group)  # blocks hold whole groups
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=w.dtype)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group == 0:
+                z, s = zero_point_grid(wb[:, i : i + group].float(), min_zero)
+                zeros[:, col // group], scales[:, col // group] = z, s
+                zf, sf = z.double(), s.double()
+            qi = (wb[:, i] / sf + zf).round().clamp(0, 15)
+            q[:, col] = qi.to(torch.int32)
+            e = (wb[:, i] - (qi - zf) * sf) / u[col, col]
+            wb[:, i:] -= e[:, None] * u[col, col:b1][None, :]
+            err[:, i] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q, zeros, scales
 
 
 def _source(model: str | None) -> tuple[Any, tuple[str, ...]]:

@@ -101,17 +101,25 @@ def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return pack(q.view(n, k)), scales, offsets
 
 
+def zero_point_grid(g: torch.Tensor, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of weights [R, G] -> (zero points int32 in min_zero..15, scales float16) of the 16-level grid spanning each
+    row's range (stretched to hold 0, so a zero point exists)."""
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
+    zeros = (-lo / scales.float()).round().clamp(min_zero, 15)
+    return zeros.to(torch.int32), scales
+
+
 def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] -> (q [N, K], zeros [N, K / group] integers in min_zero..15, scales float16 [N, K / group]) with
     W ≈ (q - zero) * scale: AWQ's and GPTQ's round-to-nearest. (AutoGPTQ stores zero - 1: min_zero=1 keeps it
     a nibble.)"""
     n, k = w.shape
     g = w.float().view(n, k // group, group)
-    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # the range holds 0, so a zero point exists
-    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
-    zeros = (-lo / scales.float()).round().clamp(min_zero, 15)
+    zeros, scales = zero_point_grid(g.reshape(-1, group), min_zero)
+    zeros, scales = zeros.view(n, -1), scales.view(n, -1)
     q = (g / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15)
-    return q.view(n, k).to(torch.int32), zeros.to(torch.int32), scales
+    return q.view(n, k).to(torch.int32), zeros, scales
 
 
 class Int4:

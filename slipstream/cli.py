@@ -240,7 +240,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         texts = [calibration_text()]
     if a.format != "fp8":
         cfg = write_int4_checkpoint(a.model_pos, a.out, a.format, a.group_size, a.algorithm, texts, a.calibration_tokens,
-                                    device=a.device, dtype=a.dtype)
+                                    a.act_order, device=a.device, dtype=a.dtype)
         print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
         return
     cfg = write_fp8_checkpoint(a.model_pos, a.out, a.scheme, a.activations, texts, a.calibration_tokens,
@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--group-size", type=int, default=128, help="4-bit formats: input columns per scale and zero point")
     q.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
                    help="4-bit formats: round to nearest, or GPTQ's error compensation (calibrated on text)")
+    q.add_argument("--act-order", action="store_true", help="gptq: round the columns of largest input energy first")
     q.add_argument("--scheme", default="channel", choices=["block", "channel", "tensor"],
                    help="block: HF fp8 128x128 weight_scale_inv; channel: compressed-tensors per channel; "
                         "tensor: HF fp8 per tensor")

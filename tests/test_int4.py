@@ -284,5 +284,9 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         deq = ((q.view(64, 2, 64) - zeros[..., None]).float() * scales.float()[..., None]).view(64, 128)
         return ((x @ (w - deq).T).norm() / (x @ w.T).norm()).item()
 
-    rtn, ours = out_err(*quantize_zero_point(w, 64)), out_err(*gptq(w, h, 64))
+    rtn, ours = out_err(*quantize_zero_point(w, 64)), out_err(*gptq(w, h, 64)[:3])
     assert ours < 0.7 * rtn, (ours, rtn)
+    q, zeros, scales, g_idx = gptq(w, h, 64, act_order=True)  # groups in order of input energy: g_idx says which
+    deq = (q - zeros[:, g_idx.long()]).float() * scales.float()[:, g_idx.long()]
+    assert ((x @ (w - deq).T).norm() / (x @ w.T).norm()).item() < 0.7 * rtn
+    assert sorted(torch.bincount(g_idx).tolist()) == [64, 64]

@@ -144,7 +144,7 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
 
 def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int = 128, algorithm: str = "rtn",
                           calibration: Iterable[str] | None = None, calibration_tokens: int = 8192,
-                          **engine: Any) -> dict[str, Any]:
+                          act_order: bool = False, **engine: Any) -> dict[str, Any]:
     """Quantize `model` to 4 bits in AutoAWQ's GEMM layout or AutoGPTQ's (zero points stored minus one): per group
     of `group` input columns a scale and an integer zero point, w = (q - zero) * scale, the values chosen by
     round-to-nearest ("rtn") or by GPTQ ("gptq": each column's rounding error pushed onto the columns not yet
@@ -153,6 +153,8 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         raise ValueError(f"format must be one of: {', '.join(INT4_FORMATS)}; got {fmt!r}")
     if algorithm not in ("rtn", "gptq"):
         raise ValueError(f"algorithm must be rtn or gptq, got {algorithm!r}")
+    if act_order and (algorithm != "gptq" or fmt != "gptq"):
+        raise ValueError("act_order is GPTQ's: it needs algorithm gptq and format gptq (AWQ has no g_idx)")
     loaded, quantizable = _source(model)
     hessians = {}
     if algorithm == "gptq":
@@ -175,34 +177,38 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
             key = module if module.startswith("model.") else f"model.{module}"
             if key not in hessians:
                 raise ValueError(f"calibration saw no input for {module}")
-            q, zeros, scales = gptq(tensor, hessians[key], group, min_zero)
+            q, zeros, scales, g_idx = gptq(tensor, hessians[key], group, min_zero, act_order=act_order)
         else:
             q, zeros, scales = quantize_zero_point(tensor, group, min_zero)
+            g_idx = (torch.arange(k) // group).to(torch.int32)
         if fmt == "awq":
             writer.add(f"{module}.qweight", pack_int32(q.t(), 1, AWQ_NIBBLE))
             writer.add(f"{module}.qzeros", pack_int32(zeros.t(), 1, AWQ_NIBBLE))
         else:
             writer.add(f"{module}.qweight", pack_int32(q.t(), 0))
             writer.add(f"{module}.qzeros", pack_int32(zeros.t() - 1, 1))
-            writer.add(f"{module}.g_idx", (torch.arange(k) // group).to(torch.int32))
+            writer.add(f"{module}.g_idx", g_idx)
         writer.add(f"{module}.scales", scales.t())
     qc = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
            "modules_to_not_convert": ["lm_head"]} if fmt == "awq" else
-          {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+          {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": False,
            "checkpoint_format": "gptq"})
     return _finish(loaded, out, writer, qc)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, block: int = 128,
-         damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al., 2022) for W [N, K] and H = E[x x^T] [K, K] of its inputs: columns are rounded in order;
     each one's error, divided by the matching diagonal entry of the inverse Hessian's Cholesky factor, is subtracted
     from the columns after it along that factor's row, so the layer's output on the calibration inputs moves as
     little as possible. A group's scale and zero point come from its (already corrected) weights when its first
-    column is reached. Returns (q, zeros, scales) as `quantize_zero_point` does."""
+    column is reached. With `act_order` the columns go in order of decreasing input energy (diag H), the ones that
+    matter most rounded first, and groups form in that order. Returns (q, zeros, scales) as `quantize_zero_point`
+    does, q in the original column order, and g_idx: the group of each original column."""
     n, k = w.shape
-    w = w.double().clone()
-    h = hessian.double().clone()
+    order = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(k)
+    w = w.double()[:, order].clone()
+    h = hessian.double()[order][:, order].clone()
     dead = torch.diagonal(h) == 0  # inputs that never fired: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -227,7 +233,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, 
             wb[:, i:] -= e[:, None] * u[col, col:b1][None, :]
             err[:, i] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q, zeros, scales
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = torch.arange(k, dtype=torch.int32) // group
+    return torch.empty_like(q).index_copy_(1, order, q), zeros, scales, g_idx
 
 
 def _source(model: str | None) -> tuple[Any, tuple[str, ...]]:

@@ -1,6 +1,8 @@
-"""4-bit weights (W4A16): the packed layout, GGUF Q4_0 / Q4_1 blocks decoded by hand and against the gguf package,
-round-to-nearest quantization, the Triton kernel against its torch reference (interpreter, fp16/fp32), and the
-embedded Q4_1 model kept 4-bit giving the weights and greedy tokens of the dequantize-at-load path."""
+"""4-bit weights (W4A16): the packed layout; GGUF Q4_0 / Q4_1 / Q4_K blocks decoded by hand and against the gguf
+package; AWQ and GPTQ checkpoints packed by an independent writer; round-to-nearest and GPTQ quantization and the
+checkpoints `slipstream quantize` writes; the Triton GEMM and GEMV against their torch references (interpreter,
+fp16/fp32); the embedded Q4_1 model and a mixed GGUF kept 4-bit giving the weights and greedy tokens of the
+dequantize-at-load path."""
 import numpy as np
 import pytest
 import torch
@@ -290,3 +292,80 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     deq = (q - zeros[:, g_idx.long()]).float() * scales.float()[:, g_idx.long()]
     assert ((x @ (w - deq).T).norm() / (x @ w.T).norm()).item() < 0.7 * rtn
     assert sorted(torch.bincount(g_idx).tolist()) == [64, 64]
+
+
+def test_q4_k_blocks_equal_the_gguf_package():
+    """Random Q4_K super-blocks (d, dmin, eight packed 6-bit scales and minimums, 128 bytes of nibbles): our
+    per-sub-block scale and offset in float32 dequantize to the gguf package's values, bit for bit."""
+    from slipstream.loader.gguf_loader import q4k_blocks
+
+    rng = np.random.default_rng(1)
+    rows, cols = 3, 512
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:4] = np.array([0.01, 0.003], dtype=np.float16).view(np.uint8)  # d, dmin: ordinary magnitudes
+    data = blocks.reshape(rows, -1)
+    q, scale, offset = q4k_blocks(data, rows, cols)
+    got = dequantize(pack(torch.from_numpy(np.ascontiguousarray(q))), torch.from_numpy(scale), torch.from_numpy(offset),
+                     torch.float32)
+    assert torch.equal(got, torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType.Q4_K)))
+
+
+def _tiny_gguf(path, types):
+    """A random two-layer Llama GGUF whose projections have the given block types (Q4_K: random super-blocks)."""
+    import gguf
+
+    rng = np.random.default_rng(2)
+    hidden, inter, heads, kv, vocab = 256, 512, 4, 2, 384
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_context_length(256)
+    w.add_vocab_size(vocab)
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden)).astype(np.float32))
+    w.add_tensor("output.weight", (rng.standard_normal((vocab, hidden)) / 16).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv * 64, hidden), "attn_v": (kv * 64, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    for layer in range(2):
+        for part, (n, k) in shapes.items():
+            kind = GGMLQuantizationType[types[part]]
+            if kind == GGMLQuantizationType.Q4_K:
+                blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+                blocks[..., 0:4] = np.array([0.002, 0.0005], dtype=np.float16).view(np.uint8)
+                data = blocks.reshape(n, -1)
+            else:
+                data = gguf_quantize((rng.standard_normal((n, k)) / k**0.5).astype(np.float32), kind)
+            w.add_tensor(f"blk.{layer}.{part}.weight", data, raw_dtype=kind)
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(hidden, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
+    """A Q4_K_M-like mix: q, k, v in Q4_K (float32 scales, Q/K rows unpermuted with them), o in Q4_0, gate Q4_1 with
+    up in Q8_0 (their fused layer loads dense), down Q4_K: the 4-bit run holds exactly the dequantizing run's weights
+    and draws the same greedy tokens."""
+    from slipstream.bench.common import _synthetic_tokenizer
+
+    path, tok = str(tmp_path / "mix.gguf"), str(tmp_path / "tok")
+    _tiny_gguf(path, {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q4_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
+                      "ffn_up": "Q8_0", "ffn_down": "Q4_K"})
+    _synthetic_tokenizer(384, 2, tok)
+    kw = dict(tokenizer=tok, dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    packed, dense = LLM(path, quantization="int4", **kw), LLM(path, **kw)
+    a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
+    kinds = {name: type(a.layers[0].get_submodule(name).method).__name__
+             for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert kinds == {"self_attn.qkv_proj": "Int4", "self_attn.o_proj": "Int4", "mlp.gate_up_proj": "Unquantized",
+                     "mlp.down_proj": "Int4"}
+    wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids

@@ -1,7 +1,7 @@
 """GGUF files: metadata -> HF-style config, tensors dequantized (with the `gguf` package) into the HF layout, or
-Q4_0 / Q4_1 projections kept 4-bit, repacked into the int4 layout (layers/quantization/int4.py).
+Q4_0 / Q4_1 / Q4_K projections kept 4-bit, repacked into the int4 layout (layers/quantization/int4.py).
 
-A layer stays 4-bit when every GGUF tensor fused into it (q, k, v; gate, up) is Q4_0 or Q4_1; the config's
+A layer stays 4-bit when every GGUF tensor fused into it (q, k, v; gate, up) is Q4_0, Q4_1 or Q4_K; the config's
 `quantization_config` names the others, which load dequantized (mixes such as Q4_K_M give some projections more
 bits or other block formats).
 
@@ -41,8 +41,8 @@ _NAMES = {
 
 # GGUF projections fused into one of our layers: they stay 4-bit together or not at all
 _FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
-_Q4 = ("Q4_0", "Q4_1")
-_BLOCK = 32  # weights per Q4_0 / Q4_1 block
+_Q4 = ("Q4_0", "Q4_1", "Q4_K")
+_BLOCK = 32  # weights per Q4_0 / Q4_1 block, and per sub-block of a Q4_K super-block
 
 
 def hf_name(gguf_name: str) -> str:
@@ -98,7 +98,9 @@ def gguf_config(reader: Any) -> dict[str, Any]:
             modules = [hf_name(n).removesuffix(".weight") for n in names]
             (kept if all(types.get(n) in _Q4 for n in names) else dense).extend(modules)
     if kept:
-        cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense}
+        # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file
+        cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense,
+                                      "k_quants": "Q4_K" in types.values()}
     factor = _field(reader, f"{arch}.rope.scaling.factor")
     if factor and _field(reader, f"{arch}.rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
@@ -118,6 +120,26 @@ def q4_blocks(data: np.ndarray, kind: str, rows: int, cols: int) -> tuple[np.nda
     return q, d, m
 
 
+def q4k_blocks(data: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K rows of super-blocks -> (q uint8 [rows, cols] 0..15, scale float32 [rows, cols / 32], offset float32):
+    w = q * scale + offset. A super-block of 256 weights is d, dmin (float16), 12 bytes holding eight 6-bit scales
+    and eight 6-bit minimums, then 128 bytes: bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in
+    their high ones. Sub-block i: w = d sc_i q - dmin m_i, so scale = d sc_i and offset = -dmin m_i (exact in
+    float32: at most 17 significant bits)."""
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 4:16].reshape(rows, cols // 256, 3, 4)
+    a, b, c = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+    sc = np.concatenate([a & 63, (c & 15) | ((a >> 2) & 48)], axis=-1).astype(np.float32)  # [rows, blocks, 8]
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 2) & 48)], axis=-1).astype(np.float32)
+    qs = blocks[..., 16:].reshape(rows, cols // 256, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+    q = (qs & 15).reshape(rows, cols)
+    scale = (d[..., None] * sc).reshape(rows, -1)
+    offset = -(dmin[..., None] * mn).reshape(rows, -1)
+    return q, scale, offset
+
+
 def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named tensors; `as_stored`: the 4-bit layers' weights as `qweight` / `scales` / `offsets`, not dequantized."""
     from gguf import GGMLQuantizationType
@@ -133,7 +155,8 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")
         if as_stored and spec.method == "int4" and t.tensor_type.name in _Q4 and not spec.keeps_16bit([module]):
-            parts = q4_blocks(t.data, t.tensor_type.name, *shape)
+            kind = t.tensor_type.name
+            parts = q4k_blocks(t.data, *shape) if kind == "Q4_K" else q4_blocks(t.data, kind, *shape)
             if flip:
                 parts = tuple(unpermute_qk(a, heads) for a in parts)
             q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)

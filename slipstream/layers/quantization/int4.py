@@ -2,13 +2,13 @@
 
 One layout for every 4-bit integer format: `qweight` uint8 [N, K / 2] (column 2j in the low nibble of byte j, 2j + 1
 in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * scale + offset:
-  - GGUF Q4_1 (d, m) as is, Q4_0 as (d, -8 d), float16 offsets;
+  - GGUF Q4_1 (d, m) as is, Q4_0 as (d, -8 d), float16; Q4_K as (d sc, -dmin m) per sub-block of 32, float32;
   - AWQ (GEMM layout) and GPTQ, whose weights are (q - zero) * scale, as (scale, -zero * scale), float32 offsets;
     GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
   - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
     multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
-Every form is exact: q * scale and zero * scale have at most 15 significant bits, so the dequantized weights equal
-each format's own arithmetic in float32.
+Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21 significant bits, so the
+dequantized weights equal each format's own arithmetic in float32.
 
 On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for one row the fused
 GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
@@ -144,13 +144,15 @@ class Int4:
             return
         if self.group == -1:  # one group per row
             self.group = k
-        if k % self.group or (fmt != "gguf" and (k % 8 or any(size % 8 for size in layer.output_sizes))):
+        gguf = fmt.startswith("gguf")
+        if k % self.group or (not gguf and (k % 8 or any(size % 8 for size in layer.output_sizes))):
             raise ValueError(f"int4 weights need the input width {k} to be a multiple of the group {self.group}"
-                             + ("" if fmt == "gguf" else " and 8, and each fused projection's rows a multiple of 8"))
+                             + ("" if gguf else " and 8, and each fused projection's rows a multiple of 8"))
         g = k // self.group
-        if fmt == "gguf":  # the loader repacked it: our layout, rows stacked
-            params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), torch.float16, {}),
-                      ("offsets", (n, g), torch.float16, {})]
+        if gguf:  # the loader repacked it: our layout, rows stacked
+            dtype = torch.float32 if fmt == "gguf_k" else torch.float16
+            params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), dtype, {}),
+                      ("offsets", (n, g), dtype, {})]
         else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
             params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
                        dict(dim=1, rows_per=8 if fmt == "awq" else 1)),
@@ -165,7 +167,7 @@ class Int4:
 
     def _from_checkpoint(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         fmt = self.spec.format
-        if fmt == "gguf":
+        if fmt.startswith("gguf"):
             out = layer.qweight.data, layer.scales.data, layer.offsets.data, None
             del layer.qweight, layer.scales, layer.offsets
             return out

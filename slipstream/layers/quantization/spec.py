@@ -28,7 +28,8 @@ class QuantSpec:
     scale_name: str = "weight_scale"  # the checkpoint's name of the weight scale ("weight_scale_inv" in HF block FP8)
     ignore: tuple[str, ...] = ()  # checkpoint module names kept in 16 bits ("re:" entries are regular expressions)
     group: int = INT4_GROUP  # int4: columns per scale and offset (-1: the whole input width)
-    # int4: how the checkpoint packs it: "gguf" (our layout, repacked by the GGUF loader), "awq" (AutoAWQ GEMM),
+    # int4: how the checkpoint packs it: "gguf" (our layout, repacked by the GGUF loader; "gguf_k" with float32
+    # scales, for Q4_K's), "awq" (AutoAWQ GEMM),
     # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are)
     format: str = ""
 
@@ -53,7 +54,7 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
     method = qc.get("quant_method")
     if method == "gguf":  # a GGUF file's Q4_0 / Q4_1 layers (the loader writes this entry: GGUF has no such config)
         return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32,
-                         format="gguf")
+                         format="gguf_k" if qc.get("k_quants") else "gguf")
     if method in ("awq", "gptq"):
         if qc.get("bits") != 4:
             raise ValueError(f"{method} checkpoints with {qc.get('bits')} bits: only 4-bit ones are supported")
@@ -110,7 +111,7 @@ def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:
         raise ValueError(f"quantization must be one of: {', '.join(METHODS)}; got {option!r}")
     # A GGUF file's 4-bit layers run 4-bit when asked (`int4`); otherwise they load dequantized, as 16-bit weights
     # (or FP8 from those) until the 4-bit kernels' speed on the GPU has been measured against the 16-bit ones.
-    if checkpoint.method == "int4" and checkpoint.format == "gguf" and option in ("auto", "none", "fp8"):
+    if checkpoint.method == "int4" and checkpoint.format.startswith("gguf") and option in ("auto", "none", "fp8"):
         checkpoint = QuantSpec()
     if checkpoint.method != "none":
         if option not in ("auto", checkpoint.method):

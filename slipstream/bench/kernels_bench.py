@@ -2,7 +2,7 @@
 2K/8K/32K), decode attention GB/s vs the measured copy bandwidth (batch 1/16/64 x 1K/4K/16K), and the fused
 batch-1 decode projections (GEMV) vs the unfused kernels + cuBLAS, with FP8 weights too; the FP8 GEMM vs cuBLAS
 bf16 and cuBLASLt FP8 (`torch._scaled_mm`) on the 8B model's projections; the fused MoE layer (Qwen3-30B-A3B
-shape) vs torch's grouped GEMM."""
+shape) vs torch's grouped GEMM; 4-bit weights (W4A16) vs bf16 on the 8B projections by rows per step."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
+from slipstream.kernels.int4 import w4a16_gemm
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.moe import fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
@@ -84,6 +85,8 @@ def run(a: argparse.Namespace) -> dict:
         res["fp8_gemm"] = _fp8_gemm_bench(a.fp8_rows, mm)
     if a.moe_tokens:
         res["moe"] = _moe_bench(a.moe_tokens, bw, mm)
+    if a.int4_rows:
+        res["int4"] = _int4_bench(a.int4_rows, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {mm / 1e12:.0f} TFLOP/s, {gpu_name()}")
     return res
 
@@ -182,6 +185,43 @@ def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
     return out
 
 
+def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
+    """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows: ours = the fused GEMV for
+    one row (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV for one
+    row, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
+    do instead). Weights rotate through copies larger than L2, in CUDA graphs; where ours / bf16 falls under 1 is
+    the crossover."""
+    from slipstream.layers.quantization.int4 import dequantize, quantize_rtn
+
+    out, rows = [], [["M x N x K (name)", "int4 us", "bf16 us", "dequant + cuBLAS us", "bf16 / int4", "int4 weights % of copy bw"]]
+    for m in row_counts:
+        for name, n, k, pro in PROJECTIONS[:4]:
+            copies = max(2, -(-(512 << 20) // (2 * n * k)))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+            packed = [quantize_rtn(w, 128) for w in ws]
+            width = 2 * k if pro == "silu_mul" and m == 1 else k
+            x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+            res_, nw = torch.randn(1, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda", dtype=torch.bfloat16)
+            kw = dict(residual=res_, norm_weight=nw) if pro == "rmsnorm" else {}
+            if m == 1:
+                ours = _graph_us([lambda q=q: gemv(x, q[0], prologue=pro, weight_scale=q[1], weight_offset=q[2], group=128,
+                                                   **kw) for q in packed])
+                bf16 = _graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
+            else:
+                ours = _graph_us([lambda q=q: w4a16_gemm(x, *q, 128) for q in packed])
+                bf16 = _graph_us([lambda w=w: x @ w.T for w in ws])
+            deq = _graph_us([lambda q=q: x[:, :k] @ dequantize(*q, torch.bfloat16).T for q in packed])
+            nbytes = n * k // 2 + 4 * n * (k // 128)
+            r = dict(m=m, n=n, k=k, name=name, int4_us=ours, bf16_us=bf16, dequant_cublas_us=deq,
+                     int4_pct_copy_bw=100 * nbytes / ours / 1e-6 / bw)
+            out.append(r)
+            rows.append([f"{m} x {n} x {k} ({name})", f"{ours:.1f}", f"{bf16:.1f}", f"{deq:.1f}", f"{bf16 / ours:.2f}",
+                         f"{r['int4_pct_copy_bw']:.0f}"])
+            del ws, packed, x
+    print(table(rows))
+    return out
+
+
 def _grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                     ids: torch.Tensor) -> torch.Tensor:
     """The same layer out of torch ops: pairs sorted by expert, two torch._grouped_mm calls (cuBLAS grouped GEMM on
@@ -247,5 +287,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the FP8 GEMM table")
     p.add_argument("--fp8-rows", type=int, nargs="*", default=[64, 512, 4096], help="M of the FP8 GEMM table")
     p.add_argument("--moe-tokens", type=int, nargs="*", default=[1, 64, 512, 4096], help="tokens of the MoE layer table")
+    p.add_argument("--int4-rows", type=int, nargs="*", default=[1, 16, 64, 256], help="M of the 4-bit vs bf16 table")
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=run)

@@ -54,3 +54,12 @@ def fresh(smollm):
     """Hand out the shared engine and check it leaks nothing afterwards."""
     yield smollm
     assert_no_leak(smollm)
+
+
+def gemv_prologue_ref(x, k, norm_weight, prologue):
+    """What a fused GEMV's prologue makes of its one-row input: SwiGLU of [gate | up], RMSNorm, or x itself."""
+    if prologue == "silu_mul":
+        return torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+    if prologue == "rmsnorm":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight
+    return x

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import gemv_prologue_ref
 from slipstream import LLM, SamplingParams
 from slipstream.layers.quantization import QuantSpec, parse_quantization_config, resolve_quantization
 from slipstream.layers.quantization.fp8 import (
@@ -240,12 +241,7 @@ def test_fp8_gemv_matches_reference(prologue, block):
     w = torch.randn(n, k, generator=g) / k**0.5
     nw = 1 + 0.1 * torch.randn(k, generator=g)
     wq, ws = quantize_weight_blocks(w, block) if block else quantize_weight_per_channel(w)
-    if prologue == "silu_mul":
-        a = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
-    elif prologue == "rmsnorm":
-        a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
-    else:
-        a = x
+    a = gemv_prologue_ref(x, k, nw, prologue)
     ref = a.double() @ dequantize(wq, ws, block, torch.float64).T
     kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
     y, _ = gemv(x.to(DEV), wq.to(DEV), prologue=prologue, weight_scale=ws.to(DEV), scale_block=block, **kw)

@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from conftest import gemv_prologue_ref
 from slipstream import LLM, SamplingParams
 from slipstream.layers.quantization import QuantSpec, resolve_quantization
 from slipstream.layers.quantization.int4 import dequantize, pack, quantize_rtn, unpack
@@ -121,12 +122,7 @@ def test_4bit_gemv_matches_reference(prologue, group):
     x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
     qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, group)
     nw = 1 + 0.1 * torch.randn(k, generator=g)
-    if prologue == "silu_mul":
-        a = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
-    elif prologue == "rmsnorm":
-        a = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
-    else:
-        a = x
+    a = gemv_prologue_ref(x, k, nw, prologue)
     bias = torch.randn(n, generator=g)
     ref = a.double() @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
     kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
@@ -210,9 +206,6 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
 def test_awq_gptq_checkpoints_load_to_their_weights(tmp_path, fmt, act_order):
     """Checkpoints packed by hand in each format load to the weights the format defines, bit for bit (GPTQ with
     act-order's shuffled g_idx too), fused q|k|v and gate|up included."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_fp8 import _tiny_llama
 
     src = str(tmp_path / "src")
@@ -248,9 +241,6 @@ def test_quantize_writes_4bit_checkpoints_that_round_trip(tmp_path, fmt):
     """`slipstream quantize --format awq|gptq`: the checkpoint loads to (q - zero) * scale of its own rounding,
     within a step of the 16-bit weights (half a step inside the grid; the integer zero point shifts the grid by up to
     half a step, which the range's ends can meet)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_fp8 import _tiny_llama
 
     from slipstream.cli import main

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -110,13 +110,8 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
         if calibration is None:
             raise ValueError("static activation scales need calibration text")
         input_amax = calibrate(model, calibration, calibration_tokens, **engine)
-    os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out)
-    for name, tensor in loaded.weights(False):
-        module, _, kind = name.rpartition(".")
-        if kind != "weight" or module.rpartition(".")[2] not in quantizable:
-            writer.add(name, tensor)
-            continue
+    for name, module, tensor in _projections(loaded, quantizable, writer):
         if scheme == "block":
             n, k = tensor.shape
             if n % 128 or k % 128:
@@ -135,10 +130,7 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
         writer.add(name, q)
         writer.add(f"{module}.weight_scale", s)
         if activations == "static":
-            key = module if module.startswith("model.") else f"model.{module}"
-            if key not in input_amax:
-                raise ValueError(f"calibration saw no input for {module}")
-            writer.add(f"{module}.input_scale", torch.tensor(max(input_amax[key], 1e-12) / FP8_MAX))
+            writer.add(f"{module}.input_scale", torch.tensor(max(_calibrated(input_amax, module), 1e-12) / FP8_MAX))
     return _finish(loaded, out, writer, quantization_config(scheme, activations))
 
 
@@ -161,23 +153,15 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         if calibration is None:
             raise ValueError("gptq needs calibration text")
         hessians = calibrate(model, calibration, calibration_tokens, stat="hessian", **engine)
-    os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out)
-    for name, tensor in loaded.weights(False):
-        module, _, kind = name.rpartition(".")
-        if kind != "weight" or module.rpartition(".")[2] not in quantizable:
-            writer.add(name, tensor)
-            continue
+    for name, module, tensor in _projections(loaded, quantizable, writer):
         n, k = tensor.shape
         if k % group or n % 8:
             raise ValueError(f"{name} {tuple(tensor.shape)}: {fmt} needs input widths that are multiples of the group "
                              f"({group}; try --group-size 64 or 32) and output widths that are multiples of 8")
         min_zero = 1 if fmt == "gptq" else 0
         if algorithm == "gptq":
-            key = module if module.startswith("model.") else f"model.{module}"
-            if key not in hessians:
-                raise ValueError(f"calibration saw no input for {module}")
-            q, zeros, scales, g_idx = gptq(tensor, hessians[key], group, min_zero, act_order=act_order)
+            q, zeros, scales, g_idx = gptq(tensor, _calibrated(hessians, module), group, min_zero, act_order=act_order)
         else:
             q, zeros, scales = quantize_zero_point(tensor, group, min_zero)
             g_idx = (torch.arange(k) // group).to(torch.int32)
@@ -238,6 +222,24 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, 
     return torch.empty_like(q).index_copy_(1, order, q), zeros, scales, g_idx
 
 
+def _projections(loaded: Any, quantizable: tuple[str, ...], writer: "_ShardWriter") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(name, module, tensor) of each quantizable projection's weight; every other tensor goes to `writer` as is."""
+    for name, tensor in loaded.weights(False):
+        module, _, kind = name.rpartition(".")
+        if kind == "weight" and module.rpartition(".")[2] in quantizable:
+            yield name, module, tensor
+        else:
+            writer.add(name, tensor)
+
+
+def _calibrated(stats: dict[str, Any], module: str) -> Any:
+    """A module's calibration statistic (keys carry the `model.` prefix)."""
+    key = module if module.startswith("model.") else f"model.{module}"
+    if key not in stats:
+        raise ValueError(f"calibration saw no input for {module}")
+    return stats[key]
+
+
 def _source(model: str | None) -> tuple[Any, tuple[str, ...]]:
     """The 16-bit model to quantize and the names of its quantizable projections."""
     loaded = load(model)
@@ -263,6 +265,7 @@ class _ShardWriter:
     """safetensors files of about 4 GiB, with the HF index file when there is more than one."""
 
     def __init__(self, out: str) -> None:
+        os.makedirs(out, exist_ok=True)
         self.out, self.files, self.pending, self.bytes = out, [], {}, 0
         self.index: dict[str, int] = {}
 

@@ -1,51 +1,71 @@
 #!/usr/bin/env bash
 # On one GPU: `slipstream serve` and vLLM's server on the same random-weight model directory, each driven by
-# vLLM's own `bench serve` client and by `slipstream bench serve` (ShareGPT, Poisson arrivals, --ignore-eos).
+# vLLM's own `bench serve` client (scripts/vllm_client_sweep.py: vLLM's code, one process for all rates) and by
+# `slipstream bench serve` (ShareGPT, Poisson arrivals, --ignore-eos, 400 prompts per rate).
 # usage: bash scripts/gpu_serve_bench.sh MODEL_DIR SHAREGPT.json OUT_DIR [RATES...]   (default rates: 10 20 40 80 inf)
-# ENGINES="slipstream vllm" (default) picks the servers. Needs vLLM importable (PYTHONPATH) for the peer server and its client. Servers run one at a time: each takes
-# most of the GPU's memory.
+# ENGINES="slipstream vllm" (default): the servers, one at a time (each takes most of the GPU's memory).
+# VLLM_PATH: where vLLM 0.26 imports from; the peer's server and client run with PYTHONPATH=$VLLM_PATH alone.
+# PROFILE=1: after its sweeps, one more rate-inf run of vLLM's client with py-spy sampling both slipstream processes
+# (API front end and engine core) into OUT_DIR/pyspy-slipstream.txt (collapsed stacks, one line per stack).
+# SERVE_FLAGS: extra flags for `slipstream serve`.
 set -uo pipefail
 model=$1 data=$2 out=$3; shift 3
 rates=${*:-10 20 40 80 inf}
 mkdir -p "$out"
 port=8123
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+peer() { PYTHONPATH=${VLLM_PATH:-} "$@"; }
 
-wait_healthy() {  # $1: the server's pid
-  for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
-    kill -0 "$1" 2>/dev/null || { echo "the server exited"; return 1; }
+wait_healthy() {  # $1: the server's pid, $2: its label; prints the time from launch to healthy
+  local t0=$SECONDS
+  for _ in $(seq 900); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && { echo "[$2] healthy $((SECONDS - t0)) s after launch"; return 0; }
+    kill -0 "$1" 2>/dev/null || { echo "[$2] the server exited"; return 1; }
     sleep 0.5
   done
-  echo "server did not become healthy"; return 1
+  echo "[$2] server did not become healthy"; return 1
+}
+
+vllm_client() {  # $1: label, $2: rates
+  peer python3 scripts/vllm_client_sweep.py "$1" "$out" "$2" -- --backend openai --base-url "http://127.0.0.1:$port" \
+    --endpoint /v1/completions --model q3 --tokenizer "$model" --dataset-name sharegpt --dataset-path "$data" \
+    --num-prompts 400 --ignore-eos --seed 0 2>&1 \
+    | grep -E "^====|Successful|Failed|throughput|TTFT|TPOT|ITL" | sed "s/^/[$1] /"
 }
 
 clients() {  # $1: engine label
-  for r in $rates; do
-    python3 -m vllm.entrypoints.cli.main bench serve --backend openai --base-url "http://127.0.0.1:$port" \
-      --endpoint /v1/completions --model q3 --tokenizer "$model" --dataset-name sharegpt --dataset-path "$data" \
-      --num-prompts 400 --request-rate "$r" --ignore-eos --seed 0 --save-result --result-dir "$out" \
-      --result-filename "vllmclient-$1-$r.json" 2>&1 | grep -E "Successful|Failed|throughput|TTFT|TPOT|ITL" | sed "s/^/[$1 rate $r] /"
-  done
+  vllm_client "$1" "$rates"
   python3 -m slipstream.cli bench serve --base-url "http://127.0.0.1:$port" --model q3 --tokenizer "$model" \
-    --dataset "$data" --num-prompts 400 --request-rate $rates --label "$1" --json "$out/ourclient-$1.json" 2>&1 | tail -12
+    --dataset "$data" --num-prompts 400 --request-rate $rates --label "$1" --json "$out/ourclient-$1.json" 2>&1 | tail -8
 }
 
 serve_slipstream() {
-python3 -m slipstream.cli serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 --port $port \
-  --max-model-len 4096 --log-level warning > "$out/slipstream-server.log" 2>&1 &
-pid=$!
-wait_healthy $pid && clients slipstream
-kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
-tail -5 "$out/slipstream-server.log"
+  # shellcheck disable=SC2086
+  python3 -m slipstream.cli serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 --port $port \
+    --max-model-len 4096 --log-level warning ${SERVE_FLAGS:-} > "$out/slipstream-server.log" 2>&1 &
+  local pid=$!
+  if wait_healthy $pid slipstream; then
+    clients slipstream
+    if [ "${PROFILE:-0}" = 1 ]; then
+      py-spy record --pid $pid --subprocesses --rate 100 --format raw --nonblocking -o "$out/pyspy-slipstream.txt" \
+        > "$out/pyspy.log" 2>&1 &
+      local spy=$!
+      sleep 1
+      vllm_client slipstream-profiled inf
+      kill -INT $spy; wait $spy; tail -2 "$out/pyspy.log"
+    fi
+  fi
+  kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
+  grep -E "ready in|CUDA graphs|KV cache" "$out/slipstream-server.log" | head -5
 }
 
 serve_vllm() {
-python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 \
-  --port $port --max-model-len 4096 > "$out/vllm-server.log" 2>&1 &
-pid=$!
-wait_healthy $pid && clients vllm
-kill -TERM $pid; wait $pid
+  peer python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 \
+    --port $port --max-model-len 4096 > "$out/vllm-server.log" 2>&1 &
+  local pid=$!
+  wait_healthy $pid vllm && clients vllm
+  kill -TERM $pid; wait $pid
+  grep -E "max_num_seqs|Loading weights took|graph capturing finished|init engine" "$out/vllm-server.log" | head -5
 }
 
 for e in ${ENGINES:-slipstream vllm}; do serve_$e; done

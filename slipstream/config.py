@@ -153,7 +153,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = option(256, "most sequences in one step")
+    # 1024, as vLLM on GPUs of 70 GB and more: a saturated server runs every admitted request in one batch (at 400
+    # requests at once, 256 would leave 144 waiting while the GPU has room); the KV pool, not this, bounds it below
+    max_num_seqs: int = option(1024, "most sequences in one step")
     max_num_batched_tokens: int = option(8192, "token budget of one step (prefills are chunked to it)")
     max_model_len: int | None = option(None, "longest sequence, prompt and output (default: the model's own)")
     cache_aware: bool = option(True, "admit waiting requests with the longest cached prefix first")

@@ -39,6 +39,9 @@ from slipstream.runner.sampling import SamplingTensors, expand_rows
 MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | None"]
 
 log = logging.getLogger(__name__)
+# Decode batches up to this size replay CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
+# at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
+_MAX_GRAPH_SEQS = 512
 
 WeightSource = Callable[[bool], Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?) -> tensors; None: random
 
@@ -119,7 +122,8 @@ class ModelRunner:
         1 + k: verifying k drafts). Ladders share one memory pool."""
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        max_seqs = min(self.config.scheduler.max_num_seqs, 256, self.config.scheduler.max_num_batched_tokens // query_len)
+        sched = self.config.scheduler
+        max_seqs = min(sched.max_num_seqs, _MAX_GRAPH_SEQS, sched.max_num_batched_tokens // query_len)
         self.graphs[query_len] = GraphLadder(self.model, self.ints, query_len, max_seqs, self.max_model_len, self.block_size,
                                              self.kv.pad_slot, self.num_blocks, self.cascade, self._graph_pool)
 

@@ -20,6 +20,7 @@ from slipstream.engine.core import EngineCore, EngineOverloaded
 from slipstream.engine.messages import (
     Abort, AddRequest, Failed, FinishSequences, Ready, Rejected, Shutdown, StepOut, ToCore,
 )
+from slipstream.heap import freeze_startup_heap
 
 log = logging.getLogger("slipstream.core")
 _IDLE_POLL_MS = 500  # an idle core wakes this often to notice that its front end has gone
@@ -89,6 +90,7 @@ def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_l
     try:
         core = EngineCore(config)
         core.warm_up()
+        log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
     except BaseException as e:  # noqa: BLE001 - reported to the front end, which fails loudly
         log.critical("model load failed:\n%s", traceback.format_exc())
         ctx = zmq.Context.instance()

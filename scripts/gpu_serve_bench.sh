@@ -57,6 +57,8 @@ serve_slipstream() {
   fi
   kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
   grep -E "ready in|CUDA graphs|KV cache" "$out/slipstream-server.log" | head -5
+  echo "kernels compiled after warm-up: $(grep -c 'compiled after warm-up' "$out/slipstream-server.log")"
+  grep 'compiled after warm-up' "$out/slipstream-server.log" | cut -c1-200 | head -8
 }
 
 serve_vllm() {

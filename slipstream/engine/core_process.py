@@ -91,6 +91,7 @@ def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_l
         core = EngineCore(config)
         core.warm_up()
         log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
+        _report_late_compiles()
     except BaseException as e:  # noqa: BLE001 - reported to the front end, which fails loudly
         log.critical("model load failed:\n%s", traceback.format_exc())
         ctx = zmq.Context.instance()
@@ -103,3 +104,26 @@ def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_l
         serve_core(core, in_addr, out_addr, parent_pid=parent_pid)
     except BaseException:  # noqa: BLE001 - already logged and reported by serve_core
         sys.exit(1)
+
+
+def _report_late_compiles() -> None:
+    """Log every Triton kernel compiled after warm-up: each compile stalls the whole batch for as long as it takes
+    (hundreds of ms), which shows in a server's TTFT and inter-token tails; the log names the kernel and the
+    argument specialization that was new, and how long it took. (Triton's hooks are process-wide: this process is
+    the engine core's own.)"""
+    try:
+        from triton import knobs
+    except ImportError:  # a machine without Triton, or a Triton without these hooks: nothing compiles here anyway
+        return
+    started: dict[object, float] = {}
+
+    def before(*, key, **_) -> None:  # noqa: ANN001, ANN003
+        started[str(key)] = time.perf_counter()
+
+    def after(*, key, repr, **_) -> None:  # noqa: ANN001, ANN003, A002 - Triton's keyword names
+        took = time.perf_counter() - started.pop(str(key), time.perf_counter())
+        log.warning("a kernel compiled after warm-up in %.0f ms: %s", 1e3 * took, repr)
+
+    knobs.runtime.jit_cache_hook = before
+    knobs.runtime.jit_post_compile_hook = after
+

@@ -31,6 +31,15 @@ def test_bad_options_fail_before_loading(args, message):
     assert "Traceback" not in p.stderr
 
 
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    for content in (b"", b"hello, not a model\n"):
+        bad = tmp_path / "model.gguf"
+        bad.write_bytes(content)
+        p, _ = _run("generate", "hi", "--model", str(bad), "--quiet")
+        assert p.returncode != 0 and f"{str(bad)!r} is not a GGUF file" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+
+
 def test_device_and_gpu_bench_checked_first():
     import torch
 
@@ -151,3 +160,26 @@ def test_readme_names_every_engine_option():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name in ENGINE_OPTIONS if f"`{name}`" not in readme]
     assert not missing, f"README does not name the engine options {missing}"
+
+
+def test_gpus_without_bf16_get_fp16_and_a_clear_error(monkeypatch):
+    """Compute capability below 8.0 (a T4, a V100) has no bf16 arithmetic: `auto` picks fp16 there and an explicit
+    bfloat16 is refused naming the capability, instead of failing inside a Triton kernel."""
+    import json
+    from importlib import resources
+
+    import torch
+
+    from slipstream.config import ModelConfig
+    from slipstream.runner import device
+
+    cfg = ModelConfig.from_hf(json.loads(resources.files("slipstream.configs").joinpath("qwen3-0.6b.json").read_text()))
+    assert cfg.dtype == "bfloat16"
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert device.resolve_dtype("auto", cfg, gpu) == torch.float16
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer .* 7.5"):
+        device.resolve_dtype("bfloat16", cfg, gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert device.resolve_dtype("auto", cfg, gpu) == torch.bfloat16
+    assert device.resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32

@@ -359,3 +359,43 @@ def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     greedy = SamplingParams(max_tokens=6, temperature=0)
     assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
+
+
+def test_gguf_index_reads_what_ggufs_reader_reads(gguf_path, tmp_path):
+    """Our one-pass GGUF index against the gguf package's reader: every tensor (name, shape, type, bytes) and every
+    metadata value (arrays as their length), on the embedded model and on a file of other block types, F16 tensors
+    and string, integer and nested arrays."""
+    import gguf
+
+    from slipstream.loader.gguf_loader import GGUFIndex
+
+    mixed = str(tmp_path / "mixed.gguf")
+    types = dict(attn_q="Q4_K", attn_k="Q4_K", attn_v="Q4_K", attn_output="Q4_0", ffn_gate="Q4_1", ffn_up="Q8_0",
+                 ffn_down="Q4_K")
+    _tiny_gguf(mixed, types)
+    extra = str(tmp_path / "extra.gguf")
+    w = gguf.GGUFWriter(extra, "llama")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "c" * 300])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_string("test.text", "héllo")
+    w.add_float32("test.f", 0.25)
+    w.add_bool("test.b", True)
+    w.add_tensor("x.weight", np.arange(12, dtype=np.float16).reshape(3, 4))
+    w.add_tensor("y.weight", np.arange(5, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for path in (gguf_path, mixed, extra):
+        ours, theirs = GGUFIndex(path), gguf.GGUFReader(path)
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape), a.name
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+        fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert set(ours.fields) == set(fields)
+        for k, v in fields.items():
+            if k != "test.nested":  # gguf flattens an array of arrays; ours counts the outer one (2, checked below)
+                assert ours.fields[k] == (len(v) if isinstance(v, list) else v), k
+    assert ours.fields["test.nested"] == 2 and ours.fields["test.text"] == "héllo"

@@ -21,6 +21,9 @@ class BackendSpec:
     block_sizes: tuple[int, ...] | None  # KV page sizes in tokens; None: any
     # K and V are separate pools of pages [num_pages, page_size, num_kv_heads, head_dim], one per layer.
     kv_layout: str = "paged NHD"
+    # Whether kernels read slots past a context (and cancel them with a zero weight, so they must hold finite
+    # values: the pool is zero-filled); otherwise the pool is left as allocated, touched only where written.
+    reads_past_context: bool = False
 
     def check_block_size(self, block_size: int) -> None:
         if block_size < 1 or (self.block_sizes is not None and block_size not in self.block_sizes):
@@ -40,8 +43,9 @@ BACKENDS = {
     "torch": BackendSpec("torch", "slipstream.attention.torch_backend:TorchAttention", ("cpu", "cuda"), COMPUTE_DTYPES, None),
     # Triton kernels (Hopper: a Gluon prefill). Pages of 16..256 tokens, a power of two: the decode kernel's key
     # tiles and Hopper's bulk copies (TMA) take whole pages or split them evenly.
+    # Its prefill kernels load whole key tiles.
     "triton": BackendSpec("triton", "slipstream.attention.triton_backend:TritonAttention", ("cuda",), COMPUTE_DTYPES,
-                          (16, 32, 64, 128, 256)),
+                          (16, 32, 64, 128, 256), reads_past_context=True),
 }
 
 

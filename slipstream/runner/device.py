@@ -18,14 +18,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability (8, 0) for an A100, (9, 0) for an H100/H200; (0, 0) for the CPU."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto': fp32 on CPU; on a GPU the checkpoint's fp16, else bf16."""
+    """'auto': fp32 on CPU; on a GPU the checkpoint's fp16, else bf16 (fp16 on GPUs older than compute capability
+    8.0, which have no bf16 arithmetic: Triton's bf16 kernels do not build for them)."""
+    cap = capability(device)
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
-        return torch.float16 if model.dtype == "float16" else torch.bfloat16
+        return torch.float16 if model.dtype == "float16" or cap < (8, 0) else torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of: auto, {', '.join(DTYPES)}; got {name!r}")
+    if name == "bfloat16" and device.type == "cuda" and cap < (8, 0):
+        raise ValueError(f"dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+                         f"{cap[0]}.{cap[1]}); use --dtype float16")
     return DTYPES[name]
 
 

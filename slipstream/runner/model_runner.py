@@ -30,7 +30,7 @@ from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
 from slipstream.runner.batch import SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import GraphLadder
-from slipstream.runner.device import dtype_name, resolve_device, resolve_dtype
+from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors, expand_rows
@@ -100,6 +100,10 @@ class ModelRunner:
             with torch.device(self.device):
                 cls = model_class(self.model_config.architecture)
                 spec = resolve_quantization(self.config.quantization, self.model_config.quantization)
+                cap = capability(self.device)
+                if spec.method == "fp8" and self.device.type == "cuda" and cap < (8, 9):
+                    raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
+                                     f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
                 if spec.serialized and self.model_config.moe is not None:
                     raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
                                      "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")

@@ -235,8 +235,9 @@ def test_gumbel_argmax_matches_the_torch_sampler(dtype):
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 5000, generator=g) * 3).to(dtype)
     temp = torch.tensor([0.0, 0.5, 1.0, 1.3, 0.8, 0.0])
-    seeds = torch.tensor([1, 2, 3, 4, 5, 6])
+    seeds = torch.tensor([1, -2, 3, 2**62 + 5, -(2**63), 2**63 - 1])  # the kernel hashes in wrapping uint64
     pos = torch.tensor([0, 7, 7, 100, 3, 9])
+    temp[5] = 0.9
     ref = torch.where(temp < 1e-5, logits.float().argmax(-1),
                       (logits.float() / temp.clamp_min(1e-5).unsqueeze(1) - exponential_noise(seeds, pos, 5000).log()).argmax(-1))
     out = gumbel_argmax(*to(DEV, logits, temp, seeds, pos))

@@ -8,7 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels.hash import row_keys
 from slipstream.sampling_params import GREEDY_BELOW
 
 _GREEDY_BELOW = tl.constexpr(GREEDY_BELOW)  # jit code reads globals only as constexpr
@@ -24,14 +23,17 @@ def _mix(x):
 
 
 @triton.jit(do_not_specialize=["vocab", "chunk"])
-def _race_kernel(logits_ptr, row_key_ptr, temp_ptr, val_ptr, idx_ptr, vocab, stride, chunk,
+def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, val_ptr, idx_ptr, vocab, stride, chunk,
                  SAMPLED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """Best (score, index) of one row over one vocabulary chunk."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     greedy = True
     if SAMPLED:
-        key = tl.load(row_key_ptr + row).to(tl.uint64)
+        # hash.row_keys, here rather than in torch: its dozen elementwise ops were a dozen launches every step
+        # (8% of the engine core's host time serving 400 streams on the H200)
+        seed = tl.load(seed_ptr + row).to(tl.uint64)
+        key = _mix(seed * 0x9E3779B97F4A7C15 + tl.load(pos_ptr + row).to(tl.uint64))
         temp = tl.load(temp_ptr + row)
         greedy = temp < _GREEDY_BELOW
         inv_t = 1.0 / tl.where(greedy, 1.0, temp)
@@ -72,7 +74,8 @@ _MAX_SPLITS = 64
 _BLOCK = 2048
 
 
-def _race(logits: torch.Tensor, row_key: torch.Tensor | None, temperature: torch.Tensor | None) -> torch.Tensor:
+def _race(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Tensor | None,
+          temperature: torch.Tensor | None) -> torch.Tensor:
     # A 128K vocabulary in one program per row takes ~35 us at batch 1: split rows over enough programs to fill
     # the GPU, then pick across the splits.
     rows, vocab = logits.shape
@@ -83,8 +86,8 @@ def _race(logits: torch.Tensor, row_key: torch.Tensor | None, temperature: torch
     vals = torch.empty(rows, _MAX_SPLITS, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(rows, _MAX_SPLITS, dtype=torch.int64, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    sampled = row_key is not None
-    _race_kernel[(rows, splits)](logits, row_key if sampled else logits, temperature if sampled else logits, vals, idxs,
+    sampled = seeds is not None
+    _race_kernel[(rows, splits)](logits, *((seeds, positions, temperature) if sampled else (logits,) * 3), vals, idxs,
                                  vocab, logits.stride(0), chunk, SAMPLED=sampled, MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK,
                                  num_warps=8)
     _pick_kernel[(rows,)](vals, idxs, out, splits, vocab, MAX_SPLITS=_MAX_SPLITS, num_warps=1)
@@ -93,9 +96,9 @@ def _race(logits: torch.Tensor, row_key: torch.Tensor | None, temperature: torch
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Per row: greedy argmax if its temperature is 0, else a seeded draw from softmax(logits / T)."""
-    return _race(logits, row_keys(seeds, positions), temperature)
+    return _race(logits, seeds, positions, temperature)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch.argmax(logits, -1) (lowest index among ties), split over the GPU instead of one program per row."""
-    return _race(logits, None, None)
+    return _race(logits, None, None, None)

@@ -1,5 +1,5 @@
-"""On the GPU: greedy output of the Triton backend with CUDA graphs equals the torch reference backend's, and
-with overlap (async scheduling) it equals synchronous steps'.
+"""On the GPU: greedy output of the Triton backend with CUDA graphs equals the torch reference backend's, with
+overlap (async scheduling) it equals synchronous steps', and with a draft model proposing it equals plain decoding.
 
 Two prompt sets: eight short chats, and eight questions after one long system prompt (the prefix cache shares
 its pages, so the Triton decode attends to them with the cascade kernel).
@@ -20,15 +20,17 @@ SYSTEM = ("You are a patient assistant for a public library. Answer briefly and 
 
 
 def run(model: str, dtype: str, backend: str, eager: bool, budget: int, system: str | None = None,
-        overlap: str = "auto") -> list[list[int]]:
+        overlap: str = "auto", **spec: object) -> list[list[int]]:
     llm = LLM(model, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=eager, max_model_len=2048,
-              max_num_batched_tokens=budget, gpu_memory_utilization=0.3, async_scheduling=overlap)
+              max_num_batched_tokens=budget, gpu_memory_utilization=0.3, async_scheduling=overlap, **spec)
     head = [{"role": "system", "content": system}] if system else []
     prompts = [llm.apply_chat_template(head + [{"role": "user", "content": p}]) for p in PROMPTS]
     params = [SamplingParams(temperature=0, max_tokens=48 + 8 * i) for i in range(len(prompts))]
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    stats = llm.engine.core.stats
+    accepted = f" drafts {stats.accepted_draft_tokens}/{stats.draft_tokens} accepted" if spec else ""
     print(f"{dtype:8s} {backend:6s} graphs={not eager!s:5s} budget={budget} system={bool(system)} overlap={overlap}: "
-          f"{llm.tokenizer.decode(outs[0])!r}")
+          f"{llm.tokenizer.decode(outs[0])!r}{accepted}")
     del llm
     torch.cuda.empty_cache()
     return outs
@@ -56,6 +58,15 @@ def main() -> int:
             print(f"  {same}/{len(ref)} sequences identical to the torch backend")
             if dtype == "float32" and same != len(ref):
                 failures += 1
+    # A draft model (the target itself: its drafts, drawn as the target draws, are all right) on the Triton path,
+    # its chained draft steps in CUDA graphs fed on the device: the same greedy tokens as without speculation.
+    for dtype in ("float32", "bfloat16"):
+        ref = run(a.model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
+        got = run(a.model, dtype, "triton", False, 8192, SYSTEM, speculative_method="draft", speculative_model=a.model,
+                  num_speculative_tokens=3)
+        same = sum(g == r for g, r in zip(got, ref))
+        print(f"  {same}/{len(ref)} sequences identical with a draft model")
+        failures += dtype == "float32" and same != len(ref)
     print("GPU E2E:", "PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 

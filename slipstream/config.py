@@ -190,8 +190,11 @@ class EngineConfig:
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))
-    speculative_method: str = option("none", "speculative decoding: ngram proposes drafts by prompt lookup, verified "
-                                             "in one step (the output is exactly that without it)", ("none", "ngram"))
+    speculative_method: str = option("none", "speculative decoding: ngram proposes drafts by prompt lookup, draft by a "
+                                             "smaller model (speculative_model); verified in one step, the output is "
+                                             "exactly that without it", ("none", "ngram", "draft"))
+    speculative_model: str | None = option(None, "the draft model of speculative_method=draft (an HF directory or a "
+                                                 ".gguf file with the target's token ids)")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -203,6 +206,10 @@ class EngineConfig:
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_method='draft' and speculative_model go together: the draft model is named "
+                             f"by speculative_model (got speculative_method={self.speculative_method!r}, "
+                             f"speculative_model={self.speculative_model!r})")
         if self.speculative_method != "none" and self.async_scheduling == "on":
             raise ValueError("async_scheduling='on' cannot be combined with speculative decoding: a draft needs every "
                              "token before it known when the step is scheduled")

@@ -81,3 +81,83 @@ def test_speculation_never_changes_the_output(fresh, speculative):
     assert stats.accepted_draft_tokens > 0 and stats.draft_tokens >= stats.accepted_draft_tokens
     assert_no_leak(speculative)
     assert not speculative.engine.core.proposer._index  # every finished sequence's index is dropped
+
+
+# ---- a draft model ----
+def _draft_dirs(root):
+    """A random Qwen3 target, and two drafts with its 512 token ids: a different, smaller random Llama, and the
+    target itself (every greedy draft right)."""
+    from transformers import LlamaConfig
+
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    target, small = root / "target", root / "small"
+    make_model_dir(target, CONFIGS["qwen3"])
+    make_model_dir(small, LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True))
+    return str(target), {"small": str(small), "self": str(target)}
+
+
+DRAFT_PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    "seeded": SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=30, logprobs=2, ignore_eos=True),
+    "penalties": SamplingParams(temperature=0.6, seed=5, repetition_penalty=1.3, presence_penalty=0.3, max_tokens=30,
+                                ignore_eos=True),
+    "n2_stop": SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=30, stop_token_ids=[7, 9], ignore_eos=True),
+}
+
+
+def test_a_draft_model_never_changes_the_output(tmp_path):
+    """Greedy, seeded sampling with logprobs, penalties and n = 2 with stop tokens give exactly the tokens of
+    decoding without drafts, whichever draft model proposes them; through chunked prefill (the draft catches up
+    over prompts in several steps too), preemption (its KV starts over) and the prefix cache. A draft that is the
+    target itself gets every draft accepted, sampled ones too (it draws with the target's seeds and positions), but
+    under penalties, which drafts do not apply."""
+    target, drafts = _draft_dirs(tmp_path)
+    g = __import__("random").Random(0)
+    prompts = [[g.randrange(3, 512) for _ in range(n)] for n in (5, 40, 90, 23, 64, 11)]
+    prompts.append(prompts[2][:70] + [5, 6, 7])  # shares pages with a prompt before it (prefix cache hits)
+    small_pool = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16, num_blocks=24,
+                      max_num_batched_tokens=64)
+    plain = LLM(target, **small_pool)
+    want = {name: plain.generate(prompts, p) for name, p in DRAFT_PARAMS.items()}
+    assert plain.engine.core.stats.num_preemptions > 0  # the pool is small enough to preempt
+    for label, draft in drafts.items():
+        spec = LLM(target, speculative_method="draft", speculative_model=draft, num_speculative_tokens=3, **small_pool)
+        core = spec.engine.core
+        for name, params in DRAFT_PARAMS.items():
+            before = (core.stats.steps, core.stats.draft_tokens, core.stats.accepted_draft_tokens)
+            got = spec.generate(prompts, params)
+            for a, b in zip(want[name], got):
+                for x, y in zip(a.outputs, b.outputs):
+                    assert x.token_ids == y.token_ids, (label, name)
+                    assert x.finish_reason == y.finish_reason and x.stop_reason == y.stop_reason, (label, name)
+                    if params.logprobs is not None:
+                        for la, lb in zip(x.logprobs, y.logprobs):
+                            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la), (label, name)
+            drafted, accepted = core.stats.draft_tokens - before[1], core.stats.accepted_draft_tokens - before[2]
+            assert drafted > 0, (label, name)
+            if label == "self":  # the target drafting for itself, with the target's noise: every draw agrees
+                assert accepted == drafted or (name == "penalties" and accepted > drafted / 2), (name, accepted, drafted)
+        assert core.stats.num_preemptions > 0, label
+        assert_no_leak(spec)
+        assert not core.proposer._valid and not core.proposer._fed  # every finished sequence is forgotten
+
+
+def test_draft_model_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="speculative_model"):
+        EngineConfig.from_options(None, speculative_method="draft")
+    with pytest.raises(ValueError, match="speculative_method='draft'"):
+        EngineConfig.from_options(None, speculative_model="x")
+    from transformers import LlamaConfig
+
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    make_model_dir(tmp_path / "target", CONFIGS["qwen3"])
+    other = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    make_model_dir(tmp_path / "other", other)
+    with pytest.raises(ValueError, match="does not share the target's token ids"):
+        LLM(str(tmp_path / "target"), device="cpu", dtype="float32", max_model_len=128, speculative_method="draft",
+            speculative_model=str(tmp_path / "other"))

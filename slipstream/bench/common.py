@@ -98,15 +98,13 @@ def write_json(path: str | None, result: dict) -> None:
 def watch_compiles(label: str) -> Iterator[list[str]]:
     """Collect the Triton kernels compiled (or autotuned) inside the block and warn about them: a compile inside a
     timed region spoils the timing, and in a server it is a latency spike."""
-    import triton
+    from slipstream.kernels._device import on_compile
 
     seen: list[str] = []
-    rt = triton.knobs.runtime
-    prev = rt.jit_post_compile_hook
-    rt.jit_post_compile_hook = lambda **kw: seen.append(str(kw.get("repr", "?")).split("[")[0])
+    restore = on_compile(lambda kernel, _: seen.append(kernel.split("[")[0]))
     try:
         yield seen
     finally:
-        rt.jit_post_compile_hook = prev
+        restore()
         if seen:
             print(f"WARNING: {len(seen)} Triton compilations inside '{label}': {sorted(set(seen))}")

@@ -23,7 +23,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
-from slipstream.engine.proposer import NgramProposer
+from slipstream.engine.proposer import DraftModelProposer, NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
@@ -51,7 +51,18 @@ class EngineCore:
         self.config = config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)
-        self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
+        draft = self._load_draft() if config.speculative_method == "draft" else None
+        if draft is None:
+            self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
+        else:
+            from slipstream.runner.model_runner import footprint
+
+            draft_config, draft_loaded = draft
+            self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids,
+                                      companion=footprint(draft_config, draft_loaded.config))
+            draft_config = replace(draft_config, cache=replace(draft_config.cache, num_blocks=self.runner.num_blocks))
+            log.info("draft model: %s", config.speculative_model)
+            draft_runner = ModelRunner(draft_config, draft_loaded.config, draft_loaded.weights, max_len, self.eos_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.prefix_cache = RadixCache(self.block_manager) if config.cache.enable_prefix_caching else None
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.prefix_cache)
@@ -63,7 +74,11 @@ class EngineCore:
         # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
         # it is asked, so overlap there would only hold every output back by one step.
         # Speculative decoding turns it off: drafts follow the last token, which must be known when a step is scheduled.
-        self.proposer = NgramProposer(config.num_speculative_tokens) if config.speculative_method == "ngram" else None
+        k = config.num_speculative_tokens
+        self.proposer: NgramProposer | DraftModelProposer | None = (
+            NgramProposer(k) if config.speculative_method == "ngram"
+            else DraftModelProposer(draft_runner, k, config.scheduler.max_num_batched_tokens) if draft is not None
+            else None)
         self.overlap = self.proposer is None and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
@@ -75,6 +90,22 @@ class EngineCore:
         self._dormant: dict[int, Matcher] = {}  # seq_id -> a grammar that starts after a marker (end of reasoning)
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
         log.info("ready in %.1f s", time.perf_counter() - started)
+
+    def _load_draft(self) -> tuple[EngineConfig, loader.LoadedModel]:
+        """The draft model's config (the target's, for its own checkpoint) and its weights; it must write the
+        target's token ids (the same vocabulary: drafts are verified by comparing ids)."""
+        c = self.config
+        fmt = "dummy" if c.load_format == "dummy" else "auto"  # random target weights (benchmarks): a random draft too
+        loaded = loader.load(c.speculative_model, fmt)
+        mc, dc = self.model_config, loaded.config
+        if dc.vocab_size != mc.vocab_size or len(loaded.tokenizer) != len(self.tokenizer):
+            raise ValueError(f"speculative_model {c.speculative_model!r} does not share the target's token ids: "
+                             f"vocabulary {dc.vocab_size} rows / {len(loaded.tokenizer)} tokens, the target's "
+                             f"{mc.vocab_size} / {len(self.tokenizer)}")
+        config = replace(c, model=c.speculative_model, load_format=fmt, quantization="auto", tokenizer=None,
+                         speculative_method="none", speculative_model=None,
+                         cache=replace(c.cache, num_blocks=None, kv_cache_bytes=None))
+        return config, loaded
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -214,6 +245,8 @@ class EngineCore:
             self._propose()
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
+        if self.proposer is not None and any(batch.num_drafts):
+            self.proposer.refine(list(zip(batch.seqs, batch.num_drafts)))
         launched = self._launch(batch) if batch.seqs else None
         deltas = self._collect() if self._inflight is not None else []
         self._inflight = launched
@@ -282,6 +315,8 @@ class EngineCore:
                 seq.num_computed_tokens += len(r.tokens) - 1
                 self.stats.draft_tokens += drafts
                 self.stats.accepted_draft_tokens += len(r.tokens) - 1
+                if self.proposer is not None:  # (tests hand out drafts themselves)
+                    self.proposer.accepted(seq.seq_id, len(r.tokens) - 1)
             deltas.append(self._append(seq, r))
             if seq.is_finished:
                 if seq.request.is_finished:

@@ -106,24 +106,14 @@ def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_l
         sys.exit(1)
 
 
+
 def _report_late_compiles() -> None:
     """Log every Triton kernel compiled after warm-up: each compile stalls the whole batch for as long as it takes
     (hundreds of ms), which shows in a server's TTFT and inter-token tails; the log names the kernel and the
-    argument specialization that was new, and how long it took. (Triton's hooks are process-wide: this process is
-    the engine core's own.)"""
+    argument specialization that was new, and how long it took."""
     try:
-        from triton import knobs
+        from slipstream.kernels._device import on_compile
+
+        on_compile(lambda kernel, seconds: log.warning("a kernel compiled after warm-up in %.0f ms: %s", 1e3 * seconds, kernel))
     except ImportError:  # a machine without Triton, or a Triton without these hooks: nothing compiles here anyway
-        return
-    started: dict[object, float] = {}
-
-    def before(*, key, **_) -> None:  # noqa: ANN001, ANN003
-        started[str(key)] = time.perf_counter()
-
-    def after(*, key, repr, **_) -> None:  # noqa: ANN001, ANN003, A002 - Triton's keyword names
-        took = time.perf_counter() - started.pop(str(key), time.perf_counter())
-        log.warning("a kernel compiled after warm-up in %.0f ms: %s", 1e3 * took, repr)
-
-    knobs.runtime.jit_cache_hook = before
-    knobs.runtime.jit_post_compile_hook = after
-
+        pass

@@ -9,8 +9,24 @@ saves a step. (For a proposer whose guesses are deterministic this is rejection 
 propose the k tokens that followed it then. It pays off where outputs repeat their input (code edits,
 extraction, summaries quoting the source, multi-turn chat) and costs nothing where it finds no match. Each
 sequence keeps an index from n-gram to the position after its latest occurrence, updated as tokens arrive.
+
+`DraftModelProposer`: a smaller model with the target's token ids drafts k tokens (k chained one-token steps on
+the device, read once at the end). Its KV pool has as many pages as the target's and uses the target's block
+tables, so the scheduler's page reservations cover both models. It draws each draft as the target will draw that
+position: same temperature and filters, same seed and output index, so the same exponential noise (the sampler's
+hash of seed, position and token). Where the two models' distributions agree the draws agree too, sampled or
+greedy, and the output stays exactly the target's own (it is the target's draws that are kept).
+
+A proposer answers, for the engine core: `propose` before a step is scheduled (the drafts, or placeholders whose
+slots the scheduler reserves), `refine` once it is scheduled (a model drafts then: its KV writes need those
+slots), `accepted` when the verdict is read, `forget` when a sequence ends.
 """
 from __future__ import annotations
+
+from typing import Any
+
+from slipstream.runner.batch import SamplingRow, SeqStep, Step
+from slipstream.sampling_params import SamplingParams
 
 
 class NgramProposer:
@@ -37,5 +53,89 @@ class NgramProposer:
                 return ids[start : start + k]
         return []
 
+    def refine(self, scheduled: list[tuple[Any, int]]) -> None:
+        pass  # the drafts were final when proposed
+
+    def accepted(self, seq_id: int, num_accepted: int) -> None:
+        pass
+
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
+
+
+def _as_drafted(p: SamplingParams) -> SamplingParams:
+    """The draw of a draft: the target's temperature, filters and seed; no penalties, bias, logprobs or grammar
+    (they only move where the target's own draw lands; the verdict compares with that)."""
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, max_tokens=None)
+
+
+class DraftModelProposer:
+    def __init__(self, runner: Any, num_tokens: int, max_step_tokens: int) -> None:
+        """`runner`: the draft model's ModelRunner, its pool as many pages as the target's; `max_step_tokens`: the
+        most tokens one of its steps computes (catching up over a long prompt takes several)."""
+        self.runner, self.k, self.max_step_tokens = runner, num_tokens, max_step_tokens
+        # seq id -> (positions whose draft KV holds the sequence's tokens, the sequence's preemptions then: a
+        # preempted sequence lost its pages, and the draft starts over)
+        self._valid: dict[int, tuple[int, int]] = {}
+        self._fed: dict[int, tuple[int, int]] = {}  # seq id -> (its length, drafts) at the last refine
+        self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
+
+    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
+        return [0] * min(self.k, limit)  # placeholders: the scheduler reserves their slots, refine() fills them
+
+    def refine(self, scheduled: list[tuple[Any, int]]) -> None:
+        """Draft for the scheduled sequences (each with the number of drafts the step gives it): catch the draft's
+        KV up to each sequence's last token, whose draw is draft 1, then k - 1 one-token steps, each fed the
+        draws of the one before on the device."""
+        todo = [(seq, n) for seq, n in scheduled if n]
+        if not todo:
+            return
+        start = {}
+        for seq, _ in todo:
+            valid, preemptions = self._valid.get(seq.seq_id, (0, seq.num_preemptions))
+            start[seq.seq_id] = valid if preemptions == seq.num_preemptions else 0
+        behind = [seq for seq, _ in todo if start[seq.seq_id] < seq.num_tokens - 1]
+        while behind:  # every token but the last, within the step budget
+            budget, steps, still = self.max_step_tokens, [], []
+            for seq in behind:
+                v = start[seq.seq_id]
+                take = min(seq.num_tokens - 1 - v, budget)
+                if take > 0:
+                    steps.append(SeqStep(seq.seq_id, seq.token_ids[v : v + take], v, seq.block_table))
+                    start[seq.seq_id] = v + take
+                    budget -= take
+                if start[seq.seq_id] < seq.num_tokens - 1:
+                    still.append(seq)
+            self.runner.draw(Step(steps))
+            behind = still
+        # One step for every sequence's last token (a plain decode step: CUDA graphs), then the chained ones; row j
+        # draws output index num_output_tokens + j, as the target's row after j drafts will.
+        def row(seq: Any, j: int) -> SamplingRow:
+            p = self._params.get(seq.seq_id) or self._params.setdefault(seq.seq_id, _as_drafted(seq.params))
+            return SamplingRow(p, seq.seed, seq.num_output_tokens + j)
+
+        rounds = [self.runner.draw(Step([SeqStep(s.seq_id, s.token_ids[-1:], s.num_tokens - 1, s.block_table, 0, row(s, 0))
+                                         for s, _ in todo]))]
+        for j in range(1, max(n for _, n in todo)):
+            rounds.append(self.runner.draw(Step([SeqStep(s.seq_id, [0], s.num_tokens - 1 + j, s.block_table, 0, row(s, j),
+                                                         feed_previous=True) for s, n in todo if n > j])))
+        drafts: dict[int, list[int]] = {seq.seq_id: [] for seq, _ in todo}
+        for ids, tokens in rounds:  # read after every round is queued: the device runs them back to back
+            for sid, t in zip(ids, tokens.tolist()):
+                drafts[sid].append(t)
+        for seq, n in todo:
+            seq.draft_token_ids = drafts[seq.seq_id]
+            self._fed[seq.seq_id] = (seq.num_tokens, n)
+            self._valid[seq.seq_id] = (seq.num_tokens, seq.num_preemptions)
+
+    def accepted(self, seq_id: int, num_accepted: int) -> None:
+        """Drafts 1..n - 1 were fed at the positions after the last token: those accepted hold true tokens."""
+        fed = self._fed.pop(seq_id, None)
+        if fed is not None and seq_id in self._valid:
+            length, n = fed
+            self._valid[seq_id] = (length + min(num_accepted, n - 1), self._valid[seq_id][1])
+
+    def forget(self, seq_id: int) -> None:
+        self._valid.pop(seq_id, None)
+        self._fed.pop(seq_id, None)
+        self._params.pop(seq_id, None)

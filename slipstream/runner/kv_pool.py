@@ -30,8 +30,10 @@ class KVPool:
         """First slot of the padding page (after the pages the block manager hands out)."""
         return self.num_blocks * self.block_size
 
-    def size(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int, free_bytes: Callable[[], int]) -> int:
-        """Pages to allocate: the exact override, else what the byte budget holds (no more than can ever be used)."""
+    def size(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int, free_bytes: Callable[[], int],
+             shared_page_bytes: int = 0) -> int:
+        """Pages to allocate: the exact override, else what the byte budget holds (no more than can ever be used).
+        `shared_page_bytes`: what another pool with the same page ids (a draft model's) spends per page."""
         useful = max_num_seqs * -(-max_model_len // self.block_size)
         if cache.num_blocks is not None:
             n = cache.num_blocks
@@ -42,7 +44,7 @@ class KVPool:
                 budget = free_bytes()
             else:
                 budget = _CPU_KV_BYTES
-            n = min(useful, budget // self.bytes_per_block - 1)  # the budget covers the padding page too
+            n = min(useful, budget // (self.bytes_per_block + shared_page_bytes) - 1)  # and the padding page
         if n * self.block_size < max_model_len:
             raise ValueError(
                 f"KV cache of {n} blocks x {self.block_size} tokens cannot hold one sequence of max_model_len="

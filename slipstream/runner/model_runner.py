@@ -46,9 +46,44 @@ _MAX_GRAPH_SEQS = 512
 WeightSource = Callable[[bool], Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?) -> tensors; None: random
 
 
+def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """The model with its parameters created (not loaded) on `device` ("meta": sizes only), and its quantization."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            cls = model_class(mc.architecture)
+            spec = resolve_quantization(config.quantization, mc.quantization)
+            cap = capability(device)
+            if spec.method == "fp8" and device.type == "cuda" and cap < (8, 9):
+                raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
+                                 f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
+            if spec.serialized and mc.moe is not None:
+                raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
+                                 "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
+            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused), spec
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def footprint(config: EngineConfig, mc: ModelConfig) -> tuple[int, int]:
+    """(weight bytes, KV bytes per page) of the model `config` would run, without loading it: what a model that
+    shares another's pages (a draft model) asks that other to leave room for."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, mc, device)
+    spec = resolve_backend(config.attention_backend, device.type)
+    model, _ = _construct(config, mc, create_backend(spec), spec.name == "triton", torch.device("meta"), dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights, KVPool(mc, config.cache.block_size, dtype, device).bytes_per_block
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: WeightSource, max_model_len: int,
-                 eos_ids: set[int]) -> None:
+                 eos_ids: set[int], companion: tuple[int, int] = (0, 0)) -> None:
+        """`companion`: (weight bytes, KV bytes per page) of a model that will share this pool's page ids (a draft
+        model, built after this one with as many pages): the pool leaves room for its weights and sizes its pages
+        for both (see `footprint`)."""
         self.config = config
         self.model_config = mc = model_config
         self.device = resolve_device(config.device)
@@ -76,7 +111,9 @@ class ModelRunner:
         self.ints = Stager(self.device, torch.int64, 5 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
         self.kv = KVPool(mc, bs, self.dtype, self.device)
-        self.num_blocks = self.kv.size(config.cache, max_model_len, sched.max_num_seqs, self._profile_free_bytes)
+        reserve, shared_page_bytes = companion
+        self.num_blocks = self.kv.size(config.cache, max_model_len, sched.max_num_seqs,
+                                       lambda: self._profile_free_bytes() - reserve, shared_page_bytes)
         self.kv.allocate(self.num_blocks, self.backend)
         log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
@@ -94,22 +131,7 @@ class ModelRunner:
             self._token_buf = 0
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                cls = model_class(self.model_config.architecture)
-                spec = resolve_quantization(self.config.quantization, self.model_config.quantization)
-                cap = capability(self.device)
-                if spec.method == "fp8" and self.device.type == "cuda" and cap < (8, 9):
-                    raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
-                                     f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
-                if spec.serialized and self.model_config.moe is not None:
-                    raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
-                                     "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
-                model = cls(self.model_config, self.backend, method_table(spec, cls.checkpoint_modules), fused=self.fused)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        model, spec = _construct(self.config, self.model_config, self.backend, self.fused, self.device, self.dtype)
         if weights is None:
             init_dummy_weights(model, self.config.seed)
             finish_loading(model)
@@ -202,10 +224,33 @@ class ModelRunner:
         `fill_masks(owners, before)`, called once the forward is queued, returns the allowed tokens of the drawn
         rows as a host bitmask (structured output), or None; `owners` names each row's sequence, `before` the
         drafts drawn ahead of it (None: no drafts)."""
+        drawing, out = self._draw(step, fill_masks)
+        if out is None:
+            return Launched(drawing, None, None, None, None)
+        if self.device.type != "cuda":
+            return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None)
+        # Two token buffers take turns: a launched step is always read before the one after next is launched.
+        self._token_buf ^= 1
+        tokens = self._host_tokens[self._token_buf][: out.tokens.shape[0]].copy_(out.tokens, non_blocking=True)
+        host = [tokens] + [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in (out.logprobs, out.logprob_ids)]
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(drawing, *host, done)
+
+    @torch.inference_mode()
+    def draw(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
+        """Queue the step and its draws, and leave the draws on the device: (drawing sequence ids in row order, one
+        token each). A drafter chains steps this way (each feeds the last one's draws with `feed_previous`) and
+        reads them all at once; a step with drafts to verify goes through `launch`."""
+        drawing, out = self._draw(step, None)
+        return [s.seq_id for s in drawing], None if out is None else out.tokens
+
+    def _draw(self, step: Step, fill_masks: MaskFiller | None) -> tuple[list[SeqStep], SamplerOutput | None]:
         seqs, logits = self.compute_logits(step)
         drawing = [s for s in seqs if s.sampling is not None]
         if logits is None:
-            return Launched(drawing, None, None, None, None)
+            return drawing, None
         rows, positions, before = expand_rows(drawing)
         allowed = None
         if fill_masks is not None:
@@ -221,16 +266,7 @@ class ModelRunner:
                 rows[s.seq_id] = r
             r += s.num_samples
         self._last_rows, self._last_tokens = rows, out.tokens
-        if self.device.type != "cuda":
-            return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None)
-        # Two token buffers take turns: a launched step is always read before the one after next is launched.
-        self._token_buf ^= 1
-        tokens = self._host_tokens[self._token_buf][: out.tokens.shape[0]].copy_(out.tokens, non_blocking=True)
-        host = [tokens] + [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                           for t in (out.logprobs, out.logprob_ids)]
-        done = torch.cuda.Event()
-        done.record()
-        return Launched(drawing, *host, done)
+        return drawing, out
 
     def collect(self, launched: Launched) -> list[SeqResult]:
         """Wait for a launched step and read its results: per drawing sequence, its accepted tokens."""

@@ -212,7 +212,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
 
     app = build_app(options, config=config, tokenizer=lambda: loader.load_tokenizer(model, None), on_dead=on_dead,
-                    log_level=a.log_level)
+                    log_level=a.log_level, freeze_heap=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:

@@ -399,3 +399,7 @@ def test_gguf_index_reads_what_ggufs_reader_reads(gguf_path, tmp_path):
             if k != "test.nested":  # gguf flattens an array of arrays; ours counts the outer one (2, checked below)
                 assert ours.fields[k] == (len(v) if isinstance(v, list) else v), k
     assert ours.fields["test.nested"] == 2 and ours.fields["test.text"] == "héllo"
+    cut = tmp_path / "cut.gguf"  # an interrupted download
+    cut.write_bytes(open(mixed, "rb").read()[:-1000])
+    with pytest.raises(ValueError, match="is truncated: tensor"):
+        GGUFIndex(str(cut))

@@ -155,9 +155,11 @@ def test_draft_model_options_are_checked(tmp_path):
     from test_random_arch_equivalence import CONFIGS, make_model_dir
 
     make_model_dir(tmp_path / "target", CONFIGS["qwen3"])
-    other = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-    make_model_dir(tmp_path / "other", other)
-    with pytest.raises(ValueError, match="does not share the target's token ids"):
-        LLM(str(tmp_path / "target"), device="cpu", dtype="float32", max_model_len=128, speculative_method="draft",
-            speculative_model=str(tmp_path / "other"))
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, bos_token_id=1,
+                 eos_token_id=2)
+    make_model_dir(tmp_path / "wider", LlamaConfig(vocab_size=1024, max_position_embeddings=512, **small))
+    make_model_dir(tmp_path / "shorter", LlamaConfig(vocab_size=512, max_position_embeddings=64, **small))
+    for draft, message in (("wider", "does not share the target's token ids"), ("shorter", "reaches 64 positions")):
+        with pytest.raises(ValueError, match=message):
+            LLM(str(tmp_path / "target"), device="cpu", dtype="float32", max_model_len=128, speculative_method="draft",
+                speculative_model=str(tmp_path / draft))

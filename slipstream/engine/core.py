@@ -77,7 +77,7 @@ class EngineCore:
         k = config.num_speculative_tokens
         self.proposer: NgramProposer | DraftModelProposer | None = (
             NgramProposer(k) if config.speculative_method == "ngram"
-            else DraftModelProposer(draft_runner, k, config.scheduler.max_num_batched_tokens) if draft is not None
+            else DraftModelProposer(draft_runner, k) if draft is not None
             else None)
         self.overlap = self.proposer is None and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
@@ -92,16 +92,20 @@ class EngineCore:
         log.info("ready in %.1f s", time.perf_counter() - started)
 
     def _load_draft(self) -> tuple[EngineConfig, loader.LoadedModel]:
-        """The draft model's config (the target's, for its own checkpoint) and its weights; it must write the
-        target's token ids (the same vocabulary: drafts are verified by comparing ids)."""
+        """The draft model's config (the target's, for its own checkpoint) and its weights. It must write the
+        target's token ids (drafts are verified by comparing ids; its head may have fewer padding rows) and reach
+        every position the target does."""
         c = self.config
         fmt = "dummy" if c.load_format == "dummy" else "auto"  # random target weights (benchmarks): a random draft too
         loaded = loader.load(c.speculative_model, fmt)
         mc, dc = self.model_config, loaded.config
-        if dc.vocab_size != mc.vocab_size or len(loaded.tokenizer) != len(self.tokenizer):
+        if dc.vocab_size > mc.vocab_size or len(loaded.tokenizer) != len(self.tokenizer):
             raise ValueError(f"speculative_model {c.speculative_model!r} does not share the target's token ids: "
                              f"vocabulary {dc.vocab_size} rows / {len(loaded.tokenizer)} tokens, the target's "
                              f"{mc.vocab_size} / {len(self.tokenizer)}")
+        if dc.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"speculative_model {c.speculative_model!r} reaches {dc.max_position_embeddings} positions, "
+                             f"fewer than max_model_len={self.max_model_len}: lower max_model_len to at most that")
         config = replace(c, model=c.speculative_model, load_format=fmt, quantization="auto", tokenizer=None,
                          speculative_method="none", speculative_model=None,
                          cache=replace(c.cache, num_blocks=None, kv_cache_bytes=None))
@@ -246,7 +250,7 @@ class EngineCore:
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         if self.proposer is not None and any(batch.num_drafts):
-            self.proposer.refine(list(zip(batch.seqs, batch.num_drafts)))
+            self._refine(batch)
         launched = self._launch(batch) if batch.seqs else None
         deltas = self._collect() if self._inflight is not None else []
         self._inflight = launched
@@ -261,6 +265,18 @@ class EngineCore:
             if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending and seq.seq_id not in self._dormant:
                 # drafts and the token after them must fit under the sequence's length limit
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, seq.max_total_tokens - seq.num_tokens - 1)
+
+    def _refine(self, batch: ScheduledBatch) -> None:
+        """Let the proposer draft for the scheduled sequences, within the step's prefill budget (a draft model
+        catching up over a long prompt computes at most that many tokens a step); a sequence that got fewer drafts
+        than the scheduler reserved computes that many fewer tokens (the spare slots serve its next tokens)."""
+        self.proposer.refine(list(zip(batch.seqs, batch.num_drafts)),
+                             self._prefill_budget() or self.config.scheduler.max_num_batched_tokens)
+        for i, (seq, planned) in enumerate(zip(batch.seqs, batch.num_drafts)):
+            n = len(seq.draft_token_ids) if planned else 0
+            if n < planned:
+                batch.num_new_tokens[i] -= planned - n
+                batch.num_drafts[i] = n
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])

@@ -53,7 +53,7 @@ class NgramProposer:
                 return ids[start : start + k]
         return []
 
-    def refine(self, scheduled: list[tuple[Any, int]]) -> None:
+    def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         pass  # the drafts were final when proposed
 
     def accepted(self, seq_id: int, num_accepted: int) -> None:
@@ -70,10 +70,9 @@ def _as_drafted(p: SamplingParams) -> SamplingParams:
 
 
 class DraftModelProposer:
-    def __init__(self, runner: Any, num_tokens: int, max_step_tokens: int) -> None:
-        """`runner`: the draft model's ModelRunner, its pool as many pages as the target's; `max_step_tokens`: the
-        most tokens one of its steps computes (catching up over a long prompt takes several)."""
-        self.runner, self.k, self.max_step_tokens = runner, num_tokens, max_step_tokens
+    def __init__(self, runner: Any, num_tokens: int) -> None:
+        """`runner`: the draft model's ModelRunner, its pool as many pages as the target's."""
+        self.runner, self.k = runner, num_tokens
         # seq id -> (positions whose draft KV holds the sequence's tokens, the sequence's preemptions then: a
         # preempted sequence lost its pages, and the draft starts over)
         self._valid: dict[int, tuple[int, int]] = {}
@@ -83,31 +82,32 @@ class DraftModelProposer:
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
         return [0] * min(self.k, limit)  # placeholders: the scheduler reserves their slots, refine() fills them
 
-    def refine(self, scheduled: list[tuple[Any, int]]) -> None:
-        """Draft for the scheduled sequences (each with the number of drafts the step gives it): catch the draft's
-        KV up to each sequence's last token, whose draw is draft 1, then k - 1 one-token steps, each fed the
-        draws of the one before on the device."""
-        todo = [(seq, n) for seq, n in scheduled if n]
+    def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
+        """Draft for the scheduled sequences (each with the number of drafts the step reserved): catch the draft's KV
+        up to each sequence's last token, at most `budget` tokens in all (a long prompt takes several steps, and
+        draws no drafts until it is done), then draw draft 1 at the last token and k - 1 more in one-token steps,
+        each fed the draws of the one before on the device. A sequence left without drafts keeps []."""
+        for seq, _ in scheduled:
+            seq.draft_token_ids = []
+        start = {}
+        for seq, n in scheduled:
+            if n:
+                valid, preemptions = self._valid.get(seq.seq_id, (0, seq.num_preemptions))
+                start[seq.seq_id] = valid if preemptions == seq.num_preemptions else 0
+        catch_up = []
+        for seq, n in scheduled:  # every token but the last, within the budget
+            v = start.get(seq.seq_id, seq.num_tokens)
+            take = min(seq.num_tokens - 1 - v, budget)
+            if take > 0:
+                catch_up.append(SeqStep(seq.seq_id, seq.token_ids[v : v + take], v, seq.block_table))
+                start[seq.seq_id] = v + take
+                self._valid[seq.seq_id] = (v + take, seq.num_preemptions)
+                budget -= take
+        if catch_up:
+            self.runner.draw(Step(catch_up))
+        todo = [(seq, n) for seq, n in scheduled if n and start[seq.seq_id] == seq.num_tokens - 1]
         if not todo:
             return
-        start = {}
-        for seq, _ in todo:
-            valid, preemptions = self._valid.get(seq.seq_id, (0, seq.num_preemptions))
-            start[seq.seq_id] = valid if preemptions == seq.num_preemptions else 0
-        behind = [seq for seq, _ in todo if start[seq.seq_id] < seq.num_tokens - 1]
-        while behind:  # every token but the last, within the step budget
-            budget, steps, still = self.max_step_tokens, [], []
-            for seq in behind:
-                v = start[seq.seq_id]
-                take = min(seq.num_tokens - 1 - v, budget)
-                if take > 0:
-                    steps.append(SeqStep(seq.seq_id, seq.token_ids[v : v + take], v, seq.block_table))
-                    start[seq.seq_id] = v + take
-                    budget -= take
-                if start[seq.seq_id] < seq.num_tokens - 1:
-                    still.append(seq)
-            self.runner.draw(Step(steps))
-            behind = still
         # One step for every sequence's last token (a plain decode step: CUDA graphs), then the chained ones; row j
         # draws output index num_output_tokens + j, as the target's row after j drafts will.
         def row(seq: Any, j: int) -> SamplingRow:

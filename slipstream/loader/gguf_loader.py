@@ -79,6 +79,9 @@ class GGUFIndex:
             head = f.read(24)  # magic, version, tensor and field counts
         if len(head) < 24 or head[:4] != b"GGUF":
             raise ValueError(f"{path!r} is not a GGUF file (no GGUF magic at its start)")
+        if head[4:8] in (b"\0\0\0\2", b"\0\0\0\3"):
+            raise ValueError(f"{path!r} is a big-endian GGUF file; only little-endian ones are supported")
+        self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         buf, self._pos = memoryview(self._map), 0
         self._unpack = lambda fmt: struct.unpack_from(fmt, buf, self._take(struct.calcsize(fmt)))[0]
@@ -96,7 +99,7 @@ class GGUFIndex:
             name = self._string()
             dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
             infos.append((name, dims, GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")))
-        align = int(self.fields.get("general.alignment", 32))
+        align = int(self.fields.get("general.alignment", 32)) or 32
         start = -(-self._pos // align) * align
         typed = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                  "I32": np.int32, "I64": np.int64}
@@ -110,6 +113,9 @@ class GGUFIndex:
                 block, size = GGML_QUANT_SIZES[kind]
                 dtype, shape = np.dtype(np.uint8), (*rows, dims[0] // block * size)
             n = int(np.prod(shape)) * dtype.itemsize
+            if start + offset + n > len(self._map):
+                raise ValueError(f"{path!r} is truncated: tensor {name} ends at byte {start + offset + n}, the file "
+                                 f"has {len(self._map)} (an interrupted download?)")
             data = self._map[start + offset : start + offset + n].view(dtype).reshape(shape)
             self.tensors.append(GGUFTensor(name, tuple(dims), kind, data))
 
@@ -124,6 +130,8 @@ class GGUFIndex:
     def _value(self, kind: int) -> Any:
         if kind == self._STRING:
             return self._string()
+        if kind not in self._SCALARS and kind != self._ARRAY:
+            raise ValueError(f"{self.path!r}: unknown GGUF value type {kind} in its metadata")
         if kind != self._ARRAY:
             return self._unpack(self._SCALARS[kind])
         elem, count = self._unpack("<I"), self._unpack("<Q")
@@ -133,8 +141,10 @@ class GGUFIndex:
         elif elem == self._ARRAY:
             for _ in range(count):
                 self._value(self._ARRAY)
-        else:
+        elif elem in self._SCALARS:
             self._take(count * np.dtype(self._SCALARS[elem]).itemsize)
+        else:
+            raise ValueError(f"{self.path!r}: unknown GGUF array element type {elem} in its metadata")
         return count
 
 

@@ -1,9 +1,13 @@
 """Where the model runs and in what dtype."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from slipstream.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,6 +34,9 @@ def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
+        if model.dtype != "float16" and cap < (8, 0):
+            log.warning("this GPU (compute capability %d.%d) has no bfloat16: running the %s checkpoint in float16, "
+                        "whose narrower range some models overflow", *cap, model.dtype)
         return torch.float16 if model.dtype == "float16" or cap < (8, 0) else torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of: auto, {', '.join(DTYPES)}; got {name!r}")

@@ -177,7 +177,9 @@ class ModelRunner:
             self.ints.reset()
             h = HostInputs(ids, positions, slots, lens, lens, tables, [], firsts, 0, 0)
             hidden = self.model(*eager_inputs(h, self.ints))
-            logits = self.model.compute_logits(hidden[: min(tokens, sched.max_num_seqs)])
+            # the most rows a step draws: one per sequence, 1 + k when verifying k drafts each
+            per_seq = 1 + self.config.num_speculative_tokens if self.config.speculative_method != "none" else 1
+            logits = self.model.compute_logits(hidden[: min(tokens, sched.max_num_seqs * per_seq)])
             del hidden
             probs = torch.softmax(logits.float(), -1)
             probs.sort(dim=-1, descending=True)

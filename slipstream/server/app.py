@@ -147,10 +147,12 @@ class _Guard:
 
 
 def build_app(options: ServerOptions, core: Any = None, config: Any = None, tokenizer: Callable[[], Any] | None = None,
-              on_dead: Callable[[BaseException], None] | None = None, log_level: str = "info") -> FastAPI:
+              on_dead: Callable[[BaseException], None] | None = None, log_level: str = "info",
+              freeze_heap: bool = False) -> FastAPI:
     """Serve an already loaded `core` (EngineCore, on a thread) or start one in its own process from `config`
     (the tokenizer, from `tokenizer()`, loads meanwhile; /health is 503 until both are ready). `on_dead` is called
-    if the core fails or dies (the CLI then exits non-zero)."""
+    if the core fails or dies (the CLI then exits non-zero). `freeze_heap`: this process is the server's own
+    (`slipstream serve`): once ready, take its start-up heap out of garbage collection (slipstream/heap.py)."""
     state = ServerState(options)
 
     def dead(error: BaseException) -> None:
@@ -172,7 +174,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
             await client.start()
             state.client = client
-            if core is None:  # this process is the server's own (not a test's or a user's that holds an engine)
+            if freeze_heap:
                 log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
             log.info("engine ready: %s", options.model_name)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits

@@ -163,3 +163,18 @@ def test_draft_model_options_are_checked(tmp_path):
         with pytest.raises(ValueError, match=message):
             LLM(str(tmp_path / "target"), device="cpu", dtype="float32", max_model_len=128, speculative_method="draft",
                 speculative_model=str(tmp_path / draft))
+
+
+def test_the_exactness_check_catches_a_wrong_acceptance_rule(tmp_path, monkeypatch):
+    """The identity check above has power: keeping every draft (as a broken verifier would) changes the output at
+    once for a draft model that is usually wrong."""
+    from slipstream.runner import model_runner
+
+    target, drafts = _draft_dirs(tmp_path)
+    prompts = [[5, 9, 33, 70, 101], [400, 3, 3, 17]]
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=20, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", max_model_len=128)
+    want = LLM(target, **kw).generate(prompts, params)
+    monkeypatch.setattr(model_runner, "num_accepted", lambda draws, drafts: len(drafts))
+    got = LLM(target, speculative_method="draft", speculative_model=drafts["small"], **kw).generate(prompts, params)
+    assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(want, got))

@@ -46,6 +46,15 @@ _MAX_GRAPH_SEQS = 512
 WeightSource = Callable[[bool], Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?) -> tensors; None: random
 
 
+def num_accepted(draws: list[int], drafts: list[int]) -> int:
+    """How many drafts a verifying step keeps: while each equals what the step drew after the ones before it (the
+    draw plain decoding makes there), which keeps the output exactly plain decoding's."""
+    n = 0
+    while n < len(drafts) and draws[n] == drafts[n]:
+        n += 1
+    return n
+
+
 def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
                dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
     """The model with its parameters created (not loaded) on `device` ("meta": sizes only), and its quantization."""
@@ -288,10 +297,7 @@ class ModelRunner:
         for s in launched.seqs:
             k = s.num_drafts
             drafts = s.token_ids[len(s.token_ids) - k :] if k else []
-            accepted = 0
-            while accepted < k and tokens[r + accepted] == drafts[accepted]:
-                accepted += 1
-            n = accepted + 1
+            n = num_accepted(tokens[r : r + k], drafts) + 1
             top = s.sampling.params.logprobs
             row_lps = None if lps is None or top is None else [
                 dict(zip(ids[r + j][: 1 + top], lps[r + j][: 1 + top])) for j in range(n)

@@ -143,9 +143,13 @@ class CacheConfig:
     kv_cache_bytes: int | None = option(None, "bytes for the KV cache (CPU default: 1 GiB; GPU: what memory allows)")
     num_blocks: int | None = option(None, "exact number of KV pages (overrides the byte budget)")
     enable_prefix_caching: bool = option(True, "share the KV pages of common prompt prefixes across requests")
+    kv_cache_dtype: str = option("auto", "how the KV cache stores keys and values: auto (the compute dtype), fp8 "
+                                         "(E4M3 with a scale per token and head, computed as each is written: half "
+                                         "the bytes of 16-bit, no calibration)", ("auto", "fp8"))
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 1, "block_size", "must be >= 1", self.block_size)
+        _check(self.kv_cache_dtype in ("auto", "fp8"), "kv_cache_dtype", "must be one of: auto, fp8", self.kv_cache_dtype)
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]", self.gpu_memory_utilization)
         _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", "must be >= 1", self.kv_cache_bytes)
         _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1", self.num_blocks)

@@ -177,6 +177,42 @@ def test_decode_grid_bound_exceeds_contexts():
     assert rel_err(out[:2].cpu(), ref[:2]) < 1e-5
 
 
+def fp8_pool(kc, vc):
+    """A 16/32-bit pool as an FP8 one: values [pages, page, Hk, D] and scales [pages, page, Hk] per row."""
+    from slipstream.attention.backend import quantize_kv
+
+    (k8, ks), (v8, vs) = (quantize_kv(c.flatten(0, 1)) for c in (kc, vc))
+    return k8.view(kc.shape), v8.view(vc.shape), (ks.view(kc.shape[:3]), vs.view(vc.shape[:3]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["prefill", "decode", "decode_split", "cascade"])
+def test_fp8_pool_attention(dtype, kind):
+    """Every attention kernel on an FP8 pool (a scale per token and head) computes what the torch path computes on
+    the same FP8 values (tight), and stays near attention over the unquantized keys and values."""
+    hq, hk, d, page = 8, 2, 64, 16
+    ctx, ql = {"prefill": ([37, 50, 9, 32], [37, 21, 1, 16]), "cascade": ([600, 530, 700, 545], [1] * 4)}.get(
+        kind, ([600, 530, 17, 545], [1] * 4))
+    q, kc, vc, meta = make_paged(ctx, ql, hq, hk, d, page=page, dtype=torch.float32, seed=len(kind))
+    shared = 528
+    if kind == "cascade":  # the first pages of every table are sequence 0's
+        meta.block_tables[1:, : shared // page] = meta.block_tables[0, : shared // page]
+    k8, v8, scales = fp8_pool(kc, vc)
+    want = paged_attention_ref(q, k8, v8, meta, d**-0.5, scales)  # the torch path on the FP8 pool
+    exact = paged_attention_ref(q, kc, vc, meta, d**-0.5)
+    q, k8, v8, bt, sl, qsl = to(DEV, q.to(dtype), k8, v8, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    dev_scales = tuple(to(DEV, *scales))
+    if kind == "prefill":
+        out = paged_prefill(q, k8, v8, bt, sl, qsl, meta.max_query_len, d**-0.5, kv_scales=dev_scales)
+    elif kind == "cascade":
+        out = paged_decode(q, k8, v8, bt, sl, 1024, 128, d**-0.5, kv_scales=dev_scales,
+                           shared=torch.tensor([shared], device=DEV), shared_bound=1024)
+    else:
+        out = paged_decode(q, k8, v8, bt, sl, 1024, 16 if kind == "decode_split" else 1024, d**-0.5, kv_scales=dev_scales)
+    assert rel_err(out.cpu(), want) < max(TOL[dtype], 1e-4)
+    assert rel_err(out.cpu(), exact) < 0.05  # FP8 E4M3: 3 mantissa bits, a scale per row
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_add_rms_norm(dtype, with_residual):
@@ -223,6 +259,22 @@ def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
     out = qk_norm_rope_store(qkv.to(DEV), pos.to(DEV), rot.cos_sin.to(DEV), slots.to(DEV), kc, vc, hq, hk, d, *norms)
     assert rel_err(out.cpu(), q_ref) < TOL[dtype]
     assert rel_err(kc.cpu(), kc_ref) < TOL[dtype] and rel_err(vc.cpu(), vc_ref) < TOL[dtype]
+    # Into an FP8 pool: the rows and scales the torch path writes (a value may land one FP8 step off where the
+    # kernel's 16-bit rotation and the reference's fp32 one round differently). The values only on the GPU: Triton's
+    # interpreter converts float32 to float8 wrongly when rounding carries into the exponent (126.8 -> 64, not 128;
+    # about 3% of random values), where the GPU converts in hardware.
+    ref_k8, ref_v8 = torch.zeros(pages, page, hk, d, dtype=torch.float8_e4m3fn), torch.zeros(pages, page, hk, d, dtype=torch.float8_e4m3fn)
+    ref_backend.bind_kv([ref_k8], [ref_v8], [torch.zeros(pages, page, hk), torch.zeros(pages, page, hk)])
+    ref_backend.store_kv(0, k_ref, v, AttentionMetadata(slots, None, None, None, [], [], 0, 0))
+    k8 = torch.zeros(pages, page, hk, d, dtype=torch.float8_e4m3fn, device=DEV)
+    v8 = torch.zeros_like(k8)
+    scales = (torch.zeros(pages, page, hk, device=DEV), torch.zeros(pages, page, hk, device=DEV))
+    qk_norm_rope_store(qkv.to(DEV), pos.to(DEV), rot.cos_sin.to(DEV), slots.to(DEV), k8, v8, hq, hk, d, *norms,
+                       kv_scales=scales)
+    for got, ref, s, s_ref in ((k8, ref_k8, scales[0], ref_backend.scales[0]), (v8, ref_v8, scales[1], ref_backend.scales[1])):
+        assert rel_err(s.cpu(), s_ref) < max(TOL[dtype], 1e-6)
+        if DEV == "cuda":
+            assert rel_err((got.float() * s[..., None]).cpu(), ref.float() * s_ref[..., None]) < max(2 * TOL[dtype], 0.01)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -295,13 +347,25 @@ from slipstream.kernels.attention import _prefill_kernel as fn
 
 # The engine stages lengths, offsets and block tables as int64.
 types = dict(q_ptr="*bf16", k_cache="*bf16", v_cache="*bf16", out_ptr="*bf16", block_tables="*i64", seq_lens="*i64",
-             q_start="*i64", scale_log2="fp32")
-for page, bulk in ((64, True), (16, False)):  # bulk copies (TMA) need whole tiles in a page; else the gather path
-    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", TMA=bulk)
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+             q_start="*i64", scale_log2="fp32", k_scales="*bf16", v_scales="*bf16")
+fp8 = dict(types, k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scales="*fp32", v_scales="*fp32")
+for page, bulk, scaled in ((64, True, False), (16, False, False), (64, False, True)):
+    # bulk copies (TMA) need whole tiles in a page, else the gather path; an FP8 pool with its scales gathers too
+    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", TMA=bulk, SCALED=scaled)
+    sig = {n: "constexpr" if n in consts else (fp8 if scaled else types).get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
     assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == bulk, f"TMA={bulk}: bulk tensor copies in the PTX?"
+
+# The decode kernel on an FP8 pool: split and cascade, as a CUDA graph replays it.
+from slipstream.kernels.attention import _decode_kernel as dec
+dtypes = dict(fp8, q_ptr="*bf16", part_out="*fp32", part_lse="*fp32", shared_ptr="*i64")
+for split in (False, True):
+    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=64, BLOCK_N=128, SPLIT=split, SHARED=split,
+                  PRECISION="tf32", SCALED=True)
+    sig = {n: "constexpr" if n in consts else dtypes.get(n, "i32") for n in dec.arg_names}
+    src = ASTSource(dec, sig, constexprs={(dec.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
 
 # The Gluon kernel for bf16/fp16 on Hopper: loads by TMA, products by wgmma, registers moved between the loader and
 # the two consumer warpgroups.
@@ -324,8 +388,9 @@ for page, stages in ((16, 3), (64, 2), (128, 3)):  # a key tile spans 8 pages, 2
 
 
 def test_prefill_compiles_for_hopper():
-    """What the interpreter cannot vet: the Triton prefill paths and the Gluon one compile for sm_90 with the
-    engine's argument types, and only the TMA Triton variant issues bulk tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
+    """What the interpreter cannot vet: the Triton prefill paths (16-bit and FP8 pools), the FP8 decode and the
+    Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
+    tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
     uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)

@@ -8,6 +8,23 @@ import torch
 from slipstream.attention.registry import BackendSpec, backend_spec
 
 
+FP8_MAX = 448.0  # the largest finite float8 E4M3 value
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [T, Hk, D] -> (float8 E4M3 values, float32 scales [T, Hk]) with x ~ q * scale, scale = amax / 448 per
+    row (1 for a zero row); the reference of the fused store kernel (kernels/rope.py)."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_kv(pages: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pages of FP8 rows [..., Hk, D] and their scales [..., Hk] -> values in `dtype`."""
+    return (pages.float() * scales.unsqueeze(-1)).to(dtype)
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot (block * block_size + offset) of each new token
@@ -37,19 +54,33 @@ class AttentionBackend:
     def __init__(self) -> None:
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] | None = None
 
-    def bind_kv(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
-        """Layer i's pools, each [num_pages, page_size, num_kv_heads, head_dim]."""
-        self.k_caches, self.v_caches = k_caches, v_caches
+    def bind_kv(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                scales: list[torch.Tensor] | None = None) -> None:
+        """Layer i's pools, each [num_pages, page_size, num_kv_heads, head_dim]; an FP8 pool's scales [num_pages,
+        page_size, num_kv_heads] (float32), the layers' K scales then their V scales."""
+        self.k_caches, self.v_caches, self.scales = k_caches, v_caches, scales
 
     def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_caches[layer], self.v_caches[layer]
 
+    def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An FP8 pool's (K scales, V scales) of a layer; None for a 16/32-bit pool."""
+        return None if self.scales is None else (self.scales[layer], self.scales[len(self.k_caches) + layer])
+
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Write the step's new keys/values [T, Hk, D] to their slots."""
+        """Write the step's new keys/values [T, Hk, D] to their slots (FP8: each row with its own scale)."""
         k_cache, v_cache = self.kv_cache(layer)
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        scales = self.kv_scales(layer)
+        for x, cache, scale in zip((k, v), (k_cache, v_cache), scales or (None, None)):
+            rows = cache.view(-1, *cache.shape[2:])
+            if scale is None:
+                rows.index_copy_(0, meta.slot_mapping, x.to(cache.dtype))
+            else:  # as bytes: index_copy_ has no float8 kernel on the CPU
+                x, s = quantize_kv(x)
+                rows.view(torch.uint8).index_copy_(0, meta.slot_mapping, x.view(torch.uint8))
+                scale.view(-1, scale.shape[2]).index_copy_(0, meta.slot_mapping, s)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """[T, Hq, D] queries -> [T, Hq, D] outputs over each sequence's pages (new K/V already stored)."""

@@ -4,21 +4,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata, dequantize_kv
 from slipstream.attention.registry import BACKENDS
 
 
 def paged_attention_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its whole cached context (prefix + new tokens)."""
+    """Causal attention of each sequence's new queries over its whole cached context (prefix + new tokens);
+    `kv_scales`: the pool is FP8 with these per-token, per-head scales."""
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     start = 0
     for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         blocks = meta.block_tables[b, : -(-ctx // block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)  # [Hk, ctx, D]
-        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)
+        k, v = k_cache[blocks].flatten(0, 1)[:ctx], v_cache[blocks].flatten(0, 1)[:ctx]
+        if kv_scales is not None:
+            ks, vs = (s[blocks].flatten(0, 1)[:ctx] for s in kv_scales)
+            k, v = dequantize_kv(k, ks, q.dtype), dequantize_kv(v, vs, q.dtype)
+        k = k.transpose(0, 1).to(q.dtype)  # [Hk, ctx, D]
+        v = v.transpose(0, 1).to(q.dtype)
         qb = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
         # query i sits at position ctx - q_len + i and sees keys 0..that position
         mask = None
@@ -36,4 +42,4 @@ class TorchAttention(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, self.kv_scales(layer))

@@ -18,13 +18,14 @@ class TritonAttention(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
+        scales = self.kv_scales(layer)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             part = decode_partition(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
             paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, part, scale,
-                         out=out[:nd], shared=meta.shared_prefix, shared_bound=meta.decode_max_len)
+                         out=out[:nd], shared=meta.shared_prefix, shared_bound=meta.decode_max_len, kv_scales=scales)
         if nd < meta.num_seqs:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
-                          scale, out=out, first_seq=nd)
+                          scale, out=out, first_seq=nd, kv_scales=scales)
         return out

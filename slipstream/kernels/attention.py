@@ -59,12 +59,28 @@ def _kv_tile(src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh,
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, k_src, v_src, table, n0, ctx, pos, kvh, scale_log2,
-            stride_kp, stride_kt, stride_kh, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-            MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """One key tile of online-softmax attention; MASK applies causality and the context end."""
+def _kv_scales(src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The scales of tokens n0..n0+BLOCK_N of one KV head (an FP8 pool: [pages, PAGE, Hk] float32); 0 past ctx."""
+    toks = n0 + tl.arange(0, BLOCK_N)
+    tok_ok = toks < ctx
+    pages = tl.load(table + toks // PAGE, mask=tok_ok, other=0)
+    return tl.load(src + pages * stride_sp + (toks % PAGE) * stride_st + kvh, mask=tok_ok, other=0.0)
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos, kvh, scale_log2,
+            stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+            SCALED: tl.constexpr):
+    """One key tile of online-softmax attention; MASK applies causality and the context end. SCALED: the pool holds
+    FP8 keys and values with a float32 scale per token and head (k = k8 * ks): q.k = (q.k8) ks, and the weight of a
+    value row folds its scale into p (after the softmax sum, which the scales do not enter)."""
     k = _kv_tile(k_src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, MASK, TMA)
+    if SCALED:
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if SCALED:
+        s = s * _kv_scales(ks_src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE, BLOCK_N)[None, :]
     if MASK:
         toks = n0 + tl.arange(0, BLOCK_N)
         s = tl.where((toks[None, :] <= pos[:, None]) & (toks < ctx)[None, :], s, float("-inf"))
@@ -74,17 +90,20 @@ def _attend(q, acc, m_i, l_i, k_src, v_src, table, n0, ctx, pos, kvh, scale_log2
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _kv_tile(v_src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, MASK, TMA)
+    if SCALED:
+        p = p * _kv_scales(vs_src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE, BLOCK_N)[None, :]
+        v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["max_q_len", "stride_bt", "first_seq", "num_slots"])  # vary every step: no recompiles
 def _prefill_kernel(
-    q_ptr, k_cache, v_cache, block_tables, seq_lens, q_start, out_ptr, scale_log2,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+    q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, q_start, out_ptr, scale_log2,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, stride_bt, stride_ot, stride_oh,
     max_q_len, first_seq, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
 ):
     tile = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(0)  # heavy (late) tiles first
     b = first_seq + tl.program_id(1)
@@ -114,11 +133,13 @@ def _prefill_kernel(
     unmasked_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)
     for n0 in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, table, n0, ctx, pos, kvh, scale_log2,
-                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION, TMA)
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, k_scales, v_scales, table, n0, ctx, pos, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM, PAGE, BLOCK_N, False,
+                                PRECISION, TMA, SCALED)
     for n0 in range(unmasked_end, hi, BLOCK_N):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, table, n0, ctx, pos, kvh, scale_log2,
-                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, TMA)
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, k_scales, v_scales, table, n0, ctx, pos, kvh, scale_log2,
+                                stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM, PAGE, BLOCK_N, True,
+                                PRECISION, TMA, SCALED)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -126,12 +147,12 @@ def _prefill_kernel(
 # The partial-result strides scale with the number of partitions: like the per-step ints, never specialized on.
 @triton.jit(do_not_specialize=["partition", "stride_bt", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base"])
 def _decode_kernel(
-    q_ptr, k_cache, v_cache, block_tables, seq_lens, out_ptr, part_out, part_lse, shared_ptr, scale_log2,
-    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out_ptr, part_out, part_lse, shared_ptr,
+    scale_log2, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, stride_bt, stride_ob,
+    stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     partition, split_base,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -155,8 +176,9 @@ def _decode_kernel(
     table = block_tables + b * stride_bt
     visible = tl.full([GROUP_PAD], end - 1, tl.int64)  # the query follows every context token
     for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, table, n0, end, visible, kvh, scale_log2,
-                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, False)
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, k_scales, v_scales, table, n0, end, visible, kvh,
+                                scale_log2, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM, PAGE,
+                                BLOCK_N, True, PRECISION, False, SCALED)
     out = acc / l_i[:, None]
     if SPLIT:
         slot = split_base + split
@@ -168,11 +190,11 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["num_rows", "partition", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
 def _shared_prefix_kernel(
-    q_ptr, k_cache, v_cache, block_tables, shared_ptr, part_out, part_lse, scale_log2, num_rows,
-    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    partition,
+    q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, shared_ptr, part_out, part_lse, scale_log2, num_rows,
+    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh, partition,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SCALED: tl.constexpr,
 ):
     """Cascade attention: every decode's query heads of one KV head form the rows of one tile, attending to one
     partition of the prefix pages all sequences share (sequence 0's table), so those pages are read once per
@@ -196,8 +218,9 @@ def _shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     visible = tl.full([BLOCK_M], end, tl.int64)  # every shared token precedes every query
     for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, block_tables, n0, end, visible, kvh, scale_log2,
-                                stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, False)
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_cache, v_cache, k_scales, v_scales, block_tables, n0, end, visible,
+                                kvh, scale_log2, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM, PAGE,
+                                BLOCK_N, True, PRECISION, False, SCALED)
     tl.store(part_out + b[:, None] * stride_pb + h[:, None] * stride_ph + split * stride_ps + d[None, :], acc / l_i[:, None],
              mask=r_ok[:, None])
     tl.store(part_lse + b * stride_lb + h * stride_lh + split, m_i + tl.math.log2(l_i), mask=r_ok)
@@ -257,16 +280,27 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
     return hq, hk, d
 
 
+def _scale_args(k_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """(k scales, v scales, page stride, token stride) of an FP8 pool's scales [pages, page, Hk]; placeholders
+    for a 16-bit pool."""
+    if scales is None:
+        return k_cache, k_cache, 0, 0
+    ks, vs = scales
+    return ks, vs, ks.stride(0), ks.stride(1)
+
+
 def paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None, first_seq: int = 0,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention for the packed queries q [T, Hq, D] of sequences first_seq.. of the batch (the earlier
     ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q. Pool slots past a context
-    may be read and must hold finite values (the engine zero-fills its pool)."""
+    may be read and must hold finite values (the engine zero-fills its pool). `kv_scales`: the pool is FP8 with
+    these per-token, per-head scales ([pages, page, Hk] float32 for K and for V)."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
-    if (attention_sm90 is not None and q.is_cuda and _capability(q.device) == 9
+    if (attention_sm90 is not None and q.is_cuda and _capability(q.device) == 9 and kv_scales is None
             and attention_sm90.supported(q, k_cache, max_query_len)):
         _device_scratch()
         return attention_sm90.paged_prefill_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -276,15 +310,18 @@ def paged_prefill(
     # tiles on one warpgroup leave room for two programs per SM, whose softmax and dots then overlap; short
     # chunks (after a cached prefix, in a busy mixed step) take 64-row tiles to waste fewer rows.
     block_m, block_n = (16, 16) if INTERPRET else (64 if max_query_len <= 64 else 128, 64)
-    tma = k_cache.shape[1] % block_n == 0 and _bulk_copies(k_cache) and _bulk_copies(v_cache)
+    # (an FP8 pool's tiles take the pointer path: its scales are gathered beside them)
+    tma = kv_scales is None and k_cache.shape[1] % block_n == 0 and _bulk_copies(k_cache) and _bulk_copies(v_cache)
     if tma:
         _device_scratch()
+    ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
+        block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
         GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), TMA=tma, num_warps=4, num_stages=1 if INTERPRET else 2 if tma else 3,
+        PRECISION=dot_precision(q.dtype), TMA=tma, SCALED=kv_scales is not None, num_warps=4,
+        num_stages=1 if INTERPRET else 2 if tma else 3,
     )
     return out
 
@@ -335,14 +372,15 @@ def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     max_len: int, partition: int, scale: float, out: torch.Tensor | None = None,
-    shared: torch.Tensor | None = None, shared_bound: int = 0,
+    shared: torch.Tensor | None = None, shared_bound: int = 0, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
     so a CUDA graph captured with max_model_len serves any shorter context).
 
     `shared` ([1] int, on the device): the first shared[0] context tokens of every sequence sit in the same
     pages, those of sequence 0's table (a prefix-cache hit common to the batch), shared[0] <= shared_bound.
-    They are attended once for the whole batch by the cascade kernel; 0 turns that off at run time."""
+    They are attended once for the whole batch by the cascade kernel; 0 turns that off at run time.
+    `kv_scales`: an FP8 pool's per-token, per-head scales, as for `paged_prefill`."""
     hq, hk, d = _check(q, k_cache)
     bsz = q.shape[0]
     out = torch.empty_like(q) if out is None else out
@@ -357,11 +395,14 @@ def paged_decode(
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
                   BLOCK_N=128 if big else block_n, PRECISION=dot_precision(q.dtype), num_warps=4,
                   num_stages=1 if INTERPRET else 2 if big else 3)
-    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-               out.stride(0), out.stride(1))
+    ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
+    common["SCALED"] = kv_scales is not None
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
+               block_tables.stride(0), out.stride(0), out.stride(1))
     if splits == 1 and shared is None:
-        _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, seq_lens, scale * _LOG2E,
-                                     *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False, **common)
+        _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, out, out, seq_lens,
+                                     scale * _LOG2E, *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False,
+                                     **common)
         return out
     base = triton.cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
     part_out = torch.empty((bsz, hq, base + splits, d), dtype=torch.float32, device=q.device)
@@ -370,13 +411,13 @@ def paged_decode(
     if shared is not None:
         block_m = 16 if INTERPRET else 64
         _shared_prefix_kernel[(triton.cdiv(bsz * group, block_m), hk, base)](
-            q, k_cache, v_cache, block_tables, shared, part_out, part_lse, scale * _LOG2E, bsz * group, q.stride(0),
-            q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *pstr, SHARED_PARTITION,
-            GROUP=group, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-            PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=1 if INTERPRET else 3,
+            q, k_cache, v_cache, ks, vs, block_tables, shared, part_out, part_lse, scale * _LOG2E, bsz * group,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
+            *pstr, SHARED_PARTITION, GROUP=group, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION=dot_precision(q.dtype), SCALED=kv_scales is not None, num_warps=4, num_stages=1 if INTERPRET else 3,
         )
     flag = shared if shared is not None else seq_lens
-    _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, flag,
+    _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, part_out, part_lse, flag,
                                       scale * _LOG2E, *strides, *pstr, partition, base, SPLIT=True,
                                       SHARED=shared is not None, **common)
     _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, flag, out, partition, base, SHARED_PARTITION, *pstr,

@@ -61,6 +61,7 @@ class Attention(nn.Module):
             q = kernels.qk_norm_rope_store(
                 qkv, positions, self.rotary.cos_sin, meta.slot_mapping, k_cache, v_cache, self.num_heads,
                 self.num_kv_heads, self.head_dim, *((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()),
+                kv_scales=self.backend.kv_scales(self.layer),
             )
         else:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

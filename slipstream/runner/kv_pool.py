@@ -1,7 +1,9 @@
 """The paged KV pool: how many pages fit, and the per-layer tensors handed to the attention backend.
 
 The pool is `num_blocks + 1` pages per layer for K and for V: the extra page takes the writes of padded rows
-in a CUDA graph. Its dtype (`kv_dtype`) is the pool's own, apart from the model's compute dtype.
+in a CUDA graph. Its dtype (`kv_dtype`) is the pool's own, apart from the model's compute dtype. An FP8 pool
+(float8 E4M3) has beside each layer's K and V pages their scales, one float32 per token and KV head
+([pages, page_size, Hk]): the row of a key or value is stored as x / scale with scale = its amax / 448.
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ class KVPool:
         self.num_blocks = 0
 
     @property
+    def scaled(self) -> bool:
+        return self.kv_dtype == torch.float8_e4m3fn
+
+    @property
     def bytes_per_block(self) -> int:
         m = self.model
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
+        row = m.head_dim * self.kv_dtype.itemsize + (4 if self.scaled else 0)  # + its float32 scale
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * row
 
     @property
     def pad_slot(self) -> int:
@@ -61,11 +68,15 @@ class KVPool:
         shape = (num_blocks + 1, self.block_size, m.num_kv_heads, m.head_dim)
         alloc = torch.zeros if backend.spec.reads_past_context else torch.empty
         pages = [alloc(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2 * m.num_layers)]
-        backend.bind_kv(pages[: m.num_layers], pages[m.num_layers :])
+        scales = [alloc(shape[:3], dtype=torch.float32, device=self.device) for _ in range(2 * m.num_layers)] if self.scaled else None
+        backend.bind_kv(pages[: m.num_layers], pages[m.num_layers :], scales)
 
     def bind_scratch(self, num_blocks: int, backend: AttentionBackend) -> torch.Tensor:
         """One scratch page set shared by every layer (for measuring activation memory before the pool exists)."""
         m = self.model
         tmp = torch.empty((num_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.kv_dtype, device=self.device)
-        backend.bind_kv([tmp] * m.num_layers, [tmp] * m.num_layers)
+        scales = None
+        if self.scaled:
+            scales = [torch.empty((num_blocks, self.block_size, m.num_kv_heads), dtype=torch.float32, device=self.device)] * (2 * m.num_layers)
+        backend.bind_kv([tmp] * m.num_layers, [tmp] * m.num_layers, scales)
         return tmp

@@ -84,7 +84,18 @@ def footprint(config: EngineConfig, mc: ModelConfig) -> tuple[int, int]:
     spec = resolve_backend(config.attention_backend, device.type)
     model, _ = _construct(config, mc, create_backend(spec), spec.name == "triton", torch.device("meta"), dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights, KVPool(mc, config.cache.block_size, dtype, device).bytes_per_block
+    return weights, KVPool(mc, config.cache.block_size, kv_dtype(config, dtype, device), device).bytes_per_block
+
+
+def kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's storage dtype: the compute dtype, or FP8 E4M3 (kernels/attention.py reads it with its scales)."""
+    if config.cache.kv_cache_dtype != "fp8":
+        return dtype
+    cap = capability(device)
+    if device.type == "cuda" and cap < (8, 9):
+        raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (FP8 conversions); this one "
+                         f"is {cap[0]}.{cap[1]}")
+    return torch.float8_e4m3fn
 
 
 class ModelRunner:
@@ -119,7 +130,7 @@ class ModelRunner:
         # sampling ints; sampled-row indices (alignment padding is covered by the +64).
         self.ints = Stager(self.device, torch.int64, 5 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
-        self.kv = KVPool(mc, bs, self.dtype, self.device)
+        self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device)
         reserve, shared_page_bytes = companion
         self.num_blocks = self.kv.size(config.cache, max_model_len, sched.max_num_seqs,
                                        lambda: self._profile_free_bytes() - reserve, shared_page_bytes)

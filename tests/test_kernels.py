@@ -198,6 +198,10 @@ def test_fp8_pool_attention(dtype, kind):
     if kind == "cascade":  # the first pages of every table are sequence 0's
         meta.block_tables[1:, : shared // page] = meta.block_tables[0, : shared // page]
     k8, v8, scales = fp8_pool(kc, vc)
+    for b, c in enumerate(ctx):  # slots past each context hold NaN: a kernel that read them unmasked would show it
+        last, used = meta.block_tables[b, (c - 1) // page], c % page or page
+        k8[last, used:] = v8[last, used:] = float("nan")
+        scales[0][last, used:] = scales[1][last, used:] = float("nan")
     want = paged_attention_ref(q, k8, v8, meta, d**-0.5, scales)  # the torch path on the FP8 pool
     exact = paged_attention_ref(q, kc, vc, meta, d**-0.5)
     q, k8, v8, bt, sl, qsl = to(DEV, q.to(dtype), k8, v8, meta.block_tables, meta.seq_lens, meta.query_start_loc)
@@ -273,8 +277,8 @@ def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
                        kv_scales=scales)
     for got, ref, s, s_ref in ((k8, ref_k8, scales[0], ref_backend.scales[0]), (v8, ref_v8, scales[1], ref_backend.scales[1])):
         assert rel_err(s.cpu(), s_ref) < max(TOL[dtype], 1e-6)
-        if DEV == "cuda":
-            assert rel_err((got.float() * s[..., None]).cpu(), ref.float() * s_ref[..., None]) < max(2 * TOL[dtype], 0.01)
+        bound = max(2 * TOL[dtype], 0.01) if DEV == "cuda" else 0.2  # the interpreter: its conversion misses
+        assert rel_err((got.float() * s[..., None]).cpu(), ref.float() * s_ref[..., None]) < bound
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

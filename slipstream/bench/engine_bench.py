@@ -115,7 +115,7 @@ def latency(a: argparse.Namespace) -> dict:
     mc, runner = llm.engine.model_config, llm.engine.runner
     weight_bytes = active_weight_bytes(runner.model, a.batch_size)
     avg_ctx = a.input_len + a.output_len / 2
-    kv_bytes = a.batch_size * avg_ctx * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+    kv_bytes = a.batch_size * avg_ctx * runner.kv.bytes_per_block / runner.kv.block_size  # the pool's own dtype
     roofline = a.batch_size * bw / (weight_bytes + kv_bytes)
     res = dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization, batch_size=a.batch_size, input_len=a.input_len,
                output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft, e2e_s=total,

@@ -73,8 +73,8 @@ def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos,
             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
             SCALED: tl.constexpr):
     """One key tile of online-softmax attention; MASK applies causality and the context end. SCALED: the pool holds
-    FP8 keys and values with a float32 scale per token and head (k = k8 * ks): q.k = (q.k8) ks, and the weight of a
-    value row folds its scale into p (after the softmax sum, which the scales do not enter)."""
+    FP8 keys and values with a float32 scale per token and head (k = k8 * ks): q.k = (q.k8) ks, and the value rows
+    are dequantized in float32 before the P @ V dot (folding vs into p instead left fp16 weights subnormal)."""
     k = _kv_tile(k_src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, MASK, TMA)
     if SCALED:
         k = k.to(q.dtype)
@@ -91,8 +91,8 @@ def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos,
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _kv_tile(v_src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, MASK, TMA)
     if SCALED:
-        p = p * _kv_scales(vs_src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE, BLOCK_N)[None, :]
-        v = v.to(q.dtype)
+        vs = _kv_scales(vs_src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE, BLOCK_N)
+        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -286,6 +286,9 @@ def _scale_args(k_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]
     if scales is None:
         return k_cache, k_cache, 0, 0
     ks, vs = scales
+    if not (ks.is_contiguous() and vs.is_contiguous() and ks.shape == vs.shape == k_cache.shape[:3]):
+        raise ValueError("an FP8 pool's scales must be contiguous [pages, page, Hk] tensors (the store kernel writes "
+                         "them at slot * Hk + head)")
     return ks, vs, ks.stride(0), ks.stride(1)
 
 

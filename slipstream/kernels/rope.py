@@ -15,8 +15,8 @@ def _store_fp8(dst, scale_dst, x1, x2, HALF: tl.constexpr):
     amax = tl.maximum(tl.max(tl.abs(x1), 0), tl.max(tl.abs(x2), 0))
     scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
     half = tl.arange(0, HALF)
-    tl.store(dst + half, (x1 / scale).to(dst.dtype.element_ty))
-    tl.store(dst + HALF + half, (x2 / scale).to(dst.dtype.element_ty))
+    tl.store(dst + half, tl.clamp(x1 / scale, -FP8_MAX, FP8_MAX).to(dst.dtype.element_ty))
+    tl.store(dst + HALF + half, tl.clamp(x2 / scale, -FP8_MAX, FP8_MAX).to(dst.dtype.element_ty))
     tl.store(scale_dst, scale)
 
 
@@ -89,6 +89,8 @@ def qk_norm_rope_store(
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     norm = q_norm is not None
     ks, vs = kv_scales if kv_scales is not None else (flat_k, flat_v)
+    if kv_scales is not None and not (ks.is_contiguous() and vs.is_contiguous()):
+        raise ValueError("an FP8 pool's scales must be contiguous: they are written at slot * Hk + head")
     _qk_norm_rope_store_kernel[(t, num_heads + num_kv_heads)](
         qkv, positions, cos_sin, slot_mapping, q, flat_k, flat_v, ks, vs, q_norm if norm else qkv, k_norm if norm else qkv,
         eps, qkv.stride(0), q.stride(0), q.stride(1), cos_sin.stride(0), flat_k.stride(0), flat_k.stride(1),

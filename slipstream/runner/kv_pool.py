@@ -71,12 +71,13 @@ class KVPool:
         scales = [alloc(shape[:3], dtype=torch.float32, device=self.device) for _ in range(2 * m.num_layers)] if self.scaled else None
         backend.bind_kv(pages[: m.num_layers], pages[m.num_layers :], scales)
 
-    def bind_scratch(self, num_blocks: int, backend: AttentionBackend) -> torch.Tensor:
-        """One scratch page set shared by every layer (for measuring activation memory before the pool exists)."""
+    def bind_scratch(self, num_blocks: int, backend: AttentionBackend) -> int:
+        """One scratch page set shared by every layer (for measuring activation memory before the pool exists), held
+        by the backend until it is bound again; returns its bytes."""
         m = self.model
         tmp = torch.empty((num_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.kv_dtype, device=self.device)
         scales = None
         if self.scaled:
             scales = [torch.empty((num_blocks, self.block_size, m.num_kv_heads), dtype=torch.float32, device=self.device)] * (2 * m.num_layers)
         backend.bind_kv([tmp] * m.num_layers, [tmp] * m.num_layers, scales)
-        return tmp
+        return num_blocks * self.bytes_per_block // (2 * m.num_layers)  # one page set of K = V, and one of scales

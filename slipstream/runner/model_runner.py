@@ -190,7 +190,7 @@ class ModelRunner:
             slots += range(nblk * bs, nblk * bs + n)
             positions += range(n)
             nblk += pages
-        tmp = self.kv.bind_scratch(nblk, self.backend)
+        scratch = self.kv.bind_scratch(nblk, self.backend)
         ids = torch.randint(0, self.model_config.vocab_size, (tokens,)).tolist()
         firsts = [sum(lens[:i]) for i in range(len(lens))]
         with torch.inference_mode():
@@ -205,9 +205,8 @@ class ModelRunner:
             probs.sort(dim=-1, descending=True)
             del logits, probs
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - tmp.numel() * tmp.element_size()
-        del tmp
-        self.backend.bind_kv([], [])
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch
+        self.backend.bind_kv([], [])  # frees the scratch pages
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         free = int(total * self.config.cache.gpu_memory_utilization) - peak

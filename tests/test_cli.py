@@ -183,3 +183,29 @@ def test_gpus_without_bf16_get_fp16_and_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert device.resolve_dtype("auto", cfg, gpu) == torch.bfloat16
     assert device.resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+
+
+def test_weights_progress_only_on_a_watched_terminal(monkeypatch):
+    """The loading bar is drawn on an interactive stderr with INFO logging, and nowhere else; items pass through."""
+    import io
+    import logging
+
+    from slipstream.loader.progress import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    logger = logging.getLogger("slipstream")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        for stream, drawn in ((Tty(), True), (io.StringIO(), False)):
+            monkeypatch.setattr(sys, "stderr", stream)
+            assert list(progress(iter("abc"), 3)) == ["a", "b", "c"]
+            assert ("3/3 tensors" in stream.getvalue()) == drawn
+        monkeypatch.setattr(sys, "stderr", Tty())
+        logger.setLevel(logging.WARNING)  # --quiet
+        assert list(progress(iter("ab"), 2)) == ["a", "b"] and sys.stderr.getvalue() == ""
+    finally:
+        logger.setLevel(before)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from slipstream.config import ModelConfig
+from slipstream.loader.progress import progress
 from slipstream.models import MODEL_TYPES
 
 
@@ -277,4 +278,4 @@ def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[bool], 
     hf_config = gguf_config(reader)
     config = ModelConfig.from_hf(hf_config)
     permute = _field(reader, "general.architecture") == "llama"
-    return hf_config, config, lambda as_stored: gguf_weights(reader, config, permute, as_stored)
+    return hf_config, config, lambda as_stored: progress(gguf_weights(reader, config, permute, as_stored), len(reader.tensors))

@@ -181,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            if name.endswith((".k_scale", ".v_scale")):  # FP8 KV-cache scales: the KV cache is kept in 16 bits
+            if name.endswith((".k_scale", ".v_scale")):  # per-tensor FP8 KV scales: our FP8 cache scales each row as written
                 continue
             target, shard = name, None
             for frag, (stacked, idx) in self.packed_modules.items():

@@ -173,6 +173,18 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
     for name in [n for n in t if n.endswith("_proj.weight")]:
         w = t.pop(name)
         n, k = w.shape
+        if fmt.startswith("ct"):  # compressed-tensors: signed values and zero points, each stored + 8, rows first
+            q = torch.randint(-8, 8, (n, k), generator=g)
+            zeros = torch.randint(-8, 8, (n, k // group), generator=g) if fmt == "ct_asym" else torch.zeros(n, k // group, dtype=torch.int64)
+            scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).bfloat16()
+            cols = torch.arange(k) // group
+            ref[name.removesuffix(".weight")] = (q - zeros[:, cols]).float() * scales.float()[:, cols]
+            base = name.removesuffix(".weight")
+            t[base + ".weight_packed"], t[base + ".weight_scale"] = _words(q + 8, False), scales
+            t[base + ".weight_shape"] = torch.tensor([n, k])
+            if fmt == "ct_asym":
+                t[base + ".weight_zero_point"] = _words(zeros + 8, True)
+            continue
         q = torch.randint(0, 16, (k, n), generator=g)
         zeros = torch.randint(1, 15, (k // group, n), generator=g)
         scales = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
@@ -192,8 +204,11 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
         t[base + ".scales"] = scales
     save_file(t, os.path.join(out, "model.safetensors"))
     cfg = json.load(open(os.path.join(src, "config.json")))
+    ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+              "num_bits": 4, "type": "int", "symmetric": fmt == "ct", "strategy": "group", "group_size": group}}}}
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-                                  if fmt == "awq" else
+                                  if fmt == "awq" else ct if fmt.startswith("ct") else
                                   {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": False})
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
     for f in os.listdir(src):
@@ -202,10 +217,11 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
     return ref
 
 
-@pytest.mark.parametrize("fmt,act_order", [("awq", False), ("gptq", False), ("gptq", True)])
+@pytest.mark.parametrize("fmt,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("ct", False), ("ct_asym", False)])
 def test_awq_gptq_checkpoints_load_to_their_weights(tmp_path, fmt, act_order):
     """Checkpoints packed by hand in each format load to the weights the format defines, bit for bit (GPTQ with
-    act-order's shuffled g_idx too), fused q|k|v and gate|up included."""
+    act-order's shuffled g_idx too; compressed-tensors pack-quantized, symmetric and with zero points), fused q|k|v
+    and gate|up included."""
     from test_fp8 import _tiny_llama
 
     src = str(tmp_path / "src")
@@ -229,6 +245,19 @@ def test_parse_awq_gptq_configs():
         QuantSpec("int4", serialized=True, group=64, format="awq")
     assert parse({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True, "sym": True,
                   "checkpoint_format": "gptq_v2"}).format == "gptq_v2"
+
+    def ct(act=None, **weights):
+        w = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128) | weights
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                "config_groups": {"g": {"weights": w, "input_activations": act}}}
+
+    assert parse(ct()) == QuantSpec("int4", serialized=True, group=128, format="ct", ignore=("lm_head",))
+    assert parse(ct(symmetric=False, strategy="channel", group_size=None)).format == "ct_asym"
+    assert parse(ct(strategy="channel")).group == -1
+    for bad, field in ((ct(actorder="group"), "act-order"), (ct(act={"num_bits": 8}), "weight-only"),
+                       (ct(strategy="tensor"), "strategy 'tensor'")):
+        with pytest.raises(ValueError, match=field):
+            parse(bad)
     for bad, field in (({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8 bits"),
                        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "GEMM layout"),
                        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format")):

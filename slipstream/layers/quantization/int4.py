@@ -4,6 +4,8 @@ One layout for every 4-bit integer format: `qweight` uint8 [N, K / 2] (column 2j
 in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * scale + offset:
   - GGUF Q4_1 (d, m) as is, Q4_0 as (d, -8 d), float16; Q4_K as (d sc, -dmin m) per sub-block of 32, float32;
   - AWQ (GEMM layout) and GPTQ, whose weights are (q - zero) * scale, as (scale, -zero * scale), float32 offsets;
+  - compressed-tensors pack-quantized, (q - zero) * scale with signed q and zero stored as q + 8: as (scale,
+    -(8 + zero) * scale), float32 scales and offsets;
     GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
   - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
     multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
@@ -153,6 +155,15 @@ class Int4:
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
             params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), dtype, {}),
                       ("offsets", (n, g), dtype, {})]
+        elif fmt.startswith("ct"):  # compressed-tensors: [N, ...] tensors, 8 columns to an int32 (zero points: 8 rows)
+            params = [("weight_packed", (n, k // 8), torch.int32, {}), ("weight_scale", (n, g), torch.float32, {})]
+            if fmt == "ct_asym":
+                params.append(("weight_zero_point", (n // 8, g), torch.int32, dict(rows_per=8)))
+            # each fused projection's (rows, columns), checked once loaded
+            shapes = nn.Parameter(torch.zeros(len(layer.output_sizes), 2, dtype=torch.int64), requires_grad=False)
+            layer.register_parameter("weight_shape", shapes)
+            shapes.weight_loader = lambda p, t, shard: p.data[shard or 0].copy_(t.reshape(2))
+            shapes.shards = tuple(range(len(layer.output_sizes))) if len(layer.output_sizes) > 1 else (None,)
         else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
             params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
                        dict(dim=1, rows_per=8 if fmt == "awq" else 1)),
@@ -171,6 +182,8 @@ class Int4:
             out = layer.qweight.data, layer.scales.data, layer.offsets.data, None
             del layer.qweight, layer.scales, layer.offsets
             return out
+        if fmt.startswith("ct"):
+            return self._from_compressed_tensors(layer)
         scales = layer.scales.data
         if fmt == "awq":
             q = unpack_int32(layer.qweight.data, 1, AWQ_NIBBLE)
@@ -183,6 +196,23 @@ class Int4:
             del layer.g_idx
         del layer.qweight, layer.qzeros, layer.scales
         return from_zero_points(q, zeros, scales, group_of)
+
+    def _from_compressed_tensors(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        """compressed-tensors' w = (q - zero) * scale with q and zero signed 4-bit numbers stored as q + 8 (nibble j of
+        an int32 is column 8i + j; of a zero point word, row 8i + j) -> ours: u = q + 8 as it is, the scale, and
+        offset = -(8 + zero) * scale in float32 (exact)."""
+        want = [[size, layer.in_features] for size in layer.output_sizes]
+        if layer.weight_shape.data.tolist() != want:
+            raise ValueError(f"weight_shape {layer.weight_shape.data.tolist()} != the layer's {want}")
+        u = unpack_int32(layer.weight_packed.data, 1)
+        scales = layer.weight_scale.data  # float32: the checkpoint's 16-bit scales, exactly
+        zeros = torch.zeros(scales.shape, dtype=torch.float32)
+        if hasattr(layer, "weight_zero_point"):
+            zeros = unpack_int32(layer.weight_zero_point.data, 0).float() - 8
+            del layer.weight_zero_point
+        offsets = -(8 + zeros) * scales
+        del layer.weight_packed, layer.weight_scale, layer.weight_shape
+        return pack(u), scales, offsets, None
 
     def process_after_loading(self, layer: "Linear") -> None:
         """Packed on the GPU kernels' path (`qweight`, `scales`, `offsets`, and `perm` where GPTQ's act-order

@@ -30,7 +30,8 @@ class QuantSpec:
     group: int = INT4_GROUP  # int4: columns per scale and offset (-1: the whole input width)
     # int4: how the checkpoint packs it: "gguf" (our layout, repacked by the GGUF loader; "gguf_k" with float32
     # scales, for Q4_K's), "awq" (AutoAWQ GEMM),
-    # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are)
+    # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are),
+    # "ct" / "ct_asym" (compressed-tensors pack-quantized, symmetric / with zero points)
     format: str = ""
 
     def keeps_16bit(self, names: list[str]) -> bool:
@@ -84,8 +85,19 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
         if len(groups) != 1:
             raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config groups are not supported (one)")
         w, a = groups[0].get("weights") or {}, groups[0].get("input_activations")
+        ignore = tuple(qc.get("ignore") or ())
+        if w.get("type") == "int" and w.get("num_bits") == 4:  # W4A16 ("pack-quantized"), llm-compressor's GPTQ / RTN
+            if a is not None or qc.get("format") != "pack-quantized":
+                raise ValueError("compressed-tensors int4: only weight-only checkpoints in the pack-quantized format are supported")
+            strategy = w.get("strategy")
+            if strategy not in ("group", "channel") or w.get("actorder") not in (None, False, "static", "weight"):
+                raise ValueError(f"compressed-tensors int4 strategy {strategy!r} (actorder {w.get('actorder')!r}): "
+                                 "supported group and channel, without dynamic act-order")
+            return QuantSpec("int4", serialized=True, ignore=ignore, format="ct" if w.get("symmetric", True) else "ct_asym",
+                             group=int(w.get("group_size") or -1) if strategy == "group" else -1)
         if w.get("type") != "float" or w.get("num_bits") != 8:
-            raise ValueError(f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: only float 8-bit (FP8) is supported")
+            raise ValueError(f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: supported float 8-bit "
+                             "(FP8) and int 4-bit (pack-quantized)")
         strategy = w.get("strategy")
         if strategy not in ("tensor", "channel", "block"):
             raise ValueError(f"compressed-tensors weight strategy {strategy!r}: supported tensor, channel, block")
@@ -100,9 +112,9 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
             raise ValueError(f"compressed-tensors static activations with strategy {a.get('strategy')!r} are not supported")
         if strategy == "block" and act != "dynamic":
             raise ValueError("block-scaled fp8 checkpoints need dynamic activation scales")
-        return QuantSpec("fp8", strategy, block, act, True, "weight_scale", tuple(qc.get("ignore") or ()))
+        return QuantSpec("fp8", strategy, block, act, True, "weight_scale", ignore)
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported (supported: fp8, compressed-tensors "
-                     f"FP8, awq, gptq)")
+                     f"FP8 and int4, awq, gptq)")
 
 
 def resolve_quantization(option: str, checkpoint: QuantSpec) -> QuantSpec:

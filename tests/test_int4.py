@@ -77,19 +77,34 @@ def test_resolve_quantization_for_4bit_checkpoints():
         resolve_quantization("none", awq)
 
 
+def fp4_weights(n, k, group, g):
+    """Random FP4 E2M1 codes and float32 group scales: (qweight, scales) with w = e2m1(q) * scale."""
+    return pack(torch.randint(0, 16, (n, k), generator=g)), torch.rand(n, k // group, generator=g) * 0.01 + 0.001
+
+
+def test_e2m1_codes():
+    """Every FP4 code by hand (sign bit 3, 2 exponent bits, 1 mantissa bit) through the torch reference."""
+    codes = torch.arange(16, dtype=torch.uint8).view(1, 16)
+    got = dequantize(pack(codes), torch.ones(1, 1), None, torch.float32)
+    assert got[0].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,group", [(1, 32), (19, 128), (40, 64)])
-def test_w4a16_gemm_matches_reference(dtype, m, group):
+@pytest.mark.parametrize("m,group,fp4", [(1, 32, False), (19, 128, False), (40, 64, False), (1, 16, True), (19, 32, True)])
+def test_w4a16_gemm_matches_reference(dtype, m, group, fp4):
     from slipstream.kernels.int4 import w4a16_gemm
 
     g = torch.Generator().manual_seed(m)
     n, k = 80, 256  # N not a multiple of the column tile
-    w = torch.randn(n, k, generator=g) * 0.05
-    qweight, scales, offsets = quantize_rtn(w, group)
+    if fp4:
+        (qweight, scales), offsets = fp4_weights(n, k, group, g), None
+    else:
+        qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) * 0.05, group)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     ref = torch.nn.functional.linear(x.float(), dequantize(qweight, scales, offsets, dtype).float(), bias.float())
-    out = w4a16_gemm(x.to(DEV), qweight.to(DEV), scales.to(DEV), offsets.to(DEV), group, bias.to(DEV))
+    out = w4a16_gemm(x.to(DEV), qweight.to(DEV), scales.to(DEV), None if fp4 else offsets.to(DEV), group, bias.to(DEV),
+                     fp4=fp4)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
@@ -112,22 +127,26 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
 
 
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
-@pytest.mark.parametrize("group", [32, 128])
-def test_4bit_gemv_matches_reference(prologue, group):
-    """One row against 4-bit weights: the fused GEMV (the norm or SwiGLU before it) vs the dequantized weights."""
+@pytest.mark.parametrize("group,fp4", [(32, False), (128, False), (16, True)])
+def test_4bit_gemv_matches_reference(prologue, group, fp4):
+    """One row against 4-bit weights (integer or FP4 codes): the fused GEMV (the norm or SwiGLU before it) vs the
+    dequantized weights."""
     from slipstream.kernels.matvec import gemv
 
     g = torch.Generator().manual_seed(group)
     n, k = 200, 256
     x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
-    qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, group)
+    if fp4:
+        (qweight, scales), offsets = fp4_weights(n, k, group, g), None
+    else:
+        qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, group)
     nw = 1 + 0.1 * torch.randn(k, generator=g)
     a = gemv_prologue_ref(x, k, nw, prologue)
     bias = torch.randn(n, generator=g)
     ref = a.double() @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
     kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
     y, _ = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
-                weight_offset=offsets.to(DEV), group=group, **kw)
+                weight_offset=None if fp4 else offsets.to(DEV), group=group, fp4=fp4, **kw)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -173,6 +192,23 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
     for name in [n for n in t if n.endswith("_proj.weight")]:
         w = t.pop(name)
         n, k = w.shape
+        if fmt in ("nvfp4", "mxfp4"):  # FP4 codes two to a byte, low nibble first; FP8 or E8M0 group scales
+            fg = 16 if fmt == "nvfp4" else 32
+            codes = torch.randint(0, 16, (n, k), generator=g)
+            base = name.removesuffix(".weight")
+            cols = torch.arange(k) // fg
+            if fmt == "nvfp4":
+                s8 = (torch.rand(n, k // fg, generator=g) * 300 + 10).to(torch.float8_e4m3fn)
+                glob = torch.tensor([float(torch.randint(200, 3000, (1,), generator=g))])
+                scale = s8.float() / glob
+                t[base + ".weight_scale"], t[base + ".weight_global_scale"] = s8, glob
+                t[base + ".input_global_scale"] = torch.tensor([1.5])
+            else:
+                e = torch.randint(115, 125, (n, k // fg), generator=g).to(torch.uint8)
+                scale, t[base + ".weight_scale"] = torch.exp2(e.float() - 127), e
+            ref[base] = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])[codes] * scale[:, cols]
+            t[base + ".weight_packed"] = pack(codes)
+            continue
         if fmt.startswith("ct"):  # compressed-tensors: signed values and zero points, each stored + 8, rows first
             q = torch.randint(-8, 8, (n, k), generator=g)
             zeros = torch.randint(-8, 8, (n, k // group), generator=g) if fmt == "ct_asym" else torch.zeros(n, k // group, dtype=torch.int64)
@@ -207,8 +243,13 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
     ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
               "num_bits": 4, "type": "int", "symmetric": fmt == "ct", "strategy": "group", "group_size": group}}}}
+    if fmt in ("nvfp4", "mxfp4"):
+        ct["format"] = f"{fmt}-pack-quantized"
+        ct["config_groups"]["group_0"]["weights"] = {"num_bits": 4, "type": "float", "symmetric": True,
+                                                     "strategy": "tensor_group" if fmt == "nvfp4" else "group",
+                                                     "group_size": 16 if fmt == "nvfp4" else 32}
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-                                  if fmt == "awq" else ct if fmt.startswith("ct") else
+                                  if fmt == "awq" else ct if fmt.startswith("ct") or fmt.endswith("fp4") else
                                   {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": False})
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
     for f in os.listdir(src):
@@ -217,11 +258,12 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
     return ref
 
 
-@pytest.mark.parametrize("fmt,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("ct", False), ("ct_asym", False)])
+@pytest.mark.parametrize("fmt,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("ct", False), ("ct_asym", False),
+                                           ("nvfp4", False), ("mxfp4", False)])
 def test_awq_gptq_checkpoints_load_to_their_weights(tmp_path, fmt, act_order):
     """Checkpoints packed by hand in each format load to the weights the format defines, bit for bit (GPTQ with
-    act-order's shuffled g_idx too; compressed-tensors pack-quantized, symmetric and with zero points), fused q|k|v
-    and gate|up included."""
+    act-order's shuffled g_idx too; compressed-tensors pack-quantized, symmetric and with zero points; NVFP4 with a
+    global scale per projection, MXFP4), fused q|k|v and gate|up included."""
     from test_fp8 import _tiny_llama
 
     src = str(tmp_path / "src")
@@ -258,6 +300,15 @@ def test_parse_awq_gptq_configs():
                        (ct(strategy="tensor"), "strategy 'tensor'")):
         with pytest.raises(ValueError, match=field):
             parse(bad)
+    nv = ct(act={"num_bits": 4, "type": "float"}, type="float", strategy="tensor_group", group_size=16)
+    nv["format"] = "nvfp4-pack-quantized"
+    assert parse(nv) == QuantSpec("int4", serialized=True, group=16, format="nvfp4", ignore=("lm_head",))
+    mx = ct(type="float", group_size=32)
+    mx["format"] = "mxfp4-pack-quantized"
+    assert parse(mx).format == "mxfp4"
+    mx["config_groups"]["g"]["weights"]["group_size"] = 16
+    with pytest.raises(ValueError, match="groups of 32"):
+        parse(mx)
     for bad, field in (({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8 bits"),
                        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "GEMM layout"),
                        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format")):

@@ -371,6 +371,23 @@ for split in (False, True):
     src = ASTSource(dec, sig, constexprs={(dec.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
 
+# The 4-bit GEMM and GEMV on FP4 E2M1 codes (NVFP4 / MXFP4 weights) and on integer codes.
+from slipstream.kernels.int4 import _w4a16_kernel as w4
+from slipstream.kernels.matvec import _gemv_kernel as gv
+w4types = dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
+gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32",
+               b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
+for fp4 in (False, True):
+    consts = dict(HAS_BIAS=False, PRECISION="tf32", FP4=fp4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+    sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
+    triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+    consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=4 if fp4 else 3, SCALE_BN=1, SCALE_BK=16, BLOCK_N=8,
+                  BLOCK_K=512)
+    sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
+    triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+
 # The Gluon kernel for bf16/fp16 on Hopper: loads by TMA, products by wgmma, registers moved between the loader and
 # the two consumer warpgroups.
 from triton.experimental.gluon import language as gl

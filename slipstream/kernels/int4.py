@@ -2,7 +2,8 @@
 
 The weight is stored as layers/quantization/int4.py lays it out: `qweight` uint8 [N, K / 2] (column 2j in the low
 nibble of byte j, column 2j + 1 in the high one), and per group of `group` columns of a row a float16 `scale` and
-an `offset` (float16 or float32): w = q * scale + offset (GGUF, AWQ, GPTQ and round-to-nearest: one layout). Each program
+an `offset` (float16 or float32): w = q * scale + offset (GGUF, AWQ, GPTQ and round-to-nearest: one layout); or FP4
+E2M1 codes with a float32 scale per group and no offset (NVFP4, MXFP4): w = e2m1(q) * scale. Each program
 computes a BLOCK_M x BLOCK_N tile of the output; a K step of BLOCK_K (one group, or a part of one) loads BLOCK_N x
 BLOCK_K / 2 bytes, splits the nibbles, scales them in float32, and feeds the tensor cores in the activation's dtype.
 A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains up to 4x less the scales.
@@ -17,9 +18,19 @@ from slipstream.kernels._device import INTERPRET, dot_precision
 
 
 @triton.jit
+def e2m1(q):
+    """4-bit codes (sign, 2 exponent bits, 1 mantissa bit: FP4 E2M1) -> float32: 0, 0.5, 1, 1.5, 2, 3, 4, 6 signed."""
+    q = q.to(tl.int32)
+    e = (q >> 1) & 3
+    m = (q & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((q & 8) != 0, -mag, mag)
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FP4: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,11 +42,14 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, and BLOCK_K divides the group
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
         packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + rb)[None, :], mask=ok_n[:, None], other=0)
-        q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)  # (lo, hi) = (2j, 2j + 1)
+        q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # (lo, hi) = (2j, 2j + 1)
         g = k0 // group
         scale = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
-        offset = tl.load(o_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
-        w = (q * scale[:, None] + offset[:, None]).to(x.dtype)
+        if FP4:  # E2M1 codes, a scale per group, no offset
+            w = (e2m1(q) * scale[:, None]).to(x.dtype)
+        else:
+            offset = tl.load(o_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) * scale[:, None] + offset[:, None]).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
@@ -53,9 +67,10 @@ def block_k(k: int, group: int) -> int:
     return step
 
 
-def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (16/32-bit) @ W^T with W [N, K] = unpack(qweight) * scales + offsets per group -> [M, N] in x's dtype."""
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
+               bias: torch.Tensor | None = None, fp4: bool = False) -> torch.Tensor:
+    """x [M, K] (16/32-bit) @ W^T with W [N, K] = unpack(qweight) * scales + offsets per group -> [M, N] in x's dtype.
+    `fp4`: the nibbles are FP4 E2M1 codes (NVFP4, MXFP4) and W = e2m1(unpack(qweight)) * scales (no offsets)."""
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
@@ -70,8 +85,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     else:
         bm, bn, warps, stages = 128, 128, 8, 3
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _w4a16_kernel[grid](x, qweight, scales, offsets, bias if bias is not None else y, y, m, n, k, group,
-                        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
+    _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
+                        y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), FP4=fp4,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET
+from slipstream.kernels.int4 import e2m1
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
@@ -43,7 +44,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
-    # offset per SCALE_BK columns of a row
+    # offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -66,13 +67,17 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
             if PROLOGUE == 1:
                 sq += a * a
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if SCALE == 3:
+        if SCALE >= 3:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
-            q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)
+            q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])
             group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
             ok = n_ok[:, None] & k_ok[None, :]
-            w = q * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32) + tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
+            scale = tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
+            if SCALE == 4:
+                w = e2m1(q) * scale
+            else:
+                w = q.to(tl.float32) * scale + tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
             w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
             w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -99,11 +104,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 1e-6, weight_scale: torch.Tensor | None = None,
          scale_block: tuple[int, int] | None = None, weight_offset: torch.Tensor | None = None,
-         group: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+         group: int = 0, fp4: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """f(x) @ W.T (+ bias) for x of shape [1, K] ([1, 2K] for "silu_mul"); returns (y, new residual or None).
 
     W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block; for
-    4-bit weights (uint8 [N, K / 2]) unpack(weight) * weight_scale + weight_offset per `group` columns.
+    4-bit weights (uint8 [N, K / 2]) unpack(weight) * weight_scale + weight_offset per `group` columns, or with `fp4`
+    e2m1(unpack(weight)) * weight_scale.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
     four_bit = weight.dtype == torch.uint8
     n, k = weight.shape[0], weight.shape[1] * (2 if four_bit else 1)
@@ -114,7 +120,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
-    scale = 3 if four_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
+    scale = (4 if fp4 else 3) if four_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
     bn, bk = (1, group) if four_bit else scale_block or (1, 1)
     _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,

@@ -6,6 +6,9 @@ in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * sca
   - AWQ (GEMM layout) and GPTQ, whose weights are (q - zero) * scale, as (scale, -zero * scale), float32 offsets;
   - compressed-tensors pack-quantized, (q - zero) * scale with signed q and zero stored as q + 8: as (scale,
     -(8 + zero) * scale), float32 scales and offsets;
+  - NVFP4 and MXFP4 (compressed-tensors): FP4 E2M1 codes (not integers: 0, 0.5 .. 6, signed) with a float32 scale
+    per group of 16 (FP8 scale / the projection's global scale) or 32 (2^(E8M0 - 127)) and no offsets: w = e2m1(q) *
+    scale. The checkpoint's activation scales (NVFP4 W4A4) go unused: activations stay 16-bit;
     GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
   - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
     multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
@@ -42,12 +45,18 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), -1).view(packed.shape[0], -1)
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] in `dtype`: q * scale + offset in float32 per group, then rounded once."""
-    q = unpack(qweight).float()
+# FP4 E2M1 code -> value: sign bit 3, then exponent and mantissa (NVFP4 and MXFP4 store these nibbles)
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype`: q * scale + offset in float32 per group, then rounded once; with no offsets the
+    nibbles are FP4 E2M1 codes: e2m1(q) * scale."""
+    u = unpack(qweight)
+    q = E2M1.to(u.device)[u.long()] if offsets is None else u.float()
     n, k = q.shape
-    g = q.view(n, scales.shape[1], -1)
-    return (g * scales.float()[..., None] + offsets.float()[..., None]).view(n, k).to(dtype)
+    g = q.view(n, scales.shape[1], -1) * scales.float()[..., None]
+    return (g if offsets is None else g + offsets.float()[..., None]).view(n, k).to(dtype)
 
 
 # AutoAWQ's GEMM layout packs 8 columns into an int32 in this order: column c sits in nibble AWQ_NIBBLE[c]
@@ -155,6 +164,12 @@ class Int4:
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
             params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), dtype, {}),
                       ("offsets", (n, g), dtype, {})]
+        elif fmt in ("nvfp4", "mxfp4"):  # E2M1 codes two to a byte as ours; FP8 (NVFP4) or E8M0 (MXFP4) group scales
+            params = [("weight_packed", (n, k // 2), torch.uint8, {}),
+                      ("weight_scale", (n, g), torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8, {})]
+            if fmt == "nvfp4":  # a global scale per projection for the weights and one for W4A4's activations (unused)
+                params += [(name, (len(layer.output_sizes),), torch.float32, dict(per_shard=True))
+                           for name in ("weight_global_scale", "input_global_scale")]
         elif fmt.startswith("ct"):  # compressed-tensors: [N, ...] tensors, 8 columns to an int32 (zero points: 8 rows)
             params = [("weight_packed", (n, k // 8), torch.int32, {}), ("weight_scale", (n, g), torch.float32, {})]
             if fmt == "ct_asym":
@@ -182,6 +197,8 @@ class Int4:
             out = layer.qweight.data, layer.scales.data, layer.offsets.data, None
             del layer.qweight, layer.scales, layer.offsets
             return out
+        if fmt in ("nvfp4", "mxfp4"):
+            return self._from_fp4(layer)
         if fmt.startswith("ct"):
             return self._from_compressed_tensors(layer)
         scales = layer.scales.data
@@ -214,6 +231,21 @@ class Int4:
         del layer.weight_packed, layer.weight_scale, layer.weight_shape
         return pack(u), scales, offsets, None
 
+    def _from_fp4(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        """NVFP4: w = e2m1(q) * fp8_scale / global_scale (one global scale per fused projection); MXFP4: w = e2m1(q) *
+        2^(e - 127) -> the codes as they are, float32 scales, no offsets."""
+        s = layer.weight_scale.data
+        scales = s.float() if self.spec.format == "nvfp4" else torch.exp2(s.float() - 127)
+        if hasattr(layer, "weight_global_scale"):
+            rows = torch.repeat_interleave(layer.weight_global_scale.data, torch.tensor(layer.output_sizes))
+            scales = scales / rows[:, None]
+            del layer.weight_global_scale
+        if hasattr(layer, "input_global_scale"):
+            del layer.input_global_scale
+        q = layer.weight_packed.data
+        del layer.weight_packed, layer.weight_scale
+        return q, scales, None, None
+
     def process_after_loading(self, layer: "Linear") -> None:
         """Packed on the GPU kernels' path (`qweight`, `scales`, `offsets`, and `perm` where GPTQ's act-order
         reorders the columns); elsewhere one dequantized `weight`, columns in the checkpoint's order."""
@@ -223,10 +255,11 @@ class Int4:
             del layer.weight
         else:
             q, s, o, perm = self._from_checkpoint(layer)
+        self.fp4 = o is None
         if layer.fused:
             layer.qweight = nn.Parameter(q.contiguous(), requires_grad=False)
             layer.scales = nn.Parameter(s.contiguous(), requires_grad=False)
-            layer.offsets = nn.Parameter(o.contiguous(), requires_grad=False)
+            layer.offsets = None if o is None else nn.Parameter(o.contiguous(), requires_grad=False)
             if perm is not None:
                 layer.register_buffer("perm", perm)
                 self.supports_gemv = False  # the norm before the projection would meet the columns out of order
@@ -238,7 +271,7 @@ class Int4:
 
     def gemv(self, layer: "Linear", x: torch.Tensor, **prologue: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return kernels.gemv(x, layer.qweight, layer.bias, weight_scale=layer.scales, weight_offset=layer.offsets,
-                            group=self.group, **prologue)
+                            group=self.group, fp4=self.fp4, **prologue)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         if layer.fused and x.is_cuda:
@@ -246,5 +279,5 @@ class Int4:
                 x = x.index_select(1, layer.perm)
             elif x.shape[0] == 1:
                 return self.gemv(layer, x)[0]
-            return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias)
+            return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias, fp4=self.fp4)
         return F.linear(x, layer.weight, layer.bias)

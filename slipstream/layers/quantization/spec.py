@@ -31,7 +31,7 @@ class QuantSpec:
     # int4: how the checkpoint packs it: "gguf" (our layout, repacked by the GGUF loader; "gguf_k" with float32
     # scales, for Q4_K's), "awq" (AutoAWQ GEMM),
     # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are),
-    # "ct" / "ct_asym" (compressed-tensors pack-quantized, symmetric / with zero points)
+    # "ct" / "ct_asym" (compressed-tensors pack-quantized, symmetric / with zero points), "nvfp4" / "mxfp4" (FP4 E2M1)
     format: str = ""
 
     def keeps_16bit(self, names: list[str]) -> bool:
@@ -95,9 +95,16 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
                                  "supported group and channel, without dynamic act-order")
             return QuantSpec("int4", serialized=True, ignore=ignore, format="ct" if w.get("symmetric", True) else "ct_asym",
                              group=int(w.get("group_size") or -1) if strategy == "group" else -1)
+        fmt = qc.get("format")
+        if w.get("type") == "float" and w.get("num_bits") == 4:  # NVFP4 (groups of 16, FP8 scales) / MXFP4 (32, E8M0)
+            fp4 = {"nvfp4-pack-quantized": ("nvfp4", 16), "mxfp4-pack-quantized": ("mxfp4", 32)}.get(fmt)
+            if fp4 is None or w.get("group_size") != fp4[1] or not w.get("symmetric", True):
+                raise ValueError(f"compressed-tensors FP4 weights: supported nvfp4-pack-quantized (groups of 16) and "
+                                 f"mxfp4-pack-quantized (groups of 32), symmetric; got {fmt!r}, group {w.get('group_size')}")
+            return QuantSpec("int4", serialized=True, ignore=ignore, group=fp4[1], format=fp4[0])
         if w.get("type") != "float" or w.get("num_bits") != 8:
             raise ValueError(f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: supported float 8-bit "
-                             "(FP8) and int 4-bit (pack-quantized)")
+                             "(FP8), int 4-bit (pack-quantized) and float 4-bit (NVFP4, MXFP4)")
         strategy = w.get("strategy")
         if strategy not in ("tensor", "channel", "block"):
             raise ValueError(f"compressed-tensors weight strategy {strategy!r}: supported tensor, channel, block")

@@ -200,6 +200,8 @@ class EngineConfig:
     speculative_model: str | None = option(None, "the draft model of speculative_method=draft (an HF directory or a "
                                                  ".gguf file with the target's token ids)")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
+    tensor_parallel_size: int = option(1, "ranks the model is split over (processes; on CUDA one GPU each), "
+                                          "16-bit weights")
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -210,6 +212,9 @@ class EngineConfig:
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1 and self.speculative_method == "draft":
+            raise ValueError("speculative_method='draft' does not run with tensor_parallel_size > 1 yet")
         if (self.speculative_method == "draft") != (self.speculative_model is not None):
             raise ValueError("speculative_method='draft' and speculative_model go together: the draft model is named "
                              f"by speculative_model (got speculative_method={self.speculative_method!r}, "

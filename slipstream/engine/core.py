@@ -52,7 +52,11 @@ class EngineCore:
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)
         draft = self._load_draft() if config.speculative_method == "draft" else None
-        if draft is None:
+        if config.tensor_parallel_size > 1:  # ranks 1.. in processes of their own; this one is rank 0
+            from slipstream.parallel.workers import start
+
+            self.runner = start(config, mc, loaded.weights, max_len, self.eos_ids)
+        elif draft is None:
             self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
         else:
             from slipstream.runner.model_runner import footprint
@@ -203,6 +207,12 @@ class EngineCore:
         self._release(req.seqs[index])
         if req.is_finished:
             del self.requests[request_id]
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (a one-rank engine holds nothing to stop)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None

@@ -104,6 +104,8 @@ def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_l
         serve_core(core, in_addr, out_addr, parent_pid=parent_pid)
     except BaseException:  # noqa: BLE001 - already logged and reported by serve_core
         sys.exit(1)
+    finally:
+        core.close()
 
 
 

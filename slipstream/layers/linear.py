@@ -9,6 +9,7 @@ the weight once; otherwise the op runs, then the method's matmul.
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,26 +19,54 @@ from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
 
 
-def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard: int | None = None) -> None:
+def materialize(tensor: Any) -> torch.Tensor:
+    """A checkpoint tensor, read whole if it came lazily (a tensor-parallel rank's loader reads only its slices)."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.materialize()
+
+
+def narrow(tensor: Any, dim: int, start: int, size: int) -> torch.Tensor:
+    """Part of a checkpoint tensor; of a lazy one, only that part is read."""
+    return tensor.narrow(dim, start, size)
+
+
+def default_weight_loader(param: nn.Parameter, tensor: Any, shard: int | None = None) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-    param.data.copy_(tensor)
+    param.data.copy_(materialize(tensor))
 
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, output_sizes: int | list[int], bias: bool = False,
-                 method: LinearMethod | None = None, fused: bool = False) -> None:
+                 method: LinearMethod | None = None, fused: bool = False,
+                 take: tuple[int, tuple[int, ...]] | None = None) -> None:
+        """`take`: this layer is one rank's slice of a tensor-parallel layer, (axis, starts): along the checkpoint
+        tensors' rows (0: column-parallel; a start per output shard, each `output_sizes[i]` rows long) or columns
+        (1: row-parallel; one start, `in_features` columns)."""
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.in_features, self.out_features = in_features, sum(self.output_sizes)
         self.fused = fused
         self.method = method or get_linear_method("none")
+        self.take = take
+        if take is not None and type(self.method).__name__ != "Unquantized":
+            raise ValueError("tensor parallelism runs 16-bit linear layers only so far (quantized ones do not shard yet)")
+        if take is not None and bias and take[0] == 1:
+            raise ValueError("a row-parallel layer cannot hold a bias (each rank would add it to its partial sum)")
         self.method.create_weights(self)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False)
             self.set_loader(self.bias, stacked=True)
         else:
             self.register_parameter("bias", None)
+
+    def _slice(self, tensor: Any, shard: int | None) -> Any:
+        """This rank's part of a checkpoint tensor (the whole tensor when the layer is not split)."""
+        if self.take is None:
+            return tensor
+        dim, starts = self.take
+        if dim == 0:
+            return narrow(tensor, 0, starts[shard or 0], self.output_sizes[shard or 0])
+        return narrow(tensor, 1, starts[0], self.in_features) if len(tensor.shape) > 1 else tensor
 
     def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False, dim: int = 0,
                    same: bool = False) -> None:
@@ -53,6 +82,8 @@ class Linear(nn.Module):
         elif stacked and len(self.output_sizes) > 1:
             param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per, dim)
             param.shards = tuple(range(len(self.output_sizes)))
+        elif self.take is not None:
+            param.weight_loader = lambda p, t, shard: default_weight_loader(p, self._slice(t, None))
         else:
             param.weight_loader = default_weight_loader
 
@@ -61,9 +92,10 @@ class Linear(nn.Module):
             raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
         start = sum(self.output_sizes[:shard]) // rows_per
         dst = param.data.narrow(dim, start, self.output_sizes[shard] // rows_per)
+        tensor = self._slice(tensor, shard)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        dst.copy_(materialize(tensor))
 
     @staticmethod
     def _load_same(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:

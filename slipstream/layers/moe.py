@@ -13,14 +13,17 @@ of kernels/moe.py; elsewhere as a loop over the experts that received tokens (th
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slipstream import kernels
 from slipstream.config import MoEConfig
-from slipstream.layers.linear import Linear, silu_mul_linear
+from slipstream.layers.linear import Linear, materialize, narrow, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
+from slipstream.parallel.shard import Shard
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,22 +55,29 @@ def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
 
 
 class SharedExpert(nn.Module):
-    """The SwiGLU expert every token goes through (Qwen2-MoE, DeepSeek), named as checkpoints name it."""
+    """The SwiGLU expert every token goes through (Qwen2-MoE, DeepSeek), named as checkpoints name it; split over
+    tensor-parallel ranks like an MLP (its partial sum joins the routed experts' before the one all-reduce)."""
 
-    def __init__(self, hidden: int, inter: int, fused: bool) -> None:
+    def __init__(self, hidden: int, inter: int, fused: bool, shard: Shard) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden, [inter, inter], fused=fused)
-        self.down_proj = Linear(inter, hidden, fused=fused)
+        i0, n = shard.part(inter)
+        split = shard.world > 1
+        self.gate_up_proj = Linear(hidden, [n, n], fused=fused, take=(0, (i0, i0)) if split else None)
+        self.down_proj = Linear(n, hidden, fused=fused, take=(1, (i0,)) if split else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_linear(self.gate_up_proj(x), self.down_proj)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: MoEConfig, hidden: int, fused: bool) -> None:
+    def __init__(self, cfg: MoEConfig, hidden: int, fused: bool, shard: Shard | None = None) -> None:
+        """`shard`: tensor parallelism splits every expert's width (gate and up rows, down columns) over the ranks;
+        each rank routes every token the same way (the router is whole on each)."""
         super().__init__()
         self.cfg, self.fused = cfg, fused
-        e, inter = cfg.num_experts, cfg.intermediate_size
+        self.shard = shard = shard or Shard.single()
+        e = cfg.num_experts
+        self.i0, inter = shard.part(cfg.intermediate_size)
         self.gate = Linear(hidden, e)  # the router stays in the model's dtype
         self.w13 = nn.Parameter(torch.empty(e, 2 * inter, hidden), requires_grad=False)
         self.w13.weight_loader = self._load_expert
@@ -79,18 +89,20 @@ class MoE(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
             self.e_score_correction_bias.dummy_value = 0.0
         if cfg.shared_intermediate_size:
-            self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused)
+            self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused, shard)
             self.shared_expert_gate = Linear(hidden, 1) if cfg.shared_gate else None
 
-    @staticmethod
-    def _load_expert(param: nn.Parameter, tensor: torch.Tensor, shard: tuple[int, int | None]) -> None:
+    def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None]) -> None:
         expert, part = shard
         dst = param.data[expert]
-        if part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]
+        if part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]; this rank's rows of either
             dst = dst.narrow(0, part * (dst.shape[0] // 2), dst.shape[0] // 2)
+            tensor = narrow(tensor, 0, self.i0, dst.shape[0]) if self.shard.world > 1 else tensor
+        elif self.shard.world > 1:  # down: this rank's columns
+            tensor = narrow(tensor, 1, self.i0, dst.shape[1])
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        dst.copy_(materialize(tensor))
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MoE(norm(h + residual)), h + residual)."""
@@ -109,4 +121,4 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))
             y = y + shared
-        return y
+        return self.shard.all_reduce(y)  # the ranks' slices of every expert (and of the shared one) summed

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    # (as_stored) -> tensors: quantized ones as the checkpoint stores them, or dequantized to 16 bits where the format
-    # allows (GGUF); None: dummy (random) weights
-    weights: Callable[[bool], Iterator[tuple[str, "torch.Tensor"]]] | None
+    # (as_stored, lazy=False) -> tensors: quantized ones as the checkpoint stores them, or dequantized to 16 bits where
+    # the format allows (GGUF); lazy: read only the parts a loader takes, where the format allows (safetensors);
+    # None: dummy (random) weights
+    weights: Callable[..., Iterator[tuple[str, Any]]] | None
     tokenizer: Any
     path: str
     hf_config: dict[str, Any]  # the config.json it was read from (for a GGUF file: the one its metadata gives)
@@ -72,8 +73,8 @@ def load(model: str | None, load_format: str = "auto", tokenizer: str | None = N
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {model_dir!r} (use load_format='dummy' for random weights)")
-    return LoadedModel(config, lambda as_stored: safetensors_weights([os.path.join(model_dir, f) for f in files]), tok,
-                       model_dir, hf_config)
+    return LoadedModel(config, lambda as_stored, lazy=False: safetensors_weights([os.path.join(model_dir, f) for f in files],
+                                                                             lazy), tok, model_dir, hf_config)
 
 
 def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:

@@ -278,4 +278,6 @@ def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[bool], 
     hf_config = gguf_config(reader)
     config = ModelConfig.from_hf(hf_config)
     permute = _field(reader, "general.architecture") == "llama"
-    return hf_config, config, lambda as_stored: progress(gguf_weights(reader, config, permute, as_stored), len(reader.tensors))
+    # (a tensor-parallel rank narrows the dequantized tensors: GGUF blocks do not slice along rows and columns)
+    return hf_config, config, lambda as_stored, lazy=False: progress(gguf_weights(reader, config, permute, as_stored),
+                                                                     len(reader.tensors))

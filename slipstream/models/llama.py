@@ -14,16 +14,18 @@ import re
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slipstream import kernels
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.config import ModelConfig
-from slipstream.layers.linear import Linear, default_weight_loader, finish_loading, norm_linear, silu_mul_linear
+from slipstream.layers.linear import Linear, default_weight_loader, finish_loading, narrow, norm_linear, silu_mul_linear
 from slipstream.layers.moe import MoE
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
 from slipstream.layers.rotary import RotaryEmbedding
+from slipstream.parallel.shard import Shard
 
 # Which quantization method the linear layer at a given parameter prefix uses ("model.layers.0.mlp.down_proj").
 MethodFor = Callable[[str], LinearMethod]
@@ -35,15 +37,20 @@ def unquantized(prefix: str) -> LinearMethod:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 method_for: MethodFor, fused: bool) -> None:
+                 method_for: MethodFor, fused: bool, shard: Shard) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        d = cfg.head_dim
+        q0, self.num_heads, kv0, self.num_kv_heads = shard.heads(cfg.num_heads, cfg.num_kv_heads)  # this rank's
+        self.head_dim, self.shard = d, shard
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
         prefix = f"layers.{layer}.self_attn"
+        split = shard.world > 1
         self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias,
-                               method=method_for(f"{prefix}.qkv_proj"), fused=fused)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, method=method_for(f"{prefix}.o_proj"), fused=fused)
+                               method=method_for(f"{prefix}.qkv_proj"), fused=fused,
+                               take=(0, (q0 * d, kv0 * d, kv0 * d)) if split else None)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, method=method_for(f"{prefix}.o_proj"), fused=fused,
+                             take=(1, (q0 * d,)) if split else None)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -73,34 +80,59 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
             self.backend.store_kv(self.layer, k, v, meta)
         o = self.backend.attend(self.layer, q, meta, self.scale)
-        return self.o_proj(o.view(-1, self.q_size))
+        return self.shard.all_reduce(self.o_proj(o.view(-1, self.q_size)))  # the ranks' heads summed
+
+
+class VocabEmbedding(nn.Module):
+    """Token embeddings, split by vocabulary rows over tensor-parallel ranks: a rank looks up the ids it holds, zero
+    for the others, and the ranks' lookups are summed."""
+
+    def __init__(self, vocab: int, hidden: int, shard: Shard) -> None:
+        super().__init__()
+        self.shard = shard
+        self.start, rows = shard.part(vocab)
+        self.weight = nn.Parameter(torch.empty(rows, hidden), requires_grad=False)
+        if shard.world > 1:
+            self.weight.weight_loader = lambda p, t, _: default_weight_loader(p, narrow(t, 0, self.start, rows))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.world == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.shard.all_reduce(x)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, method_for: MethodFor, fused: bool) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, method_for: MethodFor, fused: bool, shard: Shard) -> None:
         super().__init__()
         prefix = f"layers.{layer}.mlp"
-        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, method=method_for(f"{prefix}.gate_up_proj"),
-                                   fused=fused)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, method=method_for(f"{prefix}.down_proj"), fused=fused)
+        i0, inter = shard.part(cfg.intermediate_size)  # this rank's columns of the MLP's width
+        split = shard.world > 1
+        self.shard = shard
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter] * 2, method=method_for(f"{prefix}.gate_up_proj"),
+                                   fused=fused, take=(0, (i0, i0)) if split else None)
+        self.down_proj = Linear(inter, cfg.hidden_size, method=method_for(f"{prefix}.down_proj"), fused=fused,
+                                take=(1, (i0,)) if split else None)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(SwiGLU(norm(h + residual)), h + residual): the norm rides on gate_up, SwiGLU on down_proj."""
         gate_up, residual = norm_linear(h, residual, norm, self.gate_up_proj)
-        return silu_mul_linear(gate_up, self.down_proj), residual
+        return self.shard.all_reduce(silu_mul_linear(gate_up, self.down_proj)), residual
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 method_for: MethodFor, fused: bool) -> None:
+                 method_for: MethodFor, fused: bool, shard: Shard) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused)
+        self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         if cfg.moe is not None and layer in cfg.moe.layers:
-            self.mlp: nn.Module = MoE(cfg.moe, cfg.hidden_size, fused)
+            self.mlp: nn.Module = MoE(cfg.moe, cfg.hidden_size, fused, shard)
         else:
-            self.mlp = MLP(cfg, layer, method_for, fused)
+            self.mlp = MLP(cfg, layer, method_for, fused, shard)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -114,16 +146,19 @@ class LlamaForCausalLM(nn.Module):
     """`fused`: the model runs on a CUDA device with the Triton kernels (the runner decides, once, at build)."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, method_for: MethodFor = unquantized,
-                 fused: bool = False) -> None:
+                 fused: bool = False, shard: Shard | None = None) -> None:
+        """`shard`: this rank's share of a tensor-parallel model (parallel/shard.py); default, the whole model."""
         super().__init__()
         self.config = cfg
+        self.shard = shard = shard or Shard.single()
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        # The output projection stays in the model's dtype: its error lands on every logit.
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, fused=fused)
+        # The output projection stays in the model's dtype: its error lands on every logit. Split by vocabulary
+        # rows, the rows the embedding holds (a tied head is the same tensor).
+        v0, v = shard.part(cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, v, fused=fused, take=(0, (v0,)) if shard.world > 1 else None)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -135,7 +170,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """[T, vocab] on every rank (each computes its rows of the head; the parts are gathered)."""
+        return self.shard.all_gather(self.lm_head(hidden), self.config.vocab_size)
 
     # Checkpoint modules that a quantized checkpoint stores in low precision (the rest stay 16-bit)
     quantizable = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -18,8 +18,11 @@ _CPU_KV_BYTES = 1 << 30  # default KV budget on CPU
 
 
 class KVPool:
-    def __init__(self, model: ModelConfig, block_size: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: ModelConfig, block_size: int, kv_dtype: torch.dtype, device: torch.device,
+                 num_kv_heads: int | None = None) -> None:
+        """`num_kv_heads`: the heads this pool holds (a tensor-parallel rank's; default: the model's)."""
         self.model, self.block_size, self.kv_dtype, self.device = model, block_size, kv_dtype, device
+        self.num_kv_heads = num_kv_heads or model.num_kv_heads
         self.num_blocks = 0
 
     @property
@@ -30,7 +33,7 @@ class KVPool:
     def bytes_per_block(self) -> int:
         m = self.model
         row = m.head_dim * self.kv_dtype.itemsize + (4 if self.scaled else 0)  # + its float32 scale
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * row
+        return 2 * m.num_layers * self.block_size * self.num_kv_heads * row
 
     @property
     def pad_slot(self) -> int:
@@ -65,7 +68,7 @@ class KVPool:
         touches only the pages it writes (zeroing the 1 GiB CPU pool cost 1.9 s of a 7.5 s start)."""
         self.num_blocks = num_blocks
         m = self.model
-        shape = (num_blocks + 1, self.block_size, m.num_kv_heads, m.head_dim)
+        shape = (num_blocks + 1, self.block_size, self.num_kv_heads, m.head_dim)
         alloc = torch.zeros if backend.spec.reads_past_context else torch.empty
         pages = [alloc(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2 * m.num_layers)]
         scales = [alloc(shape[:3], dtype=torch.float32, device=self.device) for _ in range(2 * m.num_layers)] if self.scaled else None
@@ -75,9 +78,9 @@ class KVPool:
         """One scratch page set shared by every layer (for measuring activation memory before the pool exists), held
         by the backend until it is bound again; returns its bytes."""
         m = self.model
-        tmp = torch.empty((num_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.kv_dtype, device=self.device)
+        tmp = torch.empty((num_blocks, self.block_size, self.num_kv_heads, m.head_dim), dtype=self.kv_dtype, device=self.device)
         scales = None
         if self.scaled:
-            scales = [torch.empty((num_blocks, self.block_size, m.num_kv_heads), dtype=torch.float32, device=self.device)] * (2 * m.num_layers)
+            scales = [torch.empty((num_blocks, self.block_size, self.num_kv_heads), dtype=torch.float32, device=self.device)] * (2 * m.num_layers)
         backend.bind_kv([tmp] * m.num_layers, [tmp] * m.num_layers, scales)
         return num_blocks * self.bytes_per_block // (2 * m.num_layers)  # one page set of K = V, and one of scales

@@ -28,6 +28,7 @@ from slipstream.layers.quantization import method_table, resolve_quantization
 from slipstream.layers.sampler import SamplerOutput, sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
+from slipstream.parallel.shard import Shard
 from slipstream.runner.batch import SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import GraphLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
 _MAX_GRAPH_SEQS = 512
 
-WeightSource = Callable[[bool], Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?) -> tensors; None: random
+WeightSource = Callable[..., Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?, lazy=) -> tensors; None: random
 
 
 def num_accepted(draws: list[int], drafts: list[int]) -> int:
@@ -56,7 +57,7 @@ def num_accepted(draws: list[int], drafts: list[int]) -> int:
 
 
 def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
-               dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+               dtype: torch.dtype, shard: Shard | None = None) -> tuple[torch.nn.Module, object]:
     """The model with its parameters created (not loaded) on `device` ("meta": sizes only), and its quantization."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -71,7 +72,7 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.serialized and mc.moe is not None:
                 raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
                                  "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
-            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused), spec
+            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec
     finally:
         torch.set_default_dtype(default_dtype)
 
@@ -100,10 +101,12 @@ def kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: WeightSource, max_model_len: int,
-                 eos_ids: set[int], companion: tuple[int, int] = (0, 0)) -> None:
+                 eos_ids: set[int], companion: tuple[int, int] = (0, 0), shard: Shard | None = None) -> None:
         """`companion`: (weight bytes, KV bytes per page) of a model that will share this pool's page ids (a draft
         model, built after this one with as many pages): the pool leaves room for its weights and sizes its pages
-        for both (see `footprint`)."""
+        for both (see `footprint`). `shard`: this runner is one rank of a tensor-parallel model (it holds its slice
+        of each layer, the KV heads of its query heads, and as many pages as every rank can)."""
+        self.shard = shard or Shard.single()
         self.config = config
         self.model_config = mc = model_config
         self.device = resolve_device(config.device)
@@ -130,10 +133,11 @@ class ModelRunner:
         # sampling ints; sampled-row indices (alignment padding is covered by the +64).
         self.ints = Stager(self.device, torch.int64, 5 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
-        self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device)
+        kv_heads = self.shard.heads(mc.num_heads, mc.num_kv_heads)[3]
+        self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device, kv_heads)
         reserve, shared_page_bytes = companion
-        self.num_blocks = self.kv.size(config.cache, max_model_len, sched.max_num_seqs,
-                                       lambda: self._profile_free_bytes() - reserve, shared_page_bytes)
+        self.num_blocks = self.shard.min(self.kv.size(config.cache, max_model_len, sched.max_num_seqs,
+                                                      lambda: self._profile_free_bytes() - reserve, shared_page_bytes))
         self.kv.allocate(self.num_blocks, self.backend)
         log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
@@ -151,10 +155,13 @@ class ModelRunner:
             self._token_buf = 0
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
-        model, spec = _construct(self.config, self.model_config, self.backend, self.fused, self.device, self.dtype)
+        model, spec = _construct(self.config, self.model_config, self.backend, self.fused, self.device, self.dtype,
+                                 self.shard)
         if weights is None:
             init_dummy_weights(model, self.config.seed)
             finish_loading(model)
+        elif self.shard.world > 1:  # a rank reads only its slices of the checkpoint (where the format allows)
+            model.load_weights(weights(spec.serialized, lazy=True))
         else:
             model.load_weights(weights(spec.serialized))
         return model.eval()

@@ -48,8 +48,10 @@ class CoreProcess:
 
         self.dir, self.in_addr, self.out_addr = _addresses()
         ctx = multiprocessing.get_context("spawn")
+        # A daemonic process may not start processes: a tensor-parallel core starts its ranks, so it is not one (it
+        # still stops with the front end: it watches its parent, and stop() kills it if it lingers)
         self.proc = ctx.Process(target=run_core_process, args=(config, self.in_addr, self.out_addr, os.getpid(), log_level),
-                                name="slipstream-core", daemon=True)
+                                name="slipstream-core", daemon=config.tensor_parallel_size == 1)
         self.proc.start()
 
     def alive(self) -> bool:

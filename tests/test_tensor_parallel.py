@@ -1,0 +1,145 @@
+"""Tensor parallelism on the CPU over gloo: two ranks (this process and one worker) give exactly the tokens of one,
+on the embedded SmolLM2 (9 query / 3 KV heads: an uneven split, 2 + 1 KV heads), a random Qwen3 whose one KV head
+both ranks copy, and a random Qwen3-MoE whose experts are split; through chunked prefill and a preemption. A rank
+reads only its slices of a checkpoint; a worker that dies stops the engine with an error, not a hang."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import assert_no_leak
+from slipstream import LLM, SamplingParams
+from slipstream.parallel.shard import Shard, split
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=16, logprobs=2, ignore_eos=True)
+
+
+def test_split_and_heads():
+    assert [split(10, 3, r) for r in range(3)] == [(0, 4), (4, 3), (7, 3)]
+    assert [Shard(r, 2).heads(9, 3) for r in range(2)] == [(0, 6, 0, 2), (6, 3, 2, 1)]  # SmolLM2: KV heads 2 + 1
+    assert [Shard(r, 4).heads(16, 2) for r in range(4)] == [(0, 4, 0, 1), (4, 4, 0, 1), (8, 4, 1, 1), (12, 4, 1, 1)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        Shard(0, 4).heads(6, 2)
+
+
+def _same(want, got, logprobs=False):
+    for a, b in zip(want, got):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids
+            if logprobs:
+                for la, lb in zip(x.logprobs, y.logprobs):
+                    assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+
+
+def test_two_ranks_give_the_tokens_of_one(gguf_path):
+    """The embedded model, fp32: greedy and seeded sampling with logprobs; a pool small enough to preempt and a
+    step budget that chunks the prompts."""
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, block_size=16, num_blocks=8, max_num_batched_tokens=48)
+    prompts = ["The history of the city of Paris begins", "def quicksort(xs):", "Once upon a time, in a village",
+               "The three primary colours are", "In mathematics, a prime number is"]
+    one = LLM(gguf_path, **kw)
+    want = [one.generate(prompts, p) for p in (GREEDY, SEEDED)]
+    assert one.engine.core.stats.num_preemptions > 0
+    with LLM(gguf_path, tensor_parallel_size=2, **kw) as two:
+        _same(want[0], two.generate(prompts, GREEDY))
+        _same(want[1], two.generate(prompts, SEEDED), logprobs=True)
+        assert two.engine.core.stats.num_preemptions > 0
+        assert_no_leak(two)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_two_ranks_on_random_models(tmp_path, arch):
+    """Qwen3 with one KV head (both ranks hold it) and Qwen3-MoE (each rank a slice of every expert, a dense layer
+    between), random weights saved as a checkpoint."""
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    make_model_dir(tmp_path, CONFIGS[arch])
+    g = __import__("random").Random(0)
+    prompts = [[g.randrange(3, 512) for _ in range(n)] for n in (30, 7, 55)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32)
+    want = LLM(str(tmp_path), **kw).generate(prompts, GREEDY)
+    with LLM(str(tmp_path), tensor_parallel_size=2, **kw) as two:
+        _same(want, two.generate(prompts, GREEDY))
+
+
+def test_a_rank_reads_only_its_slices(tmp_path):
+    """Building one rank's slice of the model from lazily read safetensors reads about half of the checkpoint's
+    bytes: the norms and (here) the one KV head are whole on each rank, everything else split."""
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    from slipstream.attention.torch_backend import TorchAttention
+    from slipstream.config import ModelConfig
+    from slipstream.loader.hf import safetensors_weights
+    from slipstream.models.llama import LlamaForCausalLM
+
+    make_model_dir(tmp_path, CONFIGS["llama3"])  # 4 KV heads: split 2 + 2
+    cfg = ModelConfig.from_hf(__import__("json").load(open(tmp_path / "config.json")))
+    files = [str(tmp_path / "model.safetensors")]
+    total = sum(t.numel() * t.element_size() for _, t in safetensors_weights(files))
+    for rank in range(2):
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(cfg, TorchAttention(), shard=Shard(rank, 2))
+        read = [0]
+        model.load_weights(safetensors_weights(files, lazy=True, read=read))
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert read[0] == held  # exactly what the rank keeps
+        assert 0.45 * total < read[0] < 0.55 * total, (read[0], total)
+
+
+def test_a_dead_worker_stops_the_engine(gguf_path):
+    """SIGKILL the other rank: the next step fails at once with an error (gloo sees the closed connection)."""
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2)
+    llm.generate(["Hello"], SamplingParams(max_tokens=2))
+    worker = llm.engine.runner.workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    start = time.monotonic()
+    with pytest.raises(Exception):
+        llm.generate(["Hello again"], SamplingParams(max_tokens=4))
+    assert time.monotonic() - start < 60
+    torch.distributed.destroy_process_group()  # this process may form another group
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_with_two_ranks_and_its_shutdowns(gguf_path):
+    """`slipstream serve --tensor-parallel-size 2`: answers, and SIGTERM leaves no rank behind; a killed rank ends
+    the server non-zero."""
+    import httpx
+
+    from server_util import free_port
+    from test_serve_process import _children, _start, _wait_healthy
+
+    for kill_rank in (False, True):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _start(gguf_path, port, "--tensor-parallel-size", "2")
+        try:
+            _wait_healthy(proc, url)
+            r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 0}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            core = _children(proc.pid)
+            ranks = [c for p in core for c in _children(p)]
+            assert ranks, "the engine core started no rank"
+            if kill_rank:
+                os.kill(ranks[0], signal.SIGKILL)
+                httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+                assert proc.wait(timeout=60) != 0
+            else:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+            time.sleep(1)
+            assert not [r for r in ranks if _running(r)], "a rank outlived the server"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -35,17 +35,21 @@ def _same(want, got, logprobs=False):
 
 
 def test_two_ranks_give_the_tokens_of_one(gguf_path):
-    """The embedded model, fp32: greedy and seeded sampling with logprobs; a pool small enough to preempt and a
-    step budget that chunks the prompts."""
+    """The embedded model, fp32: greedy, seeded sampling with logprobs, and a regular expression (structured
+    output); a pool small enough to preempt and a step budget that chunks the prompts."""
     kw = dict(dtype="float32", device="cpu", max_model_len=128, block_size=16, num_blocks=8, max_num_batched_tokens=48)
     prompts = ["The history of the city of Paris begins", "def quicksort(xs):", "Once upon a time, in a village",
                "The three primary colours are", "In mathematics, a prime number is"]
+    from slipstream.sampling_params import StructuredOutputs
+
+    regex = SamplingParams(temperature=0.7, seed=1, max_tokens=12, structured_outputs=StructuredOutputs(regex=r"[a-z]{2,8} [0-9]{2}"))
     one = LLM(gguf_path, **kw)
-    want = [one.generate(prompts, p) for p in (GREEDY, SEEDED)]
+    want = [one.generate(prompts, p) for p in (GREEDY, SEEDED, regex)]
     assert one.engine.core.stats.num_preemptions > 0
     with LLM(gguf_path, tensor_parallel_size=2, **kw) as two:
         _same(want[0], two.generate(prompts, GREEDY))
         _same(want[1], two.generate(prompts, SEEDED), logprobs=True)
+        _same(want[2], two.generate(prompts, regex))  # the masks rank 0 fills reach the other rank
         assert two.engine.core.stats.num_preemptions > 0
         assert_no_leak(two)
 

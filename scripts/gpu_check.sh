@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 rc=0
 parts=${PARTS:-tests serve}
 if [[ " $parts " == *" tests "* ]]; then
-python3 -m pytest -q -rf tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py tests/test_int4.py \
+# pytest-xdist, where installed: Triton compiles each test file's kernels in a process of its own
+xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_TEST_WORKERS:-8}" --dist loadfile)
+python3 -m pytest -q -rf "${xdist[@]}" tests/test_kernels.py tests/test_multi_token.py tests/test_fp8.py tests/test_moe.py tests/test_int4.py \
   -p no:cacheprovider || rc=1
 fi
 [[ " $parts " == *" serve "* ]] || exit $rc

@@ -7,7 +7,7 @@
 # VLLM_PATH: where vLLM 0.26 imports from; the peer's server and client run with PYTHONPATH=$VLLM_PATH alone.
 # PROFILE=1: after its sweeps, one more rate-inf run of vLLM's client with py-spy sampling both slipstream processes
 # (API front end and engine core) into OUT_DIR/pyspy-slipstream.txt (collapsed stacks, one line per stack).
-# SERVE_FLAGS: extra flags for `slipstream serve`.
+# SERVE_FLAGS: extra flags for `slipstream serve`. CLIENTS="vllm ours" (default): which clients drive each server.
 set -uo pipefail
 model=$1 data=$2 out=$3; shift 3
 rates=${*:-10 20 40 80 inf}
@@ -34,7 +34,8 @@ vllm_client() {  # $1: label, $2: rates
 }
 
 clients() {  # $1: engine label
-  vllm_client "$1" "$rates"
+  [[ " ${CLIENTS:-vllm ours} " == *" vllm "* ]] && vllm_client "$1" "$rates"
+  [[ " ${CLIENTS:-vllm ours} " == *" ours "* ]] || return 0
   python3 -m slipstream.cli bench serve --base-url "http://127.0.0.1:$port" --model q3 --tokenizer "$model" \
     --dataset "$data" --num-prompts 400 --request-rate $rates --label "$1" --json "$out/ourclient-$1.json" 2>&1 | tail -8
 }

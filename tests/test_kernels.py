@@ -371,6 +371,18 @@ for split in (False, True):
     src = ASTSource(dec, sig, constexprs={(dec.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
 
+# The fused q/k-norm + RoPE + KV store writing an FP8 pool (the query stays 16-bit): the GPU compiler refuses a name
+# bound to pointers of two element types in the branches of a run-time `if`, which the interpreter lets through.
+from slipstream.kernels.rope import _qk_norm_rope_store_kernel as st
+sttypes = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_sin_ptr="*fp32", slot_ptr="*i64", q_out="*bf16",
+               k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scales="*fp32", v_scales="*fp32", qw_ptr="*bf16",
+               kw_ptr="*bf16", eps="fp32")
+for norm in (False, True):
+    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, QK_NORM=norm, SCALED=True)
+    sig = {n: "constexpr" if n in consts else sttypes.get(n, "i32") for n in st.arg_names}
+    triton.compile(ASTSource(st, sig, constexprs={(st.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
 # The 4-bit GEMM and GEMV on FP4 E2M1 codes (NVFP4 / MXFP4 weights) and on integer codes.
 from slipstream.kernels.int4 import _w4a16_kernel as w4
 from slipstream.kernels.matvec import _gemv_kernel as gv

@@ -50,24 +50,26 @@ def _qk_norm_rope_store_kernel(
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HEAD_DIM // 2 + half)
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
+    # Each branch names its own destination: the compiler wants a name bound in both branches of a run-time `if`
+    # to have one type, and an FP8 pool's pointers are not the query's (the interpreter does not check this).
     if is_q:
-        dst = q_out + t * stride_qt + h * stride_qh
-        tl.store(dst + half, y1.to(q_out.dtype.element_ty))
-        tl.store(dst + HEAD_DIM // 2 + half, y2.to(q_out.dtype.element_ty))
+        qdst = q_out + t * stride_qt + h * stride_qh
+        tl.store(qdst + half, y1.to(q_out.dtype.element_ty))
+        tl.store(qdst + HEAD_DIM // 2 + half, y2.to(q_out.dtype.element_ty))
     else:
         kvh = h - NUM_HEADS
         slot = tl.load(slot_ptr + t)
-        dst = k_cache + slot * stride_kt + kvh * stride_kh
+        kdst = k_cache + slot * stride_kt + kvh * stride_kh
         v_row = row + NUM_KV_HEADS * HEAD_DIM
         vdst = v_cache + slot * stride_kt + kvh * stride_kh
         if SCALED:
-            _store_fp8(dst, k_scales + slot * NUM_KV_HEADS + kvh, y1, y2, HEAD_DIM // 2)
+            _store_fp8(kdst, k_scales + slot * NUM_KV_HEADS + kvh, y1, y2, HEAD_DIM // 2)
             v1 = tl.load(v_row + half).to(tl.float32)
             v2 = tl.load(v_row + HEAD_DIM // 2 + half).to(tl.float32)
             _store_fp8(vdst, v_scales + slot * NUM_KV_HEADS + kvh, v1, v2, HEAD_DIM // 2)
         else:
-            tl.store(dst + half, y1.to(k_cache.dtype.element_ty))
-            tl.store(dst + HEAD_DIM // 2 + half, y2.to(k_cache.dtype.element_ty))
+            tl.store(kdst + half, y1.to(k_cache.dtype.element_ty))
+            tl.store(kdst + HEAD_DIM // 2 + half, y2.to(k_cache.dtype.element_ty))
             tl.store(vdst + half, tl.load(v_row + half))
             tl.store(vdst + HEAD_DIM // 2 + half, tl.load(v_row + HEAD_DIM // 2 + half))
 

@@ -237,12 +237,32 @@ class EngineCore:
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
                 self.step()
+        if self.runner.device.type == "cuda":  # only a GPU compiles kernels: on a CPU this would only cost time
+            self._warm_up_mixed_steps(prompt)
         cache = self.prefix_cache
         if cache is not None:
             cache.clear()
             cache.stats = PrefixCacheStats()
         self.stats = CoreStats()
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
+
+    def _warm_up_mixed_steps(self, long_prompt: list[int]) -> None:
+        """A step that mixes a prefill with running decodes runs outside the CUDA graphs, and its decode attention
+        takes a kernel variant by batch size and context length (one partition or several, small or big tiles) that
+        the graphs never compiled. A compile in the middle of serving holds up every stream (475 ms on the H200, the
+        Qwen3-0.6B shape's first mixed step with short contexts): compile them here, with one short decode beside a
+        prefill, then as many short decodes as a step and the pool hold."""
+        sched = self.config.scheduler
+        vocab = self.model_config.vocab_size
+        crowd = max(1, min(sched.max_num_seqs - 1, sched.max_num_batched_tokens // 8, self.block_manager.num_blocks // 2))
+        for n in sorted({1, crowd}):
+            for i in range(n):
+                self.add_request(f"__warmup_short{i}", [(7 * i + j) % vocab for j in range(1, 5)],
+                                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+            self.step()  # their prefills; then they decode beside the long prompt's
+            self.add_request("__warmup_mixed", long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            while self.has_unfinished():
+                self.step()
 
     def _plain_word(self) -> str:
         """The shortest alphanumeric word among the vocabulary's first tokens: a constraint the model can meet

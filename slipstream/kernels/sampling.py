@@ -58,7 +58,7 @@ def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, val_ptr, idx_ptr, voca
     tl.store(idx_ptr + row * MAX_SPLITS + split, tl.min(tl.where(best == m, best_i, vocab), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])  # 1 from 2 x SMs rows on: no new variant for big batches mid-serving
 def _pick_kernel(val_ptr, idx_ptr, out_ptr, splits, vocab, MAX_SPLITS: tl.constexpr):
     """Across the chunks of one row: the highest score, the lowest index among ties (as torch.argmax)."""
     row = tl.program_id(0)

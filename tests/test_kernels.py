@@ -406,6 +406,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from slipstream.kernels import attention_sm90 as sm90
 
+# Compiles are reported (the server logs those after warm-up) without serializing a Gluon kernel's layouts, which
+# Triton's JIT hooks do and fail on: that killed the H200 server's engine at its first late Gluon compile.
+from slipstream.kernels._device import on_compile
+reported = []
+restore = on_compile(lambda kernel, seconds: reported.append(kernel))
 fn = sm90._prefill_sm90_kernel
 for page, stages in ((16, 3), (64, 2), (128, 3)):  # a key tile spans 8 pages, 2 pages, or one
     consts = dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, PAGE=page, ROWS=sm90.HALF_M, BLOCK_N=sm90.BLOCK_N,
@@ -417,6 +422,8 @@ for page, stages in ((16, 3), (64, 2), (128, 3)):  # a key tile spans 8 pages, 2
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168)).asm["ptx"]
     for op in ("cp.async.bulk.tensor", "wgmma.mma_async", "setmaxnreg.inc"):
         assert op in ptx, f"page {page}: no {op} in the PTX"
+restore()
+assert len(reported) == 3 and all(r.startswith("_prefill_sm90_kernel(") and "STAGES=" in r for r in reported), reported
 """
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable
 
 import torch
@@ -16,24 +15,35 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def on_compile(callback: Callable[[str, float], None]) -> Callable[[], None]:
-    """From now on, call `callback(kernel with its argument specialization, seconds)` after every Triton compile in
-    this process (Triton's hooks are process-wide: only for processes and blocks slipstream owns). Returns the
-    function that puts the hooks back as they were."""
+    """From now on, call `callback(kernel with its compile-time constants, seconds)` whenever Triton compiles a
+    kernel variant in this process, or loads one from its disk cache (a first use all the same: seconds is then the
+    load's). Triton's listener is process-wide: only for processes and blocks slipstream owns. Returns the function
+    that puts the listener back as it was.
+
+    Triton's JIT hooks (`jit_cache_hook`, `jit_post_compile_hook`) are not used: while one is set, Triton serializes
+    every launch's constants to JSON before compiling, and a Gluon kernel's layouts are not serializable, so the
+    first Gluon compile after warm-up raised inside the launch and killed the H200 server's engine. The listener
+    sees the compiler's source object instead, and nothing it does may raise into a launch."""
     from triton import knobs
 
-    rt = knobs.runtime
-    before, after = rt.jit_cache_hook, rt.jit_post_compile_hook
-    started: dict[str, float] = {}
+    comp = knobs.compilation
+    if not hasattr(comp, "listener"):
+        raise RuntimeError("this Triton has no compilation listener")
+    before = comp.listener
 
-    def pre(*, key, **_) -> None:  # noqa: ANN001, ANN003 - Triton's keyword names
-        started[str(key)] = time.perf_counter()
+    def listener(*, src, times, cache_hit, **_) -> None:  # noqa: ANN001, ANN003 - Triton's keyword names
+        try:
+            names = getattr(getattr(src, "fn", None), "arg_names", ())
+            consts = ", ".join(f"{names[k[0]] if len(k) == 1 and k[0] < len(names) else k}={' '.join(str(v).split())}"
+                               for k, v in sorted(getattr(src, "constants", {}).items()))
+            seconds = getattr(times, "total", 0) / 1e6  # microseconds
+            callback(f"{getattr(src, 'name', src)}({consts}){' from the disk cache' if cache_hit else ''}", seconds)
+        except Exception:  # noqa: BLE001 - a diagnostic never fails a launch
+            pass
 
-    def post(*, key, repr, **_) -> None:  # noqa: ANN001, ANN003, A002
-        callback(repr, time.perf_counter() - started.pop(str(key), time.perf_counter()))
-
-    rt.jit_cache_hook, rt.jit_post_compile_hook = pre, post
+    comp.listener = listener
 
     def restore() -> None:
-        rt.jit_cache_hook, rt.jit_post_compile_hook = before, after
+        comp.listener = before
 
     return restore

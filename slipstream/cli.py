@@ -221,7 +221,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
             super().handle_exit(sig, frame)
 
     # uvicorn's own grace is a backstop: streams still open at --grace-period end with an error event first.
-    server = Server(uvicorn_config(app, a.host, a.port, a.log_level, a.grace_period + 5, a.header_timeout))
+    server = Server(uvicorn_config(app, a.host, a.port, a.log_level, a.grace_period + 5, a.header_timeout,
+                                   a.body_timeout))
     server.run()
     if failed:
         sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
     s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
     s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body, after its headers")
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
                    help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")

@@ -21,11 +21,13 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, engine, model_name: str = "smollm2", api_key: str | None = None, header_timeout: float = 10.0,
-                 **options) -> None:
-        self.app = build_app(ServerOptions(model_name, api_key, **options), core=engine.core)
+                 body_timeout: float = 30.0, **options) -> None:
+        on_dead = options.pop("on_dead", None)
+        self.app = build_app(ServerOptions(model_name, api_key, **options), core=engine.core, on_dead=on_dead)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, "warning", header_timeout=header_timeout))
+        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, "warning", header_timeout=header_timeout,
+                                                    body_timeout=body_timeout))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":

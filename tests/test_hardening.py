@@ -23,7 +23,7 @@ def llm(gguf_path):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with LiveServer(llm.engine, MODEL, max_request_bytes=1 << 20, header_timeout=1.0) as s:
+    with LiveServer(llm.engine, MODEL, max_request_bytes=1 << 20, header_timeout=1.0, body_timeout=1.0) as s:
         yield s
 
 
@@ -147,6 +147,14 @@ def test_body_size_and_prompt_length_limits(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and time.monotonic() - start < 5
     r = post(server, {"prompt": "word " * 3000, "max_tokens": 2})  # tokenized, then too long
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.json()
+    r = post(server, {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 2}, "chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.json()
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(40):
+            yield b" " * 65536
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
 
 
 def test_only_json_bodies(server):
@@ -156,7 +164,7 @@ def test_only_json_bodies(server):
     assert r.status_code == 415
 
 
-def test_non_streaming_client_that_leaves_frees_its_work(server):
+def _leave_and_check_freed(server) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "n": 2}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
@@ -165,6 +173,23 @@ def test_non_streaming_client_that_leaves_frees_its_work(server):
         assert time.time() < deadline, "the request kept running after its client left"
         time.sleep(0.2)
     assert metric(server, "slipstream:kv_cache_free_blocks") == metric(server, "slipstream:kv_cache_total_blocks")
+
+
+def test_non_streaming_client_that_leaves_frees_its_work(server):
+    _leave_and_check_freed(server)
+
+
+def test_a_client_that_leaves_is_noticed_behind_any_middleware(gguf_path):
+    """A user's own Starlette middleware in front (BaseHTTPMiddleware once hid disconnects from the handler)."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    async def passthrough(request, call_next):
+        return await call_next(request)
+
+    live = LiveServer(LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024).engine, MODEL)
+    live.app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    with live as s:
+        _leave_and_check_freed(s)
 
 
 def test_request_deadline(server):
@@ -185,6 +210,28 @@ def test_connection_that_never_finishes_its_headers_is_closed(server):
         assert time.monotonic() - start < 5
 
 
+def test_slow_requests_on_a_kept_alive_connection_are_closed(server):
+    """The header deadline holds for every request a connection sends, not only its first, and a body that stalls
+    after its headers is cut too (each was held open forever)."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    whole = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    for stall in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",  # half the next request's headers
+                  (whole % (len(body) + 10)) + body):  # whole headers, a body 10 bytes short
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall((whole % len(body)) + body)
+            first = b""
+            while b"\r\n\r\n" not in first or not first.rstrip().endswith(b"}"):
+                first += s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first[:100]
+            s.sendall(stall)
+            start = time.monotonic()
+            rest = b""
+            while chunk := s.recv(65536):  # closed by the server
+                rest += chunk
+            assert time.monotonic() - start < 5, stall
+            assert b"200 OK" not in rest
+
+
 def test_continuous_usage_stats(server):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
             "prompt": "Hi", "max_tokens": 4, "ignore_eos": True, "stream": True,
@@ -198,6 +245,41 @@ def test_openapi_documents_request_bodies(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "prompt" in schema["properties"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the core's thread raises
+def test_an_engine_that_raises_ends_every_stream_and_turns_health_red(gguf_path, caplog):
+    """The engine failing inside a step (the shape of the int64 overflow that once killed the loop for good):
+    the open stream ends with the error and [DONE], /health turns 503, new requests get 503, and the server is
+    told (`on_dead`: the CLI then exits non-zero), and the log holds the traceback."""
+    engine = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256).engine
+    dead = []
+    with LiveServer(engine, MODEL, on_dead=dead.append) as s:
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(l for l in lines if l.startswith("data: {"))  # the stream is running
+
+            def broken():
+                raise RuntimeError("injected step failure")
+            engine.core.step = broken
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and "injected step failure" in json.loads(rest[-2][6:])["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 503
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 503
+        assert len(dead) == 1 and "injected step failure" in str(dead[0])
+    assert "Traceback" in caplog.text and "in broken" in caplog.text  # the log keeps where it failed, not a repr
+
+
+def test_server_wide_request_timeout_and_public_metrics(gguf_path):
+    """`--request-timeout` holds for requests that set none; `--metrics-without-key` opens /metrics alone."""
+    engine = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256).engine
+    with LiveServer(engine, MODEL, request_timeout=1.0) as s:
+        r = httpx.post(s.url + "/v1/completions", timeout=60, json={"prompt": "Once", "max_tokens": 200, "ignore_eos": True})
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    with LiveServer(engine, MODEL, api_key="sekret", metrics_without_key=True) as s:
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401
 
 
 def test_api_key_guards_everything_but_health(gguf_path):

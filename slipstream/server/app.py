@@ -70,12 +70,13 @@ class ShuttingDown(RuntimeError):
     pass
 
 
-def _bad_value(e: ValueError, default_param: str | None = None) -> ApiError:
+def _bad_value(e: ValueError, default_param: str | None = None, prompt_param: str = "prompt") -> ApiError:
+    """A refusal naming its field. `prompt_param`: the field the prompt came from (a chat's prompt is its messages)."""
     msg = str(e)
     first = msg.split(" ", 1)[0]
     param = first if first.isidentifier() and first not in ("prompt", "the") else default_param
     if first == "prompt" or "max_model_len" in msg:
-        param = "prompt" if first == "prompt" or param is None else param
+        param = prompt_param if first == "prompt" or param is None else param
     return ApiError(400, msg, param=param)
 
 
@@ -277,34 +278,57 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
     return app
 
 
-class _HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, plus a deadline for a request's headers: a connection that never completes
-    them (a slow-loris client) is closed instead of held open forever. uvicorn's own keep-alive timeout only
-    starts once a response is done."""
+class _ReadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, plus deadlines for reading each request: its headers within `header_timeout` (from
+    the connection's opening, or from a kept-alive connection's first byte of its next request) and its body within
+    `body_timeout` after them. A connection that misses one (a slow-loris client) is closed instead of held open:
+    uvicorn's own keep-alive timeout only runs while a connection is idle between requests, and stops at its first
+    byte."""
 
     header_timeout = 10.0
+    body_timeout = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._read_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+        self._arm(self.header_timeout)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_timer is None:  # the next request on a kept-alive connection
+            self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
-        self._header_timer.cancel()
         super().on_headers_complete()
+        self._arm(self.body_timeout)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._header_timer.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
-    def _headers_overdue(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self.transport.close()
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(seconds, self._overdue)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _overdue(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()  # a handler reading the body sees the client gone
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info", grace_period: float = 30.0,
-                   header_timeout: float = 10.0) -> uvicorn.Config:
+                   header_timeout: float = 10.0, body_timeout: float = 30.0) -> uvicorn.Config:
     """The ASGI server's settings, one place for the CLI and the tests."""
-    protocol = type("HttpProtocol", (_HeaderTimeoutProtocol,), {"header_timeout": header_timeout})
+    protocol = type("HttpProtocol", (_ReadTimeoutProtocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=5,
                           timeout_graceful_shutdown=grace_period)
 
@@ -377,6 +401,7 @@ def _params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingP
 async def _serve(raw: Request, state: ServerState, client: AsyncEngineClient, req: Any, kind: str,
                  prompts: list[tuple[str | None, list[int]]], params: SamplingParams, fmt: "_Format") -> Response:
     base = new_request_id(kind)
+    prompt_param = "messages" if kind == "chatcmpl" else "prompt"
     streams: list[AsyncIterator[RequestOutput]] = []
     rids = [f"{base}-{i}" for i in range(len(prompts))]
     try:
@@ -385,7 +410,7 @@ async def _serve(raw: Request, state: ServerState, client: AsyncEngineClient, re
     except (ValueError, EngineOverloaded, EngineDeadError) as e:
         for rid in rids[: len(streams)]:
             client.abort(rid)
-        raise _admission_error(e) from None
+        raise _admission_error(e, prompt_param) from None
     timeout = min((t for t in (req.timeout, state.options.request_timeout) if t is not None), default=None)
     if req.stream:
         so = req.stream_options
@@ -394,20 +419,20 @@ async def _serve(raw: Request, state: ServerState, client: AsyncEngineClient, re
     try:
         finals = await _until_disconnect(raw, _collect(streams), timeout)
     except (ValueError, EngineOverloaded, EngineDeadError, ShuttingDown, RequestTimeout) as e:
-        raise _admission_error(e) from None
+        raise _admission_error(e, prompt_param) from None
     if finals is None:
         return Response(status_code=499)  # the client is gone; its requests were aborted
     return Response(orjson.dumps(fmt.full(base, finals, params.n)), media_type="application/json")
 
 
-def _admission_error(e: BaseException) -> ApiError:
+def _admission_error(e: BaseException, prompt_param: str = "prompt") -> ApiError:
     if isinstance(e, EngineOverloaded):
         return ApiError(503, f"server overloaded: {e}", "service_unavailable", headers={"Retry-After": "1"})
     if isinstance(e, (EngineDeadError, ShuttingDown)):
         return ApiError(503, str(e), "service_unavailable")
     if isinstance(e, RequestTimeout):
         return ApiError(408, str(e), "timeout", code="request_timeout")
-    return _bad_value(e, "max_tokens")  # type: ignore[arg-type]
+    return _bad_value(e, "max_tokens", prompt_param)  # type: ignore[arg-type]
 
 
 async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

@@ -67,6 +67,10 @@ POISON = [  # (body fields, the param the 400 must name)
     ({"tool_choice": "required"}, "tool_choice"),
     ({"best_of": 3}, "best_of"),
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"bad_words": ["a"]}, "bad_words"),
+    ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+    ({"use_beam_search": True}, "use_beam_search"),
     ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}}}, "guided_json"),
     ({"timeout": -1}, "timeout"),
 ]

@@ -28,6 +28,14 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "prompt_logprobs": (None,),
     "logits_processors": (None,),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "use_beam_search": (None, False),
+    "truncate_prompt_tokens": (None,),
+    "add_special_tokens": (None, True),
+    "chat_template_kwargs": (None, {}),  # e.g. Qwen3's enable_thinking: the template would render another prompt
+    "continue_final_message": (None, False),
+    "guided_decoding_backend": (None, "xgrammar"),
 }
 
 

@@ -4,7 +4,9 @@ Megatron's split, by layer: the QKV and gate-up projections are split by output 
 computes its own heads, its own slice of the MLP's width), the output and down projections by input columns
 (row-parallel: each rank's partial sum, then an all-reduce), the embedding and the LM head by vocabulary rows (the
 embedding's lookup masked to the rank's rows and all-reduced; the logits all-gathered, so that every rank holds all
-of them and draws the same tokens from the same seeds). Attention heads go to ranks in whole KV-head groups: with
+of them and draws the same tokens from the same seeds). Every rank samples, rather than rank 0 sampling and
+broadcasting: each rank then has the step's tokens on its own device for the next step's inputs (async scheduling
+feeds them there without a host round trip), and a step needs no second collective. Attention heads go to ranks in whole KV-head groups: with
 at least as many KV heads as ranks each rank takes a run of KV heads (possibly uneven: 3 over 2 ranks is 2 + 1)
 with their query heads; with fewer, each KV head is copied on the ranks that share its query heads.
 

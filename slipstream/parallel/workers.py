@@ -41,6 +41,10 @@ def _rendezvous() -> tuple[str, int]:
 def join(rank: int, world: int, addr: str, port: int, cuda: bool) -> Shard:
     """Join the ranks' process group (NCCL for tensors on CUDA, gloo for host values; gloo for both on a CPU)."""
     if cuda:
+        # NVLink multicast (NVLS) stays off unless the user asks for it: on shared hosts a program using it can put
+        # every GPU of the host out of service; NCCL's ring and tree all-reduces need no multicast.
+        for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+            os.environ.setdefault(var, off)
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
                             world_size=world, timeout=_TIMEOUT)

@@ -1,4 +1,5 @@
-"""Command line: `slipstream generate`, `slipstream chat`, `slipstream serve`, `slipstream bench ...`."""
+"""Command line: `slipstream generate`, `slipstream chat`, `slipstream serve`, `slipstream bench ...`, `slipstream
+worker` (the other hosts of a multi-host engine)."""
 from __future__ import annotations
 
 import argparse
@@ -261,6 +262,13 @@ def cmd_bench(a: argparse.Namespace) -> None:
     write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
 
 
+def cmd_worker(a: argparse.Namespace) -> None:
+    from slipstream.parallel.workers import run_node
+
+    config = EngineConfig.from_options(a.model_pos or a.model, **engine_kwargs(a))
+    sys.exit(run_node(config, a.node_rank))
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -304,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="send a reasoning model's <think> block as reasoning_content (qwen3; deepseek_r1: the prompt opens it)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
+    w = sub.add_parser("worker", help="one host's ranks of an engine whose tensor-parallel ranks span hosts (--nnodes): "
+                                       "run with the engine's model and options, MASTER_ADDR and MASTER_PORT set")
+    w.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
+    w.add_argument("--node-rank", type=int, required=True, help="this host's index, 1..nnodes-1 (host 0 runs the engine)")
+    _engine_args(w)
+    w.set_defaults(fn=cmd_worker)
     q = sub.add_parser("quantize", help="write an FP8 (HF / compressed-tensors) or 4-bit (AWQ / GPTQ) checkpoint "
                                          "from a 16-bit model")
     q.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")

@@ -202,6 +202,11 @@ class EngineConfig:
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
     tensor_parallel_size: int = option(1, "ranks the model is split over (processes; on CUDA one GPU each), "
                                           "16-bit weights")
+    enable_expert_parallel: bool = option(False, "MoE layers: each rank holds whole experts (a 1/N share of them) "
+                                                 "instead of a 1/N slice of every expert")
+    nnodes: int = option(1, "hosts the tensor-parallel ranks span: the engine's host starts tensor_parallel_size / "
+                            "nnodes of them, each other host `slipstream worker --node-rank R` (MASTER_ADDR and "
+                            "MASTER_PORT set alike on every host)")
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -213,6 +218,8 @@ class EngineConfig:
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
+        _check(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes",
+               f"must be >= 1 and divide tensor_parallel_size={self.tensor_parallel_size}", self.nnodes)
         if self.tensor_parallel_size > 1 and self.speculative_method == "draft":
             raise ValueError("speculative_method='draft' does not run with tensor_parallel_size > 1 yet")
         if (self.speculative_method == "draft") != (self.speculative_model is not None):

@@ -43,12 +43,12 @@ def _weights(e, h, inter, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["random", "one_expert", "single_token", "many_tokens"])
+@pytest.mark.parametrize("case", ["random", "one_expert", "single_token", "many_tokens", "other_ranks_experts"])
 def test_fused_moe_matches_loop(dtype, case):
     from slipstream.kernels.moe import fused_moe
 
     e, h, inter, k = 8, 96, 80, 2
-    t = {"random": 13, "one_expert": 9, "single_token": 1, "many_tokens": 70}[case]
+    t = {"random": 13, "one_expert": 9, "single_token": 1, "many_tokens": 70, "other_ranks_experts": 21}[case]
     w13, w2 = _weights(e, h, inter, dtype, t)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, h, generator=g).to(dtype)
@@ -57,8 +57,12 @@ def test_fused_moe_matches_loop(dtype, case):
         logits[:, 5] += 10
         logits[:, [0, 6, 7]] -= 10
     weights, ids = route(logits, MoEConfig(e, k, inter))
+    skipped = case == "other_ranks_experts"
+    if skipped:  # expert parallelism: this rank holds experts 0..3; pairs routed to 4..7 are another rank's (-1)
+        ids = torch.where(ids < 4, ids, -1)
+        assert (ids < 0).any() and (ids >= 0).any()
     ref = experts_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
-    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV))
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), skipped_pairs=skipped)
     assert out.shape == (t, h) and out.dtype == dtype
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err

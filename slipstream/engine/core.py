@@ -214,6 +214,12 @@ class EngineCore:
         if close is not None:
             close()
 
+    def check_ranks(self) -> None:
+        """Raise if a tensor-parallel rank has died (a one-rank engine has none to lose)."""
+        check = getattr(self.runner, "check_ranks", None)
+        if check is not None:
+            check()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None
 

@@ -76,6 +76,7 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decod
         if parent_pid is not None and os.getppid() != parent_pid:
             log.error("the API front end is gone; the engine core stops")
             return
+        core.check_ranks()  # a dead rank fails the engine now, idle or not, not at the next request
         if core.has_unfinished():
             start = time.perf_counter()
             deltas = core.step()

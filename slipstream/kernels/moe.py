@@ -126,9 +126,10 @@ def _tiles(pairs: int, elem_bytes: int, device: torch.device) -> dict:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, skipped_pairs: bool = False) -> torch.Tensor:
     """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
-    (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]."""
+    (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
+    [0, E) (another rank's experts); those pairs add nothing."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -138,7 +139,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, block_expert = align_by_expert(topk_ids, e, bm)
     x = x.contiguous()
     mid = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-    out = torch.empty((pairs, h), dtype=x.dtype, device=x.device)
+    # rows of skipped pairs are never written: zeros, so that the sum over a token's k rows leaves them out
+    out = (torch.zeros if skipped_pairs else torch.empty)((pairs, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     precision = dot_precision(x.dtype)
     grid = lambda n: (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))  # noqa: E731

@@ -10,6 +10,13 @@ Routing variants, all options of `route` (MoEConfig says which a model uses):
 Experts are stacked: w13 [E, 2I, H] (each expert's gate rows, then its up rows) and w2 [E, H, I], filled from the
 checkpoint's per-expert tensors by their weight loaders. On the GPU the experts run as the fused grouped GEMMs
 of kernels/moe.py; elsewhere as a loop over the experts that received tokens (the reference).
+
+Over tensor-parallel ranks the experts split one of two ways. By width (the default): each rank holds a slice of
+every expert. By expert (`expert_parallel`): each rank holds a contiguous 1/N of the experts, whole, and computes
+only the (token, expert) pairs routed to them. Tensor-parallel attention leaves every rank with every token, so
+dispatching is local (a rank picks its pairs; no tokens travel) and combining is the same one all-reduce that
+sums the width slices: vLLM's expert parallelism without data parallelism does the same. An all-to-all pays once
+ranks hold different tokens (data-parallel attention), which slipstream does not have.
 """
 from __future__ import annotations
 
@@ -44,9 +51,12 @@ def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
 
 
 def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The experts as a loop: each expert runs on the tokens routed to it (the reference of kernels.fused_moe)."""
+    """The experts as a loop: each expert runs on the tokens routed to it (the reference of kernels.fused_moe).
+    Pairs whose id is negative (another rank's expert) add nothing."""
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
+        if e < 0:
+            continue
         token, slot = (ids == e).nonzero(as_tuple=True)
         gate, up = F.linear(x[token], w13[e]).chunk(2, -1)
         y = F.linear(F.silu(gate) * up, w2[e])
@@ -71,20 +81,24 @@ class SharedExpert(nn.Module):
 
 class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig, hidden: int, fused: bool, shard: Shard | None = None) -> None:
-        """`shard`: tensor parallelism splits every expert's width (gate and up rows, down columns) over the ranks;
-        each rank routes every token the same way (the router is whole on each)."""
+        """`shard`: tensor parallelism splits every expert's width (gate and up rows, down columns) over the ranks,
+        or, with `shard.expert_parallel`, gives each rank whole experts; either way each rank routes every token
+        the same way (the router is whole on each)."""
         super().__init__()
         self.cfg, self.fused = cfg, fused
         self.shard = shard = shard or Shard.single()
-        e = cfg.num_experts
-        self.i0, inter = shard.part(cfg.intermediate_size)
-        self.gate = Linear(hidden, e)  # the router stays in the model's dtype
+        self.by_expert = shard.expert_parallel and shard.world > 1
+        if self.by_expert:
+            (self.e0, e), (self.i0, inter) = shard.part(cfg.num_experts), (0, cfg.intermediate_size)
+        else:
+            (self.e0, e), (self.i0, inter) = (0, cfg.num_experts), shard.part(cfg.intermediate_size)
+        self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype
         self.w13 = nn.Parameter(torch.empty(e, 2 * inter, hidden), requires_grad=False)
         self.w13.weight_loader = self._load_expert
-        self.w13.shards = tuple((i, part) for i in range(e) for part in (0, 1))
+        self.w13.shards = tuple((i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1))
         self.w2 = nn.Parameter(torch.empty(e, hidden, inter), requires_grad=False)
         self.w2.weight_loader = self._load_expert
-        self.w2.shards = tuple((i, None) for i in range(e))
+        self.w2.shards = tuple((i, None) for i in range(self.e0, self.e0 + e))
         if cfg.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
             self.e_score_correction_bias.dummy_value = 0.0
@@ -94,11 +108,14 @@ class MoE(nn.Module):
 
     def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None]) -> None:
         expert, part = shard
-        dst = param.data[expert]
+        if not 0 <= expert - self.e0 < param.shape[0]:
+            return  # another rank's expert: not read at all
+        dst = param.data[expert - self.e0]
+        width_split = self.shard.world > 1 and not self.by_expert
         if part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]; this rank's rows of either
             dst = dst.narrow(0, part * (dst.shape[0] // 2), dst.shape[0] // 2)
-            tensor = narrow(tensor, 0, self.i0, dst.shape[0]) if self.shard.world > 1 else tensor
-        elif self.shard.world > 1:  # down: this rank's columns
+            tensor = narrow(tensor, 0, self.i0, dst.shape[0]) if width_split else tensor
+        elif width_split:  # down: this rank's columns
             tensor = narrow(tensor, 1, self.i0, dst.shape[1])
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
@@ -112,8 +129,11 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "e_score_correction_bias", None)
         weights, ids = route(self.gate(x), self.cfg, bias)
+        if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
+            local = ids - self.e0
+            ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
         if self.fused and x.is_cuda:
-            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids)
+            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert)
         else:
             y = experts_ref(x, self.w13, self.w2, weights, ids)
         if self.cfg.shared_intermediate_size:
@@ -121,4 +141,4 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))
             y = y + shared
-        return self.shard.all_reduce(y)  # the ranks' slices of every expert (and of the shared one) summed
+        return self.shard.all_reduce(y)  # the ranks' slices of every expert, or their experts (and the shared one), summed

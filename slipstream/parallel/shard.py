@@ -32,6 +32,7 @@ class Shard:
     world: int
     group: Any = None  # the torch.distributed group for the layers' tensors (NCCL on GPUs, gloo on CPUs)
     control: Any = None  # a gloo group for host-side values (steps, page counts), on any device
+    expert_parallel: bool = False  # MoE layers split their experts (whole ones per rank), not each expert's width
 
     @staticmethod
     def single() -> "Shard":

@@ -7,9 +7,12 @@ Every rank holds a ModelRunner on its slice of the model. Rank 0's (`LeadRunner`
 from the same gathered logits and seeds. Only rank 0's results are read.
 
 Ranks find each other through torch.distributed's TCP rendezvous: MASTER_ADDR (default 127.0.0.1) and MASTER_PORT
-(default: a free port), as torchrun sets them. On CUDA rank r uses GPU r and NCCL; on a CPU, gloo. A worker that
-dies fails rank 0's next collective (the engine stops with an error); rank 0 gone, the workers' next receive fails
-and they exit.
+(default: a free port), as torchrun sets them. Over several hosts (`nnodes`) each host runs tensor_parallel_size /
+nnodes consecutive ranks: the engine's host ranks 0.., host R (`slipstream worker --node-rank R`, `run_node`) the
+R-th run; the address and port must then be given alike on every host. On CUDA a rank uses its host's GPU of its
+local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
+as they join. A worker that dies fails the engine (at its next step, or at once when idle: `check_ranks`); rank 0
+gone, the workers' next receive fails and they exit.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ log = logging.getLogger(__name__)
 _TIMEOUT = datetime.timedelta(minutes=10)  # a collective no rank answers: the load of a large model fits in it
 
 
-def _rendezvous() -> tuple[str, int]:
+def _rendezvous(nnodes: int) -> tuple[str, int]:
+    if nnodes > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+        raise ValueError(f"nnodes={nnodes}: set MASTER_ADDR (the engine's host, as the others reach it) and "
+                         "MASTER_PORT alike on every host")
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" in os.environ:
         return addr, int(os.environ["MASTER_PORT"])
@@ -38,28 +44,33 @@ def _rendezvous() -> tuple[str, int]:
         return addr, s.getsockname()[1]
 
 
-def join(rank: int, world: int, addr: str, port: int, cuda: bool) -> Shard:
-    """Join the ranks' process group (NCCL for tensors on CUDA, gloo for host values; gloo for both on a CPU)."""
+def join(rank: int, world: int, addr: str, port: int, cuda: bool, expert_parallel: bool = False,
+         local_rank: int | None = None) -> Shard:
+    """Join the ranks' process group (NCCL for tensors on CUDA, gloo for host values; gloo for both on a CPU).
+    `local_rank`: the rank's index on its host (its GPU), when the ranks span hosts."""
     if cuda:
         # NVLink multicast (NVLS) stays off unless the user asks for it: on shared hosts a program using it can put
         # every GPU of the host out of service; NCCL's ring and tree all-reduces need no multicast.
         for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
             os.environ.setdefault(var, off)
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank if local_rank is None else local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
                             world_size=world, timeout=_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=_TIMEOUT) if cuda else dist.group.WORLD
-    return Shard(rank, world, dist.group.WORLD, control)
+    return Shard(rank, world, dist.group.WORLD, control, expert_parallel)
 
 
-def _worker(config: Any, rank: int, world: int, addr: str, port: int, max_len: int, eos_ids: set[int]) -> None:
+def _worker(config: Any, rank: int, addr: str, port: int) -> None:
     from slipstream import loader
     from slipstream.runner.device import resolve_device
     from slipstream.runner.model_runner import ModelRunner
 
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {rank}] %(message)s")
-    shard = join(rank, world, addr, port, resolve_device(config.device).type == "cuda")
+    world = config.tensor_parallel_size
+    shard = join(rank, world, addr, port, resolve_device(config.device).type == "cuda", config.enable_expert_parallel,
+                 rank % (world // config.nnodes))
     try:
+        max_len, eos_ids = _receive(shard)
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
         runner = ModelRunner(config, loaded.config, loaded.weights, max_len, eos_ids, shard=shard)
         serve(runner, shard)
@@ -112,6 +123,13 @@ class LeadRunner:
     def collect(self, launched: Any) -> Any:
         return self.runner.collect(launched)
 
+    def check_ranks(self) -> None:
+        """Raise if another rank's process has ended: an idle engine would otherwise learn it only at its next
+        step's collective (on NCCL, perhaps after the collective's timeout)."""
+        for rank, w in enumerate(self.workers, 1):
+            if not w.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {w.exitcode})")
+
     def __getattr__(self, name: str) -> Any:  # num_blocks, device, kv, ...: the rank's own runner
         return getattr(self.runner, name)
 
@@ -135,16 +153,11 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     world = config.tensor_parallel_size
     Shard(0, world).heads(model_config.num_heads, model_config.num_kv_heads)  # a bad split is an error before any start
     cuda = resolve_device(config.device).type == "cuda"
-    if cuda and torch.cuda.device_count() < world:
-        raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
-    addr, port = _rendezvous()
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_worker, args=(config, r, world, addr, port, max_len, eos_ids), daemon=True,
-                           name=f"slipstream-rank{r}") for r in range(1, world)]
-    for w in workers:
-        w.start()
-    shard = join(0, world, addr, port, cuda)
+    addr, port = _rendezvous(config.nnodes)
+    workers = _start_ranks(config, range(1, world // config.nnodes), addr, port, cuda)
+    shard = join(0, world, addr, port, cuda, config.enable_expert_parallel, 0)
     try:
+        dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
         runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
     except BaseException:
         for w in workers:
@@ -153,3 +166,33 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
         raise
     log.info("tensor parallel: %d ranks", world)
     return LeadRunner(runner, shard, workers)
+
+
+def _start_ranks(config: Any, ranks: range, addr: str, port: int, cuda: bool) -> list[multiprocessing.Process]:
+    """This host's ranks, each in a process of its own."""
+    local = config.tensor_parallel_size // config.nnodes
+    if cuda and torch.cuda.device_count() < local:
+        raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size} over {config.nnodes} host(s) needs {local} "
+                         f"GPUs a host; this one has {torch.cuda.device_count()}")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(config, r, addr, port), daemon=True, name=f"slipstream-rank{r}")
+               for r in ranks]
+    for w in workers:
+        w.start()
+    return workers
+
+
+def run_node(config: Any, node_rank: int) -> int:
+    """`slipstream worker`: run host `node_rank`'s ranks of an engine whose rank 0 runs on another host, until that
+    engine stops. Returns the exit status: non-zero if a rank failed."""
+    from slipstream.runner.device import resolve_device
+
+    if not 0 < node_rank < config.nnodes:
+        raise ValueError(f"node_rank must be in [1, nnodes={config.nnodes}): host 0 runs the engine, got {node_rank}")
+    addr, port = _rendezvous(config.nnodes)
+    local = config.tensor_parallel_size // config.nnodes
+    workers = _start_ranks(config, range(node_rank * local, (node_rank + 1) * local), addr, port,
+                           resolve_device(config.device).type == "cuda")
+    for w in workers:
+        w.join()
+    return max((abs(w.exitcode or 0) for w in workers), default=0)

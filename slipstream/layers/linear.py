@@ -48,8 +48,9 @@ class Linear(nn.Module):
         self.fused = fused
         self.method = method or get_linear_method("none")
         self.take = take
-        if take is not None and type(self.method).__name__ != "Unquantized":
-            raise ValueError("tensor parallelism runs 16-bit linear layers only so far (quantized ones do not shard yet)")
+        if take is not None and not self.method.tensor_parallel:
+            raise ValueError(f"tensor parallelism does not split {type(self.method).__name__} layers yet (16-bit and FP8 "
+                             "weights split)")
         if take is not None and bias and take[0] == 1:
             raise ValueError("a row-parallel layer cannot hold a bias (each rank would add it to its partial sum)")
         self.method.create_weights(self)
@@ -59,20 +60,25 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _slice(self, tensor: Any, shard: int | None) -> Any:
-        """This rank's part of a checkpoint tensor (the whole tensor when the layer is not split)."""
+    def _slice(self, tensor: Any, shard: int | None, rows_per: int = 1, cols_per: int = 1) -> Any:
+        """This rank's part of a checkpoint tensor (the whole tensor when the layer is not split): one of its rows
+        stands for `rows_per` output rows, one of its columns for `cols_per` input columns (0: it has no input axis,
+        as per-channel scales)."""
         if self.take is None:
             return tensor
         dim, starts = self.take
         if dim == 0:
-            return narrow(tensor, 0, starts[shard or 0], self.output_sizes[shard or 0])
-        return narrow(tensor, 1, starts[0], self.in_features) if len(tensor.shape) > 1 else tensor
+            return narrow(tensor, 0, *_units(starts[shard or 0], self.output_sizes[shard or 0], rows_per, "rows"))
+        if cols_per == 0 or len(tensor.shape) < 2:
+            return tensor
+        return narrow(tensor, 1, *_units(starts[0], self.in_features, cols_per, "columns"))
 
     def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False, dim: int = 0,
-                   same: bool = False) -> None:
+                   same: bool = False, cols_per: int = 1) -> None:
         """Give `param` its weight loader: by output shard when its rows follow `output_sizes` (one row per
         `rows_per` output rows: block scales, packed columns; the output axis is `dim`), one entry per shard
-        (`per_shard`: per-tensor scales), every shard the same tensor (`same`: GPTQ's g_idx), else whole."""
+        (`per_shard`: per-tensor scales), every shard the same tensor (`same`: GPTQ's g_idx), else whole.
+        `cols_per`: input columns per column of it, for a row-parallel split (0: no input axis)."""
         if per_shard:
             param.weight_loader = self._load_entry
             param.shards = tuple(range(len(self.output_sizes))) if len(self.output_sizes) > 1 else (None,)
@@ -80,19 +86,20 @@ class Linear(nn.Module):
             param.weight_loader = self._load_same
             param.shards = tuple(range(len(self.output_sizes)))
         elif stacked and len(self.output_sizes) > 1:
-            param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per, dim)
+            param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per, dim, cols_per)
             param.shards = tuple(range(len(self.output_sizes)))
         elif self.take is not None:
-            param.weight_loader = lambda p, t, shard: default_weight_loader(p, self._slice(t, None))
+            param.weight_loader = lambda p, t, shard: default_weight_loader(p, self._slice(t, None, rows_per, cols_per))
         else:
             param.weight_loader = default_weight_loader
 
-    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None, rows_per: int, dim: int = 0) -> None:
+    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None, rows_per: int, dim: int = 0,
+                   cols_per: int = 1) -> None:
         if shard is None:
             raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
         start = sum(self.output_sizes[:shard]) // rows_per
         dst = param.data.narrow(dim, start, self.output_sizes[shard] // rows_per)
-        tensor = self._slice(tensor, shard)
+        tensor = self._slice(tensor, shard, rows_per, cols_per)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(materialize(tensor))
@@ -100,6 +107,7 @@ class Linear(nn.Module):
     @staticmethod
     def _load_same(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         seen = param.__dict__.setdefault("loaded_shards", set())
+        tensor = materialize(tensor)
         if seen and not torch.equal(param.data, tensor.to(param.dtype)):
             raise ValueError("the projections fused into this layer hold different tensors where they must agree")
         default_weight_loader(param, tensor)
@@ -107,6 +115,7 @@ class Linear(nn.Module):
 
     @staticmethod
     def _load_entry(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        tensor = materialize(tensor)  # a per-tensor scale: whole on every rank
         if tensor.numel() != 1:
             raise ValueError(f"expected one scale per tensor, got shape {tuple(tensor.shape)}")
         param.data[shard or 0] = tensor.reshape(())
@@ -117,6 +126,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+
+def _units(start: int, size: int, per: int, what: str) -> tuple[int, int]:
+    """A rank's [start, start + size) in units of `per` (a scale block): it must begin on a block's edge."""
+    if start % per:
+        raise ValueError(f"a tensor-parallel rank's {what} start at {start}, inside a {per}-wide scale block of the "
+                         "checkpoint: choose a tensor_parallel_size that splits on block edges")
+    return start // per, -(-size // per)
 
 
 def finish_loading(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ class LazyTensor:
         return self._count(self._part[index])
 
     def materialize(self) -> torch.Tensor:
-        return self._count(self._part[:])
+        return self._count(self._part[...])  # [...]: 0-dim tensors (per-tensor scales) too
 
 
 def safetensors_weights(files: list[str], lazy: bool = False, read: list[int] | None = None) -> Iterator[tuple[str, Any]]:

@@ -91,6 +91,7 @@ def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group: int, dtype: t
 
 class Fp8:
     supports_gemv = True
+    tensor_parallel = True  # weights by rows or columns, channel scales by rows, blocks by block
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
@@ -114,14 +115,14 @@ class Fp8:
             layer.set_loader(scale, stacked=True, per_shard=True)
         elif spec.weight_scales == "channel":
             scale = nn.Parameter(torch.empty(n, 1, dtype=torch.float32), requires_grad=False)
-            layer.set_loader(scale, stacked=True)
+            layer.set_loader(scale, stacked=True, cols_per=0)
         else:
             bn, bk = spec.block
             if k % bk or (len(layer.output_sizes) > 1 and any(size % bn for size in layer.output_sizes)):
                 raise ValueError(f"block-scaled fp8 needs the input width {k} to be a multiple of {bk} and each fused "
                                  f"projection's rows {layer.output_sizes} a multiple of {bn}")
             scale = nn.Parameter(torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32), requires_grad=False)
-            layer.set_loader(scale, stacked=True, rows_per=bn)
+            layer.set_loader(scale, stacked=True, rows_per=bn, cols_per=bk)
         scale.dummy_value = _DUMMY_SCALE
         layer.register_parameter(spec.scale_name, scale)
         if spec.activations == "static":

@@ -135,6 +135,7 @@ def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple
 
 class Int4:
     supports_gemv = True
+    tensor_parallel = False  # packed layouts of several formats: not cut yet
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec

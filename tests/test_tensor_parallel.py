@@ -109,6 +109,18 @@ def test_ranks_over_two_hosts(gguf_path, monkeypatch):
         LLM(gguf_path, tensor_parallel_size=2, nnodes=2, **kw)
 
 
+def test_four_ranks(tmp_path):
+    """Four ranks (one KV head each) give one rank's tokens."""
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    make_model_dir(tmp_path, CONFIGS["llama3"])
+    prompts = [[5, 17, 200, 31, 9, 77], [300, 2, 45]]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128)
+    want = LLM(str(tmp_path), **kw).generate(prompts, GREEDY)
+    with LLM(str(tmp_path), tensor_parallel_size=4, **kw) as four:
+        _same(want, four.generate(prompts, GREEDY))
+
+
 @pytest.mark.parametrize("arch, experts", [("qwen3", False), ("qwen3_moe", False), ("qwen3_moe", True), ("qwen2_moe", True)])
 def test_two_ranks_on_random_models(tmp_path, arch, experts):
     """Qwen3 with one KV head (both ranks hold it) and Qwen3-MoE, each rank a slice of every expert or (expert
@@ -135,9 +147,11 @@ def test_two_ranks_on_random_models(tmp_path, arch, experts):
         assert_no_leak(two)
 
 
-def test_a_rank_reads_only_its_slices(tmp_path):
+@pytest.mark.parametrize("arch, experts", [("llama3", False), ("qwen3_moe", True)])
+def test_a_rank_reads_only_its_slices(tmp_path, arch, experts):
     """Building one rank's slice of the model from lazily read safetensors reads about half of the checkpoint's
-    bytes: the norms and (here) the one KV head are whole on each rank, everything else split."""
+    bytes: the norms (and a MoE's routers) are whole on each rank, everything else split (4 KV heads 2 + 2; with
+    expert parallelism, half the experts whole), and exactly what the rank keeps."""
     from test_random_arch_equivalence import CONFIGS, make_model_dir
 
     from slipstream.attention.torch_backend import TorchAttention
@@ -145,13 +159,13 @@ def test_a_rank_reads_only_its_slices(tmp_path):
     from slipstream.loader.hf import safetensors_weights
     from slipstream.models.llama import LlamaForCausalLM
 
-    make_model_dir(tmp_path, CONFIGS["llama3"])  # 4 KV heads: split 2 + 2
+    make_model_dir(tmp_path, CONFIGS[arch])
     cfg = ModelConfig.from_hf(__import__("json").load(open(tmp_path / "config.json")))
     files = [str(tmp_path / "model.safetensors")]
     total = sum(t.numel() * t.element_size() for _, t in safetensors_weights(files))
     for rank in range(2):
         with torch.device("cpu"):
-            model = LlamaForCausalLM(cfg, TorchAttention(), shard=Shard(rank, 2))
+            model = LlamaForCausalLM(cfg, TorchAttention(), shard=Shard(rank, 2, expert_parallel=experts))
         read = [0]
         model.load_weights(safetensors_weights(files, lazy=True, read=read))
         held = sum(p.numel() * p.element_size() for p in model.parameters())

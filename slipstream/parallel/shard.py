@@ -11,6 +11,10 @@ at least as many KV heads as ranks each rank takes a run of KV heads (possibly u
 with their query heads; with fewer, each KV head is copied on the ranks that share its query heads.
 
 `Shard.single()` is one rank of one: no collectives, nothing split.
+
+On GPUs the collectives are NCCL's, and the decode CUDA graphs capture the layers' all-reduces with the rest of the
+step (the logits' all-gather runs outside them). A one-shot all-reduce over peer memory, which can beat NCCL for a
+decode step's few kilobytes, is not built: whether it pays is to be measured on two GPUs first.
 """
 from __future__ import annotations
 

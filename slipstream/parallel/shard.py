@@ -13,7 +13,7 @@ with their query heads; with fewer, each KV head is copied on the ranks that sha
 `Shard.single()` is one rank of one: no collectives, nothing split.
 
 On GPUs the collectives are NCCL's, and the decode CUDA graphs capture the layers' all-reduces with the rest of the
-step (the logits' all-gather runs outside them). A one-shot all-reduce over peer memory, which can beat NCCL for a
+step (the logits' all-gather runs outside them); none of it has run on GPUs yet (that needs a two-GPU machine). A one-shot all-reduce over peer memory, which can beat NCCL for a
 decode step's few kilobytes, is not built: whether it pays is to be measured on two GPUs first.
 """
 from __future__ import annotations

@@ -201,7 +201,7 @@ class EngineConfig:
                                                  ".gguf file with the target's token ids)")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
     tensor_parallel_size: int = option(1, "ranks the model is split over (processes; on CUDA one GPU each), "
-                                          "16-bit or FP8 weights")
+                                          "16-bit, FP8 or 4-bit weights")
     enable_expert_parallel: bool = option(False, "MoE layers: each rank holds whole experts (a 1/N share of them) "
                                                  "instead of a 1/N slice of every expert")
     nnodes: int = option(1, "hosts the tensor-parallel ranks span: the engine's host starts tensor_parallel_size / "

@@ -80,6 +80,37 @@ def test_two_ranks_on_fp8_checkpoints(tmp_path, scheme, activations):
             assert [len(o.outputs[0].token_ids) for o in online.generate(prompts, GREEDY)] == [24, 24]
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "online"])
+def test_two_ranks_on_4bit_weights(tmp_path, fmt):
+    """4-bit layers split with their group scales and zero points (packed nibbles by whole words and groups, AWQ's
+    and GPTQ's transposed layouts along their own axes, GPTQ's g_idx by columns): checkpoints `slipstream quantize`
+    writes, and a 16-bit one rounded as it loads, give one rank's tokens on two."""
+    from test_fp8 import _tiny_llama
+
+    from slipstream.loader.quantize import write_int4_checkpoint
+
+    src, out = str(tmp_path / "src"), str(tmp_path / fmt)
+    _tiny_llama(src, hidden=128, inter=256, heads=4, kv_heads=4, head_dim=128)  # every split falls on a group edge
+    if fmt != "online":
+        write_int4_checkpoint(src, out, fmt, 128, device="cpu", dtype="float32")
+    path, quant = (src, "int4") if fmt == "online" else (out, "auto")
+    g = __import__("random").Random(2)
+    prompts = [[g.randrange(3, 384) for _ in range(n)] for n in (20, 45)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32, quantization=quant)
+    want = LLM(path, **kw).generate(prompts, GREEDY)
+    with LLM(path, tensor_parallel_size=2, **kw) as two:
+        _same(want, two.generate(prompts, GREEDY))
+
+
+def test_embedded_q4_1_kept_4bit_on_two_ranks(gguf_path):
+    """The embedded GGUF's Q4_1 layers kept 4-bit (groups of 32) split over two ranks: one rank's tokens."""
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, quantization="int4")
+    prompts = ["The history of the city of Paris begins", "def quicksort(xs):"]
+    want = LLM(gguf_path, **kw).generate(prompts, GREEDY)
+    with LLM(gguf_path, tensor_parallel_size=2, **kw) as two:
+        _same(want, two.generate(prompts, GREEDY))
+
+
 def test_ranks_over_two_hosts(gguf_path, monkeypatch):
     """--nnodes 2: this process is host 0 (rank 0), `slipstream worker --node-rank 1` in another process host 1,
     meeting at MASTER_ADDR:MASTER_PORT as two hosts would; the tokens are one rank's."""

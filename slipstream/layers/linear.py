@@ -60,18 +60,19 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _slice(self, tensor: Any, shard: int | None, rows_per: int = 1, cols_per: int = 1) -> Any:
-        """This rank's part of a checkpoint tensor (the whole tensor when the layer is not split): one of its rows
-        stands for `rows_per` output rows, one of its columns for `cols_per` input columns (0: it has no input axis,
-        as per-channel scales)."""
+    def _slice(self, tensor: Any, shard: int | None, rows_per: int = 1, cols_per: int = 1, out_dim: int = 0) -> Any:
+        """This rank's part of a checkpoint tensor (the whole tensor when the layer is not split). Its axis
+        `out_dim` runs along the outputs, one entry for `rows_per` output rows; the other along the inputs, one entry
+        for `cols_per` input columns (0: it has no input axis, as per-channel scales)."""
         if self.take is None:
             return tensor
-        dim, starts = self.take
-        if dim == 0:
-            return narrow(tensor, 0, *_units(starts[shard or 0], self.output_sizes[shard or 0], rows_per, "rows"))
-        if cols_per == 0 or len(tensor.shape) < 2:
+        split, starts = self.take
+        if split == 0:
+            return narrow(tensor, out_dim, *_units(starts[shard or 0], self.output_sizes[shard or 0], rows_per, "rows"))
+        in_dim = 1 - out_dim if len(tensor.shape) > 1 else 0
+        if cols_per == 0 or (len(tensor.shape) < 2 and out_dim == 0):
             return tensor
-        return narrow(tensor, 1, *_units(starts[0], self.in_features, cols_per, "columns"))
+        return narrow(tensor, in_dim, *_units(starts[0], self.in_features, cols_per, "columns"))
 
     def set_loader(self, param: nn.Parameter, stacked: bool, rows_per: int = 1, per_shard: bool = False, dim: int = 0,
                    same: bool = False, cols_per: int = 1) -> None:
@@ -82,14 +83,14 @@ class Linear(nn.Module):
         if per_shard:
             param.weight_loader = self._load_entry
             param.shards = tuple(range(len(self.output_sizes))) if len(self.output_sizes) > 1 else (None,)
-        elif same and len(self.output_sizes) > 1:
+        elif same and (len(self.output_sizes) > 1 or self.take is not None):
             param.weight_loader = self._load_same
-            param.shards = tuple(range(len(self.output_sizes)))
+            param.shards = tuple(range(len(self.output_sizes))) if len(self.output_sizes) > 1 else (None,)
         elif stacked and len(self.output_sizes) > 1:
             param.weight_loader = lambda p, t, shard: self._load_rows(p, t, shard, rows_per, dim, cols_per)
             param.shards = tuple(range(len(self.output_sizes)))
         elif self.take is not None:
-            param.weight_loader = lambda p, t, shard: default_weight_loader(p, self._slice(t, None, rows_per, cols_per))
+            param.weight_loader = lambda p, t, shard: default_weight_loader(p, self._slice(t, None, rows_per, cols_per, dim))
         else:
             param.weight_loader = default_weight_loader
 
@@ -99,14 +100,15 @@ class Linear(nn.Module):
             raise ValueError(f"a stacked parameter of {len(self.output_sizes)} shards was given a whole tensor")
         start = sum(self.output_sizes[:shard]) // rows_per
         dst = param.data.narrow(dim, start, self.output_sizes[shard] // rows_per)
-        tensor = self._slice(tensor, shard, rows_per, cols_per)
+        tensor = self._slice(tensor, shard, rows_per, cols_per, dim)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(materialize(tensor))
 
-    @staticmethod
-    def _load_same(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+    def _load_same(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         seen = param.__dict__.setdefault("loaded_shards", set())
+        if self.take is not None and self.take[0] == 1:  # along the inputs (g_idx): a row-parallel rank's columns
+            tensor = narrow(tensor, 0, self.take[1][0], self.in_features)
         tensor = materialize(tensor)
         if seen and not torch.equal(param.data, tensor.to(param.dtype)):
             raise ValueError("the projections fused into this layer hold different tensors where they must agree")

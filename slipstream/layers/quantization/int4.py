@@ -135,7 +135,7 @@ def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple
 
 class Int4:
     supports_gemv = True
-    tensor_parallel = False  # packed layouts of several formats: not cut yet
+    tensor_parallel = True  # each format's tensors say how they are cut (create_weights)
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
@@ -161,20 +161,24 @@ class Int4:
             raise ValueError(f"int4 weights need the input width {k} to be a multiple of the group {self.group}"
                              + ("" if gguf else " and 8, and each fused projection's rows a multiple of 8"))
         g = k // self.group
+        # How each tensor is cut for a tensor-parallel rank: `cols_per` input columns per entry of its input axis
+        # (a row-parallel rank starts on a group's edge), `rows_per` output rows per entry of its output axis `dim`.
+        grouped = dict(cols_per=self.group)
         if gguf:  # the loader repacked it: our layout, rows stacked
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
-            params = [("qweight", (n, k // 2), torch.uint8, {}), ("scales", (n, g), dtype, {}),
-                      ("offsets", (n, g), dtype, {})]
+            params = [("qweight", (n, k // 2), torch.uint8, dict(cols_per=2)), ("scales", (n, g), dtype, grouped),
+                      ("offsets", (n, g), dtype, grouped)]
         elif fmt in ("nvfp4", "mxfp4"):  # E2M1 codes two to a byte as ours; FP8 (NVFP4) or E8M0 (MXFP4) group scales
-            params = [("weight_packed", (n, k // 2), torch.uint8, {}),
-                      ("weight_scale", (n, g), torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8, {})]
+            params = [("weight_packed", (n, k // 2), torch.uint8, dict(cols_per=2)),
+                      ("weight_scale", (n, g), torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8, grouped)]
             if fmt == "nvfp4":  # a global scale per projection for the weights and one for W4A4's activations (unused)
                 params += [(name, (len(layer.output_sizes),), torch.float32, dict(per_shard=True))
                            for name in ("weight_global_scale", "input_global_scale")]
         elif fmt.startswith("ct"):  # compressed-tensors: [N, ...] tensors, 8 columns to an int32 (zero points: 8 rows)
-            params = [("weight_packed", (n, k // 8), torch.int32, {}), ("weight_scale", (n, g), torch.float32, {})]
+            params = [("weight_packed", (n, k // 8), torch.int32, dict(cols_per=8)),
+                      ("weight_scale", (n, g), torch.float32, grouped)]
             if fmt == "ct_asym":
-                params.append(("weight_zero_point", (n // 8, g), torch.int32, dict(rows_per=8)))
+                params.append(("weight_zero_point", (n // 8, g), torch.int32, dict(rows_per=8, cols_per=self.group)))
             # each fused projection's (rows, columns), checked once loaded
             shapes = nn.Parameter(torch.zeros(len(layer.output_sizes), 2, dtype=torch.int64), requires_grad=False)
             layer.register_parameter("weight_shape", shapes)
@@ -182,9 +186,9 @@ class Int4:
             shapes.shards = tuple(range(len(layer.output_sizes))) if len(layer.output_sizes) > 1 else (None,)
         else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
             params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
-                       dict(dim=1, rows_per=8 if fmt == "awq" else 1)),
-                      ("qzeros", (g, n // 8), torch.int32, dict(dim=1, rows_per=8)),
-                      ("scales", (g, n), torch.float16, dict(dim=1))]
+                       dict(dim=1, rows_per=8, cols_per=1) if fmt == "awq" else dict(dim=1, cols_per=8)),
+                      ("qzeros", (g, n // 8), torch.int32, dict(dim=1, rows_per=8, cols_per=self.group)),
+                      ("scales", (g, n), torch.float16, dict(dim=1, cols_per=self.group))]
             if fmt != "awq":
                 params.append(("g_idx", (k,), torch.int32, dict(same=True)))
         for name, shape, dtype, how in params:
@@ -212,6 +216,11 @@ class Int4:
             zeros = unpack_int32(layer.qzeros.data, 1) + (1 if fmt == "gptq" else 0)
             group_of = layer.g_idx.data.long()
             del layer.g_idx
+            if layer.take is not None and layer.take[0] == 1:  # a row-parallel rank: its columns, its groups
+                group_of = group_of - layer.take[1][0] // self.group
+                if bool((group_of < 0).any() or (group_of >= scales.shape[0]).any()):
+                    raise ValueError("a GPTQ act-order checkpoint (g_idx out of column order) cannot be split by "
+                                     "input columns: its groups span the ranks")
         del layer.qweight, layer.qzeros, layer.scales
         return from_zero_points(q, zeros, scales, group_of)
 
@@ -220,8 +229,12 @@ class Int4:
         an int32 is column 8i + j; of a zero point word, row 8i + j) -> ours: u = q + 8 as it is, the scale, and
         offset = -(8 + zero) * scale in float32 (exact)."""
         want = [[size, layer.in_features] for size in layer.output_sizes]
-        if layer.weight_shape.data.tolist() != want:
-            raise ValueError(f"weight_shape {layer.weight_shape.data.tolist()} != the layer's {want}")
+        got = layer.weight_shape.data.tolist()
+        if layer.take is not None:  # a rank's share: the checkpoint names the whole projection; check the axis kept
+            kept = 1 - layer.take[0]
+            got, want = [[g[kept]] for g in got], [[w[kept]] for w in want]
+        if got != want:
+            raise ValueError(f"weight_shape {layer.weight_shape.data.tolist()} does not match the layer's {want}")
         u = unpack_int32(layer.weight_packed.data, 1)
         scales = layer.weight_scale.data  # float32: the checkpoint's 16-bit scales, exactly
         zeros = torch.zeros(scales.shape, dtype=torch.float32)

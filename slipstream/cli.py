@@ -359,7 +359,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         a.fn(a)
     except ValueError as e:
-        parser.exit(2, f"slipstream: error: {e}\n")
+        parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
+
+
+_SAMPLING_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "seed"}
+
+
+def _as_flags(message: str) -> str:
+    """An option named the way the command line spells it: 'block_size must be ...' -> '--block-size must be ...'."""
+    first, _, rest = message.partition(" ")
+    if first in ENGINE_OPTIONS:
+        return f"{ENGINE_OPTIONS[first].flag} {rest}"
+    return f"--{first.replace('_', '-')} {rest}" if first in _SAMPLING_FLAGS else message
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ class BackendSpec:
             raise ValueError(f"block_size {block_size} is not supported by attention backend {self.name!r}; "
                              f"allowed: {allowed}")
 
-    def check_runtime(self, device_type: str, dtype: str) -> None:
+    def check_runtime(self, device_type: str, dtype: str | None = None) -> None:
+        """`dtype` None: not known yet (the model's config decides 'auto'), only the device is checked."""
         if device_type not in self.devices:
             raise ValueError(f"attention_backend {self.name!r} needs a {' or '.join(self.devices)} device, not {device_type}")
-        if dtype not in self.dtypes:
+        if dtype is not None and dtype not in self.dtypes:
             raise ValueError(f"attention_backend {self.name!r} does not run dtype {dtype}; supported: {', '.join(self.dtypes)}")
 
 

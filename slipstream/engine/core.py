@@ -37,10 +37,15 @@ _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         # The runner (torch, the GPU) is imported here, not at module level: the scheduler side stays torch-free.
+        from slipstream.attention.registry import resolve_backend
         from slipstream.runner.device import resolve_device
         from slipstream.runner.model_runner import ModelRunner
 
-        resolve_device(config.device)  # an unusable device is reported before the model loads
+        # an unusable device, or a backend that cannot run on it or with these pages, is reported before loading
+        device = resolve_device(config.device)
+        backend = resolve_backend(config.attention_backend, device.type)
+        backend.check_runtime(device.type, None if config.dtype == "auto" else config.dtype)
+        backend.check_block_size(config.cache.block_size)
         started = time.perf_counter()
         log.info("loading %s", config.model or "the embedded SmolLM2-135M-Instruct")
         loaded = loader.load(config.model, config.load_format, config.tokenizer)

@@ -265,7 +265,8 @@ class EngineCore:
         prefill, then as many short decodes as a step and the pool hold."""
         sched = self.config.scheduler
         vocab = self.model_config.vocab_size
-        crowd = max(1, min(sched.max_num_seqs - 1, sched.max_num_batched_tokens // 8, self.block_manager.num_blocks // 2))
+        crowd = max(1, min(sched.max_num_seqs - 1, sched.max_waiting - 1, sched.max_num_batched_tokens // 8,
+                           self.block_manager.num_blocks // 2))
         for n in sorted({1, crowd}):
             for i in range(n):
                 self.add_request(f"__warmup_short{i}", [(7 * i + j) % vocab for j in range(1, 5)],

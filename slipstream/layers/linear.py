@@ -48,9 +48,6 @@ class Linear(nn.Module):
         self.fused = fused
         self.method = method or get_linear_method("none")
         self.take = take
-        if take is not None and not self.method.tensor_parallel:
-            raise ValueError(f"tensor parallelism does not split {type(self.method).__name__} layers yet (16-bit and FP8 "
-                             "weights split)")
         if take is not None and bias and take[0] == 1:
             raise ValueError("a row-parallel layer cannot hold a bias (each rank would add it to its partial sum)")
         self.method.create_weights(self)

@@ -89,6 +89,9 @@ class MoE(nn.Module):
         self.shard = shard = shard or Shard.single()
         self.by_expert = shard.expert_parallel and shard.world > 1
         if self.by_expert:
+            if cfg.num_experts < shard.world:
+                raise ValueError(f"expert parallelism needs at least one expert a rank: {cfg.num_experts} experts, "
+                                 f"{shard.world} ranks")
             (self.e0, e), (self.i0, inter) = shard.part(cfg.num_experts), (0, cfg.intermediate_size)
         else:
             (self.e0, e), (self.i0, inter) = (0, cfg.num_experts), shard.part(cfg.intermediate_size)
@@ -100,7 +103,7 @@ class MoE(nn.Module):
         self.w2.weight_loader = self._load_expert
         self.w2.shards = tuple((i, None) for i in range(self.e0, self.e0 + e))
         if cfg.correction_bias:
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False)
             self.e_score_correction_bias.dummy_value = 0.0
         if cfg.shared_intermediate_size:
             self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused, shard)

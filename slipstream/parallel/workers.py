@@ -11,8 +11,9 @@ Ranks find each other through torch.distributed's TCP rendezvous: MASTER_ADDR (d
 nnodes consecutive ranks: the engine's host ranks 0.., host R (`slipstream worker --node-rank R`, `run_node`) the
 R-th run; the address and port must then be given alike on every host. On CUDA a rank uses its host's GPU of its
 local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
-as they join. A worker that dies fails the engine (at its next step, or at once when idle: `check_ranks`); rank 0
-gone, the workers' next receive fails and they exit.
+as they join. A worker that dies fails the engine at its next step; one on the engine's host, at once even when idle
+(`check_ranks`: a rank on another host is seen only at the next step). Rank 0 gone, the workers' next receive fails
+and they exit.
 """
 from __future__ import annotations
 
@@ -155,14 +156,15 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     cuda = resolve_device(config.device).type == "cuda"
     addr, port = _rendezvous(config.nnodes)
     workers = _start_ranks(config, range(1, world // config.nnodes), addr, port, cuda)
-    shard = join(0, world, addr, port, cuda, config.enable_expert_parallel, 0)
     try:
+        shard = join(0, world, addr, port, cuda, config.enable_expert_parallel, 0)
         dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
         runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
     except BaseException:
         for w in workers:
             w.kill()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise
     log.info("tensor parallel: %d ranks", world)
     return LeadRunner(runner, shard, workers)

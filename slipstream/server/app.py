@@ -290,6 +290,7 @@ class _ReadTimeoutProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._read_timer: asyncio.TimerHandle | None = None
+        self._body_pending = False  # a request's headers are in, its body not yet
         super().connection_made(transport)
         self._arm(self.header_timeout)
 
@@ -300,11 +301,21 @@ class _ReadTimeoutProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self._arm(self.body_timeout)
+        self._body_pending = True
+        if self.pipeline:  # queued behind a response still streaming: the client cannot send more until it ends
+            self._disarm()
+        else:
+            self._arm(self.body_timeout)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
         self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._body_pending and self._read_timer is None and not self.transport.is_closing():
+            self._arm(self.body_timeout)  # the queued request now runs: its body's deadline starts
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -328,6 +339,8 @@ class _ReadTimeoutProtocol(HttpToolsProtocol):
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info", grace_period: float = 30.0,
                    header_timeout: float = 10.0, body_timeout: float = 30.0) -> uvicorn.Config:
     """The ASGI server's settings, one place for the CLI and the tests."""
+    if header_timeout <= 0 or body_timeout <= 0:
+        raise ValueError(f"header_timeout and body_timeout must be > 0 seconds, got {header_timeout} and {body_timeout}")
     protocol = type("HttpProtocol", (_ReadTimeoutProtocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=5,
                           timeout_graceful_shutdown=grace_period)

@@ -32,10 +32,9 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []),
     "use_beam_search": (None, False),
     "truncate_prompt_tokens": (None,),
-    "add_special_tokens": (None, True),
     "chat_template_kwargs": (None, {}),  # e.g. Qwen3's enable_thinking: the template would render another prompt
     "continue_final_message": (None, False),
-    "guided_decoding_backend": (None, "xgrammar"),
+    "guided_decoding_backend": (None, "xgrammar", "auto"),
 }
 
 
@@ -105,7 +104,10 @@ class _Common(BaseModel):
     @classmethod
     def _refuse_ignored(cls, body: Any) -> Any:
         if isinstance(body, dict):
-            for name, off in _OFF_VALUES.items():
+            # add_special_tokens: what the endpoint does anyway (a BOS before a completion's prompt; none added to a
+            # rendered chat template) is accepted, the other is not done
+            off_values = {**_OFF_VALUES, "add_special_tokens": (None, "messages" not in body)}
+            for name, off in off_values.items():
                 if name in body and body[name] not in off:
                     raise _Unsupported(name)
             best_of = body.get("best_of")

@@ -26,8 +26,6 @@ __all__ = ["METHODS", "LinearMethod", "QuantSpec", "get_linear_method", "method_
 class LinearMethod(Protocol):
     # Whether a one-row input may run as the fused GEMV (with the norm or SwiGLU before it).
     supports_gemv: bool
-    # Whether its parameters load as a tensor-parallel rank's slices (their loaders say how each is cut).
-    tensor_parallel: bool
 
     def create_weights(self, layer: "Linear") -> None: ...
 

@@ -91,7 +91,6 @@ def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group: int, dtype: t
 
 class Fp8:
     supports_gemv = True
-    tensor_parallel = True  # weights by rows or columns, channel scales by rows, blocks by block
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec

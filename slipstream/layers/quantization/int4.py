@@ -135,7 +135,6 @@ def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple
 
 class Int4:
     supports_gemv = True
-    tensor_parallel = True  # each format's tensors say how they are cut (create_weights)
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
@@ -163,7 +162,8 @@ class Int4:
         g = k // self.group
         # How each tensor is cut for a tensor-parallel rank: `cols_per` input columns per entry of its input axis
         # (a row-parallel rank starts on a group's edge), `rows_per` output rows per entry of its output axis `dim`.
-        grouped = dict(cols_per=self.group)
+        per_group = self.group if self.spec.group != -1 else 0  # one group a row: every rank keeps it whole
+        grouped = dict(cols_per=per_group)
         if gguf:  # the loader repacked it: our layout, rows stacked
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
             params = [("qweight", (n, k // 2), torch.uint8, dict(cols_per=2)), ("scales", (n, g), dtype, grouped),
@@ -178,7 +178,7 @@ class Int4:
             params = [("weight_packed", (n, k // 8), torch.int32, dict(cols_per=8)),
                       ("weight_scale", (n, g), torch.float32, grouped)]
             if fmt == "ct_asym":
-                params.append(("weight_zero_point", (n // 8, g), torch.int32, dict(rows_per=8, cols_per=self.group)))
+                params.append(("weight_zero_point", (n // 8, g), torch.int32, dict(rows_per=8, cols_per=per_group)))
             # each fused projection's (rows, columns), checked once loaded
             shapes = nn.Parameter(torch.zeros(len(layer.output_sizes), 2, dtype=torch.int64), requires_grad=False)
             layer.register_parameter("weight_shape", shapes)
@@ -187,8 +187,8 @@ class Int4:
         else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
             params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
                        dict(dim=1, rows_per=8, cols_per=1) if fmt == "awq" else dict(dim=1, cols_per=8)),
-                      ("qzeros", (g, n // 8), torch.int32, dict(dim=1, rows_per=8, cols_per=self.group)),
-                      ("scales", (g, n), torch.float16, dict(dim=1, cols_per=self.group))]
+                      ("qzeros", (g, n // 8), torch.int32, dict(dim=1, rows_per=8, cols_per=per_group)),
+                      ("scales", (g, n), torch.float16, dict(dim=1, cols_per=per_group))]
             if fmt != "awq":
                 params.append(("g_idx", (k,), torch.int32, dict(same=True)))
         for name, shape, dtype, how in params:
@@ -216,7 +216,7 @@ class Int4:
             zeros = unpack_int32(layer.qzeros.data, 1) + (1 if fmt == "gptq" else 0)
             group_of = layer.g_idx.data.long()
             del layer.g_idx
-            if layer.take is not None and layer.take[0] == 1:  # a row-parallel rank: its columns, its groups
+            if layer.take is not None and layer.take[0] == 1 and self.spec.group != -1:  # a row-parallel rank's groups
                 group_of = group_of - layer.take[1][0] // self.group
                 if bool((group_of < 0).any() or (group_of >= scales.shape[0]).any()):
                     raise ValueError("a GPTQ act-order checkpoint (g_idx out of column order) cannot be split by "

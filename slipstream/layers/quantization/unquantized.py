@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 
 class Unquantized:
     supports_gemv = True
-    tensor_parallel = True
 
     def create_weights(self, layer: "Linear") -> None:
         weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)

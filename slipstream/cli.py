@@ -145,10 +145,15 @@ class Chat:
             print(f"[{n} tokens in {end - start:.2f} s{rate}, first token after {first - start:.2f} s]", file=sys.stderr)
 
     def run(self) -> None:
+        import signal
+
         try:
             import readline  # noqa: F401 - line editing, and no terminal line-length limit on input()
         except ImportError:
             pass
+        # Ctrl-C is the chat's own key even where the process started with SIGINT ignored (a background job, nohup:
+        # Python then leaves it ignored, and Ctrl-C at the prompt did nothing)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("slipstream chat — /help for commands, Ctrl-D to quit", file=sys.stderr)
         interrupted = False
         while True:

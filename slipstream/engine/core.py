@@ -53,6 +53,9 @@ class EngineCore:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         max_len = config.scheduler.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:  # the rotary table (and the model's training) ends there
+            raise ValueError(f"max_model_len {max_len} is more than the {mc.max_position_embeddings} positions this "
+                             "model has: give at most that")
         self.config = config = replace(config, scheduler=replace(config.scheduler, max_model_len=max_len))
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)

@@ -252,7 +252,7 @@ class EngineCore:
             while self.has_unfinished():
                 self.step()
         if self.runner.device.type == "cuda":  # only a GPU compiles kernels: on a CPU this would only cost time
-            self._warm_up_mixed_steps(prompt)
+            self._warm_up_on_gpu(len(prompt))
         cache = self.prefix_cache
         if cache is not None:
             cache.clear()
@@ -260,22 +260,30 @@ class EngineCore:
         self.stats = CoreStats()
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
 
-    def _warm_up_mixed_steps(self, long_prompt: list[int]) -> None:
-        """A step that mixes a prefill with running decodes runs outside the CUDA graphs, and its decode attention
-        takes a kernel variant by batch size and context length (one partition or several, small or big tiles) that
-        the graphs never compiled. A compile in the middle of serving holds up every stream (475 ms on the H200, the
-        Qwen3-0.6B shape's first mixed step with short contexts): compile them here, with one short decode beside a
-        prefill, then as many short decodes as a step and the pool hold."""
+    def _warm_up_on_gpu(self, prompt_len: int) -> None:
+        """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
+        every stream (475 ms on the H200, the Qwen3-0.6B shape's first mixed step with short contexts).
+        - A step that mixes a prefill with running decodes runs outside the CUDA graphs, and its decode attention
+          takes a variant by batch size and context length (one partition or several, small or big tiles): one short
+          decode beside a prefill, then as many short decodes as a step and the pool hold.
+        - Prefill picks variants by the context a batch's tables span (the Hopper prefill deepens its pipeline from
+          16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps)."""
         sched = self.config.scheduler
         vocab = self.model_config.vocab_size
+        greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         crowd = max(1, min(sched.max_num_seqs - 1, sched.max_waiting - 1, sched.max_num_batched_tokens // 8,
                            self.block_manager.num_blocks // 2))
         for n in sorted({1, crowd}):
             for i in range(n):
                 self.add_request(f"__warmup_short{i}", [(7 * i + j) % vocab for j in range(1, 5)],
                                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-            self.step()  # their prefills; then they decode beside the long prompt's
-            self.add_request("__warmup_mixed", long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            self.step()  # their prefills; then they decode beside a prefill no cached prefix shortens
+            self.add_request("__warmup_mixed", [(3 * j + 11 * n) % vocab for j in range(prompt_len)], greedy)
+            while self.has_unfinished():
+                self.step()
+        longest = min(self.max_model_len - 8, 32768)
+        if longest > prompt_len and -(-longest // self.config.cache.block_size) < self.block_manager.num_blocks:
+            self.add_request("__warmup_longest", [(5 * j + 13) % vocab for j in range(longest)], greedy)
             while self.has_unfinished():
                 self.step()
 

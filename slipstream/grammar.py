@@ -10,6 +10,7 @@ the draw the token advances the matcher. When the language is complete the mask 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,20 +37,29 @@ def _choice_regex(choices: tuple[str, ...]) -> str:
 
 
 def grammar_of(so: StructuredOutputs) -> Any:
-    """The constraint as an xgrammar Grammar; ValueError naming the problem if it is not a valid one."""
+    """The constraint as an xgrammar Grammar; ValueError naming the problem if it is not a valid one. Parsed once
+    per distinct constraint text: the front end validates a request, the input check and the compiler ask again,
+    and agents repeat their schemas (a large schema takes milliseconds, on the server's event loop)."""
+    if so.json is not None:  # property order is kept: it is the order the output writes them in
+        return _parsed("json", so.json if isinstance(so.json, str) else json.dumps(so.json))
+    if so.json_object:
+        return _parsed("json", '{"type": "object"}')
+    if so.regex is not None:
+        return _parsed("regex", so.regex)
+    if so.choice is not None:
+        return _parsed("regex", _choice_regex(so.choice))
+    return _parsed("grammar", so.grammar)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)  # a refused text raises and is not kept
+def _parsed(kind: str, text: str) -> Any:
     try:
-        if so.json is not None:
-            return xgr.Grammar.from_json_schema(so.json if isinstance(so.json, str) else json.dumps(so.json), **_JSON)
-        if so.json_object:
-            return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON)
-        if so.regex is not None:
-            return xgr.Grammar.from_regex(so.regex)
-        if so.choice is not None:
-            return xgr.Grammar.from_regex(_choice_regex(so.choice))
-        return xgr.Grammar.from_ebnf(so.grammar)
+        if kind == "json":
+            return xgr.Grammar.from_json_schema(text, **_JSON)
+        return xgr.Grammar.from_regex(text) if kind == "regex" else xgr.Grammar.from_ebnf(text)
     except (RuntimeError, ValueError, TypeError) as e:
-        kind = "json schema" if so.json is not None else "regex" if so.regex is not None else "grammar"
-        raise ValueError(f"structured_outputs holds an invalid {kind}: {_XGR_PREFIX.sub('', str(e)).strip()}") from None
+        name = "json schema" if kind == "json" else kind
+        raise ValueError(f"structured_outputs holds an invalid {name}: {_XGR_PREFIX.sub('', str(e)).strip()}") from None
 
 
 class Grammars:

@@ -315,3 +315,20 @@ def test_serve_bench_holds_every_request_to_a_schema(client):
                              "json-unique"))
     assert r["failed"] == 0, r["errors"]
     assert (r["json_complete"], r["json_broken"]) == (1, 0), r
+
+
+def test_a_constraint_is_parsed_once():
+    """The front end, the input check and the compiler all ask for a constraint's grammar: parsed once per text (property
+    order kept apart: it is the order the output writes them in); a bad one is refused every time."""
+    from slipstream.grammar import _parsed, grammar_of
+
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    first = grammar_of(StructuredOutputs(json=schema))
+    before = _parsed.cache_info()
+    assert grammar_of(StructuredOutputs(json=dict(schema))) is first
+    assert _parsed.cache_info().hits == before.hits + 1
+    swapped = dict(schema, properties=dict(reversed(list(schema["properties"].items()))))
+    assert grammar_of(StructuredOutputs(json=swapped)) is not first
+    for _ in range(2):
+        with pytest.raises(ValueError, match="invalid regex"):
+            grammar_of(StructuredOutputs(regex="(unclosed"))

@@ -148,8 +148,9 @@ def test_chat_keys_commands_and_long_conversations(gguf_path):
 
 def test_chat_exit_command(gguf_path):
     p = subprocess.run([sys.executable, "-m", "slipstream", "chat", "--model", gguf_path, "--device", "cpu", "--quiet"],
-                       input="/exit\nthis line is never read\n", capture_output=True, text=True, timeout=120)
+                       input="/exit\n/reset\n", capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "[conversation cleared]" not in p.stderr  # nothing after /exit was read
 
 
 def test_gguf_tokenizer_is_converted_once(gguf_path, tmp_path, monkeypatch):

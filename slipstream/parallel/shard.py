@@ -6,15 +6,17 @@ computes its own heads, its own slice of the MLP's width), the output and down p
 embedding's lookup masked to the rank's rows and all-reduced; the logits all-gathered, so that every rank holds all
 of them and draws the same tokens from the same seeds). Every rank samples, rather than rank 0 sampling and
 broadcasting: each rank then has the step's tokens on its own device for the next step's inputs (async scheduling
-feeds them there without a host round trip), and a step needs no second collective. Attention heads go to ranks in whole KV-head groups: with
-at least as many KV heads as ranks each rank takes a run of KV heads (possibly uneven: 3 over 2 ranks is 2 + 1)
-with their query heads; with fewer, each KV head is copied on the ranks that share its query heads.
+feeds them there without a host round trip), and a step needs no second collective. Attention heads go to ranks in
+whole KV-head groups: with at least as many KV heads as ranks each rank takes a run of KV heads (possibly uneven: 3
+over 2 ranks is 2 + 1) with their query heads; with fewer, each KV head is copied on the ranks that share its query
+heads.
 
 `Shard.single()` is one rank of one: no collectives, nothing split.
 
 On GPUs the collectives are NCCL's, and the decode CUDA graphs capture the layers' all-reduces with the rest of the
-step (the logits' all-gather runs outside them); none of it has run on GPUs yet (that needs a two-GPU machine). A one-shot all-reduce over peer memory, which can beat NCCL for a
-decode step's few kilobytes, is not built: whether it pays is to be measured on two GPUs first.
+step (the logits' all-gather runs outside them); none of it has run on GPUs yet (that needs a two-GPU machine). A
+one-shot all-reduce over peer memory, which can beat NCCL for a decode step's few kilobytes, is not built: whether
+it pays is to be measured on two GPUs first.
 """
 from __future__ import annotations
 

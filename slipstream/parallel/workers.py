@@ -69,7 +69,7 @@ def _worker(config: Any, rank: int, addr: str, port: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {rank}] %(message)s")
     world = config.tensor_parallel_size
     shard = join(rank, world, addr, port, resolve_device(config.device).type == "cuda", config.enable_expert_parallel,
-                 rank % (world // config.nnodes))
+                 rank % _per_host(config))
     try:
         max_len, eos_ids = _receive(shard)
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
@@ -155,7 +155,7 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     Shard(0, world).heads(model_config.num_heads, model_config.num_kv_heads)  # a bad split is an error before any start
     cuda = resolve_device(config.device).type == "cuda"
     addr, port = _rendezvous(config.nnodes)
-    workers = _start_ranks(config, range(1, world // config.nnodes), addr, port, cuda)
+    workers = _start_ranks(config, range(1, _per_host(config)), addr, port, cuda)
     try:
         shard = join(0, world, addr, port, cuda, config.enable_expert_parallel, 0)
         dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
@@ -170,9 +170,14 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     return LeadRunner(runner, shard, workers)
 
 
+def _per_host(config: Any) -> int:
+    """Ranks on each host (one GPU each on CUDA)."""
+    return config.tensor_parallel_size // config.nnodes
+
+
 def _start_ranks(config: Any, ranks: range, addr: str, port: int, cuda: bool) -> list[multiprocessing.Process]:
     """This host's ranks, each in a process of its own."""
-    local = config.tensor_parallel_size // config.nnodes
+    local = _per_host(config)
     if cuda and torch.cuda.device_count() < local:
         raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size} over {config.nnodes} host(s) needs {local} "
                          f"GPUs a host; this one has {torch.cuda.device_count()}")
@@ -192,7 +197,7 @@ def run_node(config: Any, node_rank: int) -> int:
     if not 0 < node_rank < config.nnodes:
         raise ValueError(f"node_rank must be in [1, nnodes={config.nnodes}): host 0 runs the engine, got {node_rank}")
     addr, port = _rendezvous(config.nnodes)
-    local = config.tensor_parallel_size // config.nnodes
+    local = _per_host(config)
     workers = _start_ranks(config, range(node_rank * local, (node_rank + 1) * local), addr, port,
                            resolve_device(config.device).type == "cuda")
     for w in workers:

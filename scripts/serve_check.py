@@ -1,6 +1,7 @@
 """`slipstream serve` under concurrent load, as users drive it: prompts of many lengths, streaming and not, a
 quarter of the clients hanging up early, a tenth held to a regular expression (structured output). Passes only with zero failed requests, every admitted request
-finished or aborted, and every KV page free afterwards. On the GPU (scripts/gpu_check.sh) it runs in bf16 on the
+finished or aborted, and every KV page free afterwards, and no kernel variant first used after
+warm-up (the engine logs each; one is a stall for every stream). On the GPU (scripts/gpu_check.sh) it runs in bf16 on the
 Hopper kernels with prompts of 65 to 16K tokens; on a CPU, small sizes check the script itself.
 
 usage: python3 scripts/serve_check.py MODEL [--load-format dummy] [--requests 200] [--max-prompt 16384] [serve flags...]
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -97,7 +99,16 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "slipstream.cli", "serve", a.model, "--port", str(port), "--log-level", "warning",
            "--max-model-len", str(a.max_prompt + 256), *serve_flags]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    late = []  # a kernel variant warm-up missed stalls every stream while it compiles (or loads from Triton's cache)
+
+    def relay() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if "compiled after warm-up" in line:
+                late.append(line.strip())
+
+    threading.Thread(target=relay, daemon=True).start()
     try:
         deadline = time.time() + 600
         while True:
@@ -124,6 +135,7 @@ def main() -> int:
             failures.append(f"{total - free:.0f} KV blocks still held")
         if httpx.get(url + "/health").status_code != 200:
             failures.append("unhealthy after the load")
+        failures += [f"kernel variant first used after warm-up: {line}" for line in late]
         print(f"serve check: {a.requests} requests ({results.count('ok')} finished, {results.count('left')} left early) "
               f"in {elapsed:.1f} s, prompts 65..{a.max_prompt} tokens; failures: {len(failures)}")
         for f in failures[:20]:

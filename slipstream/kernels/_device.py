@@ -15,7 +15,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def on_compile(callback: Callable[[str, float], None]) -> Callable[[], None]:
-    """From now on, call `callback(kernel with its compile-time constants, seconds)` whenever Triton compiles a
+    """From now on, call `callback(kernel with its compile-time constants and argument types, seconds)` whenever Triton compiles a
     kernel variant in this process, or loads one from its disk cache (a first use all the same: seconds is then the
     load's). Triton's listener is process-wide: only for processes and blocks slipstream owns. Returns the function
     that puts the listener back as it was.
@@ -36,8 +36,15 @@ def on_compile(callback: Callable[[str, float], None]) -> Callable[[], None]:
             names = getattr(getattr(src, "fn", None), "arg_names", ())
             consts = ", ".join(f"{names[k[0]] if len(k) == 1 and k[0] < len(names) else k}={' '.join(str(v).split())}"
                                for k, v in sorted(getattr(src, "constants", {}).items()))
+            # A variant is also chosen by its arguments' types and by which of them are multiples of 16 (pointers'
+            # addresses included): the arguments' part of the key, marked "/16"
+            aligned = {names[k[0]] for k, v in getattr(src, "attrs", {}).items()
+                       if len(k) == 1 and k[0] < len(names) and "tt.divisibility" in str(v)}
+            args = ", ".join(f"{n}:{t}{'/16' if n in aligned else ''}" for n, t in getattr(src, "signature", {}).items()
+                             if t != "constexpr")
             seconds = getattr(times, "total", 0) / 1e6  # microseconds
-            callback(f"{getattr(src, 'name', src)}({consts}){' from the disk cache' if cache_hit else ''}", seconds)
+            callback(f"{getattr(src, 'name', src)}({consts}; {args}){' from the disk cache' if cache_hit else ''}",
+                     seconds)
         except Exception:  # noqa: BLE001 - a diagnostic never fails a launch
             pass
 

@@ -22,7 +22,9 @@ def _mix(x):
     return x ^ (x >> 31)
 
 
-@triton.jit(do_not_specialize=["vocab", "chunk"])
+# The per-row scalars come as views into one packed upload (runner/sampling.py): whether seed_ptr is 16-byte aligned
+# follows the batch's parity, and Triton would compile a variant for each (362 ms into serving on the H200)
+@triton.jit(do_not_specialize=["vocab", "chunk"], do_not_specialize_on_alignment=["seed_ptr", "pos_ptr", "temp_ptr"])
 def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, val_ptr, idx_ptr, vocab, stride, chunk,
                  SAMPLED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """Best (score, index) of one row over one vocabulary chunk."""

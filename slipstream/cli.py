@@ -197,41 +197,26 @@ def cmd_chat(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
-    import uvicorn
-
     from slipstream import loader
-    from slipstream.server.app import ServerOptions, build_app, uvicorn_config
+    from slipstream.server.app import ServerOptions
+    from slipstream.server.launch import HttpSettings, listen, run_front_end, serve_with_front_ends
 
+    if a.api_server_count < 1:
+        raise ValueError(f"api_server_count must be >= 1, got {a.api_server_count}")
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
                             reasoning_parser=a.reasoning_parser)
-    failed: list[BaseException] = []
-
-    def on_dead(error: BaseException) -> None:
-        """The engine core failed or died: open requests have their error; end the process non-zero."""
-        import asyncio
-
-        failed.append(error)
-        asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
-
-    app = build_app(options, config=config, tokenizer=lambda: loader.load_tokenizer(model, None), on_dead=on_dead,
-                    log_level=a.log_level, freeze_heap=True)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if not self.should_exit:
-                app.state.begin_shutdown(a.grace_period)
-            super().handle_exit(sig, frame)
-
-    # uvicorn's own grace is a backstop: streams still open at --grace-period end with an error event first.
-    server = Server(uvicorn_config(app, a.host, a.port, a.log_level, a.grace_period + 5, a.header_timeout,
-                                   a.body_timeout))
-    server.run()
+    http = HttpSettings(a.host, a.port, a.log_level, a.grace_period, a.header_timeout, a.body_timeout)
+    sock = listen(http)
+    if a.api_server_count == 1:
+        failed = run_front_end(options, http, model, config=config, sock=sock)
+    else:
+        failed = serve_with_front_ends(config, options, http, model, a.api_server_count, sock)
     if failed:
-        sys.exit(f"slipstream: the engine stopped: {str(failed[0]).splitlines()[0]}")
+        sys.exit(f"slipstream: the server stopped: {failed}")
 
 
 _GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
@@ -311,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
     s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body, after its headers")
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
+    s.add_argument("--api-server-count", type=int, default=1,
+                   help="HTTP front-end processes sharing the port (each detokenizes and streams its own requests): "
+                        "more when one process cannot keep up with the streams")
     s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
                    help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")
     s.add_argument("--reasoning-parser", default="none", choices=REASONING,

@@ -6,8 +6,10 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from server_util import free_port
 
@@ -85,12 +87,22 @@ def _wait_healthy(proc, url):
     raise AssertionError(f"server not healthy: {proc.stdout.read().decode() if proc.poll() is not None else 'still loading'}")
 
 
-def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path):
+def _core_pid(proc) -> int:
+    """The engine core among the server's children: not the resource tracker, and not a front end (each of those
+    has a process group of its own)."""
+    (core,) = [p for p in _children(proc.pid) if os.getpgid(p) == os.getpgid(proc.pid)
+               and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    return core
+
+
+@pytest.mark.parametrize("front_ends", [1, 2])
+def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path, front_ends):
     """SIGKILL the engine-core process while streams are open: each ends with an error event and [DONE], and
-    the server exits non-zero (so a supervisor restarts it) instead of staying up unhealthy."""
+    the server exits non-zero (so a supervisor restarts it) instead of staying up unhealthy; with two front ends,
+    whichever holds a stream."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start(gguf_path, port)
+    proc = _start(gguf_path, port, "--api-server-count", str(front_ends))
     try:
         _wait_healthy(proc, url)
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -100,8 +112,7 @@ def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path):
             resp = s.__enter__()
             lines.append(resp.iter_lines())
             next(l for l in lines[-1] if l.startswith("data: "))  # streaming has begun
-        (core,) = [p for p in _children(proc.pid) if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
-        os.kill(core, signal.SIGKILL)
+        os.kill(_core_pid(proc), signal.SIGKILL)
         for it in lines:
             rest = [l for l in it if l.startswith("data: ")]
             assert rest[-1] == "data: [DONE]"
@@ -142,6 +153,107 @@ def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
         assert rest[-1] == "data: [DONE]" and "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
         assert time.monotonic() - start < 10
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_front_ends_share_the_port_the_core_and_the_metrics(gguf_path):
+    """--api-server-count 2: concurrent requests over both front ends each get their own tokens (a prompt sent
+    twice gets the same greedy text both times), /metrics counts every front end's requests, and SIGTERM drains a
+    stream before the server exits, leaving no process behind."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(gguf_path, port, "--api-server-count", "2", "--grace-period", "60")
+    try:
+        _wait_healthy(proc, url)
+        fronts = [p for p in _children(proc.pid) if os.getpgid(p) == p]
+        assert len(fronts) == 2
+
+        def ask(i: int) -> str:
+            body = {"prompt": f"Count from {i % 8}:", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                    "stream": i % 2 == 1}
+            with httpx.Client(timeout=120) as c:  # a connection each: the kernel spreads them over the front ends
+                if not body["stream"]:
+                    r = c.post(url + "/v1/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    return r.json()["choices"][0]["text"]
+                with c.stream("POST", url + "/v1/completions", json=body) as r:
+                    events = [l[6:] for l in r.iter_lines() if l.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+        with ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(ask, range(32)))
+        for i in range(8):
+            assert len({texts[j] for j in range(i, 32, 8)}) == 1, [texts[j] for j in range(i, 32, 8)]
+        metrics = httpx.get(url + "/metrics").text
+        done = sum(float(v) for v in re.findall(r"^slipstream:request_success_total\{[^}]*\} (\S+)$", metrics, re.M))
+        assert done == 32, metrics
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+            lines = resp.iter_lines()
+            next(l for l in lines if l.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and "error" not in rest[-2], rest[-2:]
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
+        assert not [p for p in fronts if os.path.exists(f"/proc/{p}")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _connections(pid: int) -> set[int]:
+    """The client-side ports of the TCP connections process `pid` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        if f[9] in inodes:
+            ports.add(int(f[2].split(":")[1], 16))
+    return ports
+
+
+def test_a_front_end_that_dies_ends_the_server_non_zero(gguf_path):
+    """SIGKILL one of two front ends while both stream: the core does not wait on the dead one (its requests are
+    aborted), the other's streams finish whole, and then the server stops instead of going on half alive: it exits
+    non-zero, naming what died, with the core gone too."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(gguf_path, port, "--api-server-count", "2", "--grace-period", "60")
+    try:
+        _wait_healthy(proc, url)
+        fronts = [p for p in _children(proc.pid) if os.getpgid(p) == p]
+        core = _core_pid(proc)
+        body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True}
+        opened = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(8)]
+        resps = [o.__enter__() for o in opened]
+        lines = [r.iter_lines() for r in resps]
+        for it in lines:
+            next(l for l in it if l.startswith("data: "))
+        ports = [r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in resps]
+        held = {p: _connections(p) for p in fronts}
+        victim = next(p for p in fronts if ports[0] in held[p])
+        survivors = [i for i, port_ in enumerate(ports) if port_ not in held[victim]]
+        if not survivors:
+            pytest.skip("every connection went to one front end")
+        os.kill(victim, signal.SIGKILL)
+        for i in survivors:
+            rest = [l for l in lines[i] if l.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]" and "error" not in rest[-2], rest[-2:]
+        assert proc.wait(timeout=60) != 0
+        assert re.search(r"front end \d exited", proc.stdout.read().decode())
+        assert not os.path.exists(f"/proc/{core}") and not [p for p in fronts if os.path.exists(f"/proc/{p}")]
     finally:
         if proc.poll() is None:
             proc.kill()

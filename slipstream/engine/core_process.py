@@ -1,14 +1,16 @@
-"""The engine core as a busy loop behind two ZeroMQ sockets: requests in, one message per step out.
+"""The engine core as a busy loop behind ZeroMQ sockets: requests in, one message per step out to each front end.
 
 `slipstream serve` runs it in a process of its own (`run_core_process`), so that the GPU loop never waits for
-the HTTP event loop, JSON, detokenization or the GIL they hold. Tests that already hold a loaded engine run the
-same loop on a thread (`serve_core`). A failure is never silent: the loop sends `Failed` with the traceback,
-logs it, and the process exits non-zero.
+the HTTP event loop, JSON, detokenization or the GIL they hold; with `--api-server-count N` it serves N front-end
+processes, each sent the steps' tokens of its own requests. Tests that already hold a loaded engine run the same
+loop on a thread (`serve_core`). A failure is never silent: the loop sends `Failed` with the traceback, logs it,
+and the process exits non-zero.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -26,34 +28,97 @@ log = logging.getLogger("slipstream.core")
 _IDLE_POLL_MS = 500  # an idle core wakes this often to notice that its front end has gone
 
 
-def serve_core(core: EngineCore, in_addr: str, out_addr: str, ctx: zmq.Context | None = None,
+class _Outboxes:
+    """The sockets to the front ends, one each (`--api-server-count`): a front end gets the core's state with every
+    step and the deltas and rejections of the requests it sent, nothing else."""
+
+    def __init__(self, ctx: zmq.Context, addrs: list[str], encode) -> None:  # noqa: ANN001
+        self.socks = []
+        for addr in addrs:
+            sock = ctx.socket(zmq.PUSH)
+            # Unbounded queue: a front end that falls behind catches up; the send never blocks the loop on it. A
+            # front end that has gone has no pipe: its messages are dropped (zmq.Again) and its requests aborted.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.bind(addr)
+            self.socks.append(sock)
+        self.encode = encode
+        self.owner: dict[str, int] = {}  # request id -> front end, while the core holds the request
+        self.gone: set[int] = set()
+
+    def send_all(self, msg, wait_s: float | None = None) -> None:  # noqa: ANN001
+        """To every front end, each waited for up to `wait_s` seconds (None: until it connects). A front end that has
+        gone, or has not come in time, must not hold a failing core: it notices the core's exit instead."""
+        data = self.encode(msg)
+        for sock in self.socks:
+            if sock.poll(-1 if wait_s is None else int(wait_s * 1000), zmq.POLLOUT):
+                sock.send(data, zmq.NOBLOCK)
+
+    def step(self, core: EngineCore, deltas: list, rejected: list[tuple[int, Rejected]], step_time: float) -> None:
+        snapshot = core.snapshot()
+        if len(self.socks) == 1:
+            self._send(core, 0, StepOut(deltas, snapshot, step_time, [r for _, r in rejected]))
+            return
+        mine: list[list] = [[] for _ in self.socks]
+        for d in deltas:
+            client = self.owner.get(d.request_id)
+            if client is None:  # aborted by its front end while the step ran: nobody waits for it
+                continue
+            mine[client].append(d)
+            if d.finish_reason is not None and d.request_id not in core.requests:
+                del self.owner[d.request_id]
+        refused: list[list[Rejected]] = [[] for _ in self.socks]
+        for client, r in rejected:
+            refused[client].append(r)
+        for i in range(len(self.socks)):
+            # the one core step's time is observed once, not once per front end
+            self._send(core, i, StepOut(mine[i], snapshot, step_time if i == 0 else 0.0, refused[i]))
+
+    def _send(self, core: EngineCore, client: int, msg: StepOut) -> None:
+        if client in self.gone:
+            return
+        try:
+            self.socks[client].send(self.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # its process is gone (the server is ending): nobody is left to read its requests
+            log.error("front end %d is gone: its requests are aborted", client)
+            self.gone.add(client)
+            for rid in [rid for rid, c in self.owner.items() if c == client]:
+                core.abort_request(rid)
+                del self.owner[rid]
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=2000)  # let the last message (Failed, or the final step) reach the front end
+
+
+def serve_core(core: EngineCore, in_addr: str, out_addrs: list[str], ctx: zmq.Context | None = None,
                parent_pid: int | None = None) -> None:
-    """Run `core` until a Shutdown message (or the death of process `parent_pid`). Raises what the core raises,
-    after telling the front end."""
+    """Run `core` until a Shutdown message (or the death of process `parent_pid`), for one front end per address in
+    `out_addrs`. Raises what the core raises, after telling the front ends."""
     if not core.serving.acquire(blocking=False):  # two loops stepping one core would steal each other's tokens
         raise RuntimeError("this engine core is already served by another loop")
     ctx = ctx or zmq.Context.instance()
-    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox = ctx.socket(zmq.PULL)
     inbox.bind(in_addr)
-    outbox.bind(out_addr)
     encode, decode = msgspec.msgpack.Encoder().encode, msgspec.msgpack.Decoder(ToCore).decode
+    outboxes = _Outboxes(ctx, out_addrs, encode)
     try:
-        outbox.send(encode(Ready(core.limits)))
-        _loop(core, inbox, outbox, encode, decode, parent_pid)
+        outboxes.send_all(Ready(core.limits))
+        _loop(core, inbox, outboxes, decode, parent_pid)
     except BaseException as e:
         text = "".join(traceback.format_exception(e))
         log.critical("engine core failed:\n%s", text)
-        outbox.send(encode(Failed(f"engine core failed: {e!r}\n{text}")))
+        outboxes.send_all(Failed(f"engine core failed: {e!r}\n{text}"), wait_s=2.0)
         raise
     finally:
         inbox.close(linger=0)
-        outbox.close(linger=2000)  # let the last message (Failed, or the final step) reach the front end
+        outboxes.close()
         core.serving.release()
 
 
-def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decode, parent_pid: int | None) -> None:  # noqa: ANN001
+def _loop(core: EngineCore, inbox: zmq.Socket, outboxes: _Outboxes, decode, parent_pid: int | None) -> None:  # noqa: ANN001
+    owner = outboxes.owner
     while True:
-        rejected: list[Rejected] = []
+        rejected: list[tuple[int, Rejected]] = []
         freed = False  # an abort or stop changed the gauges: report them even if no step runs
         timeout = 0 if core.has_unfinished() else _IDLE_POLL_MS
         while inbox.poll(timeout):
@@ -62,52 +127,56 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encode, decod
             if isinstance(msg, AddRequest):
                 try:
                     core.add_request(msg.request_id, msg.prompt_ids, msg.params, msg.priority)
+                    owner[msg.request_id] = msg.client
                 except (ValueError, EngineOverloaded) as e:
-                    rejected.append(Rejected(msg.request_id, str(e), isinstance(e, EngineOverloaded)))
+                    rejected.append((msg.client, Rejected(msg.request_id, str(e), isinstance(e, EngineOverloaded))))
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     freed |= core.abort_request(rid)
+                    owner.pop(rid, None)
             elif isinstance(msg, FinishSequences):
                 for rid, index in msg.seqs:
                     core.finish_sequence(rid, index)
+                    if rid not in core.requests:
+                        owner.pop(rid, None)
                 freed = True
             elif isinstance(msg, Shutdown):
                 return
         if parent_pid is not None and os.getppid() != parent_pid:
-            log.error("the API front end is gone; the engine core stops")
+            log.error("the server process is gone; the engine core stops")
             return
         core.check_ranks()  # a dead rank fails the engine now, idle or not, not at the next request
         if core.has_unfinished():
             start = time.perf_counter()
             deltas = core.step()
-            outbox.send(encode(StepOut(deltas, core.snapshot(), time.perf_counter() - start, rejected)))
+            outboxes.step(core, deltas, rejected, time.perf_counter() - start)
         elif rejected or freed:
-            outbox.send(encode(StepOut([], core.snapshot(), 0.0, rejected)))
+            outboxes.step(core, [], rejected, 0.0)
 
 
-def run_core_process(config, in_addr: str, out_addr: str, parent_pid: int, log_level: str = "info") -> None:  # noqa: ANN001
+def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int, log_level: str = "info") -> None:  # noqa: ANN001
     """Entry point of the engine-core process: load, warm up, report Ready, serve; exit non-zero on failure."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s [engine core] %(message)s")
+    # Ctrl-C reaches every process of the terminal's group: the server's front end drains and then stops the core,
+    # which must not die under the streams it is finishing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         core = EngineCore(config)
         core.warm_up()
         log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
         _report_late_compiles()
-    except BaseException as e:  # noqa: BLE001 - reported to the front end, which fails loudly
+    except BaseException as e:  # noqa: BLE001 - reported to the front ends, which fail loudly
         log.critical("model load failed:\n%s", traceback.format_exc())
-        ctx = zmq.Context.instance()
-        out = ctx.socket(zmq.PUSH)
-        out.bind(out_addr)
-        out.send(msgspec.msgpack.encode(Failed(f"the model failed to load: {e}")))
-        out.close(linger=2000)
+        outboxes = _Outboxes(zmq.Context.instance(), out_addrs, msgspec.msgpack.encode)
+        outboxes.send_all(Failed(f"the model failed to load: {e}"), wait_s=60.0)  # front ends load tokenizers meanwhile
+        outboxes.close()
         sys.exit(1)
     try:
-        serve_core(core, in_addr, out_addr, parent_pid=parent_pid)
+        serve_core(core, in_addr, out_addrs, parent_pid=parent_pid)
     except BaseException:  # noqa: BLE001 - already logged and reported by serve_core
         sys.exit(1)
     finally:
         core.close()
-
 
 
 def _report_late_compiles() -> None:

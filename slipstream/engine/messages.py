@@ -3,6 +3,7 @@
 Front end -> core: add a checked request, abort requests, stop samples that hit a stop string, shut down.
 Core -> front end: `Ready` once loaded and warmed up, then one `StepOut` per engine step carrying every
 sequence's new tokens (not one message per token per request), or `Failed` with the traceback before it exits.
+With several front ends, each has its own socket from the core and its step messages carry its requests only.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    client: int = 0  # which front end sent it (`--api-server-count`): its outputs go back there only
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):

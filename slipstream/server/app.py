@@ -28,7 +28,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from slipstream.engine.input_processor import EngineOverloaded
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.heap import freeze_startup_heap
-from slipstream.server.core_client import AsyncEngineClient, CoreProcess, CoreThread, EngineDeadError, new_request_id
+from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
+                                           new_request_id)
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
 from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, reasoning_end_ids,
@@ -83,10 +84,10 @@ def _bad_value(e: ValueError, default_param: str | None = None, prompt_param: st
 class ServerState:
     """What the handlers need; `client` is None until the core is ready (then /health says 200)."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, metrics_dir: str | None = None) -> None:
         self.options = options
         self.client: AsyncEngineClient | None = None
-        self.metrics = ServerMetrics(options.model_name)
+        self.metrics = ServerMetrics(options.model_name, metrics_dir)
         self.load_error: BaseException | None = None
         self.shutting_down = False
 
@@ -149,12 +150,14 @@ class _Guard:
 
 def build_app(options: ServerOptions, core: Any = None, config: Any = None, tokenizer: Callable[[], Any] | None = None,
               on_dead: Callable[[BaseException], None] | None = None, log_level: str = "info",
-              freeze_heap: bool = False) -> FastAPI:
-    """Serve an already loaded `core` (EngineCore, on a thread) or start one in its own process from `config`
-    (the tokenizer, from `tokenizer()`, loads meanwhile; /health is 503 until both are ready). `on_dead` is called
-    if the core fails or dies (the CLI then exits non-zero). `freeze_heap`: this process is the server's own
-    (`slipstream serve`): once ready, take its start-up heap out of garbage collection (slipstream/heap.py)."""
-    state = ServerState(options)
+              freeze_heap: bool = False, attach: CoreAttached | None = None, metrics_dir: str | None = None) -> FastAPI:
+    """Serve an already loaded `core` (EngineCore, on a thread), start one in its own process from `config`, or
+    `attach` to one that another process started (one of several front ends); the tokenizer, from `tokenizer()`,
+    loads meanwhile; /health is 503 until both are ready. `on_dead` is called if the core fails or dies (the CLI
+    then exits non-zero). `freeze_heap`: this process is the server's own (`slipstream serve`): once ready, take its
+    start-up heap out of garbage collection (slipstream/heap.py). `metrics_dir`: the front ends' shared metrics
+    (server/metrics.py)."""
+    state = ServerState(options, metrics_dir)
 
     def dead(error: BaseException) -> None:
         if on_dead is not None:
@@ -165,7 +168,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             if core is not None:
                 runner, tok = CoreThread(core), core.tokenizer
             else:
-                runner = CoreProcess(config, log_level)
+                runner = attach if attach is not None else CoreProcess(config, log_level)
                 loop = asyncio.get_running_loop()
                 tok = await loop.run_in_executor(None, tokenizer)
                 # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the event

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import select
 import tempfile
 import threading
 import uuid
@@ -35,22 +36,27 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-def _addresses() -> tuple[str, str, str]:
+def _addresses(clients: int = 1) -> tuple[str, str, list[str]]:
     d = tempfile.mkdtemp(prefix="slipstream-")
-    return d, f"ipc://{d}/in", f"ipc://{d}/out"
+    return d, f"ipc://{d}/in", [f"ipc://{d}/out{i}" for i in range(clients)]
 
 
 class CoreProcess:
-    """The engine core in a process of its own (spawned: CUDA must not be initialized in a forked child)."""
+    """The engine core in a process of its own (spawned: CUDA must not be initialized in a forked child), for
+    `clients` front ends; this process is front end 0 unless it only supervises (`slipstream serve
+    --api-server-count N`: `attach(i)` is front end i's handle)."""
 
-    def __init__(self, config: Any, log_level: str = "info") -> None:
+    client, owned = 0, True  # as front end 0; the owner stops the core when it stops
+
+    def __init__(self, config: Any, log_level: str = "info", clients: int = 1) -> None:
         from slipstream.engine.core_process import run_core_process
 
-        self.dir, self.in_addr, self.out_addr = _addresses()
+        self.dir, self.in_addr, self.out_addrs = _addresses(clients)
+        self.out_addr = self.out_addrs[0]
         ctx = multiprocessing.get_context("spawn")
         # A daemonic process may not start processes: a tensor-parallel core starts its ranks, so it is not one (it
         # still stops with the front end: it watches its parent, and stop() kills it if it lingers)
-        self.proc = ctx.Process(target=run_core_process, args=(config, self.in_addr, self.out_addr, os.getpid(), log_level),
+        self.proc = ctx.Process(target=run_core_process, args=(config, self.in_addr, self.out_addrs, os.getpid(), log_level),
                                 name="slipstream-core", daemon=config.tensor_parallel_size == 1)
         self.proc.start()
 
@@ -63,20 +69,50 @@ class CoreProcess:
             self.proc.kill()
             self.proc.join(5)
 
+    def attach(self, client: int) -> "CoreAttached":
+        return CoreAttached(self.in_addr, self.out_addrs[client], client, self.proc.pid)
+
+
+class CoreAttached:
+    """Front end `client`'s handle on a core that another process started and stops (picklable: it travels to the
+    front-end process). The core's exit is noticed through a pidfd, which works for a process that is not our
+    child, and turns readable when it exits, zombie or not."""
+
+    owned = False
+
+    def __init__(self, in_addr: str, out_addr: str, client: int, pid: int) -> None:
+        self.in_addr, self.out_addr, self.client, self.pid = in_addr, out_addr, client, pid
+        self._pidfd: int | None = None
+
+    def alive(self) -> bool:
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                return False
+        return not select.select([self._pidfd], [], [], 0)[0]
+
+    def join(self, timeout: float) -> None:
+        pass  # the supervising process stops the core once every front end has drained
+
 
 class CoreThread:
     """An already loaded core served on a thread of this process (tests; same loop and sockets as a process)."""
 
+    client, owned = 0, True
+
     def __init__(self, core: Any) -> None:
         from slipstream.engine.core_process import serve_core
 
-        self.dir, self.in_addr, self.out_addr = _addresses()
-        self.thread = threading.Thread(target=self._run, args=(serve_core, core), name="slipstream-core", daemon=True)
+        self.dir, self.in_addr, out_addrs = _addresses()
+        self.out_addr = out_addrs[0]
+        self.thread = threading.Thread(target=self._run, args=(serve_core, core, out_addrs), name="slipstream-core",
+                                       daemon=True)
         self.thread.start()
 
-    def _run(self, serve_core: Callable, core: Any) -> None:
+    def _run(self, serve_core: Callable, core: Any, out_addrs: list[str]) -> None:
         try:
-            serve_core(core, self.in_addr, self.out_addr)
+            serve_core(core, self.in_addr, out_addrs)
         except BaseException:  # noqa: BLE001 - logged and reported to the front end by serve_core
             pass
 
@@ -95,7 +131,7 @@ class _Stream:
 
 
 class AsyncEngineClient:
-    def __init__(self, runner: CoreProcess | CoreThread, tokenizer: Any,
+    def __init__(self, runner: CoreProcess | CoreAttached | CoreThread, tokenizer: Any,
                  on_step: Callable[[list[RequestOutput], CoreStats, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.runner, self.tokenizer = runner, tokenizer
@@ -141,7 +177,7 @@ class AsyncEngineClient:
         return self.error is None and self.inputs is not None
 
     async def stop(self, timeout: float = 10.0) -> None:
-        if self.runner.alive():
+        if self.runner.owned and self.runner.alive():
             await self._to_core.send(self._encode(Shutdown()))
         for t in self._tasks:
             t.cancel()
@@ -166,7 +202,7 @@ class AsyncEngineClient:
         s = self._streams[request_id] = _Stream()
         self._sent_seqs += params.n
         self.outputs.add(request_id, prompt, prompt_ids, params, stream)
-        self._to_core.send(self._encode(AddRequest(request_id, prompt_ids, params, priority)))
+        self._to_core.send(self._encode(AddRequest(request_id, prompt_ids, params, priority, self.runner.client)))
         return self._outputs(request_id, s)
 
     async def _outputs(self, request_id: str, s: _Stream) -> AsyncIterator[RequestOutput]:

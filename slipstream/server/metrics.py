@@ -1,15 +1,21 @@
 """Prometheus metrics, named after vLLM's (`vllm:*` -> `slipstream:*`) so existing dashboards map over.
 
 Gauges and counters come from the engine core's `CoreStats`, which rides on every step message; latency
-histograms are observed in the front end as outputs arrive (what clients see). Warm-up traffic is not counted:
-the core resets its counters after warming up and sends no step of it here.
+histograms and finished requests are observed in the front end as outputs arrive (what clients see). Warm-up
+traffic is not counted: the core resets its counters after warming up and sends no step of it here.
+
+With several front ends (`--api-server-count`), whichever answers /metrics must report all of them: their
+histograms and counters live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, which the
+supervising process sets before it starts them: prometheus_client reads it once, at import) and are summed on
+each scrape; the core's figures reach every front end alike.
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from slipstream.engine.core_stats import CoreStats
@@ -22,7 +28,6 @@ class EngineCollector:
     def __init__(self, model_name: str) -> None:
         self.labels = {"model_name": model_name}
         self.stats = CoreStats()
-        self.finished: dict[str, int] = {}
 
     def _g(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(name, doc, labels=list(self.labels))
@@ -52,25 +57,31 @@ class EngineCollector:
             yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", s.cache_blocks)
         yield self._c("slipstream:spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).", s.draft_tokens)
         yield self._c("slipstream:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.accepted_draft_tokens)
-        fin = CounterMetricFamily("slipstream:request_success", "Finished requests by finish reason.", labels=[*self.labels, "finished_reason"])
-        for reason, n in self.finished.items():
-            fin.add_metric([*self.labels.values(), reason], n)
-        yield fin
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
-        self.registry = CollectorRegistry()
+    """`registry` is what /metrics exposes. `multiprocess_dir`: this is one of several front ends sharing it."""
+
+    def __init__(self, model_name: str, multiprocess_dir: str | None = None) -> None:
+        own = CollectorRegistry()  # this process's observations (in multiprocess files with several front ends)
         self.collector = EngineCollector(model_name)
+        if multiprocess_dir is None:
+            self.registry = own
+        else:
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, multiprocess_dir)
         self.registry.register(self.collector)
 
         def histogram(name: str, doc: str) -> Any:  # bound to the one label value once, not on every observation
-            return Histogram(name, doc, ["model_name"], registry=self.registry, buckets=_LATENCY_BUCKETS).labels(model_name)
+            return Histogram(name, doc, ["model_name"], registry=own, buckets=_LATENCY_BUCKETS).labels(model_name)
 
         self.ttft = histogram("slipstream:time_to_first_token_seconds", "Time to first token.")
         self.itl = histogram("slipstream:inter_token_latency_seconds", "Time between output tokens.")
         self.e2e = histogram("slipstream:e2e_request_latency_seconds", "Arrival to finish.")
         self.step_time = histogram("slipstream:engine_step_seconds", "Duration of one engine step.")
+        self.finished = Counter("slipstream:request_success", "Finished requests by finish reason.",
+                                ["model_name", "finished_reason"], registry=own)
+        self.model_name = model_name
         self._last_token: dict[str, tuple[float, int]] = {}
 
     def on_step(self, outputs: list[RequestOutput], stats: CoreStats, step_time: float) -> None:
@@ -92,5 +103,4 @@ class ServerMetrics:
                 del self._last_token[out.request_id]
                 self.e2e.observe(now - out.metrics.arrival_time)
                 for o in out.outputs:
-                    reason = o.finish_reason or "abort"
-                    self.collector.finished[reason] = self.collector.finished.get(reason, 0) + 1
+                    self.finished.labels(self.model_name, o.finish_reason or "abort").inc()

@@ -1,0 +1,169 @@
+"""The processes of `slipstream serve`.
+
+One front end (the default): this process serves HTTP and starts the engine core as its child. With
+`--api-server-count N`, when one Python process cannot keep up with the streams (detokenizing, SSE, JSON), this
+process only supervises: it listens on the port, starts the core for N front ends, and N front-end processes that
+accept connections from the one listening socket; each sends its requests to the core over ZeroMQ and gets back
+only its own requests' tokens.
+
+Nothing dies quietly. A front end that exits unexpectedly, or a core that dies (its front ends notice, fail their
+streams and exit non-zero), ends the whole server non-zero once the others have drained. SIGTERM or Ctrl-C:
+the front ends stop admitting and drain for the grace period, then the core is told to stop.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("slipstream.server")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    grace_period: float = 30.0  # seconds to finish in-flight requests on SIGTERM
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+
+
+def run_front_end(options: Any, http: HttpSettings, model: str | None, config: Any = None, attach: Any = None,
+                  sock: socket.socket | None = None, metrics_dir: str | None = None) -> str | None:
+    """Serve HTTP until SIGTERM / SIGINT or the engine's death; returns why the engine stopped, None after a clean
+    shutdown. Starts the core from `config`, or attaches to one (`attach`, listening on `sock`)."""
+    import asyncio
+
+    import uvicorn
+
+    from slipstream import loader
+    from slipstream.server.app import build_app, uvicorn_config
+
+    failed: list[BaseException] = []
+
+    def on_dead(error: BaseException) -> None:
+        """The engine core failed or died: open requests have their error; end the process non-zero."""
+        failed.append(error)
+        asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
+
+    app = build_app(options, config=config, attach=attach, tokenizer=lambda: loader.load_tokenizer(model, None),
+                    on_dead=on_dead, log_level=http.log_level, freeze_heap=True, metrics_dir=metrics_dir)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                app.state.begin_shutdown(http.grace_period)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own grace is a backstop: streams still open at the grace period end with an error event first.
+    server = Server(uvicorn_config(app, http.host, http.port, http.log_level, http.grace_period + 5, http.header_timeout,
+                                   http.body_timeout))
+    server.run(sockets=None if sock is None else [sock])
+    return str(failed[0]).splitlines()[0] if failed else None
+
+
+def _front_end_main(index: int, options: Any, http: HttpSettings, model: str | None, attach: Any, sock: socket.socket,
+                    metrics_dir: str) -> None:
+    # Its own process group: a Ctrl-C in the terminal reaches the supervisor alone, which asks each front end
+    # once (a second signal would make uvicorn skip the drain).
+    os.setpgrp()
+    failed = run_front_end(options, http, model, attach=attach, sock=sock, metrics_dir=metrics_dir)
+    if failed:
+        sys.exit(f"slipstream front end {index}: the engine stopped: {failed}")
+
+
+def listen(http: HttpSettings) -> socket.socket:
+    """The server's port, taken before anything loads: a busy port is an error at once, not after the model loaded."""
+    try:
+        return socket.create_server((http.host, http.port), backlog=2048)
+    except OSError as e:
+        raise ValueError(f"--port {http.port}: cannot listen on {http.host}:{http.port}: {e.strerror or e}") from None
+
+
+def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: str | None, count: int,
+                          sock: socket.socket) -> str | None:
+    """Supervise the core and `count` front ends, which accept on `sock`, until they have all stopped; returns why
+    the server failed, None after a clean shutdown."""
+    from slipstream.server.core_client import CoreProcess
+
+    metrics_dir = tempfile.mkdtemp(prefix="slipstream-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any front end imports prometheus_client
+    ctx = multiprocessing.get_context("spawn")
+    core = CoreProcess(config, http.log_level, clients=count)
+    fronts = [ctx.Process(target=_front_end_main, name=f"slipstream-api-{i}",
+                          args=(i, options, http, model, core.attach(i), sock, metrics_dir)) for i in range(count)]
+    for p in fronts:
+        p.start()
+    sock.close()  # the front ends hold it now
+    stopping = False
+    failure: str | None = None
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            for p in fronts:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = {p.sentinel: p for p in fronts}
+        core_gone = False
+        while running:
+            ready = multiprocessing.connection.wait([*running, *([] if core_gone else [core.proc.sentinel])])
+            if core.proc.sentinel in ready and not core_gone:
+                core_gone = True  # its front ends notice too: they fail their streams and exit non-zero
+                if not stopping:
+                    failure = failure or f"the engine core exited (code {core.proc.exitcode})"
+            for s in ready:
+                p = running.pop(s, None)
+                if p is None:
+                    continue
+                p.join()
+                # uvicorn ends a drained front end by re-raising the SIGTERM it was stopped with
+                if p.exitcode != 0 and not (stopping and p.exitcode == -signal.SIGTERM):
+                    failure = failure or f"front end {fronts.index(p)} exited (code {p.exitcode})"
+                    log.error("slipstream: %s; stopping the others", failure)
+                    stop()
+        _stop_core(core, http.grace_period)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in fronts:
+            if p.is_alive():
+                p.kill()
+        if core.proc.is_alive():
+            core.proc.kill()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(core.dir, ignore_errors=True)
+    return failure
+
+
+def _stop_core(core: Any, timeout: float) -> None:
+    """Every front end has stopped: tell the core to stop (a tensor-parallel core stops its ranks), kill it if it
+    does not."""
+    import msgspec
+    import zmq
+
+    from slipstream.engine.messages import Shutdown
+
+    if core.alive():
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.PUSH)
+            s.connect(core.in_addr)
+            s.send(msgspec.msgpack.encode(Shutdown()))
+            s.close(linger=1000)
+        finally:
+            ctx.term()
+    core.join(timeout)

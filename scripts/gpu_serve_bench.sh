@@ -63,8 +63,9 @@ serve_slipstream() {
 }
 
 serve_vllm() {
-  peer python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy --dtype bfloat16 --served-model-name q3 \
-    --port $port --max-model-len 4096 > "$out/vllm-server.log" 2>&1 &
+  # not through peer(): a backgrounded function is a subshell, and SIGTERM to it would leave the server running
+  PYTHONPATH=${VLLM_PATH:-} python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy --dtype bfloat16 \
+    --served-model-name q3 --port $port --max-model-len 4096 > "$out/vllm-server.log" 2>&1 &
   local pid=$!
   wait_healthy $pid vllm && clients vllm
   kill -TERM $pid; wait $pid

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import openai
 import pytest
 
 from server_util import LiveServer
-from slipstream import LLM
+from slipstream import LLM, SamplingParams
 from slipstream.loader import load_tokenizer
 from slipstream.server.tools import (ReasoningStream, ToolStream, extract, finished_calls, reasoning_end_ids, render_messages,
                                      required_schema, split_reasoning)
@@ -229,3 +230,43 @@ def test_reasoning_content_through_the_server(gguf_path):
             r += (d.model_extra or {}).get("reasoning_content") or ""
             t += d.content or ""
         assert (r, t) == (reasoning, content)
+
+
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n"
+              "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template(gguf_path):
+    """Qwen3's switch: enable_thinking=False makes its template close an empty reasoning block in the prompt (after
+    which a constraint starts at once); a variable the template does not read changes nothing; the template's own
+    inputs cannot be replaced."""
+    from slipstream.engine.input_processor import apply_chat_template
+
+    tok = load_tokenizer(gguf_path)
+    tok.chat_template = QWEN3_LIKE
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = apply_chat_template(tok, msgs)
+    off = apply_chat_template(tok, msgs, template_kwargs={"enable_thinking": False})
+    assert tok.decode(off).endswith("<think>\n\n</think>\n\n") and off[: len(plain)] == plain
+    assert apply_chat_template(tok, msgs, template_kwargs={"enable_thinking": True}) == plain
+    assert apply_chat_template(tok, msgs, template_kwargs={"unused_by_this_template": 1}) == plain
+    assert reasoning_end_ids(tok, off) == ()
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set 'add_generation_prompt'"):
+        apply_chat_template(tok, msgs, template_kwargs={"add_generation_prompt": False})
+
+
+def test_chat_template_kwargs_through_llm_and_the_server(gguf_path):
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=512)
+    llm.tokenizer.chat_template = QWEN3_LIKE
+    msgs = [{"role": "user", "content": "Hi"}]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    on, off = (llm.chat(msgs, params, chat_template_kwargs={"enable_thinking": t})[0] for t in (True, False))
+    assert len(off.prompt_token_ids) > len(on.prompt_token_ids)
+    with LiveServer(llm.engine, MODEL) as server:
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 1}
+        usage = [httpx.post(server.url + "/v1/chat/completions", json={**body, "chat_template_kwargs": {"enable_thinking": t}},
+                            timeout=60).json()["usage"]["prompt_tokens"] for t in (True, False)]
+        assert usage == [len(on.prompt_token_ids), len(off.prompt_token_ids)]
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "chat_template_kwargs": {"tokenize": False}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text

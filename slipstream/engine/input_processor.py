@@ -13,6 +13,37 @@ import msgspec
 from slipstream.sampling_params import SamplingParams
 
 
+# What apply_chat_template and the templates themselves already bind: a template variable of these names from a
+# request would replace the conversation, the tools or the call's own settings.
+_TEMPLATE_OWN = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception",
+})
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The prompt's token ids for a conversation, rendered by the model's chat template. `template_kwargs`: extra
+    variables the template reads (Qwen3's `enable_thinking`, ...); a template ignores those it does not use."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("messages: this model's tokenizer has no chat template")
+    extra = check_template_kwargs(template_kwargs)
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        **extra)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    extra = dict(template_kwargs or {})
+    clash = sorted(k for k in extra if k in _TEMPLATE_OWN or not k.isidentifier())
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(map(repr, clash))}: the template's own inputs")
+    return extra
+
+
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the caller should retry later."""
 

@@ -5,6 +5,7 @@ import itertools
 from typing import Any, Iterator, Sequence
 
 from slipstream.config import EngineConfig
+from slipstream.engine.input_processor import apply_chat_template
 from slipstream.engine.llm_engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.sampling_params import SamplingParams
@@ -70,17 +71,14 @@ class LLM:
         self,
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
+        """`chat_template_kwargs`: extra variables for the chat template, e.g. {"enable_thinking": False} (Qwen3)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
+        return self.generate([self.apply_chat_template(c, chat_template_kwargs) for c in conversations], sampling_params)
 
-    def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        if not messages:
-            raise ValueError("messages must not be empty")
-        if self.tokenizer.chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    def apply_chat_template(self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, template_kwargs=chat_template_kwargs)
 
     def reset_prefix_cache(self) -> int:
         cache = self.engine.core.prefix_cache

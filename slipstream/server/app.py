@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from slipstream.engine.input_processor import EngineOverloaded
+from slipstream.engine.input_processor import EngineOverloaded, apply_chat_template
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.heap import freeze_startup_heap
 from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
@@ -262,7 +262,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         chars = sum(len(m["content"]) for m in msgs)
         if chars > client.limits.max_model_len * client.inputs.max_token_chars:
             raise ApiError(400, f"messages hold {chars} characters, more than max_model_len={client.limits.max_model_len} tokens can hold", param="messages")
-        ids = await _off_loop(_apply_template, tok, msgs, req.add_generation_prompt, tools if renders else None, param="messages")
+        ids = await _off_loop(apply_chat_template, tok, msgs, req.add_generation_prompt, tools if renders else None,
+                              req.chat_template_kwargs, param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _params(req, max_tokens, logprobs)
@@ -392,11 +393,6 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
     return list(prompt)
-
-
-def _apply_template(tok: Any, msgs: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
-    ids = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 async def _off_loop(fn: Callable, *args: Any, param: str) -> Any:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
+from slipstream.engine.input_processor import check_template_kwargs
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
 Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
@@ -32,7 +33,6 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []),
     "use_beam_search": (None, False),
     "truncate_prompt_tokens": (None,),
-    "chat_template_kwargs": (None, {}),  # e.g. Qwen3's enable_thinking: the template would render another prompt
     "continue_final_message": (None, False),
     "guided_decoding_backend": (None, "xgrammar", "auto"),
 }
@@ -106,7 +106,10 @@ class _Common(BaseModel):
         if isinstance(body, dict):
             # add_special_tokens: what the endpoint does anyway (a BOS before a completion's prompt; none added to a
             # rendered chat template) is accepted, the other is not done
-            off_values = {**_OFF_VALUES, "add_special_tokens": (None, "messages" not in body)}
+            chat = "messages" in body
+            off_values = {**_OFF_VALUES, "add_special_tokens": (None, not chat)}
+            if not chat:  # a completion has no template to pass them to
+                off_values["chat_template_kwargs"] = (None, {})
             for name, off in off_values.items():
                 if name in body and body[name] not in off:
                     raise _Unsupported(name)
@@ -277,6 +280,13 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        check_template_kwargs(v)
+        return v
 
     @model_validator(mode="after")
     def _check_tools(self) -> "ChatCompletionRequest":

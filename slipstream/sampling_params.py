@@ -77,6 +77,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the k most likely
+    # None: none; k >= 0: each prompt token's logprob given the tokens before it, plus the k most likely there (the
+    # prompt is then computed whole: no cached prefix has these)
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
@@ -109,6 +112,9 @@ class SamplingParams:
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         if self.logprobs is not None:
             _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs", "must be an integer in [0, 20]", self.logprobs)
+        if self.prompt_logprobs is not None:
+            _check(isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+                   "must be an integer in [0, 20]", self.prompt_logprobs)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
         if self.seed is not None:

@@ -27,7 +27,7 @@ BS = 16
 
 
 def _logits_by_seq(runner: ModelRunner, step: Step) -> dict[int, torch.Tensor]:
-    seqs, logits = runner.compute_logits(step)
+    seqs, logits, _ = runner.compute_logits(step)
     out, r = {}, 0
     for s in seqs:
         if s.sampling is not None:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from slipstream import SamplingParams
+from conftest import assert_no_leak
+from slipstream import LLM, SamplingParams
 from slipstream.kernels.hash import exponential_noise, unit_interval
 from slipstream.layers.sampler import Penalties, SamplingBatch, sample
 
@@ -146,3 +147,34 @@ def test_logprobs_top_n(fresh):
     for tok, lp in zip(o.token_ids, o.logprobs):
         assert len(lp) in (3, 4) and tok in lp  # sampled token plus the top 3 (it is usually one of them)
         assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
+
+
+def _teacher_forced(llm, prompt_ids, new):
+    """Greedy continuation and each drawn token's logprob, as decoding computes them."""
+    o = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, logprobs=0))[0].outputs[0]
+    return o.token_ids, [lp[t] for t, lp in zip(o.token_ids, o.logprobs)]
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prompt_logprobs_agree_with_decoding(smollm, gguf_path, chunk):
+    """A prompt token's logprob given the tokens before it is what decoding assigned that token when it drew it:
+    score the prompt + greedy continuation, compare the continuation's part (prefilled in one pass, or in chunks of
+    7 tokens, whose last rows score the next chunk's first token). With the prompt in the prefix cache already,
+    the scores are complete all the same (a cached prefix is not used then); n = 2 scores once."""
+    llm = smollm if chunk is None else LLM(gguf_path, dtype="float32", device="cpu",
+                                            max_model_len=512, max_num_batched_tokens=chunk)
+    prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    gen, lps = _teacher_forced(llm, prompt, 8)
+    full = prompt + gen
+    llm.generate([full], SamplingParams(max_tokens=1))  # the whole text is now in the prefix cache
+    out = llm.generate([full], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3, n=2))[0]
+    scores = out.prompt_logprobs
+    assert len(scores) == len(full) and scores[0] is None
+    for j, (tok, lp) in enumerate(zip(gen, lps)):
+        rank, top = scores[len(prompt) + j]
+        assert next(iter(top)) == tok and top[tok] == pytest.approx(lp, abs=2e-4), j
+        assert rank == 1 and len(top) == 3  # greedy drew the most likely token, which is also among the top 3
+    for pos, (rank, top) in enumerate(scores[1:], 1):
+        assert next(iter(top)) == full[pos] and rank >= 1 and 3 <= len(top) <= 4
+        assert sum(v > top[full[pos]] for v in top.values()) == min(rank - 1, 3)
+    assert_no_leak(llm)

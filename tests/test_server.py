@@ -197,3 +197,44 @@ def test_load_with_random_disconnects(server, llm):
     text = httpx.get(server.url + "/metrics").text
     assert 'finished_reason="abort"' in text and "slipstream:time_to_first_token_seconds_count" in text
     assert not llm.engine.requests
+
+
+def test_prompt_logprobs_and_echo_with_logprobs(server, llm):
+    """vLLM's prompt_logprobs (in each completion choice, beside a chat's choices) and OpenAI's echo + logprobs
+    (the prompt's tokens lead the logprobs, the first without one): the figures the engine computes for the prompt,
+    streamed in a choice's first chunk too; a stream that cannot carry them is a 400 naming the field."""
+    prompt = "The capital of France is"
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2))[0]
+    ids = ref.prompt_token_ids
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    c = httpx.post(server.url + "/v1/completions", json={**body, "prompt_logprobs": 2}, timeout=60).json()["choices"][0]
+    pl = c["prompt_logprobs"]
+    assert len(pl) == len(ids) and pl[0] is None
+    for tok, got, (rank, want) in zip(ids[1:], pl[1:], ref.prompt_logprobs[1:]):
+        assert got[str(tok)]["logprob"] == pytest.approx(want[tok]) and got[str(tok)]["rank"] == rank
+        assert len(got) in (2, 3) and all(v["decoded_token"] == llm.tokenizer.decode([int(k)]) for k, v in got.items())
+    e = httpx.post(server.url + "/v1/completions", json={**body, "echo": True, "logprobs": 1}, timeout=60).json()["choices"][0]
+    lp = e["logprobs"]
+    assert e["text"].startswith(prompt) and len(lp["tokens"]) == len(ids) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(ids)] == pytest.approx([s[1][t] for t, s in zip(ids[1:], ref.prompt_logprobs[1:])])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and "".join(lp["tokens"][len(ids):]) == e["text"][len(prompt):]
+    events = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "echo": True, "logprobs": 1, "prompt_logprobs": 0,
+                                                                    "stream": True}, timeout=60) as r:
+        events = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["text"].startswith(prompt) and first["logprobs"]["tokens"][: len(ids)] == lp["tokens"][: len(ids)]
+    assert first["prompt_logprobs"][0] is None and all(str(t) in p for t, p in zip(ids[1:], first["prompt_logprobs"][1:]))
+    assert all("prompt_logprobs" not in ev["choices"][0] for ev in events[1:])
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["usage"]["prompt_tokens"]
+    for bad, param in (({**chat, "stream": True}, "prompt_logprobs"),):
+        resp = httpx.post(server.url + "/v1/chat/completions", json=bad, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    for bad, param in (({**body, "prompt_logprobs": 0, "stream": True, "n": 2}, "prompt_logprobs"),
+                       ({**body, "echo": True, "logprobs": 0, "stream": True, "n": 2}, "echo"),
+                       ({**body, "prompt_logprobs": 21}, "prompt_logprobs")):
+        resp = httpx.post(server.url + "/v1/completions", json=bad, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text

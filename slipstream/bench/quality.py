@@ -60,7 +60,7 @@ def score(llm: LLM, ids: list[int], window: int, stride: int, keep_every: int = 
     with torch.inference_mode():
         for begin in range(0, len(ids) - window + 1, stride):
             chunk = ids[begin : begin + window]
-            _, logits = runner.compute_logits(Step([SeqStep(0, chunk, 0, pages, window - 1, row)]))
+            _, logits, _ = runner.compute_logits(Step([SeqStep(0, chunk, 0, pages, window - 1, row)]))
             logits = logits[window - stride - 1 : window - 1].float()  # predictions of the last `stride` tokens
             target = torch.tensor(chunk[window - stride :], device=logits.device)
             nll.append(-torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0].cpu())

@@ -27,7 +27,7 @@ from slipstream.engine.proposer import DraftModelProposer, NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
-from slipstream.runner.batch import SamplingRow, SeqResult, SeqStep, Step
+from slipstream.runner.batch import PromptScoring, SamplingRow, SeqResult, SeqStep, Step
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
 log = logging.getLogger(__name__)
@@ -360,11 +360,18 @@ class EngineCore:
         else:
             ids, fed = seq.token_ids[start : start + n - drafts] + seq.draft_token_ids[:drafts], False
         sampling = None
+        p = seq.params
         if start + n - drafts == seq.num_tokens:  # the step reaches the sequence's last token: draw the next
-            p = seq.params
             sampling = SamplingRow(p, seq.seed, seq.num_output_tokens,
                                    list(seq.token_ids) if p.needs_penalties else None, seq.num_prompt_tokens)
-        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed)
+        score = None
+        if p.prompt_logprobs is not None and seq.index == 0:  # the n samples share one prompt: the first scores it
+            # position q's hidden state scores prompt token q + 1; positions scored before a preemption are not again
+            lo, hi = max(start, seq.num_prompt_scored), min(start + n - drafts, seq.num_prompt_tokens - 1)
+            if lo < hi:
+                score = PromptScoring(lo - start, seq.token_ids[lo + 1 : hi + 1], p.prompt_logprobs)
+                seq.num_prompt_scored = hi
+        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed, score)
 
     def _collect(self) -> list[SeqDelta]:
         """Read the step in flight and append what it drew (finished or aborted sequences drop theirs). Drafts past
@@ -373,6 +380,8 @@ class EngineCore:
         results = self.runner.collect(flight.launched)
         self._measure(flight.batch.num_tokens, time.perf_counter() - flight.started)
         by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(flight.batch.seqs, flight.batch.num_drafts)}
+        for seq_id, scores in flight.launched.prompt_scores.items():  # sent with the sequence's first token
+            by_id[seq_id][0].prompt_scores += scores
         deltas = []
         for r in results:
             seq, drafts = by_id[r.seq_id]
@@ -439,7 +448,11 @@ class EngineCore:
         self.stats.generation_tokens += taken
         tokens = r.tokens if taken == len(r.tokens) else r.tokens[:taken]
         lps = None if r.logprobs is None else r.logprobs[:taken]
-        return SeqDelta(seq.request.request_id, seq.index, tokens, lps, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens)
+        prompt_lps = None
+        if seq.params.prompt_logprobs is not None and seq.index == 0 and len(ids) - taken == seq.num_prompt_tokens:
+            prompt_lps, seq.prompt_scores = seq.prompt_scores, []
+        return SeqDelta(seq.request.request_id, seq.index, tokens, lps, seq.finish_reason, seq.stop_reason,
+                        seq.num_cached_tokens, prompt_lps)
 
     def _wake(self, seq: Sequence) -> None:
         after = seq.params.structured_outputs.start_after_ids

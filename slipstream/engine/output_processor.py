@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slipstream.engine.detokenizer import IncrementalDetokenizer
-from slipstream.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, SeqDelta
+from slipstream.engine.outputs import CompletionOutput, PromptScore, RequestMetrics, RequestOutput, SeqDelta
 from slipstream.sampling_params import SamplingParams
 
 
@@ -39,6 +39,7 @@ class _RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PromptScore | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,8 @@ class OutputProcessor:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.num_cached_tokens = max(req.num_cached_tokens, d.num_cached_tokens)
+            if d.prompt_logprobs is not None:
+                req.prompt_logprobs = [None, *d.prompt_logprobs]
             if self._apply(req, req.seqs[d.index], d) and d.finish_reason is None:
                 to_stop.append((d.request_id, d.index))
             touched[d.request_id] = req
@@ -138,4 +141,5 @@ class OutputProcessor:
             ))
             seq.emitted_text_len, seq.emitted_tokens = len(text), len(toks)
         metrics = RequestMetrics(req.arrival_time, req.first_token_time, finish_time, req.num_cached_tokens)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finish_time is not None, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finish_time is not None, metrics,
+                             req.prompt_logprobs)

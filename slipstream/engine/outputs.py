@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from slipstream.runner.batch import PromptScore
+
 
 class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
@@ -20,6 +22,7 @@ class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | None = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[PromptScore] | None = None  # prompt tokens 1.. (prompt_logprobs), with the first delta
 
 
 @dataclass
@@ -59,6 +62,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # prompt_logprobs: per prompt token, None for the first (nothing comes before it), then its score; from the
+    # request's first output on
+    prompt_logprobs: list[PromptScore | None] | None = None
 
     def then(self, newer: "RequestOutput") -> "RequestOutput":
         """`newer` with the deltas of both: what a consumer that missed this output must be told next."""

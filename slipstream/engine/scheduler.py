@@ -110,7 +110,8 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens] if cache is not None else []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
-            if cache is not None:
+            # prompt_logprobs: a cached prefix would skip the positions that score the prompt
+            if cache is not None and not (seq.params.prompt_logprobs is not None and seq.index == 0):
                 cache.match(seq)
                 if any(self._computing_my_next_page(seq, other) for other in prefilling):
                     # Its next page is being computed right now (a shared prompt sent many times at once, n > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from slipstream.runner.batch import PromptScore
 from slipstream.sampling_params import SamplingParams
 
 
@@ -36,6 +37,10 @@ class Sequence:
     # before it reads step N). They count in num_tokens: the scheduler plans with them.
     num_pending: int = 0
     max_total_tokens: int = 1 << 62  # the sequence ends at this many tokens (max_tokens, max_model_len)
+    # prompt_logprobs: prompt positions whose scores are launched (a recomputed prompt is not scored again), and the
+    # scores read so far, sent with the sequence's first token
+    num_prompt_scored: int = 0
+    prompt_scores: list[PromptScore] = field(default_factory=list)
     num_prompt_tokens: int = field(init=False)  # read every step: an attribute, not a property
 
     def __post_init__(self) -> None:

@@ -24,6 +24,20 @@ class SamplingRow:
     num_prompt_tokens: int = 0
 
 
+# One prompt token's score (prompt_logprobs): its rank among the model's choices there (1 = most likely), and
+# {token: logprob} with the prompt token first, then the k most likely
+PromptScore = tuple[int, dict[int, float]]
+
+
+@dataclass(slots=True)
+class PromptScoring:
+    """prompt_logprobs: score prompt tokens against the positions before them."""
+
+    offset: int  # the chunk's first scoring row (row offset + j scores targets[j])
+    targets: list[int]  # the prompt tokens that follow those positions
+    top: int  # the most likely tokens to report beside each
+
+
 @dataclass(slots=True)
 class SeqStep:
     seq_id: int
@@ -35,6 +49,7 @@ class SeqStep:
     # token_ids[0] stands for the token this sequence drew in the step launched just before (its value is still
     # on the device: the core scheduled this step before reading that one's results)
     feed_previous: bool = False
+    score: PromptScoring | None = None
 
     @property
     def num_tokens(self) -> int:

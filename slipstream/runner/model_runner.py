@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -29,7 +29,7 @@ from slipstream.layers.sampler import SamplerOutput, sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
 from slipstream.parallel.shard import Shard
-from slipstream.runner.batch import SeqResult, SeqStep, Step
+from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import GraphLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # Decode batches up to this size replay CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
 # at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
 _MAX_GRAPH_SEQS = 512
+_SCORE_ROWS = 1024  # prompt_logprobs: rows of logits at a time (0.6 GB of float32 under a 151,936-token head)
 
 WeightSource = Callable[..., Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?, lazy=) -> tensors; None: random
 
@@ -223,15 +224,46 @@ class ModelRunner:
 
     # ---- one step ----
     @torch.inference_mode()
-    def compute_logits(self, step: Step) -> tuple[list[SeqStep], torch.Tensor | None]:
+    def compute_logits(self, step: Step) -> tuple[list[SeqStep], torch.Tensor | None, dict[int, list[PromptScore]]]:
         """Queue the step's forward: (its sequences in run order, the logits of the rows they draw, in that order:
-        one per drawing sequence, k + 1 after k drafts)."""
+        one per drawing sequence, k + 1 after k drafts; the prompt scores of the sequences that ask, by id)."""
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
         h = host_inputs(seqs, self.block_size, self.cascade)
         fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
-        hidden = self._take(self._forward(h, self._feeder(fed)), h.sample_rows)
-        return seqs, self.model.compute_logits(hidden) if h.sample_rows else None
+        out = self._forward(h, self._feeder(fed))
+        scores = self._score_prompts(seqs, h.first_rows, out) if any(s.score is not None for s in seqs) else {}
+        hidden = self._take(out, h.sample_rows)
+        return seqs, self.model.compute_logits(hidden) if h.sample_rows else None, scores
+
+    def _score_prompts(self, seqs: list[SeqStep], first_rows: list[int], hidden: torch.Tensor) -> dict[int, list[PromptScore]]:
+        """prompt_logprobs: each scored position's log-softmax, read now (a host sync: only steps that score pay
+        it), a slice of rows at a time so that a long prompt's [rows, vocab] float32 block stays bounded."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners: list[SeqStep] = []
+        for s, first in zip(seqs, first_rows):
+            if s.score is not None:
+                rows += range(first + s.score.offset, first + s.score.offset + len(s.score.targets))
+                targets += s.score.targets
+                owners += [s] * len(s.score.targets)
+        k = max(s.score.top for s in owners)
+        scores: dict[int, list[PromptScore]] = {}
+        for i in range(0, len(rows), _SCORE_ROWS):
+            idx = torch.tensor(rows[i : i + _SCORE_ROWS], device=hidden.device)
+            tgt = torch.tensor(targets[i : i + _SCORE_ROWS], device=hidden.device)
+            logp = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            chosen = logp.gather(1, tgt.unsqueeze(1))
+            ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
+            top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tgt[:0].unsqueeze(0).expand(len(idx), 0))
+            for j, (rank, t, lp, ids, lps) in enumerate(zip(ranks, targets[i:], chosen.squeeze(1).tolist(),
+                                                            top_ids.tolist(), top_lp.tolist())):
+                s = owners[i + j]
+                entry = {t: lp}
+                for tok, v in zip(ids[: s.score.top], lps[: s.score.top]):
+                    entry.setdefault(tok, v)
+                scores.setdefault(s.seq_id, []).append((rank, entry))
+        return scores
 
     def _feeder(self, fed: list[tuple[int, int]]):  # noqa: ANN202 - a callable that patches input ids, or None
         """Rows of the input ids to fill with the previous step's draws, still on the device."""
@@ -252,11 +284,11 @@ class ModelRunner:
         `fill_masks(owners, before)`, called once the forward is queued, returns the allowed tokens of the drawn
         rows as a host bitmask (structured output), or None; `owners` names each row's sequence, `before` the
         drafts drawn ahead of it (None: no drafts)."""
-        drawing, out = self._draw(step, fill_masks)
+        drawing, out, scores = self._draw(step, fill_masks)
         if out is None:
-            return Launched(drawing, None, None, None, None)
+            return Launched(drawing, None, None, None, None, scores)
         if self.device.type != "cuda":
-            return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None)
+            return Launched(drawing, out.tokens, out.logprobs, out.logprob_ids, None, scores)
         # Two token buffers take turns: a launched step is always read before the one after next is launched.
         self._token_buf ^= 1
         tokens = self._host_tokens[self._token_buf][: out.tokens.shape[0]].copy_(out.tokens, non_blocking=True)
@@ -264,21 +296,21 @@ class ModelRunner:
                            for t in (out.logprobs, out.logprob_ids)]
         done = torch.cuda.Event()
         done.record()
-        return Launched(drawing, *host, done)
+        return Launched(drawing, *host, done, scores)
 
     @torch.inference_mode()
     def draw(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
         """Queue the step and its draws, and leave the draws on the device: (drawing sequence ids in row order, one
         token each). A drafter chains steps this way (each feeds the last one's draws with `feed_previous`) and
         reads them all at once; a step with drafts to verify goes through `launch`."""
-        drawing, out = self._draw(step, None)
+        drawing, out, _ = self._draw(step, None)
         return [s.seq_id for s in drawing], None if out is None else out.tokens
 
-    def _draw(self, step: Step, fill_masks: MaskFiller | None) -> tuple[list[SeqStep], SamplerOutput | None]:
-        seqs, logits = self.compute_logits(step)
+    def _draw(self, step: Step, fill_masks: MaskFiller | None) -> tuple[list[SeqStep], SamplerOutput | None, dict]:
+        seqs, logits, scores = self.compute_logits(step)
         drawing = [s for s in seqs if s.sampling is not None]
         if logits is None:
-            return drawing, None
+            return drawing, None, scores
         rows, positions, before = expand_rows(drawing)
         allowed = None
         if fill_masks is not None:
@@ -294,7 +326,7 @@ class ModelRunner:
                 rows[s.seq_id] = r
             r += s.num_samples
         self._last_rows, self._last_tokens = rows, out.tokens
-        return drawing, out
+        return drawing, out, scores
 
     def collect(self, launched: Launched) -> list[SeqResult]:
         """Wait for a launched step and read its results: per drawing sequence, its accepted tokens."""
@@ -356,3 +388,4 @@ class Launched:
     logprobs: torch.Tensor | None
     logprob_ids: torch.Tensor | None
     done: torch.cuda.Event | None
+    prompt_scores: dict[int, list[PromptScore]] = field(default_factory=dict)  # prompt_logprobs, by sequence id

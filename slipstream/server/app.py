@@ -239,11 +239,11 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
     async def completions(raw: Request) -> Response:
         req = await _parse(raw, CompletionRequest)
         client = _check_model(state, req.model)
-        if req.echo and req.logprobs is not None:
-            raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
         prompts = _prompt_list(req.prompt)
         ids = [await _off_loop(client.inputs.tokenize, p, param="prompt") for p in prompts]
         params = _params(req, req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs
+            params = replace(params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
         fmt = _CompletionFormat(client, options.model_name, req, prompts, ids)
         return await _serve(raw, state, client, req, "cmpl", list(zip(prompts, ids)), params, fmt)
 
@@ -554,7 +554,7 @@ async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Fo
     try:
         async for i, out in _timed(merged, timeout):
             for o in out.outputs:
-                chunk = fmt.chunk(base, i * n + o.index, o, first=o.index not in usage.started.setdefault(i, set()))
+                chunk = fmt.chunk(base, i * n + o.index, o, o.index not in usage.started.setdefault(i, set()), out)
                 usage.started[i].add(o.index)
                 if chunk is not None:
                     if usage_mode == 2:
@@ -623,6 +623,19 @@ class _Format:
         """The n most likely alternatives (the per-token dict also holds the sampled token)."""
         return sorted(lp.items(), key=lambda kv: -kv[1])[: self.num_top]
 
+    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's `prompt_logprobs`: per prompt token, None for the first, then {token id: {logprob, rank,
+        decoded_token}} for the prompt token and the k most likely there."""
+        if out.prompt_logprobs is None:
+            return None
+        result: list[dict[str, dict[str, Any]] | None] = [None]
+        for rank, entry in out.prompt_logprobs[1:]:
+            target = next(iter(entry))
+            ordered = sorted(entry.items(), key=lambda kv: -kv[1])
+            result.append({str(t): {"logprob": lp, "rank": rank if t == target else i + 1, "decoded_token": self.token_text(t)}
+                           for i, (t, lp) in enumerate(ordered)})
+        return result
+
 
 class _CompletionFormat(_Format):
     object_full = object_chunk = "text_completion"
@@ -632,6 +645,28 @@ class _CompletionFormat(_Format):
         self.echo = req.echo
         self.prompt_texts = [p if isinstance(p, str) else self.tok.decode(i) for p, i in zip(prompts, ids)] if req.echo else []
         self.n = req.n
+        self.scored = req.prompt_logprobs is not None  # vLLM's prompt_logprobs field in each choice
+        self.echo_logprobs = req.echo and req.logprobs is not None  # the prompt's tokens lead the logprobs
+
+    def _prompt_part(self, out: RequestOutput) -> dict[str, list]:
+        """The legacy logprobs of an echoed prompt: its tokens, each one's logprob (None for the first) and top n."""
+        ids, scores = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        texts = [self.token_text(t) for t in ids]
+        offsets = [sum(len(t) for t in texts[:j]) for j in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [None if s is None else s[1][t] for t, s in zip(ids, scores)],
+                "top_logprobs": [None if s is None else dict((self.token_text(k), v) for k, v in self.top(s[1])) or None
+                                 for s in scores],
+                "text_offset": offsets}
+
+    def _with_prompt(self, index: int, out: RequestOutput, toks: list[int], lps: list[dict[int, float]] | None,
+                     offset: int, echoed: bool) -> dict | None:
+        """The choice's logprobs; an echoed prompt's own lead them when `echoed`."""
+        lead = len(self.prompt_texts[index // self.n]) if self.echo else 0
+        gen = self.logprobs(toks, lps, lead + offset)
+        if not (echoed and self.echo_logprobs) or gen is None:
+            return gen
+        prompt = self._prompt_part(out)
+        return {k: prompt[k] + gen[k] for k in gen}
 
     def logprobs(self, toks: list[int], lps: list[dict[int, float]] | None, offset: int) -> dict | None:
         if lps is None:
@@ -647,15 +682,20 @@ class _CompletionFormat(_Format):
 
     def choice(self, index: int, o: CompletionOutput, out: RequestOutput) -> dict[str, Any]:
         text = (self.prompt_texts[index // self.n] if self.echo else "") + o.text
-        return {"index": index, "text": text, "logprobs": self.logprobs(o.token_ids, o.logprobs, 0),
-                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+        c = {"index": index, "text": text, "logprobs": self._with_prompt(index, out, o.token_ids, o.logprobs, 0, True),
+             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+        if self.scored:
+            c["prompt_logprobs"] = self.prompt_logprobs(out)
+        return c
 
-    def chunk(self, base: str, index: int, o: CompletionOutput, first: bool) -> dict | None:
+    def chunk(self, base: str, index: int, o: CompletionOutput, first: bool, out: RequestOutput) -> dict | None:
         text = (self.prompt_texts[index // self.n] if self.echo and first else "") + o.delta_text
         if not text and not o.finished and not o.delta_token_ids:
             return None
-        c = {"index": index, "text": text, "logprobs": self.logprobs(o.delta_token_ids, o.delta_logprobs, len(o.text) - len(o.delta_text)),
-             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+        logprobs = self._with_prompt(index, out, o.delta_token_ids, o.delta_logprobs, len(o.text) - len(o.delta_text), first)
+        c = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+        if self.scored and first:
+            c["prompt_logprobs"] = self.prompt_logprobs(out)
         return self.envelope(base, [c])
 
 
@@ -666,8 +706,15 @@ class _ChatFormat(_Format):
                  reasoning: str = "none") -> None:
         super().__init__(client, model_name, req)
         self.calls = calls  # (tool call format, the named function) when the request has tools
+        self.scored = req.prompt_logprobs is not None
         self.reasoning = reasoning  # how the model marks its reasoning (server/tools.py), "none": it does not
         self.streams: dict[int, tuple[ReasoningStream, ToolStream]] = {}
+
+    def full(self, base: str, finals: list[RequestOutput], n: int) -> dict[str, Any]:
+        body = super().full(base, finals, n)
+        if self.scored:  # one conversation, one prompt: beside the choices, as vLLM puts it
+            body["prompt_logprobs"] = self.prompt_logprobs(finals[0])
+        return body
 
     def _finish_reason(self, o: CompletionOutput, called: bool) -> str | None:
         if called and o.finish_reason == "stop" and self.calls[0] != "named":  # OpenAI: a forced call "stop"s
@@ -697,7 +744,7 @@ class _ChatFormat(_Format):
         return {"index": index, "message": message, "logprobs": self.logprobs(o.token_ids, o.logprobs),
                 "finish_reason": self._finish_reason(o, found is not None), "stop_reason": o.stop_reason}
 
-    def chunk(self, base: str, index: int, o: CompletionOutput, first: bool) -> dict | None:
+    def chunk(self, base: str, index: int, o: CompletionOutput, first: bool, out: RequestOutput) -> dict | None:
         if not o.delta_text and not o.finished and not first and not o.delta_token_ids:
             return None
         delta: dict[str, Any] = {"content": o.delta_text}

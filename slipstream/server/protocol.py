@@ -27,7 +27,6 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "suffix": (None, ""),
-    "prompt_logprobs": (None,),
     "logits_processors": (None,),
     "allowed_token_ids": (None, []),
     "bad_words": (None, []),
@@ -93,6 +92,8 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds until the request is aborted (extension)
+    # vLLM's extension: each prompt token's logprob and the k most likely there
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
     guided_json: dict[str, Any] | StrictStr | None = None
@@ -142,6 +143,7 @@ class _Common(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
@@ -190,8 +192,8 @@ class _Common(BaseModel):
 
 
 class _Unsupported(ValueError):
-    def __init__(self, field: str) -> None:
-        super().__init__(f"{field} is not supported by this server")
+    def __init__(self, field: str, why: str = "is not supported by this server") -> None:
+        super().__init__(f"{field} {why}")
         self.field = field
 
 
@@ -202,6 +204,16 @@ class CompletionRequest(_Common):
     max_tokens: Count | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _check_prompt_scores(self) -> "CompletionRequest":
+        # a stream sends the prompt's scores in a choice's first chunk, which must come after the one sample that
+        # scores the prompt has its first token: only so with one sample
+        scored = self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
+        if scored and self.stream and self.n > 1:
+            raise _Unsupported("prompt_logprobs" if self.prompt_logprobs is not None else "echo",
+                               "with logprobs of the prompt needs n = 1 when streaming")
+        return self
 
 
 class TextPart(BaseModel):
@@ -287,6 +299,12 @@ class ChatCompletionRequest(_Common):
     def _check_template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         check_template_kwargs(v)
         return v
+
+    @model_validator(mode="after")
+    def _check_prompt_scores(self) -> "ChatCompletionRequest":
+        if self.prompt_logprobs is not None and self.stream:
+            raise _Unsupported("prompt_logprobs", "is not sent in chat streams (it is in the response without stream)")
+        return self
 
     @model_validator(mode="after")
     def _check_tools(self) -> "ChatCompletionRequest":

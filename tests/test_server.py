@@ -238,3 +238,49 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, llm):
                        ({**body, "prompt_logprobs": 21}, "prompt_logprobs")):
         resp = httpx.post(server.url + "/v1/completions", json=bad, timeout=60)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+@pytest.mark.parametrize("front_ends", [1, 2])
+def test_the_core_routes_deltas_to_their_front_end_and_forgets_ended_requests(tmp_path, front_ends):
+    """Each front end gets its own requests' deltas (every sample of a request that ends whole in this step), its
+    own refusals, and the step's time once among them; the core then forgets the requests that ended, with one
+    front end as with several."""
+    import msgspec
+    import zmq
+
+    from slipstream.engine.core_process import _Outboxes
+    from slipstream.engine.core_stats import CoreStats
+    from slipstream.engine.messages import FromCore, Rejected
+    from slipstream.engine.outputs import SeqDelta
+
+    class Core:
+        requests: dict = {}  # both requests ended in this step
+
+        def snapshot(self) -> CoreStats:
+            return CoreStats()
+
+    ctx = zmq.Context()
+    addrs = [f"ipc://{tmp_path}/out{i}" for i in range(front_ends)]
+    box = _Outboxes(ctx, addrs, msgspec.msgpack.Encoder().encode)
+    pulls = []
+    for a in addrs:
+        pulls.append(ctx.socket(zmq.PULL))
+        pulls[-1].connect(a)
+    try:
+        assert all(s.poll(10_000, zmq.POLLOUT) for s in box.socks)  # connected (the core waits so for Ready)
+        box.owner.update({"a": 0, "b": front_ends - 1})
+        deltas = [SeqDelta("a", 0, [1], finish_reason="length"), SeqDelta("b", 0, [2], finish_reason="length"),
+                  SeqDelta("b", 1, [3], finish_reason="stop"), SeqDelta("gone", 0, [4])]
+        box.step(Core(), deltas, [(front_ends - 1, Rejected("c", "refused", False))], 0.5)
+        got = [msgspec.msgpack.Decoder(FromCore).decode(p.recv()) for p in pulls]
+        seen = [[(d.request_id, d.index) for d in g.deltas] for g in got]
+        if front_ends == 1:
+            assert seen == [[("a", 0), ("b", 0), ("b", 1)]]
+        else:
+            assert seen == [[("a", 0)], [("b", 0), ("b", 1)]] and [g.step_time for g in got] == [0.5, 0.0]
+        assert got[-1].rejected[0].request_id == "c" and box.owner == {}
+    finally:
+        for p in pulls:
+            p.close(linger=0)
+        box.close()
+        ctx.term()

@@ -254,6 +254,12 @@ def test_chat_template_kwargs_reach_the_template(gguf_path):
     assert reasoning_end_ids(tok, off) == ()
     with pytest.raises(ValueError, match="chat_template_kwargs may not set 'add_generation_prompt'"):
         apply_chat_template(tok, msgs, template_kwargs={"add_generation_prompt": False})
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set 'strftime_now'"):
+        apply_chat_template(tok, msgs, template_kwargs={"strftime_now": 1})
+    # a template that refuses the conversation (Jinja's error, not a ValueError) is the client's mistake
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ValueError, match="^messages: the chat template could not render them: .*must alternate"):
+        apply_chat_template(tok, msgs)
 
 
 def test_chat_template_kwargs_through_llm_and_the_server(gguf_path):

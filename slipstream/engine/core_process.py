@@ -55,17 +55,18 @@ class _Outboxes:
 
     def step(self, core: EngineCore, deltas: list, rejected: list[tuple[int, Rejected]], step_time: float) -> None:
         snapshot = core.snapshot()
-        if len(self.socks) == 1:
-            self._send(core, 0, StepOut(deltas, snapshot, step_time, [r for _, r in rejected]))
-            return
         mine: list[list] = [[] for _ in self.socks]
+        ended = set()
         for d in deltas:
             client = self.owner.get(d.request_id)
             if client is None:  # aborted by its front end while the step ran: nobody waits for it
                 continue
             mine[client].append(d)
-            if d.finish_reason is not None and d.request_id not in core.requests:
-                del self.owner[d.request_id]
+            if d.finish_reason is not None:
+                ended.add(d.request_id)
+        for rid in ended:  # after routing: a request's samples may all end in one step
+            if rid not in core.requests:
+                del self.owner[rid]
         refused: list[list[Rejected]] = [[] for _ in self.socks]
         for client, r in rejected:
             refused[client].append(r)
@@ -157,9 +158,11 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outboxes: _Outboxes, decode, pare
 def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int, log_level: str = "info") -> None:  # noqa: ANN001
     """Entry point of the engine-core process: load, warm up, report Ready, serve; exit non-zero on failure."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s [engine core] %(message)s")
-    # Ctrl-C reaches every process of the terminal's group: the server's front end drains and then stops the core,
-    # which must not die under the streams it is finishing
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group, and so does a SIGTERM sent to the group (systemd, timeout,
+    # an init that signals the group): the front ends drain and then stop the core, which must not die under the
+    # streams they are finishing. It stops on Shutdown, when its parent goes, or by SIGKILL.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         core = EngineCore(config)
         core.warm_up()

@@ -18,7 +18,8 @@ from slipstream.sampling_params import SamplingParams
 _TEMPLATE_OWN = frozenset({
     "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
     "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs", "chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception",
+    "tokenizer_kwargs", "chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+    "mask_token", "additional_special_tokens", "raise_exception", "strftime_now", "namespace",
 })
 
 
@@ -31,8 +32,13 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("messages: this model's tokenizer has no chat template")
     extra = check_template_kwargs(template_kwargs)
-    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        **extra)
+    try:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True, **extra)
+    except Exception as e:  # noqa: BLE001 - a template refusing a conversation (raise_exception), or failing on it
+        # Jinja's errors are no ValueErrors: the server would have answered 500 for a client's mistake
+        given = " with the chat_template_kwargs given" if extra else ""
+        raise ValueError(f"messages: the chat template could not render them{given}: {e}") from e
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 # Decode batches up to this size replay CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
 # at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
 _MAX_GRAPH_SEQS = 512
-_SCORE_ROWS = 1024  # prompt_logprobs: rows of logits at a time (0.6 GB of float32 under a 151,936-token head)
+# prompt_logprobs: rows of logits at a time, within what the memory profile allowed for (a 16-bit and a float32 block
+# of 256 x 151,936 are 0.23 GB)
+_SCORE_ROWS = 256
 
 WeightSource = Callable[..., Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?, lazy=) -> tensors; None: random
 
@@ -252,7 +254,7 @@ class ModelRunner:
         for i in range(0, len(rows), _SCORE_ROWS):
             idx = torch.tensor(rows[i : i + _SCORE_ROWS], device=hidden.device)
             tgt = torch.tensor(targets[i : i + _SCORE_ROWS], device=hidden.device)
-            logp = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            logp = torch.log_softmax(self.model.compute_logits(hidden[idx]), dim=-1, dtype=torch.float32)
             chosen = logp.gather(1, tgt.unsqueeze(1))
             ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
             top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tgt[:0].unsqueeze(0).expand(len(idx), 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib
+import itertools
 import json
 import logging
 import time
@@ -87,6 +88,7 @@ class ServerState:
     def __init__(self, options: ServerOptions, metrics_dir: str | None = None) -> None:
         self.options = options
         self.client: AsyncEngineClient | None = None
+        self.runner: CoreProcess | CoreAttached | CoreThread | None = None  # the core, from the moment it starts
         self.metrics = ServerMetrics(options.model_name, metrics_dir)
         self.load_error: BaseException | None = None
         self.shutting_down = False
@@ -168,7 +170,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             if core is not None:
                 runner, tok = CoreThread(core), core.tokenizer
             else:
-                runner = attach if attach is not None else CoreProcess(config, log_level)
+                runner = state.runner = attach if attach is not None else CoreProcess(config, log_level)
                 loop = asyncio.get_running_loop()
                 tok = await loop.run_in_executor(None, tokenizer)
                 # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the event
@@ -194,6 +196,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         if state.client is not None:
             state.client.accepting = False
             await state.client.stop()
+        elif state.runner is not None and state.runner.owned:  # stopped while loading: a loading core reads no
+            state.runner.join(0)  # Shutdown, and it ignores Ctrl-C (server/launch.py): kill it
 
     app = FastAPI(title="slipstream", lifespan=lifespan)
     app.state.slipstream = state
@@ -600,6 +604,7 @@ class _Format:
         self.model = model_name
         self.created = int(time.time())
         self.num_top = (req.logprobs if isinstance(req, CompletionRequest) else req.top_logprobs) or 0
+        self.scored = req.prompt_logprobs is not None  # vLLM's prompt_logprobs in the response
 
     def envelope(self, base: str, choices: list[dict], usage: dict | None = None, full: bool = False) -> dict[str, Any]:
         body = {"id": base, "object": self.object_full if full else self.object_chunk, "created": self.created,
@@ -645,27 +650,35 @@ class _CompletionFormat(_Format):
         self.echo = req.echo
         self.prompt_texts = [p if isinstance(p, str) else self.tok.decode(i) for p, i in zip(prompts, ids)] if req.echo else []
         self.n = req.n
-        self.scored = req.prompt_logprobs is not None  # vLLM's prompt_logprobs field in each choice
         self.echo_logprobs = req.echo and req.logprobs is not None  # the prompt's tokens lead the logprobs
+        self._prompt_parts: dict[str, tuple[dict[str, list], int]] = {}
 
-    def _prompt_part(self, out: RequestOutput) -> dict[str, list]:
-        """The legacy logprobs of an echoed prompt: its tokens, each one's logprob (None for the first) and top n."""
-        ids, scores = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        texts = [self.token_text(t) for t in ids]
-        offsets = [sum(len(t) for t in texts[:j]) for j in range(len(texts))]
-        return {"tokens": texts, "token_logprobs": [None if s is None else s[1][t] for t, s in zip(ids, scores)],
+    def _prompt_part(self, out: RequestOutput) -> tuple[dict[str, list], int]:
+        """The legacy logprobs of an echoed prompt (its tokens, each one's logprob, None for the first, and top n),
+        and where the output's offsets start; once per request (its n choices share it)."""
+        part = self._prompt_parts.get(out.request_id)
+        if part is None:
+            ids, scores = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            texts = [self.token_text(t) for t in ids]
+            offsets = list(itertools.accumulate((len(t) for t in texts), initial=0))
+            part = self._prompt_parts[out.request_id] = ({
+                "tokens": texts, "token_logprobs": [None if s is None else s[1][t] for t, s in zip(ids, scores)],
                 "top_logprobs": [None if s is None else dict((self.token_text(k), v) for k, v in self.top(s[1])) or None
                                  for s in scores],
-                "text_offset": offsets}
+                "text_offset": offsets[:-1]}, offsets[-1])
+        return part
 
     def _with_prompt(self, index: int, out: RequestOutput, toks: list[int], lps: list[dict[int, float]] | None,
                      offset: int, echoed: bool) -> dict | None:
-        """The choice's logprobs; an echoed prompt's own lead them when `echoed`."""
+        """The choice's logprobs, offsets counted in the echoed text too; an echoed prompt's own logprobs lead them
+        when `echoed`."""
         lead = len(self.prompt_texts[index // self.n]) if self.echo else 0
+        if self.echo_logprobs:  # the prompt's token texts may spell more than the prompt (a BOS): offsets only grow
+            lead = max(lead, self._prompt_part(out)[1])
         gen = self.logprobs(toks, lps, lead + offset)
         if not (echoed and self.echo_logprobs) or gen is None:
             return gen
-        prompt = self._prompt_part(out)
+        prompt = self._prompt_part(out)[0]
         return {k: prompt[k] + gen[k] for k in gen}
 
     def logprobs(self, toks: list[int], lps: list[dict[int, float]] | None, offset: int) -> dict | None:
@@ -706,7 +719,6 @@ class _ChatFormat(_Format):
                  reasoning: str = "none") -> None:
         super().__init__(client, model_name, req)
         self.calls = calls  # (tool call format, the named function) when the request has tools
-        self.scored = req.prompt_logprobs is not None
         self.reasoning = reasoning  # how the model marks its reasoning (server/tools.py), "none": it does not
         self.streams: dict[int, tuple[ReasoningStream, ToolStream]] = {}
 

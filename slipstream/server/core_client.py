@@ -82,15 +82,36 @@ class CoreAttached:
 
     def __init__(self, in_addr: str, out_addr: str, client: int, pid: int) -> None:
         self.in_addr, self.out_addr, self.client, self.pid = in_addr, out_addr, client, pid
-        self._pidfd: int | None = None
+        self._exited: select.poll | None = None
+        self._gone = False
+
+    def watch(self) -> None:
+        """Start watching the core (in the front-end process, at its start)."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._gone = True
+        except (OSError, AttributeError):  # an old kernel, a seccomp profile without pidfds, not Linux
+            return
+        else:
+            self._exited = select.poll()
+            self._exited.register(fd, select.POLLIN)
 
     def alive(self) -> bool:
-        if self._pidfd is None:
+        if self._gone:
+            return False
+        if self._exited is not None:
+            self._gone = bool(self._exited.poll(0))
+            return not self._gone
+        try:  # without a pidfd: the pid exists and is not a zombie (the supervisor reaps it only later)
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
             try:
-                self._pidfd = os.pidfd_open(self.pid)
-            except ProcessLookupError:
+                os.kill(self.pid, 0)
+                return True
+            except OSError:
                 return False
-        return not select.select([self._pidfd], [], [], 0)[0]
 
     def join(self, timeout: float) -> None:
         pass  # the supervising process stops the core once every front end has drained

@@ -76,6 +76,7 @@ def _front_end_main(index: int, options: Any, http: HttpSettings, model: str | N
     # Its own process group: a Ctrl-C in the terminal reaches the supervisor alone, which asks each front end
     # once (a second signal would make uvicorn skip the drain).
     os.setpgrp()
+    attach.watch()  # now, while the core is known alive: a pid noticed later could already be another process's
     failed = run_front_end(options, http, model, attach=attach, sock=sock, metrics_dir=metrics_dir)
     if failed:
         sys.exit(f"slipstream front end {index}: the engine stopped: {failed}")
@@ -83,8 +84,9 @@ def _front_end_main(index: int, options: Any, http: HttpSettings, model: str | N
 
 def listen(http: HttpSettings) -> socket.socket:
     """The server's port, taken before anything loads: a busy port is an error at once, not after the model loaded."""
+    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET  # as uvicorn picks it: `--host ::` is IPv6
     try:
-        return socket.create_server((http.host, http.port), backlog=2048)
+        return socket.create_server((http.host, http.port), family=family, backlog=2048)
     except OSError as e:
         raise ValueError(f"--port {http.port}: cannot listen on {http.host}:{http.port}: {e.strerror or e}") from None
 
@@ -96,13 +98,21 @@ def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: 
     from slipstream.server.core_client import CoreProcess
 
     metrics_dir = tempfile.mkdtemp(prefix="slipstream-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any front end imports prometheus_client
     ctx = multiprocessing.get_context("spawn")
     core = CoreProcess(config, http.log_level, clients=count)
     fronts = [ctx.Process(target=_front_end_main, name=f"slipstream-api-{i}",
                           args=(i, options, http, model, core.attach(i), sock, metrics_dir)) for i in range(count)]
-    for p in fronts:
-        p.start()
+    # the front ends' environment only (prometheus_client reads it at import): set while they start
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        for p in fronts:
+            p.start()
+    finally:
+        if before is None:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
     sock.close()  # the front ends hold it now
     stopping = False
     failure: str | None = None
@@ -135,7 +145,7 @@ def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: 
                     failure = failure or f"front end {fronts.index(p)} exited (code {p.exitcode})"
                     log.error("slipstream: %s; stopping the others", failure)
                     stop()
-        _stop_core(core, http.grace_period)
+        _stop_core(core, 10.0)  # the front ends have drained: a core that is ready stops at once
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -151,7 +161,7 @@ def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: 
 
 def _stop_core(core: Any, timeout: float) -> None:
     """Every front end has stopped: tell the core to stop (a tensor-parallel core stops its ranks), kill it if it
-    does not."""
+    does not (one still loading reads no message; its ranks follow it when it goes)."""
     import msgspec
     import zmq
 

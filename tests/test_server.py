@@ -196,6 +196,10 @@ def test_load_with_random_disconnects(server, llm):
     assert metric(server, 'slipstream:request_success_total') >= 1
     text = httpx.get(server.url + "/metrics").text
     assert 'finished_reason="abort"' in text and "slipstream:time_to_first_token_seconds_count" in text
+    for kind in ("decode", "mixed"):  # steps by kind (their device time is 0 on a CPU)
+        n = re.search(r'^slipstream:engine_steps_total\{[^}]*kind="%s"[^}]*\} (\S+)$' % kind, text, re.M)
+        assert n and float(n.group(1)) >= 1, kind
+        assert re.search(r'^slipstream:engine_step_device_seconds_total\{[^}]*kind="%s"' % kind, text, re.M)
     assert not llm.engine.requests
 
 

@@ -379,6 +379,13 @@ class EngineCore:
         flight, self._inflight = self._inflight, None
         results = self.runner.collect(flight.launched)
         self._measure(flight.batch.num_tokens, time.perf_counter() - flight.started)
+        stats, batch = self.stats, flight.batch
+        if any(n - d > 1 for n, d in zip(batch.num_new_tokens, batch.num_drafts)):
+            stats.mixed_steps += 1
+            stats.mixed_device_seconds += flight.launched.device_seconds
+        else:
+            stats.decode_steps += 1
+            stats.decode_device_seconds += flight.launched.device_seconds
         by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(flight.batch.seqs, flight.batch.num_drafts)}
         for seq_id, scores in flight.launched.prompt_scores.items():  # sent with the sequence's first token
             by_id[seq_id][0].prompt_scores += scores

@@ -21,3 +21,9 @@ class CoreStats(msgspec.Struct, array_like=True):
     cache_blocks: int = -1  # -1: no prefix cache
     draft_tokens: int = 0  # speculative decoding: drafts verified, and of those accepted
     accepted_draft_tokens: int = 0
+    # Steps read, by kind (a decode step: one token per sequence, plus drafts; a mixed step carries prompt tokens), and
+    # their time on the device (runner.Launched.device_seconds; 0 on a CPU)
+    decode_steps: int = 0
+    decode_device_seconds: float = 0.0
+    mixed_steps: int = 0
+    mixed_device_seconds: float = 0.0

@@ -286,6 +286,10 @@ class ModelRunner:
         `fill_masks(owners, before)`, called once the forward is queued, returns the allowed tokens of the drawn
         rows as a host bitmask (structured output), or None; `owners` names each row's sequence, `before` the
         drafts drawn ahead of it (None: no drafts)."""
+        began = None
+        if self.device.type == "cuda":  # the step's time on the device, launch gaps included, is read at collect
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         drawing, out, scores = self._draw(step, fill_masks)
         if out is None:
             return Launched(drawing, None, None, None, None, scores)
@@ -296,9 +300,9 @@ class ModelRunner:
         tokens = self._host_tokens[self._token_buf][: out.tokens.shape[0]].copy_(out.tokens, non_blocking=True)
         host = [tokens] + [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                            for t in (out.logprobs, out.logprob_ids)]
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return Launched(drawing, *host, done, scores)
+        return Launched(drawing, *host, done, scores, began)
 
     @torch.inference_mode()
     def draw(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -337,6 +341,7 @@ class ModelRunner:
         wait = time.perf_counter()
         if launched.done is not None:
             launched.done.synchronize()
+            launched.device_seconds = launched.began.elapsed_time(launched.done) / 1e3
         self.gpu_wait_s += time.perf_counter() - wait
         tokens = launched.tokens.tolist()
         lps = ids = None
@@ -391,3 +396,7 @@ class Launched:
     logprob_ids: torch.Tensor | None
     done: torch.cuda.Event | None
     prompt_scores: dict[int, list[PromptScore]] = field(default_factory=dict)  # prompt_logprobs, by sequence id
+    began: torch.cuda.Event | None = None
+    # from the step's first launch to its results on the device, once collected: its own work, and the gaps where the
+    # device waited for the host to launch the next kernel (an eager step's); 0 without CUDA
+    device_seconds: float = 0.0

@@ -57,6 +57,17 @@ class EngineCollector:
             yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", s.cache_blocks)
         yield self._c("slipstream:spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).", s.draft_tokens)
         yield self._c("slipstream:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.accepted_draft_tokens)
+        # by kind: a step that carries prompt tokens runs eagerly, a decode step replays a CUDA graph
+        steps = CounterMetricFamily("slipstream:engine_steps", "Engine steps read, by kind (decode or mixed: with prompt tokens).",
+                                    labels=[*self.labels, "kind"])
+        device = CounterMetricFamily("slipstream:engine_step_device_seconds",
+                                     "Time of those steps on the device, launch gaps included (0 without CUDA).",
+                                     labels=[*self.labels, "kind"])
+        for kind, n, sec in (("decode", s.decode_steps, s.decode_device_seconds), ("mixed", s.mixed_steps, s.mixed_device_seconds)):
+            steps.add_metric([*self.labels.values(), kind], n)
+            device.add_metric([*self.labels.values(), kind], sec)
+        yield steps
+        yield device
 
 
 class ServerMetrics:

@@ -51,6 +51,12 @@ def test_two_ranks_give_the_tokens_of_one(gguf_path):
         _same(want[1], two.generate(prompts, SEEDED), logprobs=True)
         _same(want[2], two.generate(prompts, regex))  # the masks rank 0 fills reach the other rank
         assert two.engine.core.stats.num_preemptions > 0
+        scored = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=2)  # rank 0 alone reads the scores
+        for w, g in zip(one.generate(prompts, scored), two.generate(prompts, scored)):
+            assert len(w.prompt_logprobs) == len(g.prompt_logprobs) == len(w.prompt_token_ids)
+            for a, b in zip(w.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+                assert a[0] == b[0] and next(iter(a[1])) == next(iter(b[1])) and set(a[1]) == set(b[1])
+                assert all(abs(a[1][t] - b[1][t]) < 1e-4 for t in a[1])
         assert_no_leak(two)
 
 

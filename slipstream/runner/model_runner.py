@@ -255,6 +255,8 @@ class ModelRunner:
             idx = torch.tensor(rows[i : i + _SCORE_ROWS], device=hidden.device)
             tgt = torch.tensor(targets[i : i + _SCORE_ROWS], device=hidden.device)
             logp = torch.log_softmax(self.model.compute_logits(hidden[idx]), dim=-1, dtype=torch.float32)
+            if self.shard.rank:  # only rank 0's results are read (parallel/workers.py); the others join the gather
+                continue
             chosen = logp.gather(1, tgt.unsqueeze(1))
             ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
             top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tgt[:0].unsqueeze(0).expand(len(idx), 0))

@@ -259,7 +259,7 @@ class ModelRunner:
                 continue
             chosen = logp.gather(1, tgt.unsqueeze(1))
             ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
-            top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tgt[:0].unsqueeze(0).expand(len(idx), 0))
+            top_lp, top_ids = logp.topk(k, dim=-1)  # k = 0: empty rows
             for j, (rank, t, lp, ids, lps) in enumerate(zip(ranks, targets[i:], chosen.squeeze(1).tolist(),
                                                             top_ids.tolist(), top_lp.tolist())):
                 s = owners[i + j]

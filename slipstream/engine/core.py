@@ -378,9 +378,11 @@ class EngineCore:
         a rejection had their KV computed for nothing: their slots are overwritten later and whole pages go back."""
         flight, self._inflight = self._inflight, None
         results = self.runner.collect(flight.launched)
-        self._measure(flight.batch.num_tokens, time.perf_counter() - flight.started)
         stats, batch = self.stats, flight.batch
-        if any(n - d > 1 for n, d in zip(batch.num_new_tokens, batch.num_drafts)):
+        tokens = batch.num_tokens
+        self._measure(tokens, time.perf_counter() - flight.started)
+        # every sequence computes one token besides its drafts, unless it prefills: sums, no loop in Python
+        if tokens - sum(batch.num_drafts) > len(batch.seqs):
             stats.mixed_steps += 1
             stats.mixed_device_seconds += flight.launched.device_seconds
         else:

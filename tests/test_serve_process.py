@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -87,6 +88,26 @@ def _wait_healthy(proc, url):
     raise AssertionError(f"server not healthy: {proc.stdout.read().decode() if proc.poll() is not None else 'still loading'}")
 
 
+@contextmanager
+def _serving(gguf_path, *flags):
+    """`slipstream serve` on a free port, healthy: (its process, its URL); killed afterwards if still running."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(gguf_path, port, *flags)
+    try:
+        _wait_healthy(proc, url)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _front_ends(proc) -> list[int]:
+    """The server's front-end processes (`--api-server-count`): each leads a process group of its own."""
+    return [p for p in _children(proc.pid) if os.getpgid(p) == p]
+
+
 def _core_pid(proc) -> int:
     """The engine core among the server's children: not the resource tracker, and not a front end (each of those
     has a process group of its own)."""
@@ -100,11 +121,7 @@ def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path, fr
     """SIGKILL the engine-core process while streams are open: each ends with an error event and [DONE], and
     the server exits non-zero (so a supervisor restarts it) instead of staying up unhealthy; with two front ends,
     whichever holds a stream."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(gguf_path, port, "--api-server-count", str(front_ends))
-    try:
-        _wait_healthy(proc, url)
+    with _serving(gguf_path, "--api-server-count", str(front_ends)) as (proc, url):
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
         streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(3)]
         lines = []
@@ -118,10 +135,6 @@ def test_engine_core_killed_mid_stream_ends_streams_and_the_server(gguf_path, fr
             assert rest[-1] == "data: [DONE]"
             assert "error" in json.loads(rest[-2][6:]), rest[-2]
         assert proc.wait(timeout=30) != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
@@ -137,11 +150,7 @@ def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
 def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
     """SIGTERM with --grace-period 2: a stream that would run for minutes ends after ~2 s with an error event and
     [DONE] (not a cut connection), and the server exits. Warm-up traffic is not in /metrics."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(gguf_path, port, "--grace-period", "2")
-    try:
-        _wait_healthy(proc, url)
+    with _serving(gguf_path, "--grace-period", "2") as (proc, url):
         assert re.search(r"^slipstream:prompt_tokens_total\{[^}]*\} 0\.0$", httpx.get(url + "/metrics").text, re.M)
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
@@ -153,22 +162,14 @@ def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
         assert rest[-1] == "data: [DONE]" and "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
         assert time.monotonic() - start < 10
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_two_front_ends_share_the_port_the_core_and_the_metrics(gguf_path):
     """--api-server-count 2: concurrent requests over both front ends each get their own tokens (a prompt sent
     twice gets the same greedy text both times), /metrics counts every front end's requests, and SIGTERM drains a
     stream before the server exits, leaving no process behind."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(gguf_path, port, "--api-server-count", "2", "--grace-period", "60")
-    try:
-        _wait_healthy(proc, url)
-        fronts = [p for p in _children(proc.pid) if os.getpgid(p) == p]
+    with _serving(gguf_path, "--api-server-count", "2", "--grace-period", "60") as (proc, url):
+        fronts = _front_ends(proc)
         assert len(fronts) == 2
 
         def ask(i: int) -> str:
@@ -203,10 +204,6 @@ def test_two_front_ends_share_the_port_the_core_and_the_metrics(gguf_path):
         assert rest[-1] == "data: [DONE]" and "error" not in rest[-2], rest[-2:]
         assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
         assert not [p for p in fronts if os.path.exists(f"/proc/{p}")]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _connections(pid: int) -> set[int]:
@@ -231,12 +228,8 @@ def test_a_front_end_that_dies_ends_the_server_non_zero(gguf_path):
     """SIGKILL one of two front ends while both stream: the core does not wait on the dead one (its requests are
     aborted), the other's streams finish whole, and then the server stops instead of going on half alive: it exits
     non-zero, naming what died, with the core gone too."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(gguf_path, port, "--api-server-count", "2", "--grace-period", "60")
-    try:
-        _wait_healthy(proc, url)
-        fronts = [p for p in _children(proc.pid) if os.getpgid(p) == p]
+    with _serving(gguf_path, "--api-server-count", "2", "--grace-period", "60") as (proc, url):
+        fronts = _front_ends(proc)
         core = _core_pid(proc)
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True}
         opened = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) for _ in range(8)]
@@ -257,10 +250,6 @@ def test_a_front_end_that_dies_ends_the_server_non_zero(gguf_path):
         assert proc.wait(timeout=60) != 0
         assert re.search(r"front end \d exited", proc.stdout.read().decode())
         assert not os.path.exists(f"/proc/{core}") and not [p for p in fronts if os.path.exists(f"/proc/{p}")]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_listen_takes_ipv6_hosts():

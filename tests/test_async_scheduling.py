@@ -1,15 +1,19 @@
 """Overlap (async scheduling): the core launches step N + 1 before it reads step N, feeding each decoding
 sequence the token step N drew straight from the device. On CUDA it is on by default; here it is forced on
 the CPU, where the same bookkeeping runs: every output must equal the synchronous engine's, under preemption,
-n > 1, seeded sampling, penalties (which fall back to synchronous steps), stop tokens and strings, eos, aborts,
-and no page may leak."""
+n > 1, seeded sampling, penalties (which fall back to synchronous steps), grammars (whose masks are filled after
+reading step N, while step N + 1's forward runs), stop tokens and strings, eos, aborts, and no page may leak."""
 import pytest
 
 from conftest import assert_no_leak
 from slipstream import LLM, SamplingParams
+from slipstream.sampling_params import StructuredOutputs
 
 PROMPTS = ["The three most important ideas in physics are", "Write a haiku about the sea.", "List the planets:",
-           "def fibonacci(n):", "Once upon a time, in a small village,", "The recipe for bread is simple:"]
+           "def fibonacci(n):", "Once upon a time, in a small village,", "The recipe for bread is simple:",
+           "A user record as JSON:", "Today's date:"]
+RECORD = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "tags": {
+    "type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}}, "required": ["name", "tags"]}
 
 
 def _params() -> list[SamplingParams]:
@@ -20,6 +24,8 @@ def _params() -> list[SamplingParams]:
         SamplingParams(temperature=0, max_tokens=60, stop=["\n\n"]),
         SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=35, min_tokens=5),
         SamplingParams(temperature=0, max_tokens=3),
+        SamplingParams(temperature=0.9, seed=6, n=2, max_tokens=80, structured_outputs=StructuredOutputs(json=RECORD)),
+        SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputs(regex=r"20[0-9]{2}-[01][0-9]")),
     ]
 
 
@@ -30,12 +36,23 @@ def tight(gguf_path):
     return LLM(gguf_path, async_scheduling="off", **kw), LLM(gguf_path, async_scheduling="on", **kw)
 
 
-def test_overlap_changes_no_output(tight):
+def test_overlap_changes_no_output(tight, monkeypatch):
     sync, overlap = tight
-    assert overlap.engine.core.overlap and not sync.engine.core.overlap
+    core = overlap.engine.core
+    assert core.overlap and not sync.engine.core.overlap
     ref = sync.generate(PROMPTS, _params())
+    fill, reading = core._fill_masks, []
+
+    def filled(owners, before):  # noqa: ANN001, ANN202
+        # a constrained step in flight: it is read first, then these masks are filled
+        flight = core._inflight
+        reading.append(flight is not None and any(seq.seq_id in core._matchers for seq in flight.batch.seqs))
+        return fill(owners, before)
+
+    monkeypatch.setattr(core, "_fill_masks", filled)
     out = overlap.generate(PROMPTS, _params())
     assert overlap.engine.stats.num_preemptions >= 1, "the pool was meant to force preemption"
+    assert sum(reading) > 20, f"constrained steps were meant to overlap: {sum(reading)} of {len(reading)}"
     for a, b in zip(out, ref):
         for x, y in zip(a.outputs, b.outputs):
             assert x.token_ids == y.token_ids and x.text == y.text and x.finish_reason == y.finish_reason

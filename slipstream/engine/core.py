@@ -94,6 +94,7 @@ class EngineCore:
         self.overlap = self.proposer is None and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
+        self._read: list[SeqDelta] = []  # what this step() has read so far (admission refusals, the step before)
         self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
         # Structured output: the grammar service starts with the first constrained request (it imports xgrammar).
         self._grammars: Grammars | None = None
@@ -160,7 +161,8 @@ class EngineCore:
         if self._grammars is None:
             from slipstream.grammar import Grammars
 
-            self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+            self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
+                                     pin_memory=self.runner.device.type == "cuda")
         return self._grammars
 
     def _admit_compiled(self) -> list[SeqDelta]:
@@ -190,8 +192,12 @@ class EngineCore:
         return deltas
 
     def _fill_masks(self, owners: list[int], before: list[list[int]] | None):  # noqa: ANN202 - host bitmask or None
-        """The runner calls this once the step's forward is queued (the host fills while the device computes): the
-        allowed tokens of each drawn row, rows named by sequence id, after the drafts drawn ahead of them."""
+        """The runner calls this once the step's forward is queued (the host works while the device computes): the
+        allowed tokens of each drawn row, rows named by sequence id, after the drafts drawn ahead of them. With overlap
+        the step before is still unread: its tokens move the matchers these rows start from, so it is read first (its
+        results are long done: the device runs it before this step's forward)."""
+        if self._inflight is not None:
+            self._read += self._collect()
         rows = [(i, m, before[i] if before else []) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
         return self._grammars.masks(len(owners), rows) if rows else None
 
@@ -297,19 +303,21 @@ class EngineCore:
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
-        admitted = self._admit_compiled() if self._awaiting else []
+        self._read = self._admit_compiled() if self._awaiting else []
         if self.proposer is not None:
             self._propose()
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         if self.proposer is not None and any(batch.num_drafts):
             self._refine(batch)
-        launched = self._launch(batch) if batch.seqs else None
-        deltas = self._collect() if self._inflight is not None else []
+        launched = self._launch(batch) if batch.seqs else None  # (a grammar's masks may read the step in flight)
+        if self._inflight is not None:
+            self._read += self._collect()
         self._inflight = launched
         if launched is not None and (not self.overlap or launched.sync):
-            deltas += self._collect()
-        return admitted + deltas if admitted else deltas
+            self._read += self._collect()
+        deltas, self._read = self._read, []
+        return deltas
 
     def _propose(self) -> None:
         """Drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
@@ -333,24 +341,23 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
-        # Drafts: the next step depends on how many are accepted. Penalties and grammars: the next draw needs this token.
-        matchers, dormant = self._matchers, self._dormant
-        sync = any(batch.num_drafts) or any(
-            s.sampling is not None and (s.sampling.history is not None or s.seq_id in matchers or s.seq_id in dormant)
-            for s in step.seqs)
-        started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
-        launched = _InFlight(batch, self.runner.launch(step, self._fill_masks if matchers else None), started, sync)
+        # Drafts: the next step depends on how many are accepted. Penalties: the history uploaded with this step must
+        # hold the token the step in flight draws. (Grammars need it too, but only once this step's forward is queued:
+        # _fill_masks reads the step in flight then.)
+        sync = any(batch.num_drafts) or any(s.sampling is not None and s.sampling.history is not None for s in step.seqs)
         cache = self.prefix_cache
         for seq, n, drafts, s in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts, step.seqs):
-            # Counted as computed now (their KV is written before anything later on the device reads it); drafts
-            # are counted when their verdict is read.
+            # Counted as computed now, before the launch reads the step in flight (their KV is written before
+            # anything later on the device reads it); drafts are counted when their verdict is read.
             seq.num_computed_tokens += n - drafts
             if s.sampling is not None:
                 seq.num_pending += 1
             if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
         self.stats.steps += 1
-        return launched
+        started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
+        masks = self._fill_masks if self._matchers or self._dormant else None  # a dormant one may wake as it reads
+        return _InFlight(batch, self.runner.launch(step, masks), started, sync)
 
     def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
         start = seq.num_computed_tokens

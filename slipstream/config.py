@@ -125,6 +125,47 @@ class ModelConfig:
         )
 
 
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")  # the published heads' names
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    """An EAGLE-3 draft head (Li et al., arXiv 2503.01840): one Llama decoder layer whose attention reads the token's
+    embedding beside a hidden state, the target's hidden states from three layers fused by a linear map (`fc`), and a
+    head over a reduced draft vocabulary mapped back to the target's ids. HF format as the heads are published
+    (config.json: `draft_vocab_size`, `target_hidden_size`, `eagle_aux_hidden_state_layer_ids` or
+    `eagle_config.eagle_aux_hidden_state_layer_ids`)."""
+
+    layer: ModelConfig  # the decoder layer's shape (one layer, Llama-style)
+    draft_vocab_size: int
+    target_hidden_size: int
+    # target layers whose inputs it reads, side by side in layer order whatever order they are named in (as heads are
+    # trained); None: early, middle, late (2, L // 2, L - 3)
+    aux_layers: tuple[int, ...] | None
+    norm_before_residual: bool = False  # the residual is the normed hidden state (some trainers' variant)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "Eagle3Config":
+        arch = (cfg.get("architectures") or [""])[0]
+        if arch not in EAGLE3_ARCHITECTURES:
+            raise ValueError(f"not an EAGLE-3 head: architecture {arch!r}, expected one of {', '.join(EAGLE3_ARCHITECTURES)}")
+        _check(cfg.get("num_hidden_layers", 1) == 1, "num_hidden_layers", "of an EAGLE-3 head must be 1", cfg.get("num_hidden_layers"))
+        layer = ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "quantization_config": None})
+        aux = cfg.get("eagle_aux_hidden_state_layer_ids") or (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        _check(aux is None or len(aux) == 3, "eagle_aux_hidden_state_layer_ids", "must name 3 layers", aux)
+        draft_vocab = cfg.get("draft_vocab_size") or layer.vocab_size
+        _check(1 <= draft_vocab <= layer.vocab_size, "draft_vocab_size", f"must be in [1, {layer.vocab_size}]", draft_vocab)
+        return cls(layer, draft_vocab, cfg.get("target_hidden_size") or layer.hidden_size,
+                   None if aux is None else tuple(int(i) for i in aux), bool(cfg.get("norm_before_residual", False)))
+
+    def aux_layers_of(self, num_layers: int) -> tuple[int, ...]:
+        """The target's layers (of `num_layers`) whose input hidden states the head reads."""
+        aux = self.aux_layers or (2, num_layers // 2, num_layers - 3)
+        _check(all(0 <= i < num_layers for i in aux), "eagle_aux_hidden_state_layer_ids",
+               f"must be layers of the target (0..{num_layers - 1})", aux)
+        return aux
+
+
 def option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:  # noqa: A002
     """A config field that is also an engine option (keyword of `LLM`, flag of the CLI)."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
@@ -195,10 +236,12 @@ class EngineConfig:
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))
     speculative_method: str = option("none", "speculative decoding: ngram proposes drafts by prompt lookup, draft by a "
-                                             "smaller model (speculative_model); verified in one step, the output is "
-                                             "exactly that without it", ("none", "ngram", "draft"))
+                                             "smaller model (speculative_model), eagle3 by an EAGLE-3 head "
+                                             "(speculative_model) reading the target's hidden states; verified in one "
+                                             "step, the output is exactly that without it", ("none", "ngram", "draft", "eagle3"))
     speculative_model: str | None = option(None, "the draft model of speculative_method=draft (an HF directory or a "
-                                                 ".gguf file with the target's token ids)")
+                                                 ".gguf file with the target's token ids), or the EAGLE-3 head's HF "
+                                                 "directory of speculative_method=eagle3")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
     tensor_parallel_size: int = option(1, "ranks the model is split over (processes; on CUDA one GPU each), "
                                           "16-bit, FP8 or 4-bit weights")
@@ -220,11 +263,12 @@ class EngineConfig:
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
         _check(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes",
                f"must be >= 1 and divide tensor_parallel_size={self.tensor_parallel_size}", self.nnodes)
-        if self.tensor_parallel_size > 1 and self.speculative_method == "draft":
-            raise ValueError("speculative_method='draft' does not run with tensor_parallel_size > 1 yet")
-        if (self.speculative_method == "draft") != (self.speculative_model is not None):
-            raise ValueError("speculative_method='draft' and speculative_model go together: the draft model is named "
-                             f"by speculative_model (got speculative_method={self.speculative_method!r}, "
+        modelled = self.speculative_method in ("draft", "eagle3")
+        if self.tensor_parallel_size > 1 and modelled:
+            raise ValueError(f"speculative_method={self.speculative_method!r} does not run with tensor_parallel_size > 1 yet")
+        if modelled != (self.speculative_model is not None):
+            raise ValueError("speculative_method 'draft' or 'eagle3' and speculative_model go together: the draft model "
+                             f"or head is named by speculative_model (got speculative_method={self.speculative_method!r}, "
                              f"speculative_model={self.speculative_model!r})")
         if self.speculative_method != "none" and self.async_scheduling == "on":
             raise ValueError("async_scheduling='on' cannot be combined with speculative decoding: a draft needs every "

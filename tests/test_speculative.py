@@ -148,7 +148,7 @@ def test_a_draft_model_never_changes_the_output(tmp_path):
 def test_draft_model_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="speculative_model"):
         EngineConfig.from_options(None, speculative_method="draft")
-    with pytest.raises(ValueError, match="speculative_method='draft'"):
+    with pytest.raises(ValueError, match="speculative_model go together"):
         EngineConfig.from_options(None, speculative_model="x")
     from transformers import LlamaConfig
 

@@ -23,7 +23,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
-from slipstream.engine.proposer import DraftModelProposer, NgramProposer
+from slipstream.engine.proposer import DraftModelProposer, Eagle3Proposer, NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
@@ -60,10 +60,20 @@ class EngineCore:
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)
         draft = self._load_draft() if config.speculative_method == "draft" else None
+        head = self._load_eagle3() if config.speculative_method == "eagle3" else None
         if config.tensor_parallel_size > 1:  # ranks 1.. in processes of their own; this one is rank 0
             from slipstream.parallel.workers import start
 
             self.runner = start(config, mc, loaded.weights, max_len, self.eos_ids)
+        elif head is not None:
+            from slipstream.runner.eagle3 import Eagle3Runner, head_footprint
+
+            head_config, head_weights, own_embedding = head
+            self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids,
+                                      companion=head_footprint(config, head_config, mc, own_embedding),
+                                      aux_layers=head_config.aux_layers_of(mc.num_layers))
+            log.info("EAGLE-3 head: %s", config.speculative_model)
+            head_runner = Eagle3Runner(self.runner, head_config, head_weights, config.seed)
         elif draft is None:
             self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
         else:
@@ -87,9 +97,10 @@ class EngineCore:
         # it is asked, so overlap there would only hold every output back by one step.
         # Speculative decoding turns it off: drafts follow the last token, which must be known when a step is scheduled.
         k = config.num_speculative_tokens
-        self.proposer: NgramProposer | DraftModelProposer | None = (
+        self.proposer: NgramProposer | DraftModelProposer | Eagle3Proposer | None = (
             NgramProposer(k) if config.speculative_method == "ngram"
             else DraftModelProposer(draft_runner, k) if draft is not None
+            else Eagle3Proposer(head_runner, k) if head is not None
             else None)
         self.overlap = self.proposer is None and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
@@ -123,6 +134,21 @@ class EngineCore:
                          speculative_method="none", speculative_model=None,
                          cache=replace(c.cache, num_blocks=None, kv_cache_bytes=None))
         return config, loaded
+
+    def _load_eagle3(self):  # noqa: ANN202 - (Eagle3Config, its tensors or None for random ones, own embedding?)
+        """The EAGLE-3 head named by speculative_model: its config, checked against the target, and its tensors."""
+        from slipstream.config import Eagle3Config
+        from slipstream.loader import head_checkpoint
+
+        path = self.config.speculative_model
+        hf, tensors, names = head_checkpoint(path, self.config.load_format == "dummy")
+        cfg = Eagle3Config.from_hf(hf)
+        mc = self.model_config
+        if cfg.layer.vocab_size != mc.vocab_size or cfg.target_hidden_size != mc.hidden_size:
+            raise ValueError(f"speculative_model {path!r} is an EAGLE-3 head for a target of vocabulary {cfg.layer.vocab_size} "
+                             f"and hidden size {cfg.target_hidden_size}; this model has {mc.vocab_size} and {mc.hidden_size}")
+        cfg.aux_layers_of(mc.num_layers)  # its layers exist in this target
+        return cfg, tensors, any(n.endswith("embed_tokens.weight") for n in names)
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -417,6 +443,8 @@ class EngineCore:
                     self.requests.pop(seq.request.request_id, None)
             elif drafts:
                 self.block_manager.trim(seq, seq.num_tokens)
+        if self.proposer is not None:
+            self.proposer.observe([seq for seq in batch.seqs if not seq.is_finished])
         return deltas
 
     def _prefill_budget(self) -> int | None:

@@ -17,9 +17,15 @@ position: same temperature and filters, same seed and output index, so the same 
 hash of seed, position and token). Where the two models' distributions agree the draws agree too, sampled or
 greedy, and the output stays exactly the target's own (it is the target's draws that are kept).
 
-A proposer answers, for the engine core: `propose` before a step is scheduled (the drafts, or placeholders whose
-slots the scheduler reserves), `refine` once it is scheduled (a model drafts then: its KV writes need those
-slots), `accepted` when the verdict is read, `forget` when a sequence ends.
+`Eagle3Proposer`: an EAGLE-3 head (models/eagle3.py) reads the target's own hidden states from three of its layers,
+so a one-layer head drafts as well as a much larger draft model. After each target step it takes in the states that
+step computed (`observe`) and draws the first draft; once the next step is scheduled it chains on its own output for
+the rest. Draws follow the target's rule and seeds, as the draft model's do.
+
+A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed),
+`propose` before a step is scheduled (the drafts, or placeholders whose slots the scheduler reserves), `refine`
+once it is scheduled (a model drafts then: its KV writes need those slots), `accepted` when the verdict is read,
+`forget` when a sequence ends.
 """
 from __future__ import annotations
 
@@ -53,6 +59,9 @@ class NgramProposer:
                 return ids[start : start + k]
         return []
 
+    def observe(self, seqs: list[Any]) -> None:
+        pass  # the index catches up in propose
+
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         pass  # the drafts were final when proposed
 
@@ -78,6 +87,9 @@ class DraftModelProposer:
         self._valid: dict[int, tuple[int, int]] = {}
         self._fed: dict[int, tuple[int, int]] = {}  # seq id -> (its length, drafts) at the last refine
         self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
+
+    def observe(self, seqs: list[Any]) -> None:
+        pass  # the draft model catches up in refine, within the step's budget
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
         return [0] * min(self.k, limit)  # placeholders: the scheduler reserves their slots, refine() fills them
@@ -138,4 +150,37 @@ class DraftModelProposer:
     def forget(self, seq_id: int) -> None:
         self._valid.pop(seq_id, None)
         self._fed.pop(seq_id, None)
+        self._params.pop(seq_id, None)
+
+
+class Eagle3Proposer:
+    def __init__(self, runner: Any, num_tokens: int) -> None:
+        """`runner`: the head's Eagle3Runner (beside the target's runner, whose hidden states it reads)."""
+        self.runner, self.k = runner, num_tokens
+        self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
+
+    def _row(self, seq: Any, j: int) -> SamplingRow:
+        p = self._params.get(seq.seq_id) or self._params.setdefault(seq.seq_id, _as_drafted(seq.params))
+        return SamplingRow(p, seq.seed, seq.num_output_tokens + j)
+
+    def observe(self, seqs: list[Any]) -> None:
+        """The sequences of the step just read (finished ones left out): the head takes in what the target computed."""
+        self.runner.catch_up([(s.seq_id, s.token_ids, s.block_table, self._row(s, 0)) for s in seqs])
+
+    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
+        # placeholders (refine draws them) where the head drew a first draft at this length: only a sequence whose
+        # last step the head read can draft
+        return [0] * min(self.k, limit) if self.runner.has_first(seq_id, len(ids)) else []
+
+    def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
+        """Draw the drafts the step reserved slots for (the head's KV writes go to those slots)."""
+        todo = [(s.seq_id, s.num_tokens, s.block_table, [self._row(s, j) for j in range(n)]) for s, n in scheduled if n]
+        drafts = self.runner.chain(todo) if todo else {}
+        for seq, _ in scheduled:
+            seq.draft_token_ids = drafts.get(seq.seq_id, [])
+
+    def accepted(self, seq_id: int, num_accepted: int) -> None:
+        pass  # the head reads the accepted tokens' states in observe
+
+    def forget(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)

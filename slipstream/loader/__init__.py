@@ -77,6 +77,38 @@ def load(model: str | None, load_format: str = "auto", tokenizer: str | None = N
                                                                              lazy), tok, model_dir, hf_config)
 
 
+def head_checkpoint(path: str, dummy: bool = False) -> tuple[dict[str, Any], Iterator[tuple[str, Any]] | None, list[str]]:
+    """A speculative head's HF directory (an EAGLE-3 head): (its config.json, its tensors, their names). Heads are
+    published as safetensors or as one pytorch_model.bin (read with weights_only: tensors, no code). `dummy`: the
+    config alone (random weights)."""
+    path = os.path.expanduser(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"speculative_model {path!r} is not a directory with a config.json")
+    with open(cfg_file) as f:
+        hf_config = json.load(f)
+    if dummy:
+        return hf_config, None, []
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        from slipstream.loader.hf import safetensors_weights
+
+        names = []
+        for file in files:
+            with safe_open(file, framework="pt") as st:
+                names += st.keys()
+        return hf_config, safetensors_weights(files), names
+    binary = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        import torch
+
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+        return hf_config, iter(state.items()), list(state)
+    raise ValueError(f"no *.safetensors or pytorch_model.bin in {path!r}")
+
+
 def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
     """The tokenizer alone, as `load` would build it (the server's front end needs no weights)."""
     if tokenizer is not None:

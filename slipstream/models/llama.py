@@ -37,7 +37,8 @@ def unquantized(prefix: str) -> LinearMethod:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 method_for: MethodFor, fused: bool, shard: Shard) -> None:
+                 method_for: MethodFor, fused: bool, shard: Shard, in_features: int | None = None) -> None:
+        """`in_features`: what the q/k/v projection reads (default the hidden size; an EAGLE-3 head reads twice it)."""
         super().__init__()
         d = cfg.head_dim
         q0, self.num_heads, kv0, self.num_kv_heads = shard.heads(cfg.num_heads, cfg.num_kv_heads)  # this rank's
@@ -46,7 +47,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * d
         prefix = f"layers.{layer}.self_attn"
         split = shard.world > 1
-        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias,
+        self.qkv_proj = Linear(in_features or cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias,
                                method=method_for(f"{prefix}.qkv_proj"), fused=fused,
                                take=(0, (q0 * d, kv0 * d, kv0 * d)) if split else None)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, method=method_for(f"{prefix}.o_proj"), fused=fused,
@@ -146,10 +147,12 @@ class LlamaForCausalLM(nn.Module):
     """`fused`: the model runs on a CUDA device with the Triton kernels (the runner decides, once, at build)."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, method_for: MethodFor = unquantized,
-                 fused: bool = False, shard: Shard | None = None) -> None:
-        """`shard`: this rank's share of a tensor-parallel model (parallel/shard.py); default, the whole model."""
+                 fused: bool = False, shard: Shard | None = None, aux_layers: tuple[int, ...] = ()) -> None:
+        """`shard`: this rank's share of a tensor-parallel model (parallel/shard.py); default, the whole model.
+        `aux_layers`: layers whose input hidden states the forward returns too (what an EAGLE-3 head reads)."""
         super().__init__()
         self.config = cfg
+        self.aux_layers = aux_layers
         self.shard = shard = shard or Shard.single()
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
@@ -162,12 +165,18 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Flat batch of T tokens from many sequences -> final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Flat batch of T tokens from many sequences -> final hidden states [T, hidden]; with aux_layers, also the
+        inputs of those layers side by side, in layer order [T, len(aux_layers) * hidden]."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        aux = []
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:  # the residual stream entering layer i
+                aux.append(x if residual is None else x + residual)
             x, residual = layer(positions, x, residual, meta)
-        return self.norm(x, residual)[0]
+        hidden = self.norm(x, residual)[0]
+        return (hidden, torch.cat(aux, dim=-1)) if aux else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, vocab] on every rank (each computes its rows of the head; the parts are gathered)."""

@@ -78,7 +78,7 @@ class GraphLadder:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Replay for the step `h` (every sequence has q tokens); `feed` writes the ids that are already on the
         device (tokens just drawn) into the input ids. Returns the hidden states of the real rows."""
         b, q = len(h.seq_lens), self.q
@@ -102,5 +102,7 @@ class GraphLadder:
         self.tables[:b, : t.shape[1]].copy_(t)
         graph, out = self.graphs[size]
         graph.replay()
+        if isinstance(out, tuple):  # the hidden states and the ones an EAGLE-3 head reads
+            return tuple(o[: b * q] for o in out)
         return out[: b * q]
 

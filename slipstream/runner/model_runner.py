@@ -60,7 +60,7 @@ def num_accepted(draws: list[int], drafts: list[int]) -> int:
 
 
 def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
-               dtype: torch.dtype, shard: Shard | None = None) -> tuple[torch.nn.Module, object]:
+               dtype: torch.dtype, shard: Shard | None = None, aux_layers: tuple[int, ...] = ()) -> tuple[torch.nn.Module, object]:
     """The model with its parameters created (not loaded) on `device` ("meta": sizes only), and its quantization."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -75,7 +75,8 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.serialized and mc.moe is not None:
                 raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
                                  "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
-            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec
+            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard,
+                       aux_layers=aux_layers), spec
     finally:
         torch.set_default_dtype(default_dtype)
 
@@ -104,12 +105,17 @@ def kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: WeightSource, max_model_len: int,
-                 eos_ids: set[int], companion: tuple[int, int] = (0, 0), shard: Shard | None = None) -> None:
+                 eos_ids: set[int], companion: tuple[int, int] = (0, 0), shard: Shard | None = None,
+                 aux_layers: tuple[int, ...] = ()) -> None:
         """`companion`: (weight bytes, KV bytes per page) of a model that will share this pool's page ids (a draft
         model, built after this one with as many pages): the pool leaves room for its weights and sizes its pages
         for both (see `footprint`). `shard`: this runner is one rank of a tensor-parallel model (it holds its slice
-        of each layer, the KV heads of its query heads, and as many pages as every rank can)."""
+        of each layer, the KV heads of its query heads, and as many pages as every rank can). `aux_layers`: layers
+        whose input hidden states each step keeps (`aux`, rows by `computed`) for an EAGLE-3 head."""
         self.shard = shard or Shard.single()
+        self.aux_layers = aux_layers
+        self.aux: torch.Tensor | None = None  # the last step's states entering aux_layers, [tokens, 3 x hidden]
+        self.computed: dict[int, tuple[int, int, int]] = {}  # its sequences: id -> (first row, first position, tokens)
         self.config = config
         self.model_config = mc = model_config
         self.device = resolve_device(config.device)
@@ -159,7 +165,7 @@ class ModelRunner:
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
         model, spec = _construct(self.config, self.model_config, self.backend, self.fused, self.device, self.dtype,
-                                 self.shard)
+                                 self.shard, self.aux_layers)
         if weights is None:
             init_dummy_weights(model, self.config.seed)
             finish_loading(model)
@@ -207,6 +213,8 @@ class ModelRunner:
             self.ints.reset()
             h = HostInputs(ids, positions, slots, lens, lens, tables, [], firsts, 0, 0)
             hidden = self.model(*eager_inputs(h, self.ints))
+            if self.aux_layers:  # (and the states an EAGLE-3 head reads)
+                hidden = hidden[0]
             # the most rows a step draws: one per sequence, 1 + k when verifying k drafts each
             per_seq = 1 + self.config.num_speculative_tokens if self.config.speculative_method != "none" else 1
             logits = self.model.compute_logits(hidden[: min(tokens, sched.max_num_seqs * per_seq)])
@@ -234,6 +242,9 @@ class ModelRunner:
         h = host_inputs(seqs, self.block_size, self.cascade)
         fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
         out = self._forward(h, self._feeder(fed))
+        if self.aux_layers:
+            out, self.aux = out
+            self.computed = {s.seq_id: (row, s.start, len(s.token_ids)) for s, row in zip(seqs, h.first_rows)}
         scores = self._score_prompts(seqs, h.first_rows, out) if any(s.score is not None for s in seqs) else {}
         hidden = self._take(out, h.sample_rows)
         return seqs, self.model.compute_logits(hidden) if h.sample_rows else None, scores
@@ -368,8 +379,9 @@ class ModelRunner:
         """Launch and collect one step."""
         return self.collect(self.launch(step))
 
-    def _forward(self, h: HostInputs, feed) -> torch.Tensor:  # noqa: ANN001
-        """Hidden states of every token of the step: a captured graph when one fits, else eagerly."""
+    def _forward(self, h: HostInputs, feed) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """Hidden states of every token of the step (and with aux_layers the states entering them): a captured graph
+        when one fits, else eagerly."""
         q = h.query_lens[0]
         ladder = self.graphs.get(q)
         if ladder is not None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens)):

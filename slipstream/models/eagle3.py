@@ -1,0 +1,117 @@
+"""EAGLE-3 draft head (Li et al., "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via
+Training-Time Test", arXiv 2503.01840).
+
+The head predicts the target's next token from more than the token: at position p it reads the embedding of token
+p + 1 and a hidden state g_p, and its one decoder layer attends over the g's of the positions before (its own KV
+cache, on the target's pages):
+
+    g_p  = fc([h_low; h_mid; h_high]_p)          the target's states entering three of its layers, fused
+    x    = [RMSNorm(embed(t_{p+1})); RMSNorm(g_p)]   (2 x hidden: what q, k and v read)
+    a    = g_p + Attn(x)                          (the residual is g_p itself)
+    o    = a + MLP(RMSNorm(a))
+    next = argmax lm_head(RMSNorm(o))             over the draft vocabulary, mapped to target ids by d2t
+
+Drafting k tokens chains the head on itself: the state o it computed at p is the g of position p + 1 (no fc: it is
+already hidden-sized), read beside the embedding of the token it just proposed.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.config import Eagle3Config
+from slipstream.layers.linear import Linear, default_weight_loader, finish_loading
+from slipstream.layers.norm import RMSNorm
+from slipstream.layers.rotary import RotaryEmbedding
+from slipstream.models.llama import MLP, Attention, VocabEmbedding, unquantized
+from slipstream.parallel.shard import Shard
+
+
+class Eagle3Head(nn.Module):
+    def __init__(self, cfg: Eagle3Config, backend: AttentionBackend, fused: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        c, shard = cfg.layer, Shard.single()
+        h = c.hidden_size
+        rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict)
+        self.fc = Linear(3 * cfg.target_hidden_size, h, fused=fused)
+        self.embed_tokens = VocabEmbedding(c.vocab_size, h, shard)  # the target's, unless the checkpoint has its own
+        self.input_layernorm = RMSNorm(h, c.rms_norm_eps, fused)
+        self.hidden_norm = RMSNorm(h, c.rms_norm_eps, fused)
+        self.self_attn = Attention(c, 0, rotary, backend, unquantized, fused, shard, in_features=2 * h)
+        self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, fused)
+        self.mlp = MLP(c, 0, unquantized, fused, shard)
+        self.norm = RMSNorm(h, c.rms_norm_eps, fused)
+        self.lm_head = Linear(h, cfg.draft_vocab_size, fused=fused)
+        # draft id d is target id d + d2t[d] (the published heads store the offsets)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                g: torch.Tensor) -> torch.Tensor:
+        """input_ids[i]: the token after position positions[i]; g: the target's three states there [T, 3 x target
+        hidden], or the head's own output at the position before [T, hidden]. Returns o [T, hidden]."""
+        if g.shape[-1] != self.config.layer.hidden_size:
+            g = self.fc(g)
+        e = self.input_layernorm(self.embed_tokens(input_ids))[0]
+        normed = self.hidden_norm(g)[0]
+        residual = normed if self.config.norm_before_residual else g
+        qkv = self.self_attn.qkv_proj(torch.cat([e, normed], dim=-1))
+        a = self.self_attn(positions, qkv, meta)
+        m, residual = self.mlp(a, residual, self.post_attention_layernorm)
+        return m + residual
+
+    def compute_logits(self, o: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[T, vocab_size] in the target's ids: the draft vocabulary's logits, -inf for every other token."""
+        logits = self.lm_head(self.norm(o)[0])
+        if self.config.draft_vocab_size == vocab_size:
+            return logits
+        full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
+        full[:, self.d2t + torch.arange(self.config.draft_vocab_size, device=logits.device)] = logits
+        return full
+
+    # checkpoint name -> (parameter, shard index) for the layer's fused projections
+    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], target_embedding: torch.Tensor) -> None:
+        """The head's tensors as published (`midlayer.*`, or `layers.0.*`; `fc`, `norm`, `lm_head`, `d2t`; `t2d`, the
+        inverse map, is not needed). Without `embed_tokens.weight` the head shares the target's embedding."""
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, int | None]] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.").replace("midlayer.", "").replace("layers.0.", "")
+            if name == "t2d":
+                continue
+            if name == "d2t":
+                self.d2t.copy_(tensor.to(torch.int64))
+                loaded.add(("d2t", None))
+                continue
+            target, shard = name, None
+            for frag, (stacked, idx) in self.packed.items():
+                if f"{frag}." in name:
+                    target, shard = name.replace(frag, stacked), idx
+                    break
+            if target not in params:
+                raise ValueError(f"EAGLE-3 head tensor {name!r} has no place in the head")
+            param = params[target]
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"EAGLE-3 head tensor {name}: {e}") from None
+            loaded.add((target, shard))
+        if ("embed_tokens.weight", None) not in loaded:
+            if target_embedding.shape != self.embed_tokens.weight.shape:
+                raise ValueError(f"the EAGLE-3 head has no embedding and the target's {tuple(target_embedding.shape)} "
+                                 f"is not its {tuple(self.embed_tokens.weight.shape)}")
+            self.embed_tokens.weight = target_embedding  # shared, not copied
+            loaded.add(("embed_tokens.weight", None))
+        if self.config.draft_vocab_size == self.config.layer.vocab_size:
+            loaded.add(("d2t", None))  # the identity map (zeros) when the draft vocabulary is the whole one
+        expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))} | {("d2t", None)}
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"EAGLE-3 head checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+        finish_loading(self)

@@ -1,0 +1,155 @@
+"""Runs an EAGLE-3 head (models/eagle3.py) beside the target's runner.
+
+The head's one layer keeps its own KV pool, on the target's page ids (as many pages, one layer's worth each), so the
+scheduler's page reservations cover it. After every target step it reads the hidden states the target just computed
+(`catch_up`): for each sequence, the positions the step computed whose next token is known, in one forward; where
+that reaches the sequence's last token its output is the first draft. Once the next step is scheduled (its slots
+reserved), `chain` runs the head on its own output for the rest of the drafts, one token per sequence a round, the
+draws staying on the device until all rounds are queued. Draws use the sampler with the target's rule and seeds, so
+where the head's distribution agrees with the target's, so do the draws.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from slipstream.attention.registry import create_backend, resolve_backend
+from slipstream.config import Eagle3Config, EngineConfig, ModelConfig
+from slipstream.layers.sampler import sample
+from slipstream.loader.dummy import init_dummy_weights
+from slipstream.models.eagle3 import Eagle3Head
+from slipstream.runner.batch import SamplingRow, SeqStep
+from slipstream.runner.device import resolve_device, resolve_dtype
+from slipstream.runner.inputs import Stager, eager_inputs, host_inputs
+from slipstream.runner.kv_pool import KVPool
+from slipstream.runner.sampling import SamplingTensors
+
+from slipstream.runner.model_runner import kv_dtype
+
+if TYPE_CHECKING:
+    from slipstream.runner.model_runner import ModelRunner
+
+
+def head_footprint(config: EngineConfig, cfg: Eagle3Config, target: ModelConfig, own_embedding: bool) -> tuple[int, int]:
+    """(weight bytes, KV bytes per page) of the head, without building it: what the target's pool leaves room for.
+    The embedding counts only if the head has its own (else it shares the target's)."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, target, device)
+    with torch.device("meta"):
+        head = Eagle3Head(cfg, create_backend(resolve_backend(config.attention_backend, device.type)))
+    weights = sum(p.numel() for n, p in head.named_parameters() if own_embedding or n != "embed_tokens.weight")
+    pool = KVPool(cfg.layer, config.cache.block_size, kv_dtype(config, dtype, device), device)
+    return weights * dtype.itemsize, pool.bytes_per_block
+
+
+class Eagle3Runner:
+    def __init__(self, target: ModelRunner, cfg: Eagle3Config, weights: Iterator[tuple[str, torch.Tensor]] | None,
+                 seed: int = 0) -> None:
+        """`weights`: the head's checkpoint tensors; None: random (benchmarks, tests)."""
+        self.target, self.cfg = target, cfg
+        dev = self.device = target.device
+        started = time.perf_counter()
+        self.backend = create_backend(resolve_backend(target.config.attention_backend, dev.type))
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(target.dtype)
+        try:
+            with torch.device(dev):
+                head = Eagle3Head(cfg, self.backend, fused=target.fused)
+        finally:
+            torch.set_default_dtype(default)
+        embedding = target.model.embed_tokens.weight
+        if weights is None:
+            init_dummy_weights(head, seed)
+            drawn = [(n, p.data) for n, p in head.named_parameters() if n != "embed_tokens.weight"]
+            head.load_weights(drawn + [("d2t", head.d2t)], embedding)  # draft ids map to the target's first ids
+        else:
+            head.load_weights(weights, embedding)
+        self.head = head.eval()
+        self.kv = KVPool(cfg.layer, target.block_size, target.kv.kv_dtype, dev)
+        self.kv.allocate(target.num_blocks, self.backend)
+        sched = target.config.scheduler
+        width = -(-target.max_model_len // target.block_size)
+        self.ints = Stager(dev, torch.int64, 6 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
+        self.sampling = SamplingTensors(dev, target.model_config.vocab_size, sorted(target.sampling.eos_ids),
+                                        sched.max_num_batched_tokens)
+        self.load_seconds = time.perf_counter() - started
+        # After catch_up: per sequence that drew its first draft, (row in the tensors below, its length then)
+        self._first: dict[int, tuple[int, int]] = {}
+        self._o: torch.Tensor | None = None  # the head's output at each such sequence's last position
+        self._tokens: torch.Tensor | None = None  # and the draft drawn from it
+
+    def has_first(self, seq_id: int, length: int) -> bool:
+        """Whether the last catch-up drew this sequence's first draft at its present length."""
+        first = self._first.get(seq_id)
+        return first is not None and first[1] == length
+
+    @torch.inference_mode()
+    def catch_up(self, seqs: list[tuple[int, list[int], list[int], SamplingRow | None]]) -> None:
+        """(sequence id, its tokens, block table, how its first draft is drawn) for the sequences of the target step
+        just read: the head computes the positions that step computed whose next token is known, from the target's
+        hidden states, and draws the first draft of those it brings to their last token."""
+        steps = []
+        computed = self.target.computed
+        for seq_id, tokens, table, row in seqs:
+            where = computed.get(seq_id)
+            if where is None:
+                continue
+            _, start, n = where
+            end = min(start + n, len(tokens) - 1)  # position p reads token p + 1
+            if end > start:
+                steps.append(SeqStep(seq_id, tokens[start + 1 : end + 1], start, table,
+                                     sampling=row if end == len(tokens) - 1 else None))
+        self._first = {}
+        if not steps:
+            return
+        steps.sort(key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: the decode kernel takes them
+        st = self.ints
+        st.reset()
+        h = host_inputs(steps, self.target.block_size, False)
+        rows = st.put([computed[s.seq_id][0] + i for s in steps for i in range(len(s.token_ids))])
+        ids, positions, meta = eager_inputs(h, st)
+        o = self.head(ids, positions, meta, self.target.aux[rows()])
+        drawing = [s for s in steps if s.sampling is not None]
+        if not drawing:
+            return
+        last = torch.tensor(h.sample_rows, device=self.device)
+        self._o = o[last]
+        self._tokens = self._draw(self._o, [s.sampling for s in drawing])
+        self._first = {s.seq_id: (i, s.start + len(s.token_ids) + 1) for i, s in enumerate(drawing)}
+
+    @torch.inference_mode()
+    def chain(self, seqs: list[tuple[int, int, list[int], list[SamplingRow]]]) -> dict[int, list[int]]:
+        """(sequence id, its length, block table, the draw of each draft) for the scheduled sequences that drew a first
+        draft: the head runs on its own output for the drafts after it. Returns each one's drafts (one host sync)."""
+        order = [(sid, length, table, rows) for sid, length, table, rows in seqs if self.has_first(sid, length)]
+        if not order:
+            return {}
+        rounds = [(order, self._tokens[torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)])]
+        o = self._o[torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)]
+        for j in range(1, max(len(rows) for *_, rows in order)):
+            prev, tokens = rounds[-1]
+            keep = [i for i, (*_, rows) in enumerate(prev) if len(rows) > j]
+            now = [prev[i] for i in keep]
+            st = self.ints
+            st.reset()
+            # position length - 2 + j reads draft j (the token at length - 1 + j) beside the head's state before it
+            h = host_inputs([SeqStep(sid, [0], length - 2 + j, table) for sid, length, table, _ in now],
+                            self.target.block_size, False)
+            sel = torch.tensor(keep, device=self.device)
+            _, positions, meta = eager_inputs(h, st)
+            o = self.head(tokens[sel], positions, meta, o[sel])
+            rounds.append((now, self._draw(o, [rows[j] for *_, rows in now])))
+        drafts: dict[int, list[int]] = {sid: [] for sid, *_ in order}
+        for seqs_j, tokens in rounds:  # read once every round is queued: the device runs them back to back
+            for (sid, *_), t in zip(seqs_j, tokens.tolist()):
+                drafts[sid].append(t)
+        return drafts
+
+    def _draw(self, o: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        logits = self.head.compute_logits(o, self.target.model_config.vocab_size)
+        sb = self.sampling.build(rows, [r.num_output_tokens for r in rows], None, self.ints)
+        if sb is None:
+            return logits.argmax(dim=-1)
+        return sample(logits, sb, self.target.fused).tokens

@@ -1,0 +1,201 @@
+"""EAGLE-3 heads: a random head written in the published checkpoint format (`midlayer.*`, `fc`, `lm_head` over a
+reduced draft vocabulary, `d2t`) for a random Qwen3 target. The drafts the engine proposes equal a dense float64
+reference computed from HF transformers' hidden states of the target (which layers, in which order, which token
+beside which state, how the head chains on its own output); the engine's output with the head equals the output
+without it, under chunked prefill, preemption, the prefix cache, seeded sampling, penalties and n > 1."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_no_leak
+from slipstream import LLM, SamplingParams
+from slipstream.config import EngineConfig
+
+HEAD = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            rope_theta=10000.0, rms_norm_eps=1e-6)
+DRAFT_VOCAB = 200
+
+
+def make_head_dir(path, target_config, aux=None, seed=0) -> dict[str, torch.Tensor]:
+    """A random EAGLE-3 head for the target, as published heads are laid out; returns its tensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    h, i, v, th = HEAD["hidden_size"], HEAD["intermediate_size"], target_config.vocab_size, target_config.hidden_size
+    q, kv = HEAD["num_attention_heads"] * HEAD["head_dim"], HEAD["num_key_value_heads"] * HEAD["head_dim"]
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.25  # noqa: E731 - far from ties, as the target is
+    n = lambda: torch.rand(h, generator=g) + 0.5  # noqa: E731
+    keep = torch.randperm(v, generator=g)[:DRAFT_VOCAB].sort().values
+    tensors = {
+        "fc.weight": r(h, 3 * th), "midlayer.input_layernorm.weight": n(), "midlayer.hidden_norm.weight": n(),
+        "midlayer.self_attn.q_proj.weight": r(q, 2 * h), "midlayer.self_attn.k_proj.weight": r(kv, 2 * h),
+        "midlayer.self_attn.v_proj.weight": r(kv, 2 * h), "midlayer.self_attn.o_proj.weight": r(h, q),
+        "midlayer.post_attention_layernorm.weight": n(), "midlayer.mlp.gate_proj.weight": r(i, h),
+        "midlayer.mlp.up_proj.weight": r(i, h), "midlayer.mlp.down_proj.weight": r(h, i), "norm.weight": n(),
+        "lm_head.weight": r(DRAFT_VOCAB, h), "d2t": keep - torch.arange(DRAFT_VOCAB),
+        "t2d": torch.zeros(v, dtype=torch.bool).index_fill_(0, keep, True),
+    }
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "num_hidden_layers": 1, "vocab_size": v,
+              "draft_vocab_size": DRAFT_VOCAB, "target_hidden_size": th, "max_position_embeddings": 512, **HEAD}
+    if aux is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux}
+    (path / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def _rms(x, w, eps=HEAD["rms_norm_eps"]):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, positions):  # HF's rotate-half convention, over the last dim
+    d = x.shape[-1]
+    inv = 1.0 / HEAD["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = positions[:, None].double() * inv[None]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def head_reference(t: dict[str, torch.Tensor], tokens: list[int], g: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """The head over positions 0..n-1 at once (dense causal attention): row p reads tokens[p] (the token after
+    position p) and g[p]; returns the outputs o [n, hidden] (float64)."""
+    T = {k: v.double() for k, v in t.items()}
+    m = "midlayer."
+    hq, hk, d = HEAD["num_attention_heads"], HEAD["num_key_value_heads"], HEAD["head_dim"]
+    if g.shape[-1] != HEAD["hidden_size"]:
+        g = g @ T["fc.weight"].T
+    x = torch.cat([_rms(embed[tokens], T[m + "input_layernorm.weight"]), _rms(g, T[m + "hidden_norm.weight"])], -1)
+    n = len(tokens)
+    pos = torch.arange(n)
+    q = _rope((x @ T[m + "self_attn.q_proj.weight"].T).view(n, hq, d), pos)
+    k = _rope((x @ T[m + "self_attn.k_proj.weight"].T).view(n, hk, d), pos).repeat_interleave(hq // hk, 1)
+    v = (x @ T[m + "self_attn.v_proj.weight"].T).view(n, hk, d).repeat_interleave(hq // hk, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n, hq * d) @ T[m + "self_attn.o_proj.weight"].T
+    a = g + attn
+    y = _rms(a, T[m + "post_attention_layernorm.weight"])
+    mlp = (torch.nn.functional.silu(y @ T[m + "mlp.gate_proj.weight"].T) * (y @ T[m + "mlp.up_proj.weight"].T))
+    return a + mlp @ T[m + "mlp.down_proj.weight"].T
+
+
+def reference_drafts(t, target, tokens: list[int], aux: list[int], k: int) -> list[int]:
+    """Greedy drafts after `tokens` (whose last token the target drew): the head catches up over every position but
+    the last, reading the target's states entering the `aux` layers, then chains k - 1 times on its own output."""
+    with torch.no_grad():
+        hs = target(torch.tensor([tokens]), output_hidden_states=True).hidden_states  # hs[i]: entering layer i
+    fused = torch.cat([hs[i][0].double() for i in sorted(aux)], -1)[:-1]  # side by side in layer order
+    embed = target.get_input_embeddings().weight.double()
+    inputs, g = list(tokens[1:]), fused @ t["fc.weight"].double().T
+    drafts = []
+    for _ in range(k):
+        o = head_reference(t, inputs, g, embed)
+        logits = _rms(o[-1], t["norm.weight"].double()) @ t["lm_head.weight"].double().T
+        d = int(logits.argmax())
+        drafts.append(d + int(t["d2t"][d]))
+        inputs.append(drafts[-1])
+        g = torch.cat([g, o[-1:]])  # the next position reads its own output
+    return drafts
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from test_random_arch_equivalence import CONFIGS, make_model_dir
+
+    root = tmp_path_factory.mktemp("eagle3")
+    target = make_model_dir(root / "target", CONFIGS["qwen3"])
+    aux = [2, 0, 1]  # named in any order, read in layer order (as heads are trained and other engines read them)
+    tensors = make_head_dir(root / "head", CONFIGS["qwen3"], aux=aux)
+    make_head_dir(root / "default", CONFIGS["qwen3"], seed=1)  # no layer ids: (2, L // 2, L - 3) = (2, 1, 0)
+    return root, target, tensors, aux
+
+
+def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
+    root, target, tensors, aux = dirs
+    llm = LLM(str(root / "target"), dtype="float32", device="cpu", max_model_len=256, block_size=16,
+              max_num_batched_tokens=24, speculative_method="eagle3", speculative_model=str(root / "head"),
+              num_speculative_tokens=3)
+    core = llm.engine.core
+    seen = []
+    refine = core.proposer.refine
+
+    def record(scheduled, budget):  # noqa: ANN001, ANN202
+        refine(scheduled, budget)
+        seen.extend((list(s.token_ids), list(s.draft_token_ids)) for s, _ in scheduled if s.draft_token_ids)
+
+    monkeypatch.setattr(core.proposer, "refine", record)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 50, 19)]  # 50: prefilled in chunks
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert len(seen) >= 9
+    for tokens, drafts in seen:
+        assert drafts == reference_drafts(tensors, target, tokens, aux, len(drafts)), tokens
+    assert_no_leak(llm)
+
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    "seeded": SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=30, logprobs=2, ignore_eos=True),
+    "penalties": SamplingParams(temperature=0.6, seed=5, repetition_penalty=1.3, presence_penalty=0.3, max_tokens=30,
+                                ignore_eos=True),
+    "n2_stop": SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=30, stop_token_ids=[7, 9], ignore_eos=True),
+}
+
+
+def test_a_head_never_changes_the_output(dirs):
+    """Greedy, seeded sampling with logprobs, penalties, n = 2 with stop tokens: exactly the tokens of decoding
+    without the head, through chunked prefill, preemption (the head's KV is recomputed with the target's) and prefix
+    cache hits (positions the target skips the head does not read)."""
+    root = dirs[0]
+    g = __import__("random").Random(0)
+    prompts = [[g.randrange(3, 512) for _ in range(n)] for n in (5, 40, 90, 23, 64, 11)]
+    prompts.append(prompts[2][:70] + [5, 6, 7])  # shares pages with a prompt before it
+    small_pool = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16, num_blocks=24,
+                      max_num_batched_tokens=64)
+    plain = LLM(str(root / "target"), **small_pool)
+    spec = LLM(str(root / "target"), speculative_method="eagle3", speculative_model=str(root / "default"),
+               num_speculative_tokens=3, **small_pool)
+    core = spec.engine.core
+    for name, params in PARAMS.items():
+        want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        for a, b in zip(want, got):
+            for x, y in zip(a.outputs, b.outputs):
+                assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason, name
+                if params.logprobs is not None:
+                    for la, lb in zip(x.logprobs, y.logprobs):
+                        assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la), name
+    assert core.stats.draft_tokens > 200 and core.stats.num_preemptions > 0
+    assert core.prefix_cache.stats.hit_tokens > 0
+    assert_no_leak(spec)
+    assert not core.proposer._params  # every finished sequence is forgotten
+
+
+def test_head_checkpoints_are_checked(dirs, tmp_path):
+    root = dirs[0]
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="speculative_model go together"):
+        EngineConfig.from_options(None, speculative_method="eagle3")
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, speculative_method="eagle3")
+    other = LlamaConfig(vocab_size=512, hidden_size=32)  # a head made for another target (hidden size 32)
+    make_head_dir(tmp_path / "other", other)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        LLM(str(root / "target"), speculative_model=str(tmp_path / "other"), **kw)
+    cfg = AutoModelForCausalLM.from_pretrained(str(root / "target")).config
+    make_head_dir(tmp_path / "deep", cfg, aux=[0, 1, 9])
+    with pytest.raises(ValueError, match="eagle_aux_hidden_state_layer_ids"):
+        LLM(str(root / "target"), speculative_model=str(tmp_path / "deep"), **kw)
+    make_head_dir(tmp_path / "cut", cfg)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    del tensors["fc.weight"]
+    save_file(tensors, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing 1 tensors"):
+        LLM(str(root / "target"), speculative_model=str(tmp_path / "cut"), **kw)
+    with pytest.raises(ValueError, match="not an EAGLE-3 head"):
+        LLM(str(root / "target"), speculative_model=str(root / "target"), **kw)

@@ -240,6 +240,19 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
 
 
+def cmd_train_draft(a: argparse.Namespace) -> None:
+    from slipstream import LLM
+    from slipstream.train_draft import DraftTraining, read_prompts, save, train
+
+    cfg = DraftTraining(steps=a.steps, epochs=a.epochs, lr=a.lr, draft_vocab_size=a.draft_vocab_size,
+                        max_tokens=a.answer_tokens, held_out=a.held_out, seed=a.seed)  # checked before loading
+    prompts = read_prompts(a.prompts, a.num_prompts)
+    llm = LLM(a.model_pos or a.model, **engine_kwargs(a))
+    head, report = train(llm, prompts, cfg)
+    save(head, a.out)
+    print(json.dumps({"out": a.out, **report}))
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     import torch
 
@@ -332,6 +345,22 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--dtype", default="auto", help="dtype of the calibration run")
     q.add_argument("--quiet", action="store_true", help="no progress lines")
     q.set_defaults(fn=cmd_quantize)
+    t = sub.add_parser("train-draft", help="train an EAGLE-3 draft head for a model on its own answers to prompts "
+                                            "(serve it with --speculative-method eagle3 --speculative-model OUT)")
+    t.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")
+    t.add_argument("--prompts", required=True, help="a ShareGPT-style .json (first turns) or a text file, a prompt a line")
+    t.add_argument("--out", required=True, help="output directory (the head, as EAGLE-3 heads are published)")
+    t.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    t.add_argument("--answer-tokens", type=int, default=256, help="tokens of each answer the model writes for training")
+    t.add_argument("--steps", type=int, default=3, help="drafts unrolled in training (EAGLE-3's training-time test)")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--draft-vocab-size", type=int, default=8192, help="the head's output vocabulary (most frequent "
+                                                                      "tokens of the model's answers)")
+    t.add_argument("--held-out", type=float, default=0.1, help="share of the sequences kept to report accuracy")
+    t.add_argument("--seed", type=int, default=0)
+    _engine_args(t)
+    t.set_defaults(fn=cmd_train_draft)
     b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve")
     bsub = b.add_subparsers(dest="bench", required=True)
     from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench

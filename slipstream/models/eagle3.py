@@ -53,24 +53,43 @@ class Eagle3Head(nn.Module):
                 g: torch.Tensor) -> torch.Tensor:
         """input_ids[i]: the token after position positions[i]; g: the target's three states there [T, 3 x target
         hidden], or the head's own output at the position before [T, hidden]. Returns o [T, hidden]."""
+        qkv, residual = self.project(input_ids, g)
+        return self.feed_forward(self.self_attn(positions, qkv, meta), residual)
+
+    def project(self, input_ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k and v of [norm(embed(token)); norm(g)], the residual g) (g fused by fc first where it is the target's)."""
         if g.shape[-1] != self.config.layer.hidden_size:
             g = self.fc(g)
         e = self.input_layernorm(self.embed_tokens(input_ids))[0]
         normed = self.hidden_norm(g)[0]
-        residual = normed if self.config.norm_before_residual else g
-        qkv = self.self_attn.qkv_proj(torch.cat([e, normed], dim=-1))
-        a = self.self_attn(positions, qkv, meta)
-        m, residual = self.mlp(a, residual, self.post_attention_layernorm)
+        return self.self_attn.qkv_proj(torch.cat([e, normed], dim=-1)), normed if self.config.norm_before_residual else g
+
+    def feed_forward(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """o from the attention's output (after o_proj) and the residual."""
+        m, residual = self.mlp(attended, residual, self.post_attention_layernorm)
         return m + residual
+
+    def draft_logits(self, o: torch.Tensor) -> torch.Tensor:
+        """[T, draft vocabulary]"""
+        return self.lm_head(self.norm(o)[0])
 
     def compute_logits(self, o: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """[T, vocab_size] in the target's ids: the draft vocabulary's logits, -inf for every other token."""
-        logits = self.lm_head(self.norm(o)[0])
+        logits = self.draft_logits(o)
         if self.config.draft_vocab_size == vocab_size:
             return logits
         full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
         full[:, self.d2t + torch.arange(self.config.draft_vocab_size, device=logits.device)] = logits
         return full
+
+    def share_embedding(self, target_embedding: torch.Tensor) -> None:
+        """Use the target's token embedding (shared, not copied), as heads published without one do."""
+        if target_embedding.shape != self.embed_tokens.weight.shape:
+            raise ValueError(f"the EAGLE-3 head has no embedding and the target's {tuple(target_embedding.shape)} "
+                             f"is not its {tuple(self.embed_tokens.weight.shape)}")
+        if not isinstance(target_embedding, nn.Parameter):
+            target_embedding = nn.Parameter(target_embedding, requires_grad=False)
+        self.embed_tokens.weight = target_embedding
 
     # checkpoint name -> (parameter, shard index) for the layer's fused projections
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -89,10 +108,12 @@ class Eagle3Head(nn.Module):
                 self.d2t.copy_(tensor.to(torch.int64))
                 loaded.add(("d2t", None))
                 continue
+            parts = name.split(".")
             target, shard = name, None
-            for frag, (stacked, idx) in self.packed.items():
-                if f"{frag}." in name:
-                    target, shard = name.replace(frag, stacked), idx
+            for i, part in enumerate(parts):
+                if part in self.packed:
+                    parts[i], shard = self.packed[part]
+                    target = ".".join(parts)
                     break
             if target not in params:
                 raise ValueError(f"EAGLE-3 head tensor {name!r} has no place in the head")
@@ -103,10 +124,7 @@ class Eagle3Head(nn.Module):
                 raise ValueError(f"EAGLE-3 head tensor {name}: {e}") from None
             loaded.add((target, shard))
         if ("embed_tokens.weight", None) not in loaded:
-            if target_embedding.shape != self.embed_tokens.weight.shape:
-                raise ValueError(f"the EAGLE-3 head has no embedding and the target's {tuple(target_embedding.shape)} "
-                                 f"is not its {tuple(self.embed_tokens.weight.shape)}")
-            self.embed_tokens.weight = target_embedding  # shared, not copied
+            self.share_embedding(target_embedding)
             loaded.add(("embed_tokens.weight", None))
         if self.config.draft_vocab_size == self.config.layer.vocab_size:
             loaded.add(("d2t", None))  # the identity map (zeros) when the draft vocabulary is the whole one

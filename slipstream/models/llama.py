@@ -147,12 +147,10 @@ class LlamaForCausalLM(nn.Module):
     """`fused`: the model runs on a CUDA device with the Triton kernels (the runner decides, once, at build)."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, method_for: MethodFor = unquantized,
-                 fused: bool = False, shard: Shard | None = None, aux_layers: tuple[int, ...] = ()) -> None:
-        """`shard`: this rank's share of a tensor-parallel model (parallel/shard.py); default, the whole model.
-        `aux_layers`: layers whose input hidden states the forward returns too (what an EAGLE-3 head reads)."""
+                 fused: bool = False, shard: Shard | None = None) -> None:
+        """`shard`: this rank's share of a tensor-parallel model (parallel/shard.py); default, the whole model."""
         super().__init__()
         self.config = cfg
-        self.aux_layers = aux_layers
         self.shard = shard = shard or Shard.single()
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
@@ -165,14 +163,15 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Flat batch of T tokens from many sequences -> final hidden states [T, hidden]; with aux_layers, also the
-        inputs of those layers side by side, in layer order [T, len(aux_layers) * hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                aux_layers: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Flat batch of T tokens from many sequences -> final hidden states [T, hidden]; with `aux_layers`, also the
+        states entering those layers side by side, in layer order [T, len(aux_layers) * hidden] (what an EAGLE-3
+        head reads)."""
         x, residual = self.embed_tokens(input_ids), None
         aux = []
         for i, layer in enumerate(self.layers):
-            if i in self.aux_layers:  # the residual stream entering layer i
+            if i in aux_layers:  # the residual stream entering layer i
                 aux.append(x if residual is None else x + residual)
             x, residual = layer(positions, x, residual, meta)
         hidden = self.norm(x, residual)[0]

@@ -18,7 +18,9 @@ from slipstream.runner.inputs import HostInputs, Stager
 
 class GraphLadder:
     def __init__(self, model: torch.nn.Module, stager: Stager, query_len: int, max_seqs: int, max_model_len: int,
-                 block_size: int, pad_slot: int, pad_page: int, cascade: bool, pool: object) -> None:
+                 block_size: int, pad_slot: int, pad_page: int, cascade: bool, pool: object,
+                 aux_layers: tuple[int, ...] = ()) -> None:
+        """`aux_layers`: the model also returns the states entering these layers (for an EAGLE-3 head)."""
         if query_len > block_size:
             raise ValueError(f"graphs for {query_len} tokens per sequence need block_size >= {query_len}")
         self.model, self.stager, self.q = model, stager, query_len
@@ -42,10 +44,10 @@ class GraphLadder:
                 self._pad_from(0, bsz)
                 meta = self._meta(bsz)
                 t = bsz * query_len
-                model(self.ids[:t], self.pos[:t], meta)  # warm up (Triton compiles outside the capture)
+                model(self.ids[:t], self.pos[:t], meta, aux_layers)  # warm up (Triton compiles outside the capture)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = model(self.ids[:t], self.pos[:t], meta)
+                    out = model(self.ids[:t], self.pos[:t], meta, aux_layers)
                 self.graphs[bsz] = (graph, out)
         torch.cuda.synchronize(dev)
 

@@ -17,6 +17,7 @@ import torch
 
 from slipstream.attention.registry import create_backend, resolve_backend
 from slipstream.config import Eagle3Config, EngineConfig, ModelConfig
+from slipstream.layers.linear import finish_loading
 from slipstream.layers.sampler import sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models.eagle3 import Eagle3Head
@@ -60,10 +61,10 @@ class Eagle3Runner:
         finally:
             torch.set_default_dtype(default)
         embedding = target.model.embed_tokens.weight
-        if weights is None:
+        if weights is None:  # random, the draft ids the target's first ones (d2t zero)
             init_dummy_weights(head, seed)
-            drawn = [(n, p.data) for n, p in head.named_parameters() if n != "embed_tokens.weight"]
-            head.load_weights(drawn + [("d2t", head.d2t)], embedding)  # draft ids map to the target's first ids
+            head.share_embedding(embedding)
+            finish_loading(head)
         else:
             head.load_weights(weights, embedding)
         self.head = head.eval()

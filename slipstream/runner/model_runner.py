@@ -60,7 +60,7 @@ def num_accepted(draws: list[int], drafts: list[int]) -> int:
 
 
 def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
-               dtype: torch.dtype, shard: Shard | None = None, aux_layers: tuple[int, ...] = ()) -> tuple[torch.nn.Module, object]:
+               dtype: torch.dtype, shard: Shard | None = None) -> tuple[torch.nn.Module, object]:
     """The model with its parameters created (not loaded) on `device` ("meta": sizes only), and its quantization."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -75,8 +75,7 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.serialized and mc.moe is not None:
                 raise ValueError(f"{spec.method} checkpoints of MoE models (quantized experts) are not supported yet; "
                                  "--quantization fp8 or int4 on a 16-bit MoE checkpoint quantizes all but the experts")
-            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard,
-                       aux_layers=aux_layers), spec
+            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec
     finally:
         torch.set_default_dtype(default_dtype)
 
@@ -165,7 +164,7 @@ class ModelRunner:
 
     def _build(self, weights: WeightSource) -> torch.nn.Module:
         model, spec = _construct(self.config, self.model_config, self.backend, self.fused, self.device, self.dtype,
-                                 self.shard, self.aux_layers)
+                                 self.shard)
         if weights is None:
             init_dummy_weights(model, self.config.seed)
             finish_loading(model)
@@ -187,7 +186,8 @@ class ModelRunner:
         sched = self.config.scheduler
         max_seqs = min(sched.max_num_seqs, _MAX_GRAPH_SEQS, sched.max_num_batched_tokens // query_len)
         self.graphs[query_len] = GraphLadder(self.model, self.ints, query_len, max_seqs, self.max_model_len, self.block_size,
-                                             self.kv.pad_slot, self.num_blocks, self.cascade, self._graph_pool)
+                                             self.kv.pad_slot, self.num_blocks, self.cascade, self._graph_pool,
+                                             self.aux_layers)
 
     def _profile_free_bytes(self) -> int:
         """Run the largest step once (no KV pool yet) to measure peak activation memory, then budget the rest."""
@@ -212,7 +212,7 @@ class ModelRunner:
         with torch.inference_mode():
             self.ints.reset()
             h = HostInputs(ids, positions, slots, lens, lens, tables, [], firsts, 0, 0)
-            hidden = self.model(*eager_inputs(h, self.ints))
+            hidden = self.model(*eager_inputs(h, self.ints), self.aux_layers)
             if self.aux_layers:  # (and the states an EAGLE-3 head reads)
                 hidden = hidden[0]
             # the most rows a step draws: one per sequence, 1 + k when verifying k drafts each
@@ -248,6 +248,20 @@ class ModelRunner:
         scores = self._score_prompts(seqs, h.first_rows, out) if any(s.score is not None for s in seqs) else {}
         hidden = self._take(out, h.sample_rows)
         return seqs, self.model.compute_logits(hidden) if h.sample_rows else None, scores
+
+    @torch.inference_mode()
+    def teacher_states(self, tokens: list[int], aux_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole sequence through the model outside any engine step (training a draft head on the model's own
+        predictions): (the most likely next token at each position, the states entering `aux_layers` [n, 3 x hidden]).
+        It writes the first pages of the pool: nothing else may be running, and nothing cached may be kept."""
+        if len(tokens) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
+            raise ValueError(f"{len(tokens)} tokens are more than one step of this engine computes")
+        self.ints.reset()
+        h = host_inputs([SeqStep(-1, tokens, 0, list(range(-(-len(tokens) // self.block_size))))], self.block_size, False)
+        hidden, aux = self.model(*eager_inputs(h, self.ints), aux_layers)
+        best = torch.cat([self.model.compute_logits(hidden[i : i + _SCORE_ROWS]).argmax(dim=-1)
+                          for i in range(0, len(tokens), _SCORE_ROWS)])
+        return best, aux
 
     def _score_prompts(self, seqs: list[SeqStep], first_rows: list[int], hidden: torch.Tensor) -> dict[int, list[PromptScore]]:
         """prompt_logprobs: each scored position's log-softmax, read now (a host sync: only steps that score pay
@@ -389,7 +403,7 @@ class ModelRunner:
         ids, positions, meta = eager_inputs(h, self.ints)
         if feed is not None:
             feed(ids)
-        return self.model(ids, positions, meta)
+        return self.model(ids, positions, meta, self.aux_layers)
 
     def _take(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """hidden[rows], the index staged with the step's other inputs; no copy when every row is taken."""

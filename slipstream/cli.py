@@ -361,14 +361,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     _engine_args(t)
     t.set_defaults(fn=cmd_train_draft)
-    b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve")
+    b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve, "
+                                      "speculative")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench
+    from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench, spec_bench
 
     engine_bench.add_parsers(bsub)
     kernels_bench.add_parser(bsub)
     quality.add_parser(bsub)
     serve_bench.add_parser(bsub)
+    spec_bench.add_parser(bsub)
     b.set_defaults(fn=cmd_bench)
     a = parser.parse_args(argv)
     # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.

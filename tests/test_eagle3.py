@@ -162,7 +162,13 @@ def test_a_head_never_changes_the_output(dirs):
                num_speculative_tokens=3, **small_pool)
     core = spec.engine.core
     for name, params in PARAMS.items():
+        before = (core.stats.drafts, core.stats.draft_tokens, core.stats.accepted_draft_tokens)
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        # each request's metrics count its samples' verifying steps; together they are the engine's
+        m = [o.metrics for o in got]
+        assert (sum(x.num_drafts for x in m), sum(x.draft_tokens for x in m), sum(x.accepted_draft_tokens for x in m)) == (
+            core.stats.drafts - before[0], core.stats.draft_tokens - before[1], core.stats.accepted_draft_tokens - before[2])
+        assert all(x.mean_accepted_length is None or 1 <= x.mean_accepted_length <= 4 for x in m)
         for a, b in zip(want, got):
             for x, y in zip(a.outputs, b.outputs):
                 assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason, name

@@ -1,6 +1,8 @@
 """Speculative decoding with the n-gram (prompt lookup) proposer: its index against a brute-force search, and the
 engine's output with speculation on exactly equal to the output without it (greedy, seeded sampling with
-logprobs, penalties, n > 1, stop strings), with fewer steps where the text repeats."""
+logprobs, penalties, n > 1, stop strings), with fewer steps where the text repeats; a draft model likewise; and
+`bench speculative`'s bounds (a drafter always right, one always wrong)."""
+import json
 import random
 
 import pytest
@@ -178,3 +180,20 @@ def test_the_exactness_check_catches_a_wrong_acceptance_rule(tmp_path, monkeypat
     monkeypatch.setattr(model_runner, "num_accepted", lambda draws, drafts: len(drafts))
     got = LLM(target, speculative_method="draft", speculative_model=drafts["small"], **kw).generate(prompts, params)
     assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(want, got))
+
+
+def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
+    """`slipstream bench speculative` on the quote workload: a drafter that knows the answer gets every draft accepted
+    (k + 1 tokens a verifying step), one that is always wrong none; both leave the tokens exactly plain decoding's."""
+    from slipstream import cli
+
+    for method, acceptance, length in (("oracle", 1.0, 4.0), ("wrong", 0.0, 1.0)):
+        out = tmp_path / f"{method}.json"
+        cli.main(["bench", "speculative", "--model", gguf_path, "--method", method, "--num-speculative-tokens", "3",
+                  "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
+                  "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
+        results = json.loads(out.read_text())["results"]
+        assert [r["batch_size"] for r in results] == [1, 2]
+        for r in results:
+            assert r["identical"] == f"{r['batch_size']}/{r['batch_size']}" and r["output_tokens"] == 24 * r["batch_size"]
+            assert r["acceptance"] == acceptance and abs(r["mean_accepted_length"] - length) < 0.35, r

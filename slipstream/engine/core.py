@@ -435,9 +435,13 @@ class EngineCore:
                 seq.num_computed_tokens += len(r.tokens) - 1
                 self.stats.draft_tokens += drafts
                 self.stats.accepted_draft_tokens += len(r.tokens) - 1
+                self.stats.drafts += 1
                 if self.proposer is not None:  # (tests hand out drafts themselves)
                     self.proposer.accepted(seq.seq_id, len(r.tokens) - 1)
-            deltas.append(self._append(seq, r))
+            delta = self._append(seq, r)
+            if drafts:
+                delta.draft_tokens, delta.accepted_draft_tokens = drafts, len(r.tokens) - 1
+            deltas.append(delta)
             if seq.is_finished:
                 if seq.request.is_finished:
                     self.requests.pop(seq.request.request_id, None)

@@ -21,6 +21,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     cache_blocks: int = -1  # -1: no prefix cache
     draft_tokens: int = 0  # speculative decoding: drafts verified, and of those accepted
     accepted_draft_tokens: int = 0
+    drafts: int = 0  # a sequence's verifying steps (each yields 1 + its accepted drafts)
     # Steps read, by kind (a decode step: one token per sequence, plus drafts; a mixed step carries prompt tokens), and
     # their time on the device (runner.Launched.device_seconds; 0 on a CPU)
     decode_steps: int = 0

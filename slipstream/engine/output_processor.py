@@ -40,6 +40,9 @@ class _RequestState:
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[PromptScore | None] | None = None
+    num_drafts: int = 0  # speculative decoding (RequestMetrics)
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -67,6 +70,10 @@ class OutputProcessor:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.num_cached_tokens = max(req.num_cached_tokens, d.num_cached_tokens)
+            if d.draft_tokens:
+                req.num_drafts += 1
+                req.draft_tokens += d.draft_tokens
+                req.accepted_draft_tokens += d.accepted_draft_tokens
             if d.prompt_logprobs is not None:
                 req.prompt_logprobs = [None, *d.prompt_logprobs]
             if self._apply(req, req.seqs[d.index], d) and d.finish_reason is None:
@@ -140,6 +147,7 @@ class OutputProcessor:
                 delta_token_ids=toks[seq.emitted_tokens :], delta_logprobs=None if lps is None else lps[seq.emitted_tokens :],
             ))
             seq.emitted_text_len, seq.emitted_tokens = len(text), len(toks)
-        metrics = RequestMetrics(req.arrival_time, req.first_token_time, finish_time, req.num_cached_tokens)
+        metrics = RequestMetrics(req.arrival_time, req.first_token_time, finish_time, req.num_cached_tokens,
+                                 req.num_drafts, req.draft_tokens, req.accepted_draft_tokens)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finish_time is not None, metrics,
                              req.prompt_logprobs)

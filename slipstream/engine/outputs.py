@@ -23,6 +23,8 @@ class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_reason: int | None = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[PromptScore] | None = None  # prompt tokens 1.. (prompt_logprobs), with the first delta
+    draft_tokens: int = 0  # speculative decoding: drafts this step verified for the sequence, and of those accepted
+    accepted_draft_tokens: int = 0
 
 
 @dataclass
@@ -48,10 +50,24 @@ class RequestMetrics:
     first_token_time: float | None
     finish_time: float | None
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # speculative decoding, over the request's samples: a sequence's verifying steps, the drafts they verified and
+    # of those accepted
+    num_drafts: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a verifying step yielded on average: 1 + its accepted drafts."""
+        return 1 + self.accepted_draft_tokens / self.num_drafts if self.num_drafts else None
 
 
 @dataclass

@@ -57,6 +57,8 @@ class EngineCollector:
             yield self._g("slipstream:prefix_cache_blocks", "Blocks held by the prefix cache.", s.cache_blocks)
         yield self._c("slipstream:spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).", s.draft_tokens)
         yield self._c("slipstream:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.accepted_draft_tokens)
+        yield self._c("slipstream:spec_decode_num_drafts", "A sequence's verifying steps (mean accepted length: 1 + "
+                      "accepted tokens / drafts).", s.drafts)
         # by kind: a step that carries prompt tokens runs eagerly, a decode step replays a CUDA graph
         steps = CounterMetricFamily("slipstream:engine_steps", "Engine steps read, by kind (decode or mixed: with prompt tokens).",
                                     labels=[*self.labels, "kind"])

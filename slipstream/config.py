@@ -242,7 +242,12 @@ class EngineConfig:
     speculative_model: str | None = option(None, "the draft model of speculative_method=draft (an HF directory or a "
                                                  ".gguf file with the target's token ids), or the EAGLE-3 head's HF "
                                                  "directory of speculative_method=eagle3")
-    num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding")
+    num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding (at most: see "
+                                            "speculative_adaptive)")
+    speculative_adaptive: bool = option(True, "choose each step's drafts per sequence (0 .. num_speculative_tokens) "
+                                              "from the output tokens/s measured at that batch size, so speculation "
+                                              "turns itself off where it does not pay; off: always "
+                                              "num_speculative_tokens")
     tensor_parallel_size: int = option(1, "ranks the model is split over (processes; on CUDA one GPU each), "
                                           "16-bit, FP8 or 4-bit weights")
     enable_expert_parallel: bool = option(False, "MoE layers: each rank holds whole experts (a 1/N share of them) "

@@ -119,7 +119,7 @@ def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
     root, target, tensors, aux = dirs
     llm = LLM(str(root / "target"), dtype="float32", device="cpu", max_model_len=256, block_size=16,
               max_num_batched_tokens=24, speculative_method="eagle3", speculative_model=str(root / "head"),
-              num_speculative_tokens=3)
+              num_speculative_tokens=3, speculative_adaptive=False)
     core = llm.engine.core
     seen = []
     refine = core.proposer.refine
@@ -159,7 +159,7 @@ def test_a_head_never_changes_the_output(dirs):
                       max_num_batched_tokens=64)
     plain = LLM(str(root / "target"), **small_pool)
     spec = LLM(str(root / "target"), speculative_method="eagle3", speculative_model=str(root / "default"),
-               num_speculative_tokens=3, **small_pool)
+               num_speculative_tokens=3, speculative_adaptive=False, **small_pool)
     core = spec.engine.core
     for name, params in PARAMS.items():
         before = (core.stats.drafts, core.stats.draft_tokens, core.stats.accepted_draft_tokens)
@@ -273,7 +273,7 @@ def test_train_draft_learns_the_target_and_serves(dirs, tmp_path, capsys):
         if name == "untrained":  # the same shape, weights as drawn before training
             make_head_dir(tmp_path / name, AutoModelForCausalLM.from_pretrained(str(root / "target")).config, seed=2)
         llm = LLM(str(root / "target"), speculative_method="eagle3", speculative_model=str(tmp_path / name),
-                  num_speculative_tokens=3, **kw)
+                  num_speculative_tokens=3, speculative_adaptive=False, **kw)
         assert [o.outputs[0].token_ids for o in llm.generate(test, params)] == want
         st = llm.engine.core.stats
         rates[name] = st.accepted_draft_tokens / st.draft_tokens

@@ -58,7 +58,7 @@ PARAMS = {
 @pytest.fixture(scope="module")
 def speculative(gguf_path):
     return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024, speculative_method="ngram",
-               num_speculative_tokens=4)
+               num_speculative_tokens=4, speculative_adaptive=False)
 
 
 def test_speculation_never_changes_the_output(fresh, speculative):
@@ -126,7 +126,8 @@ def test_a_draft_model_never_changes_the_output(tmp_path):
     want = {name: plain.generate(prompts, p) for name, p in DRAFT_PARAMS.items()}
     assert plain.engine.core.stats.num_preemptions > 0  # the pool is small enough to preempt
     for label, draft in drafts.items():
-        spec = LLM(target, speculative_method="draft", speculative_model=draft, num_speculative_tokens=3, **small_pool)
+        spec = LLM(target, speculative_method="draft", speculative_model=draft, num_speculative_tokens=3,
+                   speculative_adaptive=False, **small_pool)
         core = spec.engine.core
         for name, params in DRAFT_PARAMS.items():
             before = (core.stats.steps, core.stats.draft_tokens, core.stats.accepted_draft_tokens)
@@ -178,7 +179,8 @@ def test_the_exactness_check_catches_a_wrong_acceptance_rule(tmp_path, monkeypat
     kw = dict(dtype="float32", device="cpu", max_model_len=128)
     want = LLM(target, **kw).generate(prompts, params)
     monkeypatch.setattr(model_runner, "num_accepted", lambda draws, drafts: len(drafts))
-    got = LLM(target, speculative_method="draft", speculative_model=drafts["small"], **kw).generate(prompts, params)
+    got = LLM(target, speculative_method="draft", speculative_model=drafts["small"], speculative_adaptive=False,
+              **kw).generate(prompts, params)
     assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(want, got))
 
 
@@ -190,10 +192,55 @@ def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
     for method, acceptance, length in (("oracle", 1.0, 4.0), ("wrong", 0.0, 1.0)):
         out = tmp_path / f"{method}.json"
         cli.main(["bench", "speculative", "--model", gguf_path, "--method", method, "--num-speculative-tokens", "3",
-                  "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
+                  "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
                   "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
         results = json.loads(out.read_text())["results"]
         assert [r["batch_size"] for r in results] == [1, 2]
         for r in results:
             assert r["identical"] == f"{r['batch_size']}/{r['batch_size']}" and r["output_tokens"] == 24 * r["batch_size"]
             assert r["acceptance"] == acceptance and abs(r["mean_accepted_length"] - length) < 0.35, r
+
+
+def test_draft_policy_follows_the_measured_rates():
+    """Per batch size the k with the best measured tokens/s; every k measured first (the most drafts first); one step
+    in PROBE_EVERY tries another; batch sizes are judged apart."""
+    from slipstream.engine.speculation import PROBE_EVERY, DraftPolicy
+
+    p = DraftPolicy(4)
+    assert p.candidates == [0, 1, 2, 4]
+    tried = []
+    for _ in range(4):  # unmeasured first, the most drafts first
+        k = p.choose(3)
+        tried.append(k)
+        p.record(3, k, tokens=3 * (1 + k), seconds=1.0 + k)  # drafts all right, but each costs a second: k = 0 wins
+    assert tried == [4, 2, 1, 0]
+    picks = [p.choose(4) for _ in range(4 * PROBE_EVERY)]  # batch 3 and 4 share a bucket
+    assert picks.count(0) == len(picks) - 4 and len(set(picks) - {0}) == 3  # probes visit the others in turn
+    assert p.choose(64) == 4  # another batch size is measured on its own
+    for _ in range(30):  # the workload changes: verifying gets cheap, drafts keep paying
+        p.record(4, 4, tokens=20, seconds=1.0)
+    assert p.choose(4) == 4 or p._steps % PROBE_EVERY == 0
+
+
+def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path):
+    """Eight sequences verifying 8 drafts each compute 72 tokens a step instead of 8, which costs on a CPU: with a
+    drafter that is always wrong the adaptive policy soon drafts little (fixed, every step would verify 8 a
+    sequence); with one that is always right it keeps drafting and the answers take a fraction of the steps."""
+    from slipstream.bench.spec_bench import ScriptedProposer
+
+    prompts = [f"Write a story about dragon number {i}." for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", max_model_len=512)
+    answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in LLM(gguf_path, **kw).generate(prompts, params)]
+    for wrong in (True, False):
+        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, **kw)
+        core = llm.engine.core
+        core.proposer = ScriptedProposer(8, answers, wrong)
+        got = llm.generate(prompts, params)
+        assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == answers
+        st = core.stats
+        mean_k = st.draft_tokens / (st.decode_steps * len(prompts))
+        if wrong:
+            assert mean_k < 2.5 and st.accepted_draft_tokens == 0, (mean_k, core.draft_policy.rate)
+        else:
+            assert st.accepted_draft_tokens == st.draft_tokens and st.decode_steps < 25, (st.decode_steps, core.draft_policy.rate)

@@ -101,7 +101,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     gc.collect()
     method = {"oracle": "ngram", "wrong": "ngram"}.get(a.method, a.method)
     spec = LLM(a.model, speculative_method=method, speculative_model=a.speculative_model,
-               num_speculative_tokens=a.num_speculative_tokens, **engine)
+               num_speculative_tokens=a.num_speculative_tokens, speculative_adaptive=not a.fixed_k, **engine)
     core = spec.engine.core
     if a.method in ("oracle", "wrong"):
         answers = [t for b in a.batch_sizes for t in base[b][1]]
@@ -115,7 +115,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
         plain_s, want = base[b]
         same = sum(g == w for g, w in zip(got, want))
-        r = {"batch_size": b, "method": a.method, "k": a.num_speculative_tokens, "workload": a.workload,
+        r = {"batch_size": b, "method": a.method, "k": a.num_speculative_tokens, "adaptive": not a.fixed_k,
+             "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(tokens / plain_s, 1), "spec_tok_s": round(tokens / elapsed, 1),
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
@@ -123,7 +124,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], r["identical"]])
-    print(f"{a.method} k={a.num_speculative_tokens} on {a.workload} ({spec.engine.runner.device}, {a.dtype}):")
+    print(f"{a.method} k={a.num_speculative_tokens}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} "
+          f"({spec.engine.runner.device}, {a.dtype}):")
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "identical"]] + rows))
     return results
 
@@ -134,6 +136,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "oracle", "wrong"])
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")
     p.add_argument("--workload", default="quote", choices=["quote", "chat"])
     p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
     p.add_argument("--num-prompts", type=int, default=16)

@@ -27,6 +27,7 @@ from slipstream.engine.proposer import DraftModelProposer, Eagle3Proposer, Ngram
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
+from slipstream.engine.speculation import DraftPolicy
 from slipstream.runner.batch import PromptScoring, SamplingRow, SeqResult, SeqStep, Step
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
@@ -102,6 +103,7 @@ class EngineCore:
             else DraftModelProposer(draft_runner, k) if draft is not None
             else Eagle3Proposer(head_runner, k) if head is not None
             else None)
+        self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
         self.overlap = self.proposer is None and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
@@ -291,6 +293,8 @@ class EngineCore:
             cache.stats = PrefixCacheStats()
         self.stats = CoreStats()
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
+        if self.draft_policy is not None:  # (and so did the draft policy's rates)
+            self.draft_policy = DraftPolicy(self.config.num_speculative_tokens)
 
     def _warm_up_on_gpu(self, prompt_len: int) -> None:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
@@ -329,9 +333,15 @@ class EngineCore:
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
+        started = time.perf_counter()
         self._read = self._admit_compiled() if self._awaiting else []
+        k = 0
         if self.proposer is not None:
-            self._propose()
+            k = self.config.num_speculative_tokens
+            if self.draft_policy is not None:
+                k = self.draft_policy.choose(len(self.scheduler.running))
+            self._propose(k)
+        generated = self.stats.generation_tokens
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         if self.proposer is not None and any(batch.num_drafts):
@@ -342,16 +352,21 @@ class EngineCore:
         self._inflight = launched
         if launched is not None and (not self.overlap or launched.sync):
             self._read += self._collect()
+        # a decode step (no prompt tokens) measured for the draft policy: drafting, verifying and reading included
+        if self.draft_policy is not None and batch.seqs and batch.num_tokens - sum(batch.num_drafts) == len(batch.seqs):
+            self.draft_policy.record(len(batch.seqs), k, self.stats.generation_tokens - generated,
+                                     time.perf_counter() - started)
         deltas, self._read = self._read, []
         return deltas
 
-    def _propose(self) -> None:
-        """Drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
+    def _propose(self, k: int) -> None:
+        """Up to k drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
         for seq in self.scheduler.running:
             # no drafts before a dormant grammar starts: draws after its marker in the same step would go unmasked
             if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending and seq.seq_id not in self._dormant:
                 # drafts and the token after them must fit under the sequence's length limit
-                seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, seq.max_total_tokens - seq.num_tokens - 1)
+                limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
+                seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, limit)
 
     def _refine(self, batch: ScheduledBatch) -> None:
         """Let the proposer draft for the scheduled sequences, within the step's prefill budget (a draft model

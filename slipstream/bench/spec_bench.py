@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import table
+from slipstream.bench.common import BUNDLED, model_dir, table
 
 COPY = "Copy the following text exactly, but write '{new}' in place of '{old}'.\n\nText:\n{text}\n\nCopy:"
 
@@ -90,9 +90,15 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         raise ValueError(f"no prompts for workload {a.workload!r}")
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                   gpu_memory_utilization=a.gpu_memory_utilization)
+    if a.model in BUNDLED:  # a shape with random weights: for the verification mechanism (oracle, wrong)
+        a.model = model_dir(a.model)
+        engine["load_format"] = "dummy"
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=a.ignore_eos)
     plain = LLM(a.model, **engine)
-    texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    if getattr(plain.tokenizer, "chat_template", None):
+        texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    else:  # (a bundled shape's word-level tokenizer)
+        texts = [plain.tokenizer.encode(p) for p in prompts]
     _timed(plain, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))  # warm-up
     base = {}
     for b in a.batch_sizes:
@@ -132,7 +138,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("speculative", help="speculative decoding vs plain decoding: speed-up, acceptance (CPU or GPU)")
-    p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights)")
+    p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights), or a "
+                                                 "bundled config (llama-3.1-8b, ...: random weights, for oracle / wrong)")
     p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "oracle", "wrong"])
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)

@@ -249,7 +249,7 @@ def cmd_train_draft(a: argparse.Namespace) -> None:
     prompts = read_prompts(a.prompts, a.num_prompts)
     llm = LLM(a.model_pos or a.model, **engine_kwargs(a))
     head, report = train(llm, prompts, cfg)
-    save(head, a.out)
+    save(head, a.out, llm.engine.core.model_config.num_layers)
     print(json.dumps({"out": a.out, **report}))
 
 

@@ -152,7 +152,8 @@ class Eagle3Config:
         _check(cfg.get("num_hidden_layers", 1) == 1, "num_hidden_layers", "of an EAGLE-3 head must be 1", cfg.get("num_hidden_layers"))
         layer = ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "quantization_config": None})
         aux = cfg.get("eagle_aux_hidden_state_layer_ids") or (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        _check(aux is None or len(aux) == 3, "eagle_aux_hidden_state_layer_ids", "must name 3 layers", aux)
+        _check(aux is None or len(set(aux)) == len(aux) == 3, "eagle_aux_hidden_state_layer_ids", "must name 3 layers",
+               aux)
         draft_vocab = cfg.get("draft_vocab_size") or layer.vocab_size
         _check(1 <= draft_vocab <= layer.vocab_size, "draft_vocab_size", f"must be in [1, {layer.vocab_size}]", draft_vocab)
         return cls(layer, draft_vocab, cfg.get("target_hidden_size") or layer.hidden_size,
@@ -161,8 +162,8 @@ class Eagle3Config:
     def aux_layers_of(self, num_layers: int) -> tuple[int, ...]:
         """The target's layers (of `num_layers`) whose input hidden states the head reads."""
         aux = self.aux_layers or (2, num_layers // 2, num_layers - 3)
-        _check(all(0 <= i < num_layers for i in aux), "eagle_aux_hidden_state_layer_ids",
-               f"must be layers of the target (0..{num_layers - 1})", aux)
+        _check(len(set(aux)) == 3 and all(0 <= i < num_layers for i in aux), "eagle_aux_hidden_state_layer_ids",
+               f"must be 3 layers of the target (0..{num_layers - 1})", aux)
         return aux
 
 

@@ -76,7 +76,7 @@ def answers(llm: Any, prompts: list[str], max_tokens: int) -> list[list[int]]:
     else:
         token_ids = [tok.encode(p) for p in prompts]
     limit = min(llm.engine.core.max_model_len, llm.engine.core.config.scheduler.max_num_batched_tokens)
-    token_ids = [ids[: limit - max_tokens] for ids in token_ids if len(ids) < limit - max_tokens]
+    token_ids = [ids for ids in token_ids if len(ids) < limit - max_tokens]
     outs = llm.generate(token_ids, SamplingParams(temperature=0, max_tokens=max_tokens))
     return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
 
@@ -159,6 +159,8 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
     """Train a head for `llm`'s model; returns it and a report (accuracy of each unroll step on held-out data)."""
     torch.manual_seed(cfg.seed)
     core = llm.engine.core
+    if core.config.tensor_parallel_size > 1:
+        raise ValueError("train-draft runs the model on one device: tensor_parallel_size must be 1")
     mc, runner = core.model_config, core.runner
     aux = aux or (2, mc.num_layers // 2, mc.num_layers - 3)
     started = time.perf_counter()
@@ -168,8 +170,8 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
     examples = collect(llm, sequences, tuple(sorted(aux)))
     data_s = time.perf_counter() - started
     random.Random(cfg.seed).shuffle(examples)
-    held = examples[: max(1, int(len(examples) * cfg.held_out))]
-    train_set = examples[len(held) :] or held
+    held = examples[: int(len(examples) * cfg.held_out)]
+    train_set = examples[len(held) :]
     counts = torch.bincount(torch.cat([e.labels for e in train_set]), minlength=mc.vocab_size)
     hc = head_config(mc, tuple(aux), cfg.draft_vocab_size)
     kept = counts.topk(hc.draft_vocab_size).indices.sort().values
@@ -197,7 +199,7 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
     report = {"sequences": len(examples), "held_out": len(held), "train_tokens": sum(len(e.tokens) for e in train_set),
               "draft_vocab_size": hc.draft_vocab_size, "aux_layers": list(aux), "data_seconds": round(data_s, 1),
               "train_seconds": round(time.perf_counter() - started - data_s, 1),
-              "held_out_accuracy": _accuracy(head, held, draft_of, cfg.steps)}
+              "held_out_accuracy": _accuracy(head, held, draft_of, cfg.steps) if held else None}
     for p in params:
         p.requires_grad_(False)
     return head, report
@@ -222,7 +224,7 @@ def _new_head(cfg: Eagle3Config, runner: Any, kept: torch.Tensor) -> Eagle3Head:
     torch.set_default_dtype(torch.float32)
     try:
         with torch.device(runner.device):
-            head = Eagle3Head(cfg, create_backend(spec))
+            head = Eagle3Head(cfg, create_backend(spec))  # its own float32 copy of the embedding, trained on
     finally:
         torch.set_default_dtype(default)
     g = torch.Generator(device=runner.device).manual_seed(0)
@@ -232,13 +234,23 @@ def _new_head(cfg: Eagle3Config, runner: Any, kept: torch.Tensor) -> Eagle3Head:
         else:  # unit-variance outputs for unit-variance inputs
             p.data.normal_(0.0, 1 / math.sqrt(p.shape[-1]), generator=g)
         p.requires_grad_(True)
-    head.share_embedding(runner.model.embed_tokens.weight.detach().float().clone())  # frozen (a float32 copy)
+    head.embed_tokens.weight.data.copy_(runner.model.embed_tokens.weight.detach())  # the target's, frozen
+    head.embed_tokens.weight.requires_grad_(False)
     head.d2t.copy_(kept - torch.arange(len(kept), device=kept.device))
     return head
 
 
-def save(head: Eagle3Head, path: str, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write the head as published heads are: config.json and model.safetensors (`midlayer.*`, `d2t`, `t2d`)."""
+def _layer_ids(cfg: Eagle3Config, num_target_layers: int) -> dict:
+    """The layer ids for config.json, left out where they are the default (2, L // 2, L - 3): engines agree on the
+    default, but read explicit ids differently (vLLM and slipstream: the layers' inputs; SGLang: their outputs)."""
+    aux = tuple(sorted(cfg.aux_layers_of(num_target_layers)))
+    default = (2, num_target_layers // 2, num_target_layers - 3)
+    return {} if aux == default else {"eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux)}}
+
+
+def save(head: Eagle3Head, path: str, num_target_layers: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write the head as published heads are: config.json and model.safetensors (`midlayer.*`, `d2t`, `t2d`; no
+    embedding: the head reads the target's)."""
     from safetensors.torch import save_file
 
     cfg = head.config
@@ -267,7 +279,7 @@ def save(head: Eagle3Head, path: str, dtype: torch.dtype = torch.bfloat16) -> No
               "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling_dict or None,
               "max_position_embeddings": c.max_position_embeddings, "vocab_size": c.vocab_size,
               "draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
-              "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.aux_layers or ())},
+              **_layer_ids(cfg, num_target_layers),
               "torch_dtype": str(dtype).removeprefix("torch."), "tie_word_embeddings": False}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

@@ -131,7 +131,11 @@ def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
     monkeypatch.setattr(core.proposer, "refine", record)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 50, 19)]  # 50: prefilled in chunks
+    # Requests that end in their prefill step leave their prompt pages in the prefix cache: the head must have read
+    # those positions too, since the requests below skip them (cache hits) and attend to the head's KV there.
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert core.prefix_cache.stats.hit_tokens >= 48
     assert len(seen) >= 9
     for tokens, drafts in seen:
         assert drafts == reference_drafts(tensors, target, tokens, aux, len(drafts)), tokens
@@ -206,6 +210,14 @@ def test_head_checkpoints_are_checked(dirs, tmp_path):
         LLM(str(root / "target"), speculative_model=str(tmp_path / "cut"), **kw)
     with pytest.raises(ValueError, match="not an EAGLE-3 head"):
         LLM(str(root / "target"), speculative_model=str(root / "target"), **kw)
+    # a head trained on shorter texts than the engine serves drafts past its positions (its rotary table is extended)
+    short = tmp_path / "short"
+    make_head_dir(short, cfg)
+    (short / "config.json").write_text(json.dumps({**json.loads((short / "config.json").read_text()),
+                                                   "max_position_embeddings": 32}))
+    out = LLM(str(root / "target"), speculative_model=str(short), speculative_adaptive=False, **kw).generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 100
 
 
 # ---- training (slipstream train-draft) -------------------------------------------------------------------------------
@@ -227,7 +239,7 @@ def test_training_unrolls_exactly_as_the_head_drafts(dirs, tmp_path):
     ex = Example(torch.tensor(tokens), labels.clone(), states.clone())
     with torch.no_grad():
         outs = unrolled(head, ex.tokens, ex.states, 3)
-    save(head, str(tmp_path / "h"), torch.float32)
+    save(head, str(tmp_path / "h"), 3, torch.float32)
     from safetensors.torch import load_file
 
     t = load_file(str(tmp_path / "h" / "model.safetensors"))

@@ -53,7 +53,7 @@ class ScriptedProposer:
         self.k, self.answers, self.wrong = num_tokens, answers, wrong
         self._of: dict[int, list[int]] = {}  # seq id -> its full answer (prompt included)
 
-    def observe(self, seqs: list[Any]) -> None:
+    def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
@@ -120,10 +120,12 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
         plain_s, want = base[b]
+        plain_tokens = sum(len(w) - len(t) for w, t in zip(want, texts[:b]))  # (prompts are token ids)
         same = sum(g == w for g, w in zip(got, want))
         r = {"batch_size": b, "method": a.method, "k": a.num_speculative_tokens, "adaptive": not a.fixed_k,
              "workload": a.workload,
-             "output_tokens": tokens, "plain_tok_s": round(tokens / plain_s, 1), "spec_tok_s": round(tokens / elapsed, 1),
+             "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),
+             "spec_tok_s": round(tokens / elapsed, 1),
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
              "identical": f"{same}/{len(want)}"}

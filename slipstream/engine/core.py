@@ -74,7 +74,7 @@ class EngineCore:
                                       companion=head_footprint(config, head_config, mc, own_embedding),
                                       aux_layers=head_config.aux_layers_of(mc.num_layers))
             log.info("EAGLE-3 head: %s", config.speculative_model)
-            head_runner = Eagle3Runner(self.runner, head_config, head_weights, config.seed)
+            head_runner = Eagle3Runner(self.runner, head_config, head_weights, own_embedding, config.seed)
         elif draft is None:
             self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
         else:
@@ -150,7 +150,10 @@ class EngineCore:
             raise ValueError(f"speculative_model {path!r} is an EAGLE-3 head for a target of vocabulary {cfg.layer.vocab_size} "
                              f"and hidden size {cfg.target_hidden_size}; this model has {mc.vocab_size} and {mc.hidden_size}")
         cfg.aux_layers_of(mc.num_layers)  # its layers exist in this target
-        return cfg, tensors, any(n.endswith("embed_tokens.weight") for n in names)
+        # rotary angles for every position the target reaches (a head trained on shorter texts drafts worse past
+        # them; its drafts are verified all the same)
+        layer = replace(cfg.layer, max_position_embeddings=max(cfg.layer.max_position_embeddings, self.max_model_len))
+        return replace(cfg, layer=layer), tensors, any(n.endswith("embed_tokens.weight") for n in names)
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -335,11 +338,11 @@ class EngineCore:
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
         started = time.perf_counter()
         self._read = self._admit_compiled() if self._awaiting else []
-        k = 0
+        k, decoding = 0, len(self.scheduler.running)
         if self.proposer is not None:
             k = self.config.num_speculative_tokens
             if self.draft_policy is not None:
-                k = self.draft_policy.choose(len(self.scheduler.running))
+                k = self.draft_policy.choose(decoding)
             self._propose(k)
         generated = self.stats.generation_tokens
         batch = self.scheduler.schedule(self._prefill_budget())
@@ -354,8 +357,7 @@ class EngineCore:
             self._read += self._collect()
         # a decode step (no prompt tokens) measured for the draft policy: drafting, verifying and reading included
         if self.draft_policy is not None and batch.seqs and batch.num_tokens - sum(batch.num_drafts) == len(batch.seqs):
-            self.draft_policy.record(len(batch.seqs), k, self.stats.generation_tokens - generated,
-                                     time.perf_counter() - started)
+            self.draft_policy.record(decoding, k, self.stats.generation_tokens - generated, time.perf_counter() - started)
         deltas, self._read = self._read, []
         return deltas
 
@@ -437,6 +439,7 @@ class EngineCore:
             stats.decode_steps += 1
             stats.decode_device_seconds += flight.launched.device_seconds
         by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(flight.batch.seqs, flight.batch.num_drafts)}
+        tables = [seq.block_table for seq in batch.seqs]  # (a sequence that ends now gives its pages up)
         for seq_id, scores in flight.launched.prompt_scores.items():  # sent with the sequence's first token
             by_id[seq_id][0].prompt_scores += scores
         deltas = []
@@ -462,8 +465,8 @@ class EngineCore:
                     self.requests.pop(seq.request.request_id, None)
             elif drafts:
                 self.block_manager.trim(seq, seq.num_tokens)
-        if self.proposer is not None:
-            self.proposer.observe([seq for seq in batch.seqs if not seq.is_finished])
+        if self.proposer is not None:  # ended ones too: their pages may stay in the prefix cache
+            self.proposer.observe(list(zip(batch.seqs, tables)))
         return deltas
 
     def _prefill_budget(self) -> int | None:

@@ -22,7 +22,8 @@ so a one-layer head drafts as well as a much larger draft model. After each targ
 step computed (`observe`) and draws the first draft; once the next step is scheduled it chains on its own output for
 the rest. Draws follow the target's rule and seeds, as the draft model's do.
 
-A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed),
+A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed, with
+their pages),
 `propose` before a step is scheduled (the drafts, or placeholders whose slots the scheduler reserves), `refine`
 once it is scheduled (a model drafts then: its KV writes need those slots), `accepted` when the verdict is read,
 `forget` when a sequence ends.
@@ -59,7 +60,7 @@ class NgramProposer:
                 return ids[start : start + k]
         return []
 
-    def observe(self, seqs: list[Any]) -> None:
+    def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass  # the index catches up in propose
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
@@ -88,7 +89,7 @@ class DraftModelProposer:
         self._fed: dict[int, tuple[int, int]] = {}  # seq id -> (its length, drafts) at the last refine
         self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
 
-    def observe(self, seqs: list[Any]) -> None:
+    def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass  # the draft model catches up in refine, within the step's budget
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
@@ -163,9 +164,11 @@ class Eagle3Proposer:
         p = self._params.get(seq.seq_id) or self._params.setdefault(seq.seq_id, _as_drafted(seq.params))
         return SamplingRow(p, seq.seed, seq.num_output_tokens + j)
 
-    def observe(self, seqs: list[Any]) -> None:
-        """The sequences of the step just read (finished ones left out): the head takes in what the target computed."""
-        self.runner.catch_up([(s.seq_id, s.token_ids, s.block_table, self._row(s, 0)) for s in seqs])
+    def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
+        """The sequences of the step just read, with their pages then: the head takes in what the target computed
+        (for those that ended too, whose pages the prefix cache may keep, without drawing a draft)."""
+        self.runner.catch_up([(s.seq_id, s.token_ids, table, None if s.is_finished else self._row(s, 0))
+                              for s, table in seqs])
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
         # placeholders (refine draws them) where the head drew a first draft at this length: only a sequence whose

@@ -31,14 +31,16 @@ from slipstream.parallel.shard import Shard
 
 
 class Eagle3Head(nn.Module):
-    def __init__(self, cfg: Eagle3Config, backend: AttentionBackend, fused: bool = False) -> None:
+    def __init__(self, cfg: Eagle3Config, backend: AttentionBackend, fused: bool = False, own_embedding: bool = True) -> None:
+        """`own_embedding`: False for a head that uses the target's token embedding (most published heads carry none):
+        it has none until `share_embedding` hands it the target's."""
         super().__init__()
         self.config = cfg
         c, shard = cfg.layer, Shard.single()
         h = c.hidden_size
         rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict)
         self.fc = Linear(3 * cfg.target_hidden_size, h, fused=fused)
-        self.embed_tokens = VocabEmbedding(c.vocab_size, h, shard)  # the target's, unless the checkpoint has its own
+        self.embed_tokens = VocabEmbedding(c.vocab_size, h, shard) if own_embedding else None
         self.input_layernorm = RMSNorm(h, c.rms_norm_eps, fused)
         self.hidden_norm = RMSNorm(h, c.rms_norm_eps, fused)
         self.self_attn = Attention(c, 0, rotary, backend, unquantized, fused, shard, in_features=2 * h)
@@ -82,22 +84,21 @@ class Eagle3Head(nn.Module):
         full[:, self.d2t + torch.arange(self.config.draft_vocab_size, device=logits.device)] = logits
         return full
 
-    def share_embedding(self, target_embedding: torch.Tensor) -> None:
-        """Use the target's token embedding (shared, not copied), as heads published without one do."""
-        if target_embedding.shape != self.embed_tokens.weight.shape:
-            raise ValueError(f"the EAGLE-3 head has no embedding and the target's {tuple(target_embedding.shape)} "
-                             f"is not its {tuple(self.embed_tokens.weight.shape)}")
-        if not isinstance(target_embedding, nn.Parameter):
-            target_embedding = nn.Parameter(target_embedding, requires_grad=False)
-        self.embed_tokens.weight = target_embedding
+    def share_embedding(self, target: VocabEmbedding) -> None:
+        """Use the target's token embedding module (shared, not copied), once the head's own weights are in place."""
+        c = self.config.layer
+        if self.embed_tokens is not None or tuple(target.weight.shape) != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"the EAGLE-3 head cannot share the target's embedding {tuple(target.weight.shape)} "
+                             f"(it has its own, or reads {(c.vocab_size, c.hidden_size)})")
+        self.embed_tokens = target
 
     # checkpoint name -> (parameter, shard index) for the layer's fused projections
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], target_embedding: torch.Tensor) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The head's tensors as published (`midlayer.*`, or `layers.0.*`; `fc`, `norm`, `lm_head`, `d2t`; `t2d`, the
-        inverse map, is not needed). Without `embed_tokens.weight` the head shares the target's embedding."""
+        inverse map, is not needed); `embed_tokens.weight` where the head has its own."""
         params = dict(self.named_parameters())
         loaded: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
@@ -123,9 +124,6 @@ class Eagle3Head(nn.Module):
             except ValueError as e:
                 raise ValueError(f"EAGLE-3 head tensor {name}: {e}") from None
             loaded.add((target, shard))
-        if ("embed_tokens.weight", None) not in loaded:
-            self.share_embedding(target_embedding)
-            loaded.add(("embed_tokens.weight", None))
         if self.config.draft_vocab_size == self.config.layer.vocab_size:
             loaded.add(("d2t", None))  # the identity map (zeros) when the draft vocabulary is the whole one
         expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))} | {("d2t", None)}

@@ -10,7 +10,6 @@ where the head's distribution agrees with the target's, so do the draws.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -39,34 +38,34 @@ def head_footprint(config: EngineConfig, cfg: Eagle3Config, target: ModelConfig,
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, target, device)
     with torch.device("meta"):
-        head = Eagle3Head(cfg, create_backend(resolve_backend(config.attention_backend, device.type)))
-    weights = sum(p.numel() for n, p in head.named_parameters() if own_embedding or n != "embed_tokens.weight")
+        head = Eagle3Head(cfg, create_backend(resolve_backend(config.attention_backend, device.type)), own_embedding=own_embedding)
+    weights = sum(p.numel() for p in head.parameters())
     pool = KVPool(cfg.layer, config.cache.block_size, kv_dtype(config, dtype, device), device)
     return weights * dtype.itemsize, pool.bytes_per_block
 
 
 class Eagle3Runner:
     def __init__(self, target: ModelRunner, cfg: Eagle3Config, weights: Iterator[tuple[str, torch.Tensor]] | None,
-                 seed: int = 0) -> None:
-        """`weights`: the head's checkpoint tensors; None: random (benchmarks, tests)."""
+                 own_embedding: bool = False, seed: int = 0) -> None:
+        """`weights`: the head's checkpoint tensors; None: random (benchmarks, tests). `own_embedding`: they hold a
+        token embedding (else the head shares the target's)."""
         self.target, self.cfg = target, cfg
         dev = self.device = target.device
-        started = time.perf_counter()
         self.backend = create_backend(resolve_backend(target.config.attention_backend, dev.type))
         default = torch.get_default_dtype()
         torch.set_default_dtype(target.dtype)
         try:
             with torch.device(dev):
-                head = Eagle3Head(cfg, self.backend, fused=target.fused)
+                head = Eagle3Head(cfg, self.backend, fused=target.fused, own_embedding=own_embedding and weights is not None)
         finally:
             torch.set_default_dtype(default)
-        embedding = target.model.embed_tokens.weight
         if weights is None:  # random, the draft ids the target's first ones (d2t zero)
             init_dummy_weights(head, seed)
-            head.share_embedding(embedding)
             finish_loading(head)
         else:
-            head.load_weights(weights, embedding)
+            head.load_weights(weights)
+        if head.embed_tokens is None:
+            head.share_embedding(target.model.embed_tokens)
         self.head = head.eval()
         self.kv = KVPool(cfg.layer, target.block_size, target.kv.kv_dtype, dev)
         self.kv.allocate(target.num_blocks, self.backend)
@@ -75,7 +74,6 @@ class Eagle3Runner:
         self.ints = Stager(dev, torch.int64, 6 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(dev, target.model_config.vocab_size, sorted(target.sampling.eos_ids),
                                         sched.max_num_batched_tokens)
-        self.load_seconds = time.perf_counter() - started
         # After catch_up: per sequence that drew its first draft, (row in the tensors below, its length then)
         self._first: dict[int, tuple[int, int]] = {}
         self._o: torch.Tensor | None = None  # the head's output at each such sequence's last position
@@ -95,7 +93,7 @@ class Eagle3Runner:
         computed = self.target.computed
         for seq_id, tokens, table, row in seqs:
             where = computed.get(seq_id)
-            if where is None:
+            if where is None or not table:  # not in the step, or its pages already given up
                 continue
             _, start, n = where
             end = min(start + n, len(tokens) - 1)  # position p reads token p + 1

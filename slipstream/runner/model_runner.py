@@ -254,7 +254,7 @@ class ModelRunner:
         """One whole sequence through the model outside any engine step (training a draft head on the model's own
         predictions): (the most likely next token at each position, the states entering `aux_layers` [n, 3 x hidden]).
         It writes the first pages of the pool: nothing else may be running, and nothing cached may be kept."""
-        if len(tokens) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
+        if len(tokens) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens, self.num_blocks * self.block_size):
             raise ValueError(f"{len(tokens)} tokens are more than one step of this engine computes")
         self.ints.reset()
         h = host_inputs([SeqStep(-1, tokens, 0, list(range(-(-len(tokens) // self.block_size))))], self.block_size, False)

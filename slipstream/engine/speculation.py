@@ -5,9 +5,11 @@ verifying them costs, which depends on the batch: a small batch leaves the GPU w
 per sequence are almost free; a large one is compute-bound, and they cost nearly their share. Neither is modelled
 here: both are measured. For each batch size (in powers of two) and each candidate k (0, 1, 2, 4, ... up to
 num_speculative_tokens), the policy keeps a moving average of the output tokens per second that decode steps run
-with that k achieved, drafting and verifying included. A step takes the best k measured for its batch size; every
-PROBE_EVERY-th step tries another, so that a changed workload (text that starts to repeat, a batch that shrinks) is
-seen. k = 0 switches speculation off for that batch size.
+with that k achieved, drafting and verifying included. A step takes the best k measured for its batch size, after
+measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
+drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
+to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
+switches speculation off for that batch size.
 """
 from __future__ import annotations
 
@@ -30,13 +32,27 @@ class DraftPolicy:
         """The drafts per sequence for a step of `batch` decoding sequences."""
         b = self.bucket(batch)
         self._steps += 1
-        unmeasured = [k for k in self.candidates if (b, k) not in self.rate]
-        if unmeasured:  # the most drafts first: where speculation pays, it pays from the first steps
-            return unmeasured[-1]
-        ranked = sorted(self.candidates, key=lambda k: self.rate[(b, k)], reverse=True)
+        rates = {k: r for (bb, k), r in self.rate.items() if bb == b}
+        if not rates:
+            return self._borrowed(b)
+        best = max(rates, key=rates.__getitem__)
+        i = self.candidates.index(best)
+        near = [self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)]
+        unmeasured = [k for k in near if k not in rates]
+        if unmeasured:  # fewer drafts first: the cheaper step to try
+            return unmeasured[0]
         if self._steps % PROBE_EVERY == 0:
-            return ranked[1 + (self._steps // PROBE_EVERY) % (len(ranked) - 1)]
-        return ranked[0]
+            return near[(self._steps // PROBE_EVERY) % len(near)]
+        return best
+
+    def _borrowed(self, b: int) -> int:
+        """The best k of the nearest batch size measured; with none, the most drafts (where speculation pays, it pays
+        from the first steps)."""
+        measured = {bb for bb, _ in self.rate}
+        if not measured:
+            return self.candidates[-1]
+        nearest = min(measured, key=lambda bb: abs(bb.bit_length() - b.bit_length()))
+        return max((k for bb, k in self.rate if bb == nearest), key=lambda k: self.rate[(nearest, k)])
 
     def record(self, batch: int, k: int, tokens: int, seconds: float) -> None:
         """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`."""

@@ -18,6 +18,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     """One flag per engine option (config.ENGINE_OPTIONS), plus --model and --quiet."""
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quiet", action="store_true", help="no progress lines while the engine starts")
+    p.add_argument("--speculative-config", default=None, help="the speculative options as one JSON object, as vLLM "
+                   "takes them: {\"method\": \"ngram\"|\"draft_model\"|\"eagle3\", \"model\": DIR, "
+                   "\"num_speculative_tokens\": K, \"adaptive\": BOOL}")
     for o in ENGINE_OPTIONS.values():
         if o.type is bool:
             p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
@@ -27,7 +30,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(a, name) for name in ENGINE_OPTIONS}
+    return {name: getattr(a, name) for name in ENGINE_OPTIONS} | {"speculative_config": a.speculative_config}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

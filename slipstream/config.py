@@ -7,6 +7,7 @@ server's flags all derive from `ENGINE_OPTIONS`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -284,7 +285,11 @@ class EngineConfig:
 
     @classmethod
     def from_options(cls, model: str | None = None, **options: Any) -> "EngineConfig":
-        """Flat keyword options (as `LLM` and the CLI take them) -> the nested frozen config."""
+        """Flat keyword options (as `LLM` and the CLI take them) -> the nested frozen config. `speculative_config`
+        (a dict, or its JSON text) gives the speculative options the way vLLM's option of that name does."""
+        if options.get("speculative_config") is not None:
+            options = {**options, **_speculative_options(options.pop("speculative_config"), options)}
+        options.pop("speculative_config", None)
         parts: dict[type, dict[str, Any]] = {EngineConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
         for key, value in options.items():
             if key not in ENGINE_OPTIONS:
@@ -292,6 +297,33 @@ class EngineConfig:
             parts[ENGINE_OPTIONS[key].owner][key] = value
         return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]),
                             scheduler=SchedulerConfig(**parts[SchedulerConfig]))
+
+
+# vLLM's --speculative-config keys and methods -> ours
+_SPECULATIVE_KEYS = {"method": "speculative_method", "model": "speculative_model",
+                     "num_speculative_tokens": "num_speculative_tokens", "adaptive": "speculative_adaptive"}
+_SPECULATIVE_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft", "eagle3": "eagle3"}
+
+
+def _speculative_options(spec: Any, given: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+    _check(isinstance(spec, dict), "speculative_config", "must be a JSON object", spec)
+    unknown = sorted(set(spec) - set(_SPECULATIVE_KEYS))
+    _check(not unknown, "speculative_config", f"takes the keys {', '.join(_SPECULATIVE_KEYS)}; unknown", unknown)
+    out = {_SPECULATIVE_KEYS[k]: v for k, v in spec.items()}
+    if "speculative_method" in out:
+        method = out["speculative_method"]
+        _check(method in _SPECULATIVE_METHODS, "speculative_config.method",
+               f"must be one of {', '.join(_SPECULATIVE_METHODS)}", method)
+        out["speculative_method"] = _SPECULATIVE_METHODS[method]
+    for name, value in out.items():  # the same option given twice must agree
+        _check(given.get(name) in (None, value, ENGINE_OPTIONS[name].default), name,
+               f"is given both alone and in speculative_config ({value!r})", given.get(name))
+    return out
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,16 @@ def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path):
             assert mean_k < 2.5 and st.accepted_draft_tokens == 0, (mean_k, core.draft_policy.rate)
         else:
             assert st.accepted_draft_tokens == st.draft_tokens and st.decode_steps < 25, (st.decode_steps, core.draft_policy.rate)
+
+
+def test_speculative_config_takes_vllms_json():
+    c = EngineConfig.from_options(None, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+    assert (c.speculative_method, c.num_speculative_tokens, c.speculative_adaptive) == ("ngram", 3, True)
+    c = EngineConfig.from_options(None, speculative_config={"method": "draft_model", "model": "d", "adaptive": False})
+    assert (c.speculative_method, c.speculative_model, c.speculative_adaptive) == ("draft", "d", False)
+    for bad, message in (("{", "not valid JSON"), ('{"method": "medusa"}', "speculative_config.method"),
+                         ('{"method": "ngram", "prompt_lookup_max": 5}', "unknown"), ("[1]", "JSON object")):
+        with pytest.raises(ValueError, match=message):
+            EngineConfig.from_options(None, speculative_config=bad)
+    with pytest.raises(ValueError, match="given both"):
+        EngineConfig.from_options(None, num_speculative_tokens=5, speculative_config={"method": "ngram", "num_speculative_tokens": 3})

@@ -226,7 +226,12 @@ _GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from slipstream.loader.quantize import write_fp8_checkpoint, write_int4_checkpoint
+    from slipstream.loader.quantize import FP4_FORMATS, write_fp4_checkpoint, write_fp8_checkpoint, write_int4_checkpoint
+
+    if a.format in FP4_FORMATS:
+        cfg = write_fp4_checkpoint(a.model_pos, a.out, a.format)
+        print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
+        return
 
     texts = None  # calibration text, for static FP8 input scales and for GPTQ
     if (a.format == "fp8" and a.activations == "static") or (a.format != "fp8" and a.algorithm == "gptq"):
@@ -331,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
                                          "from a 16-bit model")
     q.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq"],
-                   help="fp8 (see --scheme), or 4-bit round-to-nearest in AutoAWQ's GEMM or AutoGPTQ's layout")
+    q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq", "nvfp4", "mxfp4"],
+                   help="fp8 (see --scheme); 4-bit round-to-nearest in AutoAWQ's GEMM or AutoGPTQ's layout; or FP4 "
+                        "E2M1 weights in compressed-tensors' NVFP4 (groups of 16) or MXFP4 (groups of 32) layout")
     q.add_argument("--group-size", type=int, default=128, help="4-bit formats: input columns per scale and zero point")
     q.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
                    help="4-bit formats: round to nearest, or GPTQ's error compensation (calibrated on text)")

@@ -3,6 +3,8 @@ package; AWQ and GPTQ checkpoints packed by an independent writer; round-to-near
 checkpoints `slipstream quantize` writes; the Triton GEMM and GEMV against their torch references (interpreter,
 fp16/fp32); the embedded Q4_1 model and a mixed GGUF kept 4-bit giving the weights and greedy tokens of the
 dequantize-at-load path."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -248,6 +250,9 @@ def _int4_checkpoint(src, out, fmt, act_order=False):
         ct["config_groups"]["group_0"]["weights"] = {"num_bits": 4, "type": "float", "symmetric": True,
                                                      "strategy": "tensor_group" if fmt == "nvfp4" else "group",
                                                      "group_size": 16 if fmt == "nvfp4" else 32}
+        if fmt == "nvfp4":  # written as a W4A4 checkpoint: its input scales are read past
+            ct["config_groups"]["group_0"]["input_activations"] = {"num_bits": 4, "type": "float", "dynamic": "local",
+                                                                   "strategy": "tensor_group", "group_size": 16}
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
                                   if fmt == "awq" else ct if fmt.startswith("ct") or fmt.endswith("fp4") else
                                   {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": False})
@@ -483,3 +488,50 @@ def test_gguf_index_reads_what_ggufs_reader_reads(gguf_path, tmp_path):
     cut.write_bytes(open(mixed, "rb").read()[:-1000])
     with pytest.raises(ValueError, match="is truncated: tensor"):
         GGUFIndex(str(cut))
+
+
+def test_e2m1_rounding_is_to_the_nearest_value():
+    from slipstream.layers.quantization.int4 import E2M1
+    from slipstream.loader.quantize import e2m1_codes
+
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(3)) * 3
+    got = E2M1[e2m1_codes(x)]
+    best = (x.clamp(-6, 6)[:, None] - E2M1[None, :]).abs().min(dim=1).values
+    assert torch.allclose((x.clamp(-6, 6) - got).abs(), best)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_checkpoints_written_here_load_to_their_values(tmp_path, fmt):
+    """`slipstream quantize --format nvfp4|mxfp4`: the engine loads each projection to the values the written
+    tensors define (decoded here by the formats' rules), and those are the source weights to within FP4's rounding;
+    no input scales are written (W4A16) and the model still answers."""
+    from safetensors.torch import load_file
+
+    from slipstream import cli
+    from test_fp8 import _tiny_llama
+
+    src, out = str(tmp_path / "src"), str(tmp_path / fmt)
+    _tiny_llama(src)
+    cli.main(["quantize", src, "--out", out, "--format", fmt])
+    t, orig = load_file(f"{out}/model.safetensors"), load_file(f"{src}/model.safetensors")
+    assert not any(n.endswith("input_global_scale") for n in t)
+    cfg = json.load(open(f"{out}/config.json"))["quantization_config"]
+    assert cfg["format"] == f"{fmt}-pack-quantized" and cfg["config_groups"]["group_0"]["input_activations"] is None
+    group = 16 if fmt == "nvfp4" else 32
+    ref, errors = {}, []
+    for name in [n.removesuffix(".weight_packed") for n in t if n.endswith(".weight_packed")]:
+        codes = unpack(t[name + ".weight_packed"]).long()
+        s = t[name + ".weight_scale"]
+        scale = s.float() / t[name + ".weight_global_scale"] if fmt == "nvfp4" else torch.exp2(s.float() - 127)
+        ref[name] = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])[codes] * scale.repeat_interleave(group, 1)
+        w = orig[name + ".weight"]
+        errors.append(float((ref[name] - w).norm() / w.norm()))
+    assert max(errors) < 0.15, errors  # E2M1's 8 magnitudes per group: ~10% relative error on Gaussian weights
+    llm = LLM(out, dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    model = llm.engine.core.runner.model
+    for i in range(2):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([ref[p + "self_attn." + x] for x in ("q_proj", "k_proj", "v_proj")])
+        assert torch.allclose(model.layers[i].self_attn.qkv_proj.weight, qkv, rtol=1e-6, atol=0)
+        assert torch.allclose(model.layers[i].mlp.down_proj.weight, ref[p + "mlp.down_proj"], rtol=1e-6, atol=0)
+    assert len(llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4

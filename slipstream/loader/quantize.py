@@ -1,6 +1,8 @@
 """`slipstream quantize`: write an FP8 or a 4-bit checkpoint in the formats other readers know, from a 16-bit model.
 
-4-bit: AutoAWQ's GEMM layout or AutoGPTQ's, round-to-nearest per group with integer zero points (write_int4_checkpoint).
+4-bit: AutoAWQ's GEMM layout or AutoGPTQ's, round-to-nearest per group with integer zero points (write_int4_checkpoint);
+or FP4 E2M1 values in compressed-tensors' NVFP4 / MXFP4 layouts, each weight rounded to the nearest of the 15 values
+its group's scale makes (write_fp4_checkpoint).
 
 Schemes (all FP8 E4M3 weights; norms, embeddings and the output projection stay in the source dtype):
   - "block":   HF fine-grained FP8, as DeepSeek-V3 and Qwen3-FP8 ship: `weight_scale_inv` per 128 x 128 block,
@@ -20,12 +22,16 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
-from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack_int32, quantize_zero_point, zero_point_grid
+from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack, pack_int32, quantize_zero_point, zero_point_grid
 from slipstream.loader import load
 from slipstream.models import model_class
 
 SCHEMES = ("block", "channel", "tensor")
 INT4_FORMATS = ("awq", "gptq")
+FP4_FORMATS = {"nvfp4": 16, "mxfp4": 32}  # -> weights per scale
+_E2M1_MAX = 6.0
+# midpoints between the E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6: a magnitude rounds to the code of its interval
+_E2M1_EDGES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _SHARD_BYTES = 4 << 30
 
 
@@ -220,6 +226,58 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, 
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[order] = torch.arange(k, dtype=torch.int32) // group
     return torch.empty_like(q).index_copy_(1, order, q), zeros, scales, g_idx
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 E2M1 value (|x| <= 6): the 4-bit codes, sign in bit 3."""
+    mag = torch.bucketize(x.abs().clamp(max=_E2M1_MAX), _E2M1_EDGES.to(x.device))
+    return mag + 8 * (x < 0)
+
+
+def fp4_quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One projection's [N, K] weight -> (E2M1 codes [N, K], its scale tensors as the format names them).
+    NVFP4: a float32 global scale for the tensor, 448 * 6 / amax, so that every group's scale amax_g / 6 fits FP8
+    E4M3 once multiplied by it; w = e2m1 * fp8_scale / global. MXFP4: a power of two per group of 32, the group's
+    largest exponent minus E2M1's (2), stored as E8M0 (exponent + 127); w = e2m1 * 2^(e - 127)."""
+    n, k = w.shape
+    group = FP4_FORMATS[fmt]
+    w = w.float()
+    amax = w.abs().view(n, k // group, group).amax(dim=-1)
+    if fmt == "nvfp4":
+        glob = torch.tensor([FP8_MAX * _E2M1_MAX / max(float(w.abs().max()), 1e-12)])
+        fp8 = (amax / _E2M1_MAX * glob).to(torch.float8_e4m3fn)
+        scale = fp8.float() / glob
+        extra = {"weight_scale": fp8, "weight_global_scale": glob}
+    else:
+        e = (torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2).clamp(-127, 127)
+        scale = torch.exp2(e)
+        extra = {"weight_scale": (e + 127).to(torch.uint8)}
+    per_col = scale.repeat_interleave(group, dim=1)
+    q = torch.where(per_col > 0, w / per_col.clamp(min=1e-30), torch.zeros_like(w))
+    return e2m1_codes(q), extra
+
+
+def write_fp4_checkpoint(model: str | None, out: str, fmt: str = "nvfp4") -> dict[str, Any]:
+    """Quantize `model`'s projections to FP4 in compressed-tensors' `nvfp4-pack-quantized` (groups of 16, FP8 scales
+    and a global scale per tensor) or `mxfp4-pack-quantized` (groups of 32, power-of-two scales) layout, weight-only
+    (activations stay 16-bit: W4A16, which is how Hopper runs FP4). Returns the written config."""
+    if fmt not in FP4_FORMATS:
+        raise ValueError(f"format must be one of: {', '.join(FP4_FORMATS)}; got {fmt!r}")
+    loaded, quantizable = _source(model)
+    group = FP4_FORMATS[fmt]
+    writer = _ShardWriter(out)
+    for name, module, tensor in _projections(loaded, quantizable, writer):
+        if tensor.shape[1] % group:
+            raise ValueError(f"{name} {tuple(tensor.shape)}: {fmt} needs input widths that are multiples of {group}")
+        codes, scales = fp4_quantize(tensor, fmt)
+        writer.add(f"{module}.weight_packed", pack(codes))
+        for kind, t in scales.items():
+            writer.add(f"{module}.{kind}", t)
+    qc = {"quant_method": "compressed-tensors", "format": f"{fmt}-pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+              "num_bits": 4, "type": "float", "symmetric": True, "group_size": group,
+              "strategy": "tensor_group" if fmt == "nvfp4" else "group"}}}}
+    return _finish(loaded, out, writer, qc)
 
 
 def _projections(loaded: Any, quantizable: tuple[str, ...], writer: "_ShardWriter") -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -171,9 +171,9 @@ class Int4:
         elif fmt in ("nvfp4", "mxfp4"):  # E2M1 codes two to a byte as ours; FP8 (NVFP4) or E8M0 (MXFP4) group scales
             params = [("weight_packed", (n, k // 2), torch.uint8, dict(cols_per=2)),
                       ("weight_scale", (n, g), torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8, grouped)]
-            if fmt == "nvfp4":  # a global scale per projection for the weights and one for W4A4's activations (unused)
-                params += [(name, (len(layer.output_sizes),), torch.float32, dict(per_shard=True))
-                           for name in ("weight_global_scale", "input_global_scale")]
+            if fmt == "nvfp4":  # a global scale per projection for the weights, and one for W4A4's activations (unused)
+                names = ("weight_global_scale", "input_global_scale") if self.spec.activations == "static" else ("weight_global_scale",)
+                params += [(name, (len(layer.output_sizes),), torch.float32, dict(per_shard=True)) for name in names]
         elif fmt.startswith("ct"):  # compressed-tensors: [N, ...] tensors, 8 columns to an int32 (zero points: 8 rows)
             params = [("weight_packed", (n, k // 8), torch.int32, dict(cols_per=8)),
                       ("weight_scale", (n, g), torch.float32, grouped)]

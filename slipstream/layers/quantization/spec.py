@@ -22,7 +22,8 @@ class QuantSpec:
     weight_scales: str = "channel"
     block: tuple[int, int] = (128, 128)
     # "dynamic": activation scales computed per token as the step runs (per token and 128-column group for
-    # block-scaled weights); "static": one calibrated scale per layer from the checkpoint (`input_scale`).
+    # block-scaled weights); "static": one calibrated scale per layer from the checkpoint (`input_scale`; NVFP4:
+    # the checkpoint quantizes activations too and holds `input_global_scale`).
     activations: str = "dynamic"
     serialized: bool = False  # the checkpoint holds FP8 weights; False: 16-bit weights quantized at load
     scale_name: str = "weight_scale"  # the checkpoint's name of the weight scale ("weight_scale_inv" in HF block FP8)
@@ -101,7 +102,9 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
             if fp4 is None or w.get("group_size") != fp4[1] or not w.get("symmetric", True):
                 raise ValueError(f"compressed-tensors FP4 weights: supported nvfp4-pack-quantized (groups of 16) and "
                                  f"mxfp4-pack-quantized (groups of 32), symmetric; got {fmt!r}, group {w.get('group_size')}")
-            return QuantSpec("int4", serialized=True, ignore=ignore, group=fp4[1], format=fp4[0])
+            # (W4A4 checkpoints also hold a global input scale, which W4A16 reads past: activations stay 16-bit)
+            return QuantSpec("int4", serialized=True, ignore=ignore, group=fp4[1], format=fp4[0],
+                             activations="static" if a is not None else "dynamic")
         if w.get("type") != "float" or w.get("num_bits") != 8:
             raise ValueError(f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: supported float 8-bit "
                              "(FP8), int 4-bit (pack-quantized) and float 4-bit (NVFP4, MXFP4)")

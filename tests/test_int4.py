@@ -307,6 +307,9 @@ def test_parse_awq_gptq_configs():
             parse(bad)
     nv = ct(act={"num_bits": 4, "type": "float"}, type="float", strategy="tensor_group", group_size=16)
     nv["format"] = "nvfp4-pack-quantized"
+    # W4A4 (it holds input scales, read past) and W4A16
+    assert parse(nv) == QuantSpec("int4", serialized=True, group=16, format="nvfp4", ignore=("lm_head",), activations="static")
+    nv["config_groups"]["g"]["input_activations"] = None
     assert parse(nv) == QuantSpec("int4", serialized=True, group=16, format="nvfp4", ignore=("lm_head",))
     mx = ct(type="float", group_size=32)
     mx["format"] = "mxfp4-pack-quantized"

@@ -290,3 +290,26 @@ def test_train_draft_learns_the_target_and_serves(dirs, tmp_path, capsys):
         st = llm.engine.core.stats
         rates[name] = st.accepted_draft_tokens / st.draft_tokens
     assert rates["head"] > 0.2 and rates["head"] > 10 * rates["untrained"], (rates, report)
+
+
+def test_a_head_keeps_a_grammar(dirs):
+    """Drafts of a constrained request are verified against masks filled after the drafts before them: the output
+    with the head is the constrained output without it (a regular expression over the target's word tokens, which
+    the grammar reads as their raw strings: t19 t25 t21 is "t19t25t21")."""
+    from slipstream.sampling_params import StructuredOutputs
+
+    root = dirs[0]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128)
+    so = StructuredOutputs(regex=r"t1[0-9](t2[0-9]){2,5}")
+    params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=so),
+              SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=12, structured_outputs=so)]
+    prompts = [[5, 6, 7], [40, 41]]
+    want = LLM(str(root / "target"), **kw).generate(prompts, params)
+    spec = LLM(str(root / "target"), speculative_method="eagle3", speculative_model=str(root / "default"),
+               num_speculative_tokens=3, speculative_adaptive=False, **kw)
+    got = spec.generate(prompts, params)
+    for a, b in zip(want, got):
+        assert [x.token_ids for x in a.outputs] == [y.token_ids for y in b.outputs]
+        assert all(3 <= len(y.token_ids) <= 7 and y.finish_reason == "stop" for y in b.outputs), b.outputs
+    assert spec.engine.core.stats.draft_tokens > 0
+    assert_no_leak(spec)

@@ -253,7 +253,7 @@ def cmd_train_draft(a: argparse.Namespace) -> None:
     from slipstream.train_draft import DraftTraining, read_prompts, save, train
 
     cfg = DraftTraining(steps=a.steps, epochs=a.epochs, lr=a.lr, draft_vocab_size=a.draft_vocab_size,
-                        max_tokens=a.answer_tokens, held_out=a.held_out, seed=a.seed)  # checked before loading
+                        answer_tokens=a.answer_tokens, held_out=a.held_out, seed=a.seed)  # checked before loading
     prompts = read_prompts(a.prompts, a.num_prompts)
     llm = LLM(a.model_pos or a.model, **engine_kwargs(a))
     head, report = train(llm, prompts, cfg)
@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
 
 
-_SAMPLING_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "seed"}
+# options of the sampling and train-draft flags, as their errors name them
+_COMMAND_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "seed",
+                  "steps", "epochs", "lr", "draft_vocab_size", "answer_tokens", "held_out"}
 
 
 def _as_flags(message: str) -> str:
@@ -403,7 +405,7 @@ def _as_flags(message: str) -> str:
     first, _, rest = message.partition(" ")
     if first in ENGINE_OPTIONS:
         return f"{ENGINE_OPTIONS[first].flag} {rest}"
-    return f"--{first.replace('_', '-')} {rest}" if first in _SAMPLING_FLAGS else message
+    return f"--{first.replace('_', '-')} {rest}" if first in _COMMAND_FLAGS else message
 
 
 if __name__ == "__main__":

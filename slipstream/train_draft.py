@@ -39,12 +39,12 @@ class DraftTraining:
     epochs: int = 2
     lr: float = 1e-3
     draft_vocab_size: int = 8192
-    max_tokens: int = 256  # of each answer the target writes
+    answer_tokens: int = 256  # of each answer the target writes
     held_out: float = 0.1  # share of the sequences kept for the accuracy report
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "epochs", "draft_vocab_size", "max_tokens"):
+        for name in ("steps", "epochs", "draft_vocab_size", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -55,10 +55,17 @@ class DraftTraining:
 
 def read_prompts(path: str, limit: int | None = None) -> list[str]:
     """Prompts from a ShareGPT-style JSON (each conversation's first turn) or a text file (one prompt a line)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"prompts file {path!r} cannot be read: {e.strerror}") from None
     if path.endswith(".json"):
-        prompts = [c["conversations"][0]["value"] for c in json.loads(text) if c.get("conversations")]
+        try:
+            prompts = [c["conversations"][0]["value"] for c in json.loads(text) if c.get("conversations")]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"prompts file {path!r} is not ShareGPT-style JSON (a list of {{\"conversations\": "
+                             f"[{{\"value\": ...}}]}}): {e}") from None
     else:
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -164,7 +171,7 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
     mc, runner = core.model_config, core.runner
     aux = aux or (2, mc.num_layers // 2, mc.num_layers - 3)
     started = time.perf_counter()
-    sequences = answers(llm, prompts, cfg.max_tokens)
+    sequences = answers(llm, prompts, cfg.answer_tokens)
     if len(sequences) < 2:
         raise ValueError(f"{len(sequences)} usable prompts: training needs at least 2 (one held out)")
     examples = collect(llm, sequences, tuple(sorted(aux)))

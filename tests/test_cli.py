@@ -28,6 +28,9 @@ def _run(*args, timeout=60):
     (["serve", "--tensor-parallel-size", "3", "--nnodes", "2"], "--nnodes must be >= 1 and divide"),
     (["chat", "--temperature", "-1"], "--temperature"),
     (["generate", "hi", "--model", "/does/not/exist"], "does not exist"),
+    (["train-draft", "--prompts", "/does/not/exist.txt", "--out", "/tmp/never"], "cannot be read"),
+    (["train-draft", "--prompts", "p.txt", "--out", "/tmp/never", "--epochs", "0"], "--epochs must be >= 1"),
+    (["bench", "speculative", "--workload", "chat"], "--dataset"),
 ])
 def test_bad_options_fail_before_loading(args, message):
     """One line naming the flag, before anything loads (no start-up progress line)."""

@@ -85,6 +85,8 @@ def _timed(llm: LLM, prompts: list, params: SamplingParams) -> tuple[float, list
 
 
 def speculative(a: argparse.Namespace) -> list[dict]:
+    if a.workload == "chat" and not a.dataset:
+        raise ValueError("the chat workload reads its prompts from --dataset (ShareGPT-style .json or a prompt a line)")
     prompts = quote_prompts(a.num_prompts) if a.workload == "quote" else chat_prompts(a.dataset, a.num_prompts)
     if not prompts:
         raise ValueError(f"no prompts for workload {a.workload!r}")

@@ -439,7 +439,8 @@ class EngineCore:
             stats.decode_steps += 1
             stats.decode_device_seconds += flight.launched.device_seconds
         by_id = {seq.seq_id: (seq, drafts) for seq, drafts in zip(flight.batch.seqs, flight.batch.num_drafts)}
-        tables = [seq.block_table for seq in batch.seqs]  # (a sequence that ends now gives its pages up)
+        # for the proposer: each sequence's pages (one that ends below gives them up)
+        tables = [seq.block_table for seq in batch.seqs] if self.proposer is not None else []
         for seq_id, scores in flight.launched.prompt_scores.items():  # sent with the sequence's first token
             by_id[seq_id][0].prompt_scores += scores
         deltas = []

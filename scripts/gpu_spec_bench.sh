@@ -17,7 +17,7 @@ if [[ " $parts " == *" ngram "* ]]; then
 fi
 if [[ " $parts " == *" eagle3 "* ]]; then
   python3 -m slipstream.cli train-draft --prompts "$data" --num-prompts 2000 --answer-tokens 256 --epochs 3 \
-    --out "$out/smol-eagle3" --dtype bfloat16 --max-model-len 2048 --quiet | tail -1
+    --out "$out/smol-eagle3" --dtype bfloat16 --max-model-len 2048 --gpu-memory-utilization 0.5 --quiet | tail -1
   python3 - "$data" "$out/heldout.txt" <<'PY'
 import json, sys
 convs = [c["conversations"][0]["value"] for c in json.load(open(sys.argv[1])) if c.get("conversations")]

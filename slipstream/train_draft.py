@@ -90,9 +90,15 @@ def answers(llm: Any, prompts: list[str], max_tokens: int) -> list[list[int]]:
 
 @dataclass
 class Example:
+    """One training sequence, kept in host memory (the target's states of thousands of sequences would not fit beside
+    its KV pool on the GPU) and moved to the device one at a time."""
+
     tokens: torch.Tensor  # [n]
     labels: torch.Tensor  # [n]: the target's own next token after each position
-    states: torch.Tensor  # [n, 3 x hidden]: what enters the head's three layers
+    states: torch.Tensor  # [n, 3 x hidden], in the target's dtype: what enters the head's three layers
+
+    def to(self, device: torch.device) -> "Example":
+        return Example(self.tokens.to(device), self.labels.to(device), self.states.to(device).float())
 
 
 def head_config(target: Any, aux: tuple[int, ...], draft_vocab_size: int) -> Eagle3Config:
@@ -157,8 +163,8 @@ def collect(llm: Any, sequences: list[list[int]], aux: tuple[int, ...]) -> list[
     out = []
     for seq in sequences:
         labels, states = runner.teacher_states(seq, aux)
-        # (clones: tensors made in inference mode cannot enter autograd)
-        out.append(Example(torch.tensor(seq, device=runner.device), labels.clone(), states.float().clone()))
+        # (copies out of inference mode: its tensors cannot enter autograd)
+        out.append(Example(torch.tensor(seq), labels.cpu().clone(), states.cpu().clone()))
     return out
 
 
@@ -179,7 +185,7 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
     random.Random(cfg.seed).shuffle(examples)
     held = examples[: int(len(examples) * cfg.held_out)]
     train_set = examples[len(held) :]
-    counts = torch.bincount(torch.cat([e.labels for e in train_set]), minlength=mc.vocab_size)
+    counts = torch.bincount(torch.cat([e.labels for e in train_set]), minlength=mc.vocab_size).to(runner.device)
     hc = head_config(mc, tuple(aux), cfg.draft_vocab_size)
     kept = counts.topk(hc.draft_vocab_size).indices.sort().values
     draft_of = torch.full((mc.vocab_size,), -1, dtype=torch.int64, device=runner.device)
@@ -195,7 +201,7 @@ def train(llm: Any, prompts: list[str], cfg: DraftTraining, aux: tuple[int, ...]
         rng.shuffle(order)
         run_loss = 0.0
         for i in order:
-            loss, _ = losses(head, train_set[i], draft_of, cfg.steps)
+            loss, _ = losses(head, train_set[i].to(runner.device), draft_of, cfg.steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)
@@ -218,7 +224,7 @@ def _accuracy(head: Eagle3Head, examples: list[Example], draft_of: torch.Tensor,
     assumed right: the acceptance of draft j + 1 given j accepted)."""
     hits = [[0, 0] for _ in range(steps)]
     for ex in examples:
-        for j, (h, n) in enumerate(losses(head, ex, draft_of, steps)[1]):
+        for j, (h, n) in enumerate(losses(head, ex.to(draft_of.device), draft_of, steps)[1]):
             hits[j][0] += h
             hits[j][1] += n
     return [round(h / max(n, 1), 4) for h, n in hits]

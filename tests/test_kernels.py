@@ -435,3 +435,33 @@ def test_prefill_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gumbel_argmax_reads_a_grammars_mask(dtype):
+    """With a bitmask the fused draw is the torch sampler's over the allowed tokens only (greedy and sampled rows; a
+    row allowing everything, one allowing a single token, one allowing tokens past the last full word)."""
+    from slipstream.kernels.hash import exponential_noise
+    from slipstream.kernels.sampling import gumbel_argmax
+    from slipstream.layers.sampler import apply_token_mask
+
+    g = torch.Generator().manual_seed(1)
+    vocab = 5003
+    logits = (torch.randn(5, vocab, generator=g) * 3).to(dtype)
+    keep = torch.rand(5, vocab, generator=g) < 0.3
+    keep[1] = True
+    keep[2] = False
+    keep[2, 4321] = True
+    keep[3, :4992] = False  # only the last, partial word's tokens
+    bits = torch.zeros(5, (vocab + 31) // 32 * 32, dtype=torch.int64)
+    bits[:, :vocab] = keep.long()
+    words = (bits.view(5, -1, 32) << torch.arange(32)).sum(-1)
+    allowed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    temp = torch.tensor([0.0, 0.7, 1.0, 0.0, 1.2])
+    seeds, pos = torch.tensor([3, 4, 5, 6, 7]), torch.tensor([0, 1, 2, 3, 4])
+    masked = apply_token_mask(logits.float(), allowed)
+    ref = torch.where(temp < 1e-5, masked.argmax(-1),
+                      (masked / temp.clamp_min(1e-5).unsqueeze(1) - exponential_noise(seeds, pos, vocab).log()).argmax(-1))
+    out = gumbel_argmax(*to(DEV, logits, temp, seeds, pos, allowed))
+    assert out.cpu().tolist() == ref.tolist()
+    assert out[2].item() == 4321 and out[3].item() >= 4992

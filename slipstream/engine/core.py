@@ -306,10 +306,17 @@ class EngineCore:
           takes a variant by batch size and context length (one partition or several, small or big tiles): one short
           decode beside a prefill, then as many short decodes as a step and the pool hold.
         - Prefill picks variants by the context a batch's tables span (the Hopper prefill deepens its pipeline from
-          16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps)."""
+          16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps).
+        - The fused draw reads a grammar's mask over the model's own logits or, with logprobs or penalties, over float32
+          ones: a constrained request with logprobs."""
         sched = self.config.scheduler
         vocab = self.model_config.vocab_size
         greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        word = StructuredOutputs(choice=(self._plain_word(),))
+        self.add_request("__warmup_grammar_logprobs", [(5 * j + 3) % vocab for j in range(1, 9)],
+                         SamplingParams(temperature=0.7, max_tokens=2, seed=0, logprobs=1, structured_outputs=word))
+        while self.has_unfinished():
+            self.step()
         crowd = max(1, min(sched.max_num_seqs - 1, sched.max_waiting - 1, sched.max_num_batched_tokens // 8,
                            self.block_manager.num_blocks // 2))
         for n in sorted({1, crowd}):

@@ -1,7 +1,9 @@
 """Fused sampling for the common case (temperature only, no top-k/top-p/min-p filter): one pass over the logits.
 
 The exponential race argmax(p_i / E_i) equals argmax(logit_i / T - log E_i), so no softmax is needed. E_i comes
-from the same counter-based hash of (seed, position, token) as the torch sampler, bit for bit."""
+from the same counter-based hash of (seed, position, token) as the torch sampler, bit for bit. A grammar's bitmask
+(structured output: bit t of word t // 32 set where token t may be drawn) is read in the same pass: a refused token
+never enters the race, with no float copy of the logits and no mask expanded to one byte a token."""
 from __future__ import annotations
 
 import torch
@@ -24,9 +26,10 @@ def _mix(x):
 
 # The per-row scalars come as views into one packed upload (runner/sampling.py): whether seed_ptr is 16-byte aligned
 # follows the batch's parity, and Triton would compile a variant for each (362 ms into serving on the H200)
-@triton.jit(do_not_specialize=["vocab", "chunk"], do_not_specialize_on_alignment=["seed_ptr", "pos_ptr", "temp_ptr"])
-def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, val_ptr, idx_ptr, vocab, stride, chunk,
-                 SAMPLED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["vocab", "chunk", "mask_stride"],
+            do_not_specialize_on_alignment=["seed_ptr", "pos_ptr", "temp_ptr"])
+def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, mask_ptr, val_ptr, idx_ptr, vocab, stride, mask_stride, chunk,
+                 SAMPLED: tl.constexpr, MASKED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """Best (score, index) of one row over one vocabulary chunk."""
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -47,6 +50,9 @@ def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, val_ptr, idx_ptr, voca
         idx = start + tl.arange(0, BLOCK)
         ok = idx < hi
         z = tl.load(logits_ptr + row * stride + idx, mask=ok, other=float("-inf")).to(tl.float32)
+        if MASKED:  # each word serves 32 neighbouring tokens: loaded once from memory, then from L1
+            word = tl.load(mask_ptr + row * mask_stride + idx // 32, mask=ok, other=0)
+            z = tl.where(((word >> (idx % 32)) & 1) != 0, z, float("-inf"))
         if SAMPLED:
             if not greedy:
                 x = _mix(key + idx.to(tl.uint64) * 0x9E3779B97F4A7C15)
@@ -77,7 +83,7 @@ _BLOCK = 2048
 
 
 def _race(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Tensor | None,
-          temperature: torch.Tensor | None) -> torch.Tensor:
+          temperature: torch.Tensor | None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     # A 128K vocabulary in one program per row takes ~35 us at batch 1: split rows over enough programs to fill
     # the GPU, then pick across the splits.
     rows, vocab = logits.shape
@@ -88,17 +94,20 @@ def _race(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Ten
     vals = torch.empty(rows, _MAX_SPLITS, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(rows, _MAX_SPLITS, dtype=torch.int64, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    sampled = seeds is not None
-    _race_kernel[(rows, splits)](logits, *((seeds, positions, temperature) if sampled else (logits,) * 3), vals, idxs,
-                                 vocab, logits.stride(0), chunk, SAMPLED=sampled, MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK,
-                                 num_warps=8)
+    sampled, masked = seeds is not None, allowed is not None
+    _race_kernel[(rows, splits)](logits, *((seeds, positions, temperature) if sampled else (logits,) * 3),
+                                 allowed if masked else logits, vals, idxs, vocab, logits.stride(0),
+                                 allowed.stride(0) if masked else 0, chunk, SAMPLED=sampled, MASKED=masked,
+                                 MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK, num_warps=8)
     _pick_kernel[(rows,)](vals, idxs, out, splits, vocab, MAX_SPLITS=_MAX_SPLITS, num_warps=1)
     return out
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Per row: greedy argmax if its temperature is 0, else a seeded draw from softmax(logits / T)."""
-    return _race(logits, seeds, positions, temperature)
+def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row: greedy argmax if its temperature is 0, else a seeded draw from softmax(logits / T); with `allowed`
+    (int32 [rows, ceil(vocab / 32)]) among the tokens whose bit is set."""
+    return _race(logits, seeds, positions, temperature, allowed)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

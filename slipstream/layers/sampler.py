@@ -93,7 +93,7 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) -> SamplerOutput:
     """`fused_kernels`: the model runs on the GPU with Triton kernels; temperature-only rows then draw in one pass."""
     fused = not (b.use_top_k_top_p or b.use_min_p) and fused_kernels
-    adjusted = b.bias is not None or b.banned is not None or b.penalties is not None or b.allowed is not None
+    adjusted = b.bias is not None or b.banned is not None or b.penalties is not None
     if not fused or adjusted or b.max_logprobs is not None:  # the fused kernel reads bf16 logits as they are
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.max_logprobs is not None else None
@@ -104,10 +104,10 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) 
         logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
     if b.penalties is not None:
         logits = apply_penalties(logits, b.penalties)
-    if b.allowed is not None:  # last: no adjustment can bring back a token the grammar refuses
+    if b.allowed is not None and not fused:  # last: no adjustment can bring back a token the grammar refuses
         logits = apply_token_mask(logits, b.allowed)
-    if fused:
-        tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions)
+    if fused:  # (the grammar's mask read in the same pass)
+        tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions, b.allowed)
     elif b.all_greedy:
         tokens = logits.argmax(dim=-1)
     else:

@@ -153,7 +153,14 @@ class ModelRunner:
         if self.device.type == "cuda" and self.fused and not config.enforce_eager:
             started = time.perf_counter()
             self.capture_graphs(1)
-            log.info("CUDA graphs for %d batch sizes captured in %.1f s", len(self.graphs[1].sizes), time.perf_counter() - started)
+            # A step that verifies k drafts for every sequence computes 1 + k tokens each: a ladder of its own (fewer
+            # drafts, or a mix, run eagerly). One rank only: the others would run such a step eagerly.
+            verify = 1 + config.num_speculative_tokens
+            if config.speculative_method != "none" and self.shard.world == 1 and verify <= bs:
+                self.capture_graphs(verify)
+            log.info("CUDA graphs for %s captured in %.1f s", ", ".join(
+                f"{len(ladder.sizes)} batch sizes of {q} token{'s' if q > 1 else ''} a sequence"
+                for q, ladder in self.graphs.items()), time.perf_counter() - started)
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
         # The last launched step's draws, on the device: sequence id -> row, and the tokens.
         self._last_rows: dict[int, int] = {}

@@ -249,7 +249,7 @@ def _new_head(cfg: Eagle3Config, runner: Any, kept: torch.Tensor) -> Eagle3Head:
         p.requires_grad_(True)
     head.embed_tokens.weight.data.copy_(runner.model.embed_tokens.weight.detach())  # the target's, frozen
     head.embed_tokens.weight.requires_grad_(False)
-    head.d2t.copy_(kept - torch.arange(len(kept), device=kept.device))
+    head.draft_to_target.copy_(kept)
     return head
 
 
@@ -281,8 +281,8 @@ def save(head: Eagle3Head, path: str, num_target_layers: int, dtype: torch.dtype
         "lm_head.weight": head.lm_head.weight,
     }
     out = {n: t.detach().to("cpu", dtype).contiguous() for n, t in tensors.items()}
-    kept = head.d2t.cpu() + torch.arange(cfg.draft_vocab_size)
-    out["d2t"] = head.d2t.cpu().clone()
+    kept = head.draft_to_target.cpu()
+    out["d2t"] = kept - torch.arange(cfg.draft_vocab_size)
     out["t2d"] = torch.zeros(c.vocab_size, dtype=torch.bool).index_fill_(0, kept, True)
     os.makedirs(path, exist_ok=True)
     save_file(out, os.path.join(path, "model.safetensors"))

@@ -135,6 +135,35 @@ def _units(start: int, size: int, per: int, what: str) -> tuple[int, int]:
     return start // per, -(-size // per)
 
 
+def load_checkpoint_tensor(params: dict[str, nn.Parameter], name: str, tensor: Any, packed: dict[str, tuple[str, int]],
+                           owner: str) -> tuple[str, int | None]:
+    """Give one checkpoint tensor (HF name) to its parameter's weight loader; `packed` maps a checkpoint module fused
+    into a stacked parameter to that parameter and its shard (q_proj -> (qkv_proj, 0)). Returns (parameter, shard)."""
+    parts = name.split(".")
+    target, shard = name, None
+    for i, part in enumerate(parts):
+        if part in packed:
+            parts[i], shard = packed[part]
+            target = ".".join(parts)
+            break
+    if target not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in {owner}")
+    param = params[target]
+    try:
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return target, shard
+
+
+def check_all_loaded(params: dict[str, nn.Parameter], loaded: set[tuple[str, int | None]]) -> None:
+    """Every parameter (every shard of a stacked one) got a checkpoint tensor."""
+    expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))}
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+
+
 def finish_loading(model: nn.Module) -> None:
     """Let every linear layer's method convert what was loaded (after real or random weights)."""
     for module in model.modules():

@@ -9,7 +9,7 @@ cache, on the target's pages):
     x    = [RMSNorm(embed(t_{p+1})); RMSNorm(g_p)]   (2 x hidden: what q, k and v read)
     a    = g_p + Attn(x)                          (the residual is g_p itself)
     o    = a + MLP(RMSNorm(a))
-    next = argmax lm_head(RMSNorm(o))             over the draft vocabulary, mapped to target ids by d2t
+    next = argmax lm_head(RMSNorm(o))             over the draft vocabulary, mapped to target ids (d2t)
 
 Drafting k tokens chains the head on itself: the state o it computed at p is the g of position p + 1 (no fc: it is
 already hidden-sized), read beside the embedding of the token it just proposed.
@@ -23,7 +23,7 @@ from torch import nn
 
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.config import Eagle3Config
-from slipstream.layers.linear import Linear, default_weight_loader, finish_loading
+from slipstream.layers.linear import Linear, check_all_loaded, finish_loading, load_checkpoint_tensor
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.rotary import RotaryEmbedding
 from slipstream.models.llama import MLP, Attention, VocabEmbedding, unquantized
@@ -48,8 +48,8 @@ class Eagle3Head(nn.Module):
         self.mlp = MLP(c, 0, unquantized, fused, shard)
         self.norm = RMSNorm(h, c.rms_norm_eps, fused)
         self.lm_head = Linear(h, cfg.draft_vocab_size, fused=fused)
-        # draft id d is target id d + d2t[d] (the published heads store the offsets)
-        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64), persistent=False)
+        # the target id of each draft id (published heads store the offsets, `d2t`; the first ids until loaded)
+        self.register_buffer("draft_to_target", torch.arange(cfg.draft_vocab_size), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 g: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class Eagle3Head(nn.Module):
         if self.config.draft_vocab_size == vocab_size:
             return logits
         full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
-        full[:, self.d2t + torch.arange(self.config.draft_vocab_size, device=logits.device)] = logits
+        full[:, self.draft_to_target] = logits
         return full
 
     def share_embedding(self, target: VocabEmbedding) -> None:
@@ -106,28 +106,11 @@ class Eagle3Head(nn.Module):
             if name == "t2d":
                 continue
             if name == "d2t":
-                self.d2t.copy_(tensor.to(torch.int64))
+                self.draft_to_target += tensor.to(self.draft_to_target)
                 loaded.add(("d2t", None))
                 continue
-            parts = name.split(".")
-            target, shard = name, None
-            for i, part in enumerate(parts):
-                if part in self.packed:
-                    parts[i], shard = self.packed[part]
-                    target = ".".join(parts)
-                    break
-            if target not in params:
-                raise ValueError(f"EAGLE-3 head tensor {name!r} has no place in the head")
-            param = params[target]
-            try:
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"EAGLE-3 head tensor {name}: {e}") from None
-            loaded.add((target, shard))
-        if self.config.draft_vocab_size == self.config.layer.vocab_size:
-            loaded.add(("d2t", None))  # the identity map (zeros) when the draft vocabulary is the whole one
-        expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))} | {("d2t", None)}
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"EAGLE-3 head checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+            loaded.add(load_checkpoint_tensor(params, name, tensor, self.packed, "the EAGLE-3 head"))
+        if ("d2t", None) not in loaded and self.config.draft_vocab_size < self.config.layer.vocab_size:
+            raise ValueError("EAGLE-3 head checkpoint is missing 1 tensors, e.g. d2t (the draft vocabulary's target ids)")
+        check_all_loaded(params, loaded - {("d2t", None)})
         finish_loading(self)

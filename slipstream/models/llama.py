@@ -20,7 +20,8 @@ from torch import nn
 from slipstream import kernels
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.config import ModelConfig
-from slipstream.layers.linear import Linear, default_weight_loader, finish_loading, narrow, norm_linear, silu_mul_linear
+from slipstream.layers.linear import (Linear, check_all_loaded, default_weight_loader, finish_loading,
+                                     load_checkpoint_tensor, narrow, norm_linear, silu_mul_linear)
 from slipstream.layers.moe import MoE
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
@@ -227,21 +228,6 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name.endswith((".k_scale", ".v_scale")):  # per-tensor FP8 KV scales: our FP8 cache scales each row as written
                 continue
-            target, shard = name, None
-            for frag, (stacked, idx) in self.packed_modules.items():
-                if f".{frag}." in name:
-                    target, shard = name.replace(frag, stacked), idx
-                    break
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            try:
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            loaded.add((target, shard))
-        expected = {(n, s) for n, p in params.items() for s in getattr(p, "shards", (None,))}
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+            loaded.add(load_checkpoint_tensor(params, name, tensor, self.packed_modules, type(self).__name__))
+        check_all_loaded(params, loaded)
         finish_loading(self)

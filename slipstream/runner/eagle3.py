@@ -59,7 +59,7 @@ class Eagle3Runner:
                 head = Eagle3Head(cfg, self.backend, fused=target.fused, own_embedding=own_embedding and weights is not None)
         finally:
             torch.set_default_dtype(default)
-        if weights is None:  # random, the draft ids the target's first ones (d2t zero)
+        if weights is None:  # random, the draft ids the target's first ones
             init_dummy_weights(head, seed)
             finish_loading(head)
         else:
@@ -125,8 +125,8 @@ class Eagle3Runner:
         order = [(sid, length, table, rows) for sid, length, table, rows in seqs if self.has_first(sid, length)]
         if not order:
             return {}
-        rounds = [(order, self._tokens[torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)])]
-        o = self._o[torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)]
+        first = torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)
+        rounds, o = [(order, self._tokens[first])], self._o[first]
         for j in range(1, max(len(rows) for *_, rows in order)):
             prev, tokens = rounds[-1]
             keep = [i for i, (*_, rows) in enumerate(prev) if len(rows) > j]

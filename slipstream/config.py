@@ -287,9 +287,9 @@ class EngineConfig:
     def from_options(cls, model: str | None = None, **options: Any) -> "EngineConfig":
         """Flat keyword options (as `LLM` and the CLI take them) -> the nested frozen config. `speculative_config`
         (a dict, or its JSON text) gives the speculative options the way vLLM's option of that name does."""
-        if options.get("speculative_config") is not None:
-            options = {**options, **_speculative_options(options.pop("speculative_config"), options)}
-        options.pop("speculative_config", None)
+        spec = options.pop("speculative_config", None)
+        if spec is not None:
+            options.update(_speculative_options(spec, options))
         parts: dict[type, dict[str, Any]] = {EngineConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
         for key, value in options.items():
             if key not in ENGINE_OPTIONS:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_no_leak
 from slipstream import LLM, SamplingParams
+from test_speculative import DRAFT_PARAMS  # greedy, seeded with logprobs, penalties, n = 2 with stop tokens
 from slipstream.config import EngineConfig
 
 HEAD = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -142,15 +143,6 @@ def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
     assert_no_leak(llm)
 
 
-PARAMS = {
-    "greedy": SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-    "seeded": SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=30, logprobs=2, ignore_eos=True),
-    "penalties": SamplingParams(temperature=0.6, seed=5, repetition_penalty=1.3, presence_penalty=0.3, max_tokens=30,
-                                ignore_eos=True),
-    "n2_stop": SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=30, stop_token_ids=[7, 9], ignore_eos=True),
-}
-
-
 def test_a_head_never_changes_the_output(dirs):
     """Greedy, seeded sampling with logprobs, penalties, n = 2 with stop tokens: exactly the tokens of decoding
     without the head, through chunked prefill, preemption (the head's KV is recomputed with the target's) and prefix
@@ -165,7 +157,7 @@ def test_a_head_never_changes_the_output(dirs):
     spec = LLM(str(root / "target"), speculative_method="eagle3", speculative_model=str(root / "default"),
                num_speculative_tokens=3, speculative_adaptive=False, **small_pool)
     core = spec.engine.core
-    for name, params in PARAMS.items():
+    for name, params in DRAFT_PARAMS.items():
         before = (core.stats.drafts, core.stats.draft_tokens, core.stats.accepted_draft_tokens)
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
         # each request's metrics count its samples' verifying steps; together they are the engine's

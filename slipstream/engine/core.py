@@ -279,17 +279,17 @@ class EngineCore:
         # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
         # The constrained one loads the grammar service (xgrammar, the tokenizer's token table) and runs the masked
         # draw: here, not while the first constrained request holds up every running stream.
+        word = StructuredOutputs(choice=(self._plain_word(),))
         for name, tokens, params in (
             ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
             ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
-            ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0,
-                                                     structured_outputs=StructuredOutputs(choice=(self._plain_word(),)))),
+            ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0, structured_outputs=word)),
         ):
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
                 self.step()
         if self.runner.device.type == "cuda":  # only a GPU compiles kernels: on a CPU this would only cost time
-            self._warm_up_on_gpu(len(prompt))
+            self._warm_up_on_gpu(len(prompt), word)
         cache = self.prefix_cache
         if cache is not None:
             cache.clear()
@@ -299,7 +299,7 @@ class EngineCore:
         if self.draft_policy is not None:  # (and so did the draft policy's rates)
             self.draft_policy = DraftPolicy(self.config.num_speculative_tokens)
 
-    def _warm_up_on_gpu(self, prompt_len: int) -> None:
+    def _warm_up_on_gpu(self, prompt_len: int, word: StructuredOutputs) -> None:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
         every stream (475 ms on the H200, the Qwen3-0.6B shape's first mixed step with short contexts).
         - A step that mixes a prefill with running decodes runs outside the CUDA graphs, and its decode attention
@@ -312,7 +312,6 @@ class EngineCore:
         sched = self.config.scheduler
         vocab = self.model_config.vocab_size
         greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-        word = StructuredOutputs(choice=(self._plain_word(),))
         self.add_request("__warmup_grammar_logprobs", [(5 * j + 3) % vocab for j in range(1, 9)],
                          SamplingParams(temperature=0.7, max_tokens=2, seed=0, logprobs=1, structured_outputs=word))
         while self.has_unfinished():
@@ -363,7 +362,7 @@ class EngineCore:
         if launched is not None and (not self.overlap or launched.sync):
             self._read += self._collect()
         # a decode step (no prompt tokens) measured for the draft policy: drafting, verifying and reading included
-        if self.draft_policy is not None and batch.seqs and batch.num_tokens - sum(batch.num_drafts) == len(batch.seqs):
+        if self.draft_policy is not None and batch.seqs and not batch.carries_prompt:
             self.draft_policy.record(decoding, k, self.stats.generation_tokens - generated, time.perf_counter() - started)
         deltas, self._read = self._read, []
         return deltas
@@ -438,8 +437,7 @@ class EngineCore:
         stats, batch = self.stats, flight.batch
         tokens = batch.num_tokens
         self._measure(tokens, time.perf_counter() - flight.started)
-        # every sequence computes one token besides its drafts, unless it prefills: sums, no loop in Python
-        if tokens - sum(batch.num_drafts) > len(batch.seqs):
+        if batch.carries_prompt:
             stats.mixed_steps += 1
             stats.mixed_device_seconds += flight.launched.device_seconds
         else:

@@ -41,6 +41,11 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    @property
+    def carries_prompt(self) -> bool:
+        """Some sequence prefills (every other computes one token besides its drafts): sums, no loop in Python."""
+        return self.num_tokens - sum(self.num_drafts) > len(self.seqs)
+
     def __len__(self) -> int:
         return len(self.seqs)
 

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -103,8 +103,6 @@ class Example:
 
 def head_config(target: Any, aux: tuple[int, ...], draft_vocab_size: int) -> Eagle3Config:
     """A head shaped like one of the target's layers (its attention heads, MLP width and positions)."""
-    from dataclasses import replace
-
     layer = replace(target, architecture="LlamaForCausalLM", num_layers=1, attention_bias=False, qk_norm=False, moe=None)
     return Eagle3Config(layer, min(draft_vocab_size, target.vocab_size), target.hidden_size, aux)
 

@@ -34,7 +34,8 @@ class MoEConfig:
     correction_bias: bool = False  # a learned per-expert bias added to the scores for selection only
     shared_intermediate_size: int = 0  # a shared expert every token uses (0: none)
     shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a learned gate)
-    layers: tuple[int, ...] = ()  # decoder layers whose feed-forward is this MoE (the others are dense)
+    router_float32: bool = False  # the router's weights and logits in float32 (GLM-4.5: selection is that sensitive)
+    layers: tuple[int, ...] = ()  # decoder layers whose feed-forward is this MoE (the others are dense), MTP layers included
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= self.num_experts, "num_experts_per_tok", f"must be in [1, {self.num_experts}]", self.top_k)
@@ -44,6 +45,13 @@ class MoEConfig:
 
 
 def _moe_config(arch: str, cfg: dict[str, Any], num_layers: int) -> MoEConfig | None:
+    """`num_layers`: the decoder layers of the checkpoint, those of its MTP modules included."""
+    if arch == "Glm4MoeForCausalLM":  # DeepSeek-V3's routing and shared experts; the first k layers dense
+        return MoEConfig(cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                         cfg.get("norm_topk_prob", True), "sigmoid", cfg.get("n_group", 1), cfg.get("topk_group", 1),
+                         cfg.get("routed_scaling_factor", 1.0), correction_bias=True,
+                         shared_intermediate_size=cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 1),
+                         router_float32=True, layers=tuple(range(cfg.get("first_k_dense_replace", 1), num_layers)))
     if arch == "MixtralForCausalLM":
         return MoEConfig(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"],
                          layers=tuple(range(num_layers)))
@@ -74,16 +82,28 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool = False
     qk_norm: bool = False
+    partial_rotary_factor: float = 1.0  # RoPE rotates this fraction of each head's dims (the first ones)
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # frozen form of the HF rope_scaling dict
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"  # the checkpoint's own dtype
     quantization: QuantSpec = QuantSpec()  # what the checkpoint's linear layers hold
     moe: MoEConfig | None = None  # Mixture-of-Experts feed-forward, in the layers it names
+    # multi-token prediction modules (DeepSeek-V3, GLM-4.5) the checkpoint stores after its layers (layers L, L + 1, ..)
+    num_mtp_layers: int = 0
+
+    def __post_init__(self) -> None:
+        rot = self.head_dim * self.partial_rotary_factor
+        _check(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0, "partial_rotary_factor",
+               f"must leave an even number of the {self.head_dim} head dims rotating", self.partial_rotary_factor)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -94,11 +114,15 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        # GLM-4.5 rotates half of each head (transformers' default for it, where its config names no fraction)
+        partial = cfg.get("partial_rotary_factor", rope.pop("partial_rotary_factor", 0.5 if arch == "Glm4MoeForCausalLM" else 1.0))
         rope_scaling = dict(cfg.get("rope_scaling") or rope)
+        rope_scaling.pop("partial_rotary_factor", None)
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
         rope_scaling = {} if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+        mtp = cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -116,13 +140,15 @@ class ModelConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=next((cfg[k] for k in ("attention_bias", "qkv_bias") if cfg.get(k) is not None),
                                 arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or bool(cfg.get("use_qk_norm")),
+            partial_rotary_factor=float(partial),
             rope_scaling=tuple(sorted(rope_scaling.items())),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             quantization=parse_quantization_config(cfg.get("quantization_config")),
-            moe=_moe_config(arch, cfg, cfg["num_hidden_layers"]),
+            moe=_moe_config(arch, cfg, cfg["num_hidden_layers"] + mtp),
+            num_mtp_layers=mtp,
         )
 
 
@@ -239,8 +265,10 @@ class EngineConfig:
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))
     speculative_method: str = option("none", "speculative decoding: ngram proposes drafts by prompt lookup, draft by a "
                                              "smaller model (speculative_model), eagle3 by an EAGLE-3 head "
-                                             "(speculative_model) reading the target's hidden states; verified in one "
-                                             "step, the output is exactly that without it", ("none", "ngram", "draft", "eagle3"))
+                                             "(speculative_model) reading the target's hidden states, mtp by the "
+                                             "model's own multi-token prediction module (GLM-4.5); verified in one "
+                                             "step, the output is exactly that without it",
+                                     ("none", "ngram", "draft", "eagle3", "mtp"))
     speculative_model: str | None = option(None, "the draft model of speculative_method=draft (an HF directory or a "
                                                  ".gguf file with the target's token ids), or the EAGLE-3 head's HF "
                                                  "directory of speculative_method=eagle3")
@@ -271,7 +299,7 @@ class EngineConfig:
         _check(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes",
                f"must be >= 1 and divide tensor_parallel_size={self.tensor_parallel_size}", self.nnodes)
         modelled = self.speculative_method in ("draft", "eagle3")
-        if self.tensor_parallel_size > 1 and modelled:
+        if self.tensor_parallel_size > 1 and self.speculative_method in ("draft", "eagle3", "mtp"):
             raise ValueError(f"speculative_method={self.speculative_method!r} does not run with tensor_parallel_size > 1 yet")
         if modelled != (self.speculative_model is not None):
             raise ValueError("speculative_method 'draft' or 'eagle3' and speculative_model go together: the draft model "
@@ -302,7 +330,8 @@ class EngineConfig:
 # vLLM's --speculative-config keys and methods -> ours
 _SPECULATIVE_KEYS = {"method": "speculative_method", "model": "speculative_model",
                      "num_speculative_tokens": "num_speculative_tokens", "adaptive": "speculative_adaptive"}
-_SPECULATIVE_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft", "eagle3": "eagle3"}
+_SPECULATIVE_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft", "eagle3": "eagle3", "mtp": "mtp",
+                        "deepseek_mtp": "mtp", "glm4_moe_mtp": "mtp"}
 
 
 def _speculative_options(spec: Any, given: dict[str, Any]) -> dict[str, Any]:

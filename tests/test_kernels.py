@@ -235,15 +235,17 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq, hk, d, qk_norm", [(4, 2, 64, False), (8, 1, 128, True), (2, 2, 64, True)])
-def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
+@pytest.mark.parametrize("hq, hk, d, qk_norm, rotary_dim", [(4, 2, 64, False, 64), (8, 1, 128, True, 128), (2, 2, 64, True, 32),
+                                                            (4, 2, 128, False, 64)])
+def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm, rotary_dim):
+    """RoPE over every dim, and partial (GLM-4.5: the first half of each head rotates, the rest passes)."""
     from slipstream.attention.backend import AttentionMetadata
     from slipstream.attention.torch_backend import TorchAttention
     from slipstream.kernels.rope import qk_norm_rope_store
     from slipstream.layers.rotary import RotaryEmbedding
 
     t, page, pages = 11, 4, 8
-    rot = RotaryEmbedding(d, 64, 10000.0, {})
+    rot = RotaryEmbedding(rotary_dim, 64, 10000.0, {})
     qkv = torch.randn(t, (hq + 2 * hk) * d).to(dtype)
     pos = torch.randint(0, 64, (t,))
     slots = torch.randperm(pages * page)[:t]
@@ -254,6 +256,8 @@ def test_qk_norm_rope_store(dtype, hq, hk, d, qk_norm):
     if qk_norm:
         q, k = rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6)
     q_ref, k_ref = rot(pos, q, k)
+    if rotary_dim < d:  # the dims past rotary_dim pass unchanged
+        assert torch.equal(q_ref[..., rotary_dim:], q[..., rotary_dim:]) and not torch.allclose(q_ref, q)
     kc_ref, vc_ref = torch.zeros(pages, page, hk, d), torch.zeros(pages, page, hk, d)
     ref_backend = TorchAttention()
     ref_backend.bind_kv([kc_ref], [vc_ref])
@@ -377,8 +381,8 @@ from slipstream.kernels.rope import _qk_norm_rope_store_kernel as st
 sttypes = dict(qkv_ptr="*bf16", pos_ptr="*i64", cos_sin_ptr="*fp32", slot_ptr="*i64", q_out="*bf16",
                k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scales="*fp32", v_scales="*fp32", qw_ptr="*bf16",
                kw_ptr="*bf16", eps="fp32")
-for norm in (False, True):
-    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, QK_NORM=norm, SCALED=True)
+for norm, rotary in ((False, 128), (True, 64)):
+    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, ROTARY_DIM=rotary, QK_NORM=norm, SCALED=True)
     sig = {n: "constexpr" if n in consts else sttypes.get(n, "i32") for n in st.arg_names}
     triton.compile(ASTSource(st, sig, constexprs={(st.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))

@@ -1,5 +1,6 @@
 """Qwen2 (qkv bias, untied), Qwen3 (q/k norm, tied, head_dim != hidden/heads), Llama 3 (llama3 rope scaling) and
-the Mixture-of-Experts models (Qwen3-MoE with a dense layer, Mixtral, Qwen2-MoE with its gated shared expert)
+the Mixture-of-Experts models (Qwen3-MoE with a dense layer, Mixtral, Qwen2-MoE with its gated shared expert, GLM-4.5
+with partial RoPE and DeepSeek-V3 routing)
 with small random weights saved as an HF directory; HF transformers builds the reference from the same files.
 The engine runs the prompts together, with chunked prefill and at least one preemption."""
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+    AutoModelForCausalLM, Glm4MoeConfig, LlamaConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
     Qwen3MoeConfig,
 )
 
@@ -34,6 +35,13 @@ CONFIGS = {
     "qwen2_moe": Qwen2MoeConfig(num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
                                 shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[0],
                                 rope_theta=1e6, **COMMON),
+    # sigmoid scores with a selection bias, the best 2 of 4 groups, top-3 of 8 renormalized and scaled, a shared
+    # expert; half of each head rotates; q/k norm and q/k/v bias; layer 0 dense
+    "glm4_moe": Glm4MoeConfig(num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=3,
+                              moe_intermediate_size=40, n_shared_experts=1, n_group=4, topk_group=2,
+                              routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+                              **COMMON),
 }
 
 
@@ -48,6 +56,9 @@ def make_model_dir(path, config) -> torch.nn.Module:
                 p.normal_(0.0, 0.5)
             else:
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # selection-only bias (DeepSeek-V3 routing)
+                b.normal_(0.0, 0.5)
     model.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))

@@ -10,11 +10,11 @@ from importlib import resources
 
 import torch
 
-BUNDLED = {"llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b", "mixtral-8x7b"}
+BUNDLED = {"llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b", "mixtral-8x7b", "glm-4.5-air"}
 
 
 def model_dir(name: str) -> str:
-    """A bundled config name (llama-3.1-8b, qwen3-0.6b, qwen3-30b-a3b, mixtral-8x7b), a config.json, or an HF dir. Config-only inputs become a
+    """A bundled config name (llama-3.1-8b, qwen3-0.6b, qwen3-30b-a3b, mixtral-8x7b, glm-4.5-air), a config.json, or an HF dir. Config-only inputs become a
     temporary directory with a synthetic word-level tokenizer over the model's vocabulary (for dummy weights)."""
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
         return name

@@ -7,9 +7,9 @@ Workloads (`--workload`):
 - chat: first turns of a ShareGPT-style file (`--dataset`): general text, where a learned drafter (a draft model,
   an EAGLE-3 head) has to earn its drafts.
 
-`--method` ngram | draft | eagle3 (with `--speculative-model`), or the verification mechanism alone: `oracle` drafts
-the very tokens plain decoding writes (always right: the ceiling of k drafts a step) and `wrong` drafts tokens that
-never match (the cost of verifying k drafts for nothing). For each batch size: output tok/s without and with, the
+`--method` ngram | draft | eagle3 (with `--speculative-model`) | mtp (a model's own MTP module), or the verification
+mechanism alone: `oracle` drafts the very tokens plain decoding writes (always right: the ceiling of k drafts a step)
+and `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing). For each batch size: output tok/s without and with, the
 acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
 accepted drafts), and the speed-up.
 """
@@ -144,7 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("speculative", help="speculative decoding vs plain decoding: speed-up, acceptance (CPU or GPU)")
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights), or a "
                                                  "bundled config (llama-3.1-8b, ...: random weights, for oracle / wrong)")
-    p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "oracle", "wrong"])
+    p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "mtp", "oracle", "wrong"])
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")

@@ -23,7 +23,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.core_stats import CoreStats
 from slipstream.engine.input_processor import EngineLimits, EngineOverloaded
 from slipstream.engine.outputs import SeqDelta
-from slipstream.engine.proposer import DraftModelProposer, Eagle3Proposer, NgramProposer
+from slipstream.engine.proposer import DraftHeadProposer, DraftModelProposer, NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
 from slipstream.engine.sequence import Request, Sequence
@@ -61,20 +61,20 @@ class EngineCore:
         self.max_model_len = max_len
         self.eos_ids = self._eos_ids(loaded.path)
         draft = self._load_draft() if config.speculative_method == "draft" else None
-        head = self._load_eagle3() if config.speculative_method == "eagle3" else None
+        head = (self._load_eagle3() if config.speculative_method == "eagle3"
+                else self._mtp_head(loaded) if config.speculative_method == "mtp" else None)
         if config.tensor_parallel_size > 1:  # ranks 1.. in processes of their own; this one is rank 0
             from slipstream.parallel.workers import start
 
             self.runner = start(config, mc, loaded.weights, max_len, self.eos_ids)
         elif head is not None:
-            from slipstream.runner.eagle3 import Eagle3Runner, head_footprint
+            from slipstream.runner.draft_head import DraftHeadRunner, head_footprint
 
-            head_config, head_weights, own_embedding = head
             self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids,
-                                      companion=head_footprint(config, head_config, mc, own_embedding),
-                                      aux_layers=head_config.aux_layers_of(mc.num_layers))
-            log.info("EAGLE-3 head: %s", config.speculative_model)
-            head_runner = Eagle3Runner(self.runner, head_config, head_weights, own_embedding, config.seed)
+                                      companion=head_footprint(config, head, mc), aux_layers=head.aux_layers,
+                                      keep_hidden=not head.aux_layers)
+            log.info("draft head: %s", head.name)
+            head_runner = DraftHeadRunner(self.runner, head, config.seed)
         elif draft is None:
             self.runner = ModelRunner(config, mc, loaded.weights, max_len, self.eos_ids)
         else:
@@ -98,10 +98,10 @@ class EngineCore:
         # it is asked, so overlap there would only hold every output back by one step.
         # Speculative decoding turns it off: drafts follow the last token, which must be known when a step is scheduled.
         k = config.num_speculative_tokens
-        self.proposer: NgramProposer | DraftModelProposer | Eagle3Proposer | None = (
+        self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
             NgramProposer(k) if config.speculative_method == "ngram"
             else DraftModelProposer(draft_runner, k) if draft is not None
-            else Eagle3Proposer(head_runner, k) if head is not None
+            else DraftHeadProposer(head_runner, k) if head is not None
             else None)
         self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
         self.overlap = self.proposer is None and (
@@ -137,10 +137,12 @@ class EngineCore:
                          cache=replace(c.cache, num_blocks=None, kv_cache_bytes=None))
         return config, loaded
 
-    def _load_eagle3(self):  # noqa: ANN202 - (Eagle3Config, its tensors or None for random ones, own embedding?)
+    def _load_eagle3(self) -> HeadSpec:
         """The EAGLE-3 head named by speculative_model: its config, checked against the target, and its tensors."""
         from slipstream.config import Eagle3Config
         from slipstream.loader import head_checkpoint
+        from slipstream.models.eagle3 import Eagle3Head
+        from slipstream.runner.draft_head import HeadSpec
 
         path = self.config.speculative_model
         hf, tensors, names = head_checkpoint(path, self.config.load_format == "dummy")
@@ -149,11 +151,33 @@ class EngineCore:
         if cfg.layer.vocab_size != mc.vocab_size or cfg.target_hidden_size != mc.hidden_size:
             raise ValueError(f"speculative_model {path!r} is an EAGLE-3 head for a target of vocabulary {cfg.layer.vocab_size} "
                              f"and hidden size {cfg.target_hidden_size}; this model has {mc.vocab_size} and {mc.hidden_size}")
-        cfg.aux_layers_of(mc.num_layers)  # its layers exist in this target
+        aux = cfg.aux_layers_of(mc.num_layers)  # its layers exist in this target
         # rotary angles for every position the target reaches (a head trained on shorter texts drafts worse past
         # them; its drafts are verified all the same)
         layer = replace(cfg.layer, max_position_embeddings=max(cfg.layer.max_position_embeddings, self.max_model_len))
-        return replace(cfg, layer=layer), tensors, any(n.endswith("embed_tokens.weight") for n in names)
+        cfg = replace(cfg, layer=layer)
+        own = tensors is not None and any(n.endswith("embed_tokens.weight") for n in names)  # else the target's
+        return HeadSpec(f"EAGLE-3 head {path}", lambda backend, fused: Eagle3Head(cfg, backend, fused, own_embedding=own),
+                        None if tensors is None else lambda head: head.load_weights(tensors), layer, aux)
+
+    def _mtp_head(self, loaded: loader.LoadedModel) -> HeadSpec:
+        """The model's first MTP module, read from its own checkpoint, quantized as the model's layers are."""
+        from slipstream.layers.quantization import method_table, resolve_quantization
+        from slipstream.models.llama import LlamaForCausalLM
+        from slipstream.models.mtp import MTPHead
+        from slipstream.runner.draft_head import HeadSpec
+
+        mc = self.model_config
+        if mc.num_mtp_layers < 1:
+            raise ValueError(f"speculative_method 'mtp' drafts with the model's own multi-token prediction module, and "
+                             f"{self.config.model or 'the embedded model'} has none (its config.json names no "
+                             "num_nextn_predict_layers)")
+        spec = resolve_quantization(self.config.quantization, mc.quantization)
+        methods = method_table(spec, LlamaForCausalLM.checkpoint_modules)
+        weights = loaded.weights
+        return HeadSpec(f"the model's MTP module (layer {mc.num_layers})",
+                        lambda backend, fused: MTPHead(mc, backend, methods, fused),
+                        None if weights is None else lambda head: head.load_weights(weights(spec.serialized, lazy=True)), mc)
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -569,4 +593,5 @@ class _InFlight:
 
 if TYPE_CHECKING:
     from slipstream.grammar import Grammars, Matcher
+    from slipstream.runner.draft_head import HeadSpec
     from slipstream.runner.model_runner import Launched

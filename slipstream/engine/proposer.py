@@ -17,10 +17,11 @@ position: same temperature and filters, same seed and output index, so the same 
 hash of seed, position and token). Where the two models' distributions agree the draws agree too, sampled or
 greedy, and the output stays exactly the target's own (it is the target's draws that are kept).
 
-`Eagle3Proposer`: an EAGLE-3 head (models/eagle3.py) reads the target's own hidden states from three of its layers,
-so a one-layer head drafts as well as a much larger draft model. After each target step it takes in the states that
-step computed (`observe`) and draws the first draft; once the next step is scheduled it chains on its own output for
-the rest. Draws follow the target's rule and seeds, as the draft model's do.
+`DraftHeadProposer`: a one-layer head reads the target's own hidden states, so it drafts as well as a much larger
+draft model: an EAGLE-3 head (models/eagle3.py) the states of three of the target's layers, an MTP module
+(models/mtp.py, shipped inside the model's checkpoint) its final state. After each target step it takes in the
+states that step computed (`observe`) and draws the first draft; once the next step is scheduled it chains on its
+own output for the rest. Draws follow the target's rule and seeds, as the draft model's do.
 
 A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed, with
 their pages),
@@ -154,9 +155,9 @@ class DraftModelProposer:
         self._params.pop(seq_id, None)
 
 
-class Eagle3Proposer:
+class DraftHeadProposer:
     def __init__(self, runner: Any, num_tokens: int) -> None:
-        """`runner`: the head's Eagle3Runner (beside the target's runner, whose hidden states it reads)."""
+        """`runner`: the head's DraftHeadRunner (beside the target's runner, whose hidden states it reads)."""
         self.runner, self.k = runner, num_tokens
         self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
 

@@ -95,7 +95,9 @@ class MoE(nn.Module):
             (self.e0, e), (self.i0, inter) = shard.part(cfg.num_experts), (0, cfg.intermediate_size)
         else:
             (self.e0, e), (self.i0, inter) = (0, cfg.num_experts), shard.part(cfg.intermediate_size)
-        self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype
+        self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype, or float32
+        if cfg.router_float32:
+            self.gate.float()
         self.w13 = nn.Parameter(torch.empty(e, 2 * inter, hidden), requires_grad=False)
         self.w13.weight_loader = self._load_expert
         self.w13.shards = tuple((i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1))
@@ -131,7 +133,7 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "e_score_correction_bias", None)
-        weights, ids = route(self.gate(x), self.cfg, bias)
+        weights, ids = route(self.gate(x.float() if self.cfg.router_float32 else x), self.cfg, bias)
         if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
             local = ids - self.e0
             ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)

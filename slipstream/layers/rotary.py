@@ -1,4 +1,5 @@
-"""Rotary position embedding (RoPE), GPT-NeoX layout (rotate halves), with Llama-3 and linear frequency scaling."""
+"""Rotary position embedding (RoPE), GPT-NeoX layout (rotate halves), with Llama-3 and linear frequency scaling;
+partial (GLM-4.5): only the first `rotary_dim` dims of each head rotate, with that many dims' frequencies."""
 from __future__ import annotations
 
 import math
@@ -25,19 +26,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any]) -> None:
+    def __init__(self, rotary_dim: int, max_position: int, theta: float, scaling: dict[str, Any]) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self.rotary_dim = rotary_dim
+        inv_freq = rope_inv_freq(rotary_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        # [max_position, head_dim]: cos of each half followed by sin of each half
+        # [max_position, rotary_dim]: cos of each half followed by sin of each half
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] rotated by position."""
+        """q: [T, Hq, D], k: [T, Hk, D] rotated by position (their first rotary_dim dims)."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x.float().split([self.rotary_dim, x.shape[-1] - self.rotary_dim], dim=-1)
+        x1, x2 = rot.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)

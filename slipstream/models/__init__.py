@@ -7,7 +7,8 @@ import importlib
 from typing import Any
 
 # Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) are the Llama block with a flag that ModelConfig derives; their MoE
-# variants and Mixtral swap the feed-forward of some or all layers for layers/moe.py (ModelConfig.moe).
+# variants and Mixtral swap the feed-forward of some or all layers for layers/moe.py (ModelConfig.moe); GLM-4.5 is
+# the Llama block with partial RoPE and DeepSeek-V3's MoE (sigmoid routing over groups, shared experts).
 ARCHITECTURES = {
     "LlamaForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
@@ -16,6 +17,7 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "Qwen2MoeForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
     "Qwen3MoeForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
+    "Glm4MoeForCausalLM": "slipstream.models.llama:LlamaForCausalLM",
 }
 # HF `model_type` (and GGUF `general.architecture`) -> architecture, for configs that name no architecture.
 MODEL_TYPES = {
@@ -26,6 +28,7 @@ MODEL_TYPES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 

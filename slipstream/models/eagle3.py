@@ -33,12 +33,12 @@ from slipstream.parallel.shard import Shard
 class Eagle3Head(nn.Module):
     def __init__(self, cfg: Eagle3Config, backend: AttentionBackend, fused: bool = False, own_embedding: bool = True) -> None:
         """`own_embedding`: False for a head that uses the target's token embedding (most published heads carry none):
-        it has none until `share_embedding` hands it the target's."""
+        it has none until `attach` hands it the target's."""
         super().__init__()
         self.config = cfg
         c, shard = cfg.layer, Shard.single()
         h = c.hidden_size
-        rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict)
+        rotary = RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict)
         self.fc = Linear(3 * cfg.target_hidden_size, h, fused=fused)
         self.embed_tokens = VocabEmbedding(c.vocab_size, h, shard) if own_embedding else None
         self.input_layernorm = RMSNorm(h, c.rms_norm_eps, fused)
@@ -84,13 +84,16 @@ class Eagle3Head(nn.Module):
         full[:, self.draft_to_target] = logits
         return full
 
-    def share_embedding(self, target: VocabEmbedding) -> None:
-        """Use the target's token embedding module (shared, not copied), once the head's own weights are in place."""
-        c = self.config.layer
-        if self.embed_tokens is not None or tuple(target.weight.shape) != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"the EAGLE-3 head cannot share the target's embedding {tuple(target.weight.shape)} "
-                             f"(it has its own, or reads {(c.vocab_size, c.hidden_size)})")
-        self.embed_tokens = target
+    def attach(self, target: nn.Module) -> None:
+        """Use the target model's token embedding module (shared, not copied) if the head has none of its own, once
+        the head's own weights are in place."""
+        if self.embed_tokens is not None:
+            return
+        c, embedding = self.config.layer, target.embed_tokens
+        if tuple(embedding.weight.shape) != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"the EAGLE-3 head cannot share the target's embedding {tuple(embedding.weight.shape)} "
+                             f"(it reads {(c.vocab_size, c.hidden_size)})")
+        self.embed_tokens = embedding
 
     # checkpoint name -> (parameter, shard index) for the layer's fused projections
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -1,5 +1,6 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, TinyLlama; Qwen2 adds q/k/v bias, Qwen3 adds q/k RMSNorm;
-Mixtral, Qwen2-MoE and Qwen3-MoE replace the SwiGLU of some or all layers by a Mixture of Experts).
+Mixtral, Qwen2-MoE and Qwen3-MoE replace the SwiGLU of some or all layers by a Mixture of Experts; GLM-4.5 adds
+partial RoPE to that, with DeepSeek-V3's routing, and its MTP module, models/mtp.py).
 
 Pre-norm transformer: x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)); logits = RMSNorm(x) @ W_out, where FFN is
 a SwiGLU MLP or, in the layers ModelConfig.moe names, a routed mixture of SwiGLU experts (layers/moe.py).
@@ -38,8 +39,10 @@ def unquantized(prefix: str) -> LinearMethod:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 method_for: MethodFor, fused: bool, shard: Shard, in_features: int | None = None) -> None:
-        """`in_features`: what the q/k/v projection reads (default the hidden size; an EAGLE-3 head reads twice it)."""
+                 method_for: MethodFor, fused: bool, shard: Shard, in_features: int | None = None,
+                 kv_index: int | None = None) -> None:
+        """`in_features`: what the q/k/v projection reads (default the hidden size; an EAGLE-3 head reads twice it).
+        `kv_index`: which of the backend's layers keeps its KV (default `layer`; a draft head's own pool has one)."""
         super().__init__()
         d = cfg.head_dim
         q0, self.num_heads, kv0, self.num_kv_heads = shard.heads(cfg.num_heads, cfg.num_kv_heads)  # this rank's
@@ -59,7 +62,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.rotary = rotary
         self.backend = backend  # owns this layer's KV pages (index `layer`)
-        self.layer = layer
+        self.layer = layer if kv_index is None else kv_index
         self.fused = fused
         self.scale = cfg.head_dim**-0.5
 
@@ -126,10 +129,10 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 method_for: MethodFor, fused: bool, shard: Shard) -> None:
+                 method_for: MethodFor, fused: bool, shard: Shard, kv_index: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused, shard)
+        self.self_attn = Attention(cfg, layer, rotary, backend, method_for, fused, shard, kv_index=kv_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         if cfg.moe is not None and layer in cfg.moe.layers:
             self.mlp: nn.Module = MoE(cfg.moe, cfg.hidden_size, fused, shard)
@@ -144,6 +147,41 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, residual, self.post_attention_layernorm)
 
 
+# One expert's tensor in a checkpoint (Qwen-MoE names; Mixtral's w1 / w3 / w2 are gate / up / down)
+_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PARTS = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
+                 "down_proj": ("w2", None), "w2": ("w2", None)}
+# Checkpoint (HF layout) projection -> (stacked parameter, shard index)
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def load_decoder_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, owner: str) -> tuple[str, object]:
+    """One checkpoint tensor of decoder layers (HF names without `model.`) to its parameter: projections fused
+    into stacked ones, experts into the stacked [E, ...] weights. Returns the (parameter, shard) it filled."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    # GLM-4.5 (DeepSeek-V3's names): the selection bias sits in the router, the shared experts are plural
+    name = name.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias").replace(
+        ".mlp.shared_experts.", ".mlp.shared_expert.")
+    expert = _EXPERT.fullmatch(name)
+    if expert is None:
+        return load_checkpoint_tensor(params, name, tensor, PACKED_MODULES, owner)
+    stacked, part = _EXPERT_PARTS[expert[3]]
+    target, shard = f"{expert[1]}.{stacked}", (int(expert[2]), part)
+    if target not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in {owner}")
+    try:
+        params[target].weight_loader(params[target], tensor, shard)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    return target, shard
+
+
 class LlamaForCausalLM(nn.Module):
     """`fused`: the model runs on a CUDA device with the Triton kernels (the runner decides, once, at build)."""
 
@@ -153,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.shard = shard = shard or Shard.single()
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
+        rotary = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
@@ -185,49 +223,28 @@ class LlamaForCausalLM(nn.Module):
     # Checkpoint modules that a quantized checkpoint stores in low precision (the rest stay 16-bit)
     quantizable = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    # Checkpoint (HF layout) projection -> (stacked parameter, shard index)
-    packed_modules = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
-
     @classmethod
     def checkpoint_modules(cls, prefix: str) -> list[str]:
         """The checkpoint's modules fused into the layer at `prefix` (qkv_proj -> q_proj, k_proj, v_proj)."""
         head, _, last = prefix.rpartition(".")
-        parts = sorted((idx, frag) for frag, (stacked, idx) in cls.packed_modules.items() if stacked == last)
+        parts = sorted((idx, frag) for frag, (stacked, idx) in PACKED_MODULES.items() if stacked == last)
         return [f"{head}.{frag}" for _, frag in parts] or [prefix]
 
-    # One expert's tensor in a checkpoint (Qwen-MoE names; Mixtral's w1 / w3 / w2 are gate / up / down)
-    expert_tensor = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
-    expert_parts = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
-                    "down_proj": ("w2", None), "w2": ("w2", None)}
+    layer_index = re.compile(r"layers\.(\d+)\.")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hand each checkpoint tensor (HF names, `model.` prefix optional) to its parameter's weight loader."""
         params = dict(self.named_parameters())  # a tied lm_head shares the embedding's entry
         loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
-            name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
-            expert = self.expert_tensor.fullmatch(name)
-            if expert:
-                stacked, part = self.expert_parts[expert[3]]
-                target, shard = f"{expert[1]}.{stacked}", (int(expert[2]), part)
-                if target not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                try:
-                    params[target].weight_loader(params[target], tensor, shard)
-                except (ValueError, IndexError) as e:
-                    raise ValueError(f"{name}: {e}") from None
-                loaded.add((target, shard))
+            name = name.removeprefix("model.")
+            layer = self.layer_index.match(name)
+            if layer and int(layer[1]) >= self.config.num_layers:  # an MTP module's: models/mtp.py reads them
                 continue
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             if name.endswith((".k_scale", ".v_scale")):  # per-tensor FP8 KV scales: our FP8 cache scales each row as written
                 continue
-            loaded.add(load_checkpoint_tensor(params, name, tensor, self.packed_modules, type(self).__name__))
+            loaded.add(load_decoder_tensor(params, name, tensor, type(self).__name__))
         check_all_loaded(params, loaded)
         finish_loading(self)

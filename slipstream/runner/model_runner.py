@@ -105,15 +105,18 @@ def kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: WeightSource, max_model_len: int,
                  eos_ids: set[int], companion: tuple[int, int] = (0, 0), shard: Shard | None = None,
-                 aux_layers: tuple[int, ...] = ()) -> None:
+                 aux_layers: tuple[int, ...] = (), keep_hidden: bool = False) -> None:
         """`companion`: (weight bytes, KV bytes per page) of a model that will share this pool's page ids (a draft
         model, built after this one with as many pages): the pool leaves room for its weights and sizes its pages
         for both (see `footprint`). `shard`: this runner is one rank of a tensor-parallel model (it holds its slice
-        of each layer, the KV heads of its query heads, and as many pages as every rank can). `aux_layers`: layers
-        whose input hidden states each step keeps (`aux`, rows by `computed`) for an EAGLE-3 head."""
+        of each layer, the KV heads of its query heads, and as many pages as every rank can). A draft head beside it
+        reads the states each step keeps (`head_states`, rows by `computed`): those entering `aux_layers` (EAGLE-3),
+        or with `keep_hidden` the final hidden states (MTP)."""
         self.shard = shard or Shard.single()
         self.aux_layers = aux_layers
-        self.aux: torch.Tensor | None = None  # the last step's states entering aux_layers, [tokens, 3 x hidden]
+        self.keep_hidden = keep_hidden
+        # the last step's states entering aux_layers [tokens, 3 x hidden], or its final hidden states [tokens, hidden]
+        self.head_states: torch.Tensor | None = None
         self.computed: dict[int, tuple[int, int, int]] = {}  # its sequences: id -> (first row, first position, tokens)
         self.config = config
         self.model_config = mc = model_config
@@ -250,7 +253,10 @@ class ModelRunner:
         fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
         out = self._forward(h, self._feeder(fed))
         if self.aux_layers:
-            out, self.aux = out
+            out, self.head_states = out
+        elif self.keep_hidden:
+            self.head_states = out
+        if self.aux_layers or self.keep_hidden:
             self.computed = {s.seq_id: (row, s.start, len(s.token_ids)) for s, row in zip(seqs, h.first_rows)}
         scores = self._score_prompts(seqs, h.first_rows, out) if any(s.score is not None for s in seqs) else {}
         hidden = self._take(out, h.sample_rows)

@@ -1,4 +1,6 @@
-"""Runs an EAGLE-3 head (models/eagle3.py) beside the target's runner.
+"""Runs a draft head beside the target's runner: an EAGLE-3 head (models/eagle3.py) or an MTP module (models/mtp.py),
+each one decoder layer that drafts from the target's hidden states (for EAGLE-3 the states entering three of its
+layers, for MTP its final normed state) beside the embedding of the token that follows.
 
 The head's one layer keeps its own KV pool, on the target's page ids (as many pages, one layer's worth each), so the
 scheduler's page reservations cover it. After every target step it reads the hidden states the target just computed
@@ -10,16 +12,18 @@ where the head's distribution agrees with the target's, so do the draws.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
+from slipstream.attention.backend import AttentionBackend
 from slipstream.attention.registry import create_backend, resolve_backend
-from slipstream.config import Eagle3Config, EngineConfig, ModelConfig
+from slipstream.config import EngineConfig, ModelConfig
 from slipstream.layers.linear import finish_loading
 from slipstream.layers.sampler import sample
 from slipstream.loader.dummy import init_dummy_weights
-from slipstream.models.eagle3 import Eagle3Head
 from slipstream.runner.batch import SamplingRow, SeqStep
 from slipstream.runner.device import resolve_device, resolve_dtype
 from slipstream.runner.inputs import Stager, eager_inputs, host_inputs
@@ -32,42 +36,56 @@ if TYPE_CHECKING:
     from slipstream.runner.model_runner import ModelRunner
 
 
-def head_footprint(config: EngineConfig, cfg: Eagle3Config, target: ModelConfig, own_embedding: bool) -> tuple[int, int]:
+@dataclass(frozen=True)
+class HeadSpec:
+    """A draft head to build: `make(backend, fused)` creates its parameters (`forward(ids, positions, meta, g)`,
+    `compute_logits(o, vocab)`, `attach(target model)` to take what it shares), `load(head)` fills them (None: random
+    weights), `layer` is the shape of its attention layer (its KV pool). It reads the target's states entering
+    `aux_layers` (EAGLE-3), or with none the target's final hidden states (MTP)."""
+
+    name: str  # for the log
+    make: Callable[[AttentionBackend, bool], nn.Module]
+    load: Callable[[nn.Module], None] | None
+    layer: ModelConfig
+    aux_layers: tuple[int, ...] = ()
+
+
+def _create(spec: HeadSpec, backend: AttentionBackend, fused: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return spec.make(backend, fused)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def head_footprint(config: EngineConfig, spec: HeadSpec, target: ModelConfig) -> tuple[int, int]:
     """(weight bytes, KV bytes per page) of the head, without building it: what the target's pool leaves room for.
-    The embedding counts only if the head has its own (else it shares the target's)."""
+    What it shares with the target (embedding, output head) does not count."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, target, device)
-    with torch.device("meta"):
-        head = Eagle3Head(cfg, create_backend(resolve_backend(config.attention_backend, device.type)), own_embedding=own_embedding)
-    weights = sum(p.numel() for p in head.parameters())
-    pool = KVPool(cfg.layer, config.cache.block_size, kv_dtype(config, dtype, device), device)
-    return weights * dtype.itemsize, pool.bytes_per_block
+    head = _create(spec, create_backend(resolve_backend(config.attention_backend, device.type)), False,
+                   torch.device("meta"), dtype)
+    weights = sum(p.numel() * p.element_size() for p in head.parameters())
+    pool = KVPool(spec.layer, config.cache.block_size, kv_dtype(config, dtype, device), device)
+    return weights, pool.bytes_per_block
 
 
-class Eagle3Runner:
-    def __init__(self, target: ModelRunner, cfg: Eagle3Config, weights: Iterator[tuple[str, torch.Tensor]] | None,
-                 own_embedding: bool = False, seed: int = 0) -> None:
-        """`weights`: the head's checkpoint tensors; None: random (benchmarks, tests). `own_embedding`: they hold a
-        token embedding (else the head shares the target's)."""
-        self.target, self.cfg = target, cfg
+class DraftHeadRunner:
+    def __init__(self, target: ModelRunner, spec: HeadSpec, seed: int = 0) -> None:
+        self.target = target
         dev = self.device = target.device
         self.backend = create_backend(resolve_backend(target.config.attention_backend, dev.type))
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(target.dtype)
-        try:
-            with torch.device(dev):
-                head = Eagle3Head(cfg, self.backend, fused=target.fused, own_embedding=own_embedding and weights is not None)
-        finally:
-            torch.set_default_dtype(default)
-        if weights is None:  # random, the draft ids the target's first ones
+        head = _create(spec, self.backend, target.fused, dev, target.dtype)
+        if spec.load is None:  # random (benchmarks, tests)
             init_dummy_weights(head, seed)
             finish_loading(head)
         else:
-            head.load_weights(weights)
-        if head.embed_tokens is None:
-            head.share_embedding(target.model.embed_tokens)
+            spec.load(head)
+        head.attach(target.model)
         self.head = head.eval()
-        self.kv = KVPool(cfg.layer, target.block_size, target.kv.kv_dtype, dev)
+        self.kv = KVPool(spec.layer, target.block_size, target.kv.kv_dtype, dev)
         self.kv.allocate(target.num_blocks, self.backend)
         sched = target.config.scheduler
         width = -(-target.max_model_len // target.block_size)
@@ -109,7 +127,7 @@ class Eagle3Runner:
         h = host_inputs(steps, self.target.block_size, False)
         rows = st.put([computed[s.seq_id][0] + i for s in steps for i in range(len(s.token_ids))])
         ids, positions, meta = eager_inputs(h, st)
-        o = self.head(ids, positions, meta, self.target.aux[rows()])
+        o = self.head(ids, positions, meta, self.target.head_states[rows()])
         drawing = [s for s in steps if s.sampling is not None]
         if not drawing:
             return

@@ -3,7 +3,7 @@
 # in CUDA graphs), FP8 weights (formats, kernels, the engine on FP8 checkpoints), the end-to-end Triton-vs-torch
 # check, and
 # `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit,
-# FP8 and 4-bit weights, and with an FP8 KV cache.
+# FP8 and 4-bit weights, with an FP8 KV cache, and a MoE model with FP8 experts.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
@@ -32,4 +32,8 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
   --regex 'w[0-9]{1,6}' --quantization int4 || rc=1
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --kv-cache-dtype fp8 || rc=1
+# a MoE model with FP8 experts (the fused kernels' FP8 variant in CUDA graphs), Qwen3-30B-A3B's shape
+moe=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-30b-a3b"))')
+python3 scripts/serve_check.py "$moe" --load-format dummy --dtype bfloat16 --requests 100 --max-prompt 8192 --vocab 151000 \
+  --regex 'w[0-9]{1,6}' --quantization fp8 || rc=1
 exit $rc

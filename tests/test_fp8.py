@@ -297,3 +297,131 @@ def test_fp8_kv_cache_serves_prefix_hits_and_preemption(gguf_path):
     same = sum(a == b for x, y in zip(want, got) for a, b in zip(x.outputs[0].token_ids, y.outputs[0].token_ids))
     assert same >= 0.6 * sum(len(x.outputs[0].token_ids) for x in want)
     assert_no_leak(fp8)
+
+
+def _tiny_moe(path, arch):
+    """A random MoE model (HF's own classes wrote it) whose every projection has sides that are multiples of 128
+    (the block scheme's): Qwen3-MoE, or GLM-4.5 with shared experts and an MTP module."""
+    from transformers import Glm4MoeConfig, Qwen3MoeConfig
+
+    from test_mtp import add_mtp_module
+    from test_random_arch_equivalence import VOCAB, make_model_dir
+
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=64, num_experts_per_tok=2,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen3_moe":
+        hf = make_model_dir(path, Qwen3MoeConfig(num_experts=4, mlp_only_layers=[0], norm_topk_prob=True, **common))
+    else:
+        hf = make_model_dir(path, Glm4MoeConfig(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, **common))
+        add_mtp_module(path, hf)
+    # projections to 1 / sqrt(fan-in), as a trained model's keep activations in range (FP8's few bits then move
+    # the logits a little, not chaotically)
+    t = {k: v / (0.25 * v.shape[1] ** 0.5) if v.dim() == 2 and not k.endswith(("embed_tokens.weight", "head.weight")) else v
+         for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return t
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "glm4_moe"])
+def tiny_moe(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return str(path), _tiny_moe(path, request.param)
+
+
+def _experts(llm, layer):
+    return dict(llm.engine.runner.model.named_modules())[f"layers.{layer}.mlp"]
+
+
+def _experts_only(src: str, quantized: str, out: str, deq: str, weights: dict) -> None:
+    """From a quantized checkpoint: `out`, the same with only the routed experts FP8 (every other projection back to
+    its 16-bit weights, named in the quantization config's ignore list); `deq`, the 16-bit model whose experts are
+    the dequantized FP8 ones."""
+    import shutil
+
+    shutil.copytree(quantized, out)
+    shutil.copytree(src, deq)
+    stored = load_file(os.path.join(quantized, "model.safetensors"))
+    block = (128, 128) if any(k.endswith("weight_scale_inv") for k in stored) else None
+    kept, dequantized = {}, dict(weights)
+    for name, t in stored.items():
+        module, _, kind = name.rpartition(".")
+        if ".experts." in name:
+            kept[name] = t
+            if kind == "weight":
+                s = stored.get(f"{module}.weight_scale_inv", stored.get(f"{module}.weight_scale"))
+                s = s.reshape(-1).expand(t.shape[0]) if block is None else s
+                dequantized[name] = dequantize(t, s, block, torch.float32)
+        elif kind == "weight" or not kind.startswith(("weight_scale", "input_scale")):
+            kept[name] = weights.get(name, t)  # a projection's 16-bit weight; any other tensor as stored
+    save_file(kept, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized, os.path.join(deq, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    qc = cfg["quantization_config"]
+    keep = ["lm_head", r"re:.*self_attn\..*", r"re:.*\.mlp\.(gate|up|down)_proj", r"re:.*shared_expert.*"]
+    qc["ignore" if qc["quant_method"] == "compressed-tensors" else "modules_to_not_convert"] = keep
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel", "tensor"])
+def test_moe_checkpoint_round_trips(tiny_moe, tmp_path, scheme):
+    """`slipstream quantize` writes FP8 experts (and shared experts) as FP8 MoE checkpoints store them; loaded, the
+    stacked experts equal the by-hand dequantization of each expert's tensors. With only the experts FP8 (W8A16),
+    the engine computes exactly what it computes for the 16-bit model holding the dequantized experts (fp32: the
+    same tokens and logprobs)."""
+    src, weights = tiny_moe
+    out = str(tmp_path / scheme)
+    write_fp8_checkpoint(src, out, scheme)
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    scale_name = "weight_scale_inv" if scheme == "block" else "weight_scale"
+    assert stored["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == FP8
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router stays as it was
+    llm = _llm(out)
+    moe = _experts(llm, 1)
+    block = (128, 128) if scheme == "block" else None
+    assert moe.w13.dtype == FP8 and moe.scale_block == block
+    for e in (0, 3):
+        got = dequantize(moe.w13[e], moe.w13_scale[e], block, torch.float32).cpu()
+        by_hand = []
+        for part in ("gate_proj", "up_proj"):
+            q = stored[f"model.layers.1.mlp.experts.{e}.{part}.weight"].float()
+            s = stored[f"model.layers.1.mlp.experts.{e}.{part}.{scale_name}"].float()
+            if scheme == "block":
+                s = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+            by_hand.append(q * (s if s.dim() == 2 else s.reshape(-1, 1) if s.numel() > 1 else s))
+            w = weights[f"model.layers.1.mlp.experts.{e}.{part}.weight"]
+            assert (by_hand[-1] - w).norm() / w.norm() < 0.05
+        torch.testing.assert_close(got, torch.cat(by_hand))
+    greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert all(len(x) == 12 for x in greedy)
+    if hasattr(moe, "shared_expert"):  # GLM-4.5: FP8 shared experts and an FP8 MTP module, which drafts exactly
+        assert moe.shared_expert.gate_up_proj.weight.dtype == FP8
+        mtp = _llm(out, speculative_method="mtp", num_speculative_tokens=2)
+        assert mtp.engine.core.proposer.runner.head.mtp_block.mlp.w13.dtype == FP8
+        assert [o.outputs[0].token_ids for o in mtp.generate(PROMPTS, GREEDY)] == greedy
+        assert_no_leak(mtp)
+    _experts_only(src, out, str(tmp_path / "experts"), str(tmp_path / "deq"), weights)
+    fp8, deq = _llm(str(tmp_path / "experts")), _llm(str(tmp_path / "deq"))
+    assert _experts(fp8, 1).w13.dtype == FP8 and _linear(fp8, "layers.1.self_attn.qkv_proj").weight.dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    for a, b in zip(fp8.generate(PROMPTS, params), deq.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+
+
+def test_online_fp8_moe_equals_channel_checkpoint(tiny_moe, tmp_path):
+    """--quantization fp8 on a 16-bit MoE checkpoint quantizes its experts exactly as the channel checkpoint does."""
+    src, _ = tiny_moe
+    out = str(tmp_path / "ch")
+    write_fp8_checkpoint(src, out, "channel", "dynamic")
+    online, stored = _llm(src, quantization="fp8"), _llm(out)
+    a, b = _experts(online, 1), _experts(stored, 1)
+    for name in ("w13", "w2", "w13_scale", "w2_scale"):
+        torch.testing.assert_close(getattr(a, name).float(), getattr(b, name).float(), rtol=0, atol=0)
+    assert [o.outputs[0].token_ids for o in online.generate(PROMPTS, GREEDY)] == [
+        o.outputs[0].token_ids for o in stored.generate(PROMPTS, GREEDY)]
+    with pytest.raises(ValueError, match="dynamic activations"):
+        write_fp8_checkpoint(src, str(tmp_path / "static"), "channel", "static", ["t5 t6 t7"])

@@ -68,6 +68,33 @@ def test_fused_moe_matches_loop(dtype, case):
     assert err < TOL[dtype] * 4, err
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [None, (32, 32), (64, 128)])
+@pytest.mark.parametrize("t", [1, 21])
+def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
+    """FP8 experts (W8A16), scales per row or per block, against the loop over the dequantized weights in float64;
+    the loop with scales (the CPU path) is that same arithmetic."""
+    from slipstream.kernels.moe import fused_moe
+    from slipstream.layers.quantization.fp8 import dequantize, quantize_weight_blocks, quantize_weight_per_channel
+
+    e, h, inter, k = 6, 128, 64, 2
+    w13, w2 = _weights(e, h, inter, torch.float32, 3)
+    quant = (lambda w: quantize_weight_per_channel(w)) if block is None else (lambda w: quantize_weight_blocks(w, block))
+    (q13, s13), (q2, s2) = ([torch.stack(x) for x in zip(*(quant(w[i]) for i in range(e)))] for w in (w13, w2))
+    assert q13.dtype == torch.float8_e4m3fn and s13.shape == ((e, 2 * inter) if block is None else (e, 2 * inter // block[0], h // block[1]))
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
+    deq = lambda q, s: torch.stack([dequantize(q[i], s[i], block, torch.float64) for i in range(e)])  # noqa: E731
+    ref = experts_ref(x.double(), deq(q13, s13), deq(q2, s2), weights.double(), ids)
+    loop = experts_ref(x.double(), q13, q2, weights.double(), ids, (s13, s2, block))
+    torch.testing.assert_close(loop, ref)
+    out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV),
+                    scales=(s13.to(DEV), s2.to(DEV), block))
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype] * 4, err
+
+
 def test_route_ties_pick_distinct_experts():
     logits = torch.zeros(3, 8)  # every score tied
     weights, ids = route(logits, MoEConfig(8, 4, 16))
@@ -133,7 +160,8 @@ GPU_MOE = {
 def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     """A small random MoE model on the GPU in fp32: the Triton backend (the fused MoE kernels), in CUDA graphs and
     eagerly, and the torch backend (the per-expert loop) give the same greedy tokens; GLM-4.5's MTP module drafting
-    (its MoE block on the fused kernels too) changes none of them."""
+    (its MoE block on the fused kernels too) changes none of them. FP8 weights (the experts' FP8 fused kernels):
+    the same tokens in CUDA graphs and eagerly."""
     import json
 
     from slipstream import LLM, SamplingParams
@@ -147,10 +175,12 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     runs = [("graphs", "triton", False, {}), ("eager", "triton", True, {}), ("torch", "torch", True, {})]
     if arch == "glm4_moe":
         runs.append(("mtp", "triton", False, dict(speculative_method="mtp", num_speculative_tokens=3)))
+    fp8 = [("fp8 graphs", "triton", False, dict(quantization="fp8")), ("fp8 eager", "triton", True, dict(quantization="fp8"))]
     outs = {}
-    for name, backend, eager, spec in runs:
+    for name, backend, eager, spec in runs + fp8:
         llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend, max_model_len=256,
                   gpu_memory_utilization=0.3, enforce_eager=eager, **spec)
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm
-    assert all(o == outs["torch"] for o in outs.values())
+    assert all(outs[name] == outs["torch"] for name, *_ in runs)
+    assert outs["fp8 graphs"] == outs["fp8 eager"]

@@ -87,6 +87,29 @@ def test_two_ranks_on_fp8_checkpoints(tmp_path, scheme, activations):
             assert [len(o.outputs[0].token_ids) for o in online.generate(prompts, GREEDY)] == [24, 24]
 
 
+@pytest.mark.parametrize("scheme, experts", [("channel", False), ("tensor", False), ("channel", True), ("block", True)])
+def test_two_ranks_on_fp8_experts(tmp_path, scheme, experts):
+    """A MoE checkpoint whose experts are FP8 (W8A16, every other layer 16-bit), its scales split with the experts'
+    width or whole with whole experts (expert parallel): the tokens are one rank's. Block scales split by width only
+    on block edges: a narrower rank's share is refused, naming the blocks."""
+    from test_fp8 import _experts_only, _tiny_moe
+
+    from slipstream.loader.quantize import write_fp8_checkpoint
+
+    weights = _tiny_moe(tmp_path / "src", "qwen3_moe")
+    write_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), scheme)
+    _experts_only(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "experts"), str(tmp_path / "deq"), weights)
+    g = __import__("random").Random(2)
+    prompts = [[g.randrange(3, 512) for _ in range(n)] for n in (20, 45)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32)
+    want = LLM(str(tmp_path / "experts"), **kw).generate(prompts, GREEDY)
+    with LLM(str(tmp_path / "experts"), tensor_parallel_size=2, enable_expert_parallel=experts, **kw) as two:
+        _same(want, two.generate(prompts, GREEDY))
+    if scheme == "block":
+        with pytest.raises(ValueError, match="multiple of the"):
+            LLM(str(tmp_path / "experts"), tensor_parallel_size=2, **kw)
+
+
 @pytest.mark.parametrize("fmt", ["awq", "gptq", "online"])
 def test_two_ranks_on_4bit_weights(tmp_path, fmt):
     """4-bit layers split with their group scales and zero points (packed nibbles by whole words and groups, AWQ's

@@ -21,6 +21,7 @@ from slipstream.kernels.int4 import w4a16_gemm
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.moe import fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
+from slipstream.layers.quantization.fp8 import quantize_weight_blocks
 
 HQ, HK, D, PAGE = 32, 8, 128, CacheConfig.block_size
 HIDDEN, FFN, VOCAB = 4096, 14336, 128256
@@ -240,13 +241,18 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
     """One Qwen3-30B-A3B MoE layer (128 experts, top 8, hidden 2048, expert width 768), bf16, router output fixed
     (uniformly random experts): our fused kernels vs torch._grouped_mm, each replayed in a CUDA graph where it can
     be captured. TFLOP/s over the pairs' FLOPs; weight bytes of the experts hit per unit of time vs the copy rate
-    (what bounds the small steps of decode)."""
+    (what bounds the small steps of decode). Then the same layer with FP8 experts in 128 x 128 blocks (as
+    Qwen3-30B-A3B-FP8 ships them), W8A16: half the weight bytes."""
     model = ModelConfig.from_hf(json.loads(resources.files("slipstream.configs").joinpath("qwen3-30b-a3b.json").read_text()))
     e, k, h, inter = model.moe.num_experts, model.moe.top_k, model.hidden_size, model.moe.intermediate_size
     w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    fp8 = [[torch.stack(x) for x in zip(*(quantize_weight_blocks(w[i], (128, 128)) for i in range(e)))] for w in (w13, w2)]
+    (q13, s13), (q2, s2) = fp8
+    scales = (s13, s2, (128, 128))
     out, rows = [], [["tokens", "ours us", "ours TFLOP/s", "ours % of matmul", "ours weights % of copy bw",
-                      "grouped_mm us", "grouped_mm TFLOP/s", "ours / grouped_mm"]]
+                      "grouped_mm us", "grouped_mm TFLOP/s", "ours / grouped_mm", "fp8 us", "fp8 weights % of copy bw",
+                      "bf16 / fp8"]]
     for t in token_counts:
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
         weights = torch.rand(t, k, device="cuda").softmax(-1)
@@ -255,16 +261,20 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
         ours = fused_moe(x, w13, w2, weights, ids)
         if ref is not None:
             torch.testing.assert_close(ours, ref, atol=3e-2, rtol=3e-2)  # the comparison is of the same layer
+        torch.testing.assert_close(fused_moe(x, q13, q2, weights, ids, scales=scales), ours, atol=6e-2, rtol=6e-2)
         us = _timed(lambda: fused_moe(x, w13, w2, weights, ids))
         theirs = _timed(lambda: _grouped_mm_moe(x, w13, w2, weights, ids)) if ref is not None else float("nan")
+        fp8_us = _timed(lambda: fused_moe(x, q13, q2, weights, ids, scales=scales))
         flops = 6 * t * k * h * inter
         nbytes = ids.unique().numel() * 3 * h * inter * 2
         r = dict(tokens=t, ours_us=us, ours_tflops=flops / us / 1e6, grouped_mm_us=theirs,
                  grouped_mm_tflops=flops / theirs / 1e6, pct_matmul=100 * flops / us / 1e-6 / mm,
-                 weights_pct_copy_bw=100 * nbytes / us / 1e-6 / bw)
+                 weights_pct_copy_bw=100 * nbytes / us / 1e-6 / bw, fp8_us=fp8_us,
+                 fp8_weights_pct_copy_bw=100 * nbytes / 2 / fp8_us / 1e-6 / bw)
         out.append(r)
         rows.append([str(t), f"{us:.1f}", f"{r['ours_tflops']:.0f}", f"{r['pct_matmul']:.0f}", f"{r['weights_pct_copy_bw']:.0f}",
-                     f"{theirs:.1f}", f"{r['grouped_mm_tflops']:.0f}", f"{theirs / us:.2f}"])
+                     f"{theirs:.1f}", f"{r['grouped_mm_tflops']:.0f}", f"{theirs / us:.2f}", f"{fp8_us:.1f}",
+                     f"{r['fp8_weights_pct_copy_bw']:.0f}", f"{us / fp8_us:.2f}"])
     print(table(rows))
     return out
 

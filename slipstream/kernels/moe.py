@@ -13,6 +13,11 @@ step reads the weights of its k selected experts only.
     exists;
   - down with the routing weight fused: each pair's output row is scaled by its weight before it is written;
     the k rows of a token are then summed.
+
+FP8 experts (W8A16): the weight tiles stream as FP8 (half the bytes of 16-bit), are widened in registers (exactly)
+and multiplied by the 16-bit activations; the scales apply to the accumulator: once at the end for a scale per
+output channel, or after each K tile's product for a scale per (rows x columns) block (DeepSeek-V3 / Qwen3-FP8
+128 x 128), so a K tile never straddles two blocks.
 """
 from __future__ import annotations
 
@@ -67,10 +72,13 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
-                     stride_am, stride_be, stride_bn, stride_cm,
-                     GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
+                     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn,
+                     GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, SCALES: tl.constexpr,
+                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SCALES: 0, 16-bit weights; 1, FP8 with a scale per output row (s [E, rows]); 2, FP8 with a scale per
+    SCALE_BN x SCALE_BK block (s [E, rows / SCALE_BN, K / SCALE_BK])."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -84,6 +92,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr, N
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + rk[None, :]
     b_base = b_ptr + expert.to(tl.int64) * stride_be
     b_ptrs = b_base + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:  # the up rows sit N rows below the gate rows in the stacked weight
         up_ptrs = b_ptrs + N * stride_bn
@@ -91,14 +100,26 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr, N
     for k0 in range(0, K, BLOCK_K):
         ok_k = rk < K - k0
         a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
+        if SCALES == 2:  # this K tile lies in one block column: its product takes the blocks' scales
+            sb = s_base + (k0 // SCALE_BK)
+            acc += tl.dot(a, b, input_precision=PRECISION) * tl.load(sb + (rn // SCALE_BN) * stride_sn, mask=ok_n, other=0.0)[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
-            acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+            u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
+            if SCALES == 2:
+                acc_up += tl.dot(a, u, input_precision=PRECISION) * tl.load(
+                    sb + ((N + rn) // SCALE_BN) * stride_sn, mask=ok_n, other=0.0)[None, :]
+            else:
+                acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
             up_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SCALES == 1:
+        acc = acc * tl.load(s_base + rn, mask=ok_n, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(s_base + N + rn, mask=ok_n, other=0.0)[None, :]
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if WEIGHTED:
@@ -126,15 +147,24 @@ def _tiles(pairs: int, elem_bytes: int, device: torch.device) -> dict:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, skipped_pairs: bool = False) -> torch.Tensor:
+              topk_ids: torch.Tensor, skipped_pairs: bool = False, scales: tuple | None = None) -> torch.Tensor:
     """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
     (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
-    [0, E) (another rank's experts); those pairs add nothing."""
+    [0, E) (another rank's experts); those pairs add nothing. `scales`: the weights are FP8, (w13's scales, w2's
+    scales, block): per output row ([E, 2I], [E, H]) with block None, or per (rows, columns) `block`
+    ([E, 2I / rows, H / columns], [E, H / rows, I / columns])."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
     tiles = _tiles(pairs, x.element_size(), x.device)
+    s13, s2, block = scales if scales is not None else (x, x, None)  # (unread without scales)
+    mode = 0 if scales is None else 1 if block is None else 2
+    sbn, sbk = block or (1, 1)
+    if mode == 2:  # a K tile must not straddle two scale blocks
+        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], sbk)
+        if sbk % tiles["BLOCK_K"]:
+            raise ValueError(f"FP8 expert blocks of {sbk} columns: a multiple of {tiles['BLOCK_K']} is needed")
     bm = tiles["BLOCK_M"]
     sorted_ids, block_expert = align_by_expert(topk_ids, e, bm)
     x = x.contiguous()
@@ -144,10 +174,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     precision = dot_precision(x.dtype)
     grid = lambda n: (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))  # noqa: E731
-    _moe_gemm_kernel[grid(inter)](x, w13, mid, weights, sorted_ids, block_expert, inter, h, pairs, k,
-                                  x.stride(0), w13.stride(0), w13.stride(1), mid.stride(0),
-                                  GATED=True, WEIGHTED=False, A_PER_TOKEN=True, PRECISION=precision, **tiles)
-    _moe_gemm_kernel[grid(h)](mid, w2, out, weights, sorted_ids, block_expert, h, inter, pairs, 1,
-                              mid.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-                              GATED=False, WEIGHTED=True, A_PER_TOKEN=False, PRECISION=precision, **tiles)
+    strides = lambda s: (s.stride(0), s.stride(1)) if mode else (0, 0)  # noqa: E731
+    _moe_gemm_kernel[grid(inter)](x, w13, mid, weights, s13, sorted_ids, block_expert, inter, h, pairs, k,
+                                  x.stride(0), w13.stride(0), w13.stride(1), mid.stride(0), *strides(s13),
+                                  GATED=True, WEIGHTED=False, A_PER_TOKEN=True, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk,
+                                  PRECISION=precision, **tiles)
+    _moe_gemm_kernel[grid(h)](mid, w2, out, weights, s2, sorted_ids, block_expert, h, inter, pairs, 1,
+                              mid.stride(0), w2.stride(0), w2.stride(1), out.stride(0), *strides(s2),
+                              GATED=False, WEIGHTED=True, A_PER_TOKEN=False, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk,
+                              PRECISION=precision, **tiles)
     return out.view(t, k, h).sum(1)

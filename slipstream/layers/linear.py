@@ -165,10 +165,13 @@ def check_all_loaded(params: dict[str, nn.Parameter], loaded: set[tuple[str, int
 
 
 def finish_loading(model: nn.Module) -> None:
-    """Let every linear layer's method convert what was loaded (after real or random weights)."""
+    """Let every linear layer's method convert what was loaded (after real or random weights), and every other
+    module that holds weights of its own form (a MoE layer's stacked experts: `after_loading`)."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_after_loading(module)
+        elif hasattr(module, "after_loading"):
+            module.after_loading()
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: Linear) -> tuple[torch.Tensor, torch.Tensor]:

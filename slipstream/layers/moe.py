@@ -11,6 +11,11 @@ Experts are stacked: w13 [E, 2I, H] (each expert's gate rows, then its up rows) 
 checkpoint's per-expert tensors by their weight loaders. On the GPU the experts run as the fused grouped GEMMs
 of kernels/moe.py; elsewhere as a loop over the experts that received tokens (the reference).
 
+FP8 experts (an FP8 checkpoint's, or `quantization="fp8"` on a 16-bit one) keep FP8 values with float32 scales, as
+the checkpoint lays them out: per tensor (expanded to per row), per output row, or per 128 x 128 block. They run
+W8A16: weights widened in the kernel, activations kept 16-bit (a static activation scale, where a checkpoint has
+one, is not used).
+
 Over tensor-parallel ranks the experts split one of two ways. By width (the default): each rank holds a slice of
 every expert. By expert (`expert_parallel`): each rank holds a contiguous 1/N of the experts, whole, and computes
 only the (token, expert) pairs routed to them. Tensor-parallel attention leaves every rank with every token, so
@@ -20,7 +25,7 @@ ranks hold different tokens (data-parallel attention), which slipstream does not
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,11 @@ from slipstream import kernels
 from slipstream.config import MoEConfig
 from slipstream.layers.linear import Linear, materialize, narrow, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
+from slipstream.layers.quantization import LinearMethod, QuantSpec
+from slipstream.layers.quantization.fp8 import DUMMY_SCALE, FP8, Fp8, dequantize, quantize_weight_per_channel
 from slipstream.parallel.shard import Shard
+
+MethodFor = Callable[[str], LinearMethod]
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,16 +59,20 @@ def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
     return weights * cfg.routed_scaling_factor, ids
 
 
-def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                scales: tuple | None = None) -> torch.Tensor:
     """The experts as a loop: each expert runs on the tokens routed to it (the reference of kernels.fused_moe).
-    Pairs whose id is negative (another rank's expert) add nothing."""
+    Pairs whose id is negative (another rank's expert) add nothing. `scales`: FP8 weights' (w13's, w2's, block),
+    as kernels.fused_moe takes them."""
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
         if e < 0:
             continue
         token, slot = (ids == e).nonzero(as_tuple=True)
-        gate, up = F.linear(x[token], w13[e]).chunk(2, -1)
-        y = F.linear(F.silu(gate) * up, w2[e])
+        a, b = (w13[e], w2[e]) if scales is None else (dequantize(w13[e], scales[0][e], scales[2], x.dtype),
+                                                        dequantize(w2[e], scales[1][e], scales[2], x.dtype))
+        gate, up = F.linear(x[token], a).chunk(2, -1)
+        y = F.linear(F.silu(gate) * up, b)
         out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
     return out
 
@@ -68,22 +81,27 @@ class SharedExpert(nn.Module):
     """The SwiGLU expert every token goes through (Qwen2-MoE, DeepSeek), named as checkpoints name it; split over
     tensor-parallel ranks like an MLP (its partial sum joins the routed experts' before the one all-reduce)."""
 
-    def __init__(self, hidden: int, inter: int, fused: bool, shard: Shard) -> None:
+    def __init__(self, hidden: int, inter: int, fused: bool, shard: Shard, method_for: MethodFor | None, prefix: str) -> None:
         super().__init__()
         i0, n = shard.part(inter)
         split = shard.world > 1
-        self.gate_up_proj = Linear(hidden, [n, n], fused=fused, take=(0, (i0, i0)) if split else None)
-        self.down_proj = Linear(n, hidden, fused=fused, take=(1, (i0,)) if split else None)
+        method = method_for or (lambda _: None)
+        self.gate_up_proj = Linear(hidden, [n, n], method=method(f"{prefix}.gate_up_proj"), fused=fused,
+                                   take=(0, (i0, i0)) if split else None)
+        self.down_proj = Linear(n, hidden, method=method(f"{prefix}.down_proj"), fused=fused,
+                                take=(1, (i0,)) if split else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_linear(self.gate_up_proj(x), self.down_proj)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: MoEConfig, hidden: int, fused: bool, shard: Shard | None = None) -> None:
+    def __init__(self, cfg: MoEConfig, hidden: int, fused: bool, shard: Shard | None = None,
+                 method_for: MethodFor | None = None, prefix: str = "mlp") -> None:
         """`shard`: tensor parallelism splits every expert's width (gate and up rows, down columns) over the ranks,
         or, with `shard.expert_parallel`, gives each rank whole experts; either way each rank routes every token
-        the same way (the router is whole on each)."""
+        the same way (the router is whole on each). `method_for`: the model's quantization by layer prefix (the
+        experts are `{prefix}.experts`; FP8 makes them FP8, other methods leave them 16-bit)."""
         super().__init__()
         self.cfg, self.fused = cfg, fused
         self.shard = shard = shard or Shard.single()
@@ -98,33 +116,87 @@ class MoE(nn.Module):
         self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype, or float32
         if cfg.router_float32:
             self.gate.float()
-        self.w13 = nn.Parameter(torch.empty(e, 2 * inter, hidden), requires_grad=False)
-        self.w13.weight_loader = self._load_expert
-        self.w13.shards = tuple((i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1))
-        self.w2 = nn.Parameter(torch.empty(e, hidden, inter), requires_grad=False)
-        self.w2.weight_loader = self._load_expert
-        self.w2.shards = tuple((i, None) for i in range(self.e0, self.e0 + e))
+        method = method_for(f"{prefix}.experts") if method_for else None
+        self.fp8: QuantSpec | None = method.spec if isinstance(method, Fp8) else None
+        self.scale_block = self.fp8.block if self.fp8 and self.fp8.weight_scales == "block" else None
+        stored = self.fp8 is not None and self.fp8.serialized  # FP8 in the checkpoint (else quantized once loaded)
+        self.w13 = self._stacked((e, 2 * inter, hidden), stored, [(i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1)])
+        self.w2 = self._stacked((e, hidden, inter), stored, [(i, None) for i in range(self.e0, self.e0 + e)])
+        if stored:
+            self.w13_scale = self._scales(e, 2 * inter, hidden, self.w13.shards, stacked=True)
+            self.w2_scale = self._scales(e, hidden, inter, self.w2.shards, stacked=False)
         if cfg.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False)
             self.e_score_correction_bias.dummy_value = 0.0
         if cfg.shared_intermediate_size:
-            self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused, shard)
+            self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused, shard, method_for,
+                                              f"{prefix}.shared_expert")
             self.shared_expert_gate = Linear(hidden, 1) if cfg.shared_gate else None
+
+    def _stacked(self, shape: tuple[int, ...], fp8: bool, shards: list) -> nn.Parameter:
+        p = nn.Parameter(torch.empty(shape, dtype=FP8) if fp8 else torch.empty(shape), requires_grad=False)
+        p.weight_loader, p.shards, p.units = self._load_expert, tuple(shards), (1, 1)
+        if fp8:
+            p.dummy_scale = 1 / DUMMY_SCALE  # random FP8 values over their range
+        return p
+
+    def _scales(self, e: int, rows: int, cols: int, shards: tuple, stacked: bool) -> nn.Parameter:
+        """FP8 experts' scales as the checkpoint lays them out: [E, parts] per tensor, [E, rows, 1] per row, or
+        [E, rows / bn, cols / bk] per block; `units` says how many weight rows and columns one entry covers."""
+        kind = self.fp8.weight_scales
+        if kind == "tensor":
+            shape, units = (e, 2 if stacked else 1), (0, 0)
+        elif kind == "channel":
+            shape, units = (e, rows, 1), (1, 0)
+        else:
+            bn, bk = self.fp8.block
+            part = rows // 2 if stacked else cols  # what one rank's split cuts: gate / up rows, down columns
+            if part % (bn if stacked else bk) or (self.i0 % (bn if stacked else bk)):
+                raise ValueError(f"block-scaled FP8 experts need each rank's expert width ({part} from {self.i0}) to "
+                                 f"be a multiple of the {self.fp8.block} blocks")
+            shape, units = (e, -(-rows // bn), -(-cols // bk)), (bn, bk)
+        p = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+        p.weight_loader, p.shards, p.units, p.dummy_value = self._load_expert, shards, units, DUMMY_SCALE
+        return p
 
     def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None]) -> None:
         expert, part = shard
         if not 0 <= expert - self.e0 < param.shape[0]:
             return  # another rank's expert: not read at all
         dst = param.data[expert - self.e0]
+        rows_per, cols_per = param.units
         width_split = self.shard.world > 1 and not self.by_expert
-        if part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]; this rank's rows of either
+        if param.dim() == 2:  # one scale per expert and stacked part (per-tensor FP8): the tensor's, whole
+            dst, tensor = dst.narrow(0, part or 0, 1), materialize(tensor).reshape(1)
+        elif part is not None:  # gate (0) or up (1) rows of the stacked [gate | up]; this rank's rows of either
             dst = dst.narrow(0, part * (dst.shape[0] // 2), dst.shape[0] // 2)
-            tensor = narrow(tensor, 0, self.i0, dst.shape[0]) if width_split else tensor
-        elif width_split:  # down: this rank's columns
-            tensor = narrow(tensor, 1, self.i0, dst.shape[1])
+            tensor = narrow(tensor, 0, self.i0 // rows_per, dst.shape[0]) if width_split else tensor
+        elif width_split and cols_per:  # down: this rank's columns
+            tensor = narrow(tensor, 1, self.i0 // cols_per, dst.shape[1])
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(materialize(tensor))
+
+    def after_loading(self) -> None:
+        """FP8 experts: scales as the kernels read them ([E, rows] per row, or per block); 16-bit weights of a
+        16-bit checkpoint quantized per row, one expert at a time."""
+        if self.fp8 is None:
+            return
+        for name in ("w13", "w2"):
+            w = getattr(self, name)
+            if not self.fp8.serialized:
+                q = torch.empty(w.shape, dtype=FP8, device=w.device)
+                s = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
+                for e in range(w.shape[0]):
+                    q[e], s[e] = quantize_weight_per_channel(w.data[e])
+                setattr(self, name, nn.Parameter(q, requires_grad=False))
+            else:
+                s = getattr(self, f"{name}_scale").data
+                if self.fp8.weight_scales == "tensor":  # per stacked part -> per row
+                    s = s.repeat_interleave(w.shape[1] // s.shape[1], dim=1)
+                elif self.fp8.weight_scales == "channel":
+                    s = s[..., 0]
+            setattr(self, f"{name}_scale", nn.Parameter(s.contiguous(), requires_grad=False))
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MoE(norm(h + residual)), h + residual)."""
@@ -137,10 +209,11 @@ class MoE(nn.Module):
         if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
             local = ids - self.e0
             ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
+        scales = (self.w13_scale, self.w2_scale, self.scale_block) if self.fp8 else None
         if self.fused and x.is_cuda:
-            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert)
+            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert, scales=scales)
         else:
-            y = experts_ref(x, self.w13, self.w2, weights, ids)
+            y = experts_ref(x, self.w13, self.w2, weights, ids, scales)
         if self.cfg.shared_intermediate_size:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

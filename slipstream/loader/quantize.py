@@ -112,6 +112,9 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
         raise ValueError("block-scaled FP8 takes dynamic activation scales")
     loaded, quantizable = _source(model)
     input_amax = {}
+    if activations == "static" and loaded.config.moe is not None:
+        raise ValueError("static activation scales are taken for linear layers only, and a MoE model's experts run "
+                         "with 16-bit activations: use dynamic activations")
     if activations == "static":
         if calibration is None:
             raise ValueError("static activation scales need calibration text")

@@ -31,7 +31,7 @@ FP8_MAX = 448.0
 # divides exactly, and the two disagreed in the last bit for half the rows of a checkpoint quantized on the CPU vs
 # the same weights quantized at load on an H200.
 _INV_MAX = 1.0 / FP8_MAX
-_DUMMY_SCALE = 0.05 / FP8_MAX  # random weights: FP8 values across the whole range, weights in ±0.05
+DUMMY_SCALE = 0.05 / FP8_MAX  # random weights: FP8 values across the whole range, weights in ±0.05
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +106,7 @@ class Fp8:
             layer.set_loader(weight, stacked=True)
             return
         weight = nn.Parameter(torch.empty(n, k, dtype=FP8), requires_grad=False)
-        weight.dummy_scale = 1 / _DUMMY_SCALE
+        weight.dummy_scale = 1 / DUMMY_SCALE
         layer.register_parameter("weight", weight)
         layer.set_loader(weight, stacked=True)
         if spec.weight_scales == "tensor":
@@ -122,7 +122,7 @@ class Fp8:
                                  f"projection's rows {layer.output_sizes} a multiple of {bn}")
             scale = nn.Parameter(torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32), requires_grad=False)
             layer.set_loader(scale, stacked=True, rows_per=bn, cols_per=bk)
-        scale.dummy_value = _DUMMY_SCALE
+        scale.dummy_value = DUMMY_SCALE
         layer.register_parameter(spec.scale_name, scale)
         if spec.activations == "static":
             input_scale = nn.Parameter(torch.empty(len(layer.output_sizes), dtype=torch.float32), requires_grad=False)

@@ -273,6 +273,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from slipstream.bench.common import write_json
+
+    write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
+
+
 def cmd_worker(a: argparse.Namespace) -> None:
     from slipstream.parallel.workers import run_node
 
@@ -381,6 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     serve_bench.add_parser(bsub)
     spec_bench.add_parser(bsub)
     b.set_defaults(fn=cmd_bench)
+    tn = sub.add_parser("tune", help="measure kernel tiles for a model on this GPU, stored where the kernels look")
+    from slipstream.bench import tune_moe
+
+    tune_moe.add_parser(tn.add_subparsers(dest="tune", required=True))
+    tn.set_defaults(fn=cmd_tune)
     a = parser.parse_args(argv)
     # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.
     if a.cmd != "serve":

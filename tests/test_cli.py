@@ -59,6 +59,8 @@ def test_device_and_gpu_bench_checked_first():
     assert p.returncode == 2 and "no CUDA GPU" in p.stderr
     p, _ = _run("bench", "latency")
     assert p.returncode == 2 and "NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
+    p, _ = _run("tune", "moe", "--model", "qwen3-30b-a3b")
+    assert p.returncode == 2 and "NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_version_and_module_entry_point():

@@ -184,3 +184,48 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
         del llm
     assert all(outs[name] == outs["torch"] for name, *_ in runs)
     assert outs["fp8 graphs"] == outs["fp8 eager"]
+
+
+def test_tuned_tile_tables(tmp_path, caplog):
+    """`slipstream tune moe` keeps the fastest tiles per token count; the kernels take the nearest count's from the
+    table of their layer and GPU, and without a table run the heuristic, saying so once."""
+    import logging
+
+    from slipstream.bench.tune_moe import candidates, tune, write_table
+    from slipstream.kernels.moe import _tuned, _untuned, choose_tiles, default_tiles, tiles_file
+
+    tiles = candidates("fp8-block128", 2, 228 << 10)
+    assert tiles and all(128 % c["BLOCK_K"] == 0 for c in tiles)
+    assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + 2 * c["BLOCK_K"] * c["BLOCK_N"]) * 2 <= (228 << 10) - 4096
+               for c in tiles)
+    # a made-up cost: small steps like narrow row blocks, large ones wide ones; one tile fails to run
+    cost = lambda t, c: float("inf") if c["BLOCK_N"] == 256 else abs(c["BLOCK_M"] - min(128, t)) + c["num_stages"] / 10  # noqa: E731
+    best = tune([1, 64, 4096], tiles, cost)
+    assert best[1][0]["BLOCK_M"] == 16 and best[64][0]["BLOCK_M"] == 64 and best[4096][0]["BLOCK_M"] == 128
+    name = tiles_file(128, 768, 2048, "fp8-block128", "NVIDIA H200")
+    assert name == "E=128,N=768,H=2048,w=fp8-block128,device=NVIDIA_H200.json"
+    write_table(best, str(tmp_path), name, "NVIDIA H200", "qwen3-30b-a3b")
+    for tokens, want in ((1, 1), (3, 1), (40, 64), (100, 64), (3000, 4096), (100000, 4096)):
+        assert choose_tiles(tokens, tokens * 8, name, 2, 228 << 10, str(tmp_path)) == best[want][0], tokens
+    _tuned.cache_clear()
+    _untuned.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="slipstream.kernels.moe"):
+        other = tiles_file(64, 512, 1024, "bf16", "NVIDIA H200")
+        for pairs in (8, 8000):
+            assert choose_tiles(pairs, pairs, other, 2, 228 << 10, str(tmp_path)) == default_tiles(pairs, 2, 228 << 10)
+    assert sum("no tuned MoE tiles" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("tiles", [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32)])
+def test_fused_moe_with_given_tiles(tiles):
+    """Any tile the tuner may pick computes the same layer (interpreter: shapes only; warps and stages on the GPU)."""
+    from slipstream.kernels.moe import fused_moe
+
+    e, h, inter, k, t = 8, 128, 96, 2, 19
+    w13, w2 = _weights(e, h, inter, torch.float32, 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, h, generator=g)
+    weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
+    ref = experts_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), tiles=tiles)
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5

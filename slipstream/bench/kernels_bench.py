@@ -12,7 +12,7 @@ from importlib import resources
 import torch
 import triton
 
-from slipstream.bench.common import copy_bandwidth, gpu_name, matmul_rate, table
+from slipstream.bench.common import copy_bandwidth, gpu_name, graph_us, matmul_rate, table
 from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
@@ -92,29 +92,6 @@ def run(a: argparse.Namespace) -> dict:
     return res
 
 
-def _graph_us(calls: list) -> float:
-    """Mean µs per call, replaying all of `calls` in one CUDA graph: µs-scale kernels are timed without launch gaps,
-    as they run inside the engine's decode graphs."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for fn in calls:  # compile and autotune outside the capture
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 20
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / len(calls)
-
-
 def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
     """Each batch-1 decode projection with its prologue: one fused GEMV vs the prologue kernel + torch.matmul
     (cuBLAS). Weights rotate over copies larger than L2 together, so every call streams its weight from HBM."""
@@ -126,17 +103,17 @@ def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
         x = torch.randn(1, 2 * k if pro == "silu_mul" else k, device="cuda", dtype=dtype)
         res, nw = torch.randn(1, k, device="cuda", dtype=dtype), torch.rand(k, device="cuda", dtype=dtype)
         kw = dict(residual=res, norm_weight=nw) if pro == "rmsnorm" else {}
-        fused = _graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
+        fused = graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
         if pro == "rmsnorm":
-            unfused = _graph_us([lambda w=w: fused_add_rms_norm(x, res, nw, 1e-6)[0] @ w.T for w in ws])
+            unfused = graph_us([lambda w=w: fused_add_rms_norm(x, res, nw, 1e-6)[0] @ w.T for w in ws])
         elif pro == "silu_mul":
-            unfused = _graph_us([lambda w=w: silu_and_mul(x) @ w.T for w in ws])
+            unfused = graph_us([lambda w=w: silu_and_mul(x) @ w.T for w in ws])
         else:
-            unfused = _graph_us([lambda w=w: x @ w.T for w in ws])
+            unfused = graph_us([lambda w=w: x @ w.T for w in ws])
         nbytes = n * k * ws[0].element_size()
         # FP8 weights (per-channel scales), as a model quantized with --quantization fp8 runs them
         w8 = [(w.to(torch.float8_e4m3fn), torch.rand(n, device="cuda") / 448) for w in ws for _ in range(2)]
-        fp8 = _graph_us([lambda w=w, sc=sc: gemv(x, w, prologue=pro, weight_scale=sc, **kw) for w, sc in w8])
+        fp8 = graph_us([lambda w=w, sc=sc: gemv(x, w, prologue=pro, weight_scale=sc, **kw) for w, sc in w8])
         r = dict(name=name, n=n, k=k, prologue=pro, fused_us=fused, unfused_us=unfused, fused_GBps=nbytes / fused / 1e3,
                  unfused_GBps=nbytes / unfused / 1e3, pct_copy_bw=100 * nbytes / fused / 1e-6 / bw, fp8_us=fp8,
                  fp8_pct_copy_bw=100 * (n * k + 4 * n) / fp8 / 1e-6 / bw)
@@ -205,13 +182,13 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
             res_, nw = torch.randn(1, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda", dtype=torch.bfloat16)
             kw = dict(residual=res_, norm_weight=nw) if pro == "rmsnorm" else {}
             if m == 1:
-                ours = _graph_us([lambda q=q: gemv(x, q[0], prologue=pro, weight_scale=q[1], weight_offset=q[2], group=128,
+                ours = graph_us([lambda q=q: gemv(x, q[0], prologue=pro, weight_scale=q[1], weight_offset=q[2], group=128,
                                                    **kw) for q in packed])
-                bf16 = _graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
+                bf16 = graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
             else:
-                ours = _graph_us([lambda q=q: w4a16_gemm(x, *q, 128) for q in packed])
-                bf16 = _graph_us([lambda w=w: x @ w.T for w in ws])
-            deq = _graph_us([lambda q=q: x[:, :k] @ dequantize(*q, torch.bfloat16).T for q in packed])
+                ours = graph_us([lambda q=q: w4a16_gemm(x, *q, 128) for q in packed])
+                bf16 = graph_us([lambda w=w: x @ w.T for w in ws])
+            deq = graph_us([lambda q=q: x[:, :k] @ dequantize(*q, torch.bfloat16).T for q in packed])
             nbytes = n * k // 2 + 4 * n * (k // 128)
             r = dict(m=m, n=n, k=k, name=name, int4_us=ours, bf16_us=bf16, dequant_cublas_us=deq,
                      int4_pct_copy_bw=100 * nbytes / ours / 1e-6 / bw)
@@ -282,7 +259,7 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
 def _timed(fn) -> float:  # noqa: ANN001
     """µs per call: replayed in a CUDA graph (as the engine runs decode), or timed eagerly where capture fails."""
     try:
-        return _graph_us([fn])
+        return graph_us([fn])
     except RuntimeError:
         torch.cuda.synchronize()
         return _ms(fn) * 1e3

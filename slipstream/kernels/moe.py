@@ -21,11 +21,21 @@ output channel, or after each K tile's product for a scale per (rows x columns) 
 """
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, dot_precision
+
+log = logging.getLogger(__name__)
+# Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
+# {"device": ..., "triton": ..., "tiles": {tokens: {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages}}}
+TUNED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "moe")
 
 
 @triton.jit
@@ -128,10 +138,34 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, sorted_ptr, block_expert
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
 
 
-def _tiles(pairs: int, elem_bytes: int, device: torch.device) -> dict:
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    # small steps (decode): short row blocks waste less padding; large steps: square tiles for reuse
+def tiles_file(num_experts: int, inter: int, hidden: int, weights: str, device_name: str) -> str:
+    """The tile table's file name for a layer of `num_experts` experts of width `inter` on `hidden` (one rank's
+    share), `weights` "bf16" | "fp16" | "fp8" (per-row scales) | "fp8-block128", on a GPU by its CUDA name."""
+    return f"E={num_experts},N={inter},H={hidden},w={weights},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def _tuned(name: str, directory: str) -> dict[int, dict] | None:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        table = json.load(f)
+    if table.get("triton") != triton.__version__:
+        log.warning("MoE tiles in %s were tuned with Triton %s; this is %s: `slipstream tune moe` retunes them",
+                    path, table.get("triton"), triton.__version__)
+    return {int(t): tiles for t, tiles in table["tiles"].items()}
+
+
+@functools.cache
+def _untuned(name: str) -> None:
+    log.warning("no tuned MoE tiles for this layer and GPU (%s): using the default heuristic; `slipstream tune moe "
+                "--model CONFIG` measures them", name.removesuffix(".json"))
+
+
+def default_tiles(pairs: int, elem_bytes: int, shared_memory: int) -> dict:
+    """The heuristic for layers without a tuned table: short row blocks for the small steps of decode (less
+    padding), square tiles for large steps (reuse)."""
     if pairs <= 64:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif pairs <= 1024:
@@ -141,23 +175,51 @@ def _tiles(pairs: int, elem_bytes: int, device: torch.device) -> dict:
     # Each pipeline stage holds an A tile and two weight tiles (gate and up): fewer stages where they would not fit
     # in shared memory (float32 models, GPUs with less of it).
     per_stage = (bm * bk + 2 * bk * bn) * elem_bytes
-    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 96 << 10)
-    stages = max(1, min(stages, (limit - 4096) // per_stage))
+    stages = max(1, min(stages, (shared_memory - 4096) // per_stage))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
+def choose_tiles(tokens: int, pairs: int, name: str, elem_bytes: int, shared_memory: int,
+                 directory: str = TUNED_DIR) -> dict:
+    """The tuned tiles of the nearest token count measured for this layer (`name`: tiles_file), else the heuristic
+    (said once per layer)."""
+    table = _tuned(name, directory)
+    if not table:
+        _untuned(name)
+        return default_tiles(pairs, elem_bytes, shared_memory)
+    return dict(table[min(table, key=lambda t: (abs(t - tokens), t))])
+
+
+def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict:
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    props = torch.cuda.get_device_properties(x.device)
+    e, two_i, h = w13.shape
+    return choose_tiles(x.shape[0], pairs, tiles_file(e, two_i // 2, h, weights, props.name), x.element_size(),
+                        getattr(props, "shared_memory_per_block_optin", 96 << 10))
+
+
+def weights_kind(x: torch.Tensor, scales: tuple | None) -> str:
+    """How the experts' weights are stored, as tile tables name it."""
+    if scales is None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "fp32")
+    return "fp8" if scales[2] is None else f"fp8-block{scales[2][1]}"
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, skipped_pairs: bool = False, scales: tuple | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, skipped_pairs: bool = False, scales: tuple | None = None,
+              tiles: dict | None = None) -> torch.Tensor:
     """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
     (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
     [0, E) (another rank's experts); those pairs add nothing. `scales`: the weights are FP8, (w13's scales, w2's
     scales, block): per output row ([E, 2I], [E, H]) with block None, or per (rows, columns) `block`
-    ([E, 2I / rows, H / columns], [E, H / rows, I / columns])."""
+    ([E, 2I / rows, H / columns], [E, H / rows, I / columns]). `tiles`: these (tuning), instead of the layer's
+    tuned ones."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = _tiles(pairs, x.element_size(), x.device)
+    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, scales))
     s13, s2, block = scales if scales is not None else (x, x, None)  # (unread without scales)
     mode = 0 if scales is None else 1 if block is None else 2
     sbn, sbk = block or (1, 1)

@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
                    help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")
     s.add_argument("--reasoning-parser", default="none", choices=REASONING,
-                   help="send a reasoning model's <think> block as reasoning_content (qwen3; deepseek_r1: the prompt opens it)")
+                   help="send a reasoning model's <think> block as reasoning_content (qwen3, glm45; deepseek_r1: the prompt "
+                        "opens it)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("worker", help="one host's ranks of an engine whose tensor-parallel ranks span hosts (--nnodes): "

@@ -14,7 +14,7 @@ import pytest
 from server_util import LiveServer
 from slipstream import LLM, SamplingParams
 from slipstream.loader import load_tokenizer
-from slipstream.server.tools import (ReasoningStream, ToolStream, extract, finished_calls, reasoning_end_ids, render_messages,
+from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, extract, finished_calls, reasoning_end_ids, render_messages,
                                      required_schema, split_reasoning)
 
 MODEL = "smollm2"
@@ -25,17 +25,27 @@ TEXTS = {  # as the families' models write them
     "mistral": 'Sure. [TOOL_CALLS] [{"name": "lookup", "arguments": {"ids": [1, 2, {"k": "]"}]}}, {"name": "b", "arguments": {"q": null}}]',
     "llama3_json": '<|python_tag|>{"name": "search", "parameters": {"query": "cats; dogs"}}; {"name": "x", "parameters": {}}',
     "json_array": '[{"name": "f", "arguments": {"a": 1.5e3}}, {"name": "g", "arguments": {"b": "[}"}}]',
+    # GLM-4.5: a string argument that reads as JSON stays a string where the schema says string
+    "glm45": 'I will look.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n'
+             '<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>zip</arg_key>\n<arg_value>75001</arg_value>\n'
+             '<arg_key>opts</arg_key>\n<arg_value>{"units": "C", "hours": [6, 18]}</arg_value>\n</tool_call>'
+             '<tool_call>get_time</tool_call>',
 }
 EXPECTED = {
     "hermes": ("Let me check both.", [("get_weather", '{"city": "Paris", "note": "say \\"hi\\" {}"}'), ("get_time", "{}")]),
     "mistral": ("Sure.", [("lookup", '{"ids": [1, 2, {"k": "]"}]}'), ("b", '{"q": null}')]),
     "llama3_json": (None, [("search", '{"query": "cats; dogs"}'), ("x", "{}")]),
     "json_array": (None, [("f", '{"a": 1.5e3}'), ("g", '{"b": "[}"}')]),
+    "glm45": ("I will look.", [("get_weather", '{"city": "Paris", "days": 3, "zip": "75001", "opts": {"units": "C", "hours": [6, 18]}}'),
+                               ("get_time", "{}")]),
 }
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"},
+                                     "opts": {"type": "object"}}}}}]
 
 
 def _assemble(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    stream, content, calls = ToolStream(fmt), "", {}
+    stream, content, calls = ToolStream(fmt, tools=TOOLS), "", {}
     for i, text in enumerate(pieces):
         c, deltas = stream.feed(text, i == len(pieces) - 1)
         content += c
@@ -50,7 +60,7 @@ def _assemble(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
 
 @pytest.mark.parametrize("fmt", list(TEXTS))
 def test_extractors_parse_each_family(fmt):
-    content, calls = finished_calls(fmt, TEXTS[fmt])
+    content, calls = finished_calls(fmt, TEXTS[fmt], tools=TOOLS)
     assert (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == EXPECTED[fmt]
     assert all(json.loads(c["function"]["arguments"]) is not None for c in calls)
 
@@ -66,12 +76,18 @@ def test_streamed_calls_equal_the_finished_parse_at_every_split(fmt):
 
 
 def test_text_without_calls_is_content():
-    for fmt in ("hermes", "mistral", "llama3_json"):
+    for fmt in ("hermes", "mistral", "llama3_json", "glm45"):
         assert finished_calls(fmt, "Paris is the capital.") is None
         assert _assemble(fmt, ["Paris is", "Paris is the capital."]) == ("Paris is the capital.", [])
     # a marker cut off at the end of a delta is held back, not sent as content
     assert extract("hermes", "Sure <tool_", final=False)[0] == "Sure"
     assert extract("mistral", "ok [TOOL_C", final=False)[0] == "ok"
+    assert extract("glm45", "ok <tool", final=False)[0] == "ok"
+    # GLM-4.5 without the schema: JSON-looking values are JSON; a call with no name is no call
+    assert finished_calls("glm45", "<tool_call>f\n<arg_key>zip</arg_key><arg_value>75001</arg_value></tool_call>")[1][0][
+        "function"]["arguments"] == '{"zip": 75001}'
+    assert finished_calls("glm45", "<tool_call>\n</tool_call>") is None
+    assert detect_format("{{ '<tool_call>' + name }}<arg_key>{{ k }}</arg_key>") == "glm45"
 
 
 def test_templates_without_tools_get_them_in_a_system_message():
@@ -177,6 +193,26 @@ def test_tool_round_trip(client):
     assert content == answer.choices[0].message.content and not calls
 
 
+def test_glm45_calls_through_the_server(gguf_path):
+    """--tool-call-parser glm45: the output (held to GLM-4.5's call syntax by a regex, as the embedded model does not
+    write it) comes back as OpenAI tool calls, typed by the tool's schema, streamed and not."""
+    glm = ("Checking.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>1984</arg_value>\n"
+           "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>")
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024)
+    with LiveServer(llm.engine, MODEL, tool_call_parser="glm45") as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        body = dict(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=80,
+                    extra_body={"structured_outputs": {"regex": re.escape(glm)}})
+        r = c.chat.completions.create(**body)
+        msg = r.choices[0].message
+        assert msg.content == "Checking." and r.choices[0].finish_reason == "tool_calls"
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == [
+            ("get_weather", {"city": "1984", "unit": "celsius"})]  # a string where the schema says string
+        content, calls, reason = _streamed(c, **body)
+        assert (content, reason) == ("Checking.", "tool_calls")
+        assert [(x["name"], x["arguments"]) for x in calls] == [(t.function.name, t.function.arguments) for t in msg.tool_calls]
+
+
 def test_bad_tool_requests_are_400(client):
     for body in (dict(tool_choice="required"),
                  dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
@@ -188,7 +224,8 @@ def test_bad_tool_requests_are_400(client):
 
 REASONED = {"qwen3": ("<think>\nThe user asks 2+2. That is 4.\n</think>\n\nThe answer is 4.",
                       ("\nThe user asks 2+2. That is 4.\n", "The answer is 4.")),
-            "deepseek_r1": ("2+2 is 4, so answer 4.</think>\n\n4", ("2+2 is 4, so answer 4.", "4"))}
+            "deepseek_r1": ("2+2 is 4, so answer 4.</think>\n\n4", ("2+2 is 4, so answer 4.", "4")),
+            "glm45": ("<think>Paris, surely.</think>\n<tool_call>f</tool_call>", ("Paris, surely.", "<tool_call>f</tool_call>"))}
 
 
 @pytest.mark.parametrize("parser", list(REASONED))

@@ -277,8 +277,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         calls = None
         if tools is not None:  # where calls come from: a format the request fixes, or the model's own
             parser = options.tool_call_parser
-            calls = req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)
-            if calls[0] == "mistral":  # its [TOOL_CALLS] marker is a special token: keep it in the text
+            calls = (*(req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)), tools)
+            if calls[0] in ("mistral", "glm45"):  # their markers are special tokens: keep them in the text
                 params = replace(params, skip_special_tokens=False)
         fmt = _ChatFormat(client, options.model_name, req, calls, options.reasoning_parser)
         return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, fmt)
@@ -715,10 +715,11 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any, calls: tuple[str, str | None] | None,
+    def __init__(self, client: AsyncEngineClient, model_name: str, req: Any,
+                 calls: tuple[str, str | None, list[dict]] | None,
                  reasoning: str = "none") -> None:
         super().__init__(client, model_name, req)
-        self.calls = calls  # (tool call format, the named function) when the request has tools
+        self.calls = calls  # (tool call format, the named function, the tools) when the request has tools
         self.reasoning = reasoning  # how the model marks its reasoning (server/tools.py), "none": it does not
         self.streams: dict[int, tuple[ReasoningStream, ToolStream]] = {}
 
@@ -750,7 +751,7 @@ class _ChatFormat(_Format):
             reasoning, text = split_reasoning(self.reasoning, text, True)
             message["reasoning_content"] = reasoning or None
         message["content"] = text
-        found = finished_calls(self.calls[0], text, self.calls[1]) if self.calls else None
+        found = finished_calls(self.calls[0], text, *self.calls[1:]) if self.calls else None
         if found is not None:
             message["content"], message["tool_calls"] = found
         return {"index": index, "message": message, "logprobs": self.logprobs(o.token_ids, o.logprobs),

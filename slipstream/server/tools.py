@@ -6,6 +6,9 @@ Each model family writes calls its own way; an extractor per format finds them i
   - llama3_json: the whole output is `{"name": ..., "parameters": {...}}` (several joined by `;`), maybe after
     `<|python_tag|>`;
   - mistral: `[TOOL_CALLS]` and then a JSON array of `{"name": ..., "arguments": {...}}`;
+  - glm45 (GLM-4.5 and later): `<tool_call>NAME` and then `<arg_key>K</arg_key><arg_value>V</arg_value>` pairs,
+    `</tool_call>`, any number of them; a value is raw text where the tool's schema says string, else JSON (the
+    template writes other values so), and the arguments are the JSON object of the pairs;
   - json_array: what `tool_choice="required"` constrains the output to (any model): `[{"name": ..., "arguments": ...}]`;
   - named: `tool_choice` names a function: the whole output is its arguments.
 The extractor reads the JSON with a small scanner that tolerates a cut-off end, so the same code serves a finished
@@ -17,11 +20,12 @@ always parse.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("auto", "hermes", "llama3_json", "mistral")
+FORMATS = ("auto", "hermes", "llama3_json", "mistral", "glm45")
 
 
 @dataclass
@@ -136,27 +140,62 @@ def _held(text: str, marker: str) -> int:
     return 0
 
 
-def extract(fmt: str, text: str, final: bool, name: str | None = None) -> tuple[str, list[Call]]:
+def extract(fmt: str, text: str, final: bool, name: str | None = None,
+            tools: list[dict] | None = None) -> tuple[str, list[Call]]:
     """(content, calls) in `text`. Not `final`: content leaves out an end that may open a call, and trailing
-    whitespace (a finished output with calls drops the whitespace before them)."""
-    content, calls = _extract(fmt, text, final, name)
+    whitespace (a finished output with calls drops the whitespace before them). `tools`: the request's (glm45
+    reads their schemas to tell string arguments from JSON ones)."""
+    content, calls = _extract(fmt, text, final, name, tools)
     return (content if final else content.rstrip()), calls
 
 
-def _extract(fmt: str, text: str, final: bool, name: str | None) -> tuple[str, list[Call]]:
+_GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+
+def _glm45_call(body: str, done: bool, tools: list[dict] | None) -> Call | None:
+    """One GLM-4.5 call from the text after its `<tool_call>` (up to `</tool_call>` where `done`): its name once
+    a newline, a key or the end follows it; its arguments' JSON, a pair at a time as each completes. None: a
+    finished call without a name (not a call)."""
+    lead = len(body) - len(body.lstrip())
+    stops = [i for i in (body.find("<arg_key>"), body.find("\n", lead)) if i >= 0]
+    name = body[: min(stops)].strip() if stops else body.strip() if done else None
+    if done and not name:
+        return None
+    props = next((((t.get("function") or {}).get("parameters") or {}).get("properties") or {}
+                  for t in tools or () if (t.get("function") or {}).get("name") == name), {})
+    pairs = []
+    for key, value in _GLM_PAIR.findall(body):
+        key, value = key.strip(), value.strip()
+        kind = (props.get(key) or {}).get("type")
+        if not (kind == "string" or (isinstance(kind, list) and "string" in kind)):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # not JSON: the text itself
+        pairs.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return Call(name or None, "{" + ", ".join(pairs) + ("}" if done else ""), done)
+
+
+def _extract(fmt: str, text: str, final: bool, name: str | None, tools: list[dict] | None) -> tuple[str, list[Call]]:
     if fmt == "text":  # no tools: all of it is content
         return text, []
     if fmt == "named":
         return "", [Call(name, text, final)]
     if fmt == "json_array":
         return "", _objects(text, _ws(text, 0, "["), ("arguments", "parameters"), ",")
-    if fmt == "hermes":
+    if fmt in ("hermes", "glm45"):  # <tool_call> blocks: a JSON object each, or GLM-4.5's name and pairs
         start = text.find("<tool_call>")
         if start < 0:
             return text if final else text[: len(text) - _held(text, "<tool_call>")], []
         calls, i = [], start
         while i >= 0:
-            calls += _objects(text, i + len("<tool_call>"), ("arguments", "parameters"), "")[:1]
+            body = i + len("<tool_call>")
+            if fmt == "hermes":
+                calls += _objects(text, body, ("arguments", "parameters"), "")[:1]
+            else:
+                end = text.find("</tool_call>", body)
+                call = _glm45_call(text[body : end if end >= 0 else len(text)], end >= 0, tools)
+                calls += [call] if call is not None else []
             i = text.find("<tool_call>", i + 1)
         return text[:start].rstrip(), calls
     if fmt == "mistral":
@@ -176,10 +215,11 @@ def _extract(fmt: str, text: str, final: bool, name: str | None) -> tuple[str, l
     raise ValueError(f"unknown tool call format {fmt!r}")
 
 
-def finished_calls(fmt: str, text: str, name: str | None = None) -> tuple[str | None, list[dict]] | None:
+def finished_calls(fmt: str, text: str, name: str | None = None,
+                   tools: list[dict] | None = None) -> tuple[str | None, list[dict]] | None:
     """The OpenAI message parts of a finished output: (content, tool_calls), or None if it holds no complete call
     (then the whole text is the content)."""
-    content, calls = extract(fmt, text, True, name)
+    content, calls = extract(fmt, text, True, name, tools)
     calls = [c for c in calls if c.done]
     if not calls:
         return None
@@ -197,12 +237,13 @@ class ToolStream:
 
     fmt: str
     name: str | None = None
+    tools: list[dict] | None = None
     content_sent: int = 0
     ids: list[str] = field(default_factory=list)
     args_sent: list[int] = field(default_factory=list)
 
     def feed(self, text: str, final: bool) -> tuple[str, list[dict]]:
-        content, calls = extract(self.fmt, text, final, self.name)
+        content, calls = extract(self.fmt, text, final, self.name, self.tools)
         delta_content = content[self.content_sent :] if len(content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         deltas = []
@@ -233,6 +274,8 @@ def detect_format(chat_template: str | None) -> str:
     t = chat_template or ""
     if "[TOOL_CALLS]" in t:
         return "mistral"
+    if "<arg_key>" in t:
+        return "glm45"
     if "<|python_tag|>" in t or "ipython" in t:
         return "llama3_json"
     return "hermes"
@@ -313,15 +356,15 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
     return schema
 
 
-REASONING = ("none", "qwen3", "deepseek_r1")
+REASONING = ("none", "qwen3", "deepseek_r1", "glm45")
 
 
 def split_reasoning(parser: str, text: str, final: bool) -> tuple[str, str]:
     """(reasoning, content) of a reasoning model's output: the text inside `<think>...</think>` and what follows.
-    qwen3 opens the block in its output (or never, with thinking off); deepseek_r1's template opens it in the prompt,
-    so the output starts inside it. Not `final`: an end that may be the start of a tag is held back."""
+    qwen3 and glm45 open the block in their output (or never, with thinking off); deepseek_r1's template opens it in
+    the prompt, so the output starts inside it. Not `final`: an end that may be the start of a tag is held back."""
     start = 0
-    if parser == "qwen3":
+    if parser in ("qwen3", "glm45"):
         lead = len(text) - len(text.lstrip())
         if text.startswith("<think>", lead):
             start = lead + len("<think>")

@@ -333,29 +333,20 @@ def _experts(llm, layer):
     return dict(llm.engine.runner.model.named_modules())[f"layers.{layer}.mlp"]
 
 
-def _experts_only(src: str, quantized: str, out: str, deq: str, weights: dict) -> None:
-    """From a quantized checkpoint: `out`, the same with only the routed experts FP8 (every other projection back to
-    its 16-bit weights, named in the quantization config's ignore list); `deq`, the 16-bit model whose experts are
-    the dequantized FP8 ones."""
+def _experts_only(quantized: str, out: str, deq: str, weights: dict, dequantized) -> None:  # noqa: ANN001
+    """From a quantized checkpoint: `out`, the same with only the routed experts quantized (every other tensor the
+    16-bit model's `weights`, named in the quantization config's ignore list); `deq`, the 16-bit model whose experts
+    are the quantized ones dequantized: `dequantized(stored tensors, module)` gives one projection's weight."""
     import shutil
 
     shutil.copytree(quantized, out)
-    shutil.copytree(src, deq)
+    shutil.copytree(quantized, deq)
     stored = load_file(os.path.join(quantized, "model.safetensors"))
-    block = (128, 128) if any(k.endswith("weight_scale_inv") for k in stored) else None
-    kept, dequantized = {}, dict(weights)
-    for name, t in stored.items():
-        module, _, kind = name.rpartition(".")
-        if ".experts." in name:
-            kept[name] = t
-            if kind == "weight":
-                s = stored.get(f"{module}.weight_scale_inv", stored.get(f"{module}.weight_scale"))
-                s = s.reshape(-1).expand(t.shape[0]) if block is None else s
-                dequantized[name] = dequantize(t, s, block, torch.float32)
-        elif kind == "weight" or not kind.startswith(("weight_scale", "input_scale")):
-            kept[name] = weights.get(name, t)  # a projection's 16-bit weight; any other tensor as stored
-    save_file(kept, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    save_file(dequantized, os.path.join(deq, "model.safetensors"), metadata={"format": "pt"})
+    experts = {name: t for name, t in stored.items() if ".experts." in name}
+    save_file({**experts, **{n: w for n, w in weights.items() if ".experts." not in n}}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    deq_experts = {name: dequantized(stored, name.removesuffix(".weight")) for name in weights if ".experts." in name}
+    save_file({**weights, **deq_experts}, os.path.join(deq, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     qc = cfg["quantization_config"]
@@ -363,6 +354,29 @@ def _experts_only(src: str, quantized: str, out: str, deq: str, weights: dict) -
     qc["ignore" if qc["quant_method"] == "compressed-tensors" else "modules_to_not_convert"] = keep
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
+    cfg.pop("quantization_config")
+    with open(os.path.join(deq, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _fp8_dequantized(stored: dict, module: str) -> torch.Tensor:
+    q = stored[f"{module}.weight"]
+    s = stored.get(f"{module}.weight_scale_inv", stored.get(f"{module}.weight_scale"))
+    block = (128, 128) if f"{module}.weight_scale_inv" in stored else None
+    return dequantize(q, s.reshape(-1).expand(q.shape[0]) if block is None else s, block, torch.float32)
+
+
+def check_experts_only(quantized: str, tmp, weights: dict, dequantized, kind: torch.dtype) -> None:  # noqa: ANN001
+    """With only its experts quantized, the engine computes exactly what it computes for the 16-bit model holding
+    the dequantized experts (fp32: the same tokens and logprobs)."""
+    _experts_only(quantized, str(tmp / "experts"), str(tmp / "deq"), weights, dequantized)
+    q, deq = _llm(str(tmp / "experts")), _llm(str(tmp / "deq"))
+    assert _experts(q, 1).w13.dtype == kind and _linear(q, "layers.1.self_attn.qkv_proj").weight.dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    for a, b in zip(q.generate(PROMPTS, params), deq.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la)
 
 
 @pytest.mark.parametrize("scheme", ["block", "channel", "tensor"])
@@ -381,7 +395,7 @@ def test_moe_checkpoint_round_trips(tiny_moe, tmp_path, scheme):
     llm = _llm(out)
     moe = _experts(llm, 1)
     block = (128, 128) if scheme == "block" else None
-    assert moe.w13.dtype == FP8 and moe.scale_block == block
+    assert moe.w13.dtype == FP8 and moe.quant.block == block
     for e in (0, 3):
         got = dequantize(moe.w13[e], moe.w13_scale[e], block, torch.float32).cpu()
         by_hand = []
@@ -402,14 +416,7 @@ def test_moe_checkpoint_round_trips(tiny_moe, tmp_path, scheme):
         assert mtp.engine.core.proposer.runner.head.mtp_block.mlp.w13.dtype == FP8
         assert [o.outputs[0].token_ids for o in mtp.generate(PROMPTS, GREEDY)] == greedy
         assert_no_leak(mtp)
-    _experts_only(src, out, str(tmp_path / "experts"), str(tmp_path / "deq"), weights)
-    fp8, deq = _llm(str(tmp_path / "experts")), _llm(str(tmp_path / "deq"))
-    assert _experts(fp8, 1).w13.dtype == FP8 and _linear(fp8, "layers.1.self_attn.qkv_proj").weight.dtype == torch.float32
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
-    for a, b in zip(fp8.generate(PROMPTS, params), deq.generate(PROMPTS, params)):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+    check_experts_only(out, tmp_path, weights, _fp8_dequantized, FP8)
 
 
 def test_online_fp8_moe_equals_channel_checkpoint(tiny_moe, tmp_path):

@@ -538,3 +538,66 @@ def test_fp4_checkpoints_written_here_load_to_their_values(tmp_path, fmt):
         assert torch.allclose(model.layers[i].self_attn.qkv_proj.weight, qkv, rtol=1e-6, atol=0)
         assert torch.allclose(model.layers[i].mlp.down_proj.weight, ref[p + "mlp.down_proj"], rtol=1e-6, atol=0)
     assert len(llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4
+
+
+def _int4_dequantized(spec: QuantSpec, weights: dict):  # noqa: ANN202
+    """One projection's weight as the dense 4-bit linear method reads it from the checkpoint's tensors (the MoE
+    layer's staging is checked against it)."""
+    from slipstream.layers.linear import Linear
+    from slipstream.layers.quantization import get_linear_method
+
+    def dequantized(stored: dict, module: str) -> torch.Tensor:
+        n, k = weights[f"{module}.weight"].shape
+        linear = Linear(k, n, method=get_linear_method(spec))
+        for name, t in stored.items():
+            if name.startswith(module + "."):
+                p = getattr(linear, name.removeprefix(module + "."))
+                p.weight_loader(p, t, None)
+        linear.method.process_after_loading(linear)
+        return linear.weight.data
+    return dequantized
+
+
+@pytest.mark.parametrize("fmt, arch", [("awq", "glm4_moe"), ("gptq", "qwen3_moe"), ("nvfp4", "qwen3_moe"), ("mxfp4", "qwen3_moe")])
+def test_4bit_moe_checkpoints(tmp_path, fmt, arch):
+    """4-bit MoE checkpoints (`slipstream quantize` writes their experts as such checkpoints store them) load with
+    4-bit experts; with only the experts 4-bit, the engine computes exactly what it computes for the 16-bit model
+    holding the dequantized experts. GLM-4.5: its 4-bit MTP module drafts without changing the output."""
+    from test_fp8 import PROMPTS, GREEDY, _experts, _llm, _tiny_moe, check_experts_only
+
+    from slipstream.layers.quantization import parse_quantization_config
+    from slipstream.loader.quantize import FP4_FORMATS, write_fp4_checkpoint, write_int4_checkpoint
+
+    src, out = tmp_path / "src", str(tmp_path / fmt)
+    weights = _tiny_moe(src, arch)
+    cfg = write_fp4_checkpoint(str(src), out, fmt) if fmt in FP4_FORMATS else write_int4_checkpoint(str(src), out, fmt, 64)
+    llm = _llm(out)
+    moe = _experts(llm, 1)
+    assert moe.w13.dtype == torch.uint8 and moe.quant.w13_group == (64 if fmt not in FP4_FORMATS else FP4_FORMATS[fmt])
+    greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert all(len(x) == 12 for x in greedy)
+    if arch == "glm4_moe":
+        mtp = _llm(out, speculative_method="mtp", num_speculative_tokens=2)
+        assert mtp.engine.core.proposer.runner.head.mtp_block.mlp.w13.dtype == torch.uint8
+        assert [o.outputs[0].token_ids for o in mtp.generate(PROMPTS, GREEDY)] == greedy
+    spec = parse_quantization_config(cfg["quantization_config"])
+    check_experts_only(out, tmp_path, weights, _int4_dequantized(spec, weights), torch.uint8)
+
+
+def test_online_int4_quantizes_moe_experts(tmp_path):
+    """--quantization int4 on a 16-bit MoE model: its experts too, per group of 128 columns (round-to-nearest)."""
+    from test_fp8 import PROMPTS, GREEDY, _experts, _llm, _tiny_moe
+
+    weights = _tiny_moe(tmp_path, "qwen3_moe")
+    llm = _llm(str(tmp_path), quantization="int4")
+    moe = _experts(llm, 1)
+    assert moe.w13.dtype == torch.uint8 and moe.quant.w13_group == 128
+    for e in (0, 3):
+        got = dequantize(moe.w13[e], moe.quant.w13_scales[e], moe.quant.w13_offsets[e], torch.float32)
+        want = torch.cat([weights[f"model.layers.1.mlp.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")])
+        assert (got - want).norm() / want.norm() < 0.1
+    assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
+    from slipstream.loader.quantize import write_int4_checkpoint
+
+    with pytest.raises(ValueError, match="algorithm rtn"):
+        write_int4_checkpoint(str(tmp_path), str(tmp_path / "gptq"), "gptq", 64, "gptq", ["t5 t6 t7"])

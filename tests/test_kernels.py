@@ -404,14 +404,16 @@ for fp4 in (False, True):
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
-# The fused MoE grouped GEMM on FP8 experts (W8A16): scales per row and per 128 x 128 block, gate-up and down.
+# The fused MoE grouped GEMM on FP8 experts (W8A16): scales per row and per 128 x 128 block, gate-up and down; and
+# on 4-bit experts (W4A16): integer codes with offsets, FP4 codes.
 from slipstream.kernels.moe import _moe_gemm_kernel as mg
 mgtypes = dict(a_ptr="*bf16", b_ptr="*fp8e4nv", c_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32", sorted_ptr="*i32",
                block_expert_ptr="*i32")
-for scales, gated in ((1, True), (2, True), (2, False)):
+for scales, gated, fp4 in ((1, True, False), (2, True, False), (2, False, False), (3, True, False), (3, False, True)):
     consts = dict(GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=scales, SCALE_BN=128, SCALE_BK=128,
-                  PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-    sig = {n: "constexpr" if n in consts else mgtypes.get(n, "i32") for n in mg.arg_names}
+                  FP4=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+    mtypes = dict(mgtypes, b_ptr="*u8", z_ptr="*fp32") if scales == 3 else dict(mgtypes, z_ptr="*fp32")
+    sig = {n: "constexpr" if n in consts else mtypes.get(n, "i32") for n in mg.arg_names}
     triton.compile(ASTSource(mg, sig, constexprs={(mg.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
 
@@ -444,7 +446,7 @@ assert len(reported) == 3 and all(r.startswith("_prefill_sm90_kernel(") and "STA
 
 def test_prefill_compiles_for_hopper():
     """What the interpreter cannot vet: the Triton prefill paths (16-bit and FP8 pools), the FP8 decode, the fused
-    MoE GEMM on FP8 experts and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
+    MoE GEMM on FP8 and 4-bit experts and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
     tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
     uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

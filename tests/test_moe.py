@@ -74,7 +74,7 @@ def test_fused_moe_matches_loop(dtype, case):
 def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
     """FP8 experts (W8A16), scales per row or per block, against the loop over the dequantized weights in float64;
     the loop with scales (the CPU path) is that same arithmetic."""
-    from slipstream.kernels.moe import fused_moe
+    from slipstream.kernels.moe import Fp8Experts, fused_moe
     from slipstream.layers.quantization.fp8 import dequantize, quantize_weight_blocks, quantize_weight_per_channel
 
     e, h, inter, k = 6, 128, 64, 2
@@ -87,10 +87,10 @@ def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
     weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
     deq = lambda q, s: torch.stack([dequantize(q[i], s[i], block, torch.float64) for i in range(e)])  # noqa: E731
     ref = experts_ref(x.double(), deq(q13, s13), deq(q2, s2), weights.double(), ids)
-    loop = experts_ref(x.double(), q13, q2, weights.double(), ids, (s13, s2, block))
+    loop = experts_ref(x.double(), q13, q2, weights.double(), ids, Fp8Experts(s13, s2, block))
     torch.testing.assert_close(loop, ref)
     out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV),
-                    scales=(s13.to(DEV), s2.to(DEV), block))
+                    quant=Fp8Experts(s13.to(DEV), s2.to(DEV), block))
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
 
@@ -160,8 +160,8 @@ GPU_MOE = {
 def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     """A small random MoE model on the GPU in fp32: the Triton backend (the fused MoE kernels), in CUDA graphs and
     eagerly, and the torch backend (the per-expert loop) give the same greedy tokens; GLM-4.5's MTP module drafting
-    (its MoE block on the fused kernels too) changes none of them. FP8 weights (the experts' FP8 fused kernels):
-    the same tokens in CUDA graphs and eagerly."""
+    (its MoE block on the fused kernels too) changes none of them. FP8 and 4-bit weights (the experts' quantized
+    fused kernels): the same tokens in CUDA graphs and eagerly."""
     import json
 
     from slipstream import LLM, SamplingParams
@@ -175,15 +175,44 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     runs = [("graphs", "triton", False, {}), ("eager", "triton", True, {}), ("torch", "torch", True, {})]
     if arch == "glm4_moe":
         runs.append(("mtp", "triton", False, dict(speculative_method="mtp", num_speculative_tokens=3)))
-    fp8 = [("fp8 graphs", "triton", False, dict(quantization="fp8")), ("fp8 eager", "triton", True, dict(quantization="fp8"))]
+    quantized = [(f"{q} {mode}", "triton", eager, dict(quantization=q)) for q in ("fp8", "int4")
+                 for mode, eager in (("graphs", False), ("eager", True))]
     outs = {}
-    for name, backend, eager, spec in runs + fp8:
+    for name, backend, eager, spec in runs + quantized:
         llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend, max_model_len=256,
                   gpu_memory_utilization=0.3, enforce_eager=eager, **spec)
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm
     assert all(outs[name] == outs["torch"] for name, *_ in runs)
-    assert outs["fp8 graphs"] == outs["fp8 eager"]
+    assert outs["fp8 graphs"] == outs["fp8 eager"] and outs["int4 graphs"] == outs["int4 eager"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp4, groups", [(False, (32, 64)), (False, (128, 16)), (True, (16, 32))])
+@pytest.mark.parametrize("t", [1, 21])
+def test_fused_moe_4bit_experts_match_loop(dtype, fp4, groups, t):
+    """4-bit experts (W4A16): integer codes with a scale and an offset per group, or FP4 E2M1 codes with a scale,
+    each projection with its own group size, against the loop over the dequantized weights in float64."""
+    from slipstream.kernels.moe import Int4Experts, fused_moe
+    from slipstream.layers.moe import expert_weights
+
+    e, h, inter, k = 6, 128, 64, 2
+    g = torch.Generator().manual_seed(t)
+    w13 = torch.randint(0, 256, (e, 2 * inter, h // 2), generator=g, dtype=torch.uint8)
+    w2 = torch.randint(0, 256, (e, h, inter // 2), generator=g, dtype=torch.uint8)
+    s13, s2 = torch.rand(e, 2 * inter, h // groups[0], generator=g) / h, torch.rand(e, h, inter // groups[1], generator=g) / inter
+    o13, o2 = (None, None) if fp4 else (-8 * s13 * torch.rand(e, 2 * inter, h // groups[0], generator=g),
+                                         -8 * s2 * torch.rand(e, h, inter // groups[1], generator=g))
+    quant = Int4Experts(s13, o13, groups[0], s2, o2, groups[1])
+    x = torch.randn(t, h, generator=g).to(dtype)
+    weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
+    deq = [expert_weights(w13, w2, i, quant, torch.float64) for i in range(e)]
+    ref = experts_ref(x.double(), torch.stack([a for a, _ in deq]), torch.stack([b for _, b in deq]), weights.double(), ids)
+    dev = lambda v: None if v is None else v.to(DEV)  # noqa: E731
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV),
+                    quant=Int4Experts(dev(s13), dev(o13), groups[0], dev(s2), dev(o2), groups[1]))
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype] * 4, err
 
 
 def test_tuned_tile_tables(tmp_path, caplog):

@@ -87,25 +87,35 @@ def test_two_ranks_on_fp8_checkpoints(tmp_path, scheme, activations):
             assert [len(o.outputs[0].token_ids) for o in online.generate(prompts, GREEDY)] == [24, 24]
 
 
-@pytest.mark.parametrize("scheme, experts", [("channel", False), ("tensor", False), ("channel", True), ("block", True)])
-def test_two_ranks_on_fp8_experts(tmp_path, scheme, experts):
-    """A MoE checkpoint whose experts are FP8 (W8A16, every other layer 16-bit), its scales split with the experts'
-    width or whole with whole experts (expert parallel): the tokens are one rank's. Block scales split by width only
-    on block edges: a narrower rank's share is refused, naming the blocks."""
-    from test_fp8 import _experts_only, _tiny_moe
+@pytest.mark.parametrize("fmt, experts", [("fp8-channel", False), ("fp8-tensor", False), ("fp8-channel", True),
+                                          ("fp8-block", True), ("awq", False), ("gptq", True)])
+def test_two_ranks_on_quantized_experts(tmp_path, fmt, experts):
+    """A MoE checkpoint whose experts are FP8 or 4-bit (every other layer 16-bit): each rank reads its share, scales
+    split with the experts' width (4-bit: a group of 64 columns a rank) or whole with whole experts (expert
+    parallel): the tokens are one rank's. FP8 block scales split by width only on block edges: a narrower rank's
+    share is refused, naming the blocks."""
+    from test_fp8 import _experts_only, _fp8_dequantized, _tiny_moe
+    from test_int4 import _int4_dequantized
 
-    from slipstream.loader.quantize import write_fp8_checkpoint
+    from slipstream.layers.quantization import parse_quantization_config
+    from slipstream.loader.quantize import write_fp8_checkpoint, write_int4_checkpoint
 
     weights = _tiny_moe(tmp_path / "src", "qwen3_moe")
-    write_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), scheme)
-    _experts_only(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "experts"), str(tmp_path / "deq"), weights)
+    src, q = str(tmp_path / "src"), str(tmp_path / "q")
+    if fmt.startswith("fp8"):
+        write_fp8_checkpoint(src, q, fmt.removeprefix("fp8-"))
+        dequantized = _fp8_dequantized
+    else:
+        cfg = write_int4_checkpoint(src, q, fmt, 64)
+        dequantized = _int4_dequantized(parse_quantization_config(cfg["quantization_config"]), weights)
+    _experts_only(q, str(tmp_path / "experts"), str(tmp_path / "deq"), weights, dequantized)
     g = __import__("random").Random(2)
     prompts = [[g.randrange(3, 512) for _ in range(n)] for n in (20, 45)]
     kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32)
     want = LLM(str(tmp_path / "experts"), **kw).generate(prompts, GREEDY)
     with LLM(str(tmp_path / "experts"), tensor_parallel_size=2, enable_expert_parallel=experts, **kw) as two:
         _same(want, two.generate(prompts, GREEDY))
-    if scheme == "block":
+    if fmt == "fp8-block":
         with pytest.raises(ValueError, match="multiple of the"):
             LLM(str(tmp_path / "experts"), tensor_parallel_size=2, **kw)
 

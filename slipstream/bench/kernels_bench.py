@@ -19,7 +19,7 @@ from slipstream.kernels.attention import decode_partition, paged_decode, paged_p
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import w4a16_gemm
 from slipstream.kernels.matvec import gemv
-from slipstream.kernels.moe import fused_moe
+from slipstream.kernels.moe import Fp8Experts, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks
 
@@ -226,7 +226,7 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     fp8 = [[torch.stack(x) for x in zip(*(quantize_weight_blocks(w[i], (128, 128)) for i in range(e)))] for w in (w13, w2)]
     (q13, s13), (q2, s2) = fp8
-    scales = (s13, s2, (128, 128))
+    quant = Fp8Experts(s13, s2, (128, 128))
     out, rows = [], [["tokens", "ours us", "ours TFLOP/s", "ours % of matmul", "ours weights % of copy bw",
                       "grouped_mm us", "grouped_mm TFLOP/s", "ours / grouped_mm", "fp8 us", "fp8 weights % of copy bw",
                       "bf16 / fp8"]]
@@ -238,10 +238,10 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
         ours = fused_moe(x, w13, w2, weights, ids)
         if ref is not None:
             torch.testing.assert_close(ours, ref, atol=3e-2, rtol=3e-2)  # the comparison is of the same layer
-        torch.testing.assert_close(fused_moe(x, q13, q2, weights, ids, scales=scales), ours, atol=6e-2, rtol=6e-2)
+        torch.testing.assert_close(fused_moe(x, q13, q2, weights, ids, quant=quant), ours, atol=6e-2, rtol=6e-2)
         us = _timed(lambda: fused_moe(x, w13, w2, weights, ids))
         theirs = _timed(lambda: _grouped_mm_moe(x, w13, w2, weights, ids)) if ref is not None else float("nan")
-        fp8_us = _timed(lambda: fused_moe(x, q13, q2, weights, ids, scales=scales))
+        fp8_us = _timed(lambda: fused_moe(x, q13, q2, weights, ids, quant=quant))
         flops = 6 * t * k * h * inter
         nbytes = ids.unique().numel() * 3 * h * inter * 2
         r = dict(tokens=t, ours_us=us, ours_tflops=flops / us / 1e6, grouped_mm_us=theirs,

@@ -19,11 +19,12 @@ import triton
 
 from slipstream.bench.common import gpu_name, graph_us, model_dir, table
 from slipstream.config import ModelConfig
-from slipstream.kernels.moe import TUNED_DIR, fused_moe, tiles_file
+from slipstream.kernels.moe import TUNED_DIR, Fp8Experts, Int4Experts, fused_moe, tiles_file
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks, quantize_weight_per_channel
+from slipstream.layers.quantization.int4 import quantize_rtn
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-WEIGHTS = ("bf16", "fp8", "fp8-block128")
+WEIGHTS = ("bf16", "fp8", "fp8-block128", "int4")
 
 
 def candidates(weights: str, elem_bytes: int, shared_memory: int) -> list[dict]:
@@ -75,12 +76,16 @@ def run(a: argparse.Namespace) -> list[dict]:
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(e, 2 * inter, h, device=dev, generator=g, dtype=torch.bfloat16) / h**0.5
     w2 = torch.randn(e, h, inter, device=dev, generator=g, dtype=torch.bfloat16) / inter**0.5
-    scales = None
-    if a.weights != "bf16":
+    quant = None
+    if a.weights == "int4":  # groups of 128 columns, as AWQ and GPTQ checkpoints mostly have them
+        (w13, s13, o13), (w2, s2, o2) = ([torch.stack(x) for x in zip(*(quantize_rtn(w[i], 128) for i in range(e)))]
+                                         for w in (w13, w2))
+        quant = Int4Experts(s13.float(), o13.float(), 128, s2.float(), o2.float(), 128)
+    elif a.weights != "bf16":
         block = (128, 128) if a.weights == "fp8-block128" else None
         quant = (lambda w: quantize_weight_blocks(w, block)) if block else quantize_weight_per_channel
         (w13, s13), (w2, s2) = ([torch.stack(x) for x in zip(*(quant(w[i]) for i in range(e)))] for w in (w13, w2))
-        scales = (s13, s2, block)
+        quant = Fp8Experts(s13, s2, block)
     props = torch.cuda.get_device_properties(dev)
     tiles = candidates(a.weights, 2, getattr(props, "shared_memory_per_block_optin", 96 << 10))
     inputs = {}
@@ -91,7 +96,7 @@ def run(a: argparse.Namespace) -> list[dict]:
             inputs[t] = (x, torch.rand(t, k, device=dev).softmax(-1), torch.rand(t, e, device=dev).topk(k, -1).indices)
         x, weights, ids = inputs[t]
         try:
-            return graph_us([lambda: fused_moe(x, w13, w2, weights, ids, scales=scales, tiles=c)])
+            return graph_us([lambda: fused_moe(x, w13, w2, weights, ids, quant=quant, tiles=c)])
         except (RuntimeError, triton.runtime.errors.OutOfResources):
             return float("inf")
 
@@ -126,7 +131,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a bundled config name (qwen3-30b-a3b, mixtral-8x7b, glm-4.5-air), "
                                                    "a config.json or an HF directory")
     p.add_argument("--weights", default="bf16", choices=WEIGHTS, help="the experts' format: 16-bit, FP8 per row, FP8 "
-                                                                       "in 128 x 128 blocks")
+                                                                       "in 128 x 128 blocks, 4-bit in groups of 128")
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts of a step to tune for")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks the layer is split over")
     p.add_argument("--enable-expert-parallel", action="store_true", help="ranks hold whole experts")

@@ -28,6 +28,24 @@ def e2m1(q):
 
 
 @triton.jit
+def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, dtype: tl.constexpr,
+                 FP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows `rows` (`ok`: in range) of a 4-bit weight, columns k0 .. k0 + BLOCK_K (within one group) -> [BLOCK_N,
+    BLOCK_K] in `dtype`: BLOCK_N x BLOCK_K / 2 bytes, nibbles split, scaled (and offset) in float32."""
+    rb = tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + (k0 // 2 + rb)[None, :], mask=ok[:, None], other=0)
+    q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # (lo, hi) = (2j, 2j + 1)
+    g = k0 // group
+    scale = tl.load(s_ptr + rows.to(tl.int64) * stride_s + g, mask=ok, other=0.0).to(tl.float32)
+    if FP4:  # E2M1 codes, a scale per group, no offset
+        w = (e2m1(q) * scale[:, None]).to(dtype)
+    else:
+        offset = tl.load(o_ptr + rows.to(tl.int64) * stride_s + g, mask=ok, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) * scale[:, None] + offset[:, None]).to(dtype)
+    return w
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FP4: tl.constexpr,
@@ -37,19 +55,10 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_m, ok_n = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
-    rb = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, and BLOCK_K divides the group
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
-        packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + rb)[None, :], mask=ok_n[:, None], other=0)
-        q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # (lo, hi) = (2j, 2j + 1)
-        g = k0 // group
-        scale = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
-        if FP4:  # E2M1 codes, a scale per group, no offset
-            w = (e2m1(q) * scale[:, None]).to(x.dtype)
-        else:
-            offset = tl.load(o_ptr + rn.to(tl.int64) * stride_sn + g, mask=ok_n, other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) * scale[:, None] + offset[:, None]).to(x.dtype)
+        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, FP4, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]

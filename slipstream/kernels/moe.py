@@ -17,7 +17,9 @@ step reads the weights of its k selected experts only.
 FP8 experts (W8A16): the weight tiles stream as FP8 (half the bytes of 16-bit), are widened in registers (exactly)
 and multiplied by the 16-bit activations; the scales apply to the accumulator: once at the end for a scale per
 output channel, or after each K tile's product for a scale per (rows x columns) block (DeepSeek-V3 / Qwen3-FP8
-128 x 128), so a K tile never straddles two blocks.
+128 x 128), so a K tile never straddles two blocks. 4-bit experts (W4A16: AWQ, GPTQ, compressed-tensors, NVFP4,
+MXFP4 as kernels/int4.py lays them out) stream a quarter of the bytes and are dequantized a tile at a time, each K
+tile inside one group.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ import functools
 import json
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, dot_precision
+from slipstream.kernels.int4 import block_k, dequant_tile
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -81,14 +85,36 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     return sorted_ids, block_expert
 
 
+class Fp8Experts(NamedTuple):
+    """FP8 expert weights' scales: per output row ([E, 2I], [E, H]) with `block` None, or per (rows, columns) block
+    ([E, 2I / rows, H / columns], [E, H / rows, I / columns])."""
+
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    block: tuple[int, int] | None
+
+
+class Int4Experts(NamedTuple):
+    """4-bit expert weights (uint8 [E, N, K / 2] as kernels/int4.py packs them): scales and offsets per group of
+    each projection's `group` columns [E, N, K / group] (offsets None: FP4 E2M1 codes)."""
+
+    w13_scales: torch.Tensor
+    w13_offsets: torch.Tensor | None
+    w13_group: int
+    w2_scales: torch.Tensor
+    w2_offsets: torch.Tensor | None
+    w2_group: int
+
+
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
-                     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
+                     group, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn,
                      GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, SCALES: tl.constexpr,
-                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
+                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, FP4: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """SCALES: 0, 16-bit weights; 1, FP8 with a scale per output row (s [E, rows]); 2, FP8 with a scale per
-    SCALE_BN x SCALE_BK block (s [E, rows / SCALE_BN, K / SCALE_BK])."""
+    SCALE_BN x SCALE_BK block (s [E, rows / SCALE_BN, K / SCALE_BK]); 3, 4-bit (b uint8 [E, rows, K / 2]) with a
+    scale (s) and an offset (z; none with FP4 codes) per `group` columns [E, rows, K / group]."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -103,6 +129,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, sorted_ptr, block_expert
     b_base = b_ptr + expert.to(tl.int64) * stride_be
     b_ptrs = b_base + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
     s_base = s_ptr + expert.to(tl.int64) * stride_se
+    z_base = z_ptr + expert.to(tl.int64) * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:  # the up rows sit N rows below the gate rows in the stacked weight
         up_ptrs = b_ptrs + N * stride_bn
@@ -110,14 +137,22 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, sorted_ptr, block_expert
     for k0 in range(0, K, BLOCK_K):
         ok_k = rk < K - k0
         a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
+        if SCALES == 3:  # K is a multiple of BLOCK_K, which divides the group
+            b = tl.trans(dequant_tile(b_base, s_base, z_base, rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype, FP4,
+                                      BLOCK_N, BLOCK_K))
+        else:
+            b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
         if SCALES == 2:  # this K tile lies in one block column: its product takes the blocks' scales
             sb = s_base + (k0 // SCALE_BK)
             acc += tl.dot(a, b, input_precision=PRECISION) * tl.load(sb + (rn // SCALE_BN) * stride_sn, mask=ok_n, other=0.0)[None, :]
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
+            if SCALES == 3:
+                u = tl.trans(dequant_tile(b_base, s_base, z_base, N + rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype,
+                                          FP4, BLOCK_N, BLOCK_K))
+            else:
+                u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
             if SCALES == 2:
                 acc_up += tl.dot(a, u, input_precision=PRECISION) * tl.load(
                     sb + ((N + rn) // SCALE_BN) * stride_sn, mask=ok_n, other=0.0)[None, :]
@@ -199,30 +234,41 @@ def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict
                         getattr(props, "shared_memory_per_block_optin", 96 << 10))
 
 
-def weights_kind(x: torch.Tensor, scales: tuple | None) -> str:
+def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None) -> str:
     """How the experts' weights are stored, as tile tables name it."""
-    if scales is None:
+    if quant is None:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "fp32")
-    return "fp8" if scales[2] is None else f"fp8-block{scales[2][1]}"
+    if isinstance(quant, Int4Experts):
+        return "int4" if quant.w13_offsets is not None else "fp4"
+    return "fp8" if quant.block is None else f"fp8-block{quant.block[1]}"
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, skipped_pairs: bool = False, scales: tuple | None = None,
+              topk_ids: torch.Tensor, skipped_pairs: bool = False, quant: Fp8Experts | Int4Experts | None = None,
               tiles: dict | None = None) -> torch.Tensor:
     """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
     (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
-    [0, E) (another rank's experts); those pairs add nothing. `scales`: the weights are FP8, (w13's scales, w2's
-    scales, block): per output row ([E, 2I], [E, H]) with block None, or per (rows, columns) `block`
-    ([E, 2I / rows, H / columns], [E, H / rows, I / columns]). `tiles`: these (tuning), instead of the layer's
-    tuned ones."""
+    [0, E) (another rank's experts); those pairs add nothing. `quant`: the weights are FP8 or 4-bit (w13 [E, 2I,
+    H / 2] and w2 [E, H, I / 2] packed), with these scales. `tiles`: these (tuning), instead of the layer's tuned
+    ones."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, scales))
-    s13, s2, block = scales if scales is not None else (x, x, None)  # (unread without scales)
-    mode = 0 if scales is None else 1 if block is None else 2
-    sbn, sbk = block or (1, 1)
+    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, quant))
+    s13 = s2 = z13 = z2 = x  # (unread where the weights have no such part)
+    g13 = g2 = 1
+    sbn, sbk = 1, 1
+    if isinstance(quant, Int4Experts):
+        mode = 3
+        s13, s2, g13, g2 = quant.w13_scales, quant.w2_scales, quant.w13_group, quant.w2_group
+        z13, z2 = (s13, s2) if quant.w13_offsets is None else (quant.w13_offsets, quant.w2_offsets)
+    elif quant is not None:
+        mode = 1 if quant.block is None else 2
+        s13, s2 = quant.w13_scale, quant.w2_scale
+        sbn, sbk = quant.block or (1, 1)
+    else:
+        mode = 0
     if mode == 2:  # a K tile must not straddle two scale blocks
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], sbk)
         if sbk % tiles["BLOCK_K"]:
@@ -235,14 +281,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = (torch.zeros if skipped_pairs else torch.empty)((pairs, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     precision = dot_precision(x.dtype)
-    grid = lambda n: (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))  # noqa: E731
-    strides = lambda s: (s.stride(0), s.stride(1)) if mode else (0, 0)  # noqa: E731
-    _moe_gemm_kernel[grid(inter)](x, w13, mid, weights, s13, sorted_ids, block_expert, inter, h, pairs, k,
-                                  x.stride(0), w13.stride(0), w13.stride(1), mid.stride(0), *strides(s13),
-                                  GATED=True, WEIGHTED=False, A_PER_TOKEN=True, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk,
-                                  PRECISION=precision, **tiles)
-    _moe_gemm_kernel[grid(h)](mid, w2, out, weights, s2, sorted_ids, block_expert, h, inter, pairs, 1,
-                              mid.stride(0), w2.stride(0), w2.stride(1), out.stride(0), *strides(s2),
-                              GATED=False, WEIGHTED=True, A_PER_TOKEN=False, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk,
-                              PRECISION=precision, **tiles)
+    fp4 = mode == 3 and quant.w13_offsets is None
+    for a, b, c, s, z, group, n, kk, gated in ((x, w13, mid, s13, z13, g13, inter, h, True),
+                                               (mid, w2, out, s2, z2, g2, h, inter, False)):
+        step = dict(tiles)
+        if mode == 3:  # each K tile inside one group
+            step["BLOCK_K"] = min(step["BLOCK_K"], block_k(kk, group))
+        strides = (s.stride(0), s.stride(1)) if mode else (0, 0)
+        _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(n, step["BLOCK_N"]))](
+            a, b, c, weights, s, z, sorted_ids, block_expert, n, kk, pairs, k if gated else 1, group,
+            a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
+            GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk, FP4=fp4,
+            PRECISION=precision, **step)
     return out.view(t, k, h).sum(1)

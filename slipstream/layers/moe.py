@@ -11,10 +11,14 @@ Experts are stacked: w13 [E, 2I, H] (each expert's gate rows, then its up rows) 
 checkpoint's per-expert tensors by their weight loaders. On the GPU the experts run as the fused grouped GEMMs
 of kernels/moe.py; elsewhere as a loop over the experts that received tokens (the reference).
 
-FP8 experts (an FP8 checkpoint's, or `quantization="fp8"` on a 16-bit one) keep FP8 values with float32 scales, as
-the checkpoint lays them out: per tensor (expanded to per row), per output row, or per 128 x 128 block. They run
-W8A16: weights widened in the kernel, activations kept 16-bit (a static activation scale, where a checkpoint has
-one, is not used).
+Quantized experts run with 16-bit activations (a static activation scale, where a checkpoint has one, is unused):
+  - FP8 (an FP8 checkpoint's, or `quantization="fp8"` on a 16-bit one): FP8 values with float32 scales as the
+    checkpoint lays them out, per tensor (expanded to per row), per output row, or per 128 x 128 block (W8A16);
+  - 4-bit (AWQ, GPTQ without act-order, compressed-tensors pack-quantized, NVFP4, MXFP4 checkpoints, or
+    `quantization="int4"` on a 16-bit one): each expert's projection is read by the 4-bit linear method
+    (layers/quantization/int4.py: every format, and its tensor-parallel slicing) into a staging layer, then its
+    packed nibbles, scales and offsets are copied into the stacked tensors (W4A16).
+Every tensor of an expert's projection reaches the stacked weight's loader as (expert, part, name).
 
 Over tensor-parallel ranks the experts split one of two ways. By width (the default): each rank holds a slice of
 every expert. By expert (`expert_parallel`): each rank holds a contiguous 1/N of the experts, whole, and computes
@@ -35,8 +39,11 @@ from slipstream import kernels
 from slipstream.config import MoEConfig
 from slipstream.layers.linear import Linear, materialize, narrow, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
-from slipstream.layers.quantization import LinearMethod, QuantSpec
+from slipstream.kernels.moe import Fp8Experts, Int4Experts
+from slipstream.layers.quantization import LinearMethod, QuantSpec, get_linear_method
+from slipstream.layers.quantization import int4
 from slipstream.layers.quantization.fp8 import DUMMY_SCALE, FP8, Fp8, dequantize, quantize_weight_per_channel
+from slipstream.layers.quantization.int4 import Int4, quantize_rtn
 from slipstream.parallel.shard import Shard
 
 MethodFor = Callable[[str], LinearMethod]
@@ -59,18 +66,29 @@ def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
     return weights * cfg.routed_scaling_factor, ids
 
 
+def expert_weights(w13: torch.Tensor, w2: torch.Tensor, e: int, quant: Fp8Experts | Int4Experts | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's gate-up [2I, H] and down [H, I] weights in `dtype`, dequantized where they are FP8 or 4-bit."""
+    if quant is None:
+        return w13[e], w2[e]
+    if isinstance(quant, Int4Experts):
+        offsets = (None, None) if quant.w13_offsets is None else (quant.w13_offsets[e], quant.w2_offsets[e])
+        return (int4.dequantize(w13[e], quant.w13_scales[e], offsets[0], dtype),
+                int4.dequantize(w2[e], quant.w2_scales[e], offsets[1], dtype))
+    return dequantize(w13[e], quant.w13_scale[e], quant.block, dtype), dequantize(w2[e], quant.w2_scale[e], quant.block, dtype)
+
+
 def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                scales: tuple | None = None) -> torch.Tensor:
+                quant: Fp8Experts | Int4Experts | None = None) -> torch.Tensor:
     """The experts as a loop: each expert runs on the tokens routed to it (the reference of kernels.fused_moe).
-    Pairs whose id is negative (another rank's expert) add nothing. `scales`: FP8 weights' (w13's, w2's, block),
-    as kernels.fused_moe takes them."""
+    Pairs whose id is negative (another rank's expert) add nothing. `quant`: the weights are FP8 or 4-bit, as
+    kernels.fused_moe takes them."""
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
         if e < 0:
             continue
         token, slot = (ids == e).nonzero(as_tuple=True)
-        a, b = (w13[e], w2[e]) if scales is None else (dequantize(w13[e], scales[0][e], scales[2], x.dtype),
-                                                        dequantize(w2[e], scales[1][e], scales[2], x.dtype))
+        a, b = expert_weights(w13, w2, e, quant, x.dtype)
         gate, up = F.linear(x[token], a).chunk(2, -1)
         y = F.linear(F.silu(gate) * up, b)
         out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
@@ -117,14 +135,37 @@ class MoE(nn.Module):
         if cfg.router_float32:
             self.gate.float()
         method = method_for(f"{prefix}.experts") if method_for else None
-        self.fp8: QuantSpec | None = method.spec if isinstance(method, Fp8) else None
-        self.scale_block = self.fp8.block if self.fp8 and self.fp8.weight_scales == "block" else None
-        stored = self.fp8 is not None and self.fp8.serialized  # FP8 in the checkpoint (else quantized once loaded)
-        self.w13 = self._stacked((e, 2 * inter, hidden), stored, [(i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1)])
-        self.w2 = self._stacked((e, hidden, inter), stored, [(i, None) for i in range(self.e0, self.e0 + e)])
-        if stored:
-            self.w13_scale = self._scales(e, 2 * inter, hidden, self.w13.shards, stacked=True)
-            self.w2_scale = self._scales(e, hidden, inter, self.w2.shards, stacked=False)
+        self.spec: QuantSpec | None = method.spec if isinstance(method, (Fp8, Int4)) else None
+        self.hidden, self.inter = hidden, inter
+        self._groups: dict[str, int] = {}  # 4-bit experts: columns per scale, of w13 and of w2
+        experts = [(i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1)], [(i, None) for i in range(self.e0, self.e0 + e)]
+        stored = self.spec is not None and self.spec.serialized  # quantized in the checkpoint (else once loaded)
+        if stored and self.spec.method == "int4":
+            # the staging layers' tensors, as the format names them; the stacked ones are filled from those
+            self._staged: dict[tuple[str, int], tuple[Linear, int]] = {}
+            with torch.device("meta"):
+                probes = self._staging("w13"), self._staging("w2")
+            self._expected = [n for n, _ in probes[0].named_parameters()]  # what each projection's checkpoint holds
+            fp4 = self.spec.format in ("nvfp4", "mxfp4")
+            for name, probe, shards in zip(("w13", "w2"), probes, experts):
+                rows, k = probe.out_features, probe.in_features
+                setattr(self, name, self._stacked((e, rows, k // 2), torch.uint8, shards, self._expected))
+                getattr(self, name).dummy_value = 0x5A  # random weights: nibbles 10 and 5
+                self._groups[name] = probe.method.group
+                groups = k // probe.method.group
+                for part, value in (("scales", 0.01), ("offsets", -0.08)) if not fp4 else (("scales", 0.01),):
+                    p = nn.Parameter(torch.empty(e, rows, groups, dtype=torch.float32), requires_grad=False)
+                    p.shards, p.dummy_value = (), value
+                    setattr(self, f"{name}_{part}", p)
+        else:
+            fp8 = stored and self.spec.method == "fp8"
+            suffixes = ["weight", self.spec.scale_name] if fp8 else ["weight"]
+            self.w13 = self._stacked((e, 2 * inter, hidden), FP8 if fp8 else None, experts[0], suffixes)
+            self.w2 = self._stacked((e, hidden, inter), FP8 if fp8 else None, experts[1], suffixes)
+            if fp8:
+                self.w13.dummy_scale = self.w2.dummy_scale = 1 / DUMMY_SCALE  # random FP8 values over their range
+                self.w13_scale = self._scales(e, 2 * inter, hidden, stacked=True)
+                self.w2_scale = self._scales(e, hidden, inter, stacked=False)
         if cfg.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False)
             self.e_score_correction_bias.dummy_value = 0.0
@@ -133,37 +174,60 @@ class MoE(nn.Module):
                                               f"{prefix}.shared_expert")
             self.shared_expert_gate = Linear(hidden, 1) if cfg.shared_gate else None
 
-    def _stacked(self, shape: tuple[int, ...], fp8: bool, shards: list) -> nn.Parameter:
-        p = nn.Parameter(torch.empty(shape, dtype=FP8) if fp8 else torch.empty(shape), requires_grad=False)
-        p.weight_loader, p.shards, p.units = self._load_expert, tuple(shards), (1, 1)
-        if fp8:
-            p.dummy_scale = 1 / DUMMY_SCALE  # random FP8 values over their range
+    def _stacked(self, shape: tuple[int, ...], dtype: torch.dtype | None, experts: list, suffixes: list[str]) -> nn.Parameter:
+        """A stacked expert weight; its loader takes each (expert, part) tensor named by each of `suffixes`."""
+        p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        p.weight_loader, p.units = self._load_expert, (1, 1)
+        p.shards = tuple((i, part, suffix) for i, part in experts for suffix in suffixes)
         return p
 
-    def _scales(self, e: int, rows: int, cols: int, shards: tuple, stacked: bool) -> nn.Parameter:
+    def _scales(self, e: int, rows: int, cols: int, stacked: bool) -> nn.Parameter:
         """FP8 experts' scales as the checkpoint lays them out: [E, parts] per tensor, [E, rows, 1] per row, or
-        [E, rows / bn, cols / bk] per block; `units` says how many weight rows and columns one entry covers."""
-        kind = self.fp8.weight_scales
+        [E, rows / bn, cols / bk] per block; `units` says how many weight rows and columns one entry covers. (Filled
+        through the stacked weight's loader.)"""
+        kind = self.spec.weight_scales
         if kind == "tensor":
             shape, units = (e, 2 if stacked else 1), (0, 0)
         elif kind == "channel":
             shape, units = (e, rows, 1), (1, 0)
         else:
-            bn, bk = self.fp8.block
+            bn, bk = self.spec.block
             part = rows // 2 if stacked else cols  # what one rank's split cuts: gate / up rows, down columns
             if part % (bn if stacked else bk) or (self.i0 % (bn if stacked else bk)):
                 raise ValueError(f"block-scaled FP8 experts need each rank's expert width ({part} from {self.i0}) to "
-                                 f"be a multiple of the {self.fp8.block} blocks")
+                                 f"be a multiple of the {self.spec.block} blocks")
             shape, units = (e, -(-rows // bn), -(-cols // bk)), (bn, bk)
         p = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
-        p.weight_loader, p.shards, p.units, p.dummy_value = self._load_expert, shards, units, DUMMY_SCALE
+        p.shards, p.units, p.dummy_value = (), units, DUMMY_SCALE
         return p
 
-    def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None]) -> None:
-        expert, part = shard
-        if not 0 <= expert - self.e0 < param.shape[0]:
+    def _staging(self, name: str) -> Linear:
+        """A 4-bit linear layer for one expert's gate and up (w13) or down (w2) projection, this rank's share."""
+        split = self.shard.world > 1 and not self.by_expert
+        if name == "w13":
+            return Linear(self.hidden, [self.inter] * 2, method=get_linear_method(self.spec), fused=True,
+                          take=(0, (self.i0, self.i0)) if split else None)
+        return Linear(self.inter, self.hidden, method=get_linear_method(self.spec), fused=True,
+                      take=(1, (self.i0,)) if split else None)
+
+    def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None, str]) -> None:
+        expert, part, suffix = shard
+        name = "w13" if param is self.w13 else "w2"
+        e = expert - self.e0
+        if not 0 <= e < param.shape[0]:
             return  # another rank's expert: not read at all
-        dst = param.data[expert - self.e0]
+        if self.spec is not None and self.spec.serialized and self.spec.method == "int4":
+            return self._stage(name, e, part, suffix, tensor)
+        if suffix == "weight":
+            return self._copy(param, e, part, tensor)
+        if self.spec is not None and self.spec.method == "fp8" and suffix == self.spec.scale_name:
+            return self._copy(getattr(self, f"{name}_scale"), e, part, tensor)
+        if suffix != "input_scale":  # (an FP8 checkpoint's static activation scale: unused)
+            raise ValueError(f"experts have no tensor named {suffix!r} in this model")
+
+    def _copy(self, param: nn.Parameter, e: int, part: int | None, tensor: Any) -> None:
+        """One expert's tensor into its rows of a stacked parameter (this rank's slice of it, by `param.units`)."""
+        dst = param.data[e]
         rows_per, cols_per = param.units
         width_split = self.shard.world > 1 and not self.by_expert
         if param.dim() == 2:  # one scale per expert and stacked part (per-tensor FP8): the tensor's, whole
@@ -177,26 +241,79 @@ class MoE(nn.Module):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         dst.copy_(materialize(tensor))
 
+    def _stage(self, name: str, e: int, part: int | None, suffix: str, tensor: Any) -> None:
+        """A 4-bit checkpoint tensor into the expert's staging layer; once it holds all of them, its packed form
+        into the stacked tensors."""
+        linear, got = self._staged.get((name, e)) or (None, 0)
+        if linear is None:
+            with torch.device(self.w13.device):
+                linear = self._staging(name)
+        target = getattr(linear, suffix, None)
+        if not isinstance(target, nn.Parameter):
+            if suffix == "input_scale":
+                return
+            raise ValueError(f"4-bit experts ({self.spec.format}) have no tensor named {suffix!r}")
+        target.weight_loader(target, tensor, part)
+        got += 1
+        if got < len(self._expected) * (2 if name == "w13" else 1):
+            self._staged[(name, e)] = (linear, got)
+            return
+        self._staged.pop((name, e), None)
+        linear.method.process_after_loading(linear)
+        if hasattr(linear, "perm"):
+            raise ValueError("GPTQ checkpoints with act-order (g_idx out of column order) are not supported for MoE "
+                             "experts: each expert would gather the input in its own order")
+        getattr(self, name).data[e].copy_(linear.qweight)
+        getattr(self, f"{name}_scales").data[e].copy_(linear.scales)
+        if linear.offsets is not None:
+            getattr(self, f"{name}_offsets").data[e].copy_(linear.offsets)
+
     def after_loading(self) -> None:
-        """FP8 experts: scales as the kernels read them ([E, rows] per row, or per block); 16-bit weights of a
-        16-bit checkpoint quantized per row, one expert at a time."""
-        if self.fp8 is None:
+        """Quantized experts in the form the kernels read: FP8 scales [E, rows] per row (or per block); 16-bit weights
+        of a 16-bit checkpoint quantized once loaded, one expert at a time (FP8 per row; 4-bit per group of 128 columns,
+        or fewer where the width is not a multiple)."""
+        if self.spec is None:
+            return
+        if self.spec.serialized and self.spec.method == "int4":
+            if self._staged:
+                raise ValueError(f"checkpoint is missing tensors of {len(self._staged)} 4-bit expert projections")
             return
         for name in ("w13", "w2"):
             w = getattr(self, name)
-            if not self.fp8.serialized:
+            if self.spec.serialized:
+                s = getattr(self, f"{name}_scale").data
+                if self.spec.weight_scales == "tensor":  # per stacked part -> per row
+                    s = s.repeat_interleave(w.shape[1] // s.shape[1], dim=1)
+                elif self.spec.weight_scales == "channel":
+                    s = s[..., 0]
+                setattr(self, f"{name}_scale", nn.Parameter(s.contiguous(), requires_grad=False))
+            elif self.spec.method == "fp8":
                 q = torch.empty(w.shape, dtype=FP8, device=w.device)
                 s = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
                 for e in range(w.shape[0]):
                     q[e], s[e] = quantize_weight_per_channel(w.data[e])
                 setattr(self, name, nn.Parameter(q, requires_grad=False))
+                setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
             else:
-                s = getattr(self, f"{name}_scale").data
-                if self.fp8.weight_scales == "tensor":  # per stacked part -> per row
-                    s = s.repeat_interleave(w.shape[1] // s.shape[1], dim=1)
-                elif self.fp8.weight_scales == "channel":
-                    s = s[..., 0]
-            setattr(self, f"{name}_scale", nn.Parameter(s.contiguous(), requires_grad=False))
+                k = w.shape[2]
+                group = next((g for g in (128, 64, 32, 16) if k % g == 0), 0)
+                if not group:
+                    raise ValueError(f"int4 experts need their input width {k} to be a multiple of 16")
+                packed = [quantize_rtn(w.data[e], group) for e in range(w.shape[0])]
+                for part, values in zip(("", "_scales", "_offsets"), zip(*packed)):
+                    setattr(self, name + part, nn.Parameter(torch.stack(values).float() if part else torch.stack(values),
+                                                            requires_grad=False))
+                self._groups[name] = group
+
+    @property
+    def quant(self) -> Fp8Experts | Int4Experts | None:
+        """How the kernels read the stacked experts."""
+        if self.spec is None:
+            return None
+        if self.spec.method == "fp8":
+            return Fp8Experts(self.w13_scale, self.w2_scale, self.spec.block if self.spec.weight_scales == "block" else None)
+        offsets = getattr(self, "w13_offsets", None), getattr(self, "w2_offsets", None)
+        return Int4Experts(self.w13_scales, offsets[0], self._groups["w13"], self.w2_scales, offsets[1], self._groups["w2"])
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MoE(norm(h + residual)), h + residual)."""
@@ -209,11 +326,11 @@ class MoE(nn.Module):
         if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
             local = ids - self.e0
             ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
-        scales = (self.w13_scale, self.w2_scale, self.scale_block) if self.fp8 else None
+        quant = self.quant
         if self.fused and x.is_cuda:
-            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert, scales=scales)
+            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert, quant=quant)
         else:
-            y = experts_ref(x, self.w13, self.w2, weights, ids, scales)
+            y = experts_ref(x, self.w13, self.w2, weights, ids, quant)
         if self.cfg.shared_intermediate_size:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

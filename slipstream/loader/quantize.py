@@ -158,6 +158,9 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         raise ValueError("act_order is GPTQ's: it needs algorithm gptq and format gptq (AWQ has no g_idx)")
     loaded, quantizable = _source(model)
     hessians = {}
+    if algorithm == "gptq" and loaded.config.moe is not None:
+        raise ValueError("GPTQ's calibration measures the inputs of linear layers, and a MoE model's experts are not "
+                         "such layers: use --algorithm rtn")
     if algorithm == "gptq":
         if calibration is None:
             raise ValueError("gptq needs calibration text")

@@ -148,9 +148,8 @@ class DecoderLayer(nn.Module):
 
 
 # One expert's tensor in a checkpoint (Qwen-MoE names; Mixtral's w1 / w3 / w2 are gate / up / down): its weight, or
-# an FP8 weight's scale
-_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\."
-                     r"(weight|weight_scale|weight_scale_inv|input_scale)")
+# a quantized weight's part (scales, packed values, ...)
+_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(\w+)")
 _EXPERT_PARTS = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
                  "down_proj": ("w2", None), "w2": ("w2", None)}
 # Checkpoint (HF layout) projection -> (stacked parameter, shard index)
@@ -163,10 +162,10 @@ PACKED_MODULES = {
 }
 
 
-def load_decoder_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, owner: str) -> tuple[str, object] | None:
+def load_decoder_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, owner: str) -> tuple[str, object]:
     """One checkpoint tensor of decoder layers (HF names without `model.`) to its parameter: projections fused
-    into stacked ones, experts into the stacked [E, ...] weights. Returns the (parameter, shard) it filled (None:
-    an expert's static activation scale, which W8A16 experts do not use)."""
+    into stacked ones, experts' tensors to the stacked [E, ...] weights' loaders. Returns the (parameter, shard)
+    it filled."""
     name = name.replace(".block_sparse_moe.", ".mlp.")
     # GLM-4.5 (DeepSeek-V3's names): the selection bias sits in the router, the shared experts are plural
     name = name.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias").replace(
@@ -174,10 +173,8 @@ def load_decoder_tensor(params: dict[str, nn.Parameter], name: str, tensor: torc
     expert = _EXPERT.fullmatch(name)
     if expert is None:
         return load_checkpoint_tensor(params, name, tensor, PACKED_MODULES, owner)
-    if expert[4] == "input_scale":
-        return None
     stacked, part = _EXPERT_PARTS[expert[3]]
-    target, shard = f"{expert[1]}.{stacked}{'' if expert[4] == 'weight' else '_scale'}", (int(expert[2]), part)
+    target, shard = f"{expert[1]}.{stacked}", (int(expert[2]), part, expert[4])
     if target not in params:
         raise ValueError(f"checkpoint tensor {name!r} has no place in {owner}")
     try:
@@ -251,6 +248,5 @@ class LlamaForCausalLM(nn.Module):
             if name.endswith((".k_scale", ".v_scale")):  # per-tensor FP8 KV scales: our FP8 cache scales each row as written
                 continue
             loaded.add(load_decoder_tensor(params, name, tensor, type(self).__name__))
-        loaded.discard(None)
         check_all_loaded(params, loaded)
         finish_loading(self)

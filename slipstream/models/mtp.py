@@ -80,6 +80,5 @@ class MTPHead(nn.Module):
             else:
                 name = "mtp_block." + name
             loaded.add(load_decoder_tensor(params, name, tensor, f"MTP module {self.layer}"))
-        loaded.discard(None)
         check_all_loaded(params, loaded)
         finish_loading(self)

@@ -72,10 +72,6 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.method == "fp8" and device.type == "cuda" and cap < (8, 9):
                 raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
                                  f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
-            if spec.method == "int4" and spec.serialized and mc.moe is not None:
-                raise ValueError("4-bit checkpoints of MoE models (4-bit experts) are not supported yet: --quantization "
-                                 "int4 on a 16-bit MoE checkpoint quantizes all but its experts (--quantization fp8 "
-                                 "quantizes those too)")
             return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec
     finally:
         torch.set_default_dtype(default_dtype)

@@ -78,13 +78,14 @@ def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> f
 
 
 def active_weight_bytes(model: torch.nn.Module, batch: int) -> float:
-    """Weight bytes one decode step must read: every parameter, except that a MoE layer's experts count only as
-    far as tokens reach them — k of E for one token; for B tokens routed uniformly, E * (1 - (1 - k/E)^B)."""
+    """Weight bytes one decode step must read: every parameter, except that a MoE layer's experts (and their scales,
+    where quantized) count only as far as tokens reach them — k of E for one token; for B tokens routed uniformly,
+    E * (1 - (1 - k/E)^B)."""
     total = 0.0
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             nbytes = p.numel() * p.element_size()
-            if isinstance(module, MoE) and name in ("w13", "w2"):
+            if isinstance(module, MoE) and name.startswith(("w13", "w2")):
                 e, k = module.cfg.num_experts, module.cfg.top_k
                 nbytes *= 1 - (1 - k / e) ** batch
             total += nbytes

@@ -24,6 +24,7 @@ import torch
 
 from slipstream import LLM, SamplingParams
 from slipstream.bench.common import BUNDLED, model_dir, table
+from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 COPY = "Copy the following text exactly, but write '{new}' in place of '{old}'.\n\nText:\n{text}\n\nCopy:"
 
@@ -91,7 +92,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     if not prompts:
         raise ValueError(f"no prompts for workload {a.workload!r}")
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
-                  gpu_memory_utilization=a.gpu_memory_utilization)
+                  gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
     if a.model in BUNDLED:  # a shape with random weights: for the verification mechanism (oracle, wrong)
         a.model = model_dir(a.model)
         engine["load_format"] = "dummy"
@@ -157,6 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_METHODS)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=speculative)

@@ -266,15 +266,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     from slipstream.bench.common import write_json
 
-    if a.bench in _GPU_BENCHES and not torch.cuda.is_available():
+    if getattr(a, "bench", None) in _GPU_BENCHES and not torch.cuda.is_available():
         raise ValueError(f"`slipstream bench {a.bench}` measures an NVIDIA GPU (CUDA) and none is available here; "
                          f"`bench quality` and `bench fairness --device cpu` run on a CPU")
-
-    write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
-
-
-def cmd_tune(a: argparse.Namespace) -> None:
-    from slipstream.bench.common import write_json
 
     write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
 
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.bench import tune_moe
 
     tune_moe.add_parser(tn.add_subparsers(dest="tune", required=True))
-    tn.set_defaults(fn=cmd_tune)
+    tn.set_defaults(fn=cmd_bench)
     a = parser.parse_args(argv)
     # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.
     if a.cmd != "serve":

@@ -34,6 +34,7 @@ class MoEConfig:
     correction_bias: bool = False  # a learned per-expert bias added to the scores for selection only
     shared_intermediate_size: int = 0  # a shared expert every token uses (0: none)
     shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(a learned gate)
+    shared_name: str = "shared_expert"  # what checkpoints call it ("shared_experts": DeepSeek-V3, GLM-4.5)
     router_float32: bool = False  # the router's weights and logits in float32 (GLM-4.5: selection is that sensitive)
     layers: tuple[int, ...] = ()  # decoder layers whose feed-forward is this MoE (the others are dense), MTP layers included
 
@@ -51,7 +52,7 @@ def _moe_config(arch: str, cfg: dict[str, Any], num_layers: int) -> MoEConfig | 
                          cfg.get("norm_topk_prob", True), "sigmoid", cfg.get("n_group", 1), cfg.get("topk_group", 1),
                          cfg.get("routed_scaling_factor", 1.0), correction_bias=True,
                          shared_intermediate_size=cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 1),
-                         router_float32=True, layers=tuple(range(cfg.get("first_k_dense_replace", 1), num_layers)))
+                         shared_name="shared_experts", router_float32=True, layers=tuple(range(cfg.get("first_k_dense_replace", 1), num_layers)))
     if arch == "MixtralForCausalLM":
         return MoEConfig(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"],
                          layers=tuple(range(num_layers)))

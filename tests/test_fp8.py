@@ -432,3 +432,26 @@ def test_online_fp8_moe_equals_channel_checkpoint(tiny_moe, tmp_path):
         o.outputs[0].token_ids for o in stored.generate(PROMPTS, GREEDY)]
     with pytest.raises(ValueError, match="dynamic activations"):
         write_fp8_checkpoint(src, str(tmp_path / "static"), "channel", "static", ["t5 t6 t7"])
+
+
+def test_moe_ignore_lists_name_checkpoint_modules(tiny_moe, tmp_path):
+    """An FP8 checkpoint's ignore list names modules as the checkpoint does (GLM-4.5: `shared_experts`): those stay
+    16-bit, the routed experts FP8."""
+    src, weights = tiny_moe
+    if not any(".shared_experts." in n for n in weights):
+        pytest.skip("a model with shared experts named as DeepSeek-V3 names them")
+    out = str(tmp_path / "ch")
+    write_fp8_checkpoint(src, out, "channel")
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    shared = [f"model.layers.{i}.mlp.shared_experts.{p}" for i in (1, 2) for p in ("gate_proj", "up_proj", "down_proj")]
+    for module in shared:
+        stored.pop(f"{module}.weight_scale", None)
+        stored[f"{module}.weight"] = weights[f"{module}.weight"]
+    save_file(stored, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"]["ignore"] += shared
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    moe = _experts(_llm(out), 1)
+    assert moe.shared_expert.gate_up_proj.weight.dtype == torch.float32 and moe.w13.dtype == FP8

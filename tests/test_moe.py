@@ -72,8 +72,7 @@ def test_fused_moe_matches_loop(dtype, case):
 @pytest.mark.parametrize("block", [None, (32, 32), (64, 128)])
 @pytest.mark.parametrize("t", [1, 21])
 def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
-    """FP8 experts (W8A16), scales per row or per block, against the loop over the dequantized weights in float64;
-    the loop with scales (the CPU path) is that same arithmetic."""
+    """FP8 experts (W8A16), scales per row or per block, against the loop over the dequantized weights in float64."""
     from slipstream.kernels.moe import Fp8Experts, fused_moe
     from slipstream.layers.quantization.fp8 import dequantize, quantize_weight_blocks, quantize_weight_per_channel
 
@@ -87,8 +86,6 @@ def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
     weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
     deq = lambda q, s: torch.stack([dequantize(q[i], s[i], block, torch.float64) for i in range(e)])  # noqa: E731
     ref = experts_ref(x.double(), deq(q13, s13), deq(q2, s2), weights.double(), ids)
-    loop = experts_ref(x.double(), q13, q2, weights.double(), ids, Fp8Experts(s13, s2, block))
-    torch.testing.assert_close(loop, ref)
     out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV),
                     quant=Fp8Experts(s13.to(DEV), s2.to(DEV), block))
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
@@ -161,7 +158,7 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     """A small random MoE model on the GPU in fp32: the Triton backend (the fused MoE kernels), in CUDA graphs and
     eagerly, and the torch backend (the per-expert loop) give the same greedy tokens; GLM-4.5's MTP module drafting
     (its MoE block on the fused kernels too) changes none of them. FP8 and 4-bit weights (the experts' quantized
-    fused kernels): the same tokens in CUDA graphs and eagerly."""
+    fused kernels): the same tokens in CUDA graphs and eagerly, and nearly all of the torch path's."""
     import json
 
     from slipstream import LLM, SamplingParams
@@ -175,16 +172,20 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
     runs = [("graphs", "triton", False, {}), ("eager", "triton", True, {}), ("torch", "torch", True, {})]
     if arch == "glm4_moe":
         runs.append(("mtp", "triton", False, dict(speculative_method="mtp", num_speculative_tokens=3)))
-    quantized = [(f"{q} {mode}", "triton", eager, dict(quantization=q)) for q in ("fp8", "int4")
-                 for mode, eager in (("graphs", False), ("eager", True))]
+    quantized = [(f"{q} {backend}", backend, eager, dict(quantization=q)) for q in ("fp8", "int4")
+                 for backend, eager in (("triton", False), ("triton-eager", True), ("torch", True))]
     outs = {}
     for name, backend, eager, spec in runs + quantized:
-        llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend, max_model_len=256,
+        llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend.removesuffix("-eager"), max_model_len=256,
                   gpu_memory_utilization=0.3, enforce_eager=eager, **spec)
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm
     assert all(outs[name] == outs["torch"] for name, *_ in runs)
-    assert outs["fp8 graphs"] == outs["fp8 eager"] and outs["int4 graphs"] == outs["int4 eager"]
+    for q in ("fp8", "int4"):  # the fused kernels in graphs and eagerly alike; against the torch path's dequantized
+        # weights (and, FP8, its own activation rounding): all but near-ties
+        assert outs[f"{q} triton"] == outs[f"{q} triton-eager"]
+        same = sum(a == b for x, y in zip(outs[f"{q} triton"], outs[f"{q} torch"]) for a, b in zip(x, y))
+        assert same >= 0.9 * sum(map(len, outs[f"{q} torch"])), (q, same)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -78,6 +78,8 @@ def test_drafts_equal_transformers_mtp(glm, monkeypatch):
     assert torch.equal(mtp.layers[0].eh_proj.weight, written["model.layers.3.eh_proj.weight"])  # it read our tensors
     llm = LLM(str(glm), dtype="float32", device="cpu", max_model_len=256, block_size=16, max_num_batched_tokens=24,
               speculative_method="mtp", num_speculative_tokens=3, speculative_adaptive=False)
+    head = llm.engine.core.proposer.runner
+    assert head.kv.model.num_layers == 1 and head.kv.bytes_per_block * 3 == llm.engine.runner.kv.bytes_per_block  # one layer's KV
     for tokens, drafts in drafts_seen(llm, monkeypatch):
         assert drafts == reference_drafts(main, mtp, tokens, len(drafts)), tokens
     assert_no_leak(llm)

@@ -87,6 +87,14 @@ def test_text_without_calls_is_content():
     assert finished_calls("glm45", "<tool_call>f\n<arg_key>zip</arg_key><arg_value>75001</arg_value></tool_call>")[1][0][
         "function"]["arguments"] == '{"zip": 75001}'
     assert finished_calls("glm45", "<tool_call>\n</tool_call>") is None
+    # values by what the schema allows: a string kept as written (quotes too), JSON where its type is allowed, and
+    # never a value that is not JSON (NaN)
+    schema = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {
+        "s": {"type": "string"}, "o": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"type": "number"}}}}}]
+    text = ('<tool_call>f<arg_key>s</arg_key><arg_value>"quoted"</arg_value><arg_key>o</arg_key><arg_value>null'
+            '</arg_value><arg_key>n</arg_key><arg_value>NaN</arg_value></tool_call>')
+    args = json.loads(finished_calls("glm45", text, tools=schema)[1][0]["function"]["arguments"])
+    assert args == {"s": '"quoted"', "o": None, "n": "NaN"}
     assert detect_format("{{ '<tool_call>' + name }}<arg_key>{{ k }}</arg_key>") == "glm45"
 
 

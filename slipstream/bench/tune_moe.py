@@ -22,6 +22,7 @@ from slipstream.config import ModelConfig
 from slipstream.kernels.moe import TUNED_DIR, Fp8Experts, Int4Experts, fused_moe, tiles_file
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks, quantize_weight_per_channel
 from slipstream.layers.quantization.int4 import quantize_rtn
+from slipstream.parallel.shard import split
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 WEIGHTS = ("bf16", "fp8", "fp8-block128", "int4")
@@ -58,10 +59,10 @@ def _layer(cfg: ModelConfig, tp: int, expert_parallel: bool) -> tuple[int, int, 
     if moe is None:
         raise ValueError(f"{cfg.architecture} has no MoE layer to tune")
     e, inter = moe.num_experts, moe.intermediate_size
-    if expert_parallel:
-        e = -(-e // tp)
+    if expert_parallel:  # rank 0's share, as the engine splits them
+        e = split(e, tp, 0)[1]
     else:
-        inter = -(-inter // tp)
+        inter = split(inter, tp, 0)[1]
     return e, inter, cfg.hidden_size, moe.top_k
 
 

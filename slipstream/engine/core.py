@@ -177,7 +177,8 @@ class EngineCore:
         weights = loaded.weights
         return HeadSpec(f"the model's MTP module (layer {mc.num_layers})",
                         lambda backend, fused: MTPHead(mc, backend, methods, fused),
-                        None if weights is None else lambda head: head.load_weights(weights(spec.serialized, lazy=True)), mc)
+                        None if weights is None else lambda head: head.load_weights(weights(spec.serialized, lazy=True)),
+                        replace(mc, num_layers=1))  # its KV pool: one layer's
 
     def _eos_ids(self, path: str) -> set[int]:
         ids = set(self.model_config.eos_token_ids)

@@ -269,10 +269,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sbn, sbk = quant.block or (1, 1)
     else:
         mode = 0
-    if mode == 2:  # a K tile must not straddle two scale blocks
+    if mode == 2:  # a K tile must not straddle two scale blocks; the up rows start on a block
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], sbk)
-        if sbk % tiles["BLOCK_K"]:
-            raise ValueError(f"FP8 expert blocks of {sbk} columns: a multiple of {tiles['BLOCK_K']} is needed")
+        if sbk % tiles["BLOCK_K"] or inter % sbn:
+            raise ValueError(f"FP8 expert blocks of {sbn} x {sbk}: the expert width {inter} must be a multiple of "
+                             f"{sbn} and the block width a multiple of {tiles['BLOCK_K']}")
     bm = tiles["BLOCK_M"]
     sorted_ids, block_expert = align_by_expert(topk_ids, e, bm)
     x = x.contiguous()

@@ -100,6 +100,7 @@ class SharedExpert(nn.Module):
     tensor-parallel ranks like an MLP (its partial sum joins the routed experts' before the one all-reduce)."""
 
     def __init__(self, hidden: int, inter: int, fused: bool, shard: Shard, method_for: MethodFor | None, prefix: str) -> None:
+        """`prefix`: its checkpoint name, by which a quantization's ignore list names it."""
         super().__init__()
         i0, n = shard.part(inter)
         split = shard.world > 1
@@ -118,8 +119,8 @@ class MoE(nn.Module):
                  method_for: MethodFor | None = None, prefix: str = "mlp") -> None:
         """`shard`: tensor parallelism splits every expert's width (gate and up rows, down columns) over the ranks,
         or, with `shard.expert_parallel`, gives each rank whole experts; either way each rank routes every token
-        the same way (the router is whole on each). `method_for`: the model's quantization by layer prefix (the
-        experts are `{prefix}.experts`; FP8 makes them FP8, other methods leave them 16-bit)."""
+        the same way (the router is whole on each). `method_for`: the model's quantization by layer prefix (FP8 and
+        4-bit make the experts so; others leave them 16-bit)."""
         super().__init__()
         self.cfg, self.fused = cfg, fused
         self.shard = shard = shard or Shard.single()
@@ -134,7 +135,8 @@ class MoE(nn.Module):
         self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype, or float32
         if cfg.router_float32:
             self.gate.float()
-        method = method_for(f"{prefix}.experts") if method_for else None
+        # (quantization ignore lists name checkpoint modules: an expert's stands for all of them)
+        method = method_for(f"{prefix}.experts.0.gate_up_proj") if method_for else None
         self.spec: QuantSpec | None = method.spec if isinstance(method, (Fp8, Int4)) else None
         self.hidden, self.inter = hidden, inter
         self._groups: dict[str, int] = {}  # 4-bit experts: columns per scale, of w13 and of w2
@@ -171,7 +173,7 @@ class MoE(nn.Module):
             self.e_score_correction_bias.dummy_value = 0.0
         if cfg.shared_intermediate_size:
             self.shared_expert = SharedExpert(hidden, cfg.shared_intermediate_size, fused, shard, method_for,
-                                              f"{prefix}.shared_expert")
+                                              f"{prefix}.{cfg.shared_name}")
             self.shared_expert_gate = Linear(hidden, 1) if cfg.shared_gate else None
 
     def _stacked(self, shape: tuple[int, ...], dtype: torch.dtype | None, experts: list, suffixes: list[str]) -> nn.Parameter:

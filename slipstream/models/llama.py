@@ -162,6 +162,12 @@ PACKED_MODULES = {
 }
 
 
+def unused_tensor(name: str) -> bool:
+    """Checkpoint tensors no layer reads: rotary tables, and per-tensor FP8 KV scales (our FP8 cache scales each row
+    as it is written)."""
+    return "rotary_emb" in name or name.endswith((".k_scale", ".v_scale"))
+
+
 def load_decoder_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, owner: str) -> tuple[str, object]:
     """One checkpoint tensor of decoder layers (HF names without `model.`) to its parameter: projections fused
     into stacked ones, experts' tensors to the stacked [E, ...] weights' loaders. Returns the (parameter, shard)
@@ -243,10 +249,9 @@ class LlamaForCausalLM(nn.Module):
             layer = self.layer_index.match(name)
             if layer and int(layer[1]) >= self.config.num_layers:  # an MTP module's: models/mtp.py reads them
                 continue
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                continue
-            if name.endswith((".k_scale", ".v_scale")):  # per-tensor FP8 KV scales: our FP8 cache scales each row as written
+            if unused_tensor(name) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             loaded.add(load_decoder_tensor(params, name, tensor, type(self).__name__))
         check_all_loaded(params, loaded)
+        del params  # (quantizing once loaded frees each 16-bit weight as it goes)
         finish_loading(self)

@@ -26,7 +26,7 @@ from slipstream.config import ModelConfig
 from slipstream.layers.linear import Linear, check_all_loaded, finish_loading
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.rotary import RotaryEmbedding
-from slipstream.models.llama import DecoderLayer, LlamaForCausalLM, MethodFor, load_decoder_tensor, unquantized
+from slipstream.models.llama import DecoderLayer, LlamaForCausalLM, MethodFor, load_decoder_tensor, unquantized, unused_tensor
 from slipstream.parallel.shard import Shard
 
 
@@ -70,7 +70,7 @@ class MTPHead(nn.Module):
         loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if not name.startswith(prefix):
+            if not name.startswith(prefix) or unused_tensor(name):
                 continue
             name = name.removeprefix(prefix)
             if name.startswith(("embed_tokens.", "shared_head.head.")):  # copies of the model's
@@ -81,4 +81,5 @@ class MTPHead(nn.Module):
                 name = "mtp_block." + name
             loaded.add(load_decoder_tensor(params, name, tensor, f"MTP module {self.layer}"))
         check_all_loaded(params, loaded)
+        del params
         finish_loading(self)

@@ -152,6 +152,46 @@ def extract(fmt: str, text: str, final: bool, name: str | None = None,
 _GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
+def _schema_types(schema: Any) -> set[str]:
+    """The JSON types a schema allows (its `type`, or its anyOf / oneOf branches' types); empty: not said."""
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    types = set(kind) if isinstance(kind, list) else {kind} if isinstance(kind, str) else set()
+    for branch in (schema.get("anyOf") or []) + (schema.get("oneOf") or []):
+        types |= _schema_types(branch)
+    return types | ({"number"} if "integer" in types else set())
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _glm45_value(text: str, schema: Any) -> Any:
+    """A GLM-4.5 argument's value: GLM writes strings as they are and other values as JSON. The JSON reading where
+    its type is one the schema allows (or the schema says nothing); the text itself where the schema allows a string;
+    else the JSON reading, or the text where it is not JSON."""
+    types = _schema_types(schema)
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return text
+    kind = _json_type(value)
+    if "string" in types and (kind == "string" or kind not in types):
+        return text
+    return value
+
+
 def _glm45_call(body: str, done: bool, tools: list[dict] | None) -> Call | None:
     """One GLM-4.5 call from the text after its `<tool_call>` (up to `</tool_call>` where `done`): its name once
     a newline, a key or the end follows it; its arguments' JSON, a pair at a time as each completes. None: a
@@ -163,16 +203,8 @@ def _glm45_call(body: str, done: bool, tools: list[dict] | None) -> Call | None:
         return None
     props = next((((t.get("function") or {}).get("parameters") or {}).get("properties") or {}
                   for t in tools or () if (t.get("function") or {}).get("name") == name), {})
-    pairs = []
-    for key, value in _GLM_PAIR.findall(body):
-        key, value = key.strip(), value.strip()
-        kind = (props.get(key) or {}).get("type")
-        if not (kind == "string" or (isinstance(kind, list) and "string" in kind)):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # not JSON: the text itself
-        pairs.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    pairs = [f"{json.dumps(key.strip())}: {json.dumps(_glm45_value(value.strip(), props.get(key.strip())))}"
+             for key, value in _GLM_PAIR.findall(body)]
     return Call(name or None, "{" + ", ".join(pairs) + ("}" if done else ""), done)
 
 

@@ -259,3 +259,84 @@ def test_fused_moe_with_given_tiles(tiles):
     ref = experts_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
     out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), tiles=tiles)
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def _moe_gguf(path, hf_dir, hf, expert_type):
+    """The HF Qwen3-MoE model `hf` as a qwen3moe GGUF file, as llama.cpp's converter lays it out (experts stacked per
+    projection: ffn_gate_exps [E, I, H] ...), experts stored as `expert_type`, everything else float32."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    c = hf.config
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for add, value in ((w.add_block_count, c.num_hidden_layers), (w.add_embedding_length, c.hidden_size),
+                       (w.add_feed_forward_length, c.intermediate_size), (w.add_head_count, c.num_attention_heads),
+                       (w.add_head_count_kv, c.num_key_value_heads), (w.add_key_length, c.head_dim),
+                       (w.add_value_length, c.head_dim), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+                       (w.add_rope_freq_base, c.rope_parameters["rope_theta"]), (w.add_context_length, c.max_position_embeddings),
+                       (w.add_vocab_size, c.vocab_size), (w.add_expert_count, c.num_experts),
+                       (w.add_expert_used_count, c.num_experts_per_tok), (w.add_expert_feed_forward_length, c.moe_intermediate_size)):
+        add(value)
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for key, t in sd.items():
+        key = key.removeprefix("model.")
+        if key in names:
+            w.add_tensor(names[key], t)
+        elif key.startswith("layers.") and ".experts." not in key:
+            _, i, rest = key.split(".", 2)
+            w.add_tensor(f"blk.{i}.{parts[rest.removesuffix('.weight')]}.weight", t)
+    for i in range(c.num_hidden_layers):
+        if i in c.mlp_only_layers:
+            continue
+        gate_up, down = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], sd[f"model.layers.{i}.mlp.experts.down_proj"]
+        inter = down.shape[2]
+        for name, t in (("ffn_gate_exps", gate_up[:, :inter]), ("ffn_up_exps", gate_up[:, inter:]), ("ffn_down_exps", down)):
+            kind = gguf.GGMLQuantizationType[expert_type]
+            data = np.ascontiguousarray(t) if expert_type == "F32" else quantize(np.ascontiguousarray(t), kind)
+            w.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=None if expert_type == "F32" else kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_moe_gguf_files(tmp_path):
+    """A qwen3moe GGUF (experts stacked per projection, a dense layer between) runs exactly as the HF checkpoint it
+    was written from (float32); with Q4_0 experts, `quantization="int4"` keeps them 4-bit and computes exactly what
+    the dequantizing load does."""
+    from transformers import Qwen3MoeConfig
+
+    from slipstream import LLM, SamplingParams
+    from test_random_arch_equivalence import COMMON, make_model_dir
+
+    config = Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1],
+                            tie_word_embeddings=False, rope_theta=1e6)
+    hf = make_model_dir(tmp_path / "hf", config)
+    kw = dict(tokenizer=str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    prompts = [[5, 17, 200, 31, 9, 77], [300, 2, 45]]
+
+    def run(llm):
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    def same(a, b):
+        for (ta, la), (tb, lb) in zip(a, b):
+            assert ta == tb and all(abs(x[t] - y[t]) < 1e-4 for x, y in zip(la, lb) for t in x)
+
+    _moe_gguf(tmp_path / "f32.gguf", tmp_path / "hf", hf, "F32")
+    gguf_llm = LLM(str(tmp_path / "f32.gguf"), **kw)
+    assert gguf_llm.engine.model_config.moe.layers == (0, 2)
+    same(run(gguf_llm), run(LLM(str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128)))
+    _moe_gguf(tmp_path / "q4.gguf", tmp_path / "hf", hf, "Q4_0")
+    packed, dense = LLM(str(tmp_path / "q4.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q4.gguf"), **kw)
+    moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]
+    assert moe.w13.dtype == torch.uint8 and dict(dense.engine.runner.model.named_modules())["layers.2.mlp"].w13.dtype == torch.float32
+    same(run(packed), run(dense))

@@ -1,6 +1,9 @@
 """GGUF files: metadata -> HF-style config, tensors dequantized (with the `gguf` package) into the HF layout, or
 Q4_0 / Q4_1 / Q4_K projections kept 4-bit, repacked into the int4 layout (layers/quantization/int4.py).
 
+MoE files (qwen3moe, qwen2moe; llama with experts: Mixtral) store each layer's experts as one 3-D tensor per
+projection (`ffn_gate_exps` [E, I, H], ...): they are handed out per expert, under the HF names.
+
 A layer stays 4-bit when every GGUF tensor fused into it (q, k, v; gate, up) is Q4_0, Q4_1 or Q4_K; the config's
 `quantization_config` names the others, which load dequantized (mixes such as Q4_K_M give some projections more
 bits or other block formats).
@@ -37,11 +40,21 @@ _NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}  # [E, rows, cols]
+# GGUF architectures whose name is not the HF model type (a llama file with experts is Mixtral)
+_GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3MoeForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM"}
 
 
-# GGUF projections fused into one of our layers: they stay 4-bit together or not at all
-_FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+# GGUF projections fused into one of our layers: they stay 4-bit together or not at all (a MoE layer's experts: all
+# three projections)
+_FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",),
+          ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
 _Q4 = ("Q4_0", "Q4_1", "Q4_K")
 _BLOCK = 32  # weights per Q4_0 / Q4_1 block, and per sub-block of a Q4_K super-block
 
@@ -160,16 +173,25 @@ def _field(index: GGUFIndex, key: str, default: Any = None) -> Any:
     return index.fields.get(key, default)
 
 
+def _experts_module(layer: int | str) -> str:
+    """The checkpoint module a quantization's ignore list names for a MoE layer's experts (an expert's gate and
+    up projections stand for all of them)."""
+    return f"model.layers.{layer}.mlp.experts.0.gate_proj"
+
+
 def gguf_config(reader: Any) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
-    if arch not in MODEL_TYPES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(MODEL_TYPES)}")
+    experts = _field(reader, f"{arch}.expert_count", 0)
+    hf_arch = _GGUF_ARCHITECTURES.get(arch) or ("MixtralForCausalLM" if arch == "llama" and experts else MODEL_TYPES.get(arch))
+    if hf_arch is None:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: "
+                         f"{', '.join([*MODEL_TYPES, *_GGUF_ARCHITECTURES])}")
     names = {t.name for t in reader.tensors}
     heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     vocab = _field(reader, f"{arch}.vocab_size") or _field(reader, "tokenizer.ggml.tokens")  # an array: its length
     cfg = {
-        "architectures": [MODEL_TYPES[arch]],
+        "architectures": [hf_arch],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
@@ -186,12 +208,26 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    if experts:
+        layers = cfg["num_hidden_layers"]
+        moe = {"num_experts_per_tok": _field(reader, f"{arch}.expert_used_count"),
+               "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names]}
+        if hf_arch == "MixtralForCausalLM":
+            moe["num_local_experts"] = experts
+        else:
+            moe.update(num_experts=experts, norm_topk_prob=_field(reader, f"{arch}.expert_weights_norm", arch == "qwen3moe"),
+                       moe_intermediate_size=_field(reader, f"{arch}.expert_feed_forward_length", cfg["intermediate_size"]),
+                       shared_expert_intermediate_size=_field(reader, f"{arch}.expert_shared_feed_forward_length", 0))
+        cfg.update(moe)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     kept, dense = [], []
     for layer in range(cfg["num_hidden_layers"]):
         for group in _FUSED:
             names = [f"blk.{layer}.{part}.weight" for part in group]
-            modules = [hf_name(n).removesuffix(".weight") for n in names]
+            if not any(n in types for n in names):
+                continue  # (a dense layer's experts, a MoE layer's MLP)
+            modules = ([_experts_module(layer), _experts_module(layer).replace("gate_proj", "up_proj")]
+                       if group[0] in _EXPERTS else [hf_name(n).removesuffix(".weight") for n in names])
             (kept if all(types.get(n) in _Q4 for n in names) else dense).extend(modules)
     if kept:
         # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file
@@ -245,14 +281,19 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
 
     spec = config.quantization
     for t in reader.tensors:
-        name = hf_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
+        layer, _, part = t.name.removeprefix("blk.").rpartition(".weight")[0].partition(".")
+        if part in _EXPERTS:
+            yield from _expert_tensors(t, shape, f"model.layers.{layer}.mlp.experts", _EXPERTS[part],
+                                       as_stored and spec.method == "int4" and t.tensor_type.name in _Q4
+                                       and not spec.keeps_16bit([_experts_module(layer).removeprefix("model.")]))
+            continue
+        name = hf_name(t.name)
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")
         if as_stored and spec.method == "int4" and t.tensor_type.name in _Q4 and not spec.keeps_16bit([module]):
-            kind = t.tensor_type.name
-            parts = q4k_blocks(t.data, *shape) if kind == "Q4_K" else q4_blocks(t.data, kind, *shape)
+            parts = _q4_parts(t, *shape)
             if flip:
                 parts = tuple(unpermute_qk(a, heads) for a in parts)
             q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
@@ -269,6 +310,33 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         if flip:
             arr = unpermute_qk(arr, heads)
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _q4_parts(t: Any, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kind = t.tensor_type.name
+    return q4k_blocks(t.data, rows, cols) if kind == "Q4_K" else q4_blocks(t.data, kind, rows, cols)
+
+
+def _expert_tensors(t: Any, shape: tuple[int, ...], prefix: str, proj: str, packed: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """A MoE layer's stacked [E, rows, cols] projection, one expert at a time: dequantized, or (`packed`) as the 4-bit
+    layout's qweight / scales / offsets."""
+    from gguf.quants import dequantize
+
+    from slipstream.layers.quantization.int4 import pack
+
+    experts, rows, cols = shape
+    if packed:
+        q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)).view(experts, rows, -1)
+                            for a in _q4_parts(t, experts * rows, cols))
+        for e in range(experts):
+            yield f"{prefix}.{e}.{proj}.qweight", pack(q[e])
+            yield f"{prefix}.{e}.{proj}.scales", scale[e]
+            yield f"{prefix}.{e}.{proj}.offsets", offset[e]
+        return
+    arr = np.array(t.data, dtype=np.float32) if t.tensor_type.name in ("F32", "F16") else dequantize(t.data, t.tensor_type)
+    arr = torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
+    for e in range(experts):
+        yield f"{prefix}.{e}.{proj}.weight", arr[e]
 
 
 def open_gguf(path: str) -> tuple[dict[str, Any], ModelConfig, Callable[[bool], Iterator[tuple[str, torch.Tensor]]]]:

@@ -309,6 +309,8 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         arr = arr.reshape(shape)
         if flip:
             arr = unpermute_qk(arr, heads)
+        if name.endswith("shared_expert_gate.weight"):  # (llama.cpp stores the one-row gate as a vector)
+            arr = arr.reshape(1, -1)
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
 
 

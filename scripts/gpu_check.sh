@@ -3,7 +3,7 @@
 # in CUDA graphs), FP8 weights (formats, kernels, the engine on FP8 checkpoints), the end-to-end Triton-vs-torch
 # check, and
 # `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit,
-# FP8 and 4-bit weights, with an FP8 KV cache, and a MoE model with FP8 experts.
+# FP8 and 4-bit weights, with an FP8 KV cache, and MoE models with FP8 experts and with 4-bit experts and MTP drafting.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
@@ -36,4 +36,8 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
 moe=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-30b-a3b"))')
 python3 scripts/serve_check.py "$moe" --load-format dummy --dtype bfloat16 --requests 100 --max-prompt 8192 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --quantization fp8 || rc=1
+# GLM-4.5-Air's shape with 4-bit experts (about 60 GB) and its MTP module drafting
+glm=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("glm-4.5-air"))')
+python3 scripts/serve_check.py "$glm" --load-format dummy --dtype bfloat16 --requests 60 --max-prompt 4096 --vocab 151000 \
+  --regex 'w[0-9]{1,6}' --quantization int4 --speculative-method mtp --num-speculative-tokens 2 || rc=1
 exit $rc

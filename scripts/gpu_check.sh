@@ -36,8 +36,9 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
 moe=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-30b-a3b"))')
 python3 scripts/serve_check.py "$moe" --load-format dummy --dtype bfloat16 --requests 100 --max-prompt 8192 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --quantization fp8 || rc=1
-# GLM-4.5-Air's shape with 4-bit experts (about 60 GB) and its MTP module drafting
-glm=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("glm-4.5-air"))')
+# GLM-4.5-Air's shape as a 4-bit (AWQ) checkpoint would hold it (about 60 GB; its 16-bit form would not fit), its MTP
+# module drafting
+glm=$(python3 -c 'from slipstream.bench.common import model_dir, AWQ_4BIT; print(model_dir("glm-4.5-air", AWQ_4BIT))')
 python3 scripts/serve_check.py "$glm" --load-format dummy --dtype bfloat16 --requests 60 --max-prompt 4096 --vocab 151000 \
-  --regex 'w[0-9]{1,6}' --quantization int4 --speculative-method mtp --num-speculative-tokens 2 || rc=1
+  --regex 'w[0-9]{1,6}' --speculative-method mtp --num-speculative-tokens 2 || rc=1
 exit $rc

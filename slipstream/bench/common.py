@@ -13,10 +13,16 @@ import torch
 BUNDLED = {"llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b", "mixtral-8x7b", "glm-4.5-air"}
 
 
-def model_dir(name: str) -> str:
-    """A bundled config name (llama-3.1-8b, qwen3-0.6b, qwen3-30b-a3b, mixtral-8x7b, glm-4.5-air), a config.json, or an HF dir. Config-only inputs become a
-    temporary directory with a synthetic word-level tokenizer over the model's vocabulary (for dummy weights)."""
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+# A 4-bit checkpoint's quantization_config (AutoAWQ's): with random weights, a model whose 16-bit form would not fit
+AWQ_4BIT = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def model_dir(name: str, quantization_config: dict | None = None) -> str:
+    """A bundled config name (llama-3.1-8b, qwen3-0.6b, qwen3-30b-a3b, mixtral-8x7b, glm-4.5-air), a config.json, or
+    an HF dir. Config-only inputs become a temporary directory with a synthetic word-level tokenizer over the model's
+    vocabulary (for dummy weights); `quantization_config`: written into its config (random weights held quantized
+    from the start)."""
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "tokenizer_config.json")) and quantization_config is None:
         return name
     if name in BUNDLED:
         cfg = json.loads(resources.files("slipstream.configs").joinpath(f"{name}.json").read_text())
@@ -24,6 +30,8 @@ def model_dir(name: str) -> str:
         path = os.path.join(name, "config.json") if os.path.isdir(name) else name
         with open(path) as f:
             cfg = json.load(f)
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
     out = tempfile.mkdtemp(prefix="slipstream-dummy-")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from typing import Any
 
@@ -85,6 +86,11 @@ def _timed(llm: LLM, prompts: list, params: SamplingParams) -> tuple[float, list
     return time.perf_counter() - start, [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
 
 
+def _without_weights(model: str | None) -> bool:
+    """A directory of a config (and tokenizer) only."""
+    return model is not None and os.path.isdir(model) and not any(f.endswith(".safetensors") for f in os.listdir(model))
+
+
 def speculative(a: argparse.Namespace) -> list[dict]:
     if a.workload == "chat" and not a.dataset:
         raise ValueError("the chat workload reads its prompts from --dataset (ShareGPT-style .json or a prompt a line)")
@@ -93,8 +99,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         raise ValueError(f"no prompts for workload {a.workload!r}")
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                   gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
-    if a.model in BUNDLED:  # a shape with random weights: for the verification mechanism (oracle, wrong)
-        a.model = model_dir(a.model)
+    if a.model in BUNDLED or _without_weights(a.model):  # a shape, random weights (the verification mechanism: oracle,
+        a.model = model_dir(a.model)                     # wrong; or the cost of a head's drafts)
         engine["load_format"] = "dummy"
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=a.ignore_eos)
     plain = LLM(a.model, **engine)
@@ -144,7 +150,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("speculative", help="speculative decoding vs plain decoding: speed-up, acceptance (CPU or GPU)")
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights), or a "
-                                                 "bundled config (llama-3.1-8b, ...: random weights, for oracle / wrong)")
+                                                 "bundled config or a directory without weights (random weights, for "
+                                                 "oracle / wrong)")
     p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "mtp", "oracle", "wrong"])
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)

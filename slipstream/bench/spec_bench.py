@@ -99,8 +99,9 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         raise ValueError(f"no prompts for workload {a.workload!r}")
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                   gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
-    if a.model in BUNDLED or _without_weights(a.model):  # a shape, random weights (the verification mechanism: oracle,
-        a.model = model_dir(a.model)                     # wrong; or the cost of a head's drafts)
+    # a shape with random weights: for the verification mechanism (oracle, wrong), or the cost of a head's drafts
+    if a.model in BUNDLED or _without_weights(a.model):
+        a.model = model_dir(a.model)
         engine["load_format"] = "dummy"
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=a.ignore_eos)
     plain = LLM(a.model, **engine)

@@ -345,7 +345,8 @@ def _experts_only(quantized: str, out: str, deq: str, weights: dict, dequantized
     experts = {name: t for name, t in stored.items() if ".experts." in name}
     save_file({**experts, **{n: w for n, w in weights.items() if ".experts." not in n}}, os.path.join(out, "model.safetensors"),
               metadata={"format": "pt"})
-    deq_experts = {name: dequantized(stored, name.removesuffix(".weight")) for name in weights if ".experts." in name}
+    deq_experts = {name: dequantized(stored, name.removesuffix(".weight")).contiguous()
+                   for name in weights if ".experts." in name}
     save_file({**weights, **deq_experts}, os.path.join(deq, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)

@@ -90,11 +90,12 @@ def test_text_without_calls_is_content():
     # values by what the schema allows: a string kept as written (quotes too), JSON where its type is allowed, and
     # never a value that is not JSON (NaN)
     schema = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {
-        "s": {"type": "string"}, "o": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"type": "number"}}}}}]
-    text = ('<tool_call>f<arg_key>s</arg_key><arg_value>"quoted"</arg_value><arg_key>o</arg_key><arg_value>null'
-            '</arg_value><arg_key>n</arg_key><arg_value>NaN</arg_value></tool_call>')
+        "s": {"type": "string"}, "o": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"type": "number"},
+        "m": {"type": ["number", "string"]}, "big": {"type": "number"}}}}}]
+    pairs = {"s": '"quoted"', "o": "null", "n": "NaN", "m": "5", "big": "1e400"}
+    text = "<tool_call>f" + "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in pairs.items()) + "</tool_call>"
     args = json.loads(finished_calls("glm45", text, tools=schema)[1][0]["function"]["arguments"])
-    assert args == {"s": '"quoted"', "o": None, "n": "NaN"}
+    assert args == {"s": '"quoted"', "o": None, "n": "NaN", "m": 5, "big": "1e400"}
     assert detect_format("{{ '<tool_call>' + name }}<arg_key>{{ k }}</arg_key>") == "glm45"
 
 

@@ -18,8 +18,8 @@ FP8 experts (W8A16): the weight tiles stream as FP8 (half the bytes of 16-bit), 
 and multiplied by the 16-bit activations; the scales apply to the accumulator: once at the end for a scale per
 output channel, or after each K tile's product for a scale per (rows x columns) block (DeepSeek-V3 / Qwen3-FP8
 128 x 128), so a K tile never straddles two blocks. 4-bit experts (W4A16: AWQ, GPTQ, compressed-tensors, NVFP4,
-MXFP4 as kernels/int4.py lays them out) stream a quarter of the bytes and are dequantized a tile at a time, each K
-tile inside one group.
+MXFP4 as kernels/int4.py lays them out) stream a quarter of the bytes, plus their group scales, and are dequantized a
+tile at a time, each K tile inside one group.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
 
 def tiles_file(num_experts: int, inter: int, hidden: int, weights: str, device_name: str) -> str:
     """The tile table's file name for a layer of `num_experts` experts of width `inter` on `hidden` (one rank's
-    share), `weights` "bf16" | "fp16" | "fp8" (per-row scales) | "fp8-block128", on a GPU by its CUDA name."""
+    share), `weights` (weights_kind: "bf16", "fp8", "fp8-block128", "int4", ...), on a GPU by its CUDA name."""
     return f"E={num_experts},N={inter},H={hidden},w={weights},device={device_name.replace(' ', '_')}.json"
 
 
@@ -229,8 +229,8 @@ def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     props = torch.cuda.get_device_properties(x.device)
-    e, two_i, h = w13.shape
-    return choose_tiles(x.shape[0], pairs, tiles_file(e, two_i // 2, h, weights, props.name), x.element_size(),
+    e, two_i = w13.shape[:2]  # (4-bit experts: packed, two columns a byte)
+    return choose_tiles(x.shape[0], pairs, tiles_file(e, two_i // 2, x.shape[1], weights, props.name), x.element_size(),
                         getattr(props, "shared_memory_per_block_optin", 96 << 10))
 
 

@@ -43,7 +43,7 @@ from slipstream.kernels.moe import Fp8Experts, Int4Experts
 from slipstream.layers.quantization import LinearMethod, QuantSpec, get_linear_method
 from slipstream.layers.quantization import int4
 from slipstream.layers.quantization.fp8 import DUMMY_SCALE, FP8, Fp8, dequantize, quantize_weight_per_channel
-from slipstream.layers.quantization.int4 import Int4, quantize_rtn
+from slipstream.layers.quantization.int4 import Int4, online_group, quantize_rtn
 from slipstream.parallel.shard import Shard
 
 MethodFor = Callable[[str], LinearMethod]
@@ -144,7 +144,7 @@ class MoE(nn.Module):
         stored = self.spec is not None and self.spec.serialized  # quantized in the checkpoint (else once loaded)
         if stored and self.spec.method == "int4":
             # the staging layers' tensors, as the format names them; the stacked ones are filled from those
-            self._staged: dict[tuple[str, int], tuple[Linear, int]] = {}
+            self._staged: dict[tuple[str, int], tuple[Linear, set]] = {}
             with torch.device("meta"):
                 probes = self._staging("w13"), self._staging("w2")
             self._expected = [n for n, _ in probes[0].named_parameters()]  # what each projection's checkpoint holds
@@ -160,6 +160,8 @@ class MoE(nn.Module):
                     p.shards, p.dummy_value = (), value
                     setattr(self, f"{name}_{part}", p)
         else:
+            if self.spec is not None and self.spec.method == "int4":  # 16-bit weights rounded once loaded: groups now
+                self._groups = {"w13": online_group(hidden, self.spec.group), "w2": online_group(inter, self.spec.group)}
             fp8 = stored and self.spec.method == "fp8"
             suffixes = ["weight", self.spec.scale_name] if fp8 else ["weight"]
             self.w13 = self._stacked((e, 2 * inter, hidden), FP8 if fp8 else None, experts[0], suffixes)
@@ -246,7 +248,7 @@ class MoE(nn.Module):
     def _stage(self, name: str, e: int, part: int | None, suffix: str, tensor: Any) -> None:
         """A 4-bit checkpoint tensor into the expert's staging layer; once it holds all of them, its packed form
         into the stacked tensors."""
-        linear, got = self._staged.get((name, e)) or (None, 0)
+        linear, got = self._staged.get((name, e)) or (None, set())
         if linear is None:
             with torch.device(self.w13.device):
                 linear = self._staging(name)
@@ -256,8 +258,8 @@ class MoE(nn.Module):
                 return
             raise ValueError(f"4-bit experts ({self.spec.format}) have no tensor named {suffix!r}")
         target.weight_loader(target, tensor, part)
-        got += 1
-        if got < len(self._expected) * (2 if name == "w13" else 1):
+        got.add((suffix, part))
+        if len(got) < len(self._expected) * (2 if name == "w13" else 1):
             self._staged[(name, e)] = (linear, got)
             return
         self._staged.pop((name, e), None)
@@ -277,9 +279,7 @@ class MoE(nn.Module):
         if self.spec is None:
             return
         if self.spec.serialized and self.spec.method == "int4":
-            if self._staged:
-                raise ValueError(f"checkpoint is missing tensors of {len(self._staged)} 4-bit expert projections")
-            return
+            return  # (filled as each projection's tensors came in)
         for name in ("w13", "w2"):
             w = getattr(self, name)
             if self.spec.serialized:
@@ -297,15 +297,15 @@ class MoE(nn.Module):
                 setattr(self, name, nn.Parameter(q, requires_grad=False))
                 setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
             else:
-                k = w.shape[2]
-                group = next((g for g in (128, 64, 32, 16) if k % g == 0), 0)
-                if not group:
-                    raise ValueError(f"int4 experts need their input width {k} to be a multiple of 16")
-                packed = [quantize_rtn(w.data[e], group) for e in range(w.shape[0])]
-                for part, values in zip(("", "_scales", "_offsets"), zip(*packed)):
-                    setattr(self, name + part, nn.Parameter(torch.stack(values).float() if part else torch.stack(values),
-                                                            requires_grad=False))
-                self._groups[name] = group
+                e, n, k = w.shape
+                groups = k // self._groups[name]
+                q = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
+                s = torch.empty(e, n, groups, dtype=torch.float16, device=w.device)
+                o = torch.empty_like(s)
+                for i in range(e):
+                    q[i], s[i], o[i] = quantize_rtn(w.data[i], self._groups[name])
+                for part, t in (("", q), ("_scales", s), ("_offsets", o)):
+                    setattr(self, name + part, nn.Parameter(t, requires_grad=False))
 
     @property
     def quant(self) -> Fp8Experts | Int4Experts | None:

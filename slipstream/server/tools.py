@@ -160,7 +160,7 @@ def _schema_types(schema: Any) -> set[str]:
     types = set(kind) if isinstance(kind, list) else {kind} if isinstance(kind, str) else set()
     for branch in (schema.get("anyOf") or []) + (schema.get("oneOf") or []):
         types |= _schema_types(branch)
-    return types | ({"number"} if "integer" in types else set())
+    return types
 
 
 def _json_type(value: Any) -> str:
@@ -184,10 +184,12 @@ def _glm45_value(text: str, schema: Any) -> Any:
     types = _schema_types(schema)
     try:
         value = json.loads(text, parse_constant=_no_constant)
+        json.dumps(value, allow_nan=False)  # (1e400 reads as inf, which JSON cannot write)
     except ValueError:
         return text
     kind = _json_type(value)
-    if "string" in types and (kind == "string" or kind not in types):
+    allowed = kind in types or (kind == "integer" and "number" in types)
+    if "string" in types and (kind == "string" or not allowed):
         return text
     return value
 

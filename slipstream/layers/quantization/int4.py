@@ -98,6 +98,15 @@ def from_zero_points(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     return pack(q.t().contiguous()), scales.t().contiguous(), offsets.t().contiguous(), perm
 
 
+def online_group(k: int, group: int) -> int:
+    """Columns per group when `quantization="int4"` rounds a 16-bit weight of input width k: `group`, or fewer where
+    k is not a multiple (SmolLM2's 576: 64)."""
+    g = next((g for g in (group, 64, 32, 16) if g <= group and k % g == 0), 0)
+    if not g:
+        raise ValueError(f"int4 quantization needs the input width {k} to be a multiple of 16")
+    return g
+
+
 def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] -> (qweight, scales, offsets): per group, 16 levels from its minimum to its maximum, each weight
     rounded to the nearest. The scale and offset are rounded to float16 first, and q chosen against those."""
@@ -145,10 +154,7 @@ class Int4:
         self.dtype = torch.get_default_dtype()  # the model's: the dequantized weights' dtype off the GPU
         fmt = self.spec.format
         if not self.spec.serialized:  # 16-bit weights, quantized once loaded
-            # groups of spec.group columns, or fewer where the input width is not a multiple (SmolLM2's 576: 64)
-            self.group = next((g for g in (self.spec.group, 64, 32, 16) if g <= self.spec.group and k % g == 0), 0)
-            if not self.group:
-                raise ValueError(f"int4 quantization needs the input width {k} to be a multiple of 16")
+            self.group = online_group(k, self.spec.group)
             weight = nn.Parameter(torch.empty(n, k), requires_grad=False)
             layer.register_parameter("weight", weight)
             layer.set_loader(weight, stacked=True)
@@ -182,7 +188,9 @@ class Int4:
             # each fused projection's (rows, columns), checked once loaded
             shapes = nn.Parameter(torch.zeros(len(layer.output_sizes), 2, dtype=torch.int64), requires_grad=False)
             layer.register_parameter("weight_shape", shapes)
-            shapes.weight_loader = lambda p, t, shard: p.data[shard or 0].copy_(t.reshape(2))
+            # (read whole where it came lazily, as linear.materialize does: that module imports this one's package)
+            shapes.weight_loader = lambda p, t, shard: p.data[shard or 0].copy_(
+                (t if isinstance(t, torch.Tensor) else t.materialize()).reshape(2))
             shapes.shards = tuple(range(len(layer.output_sizes))) if len(layer.output_sizes) > 1 else (None,)
         else:  # AWQ / GPTQ: [K..., N] tensors, the outputs along columns (8 to an int32 where packed there)
             params = [("qweight", (k, n // 8) if fmt == "awq" else (k // 8, n), torch.int32,
@@ -237,7 +245,7 @@ class Int4:
             raise ValueError(f"weight_shape {layer.weight_shape.data.tolist()} does not match the layer's {want}")
         u = unpack_int32(layer.weight_packed.data, 1)
         scales = layer.weight_scale.data  # float32: the checkpoint's 16-bit scales, exactly
-        zeros = torch.zeros(scales.shape, dtype=torch.float32)
+        zeros = torch.zeros_like(scales, dtype=torch.float32)
         if hasattr(layer, "weight_zero_point"):
             zeros = unpack_int32(layer.weight_zero_point.data, 0).float() - 8
             del layer.weight_zero_point
@@ -251,7 +259,8 @@ class Int4:
         s = layer.weight_scale.data
         scales = s.float() if self.spec.format == "nvfp4" else torch.exp2(s.float() - 127)
         if hasattr(layer, "weight_global_scale"):
-            rows = torch.repeat_interleave(layer.weight_global_scale.data, torch.tensor(layer.output_sizes))
+            rows = torch.repeat_interleave(layer.weight_global_scale.data,
+                                           torch.tensor(layer.output_sizes, device=s.device))
             scales = scales / rows[:, None]
             del layer.weight_global_scale
         if hasattr(layer, "input_global_scale"):

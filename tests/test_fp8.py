@@ -456,3 +456,8 @@ def test_moe_ignore_lists_name_checkpoint_modules(tiny_moe, tmp_path):
         json.dump(cfg, f)
     moe = _experts(_llm(out), 1)
     assert moe.shared_expert.gate_up_proj.weight.dtype == torch.float32 and moe.w13.dtype == FP8
+    cfg["quantization_config"]["ignore"] = ["lm_head", r"re:.*experts\..*\.down_proj"]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="quantized together"):
+        _llm(out)

@@ -135,8 +135,11 @@ class MoE(nn.Module):
         self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype, or float32
         if cfg.router_float32:
             self.gate.float()
-        # (quantization ignore lists name checkpoint modules: an expert's stands for all of them)
+        # (quantization ignore lists name checkpoint modules: an expert's stand for all of them)
         method = method_for(f"{prefix}.experts.0.gate_up_proj") if method_for else None
+        if method_for and type(method) is not type(method_for(f"{prefix}.experts.0.down_proj")):
+            raise ValueError(f"the quantization ignores only some of the experts' projections in {prefix}: a MoE "
+                             "layer's experts are quantized together")
         self.spec: QuantSpec | None = method.spec if isinstance(method, (Fp8, Int4)) else None
         self.hidden, self.inter = hidden, inter
         self._groups: dict[str, int] = {}  # 4-bit experts: columns per scale, of w13 and of w2

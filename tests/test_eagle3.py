@@ -176,7 +176,7 @@ def check_output_unchanged(model: str, **speculation) -> None:
                 if params.logprobs is not None:
                     for la, lb in zip(x.logprobs, y.logprobs):
                         assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la), name
-    assert core.stats.draft_tokens > 200 and core.stats.num_preemptions > 0
+    assert core.stats.draft_tokens > 200 and core.stats.num_preemptions > 0 and core.stats.draft_seconds > 0
     assert core.prefix_cache.stats.hit_tokens > 0
     assert_no_leak(spec)
     assert not core.proposer._params  # every finished sequence is forgotten

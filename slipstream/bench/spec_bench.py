@@ -11,7 +11,7 @@ Workloads (`--workload`):
 mechanism alone: `oracle` drafts the very tokens plain decoding writes (always right: the ceiling of k drafts a step)
 and `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing). For each batch size: output tok/s without and with, the
 acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
-accepted drafts), and the speed-up.
+accepted drafts), the share of the time spent drafting, and the speed-up.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     _timed(spec, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))
     results, rows = [], []
     for b in a.batch_sizes:
-        before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens)
+        before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
+                  core.stats.draft_seconds)
         elapsed, got = _timed(spec, texts[:b], params)
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
@@ -138,13 +139,16 @@ def speculative(a: argparse.Namespace) -> list[dict]:
              "spec_tok_s": round(tokens / elapsed, 1),
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
+             # the proposer's share of the time (a head's or draft model's forwards included)
+             "draft_share": round((core.stats.draft_seconds - before[4]) / elapsed, 3),
              "identical": f"{same}/{len(want)}"}
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
-                     r["mean_accepted_length"], r["identical"]])
+                     r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
     print(f"{a.method} k={a.num_speculative_tokens}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} "
           f"({spec.engine.runner.device}, {a.dtype}):")
-    print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "identical"]] + rows))
+    print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
+                  "identical"]] + rows))
     return results
 
 

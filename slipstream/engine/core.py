@@ -394,19 +394,23 @@ class EngineCore:
 
     def _propose(self, k: int) -> None:
         """Up to k drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
+        started = time.perf_counter()
         for seq in self.scheduler.running:
             # no drafts before a dormant grammar starts: draws after its marker in the same step would go unmasked
             if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending and seq.seq_id not in self._dormant:
                 # drafts and the token after them must fit under the sequence's length limit
                 limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, limit)
+        self.stats.draft_seconds += time.perf_counter() - started
 
     def _refine(self, batch: ScheduledBatch) -> None:
         """Let the proposer draft for the scheduled sequences, within the step's prefill budget (a draft model
         catching up over a long prompt computes at most that many tokens a step); a sequence that got fewer drafts
         than the scheduler reserved computes that many fewer tokens (the spare slots serve its next tokens)."""
+        started = time.perf_counter()
         self.proposer.refine(list(zip(batch.seqs, batch.num_drafts)),
                              self._prefill_budget() or self.config.scheduler.max_num_batched_tokens)
+        self.stats.draft_seconds += time.perf_counter() - started
         for i, (seq, planned) in enumerate(zip(batch.seqs, batch.num_drafts)):
             n = len(seq.draft_token_ids) if planned else 0
             if n < planned:
@@ -497,7 +501,9 @@ class EngineCore:
             elif drafts:
                 self.block_manager.trim(seq, seq.num_tokens)
         if self.proposer is not None:  # ended ones too: their pages may stay in the prefix cache
+            started = time.perf_counter()
             self.proposer.observe(list(zip(batch.seqs, tables)))
+            self.stats.draft_seconds += time.perf_counter() - started
         return deltas
 
     def _prefill_budget(self) -> int | None:

@@ -28,3 +28,5 @@ class CoreStats(msgspec.Struct, array_like=True):
     decode_device_seconds: float = 0.0
     mixed_steps: int = 0
     mixed_device_seconds: float = 0.0
+    # host time in the proposer (a head's or draft model's forwards, launched and read back, included)
+    draft_seconds: float = 0.0

@@ -59,6 +59,8 @@ class EngineCollector:
         yield self._c("slipstream:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.accepted_draft_tokens)
         yield self._c("slipstream:spec_decode_num_drafts", "A sequence's verifying steps (mean accepted length: 1 + "
                       "accepted tokens / drafts).", s.drafts)
+        yield self._c("slipstream:spec_decode_draft_seconds", "Host time proposing drafts (a head's or draft model's "
+                      "forwards, launched and read back, included).", s.draft_seconds)
         # by kind: a step that carries prompt tokens runs eagerly, a decode step replays a CUDA graph
         steps = CounterMetricFamily("slipstream:engine_steps", "Engine steps read, by kind (decode or mixed: with prompt tokens).",
                                     labels=[*self.labels, "kind"])

@@ -261,29 +261,36 @@ def test_fused_moe_with_given_tiles(tiles):
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def _moe_gguf(path, hf_dir, hf, expert_type):
-    """The HF Qwen3-MoE model `hf` as a qwen3moe GGUF file, as llama.cpp's converter lays it out (experts stacked per
-    projection: ffn_gate_exps [E, I, H] ...), experts stored as `expert_type`, everything else float32."""
+def _moe_gguf(path, hf, expert_type):
+    """The HF Qwen3-MoE or Qwen2-MoE model `hf` as a GGUF file, as llama.cpp's converter lays it out (experts stacked
+    per projection: ffn_gate_exps [E, I, H] ...; a shared expert's gate a vector), experts stored as `expert_type`,
+    everything else float32."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
 
     c = hf.config
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    arch = "qwen3moe" if c.model_type == "qwen3_moe" else "qwen2moe"
+    w = gguf.GGUFWriter(str(path), arch)
     for add, value in ((w.add_block_count, c.num_hidden_layers), (w.add_embedding_length, c.hidden_size),
                        (w.add_feed_forward_length, c.intermediate_size), (w.add_head_count, c.num_attention_heads),
-                       (w.add_head_count_kv, c.num_key_value_heads), (w.add_key_length, c.head_dim),
-                       (w.add_value_length, c.head_dim), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+                       (w.add_head_count_kv, c.num_key_value_heads),
+                       (w.add_key_length, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads),
+                       (w.add_layer_norm_rms_eps, c.rms_norm_eps),
                        (w.add_rope_freq_base, c.rope_parameters["rope_theta"]), (w.add_context_length, c.max_position_embeddings),
                        (w.add_vocab_size, c.vocab_size), (w.add_expert_count, c.num_experts),
                        (w.add_expert_used_count, c.num_experts_per_tok), (w.add_expert_feed_forward_length, c.moe_intermediate_size)):
         add(value)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
     parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+             "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
     w.add_tensor("output.weight", sd["lm_head.weight"])
     for key, t in sd.items():
         key = key.removeprefix("model.")
@@ -291,7 +298,8 @@ def _moe_gguf(path, hf_dir, hf, expert_type):
             w.add_tensor(names[key], t)
         elif key.startswith("layers.") and ".experts." not in key:
             _, i, rest = key.split(".", 2)
-            w.add_tensor(f"blk.{i}.{parts[rest.removesuffix('.weight')]}.weight", t)
+            module, _, kind = rest.rpartition(".")
+            w.add_tensor(f"blk.{i}.{parts[module]}.{kind}", t.reshape(-1) if module == "mlp.shared_expert_gate" else t)
     for i in range(c.num_hidden_layers):
         if i in c.mlp_only_layers:
             continue
@@ -307,18 +315,20 @@ def _moe_gguf(path, hf_dir, hf, expert_type):
     w.close()
 
 
-def test_moe_gguf_files(tmp_path):
-    """A qwen3moe GGUF (experts stacked per projection, a dense layer between) runs exactly as the HF checkpoint it
-    was written from (float32); with Q4_0 experts, `quantization="int4"` keeps them 4-bit and computes exactly what
-    the dequantizing load does."""
-    from transformers import Qwen3MoeConfig
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_moe_gguf_files(tmp_path, arch):
+    """A qwen3moe / qwen2moe GGUF (experts stacked per projection, a dense layer between; Qwen2-MoE's gated shared
+    expert) runs exactly as the HF checkpoint it was written from (float32); with Q4_0 experts, `quantization="int4"`
+    keeps them 4-bit and computes exactly what the dequantizing load does."""
+    from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
     from slipstream import LLM, SamplingParams
     from test_random_arch_equivalence import COMMON, make_model_dir
 
-    config = Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16, num_experts=4,
-                            num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1],
-                            tie_word_embeddings=False, rope_theta=1e6)
+    common = dict(**{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=64, mlp_only_layers=[1], rope_theta=1e6)
+    config = (Qwen3MoeConfig(head_dim=16, norm_topk_prob=True, tie_word_embeddings=False, **common) if arch == "qwen3_moe"
+              else Qwen2MoeConfig(shared_expert_intermediate_size=96, norm_topk_prob=False, **common))
     hf = make_model_dir(tmp_path / "hf", config)
     kw = dict(tokenizer=str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
@@ -331,11 +341,13 @@ def test_moe_gguf_files(tmp_path):
         for (ta, la), (tb, lb) in zip(a, b):
             assert ta == tb and all(abs(x[t] - y[t]) < 1e-4 for x, y in zip(la, lb) for t in x)
 
-    _moe_gguf(tmp_path / "f32.gguf", tmp_path / "hf", hf, "F32")
+    _moe_gguf(tmp_path / "f32.gguf", hf, "F32")
     gguf_llm = LLM(str(tmp_path / "f32.gguf"), **kw)
     assert gguf_llm.engine.model_config.moe.layers == (0, 2)
     same(run(gguf_llm), run(LLM(str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128)))
-    _moe_gguf(tmp_path / "q4.gguf", tmp_path / "hf", hf, "Q4_0")
+    if arch == "qwen2_moe":
+        return
+    _moe_gguf(tmp_path / "q4.gguf", hf, "Q4_0")
     packed, dense = LLM(str(tmp_path / "q4.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q4.gguf"), **kw)
     moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]
     assert moe.w13.dtype == torch.uint8 and dict(dense.engine.runner.model.named_modules())["layers.2.mlp"].w13.dtype == torch.float32

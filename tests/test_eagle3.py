@@ -149,6 +149,27 @@ def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
     assert_no_leak(llm)
 
 
+def drafts_in_graphs_equal_eager(model: str, monkeypatch, **speculation) -> None:
+    """On a GPU (fp32): the head's chain rounds replayed in CUDA graphs propose exactly the drafts they propose run
+    eagerly (the output alone could not tell: a wrong draft is only rejected)."""
+    got = {}
+    for eager in (True, False):
+        llm = LLM(model, dtype="float32", device="cuda", max_model_len=256, block_size=16, max_num_batched_tokens=24,
+                  gpu_memory_utilization=0.3, enforce_eager=eager, num_speculative_tokens=3, speculative_adaptive=False,
+                  **speculation)
+        assert (llm.engine.core.proposer.runner.graphs is None) == eager
+        got[eager] = drafts_seen(llm, monkeypatch)
+        del llm
+    assert got[True] == got[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_head_chain_in_cuda_graphs(dirs, monkeypatch):
+    root = dirs[0]
+    drafts_in_graphs_equal_eager(str(root / "target"), monkeypatch, speculative_method="eagle3",
+                                 speculative_model=str(root / "head"))
+
+
 def check_output_unchanged(model: str, **speculation) -> None:
     """Greedy, seeded sampling with logprobs, penalties, n = 2 with stop tokens: with `speculation`, exactly the tokens
     of decoding without it, through chunked prefill, preemption and prefix cache hits; per-request draft metrics sum

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_no_leak
 from slipstream import LLM
 from slipstream.config import EngineConfig
-from test_eagle3 import check_output_unchanged, drafts_seen
+from test_eagle3 import check_output_unchanged, drafts_in_graphs_equal_eager, drafts_seen
 
 
 def add_mtp_module(path, hf, seed=5) -> None:
@@ -87,6 +87,11 @@ def test_drafts_equal_transformers_mtp(glm, monkeypatch):
 
 def test_mtp_never_changes_the_output(glm):
     check_output_unchanged(str(glm), speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_mtp_chain_in_cuda_graphs(glm, monkeypatch):
+    drafts_in_graphs_equal_eager(str(glm), monkeypatch, speculative_method="mtp")
 
 
 def test_mtp_needs_a_module(tmp_path):

@@ -6,8 +6,9 @@ The head's one layer keeps its own KV pool, on the target's page ids (as many pa
 scheduler's page reservations cover it. After every target step it reads the hidden states the target just computed
 (`catch_up`): for each sequence, the positions the step computed whose next token is known, in one forward; where
 that reaches the sequence's last token its output is the first draft. Once the next step is scheduled (its slots
-reserved), `chain` runs the head on its own output for the rest of the drafts, one token per sequence a round, the
-draws staying on the device until all rounds are queued. Draws use the sampler with the target's rule and seeds, so
+reserved), `chain` runs the head on its own output for the rest of the drafts, one token per sequence a round (on a
+GPU in CUDA graphs: a round is a decode-shaped step, its input tokens and states fed on the device), the draws staying
+on the device until all rounds are queued. Draws use the sampler with the target's rule and seeds, so
 where the head's distribution agrees with the target's, so do the draws.
 """
 from __future__ import annotations
@@ -18,19 +19,20 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from slipstream.attention.backend import AttentionBackend
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.attention.registry import create_backend, resolve_backend
 from slipstream.config import EngineConfig, ModelConfig
 from slipstream.layers.linear import finish_loading
 from slipstream.layers.sampler import sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.runner.batch import SamplingRow, SeqStep
+from slipstream.runner.cuda_graphs import GraphLadder
 from slipstream.runner.device import resolve_device, resolve_dtype
 from slipstream.runner.inputs import Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors
 
-from slipstream.runner.model_runner import kv_dtype
+from slipstream.runner.model_runner import MAX_GRAPH_SEQS, kv_dtype
 
 if TYPE_CHECKING:
     from slipstream.runner.model_runner import ModelRunner
@@ -92,6 +94,15 @@ class DraftHeadRunner:
         self.ints = Stager(dev, torch.int64, 6 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(dev, target.model_config.vocab_size, sorted(target.sampling.eos_ids),
                                         sched.max_num_batched_tokens)
+        # The chain's rounds in CUDA graphs (where the target runs its decodes in them): the head's input state is
+        # copied into `_g` before a replay
+        self.graphs: GraphLadder | None = None
+        if target.graphs:
+            rows = min(sched.max_num_seqs, MAX_GRAPH_SEQS)
+            self._g = torch.zeros(rows, spec.layer.hidden_size, dtype=target.dtype, device=dev)
+            self.graphs = GraphLadder(_ChainRound(self.head, self._g), self.ints, 1, rows, target.max_model_len,
+                                      target.block_size, self.kv.pad_slot, target.num_blocks, False,
+                                      torch.cuda.graph_pool_handle())
         # After catch_up: per sequence that drew its first draft, (row in the tensors below, its length then)
         self._first: dict[int, tuple[int, int]] = {}
         self._o: torch.Tensor | None = None  # the head's output at each such sequence's last position
@@ -155,8 +166,12 @@ class DraftHeadRunner:
             h = host_inputs([SeqStep(sid, [0], length - 2 + j, table) for sid, length, table, _ in now],
                             self.target.block_size, False)
             sel = torch.tensor(keep, device=self.device)
-            _, positions, meta = eager_inputs(h, st)
-            o = self.head(tokens[sel], positions, meta, o[sel])
+            if self.graphs is not None and self.graphs.fits(len(now)):
+                self._g[: len(now)].copy_(o[sel])
+                o = self.graphs.run(h, lambda ids, fed=tokens[sel]: ids[: len(fed)].copy_(fed))
+            else:
+                _, positions, meta = eager_inputs(h, st)
+                o = self.head(tokens[sel], positions, meta, o[sel])
             rounds.append((now, self._draw(o, [rows[j] for *_, rows in now])))
         drafts: dict[int, list[int]] = {sid: [] for sid, *_ in order}
         for seqs_j, tokens in rounds:  # read once every round is queued: the device runs them back to back
@@ -170,3 +185,15 @@ class DraftHeadRunner:
         if sb is None:
             return logits.argmax(dim=-1)
         return sample(logits, sb, self.target.fused).tokens
+
+
+class _ChainRound:
+    """A chain round as a graph ladder captures a model: (ids, positions, metadata) -> the head's output, its input
+    states read from the static buffer `g`."""
+
+    def __init__(self, head: nn.Module, g: torch.Tensor) -> None:
+        self.head, self.g = head, g
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 aux_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        return self.head(ids, positions, meta, self.g[: ids.shape[0]])

@@ -42,7 +42,7 @@ MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | Non
 log = logging.getLogger(__name__)
 # Decode batches up to this size replay CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
 # at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
-_MAX_GRAPH_SEQS = 512
+MAX_GRAPH_SEQS = 512
 # prompt_logprobs: rows of logits at a time, within what the memory profile allowed for (a 16-bit and a float32 block
 # of 256 x 151,936 are 0.23 GB)
 _SCORE_ROWS = 256
@@ -191,7 +191,7 @@ class ModelRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         sched = self.config.scheduler
-        max_seqs = min(sched.max_num_seqs, _MAX_GRAPH_SEQS, sched.max_num_batched_tokens // query_len)
+        max_seqs = min(sched.max_num_seqs, MAX_GRAPH_SEQS, sched.max_num_batched_tokens // query_len)
         self.graphs[query_len] = GraphLadder(self.model, self.ints, query_len, max_seqs, self.max_model_len, self.block_size,
                                              self.kv.pad_slot, self.num_blocks, self.cascade, self._graph_pool,
                                              self.aux_layers)

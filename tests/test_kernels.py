@@ -394,7 +394,7 @@ w4types = dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*fp32", o_ptr="*fp32", bias_pt
 gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32",
                b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
 for fp4 in (False, True):
-    consts = dict(HAS_BIAS=False, PRECISION="tf32", FP4=fp4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+    consts = dict(HAS_BIAS=False, PRECISION="tf32", FP4=fp4, FINE=fp4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
     sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
     triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
@@ -411,7 +411,7 @@ mgtypes = dict(a_ptr="*bf16", b_ptr="*fp8e4nv", c_ptr="*bf16", w_ptr="*fp32", s_
                block_expert_ptr="*i32")
 for scales, gated, fp4 in ((1, True, False), (2, True, False), (2, False, False), (3, True, False), (3, False, True)):
     consts = dict(GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=scales, SCALE_BN=128, SCALE_BK=128,
-                  FP4=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+                  FP4=fp4, FINE=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
     mtypes = dict(mgtypes, b_ptr="*u8", z_ptr="*fp32") if scales == 3 else dict(mgtypes, z_ptr="*fp32")
     sig = {n: "constexpr" if n in consts else mtypes.get(n, "i32") for n in mg.arg_names}
     triton.compile(ASTSource(mg, sig, constexprs={(mg.arg_names.index(k),): v for k, v in consts.items()}),

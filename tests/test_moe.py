@@ -182,10 +182,10 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
         del llm
     assert all(outs[name] == outs["torch"] for name, *_ in runs)
     for q in ("fp8", "int4"):  # the fused kernels in graphs and eagerly alike; against the torch path's dequantized
-        # weights (and, FP8, its own activation rounding): all but near-ties
+        # weights (and, FP8, its own activation rounding) the first token of each prompt, all but near-ties (later
+        # tokens follow the first difference)
         assert outs[f"{q} triton"] == outs[f"{q} triton-eager"]
-        same = sum(a == b for x, y in zip(outs[f"{q} triton"], outs[f"{q} torch"]) for a, b in zip(x, y))
-        assert same >= 0.9 * sum(map(len, outs[f"{q} torch"])), (q, same)
+        assert sum(x[0] == y[0] for x, y in zip(outs[f"{q} triton"], outs[f"{q} torch"])) >= 6, q
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -73,6 +73,10 @@ def glm(tmp_path_factory):
 
 
 def test_drafts_equal_transformers_mtp(glm, monkeypatch):
+    import transformers.modeling_layers as layers
+
+    if not hasattr(getattr(layers, "MtpModel", None), "forward_layer"):
+        pytest.skip("this transformers has no MtpModel that runs one module step (forward_layer)")
     main, mtp = hf_mtp(glm, monkeypatch)
     written = load_file(str(glm / "model.safetensors"))
     assert torch.equal(mtp.layers[0].eh_proj.weight, written["model.layers.3.eh_proj.weight"])  # it read our tensors

@@ -29,26 +29,36 @@ def e2m1(q):
 
 @triton.jit
 def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, dtype: tl.constexpr,
-                 FP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows `rows` (`ok`: in range) of a 4-bit weight, columns k0 .. k0 + BLOCK_K (within one group) -> [BLOCK_N,
-    BLOCK_K] in `dtype`: BLOCK_N x BLOCK_K / 2 bytes, nibbles split, scaled (and offset) in float32."""
+                 FP4: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows `rows` (`ok`: in range) of a 4-bit weight, columns k0 .. k0 + BLOCK_K -> [BLOCK_N, BLOCK_K] in `dtype`:
+    BLOCK_N x BLOCK_K / 2 bytes, nibbles split, scaled (and offset) in float32. The tile lies within one group, or
+    (`FINE`: groups narrower than the tile) each column takes its own group's scale."""
     rb = tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + (k0 // 2 + rb)[None, :], mask=ok[:, None], other=0)
+    r = rows.to(tl.int64)
+    packed = tl.load(q_ptr + r[:, None] * stride_q + (k0 // 2 + rb)[None, :], mask=ok[:, None], other=0)
     q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # (lo, hi) = (2j, 2j + 1)
-    g = k0 // group
-    scale = tl.load(s_ptr + rows.to(tl.int64) * stride_s + g, mask=ok, other=0.0).to(tl.float32)
-    if FP4:  # E2M1 codes, a scale per group, no offset
-        w = (e2m1(q) * scale[:, None]).to(dtype)
+    if FINE:
+        at = r[:, None] * stride_s + ((k0 + tl.arange(0, BLOCK_K)) // group)[None, :]
+        scale = tl.load(s_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        if FP4:  # E2M1 codes, a scale per group, no offset
+            w = (e2m1(q) * scale).to(dtype)
+        else:
+            w = (q.to(tl.float32) * scale + tl.load(o_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)).to(dtype)
     else:
-        offset = tl.load(o_ptr + rows.to(tl.int64) * stride_s + g, mask=ok, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) * scale[:, None] + offset[:, None]).to(dtype)
+        g = k0 // group
+        scale = tl.load(s_ptr + r * stride_s + g, mask=ok, other=0.0).to(tl.float32)
+        if FP4:
+            w = (e2m1(q) * scale[:, None]).to(dtype)
+        else:
+            offset = tl.load(o_ptr + r * stride_s + g, mask=ok, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) * scale[:, None] + offset[:, None]).to(dtype)
     return w
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FP4: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FP4: tl.constexpr, FINE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,9 +66,10 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
     ok_m, ok_n = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, and BLOCK_K divides the group
+    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
-        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, FP4, BLOCK_N, BLOCK_K)
+        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, FP4, FINE, BLOCK_N,
+                         BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
@@ -67,13 +78,20 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
 
 
 def block_k(k: int, group: int) -> int:
-    """The K step: the group, or the largest power of two up to 128 that divides it (and K)."""
+    """The K step: the group, or the largest power of two up to 128 that divides it (and K); at least 32 where K
+    allows (a K step of 16 in a 16-bit dot computed wrong on an H200 under Triton 3.6), the tile then spanning groups
+    (fine_groups)."""
     step = 128
-    while step > 16 and (group % step or k % step):
+    while step > 16 and (max(group, 32) % step or k % step):
         step //= 2
-    if group % step or k % step:
+    if (group % step and step % group) or k % step:
         raise ValueError(f"4-bit weights need groups of a multiple of 16 columns and K a multiple of 16 (group {group}, K {k})")
     return step
+
+
+def fine_groups(step: int, group: int) -> bool:
+    """Whether a K step spans several groups (each column then reads its own group's scale)."""
+    return step > group
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
@@ -96,6 +114,6 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
                         y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), FP4=fp4,
+                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), FP4=fp4, FINE=fine_groups(bk, group),
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y

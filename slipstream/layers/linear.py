@@ -107,7 +107,7 @@ class Linear(nn.Module):
         if self.take is not None and self.take[0] == 1:  # along the inputs (g_idx): a row-parallel rank's columns
             tensor = narrow(tensor, 0, self.take[1][0], self.in_features)
         tensor = materialize(tensor)
-        if seen and not torch.equal(param.data, tensor.to(param.dtype)):
+        if seen and not torch.equal(param.data, tensor.to(param.device, param.dtype)):
             raise ValueError("the projections fused into this layer hold different tensors where they must agree")
         default_weight_loader(param, tensor)
         seen.add(shard)

@@ -226,13 +226,19 @@ def choose_tiles(tokens: int, pairs: int, name: str, elem_bytes: int, shared_mem
     return dict(table[min(table, key=lambda t: (abs(t - tokens), t))])
 
 
+@functools.cache
+def _layer_table(num_experts: int, inter: int, hidden: int, weights: str, device: torch.device) -> tuple[str, int]:
+    """(tile table name, shared memory per block) of a layer on a device: looked up once, not at every eager step."""
+    props = torch.cuda.get_device_properties(device)
+    return tiles_file(num_experts, inter, hidden, weights, props.name), getattr(props, "shared_memory_per_block_optin", 96 << 10)
+
+
 def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    props = torch.cuda.get_device_properties(x.device)
     e, two_i = w13.shape[:2]  # (4-bit experts: packed, two columns a byte)
-    return choose_tiles(x.shape[0], pairs, tiles_file(e, two_i // 2, x.shape[1], weights, props.name), x.element_size(),
-                        getattr(props, "shared_memory_per_block_optin", 96 << 10))
+    name, shared_memory = _layer_table(e, two_i // 2, x.shape[1], weights, x.device)
+    return choose_tiles(x.shape[0], pairs, name, x.element_size(), shared_memory)
 
 
 def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None) -> str:

@@ -56,6 +56,8 @@ serve_slipstream() {
       kill -INT $spy; wait $spy; tail -2 "$out/pyspy.log"
     fi
   fi
+  # the engine's steps by kind (decode: one CUDA graph; mixed: with prompt tokens) and their time on the device
+  curl -s "http://127.0.0.1:$port/metrics" | grep -E "^slipstream:engine_step(s|_device_seconds)_total" | sed "s/^/[slipstream] /"
   kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
   grep -E "ready in|CUDA graphs|KV cache" "$out/slipstream-server.log" | head -5
   echo "kernels compiled after warm-up: $(grep -c 'compiled after warm-up' "$out/slipstream-server.log")"

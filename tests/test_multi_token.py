@@ -9,13 +9,14 @@ Engine level: drafts given to running sequences (as a speculative proposer will)
 of plain decoding (greedy, seeded sampling, penalties), correct drafts save steps, and no page leaks.
 """
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import assert_no_leak
 from slipstream import SamplingParams
-from slipstream.config import EngineConfig, ModelConfig
+from slipstream.config import EngineConfig, ModelConfig, MoEConfig
 from slipstream.runner.batch import SamplingRow, SeqStep, Step
 from slipstream.runner.model_runner import ModelRunner
 
@@ -74,9 +75,75 @@ def test_k_tokens_in_one_step_equal_k_single_steps(device):
         slots1 = [t1[i][q // BS] * BS + q % BS for q in range(len(p) + k)]
         slots2 = [t2[i][q // BS] * BS + q % BS for q in range(len(p) + k)]
         for layer in range(TINY.num_layers):
-            for cache in runner.backend.kv_cache(layer):
+            for cache in (*runner.backend.kv_cache(layer), *(runner.backend.kv_scales(layer) or ())):
                 flat = cache.view(-1, *cache.shape[2:])
                 torch.testing.assert_close(flat[slots2].cpu(), flat[slots1].cpu(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.parametrize("variant", ["dense", "eagle3-states", "fp8-kv", "moe"])
+def test_steps_of_any_shape_in_graph_pieces_equal_eager(monkeypatch, variant):
+    """Mixed steps (prompt chunks beside decodes, fed tokens, a cached prefix, drafts of several lengths, a step of
+    exactly a captured size) replayed as captured pieces with the attention between them: the same logits, the same
+    states for a draft head, the same KV as the eager forward, step after step."""
+    aux = (1,) if variant == "eagle3-states" else ()
+    mc = replace(TINY, moe=MoEConfig(4, 2, 32, layers=(1,))) if variant == "moe" else TINY
+    config = EngineConfig.from_options(None, device="cuda", dtype="float32", block_size=BS, num_blocks=64,
+                                       max_model_len=256, max_num_seqs=8, max_num_batched_tokens=200,
+                                       kv_cache_dtype="fp8" if variant == "fp8-kv" else "auto")
+    runner = ModelRunner(config, mc, None, 256, {2}, aux_layers=aux)
+    pieces = runner.pieces
+    assert pieces is not None and pieces.sizes[-1] == 200 and 64 in pieces.sizes
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (37, 27, 80)]
+    more = torch.randint(3, 256, (8,), generator=g).tolist()
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+
+    def run(base: int, first_page: int) -> tuple[list[dict], list[dict], list[list[int]]]:
+        t = [list(range(first_page + 6 * i, first_page + 6 * i + 6)) for i in range(3)]
+        a, b, c = (base + i for i in range(3))
+        runner.launch(Step([SeqStep(a, prompts[0], 0, t[0], 0, row), SeqStep(b, prompts[1], 0, t[1], 0, row)]))
+        steps = [
+            # the two decodes fed the tokens just drawn, on the device, beside the first chunk of a prompt
+            Step([SeqStep(a, [0], 37, t[0], 0, row, feed_previous=True), SeqStep(b, [0], 27, t[1], 0, row, feed_previous=True),
+                  SeqStep(c, prompts[2][:50], 0, t[2])]),
+            # its last chunk after the cached 50, beside decodes given their tokens
+            Step([SeqStep(a, [more[0]], 38, t[0], 0, row), SeqStep(b, [more[1]], 28, t[1], 0, row),
+                  SeqStep(c, prompts[2][50:], 50, t[2], 0, row)]),
+            # drafts of several lengths: 3, none, 1
+            Step([SeqStep(b, [more[2]], 29, t[1], 0, row), SeqStep(a, more[3:7], 39, t[0], 3, row),
+                  SeqStep(c, more[6:8], 80, t[2], 1, row)]),
+        ]
+        got, states = [], []
+        for step in steps:
+            got.append(_logits_by_seq(runner, step))
+            if aux:
+                states.append({sid: runner.head_states[r : r + n].cpu() for sid, (r, _, n) in runner.computed.items()})
+        torch.cuda.synchronize()
+        return got, states, t
+
+    replays = []
+    monkeypatch.setattr(pieces, "run", lambda h, feed: replays.append(len(h.input_ids)) or type(pieces).run(pieces, h, feed))
+    graphed, graphed_states, t1 = run(0, 0)
+    assert replays == [64, 52, 32, 7]  # every step, the first prefill (exactly a captured size) included
+    runner.pieces = None
+    eager, eager_states, t2 = run(10, 20)
+    for step_g, step_e in zip(graphed, eager):
+        assert {k + 10 for k in step_g} == set(step_e)
+        for sid, lg in step_g.items():
+            torch.testing.assert_close(lg, step_e[sid + 10], atol=2e-4, rtol=1e-4)
+    for step_g, step_e in zip(graphed_states, eager_states):
+        for sid, st in step_g.items():
+            torch.testing.assert_close(st, step_e[sid + 10], atol=2e-4, rtol=1e-4)
+    for i, n in enumerate((43, 30, 82)):  # each position's K/V
+        slots1 = [t1[i][q // BS] * BS + q % BS for q in range(n)]
+        slots2 = [t2[i][q // BS] * BS + q % BS for q in range(n)]
+        for layer in range(TINY.num_layers):
+            for cache in (*runner.backend.kv_cache(layer), *(runner.backend.kv_scales(layer) or ())):
+                flat = cache.view(-1, *cache.shape[2:])
+                # an FP8 value may round one step (1/8) the other way on a last-bit difference
+                tol = dict(atol=4e-3, rtol=0.13) if cache.dtype == torch.float8_e4m3fn else dict(atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(flat[slots1].float().cpu(), flat[slots2].float().cpu(), **tol)
 
 
 def _with_drafts(monkeypatch, llm, propose):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -55,6 +56,9 @@ class AttentionBackend:
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] | None = None
+        # Set only while runner/cuda_graphs.py captures a model in pieces: it takes each layer's attention call, which
+        # then runs eagerly between the captured pieces (its shape depends on the step's sequences).
+        self.cut: Callable[[int, torch.Tensor, float], torch.Tensor] | None = None
 
     def bind_kv(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                 scales: list[torch.Tensor] | None = None) -> None:
@@ -83,6 +87,13 @@ class AttentionBackend:
                 scale.view(-1, scale.shape[2]).index_copy_(0, meta.slot_mapping, s)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """[T, Hq, D] queries -> [T, Hq, D] outputs over each sequence's pages (new K/V already stored)."""
+        """[T, Hq, D] queries -> [T, Hq, D] outputs over each sequence's pages (new K/V already stored): what a model
+        calls."""
+        if self.cut is not None:
+            return self.cut(layer, q, scale)
+        return self.compute(layer, q, meta, scale, torch.empty_like(q))
+
+    def compute(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> torch.Tensor:
+        """`attend` into `out` (rows of `q`'s shape); returns `out`."""
         raise NotImplementedError
 

@@ -10,11 +10,11 @@ from slipstream.attention.registry import BACKENDS
 
 def paged_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context (prefix + new tokens);
     `kv_scales`: the pool is FP8 with these per-token, per-head scales."""
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     block_size = k_cache.shape[1]
     start = 0
     for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -40,6 +40,6 @@ def paged_attention_ref(
 class TorchAttention(AttentionBackend):
     spec = BACKENDS["torch"]
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def compute(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, self.kv_scales(layer))
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, self.kv_scales(layer), out)

@@ -16,10 +16,9 @@ class TritonAttention(AttentionBackend):
         super().__init__()
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 1
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def compute(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
         scales = self.kv_scales(layer)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             part = decode_partition(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)

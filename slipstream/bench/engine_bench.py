@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles, write_json
+from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles
 from slipstream.layers.moe import MoE
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 

@@ -14,7 +14,6 @@ Qwen2/Qwen3 GGUFs keep the NeoX layout and are not permuted.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import numpy as np

@@ -1,5 +1,6 @@
 """CUDA graphs of the model's forward: for each query length q (1 for decodes, 1 + k to verify k drafts), a
-ladder of batch sizes sharing one memory pool.
+ladder of batch sizes sharing one memory pool (`GraphLadder`); for steps of any other shape, the forward in
+pieces between the layers' attention calls, for a ladder of token counts (`PiecewiseLadder`).
 
 Inputs live in static buffers; a batch of B sequences replays the smallest captured size >= B. Padded rows
 point at the padding page: with q = 1 their context is 0 and the decode kernel skips them; with q > 1 they
@@ -12,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from slipstream.attention.backend import AttentionMetadata
-from slipstream.runner.inputs import HostInputs, Stager
+from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.runner.inputs import HostInputs, Stager, eager_inputs
 
 
 class GraphLadder:
@@ -108,3 +109,125 @@ class GraphLadder:
             return tuple(o[: b * q] for o in out)
         return out[: b * q]
 
+
+
+def piecewise_sizes(max_tokens: int) -> list[int]:
+    """Token counts a piecewise ladder captures: steps of 16 up to 256, then coarser (a step rounds up by at most an
+    eighth, 6% at most beyond 512 tokens) up to `max_tokens`."""
+    sizes = [*range(16, 257, 16), *range(288, 513, 32), *range(576, 1025, 64), *range(1152, 2049, 128)]
+    return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
+class PiecewiseLadder:
+    """The forward in CUDA graphs for a step of any shape (prompt chunks beside decodes, drafts of several lengths,
+    more sequences than a GraphLadder holds): each piece runs from one layer's attention to the next (the norms,
+    projections, RoPE and KV store, the MLP or experts, tensor-parallel sums), captured for a ladder of token counts;
+    the attention runs eagerly between the pieces with the step's own metadata, since its launch depends on how the
+    tokens split into sequences. Such a step costs a replay and an attention launch per layer instead of a dozen
+    launches from Python.
+
+    A step of t tokens replays the smallest captured count >= t: the padded rows are token 0 at position 0, write their
+    K/V to the padding slot and are left out of the attention (their attention output keeps the finite values some
+    earlier step left there); their results are dropped. The attention's queries and output, and the forward's
+    results, live in buffers of the largest size that every layer and size shares (a piece copies its queries in, the
+    last piece its results out), so the ladder holds one step's buffers, not one per size."""
+
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, stager: Stager, max_tokens: int, pad_slot: int,
+                 pool: object, aux_layers: tuple[int, ...] = ()) -> None:
+        self.model, self.backend, self.stager, self.pad_slot = model, backend, stager, pad_slot
+        self.pool, self.aux_layers = pool, aux_layers
+        self.sizes = piecewise_sizes(max_tokens)
+        dev, n = stager.device, self.sizes[-1]
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), pad_slot, dtype=torch.int64, device=dev)
+        # shaped by the first (largest) warm-up: the attention's queries and output [n, Hq, D], the forward's results
+        self.q: torch.Tensor | None = None
+        self.o: torch.Tensor | None = None
+        self.results: tuple[torch.Tensor, ...] = ()
+        # per size: the pieces in order, each with the layer whose attention follows it (None after the last)
+        self.graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, int | None, float]]] = {}
+        # The whole-forward ladders' capture stream: a pool's freed blocks are reused only on the stream that freed them.
+        stream = torch.cuda.graph.default_capture_stream or torch.cuda.Stream(dev)
+        torch.cuda.synchronize(dev)  # the buffers above are written on the current stream
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first: the shared buffers take its shape
+                self.graphs[size] = self._capture(size)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-ups' activations, cached for the capture stream
+
+    def _forward(self, size: int, cut: Callable[[int, torch.Tensor, float], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # The pieces read only the slots of the metadata (the KV store); the attention, which reads the rest, is cut out.
+        empty = self.ids[:0]
+        meta = AttentionMetadata(slot_mapping=self.slots[:size], query_start_loc=empty, seq_lens=empty,
+                                 block_tables=empty.view(0, 0), query_lens_cpu=[], seq_lens_cpu=[], max_query_len=0,
+                                 max_seq_len=0)
+        self.backend.cut = cut
+        try:
+            out = self.model(self.ids[:size], self.pos[:size], meta, self.aux_layers)
+        finally:
+            self.backend.cut = None
+        return out if isinstance(out, tuple) else (out,)
+
+    def _capture(self, size: int) -> list[tuple[torch.cuda.CUDAGraph, int | None, float]]:
+        def warm(layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+            if self.q is None:
+                self.q = torch.zeros(self.sizes[-1], *q.shape[1:], dtype=q.dtype, device=q.device)
+                self.o = torch.zeros_like(self.q)
+            return self.o[:size]
+
+        out = self._forward(size, warm)  # Triton compiles the pieces' kernels for this size outside the capture
+        if not self.results:
+            self.results = tuple(torch.zeros(self.sizes[-1], *x.shape[1:], dtype=x.dtype, device=x.device) for x in out)
+        pieces: list[tuple[torch.cuda.CUDAGraph, int | None, float]] = []
+        graph: torch.cuda.CUDAGraph | None = None
+
+        def begin() -> None:
+            nonlocal graph
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool)
+
+        def end(layer: int | None, scale: float) -> None:
+            nonlocal graph
+            done, graph = graph, None
+            done.capture_end()
+            pieces.append((done, layer, scale))
+
+        def cut(layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+            self.q[:size].copy_(q)
+            end(layer, scale)
+            begin()
+            return self.o[:size]
+
+        begin()
+        try:
+            for res, x in zip(self.results, self._forward(size, cut)):
+                res[:size].copy_(x)
+            end(None, 0.0)
+        finally:
+            if graph is not None:  # a capture left open by an error
+                graph.capture_end()
+        return pieces
+
+    def fits(self, num_tokens: int) -> bool:
+        return num_tokens <= self.sizes[-1]
+
+    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Replay for the step `h`; `feed` as for GraphLadder.run. Returns the hidden states of the real rows (and with
+        aux_layers the states entering them)."""
+        t = len(h.input_ids)
+        size = next(s for s in self.sizes if s >= t)
+        ids, pos, meta = eager_inputs(h, self.stager, size - t, self.pad_slot)
+        self.ids[:size].copy_(ids)
+        if feed is not None:
+            feed(self.ids)
+        self.pos[:size].copy_(pos)
+        self.slots[:size].copy_(meta.slot_mapping)
+        q, o = self.q[:t], self.o[:t]
+        for graph, layer, scale in self.graphs[size]:
+            graph.replay()
+            if layer is not None:
+                self.backend.compute(layer, q, meta, scale, o)
+        if len(self.results) > 1:
+            return tuple(x[:t] for x in self.results)
+        return self.results[0][:t]

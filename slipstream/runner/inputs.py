@@ -83,12 +83,14 @@ def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: 
     return lo * block_size if lo * block_size >= _MIN_SHARED else 0
 
 
-def eager_inputs(h: HostInputs, st: "Stager") -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Stage the step's inputs in one upload: (input ids, positions, attention metadata)."""
+def eager_inputs(h: HostInputs, st: "Stager", pad: int = 0, pad_slot: int = 0) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Stage the step's inputs in one upload: (input ids, positions, attention metadata). `pad` rows more of ids,
+    positions and slots (token 0 at position 0, written to `pad_slot`) round the step up to a captured size."""
     qsl = [0]
     for n in h.query_lens:
         qsl.append(qsl[-1] + n)
-    ids_t, pos_t, slots_t, qsl_t, lens_t = st.put(h.input_ids), st.put(h.positions), st.put(h.slots), st.put(qsl), st.put(h.seq_lens)
+    ids_t, pos_t, slots_t = st.put(h.input_ids + [0] * pad), st.put(h.positions + [0] * pad), st.put(h.slots + [pad_slot] * pad)
+    qsl_t, lens_t = st.put(qsl), st.put(h.seq_lens)
     shared_t = st.put([h.shared]) if h.shared else None
     tables_t = st.put_table(h.tables)
     st.upload()

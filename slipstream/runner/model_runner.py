@@ -1,7 +1,8 @@
 """Model runner: orchestrates the rooms of runner/ for one step at a time.
 
 A `Step` (plain data) in; the forward runs through a CUDA graph when every sequence computes the same number
-of tokens and a ladder was captured for it, eagerly otherwise; then the rows to draw become logits and tokens.
+of tokens and a ladder was captured for it, through graphs of the pieces between the attention calls when the step
+is not too large, eagerly otherwise; then the rows to draw become logits and tokens.
 For a sequence that verifies k drafts, the k + 1 rows are drawn with the request's own sampling rule and the
 drafts are accepted while they equal the draws: for drafts proposed deterministically (n-gram lookup) this is
 exactly speculative sampling's rule, so the output distribution is that of plain decoding.
@@ -30,7 +31,7 @@ from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
 from slipstream.parallel.shard import Shard
 from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
-from slipstream.runner.cuda_graphs import GraphLadder
+from slipstream.runner.cuda_graphs import GraphLadder, PiecewiseLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
@@ -40,9 +41,13 @@ from slipstream.runner.sampling import SamplingTensors, expand_rows
 MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | None"]
 
 log = logging.getLogger(__name__)
-# Decode batches up to this size replay CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
-# at 512 by default); larger ones run eagerly, with async scheduling overlapping their launches with the previous step.
+# Decode batches up to this size replay whole-forward CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
+# at 512 by default); larger ones replay graph pieces (below).
 MAX_GRAPH_SEQS = 512
+# Other steps (prompt chunks beside decodes, drafts of several lengths) up to this many tokens replay the forward in
+# pieces between the layers' attention calls (cuda_graphs.PiecewiseLadder); beyond it a step's arithmetic outweighs
+# launching it from Python.
+MAX_PIECEWISE_TOKENS = 2048
 # prompt_logprobs: rows of logits at a time, within what the memory profile allowed for (a 16-bit and a float32 block
 # of 256 x 151,936 are 0.23 GB)
 _SCORE_ROWS = 256
@@ -149,18 +154,22 @@ class ModelRunner:
         self.kv.allocate(self.num_blocks, self.backend)
         log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
+        self.pieces: PiecewiseLadder | None = None  # every other step up to MAX_PIECEWISE_TOKENS tokens
         self._graph_pool = None
         if self.device.type == "cuda" and self.fused and not config.enforce_eager:
             started = time.perf_counter()
             self.capture_graphs(1)
             # A step that verifies k drafts for every sequence computes 1 + k tokens each: a ladder of its own (fewer
-            # drafts, or a mix, run eagerly). One rank only: the others would run such a step eagerly.
+            # drafts, or a mix, replay pieces). One rank only: the others would replay pieces for such a step.
             verify = 1 + config.num_speculative_tokens
             if config.speculative_method != "none" and self.shard.world == 1 and verify <= bs:
                 self.capture_graphs(verify)
-            log.info("CUDA graphs for %s captured in %.1f s", ", ".join(
+            self.pieces = PiecewiseLadder(self.model, self.backend, self.ints, min(sched.max_num_batched_tokens, MAX_PIECEWISE_TOKENS),
+                                          self.kv.pad_slot, self._graph_pool, self.aux_layers)
+            log.info("CUDA graphs for %s, and in pieces for %d token counts up to %d, captured in %.1f s", ", ".join(
                 f"{len(ladder.sizes)} batch sizes of {q} token{'s' if q > 1 else ''} a sequence"
-                for q, ladder in self.graphs.items()), time.perf_counter() - started)
+                for q, ladder in self.graphs.items()), len(self.pieces.sizes), self.pieces.sizes[-1],
+                time.perf_counter() - started)
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
         # The last launched step's draws, on the device: sequence id -> row, and the tokens.
         self._last_rows: dict[int, int] = {}
@@ -405,11 +414,13 @@ class ModelRunner:
 
     def _forward(self, h: HostInputs, feed) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         """Hidden states of every token of the step (and with aux_layers the states entering them): a captured graph
-        when one fits, else eagerly."""
+        when one fits, else captured pieces, else eagerly."""
         q = h.query_lens[0]
         ladder = self.graphs.get(q)
         if ladder is not None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens)):
             return ladder.run(h, feed)
+        if self.pieces is not None and self.pieces.fits(len(h.input_ids)):
+            return self.pieces.run(h, feed)
         ids, positions, meta = eager_inputs(h, self.ints)
         if feed is not None:
             feed(ids)

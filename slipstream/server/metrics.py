@@ -61,7 +61,8 @@ class EngineCollector:
                       "accepted tokens / drafts).", s.drafts)
         yield self._c("slipstream:spec_decode_draft_seconds", "Host time proposing drafts (a head's or draft model's "
                       "forwards, launched and read back, included).", s.draft_seconds)
-        # by kind: a step that carries prompt tokens runs eagerly, a decode step replays a CUDA graph
+        # by kind: a decode step replays one CUDA graph, a step that carries prompt tokens replays graph pieces with the
+        # attention launched between them (or runs eagerly beyond runner/model_runner.MAX_PIECEWISE_TOKENS)
         steps = CounterMetricFamily("slipstream:engine_steps", "Engine steps read, by kind (decode or mixed: with prompt tokens).",
                                     labels=[*self.labels, "kind"])
         device = CounterMetricFamily("slipstream:engine_step_device_seconds",

@@ -327,11 +327,12 @@ class EngineCore:
     def _warm_up_on_gpu(self, prompt_len: int, word: StructuredOutputs) -> None:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
         every stream (475 ms on the H200, the Qwen3-0.6B shape's first mixed step with short contexts).
-        - A step that mixes a prefill with running decodes runs outside the CUDA graphs, and its decode attention
-          takes a variant by batch size and context length (one partition or several, small or big tiles): one short
+        - A step that mixes a prefill with running decodes launches its attention eagerly (between graph pieces), and
+          its decode attention takes a variant by batch size and context length (one partition or several, small or big tiles): one short
           decode beside a prefill, then as many short decodes as a step and the pool hold.
         - Prefill picks variants by the context a batch's tables span (the Hopper prefill deepens its pipeline from
           16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps).
+        - A large eager step of an odd token count (below).
         - The fused draw reads a grammar's mask over the model's own logits or, with logprobs or penalties, over float32
           ones: a constrained request with logprobs."""
         sched = self.config.scheduler
@@ -349,6 +350,14 @@ class EngineCore:
                                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
             self.step()  # their prefills; then they decode beside a prefill no cached prefix shortens
             self.add_request("__warmup_mixed", [(3 * j + 11 * n) % vocab for j in range(prompt_len)], greedy)
+            while self.has_unfinished():
+                self.step()
+        # A step of an odd number of tokens as large as a step gets: beyond the graph pieces (runner/cuda_graphs.py,
+        # whose counts are multiples of 16) it runs eagerly, and kernels specialized on a count divisible by 16 (the
+        # fused experts' pairs) compile their other variant.
+        odd = sched.max_num_batched_tokens - 1 + sched.max_num_batched_tokens % 2
+        if odd < self.max_model_len and -(-odd // self.config.cache.block_size) < self.block_manager.num_blocks:
+            self.add_request("__warmup_odd", [(7 * j + 5) % vocab for j in range(odd)], greedy)
             while self.has_unfinished():
                 self.step()
         longest = min(self.max_model_len - 8, 32768)

@@ -5,8 +5,9 @@
 # usage: bash scripts/gpu_serve_bench.sh MODEL_DIR SHAREGPT.json OUT_DIR [RATES...]   (default rates: 10 20 40 80 inf)
 # ENGINES="slipstream vllm" (default): the servers, one at a time (each takes most of the GPU's memory).
 # VLLM_PATH: where vLLM 0.26 imports from; the peer's server and client run with PYTHONPATH=$VLLM_PATH alone.
-# PROFILE=1: after its sweeps, one more rate-inf run of vLLM's client with py-spy sampling both slipstream processes
-# (API front end and engine core) into OUT_DIR/pyspy-slipstream.txt (collapsed stacks, one line per stack).
+# PROFILE=1: after its sweeps, one more run (at PROFILE_RATE, default inf; with vLLM's client, or ours where CLIENTS
+# leaves vLLM's out) with py-spy sampling both slipstream processes (API front end and engine core) into
+# OUT_DIR/pyspy-slipstream.txt (collapsed stacks, one line per stack).
 # SERVE_FLAGS: extra flags for `slipstream serve`. CLIENTS="vllm ours" (default): which clients drive each server.
 set -uo pipefail
 model=$1 data=$2 out=$3; shift 3
@@ -52,7 +53,12 @@ serve_slipstream() {
         > "$out/pyspy.log" 2>&1 &
       local spy=$!
       sleep 1
-      vllm_client slipstream-profiled inf
+      if [[ " ${CLIENTS:-vllm ours} " == *" vllm "* ]]; then
+        vllm_client slipstream-profiled "${PROFILE_RATE:-inf}"
+      else
+        python3 -m slipstream.cli bench serve --base-url "http://127.0.0.1:$port" --model q3 --tokenizer "$model" \
+          --dataset "$data" --num-prompts 400 --request-rate "${PROFILE_RATE:-inf}" --label profiled 2>&1 | tail -3
+      fi
       kill -INT $spy; wait $spy; tail -2 "$out/pyspy.log"
     fi
   fi

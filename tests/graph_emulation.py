@@ -56,6 +56,7 @@ class EmulatedGraph:
 def emulate_cuda_graphs(monkeypatch) -> None:  # noqa: ANN001 - pytest's monkeypatch
     """torch.cuda's graph and stream calls, as runner/cuda_graphs.py makes them, on the CPU."""
     monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)

@@ -19,7 +19,7 @@ from graph_emulation import emulate_cuda_graphs
 from slipstream import SamplingParams
 from slipstream.config import EngineConfig, ModelConfig, MoEConfig
 from slipstream.runner.batch import SamplingRow, SeqStep, Step
-from slipstream.runner.cuda_graphs import PiecewiseLadder
+from slipstream.runner.cuda_graphs import CapturePool, PiecewiseLadder
 from slipstream.runner.model_runner import ModelRunner
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -99,7 +99,8 @@ def test_steps_of_any_shape_in_graph_pieces_equal_eager(monkeypatch, device, var
     runner = ModelRunner(config, mc, None, 256, {2}, aux_layers=aux)
     if device == "cpu":  # the runner captures graphs on CUDA only
         emulate_cuda_graphs(monkeypatch)
-        runner.pieces = PiecewiseLadder(runner.model, runner.backend, runner.ints, 200, runner.kv.pad_slot, None, aux)
+        runner.pieces = PiecewiseLadder(runner.model, runner.backend, runner.ints, 200, runner.kv.pad_slot,
+                                        CapturePool(runner.device), aux)
     pieces = runner.pieces
     assert pieces is not None and pieces.sizes[-1] == 200 and 64 in pieces.sizes
     g = torch.Generator().manual_seed(1)

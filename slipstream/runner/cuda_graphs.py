@@ -9,17 +9,42 @@ sized for max_model_len, so one graph serves every context length. Sampling runs
 (its shape depends on the requests' parameters)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs
 
+T = TypeVar("T")
+
+
+class CapturePool:
+    """A private memory pool that graphs share, and the one stream they are captured on (a pool's freed blocks are
+    reused only on the stream that freed them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def capture(self, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+        """`fn`'s launches as a graph, and its result (which replays rewrite). Unlike torch.cuda.graph, no garbage
+        collection before each capture: a full collection of the engine core's heap took 114 ms on the CPU machine,
+        and a ladder captures dozens of sizes."""
+        torch.cuda.synchronize()  # what fn reads was written on the current stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.handle)
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        return graph, out
+
 
 class GraphLadder:
     def __init__(self, model: torch.nn.Module, stager: Stager, query_len: int, max_seqs: int, max_model_len: int,
-                 block_size: int, pad_slot: int, pad_page: int, cascade: bool, pool: object,
+                 block_size: int, pad_slot: int, pad_page: int, cascade: bool, pool: CapturePool,
                  aux_layers: tuple[int, ...] = ()) -> None:
         """`aux_layers`: the model also returns the states entering these layers (for an EAGLE-3 head)."""
         if query_len > block_size:
@@ -46,10 +71,7 @@ class GraphLadder:
                 meta = self._meta(bsz)
                 t = bsz * query_len
                 model(self.ids[:t], self.pos[:t], meta, aux_layers)  # warm up (Triton compiles outside the capture)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = model(self.ids[:t], self.pos[:t], meta, aux_layers)
-                self.graphs[bsz] = (graph, out)
+                self.graphs[bsz] = pool.capture(lambda: model(self.ids[:t], self.pos[:t], meta, aux_layers))
         torch.cuda.synchronize(dev)
 
     def _meta(self, bsz: int) -> AttentionMetadata:
@@ -133,7 +155,7 @@ class PiecewiseLadder:
     last piece its results out), so the ladder holds one step's buffers, not one per size."""
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, stager: Stager, max_tokens: int, pad_slot: int,
-                 pool: object, aux_layers: tuple[int, ...] = ()) -> None:
+                 pool: CapturePool, aux_layers: tuple[int, ...] = ()) -> None:
         self.model, self.backend, self.stager, self.pad_slot = model, backend, stager, pad_slot
         self.pool, self.aux_layers = pool, aux_layers
         self.sizes = piecewise_sizes(max_tokens)
@@ -147,13 +169,11 @@ class PiecewiseLadder:
         self.results: tuple[torch.Tensor, ...] = ()
         # per size: the pieces in order, each with the layer whose attention follows it (None after the last)
         self.graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, int | None, float]]] = {}
-        # The whole-forward ladders' capture stream: a pool's freed blocks are reused only on the stream that freed them.
-        stream = torch.cuda.graph.default_capture_stream or torch.cuda.Stream(dev)
-        torch.cuda.synchronize(dev)  # the buffers above are written on the current stream
-        with torch.inference_mode(), torch.cuda.stream(stream):
+        torch.cuda.synchronize()  # the buffers above are written on the current stream
+        with torch.inference_mode(), torch.cuda.stream(pool.stream):
             for size in reversed(self.sizes):  # largest first: the shared buffers take its shape
                 self.graphs[size] = self._capture(size)
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-ups' activations, cached for the capture stream
 
     def _forward(self, size: int, cut: Callable[[int, torch.Tensor, float], torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -185,7 +205,7 @@ class PiecewiseLadder:
         def begin() -> None:
             nonlocal graph
             graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.pool)
+            graph.capture_begin(pool=self.pool.handle)
 
         def end(layer: int | None, scale: float) -> None:
             nonlocal graph

@@ -26,7 +26,7 @@ from slipstream.layers.linear import finish_loading
 from slipstream.layers.sampler import sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.runner.batch import SamplingRow, SeqStep
-from slipstream.runner.cuda_graphs import GraphLadder
+from slipstream.runner.cuda_graphs import CapturePool, GraphLadder
 from slipstream.runner.device import resolve_device, resolve_dtype
 from slipstream.runner.inputs import Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
@@ -101,8 +101,7 @@ class DraftHeadRunner:
             rows = min(sched.max_num_seqs, MAX_GRAPH_SEQS)
             self._g = torch.zeros(rows, spec.layer.hidden_size, dtype=target.dtype, device=dev)
             self.graphs = GraphLadder(_ChainRound(self.head, self._g), self.ints, 1, rows, target.max_model_len,
-                                      target.block_size, self.kv.pad_slot, target.num_blocks, False,
-                                      torch.cuda.graph_pool_handle())
+                                      target.block_size, self.kv.pad_slot, target.num_blocks, False, CapturePool(dev))
         # After catch_up: per sequence that drew its first draft, (row in the tensors below, its length then)
         self._first: dict[int, tuple[int, int]] = {}
         self._o: torch.Tensor | None = None  # the head's output at each such sequence's last position

@@ -31,7 +31,7 @@ from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
 from slipstream.parallel.shard import Shard
 from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
-from slipstream.runner.cuda_graphs import GraphLadder, PiecewiseLadder
+from slipstream.runner.cuda_graphs import CapturePool, GraphLadder, PiecewiseLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
 from slipstream.runner.kv_pool import KVPool
@@ -155,7 +155,7 @@ class ModelRunner:
         log.info("KV cache: %d pages of %d tokens (%.2f GB)", self.num_blocks, bs, self.num_blocks * self.kv.bytes_per_block / 1e9)
         self.graphs: dict[int, GraphLadder] = {}
         self.pieces: PiecewiseLadder | None = None  # every other step up to MAX_PIECEWISE_TOKENS tokens
-        self._graph_pool = None
+        self._graph_pool: CapturePool | None = None
         if self.device.type == "cuda" and self.fused and not config.enforce_eager:
             started = time.perf_counter()
             self.capture_graphs(1)
@@ -198,7 +198,7 @@ class ModelRunner:
         """Capture a ladder of CUDA graphs for steps whose sequences each compute `query_len` tokens (1: decodes;
         1 + k: verifying k drafts). Ladders share one memory pool."""
         if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graph_pool = CapturePool(self.device)
         sched = self.config.scheduler
         max_seqs = min(sched.max_num_seqs, MAX_GRAPH_SEQS, sched.max_num_batched_tokens // query_len)
         self.graphs[query_len] = GraphLadder(self.model, self.ints, query_len, max_seqs, self.max_model_len, self.block_size,

@@ -82,6 +82,24 @@ def test_k_tokens_in_one_step_equal_k_single_steps(device):
                 torch.testing.assert_close(flat[slots2].cpu(), flat[slots1].cpu(), atol=2e-5, rtol=1e-5)
 
 
+def test_capture_pool_replays_on_new_inputs_and_restores_the_collector(monkeypatch):
+    """CapturePool.capture (emulated on the CPU): a replay computes from what the captured inputs hold now, into the
+    captured result; the garbage collector, paused during the capture, is on again after it (and after a failure)."""
+    import gc
+
+    emulate_cuda_graphs(monkeypatch)
+    pool = CapturePool(torch.device("cpu"))
+    x = torch.arange(4.0)
+    with torch.inference_mode():
+        graph, y = pool.capture(lambda: x * 2 + 1)
+        x.copy_(torch.tensor([10.0, 20.0, 30.0, 40.0]))
+        graph.replay()
+    assert y.tolist() == [21.0, 41.0, 61.0, 81.0] and gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        pool.capture(lambda: 1 / 0)
+    assert gc.isenabled()
+
+
 # On the CPU the graphs are emulated (tests/graph_emulation.py), where the experts' reference loop is not graph-safe
 PIECES = [(d, v) for d in DEVICES for v in ("dense", "eagle3-states", "fp8-kv", "moe") if d == "cuda" or v != "moe"]
 

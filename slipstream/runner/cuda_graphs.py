@@ -9,7 +9,9 @@ sized for max_model_len, so one graph serves every context length. Sampling runs
 (its shape depends on the requests' parameters)."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import contextlib
+import gc
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -24,16 +26,29 @@ class CapturePool:
     reused only on the stream that freed them)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
 
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """On the capture stream, once the device has done what the current stream queued (the inputs), with Python's
+        garbage collector paused: a collection that frees a CUDA object (a graph, a kernel) in the middle of a capture
+        breaks it."""
+        torch.cuda.synchronize(self.device)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            if enabled:
+                gc.enable()
+
     def capture(self, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
-        """`fn`'s launches as a graph, and its result (which replays rewrite). Unlike torch.cuda.graph, no garbage
-        collection before each capture: a full collection of the engine core's heap took 114 ms on the CPU machine,
-        and a ladder captures dozens of sizes."""
-        torch.cuda.synchronize()  # what fn reads was written on the current stream
+        """`fn`'s launches as a graph, and its result (which replays rewrite)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(self.stream):
+        with self.capturing():
             graph.capture_begin(pool=self.handle)
             try:
                 out = fn()
@@ -73,6 +88,7 @@ class GraphLadder:
                 model(self.ids[:t], self.pos[:t], meta, aux_layers)  # warm up (Triton compiles outside the capture)
                 self.graphs[bsz] = pool.capture(lambda: model(self.ids[:t], self.pos[:t], meta, aux_layers))
         torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-ups' activations
 
     def _meta(self, bsz: int) -> AttentionMetadata:
         q, t = self.q, bsz * self.q
@@ -169,11 +185,10 @@ class PiecewiseLadder:
         self.results: tuple[torch.Tensor, ...] = ()
         # per size: the pieces in order, each with the layer whose attention follows it (None after the last)
         self.graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, int | None, float]]] = {}
-        torch.cuda.synchronize()  # the buffers above are written on the current stream
-        with torch.inference_mode(), torch.cuda.stream(pool.stream):
+        with torch.inference_mode(), pool.capturing():
             for size in reversed(self.sizes):  # largest first: the shared buffers take its shape
                 self.graphs[size] = self._capture(size)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # the warm-ups' activations, cached for the capture stream
 
     def _forward(self, size: int, cut: Callable[[int, torch.Tensor, float], torch.Tensor]) -> tuple[torch.Tensor, ...]:

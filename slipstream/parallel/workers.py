@@ -110,6 +110,9 @@ class LeadRunner:
         dist.broadcast_object_list([obj], src=0, group=self.shard.control)
 
     def launch(self, step: Any, fill_masks: Any = None) -> Any:
+        # A rank that died since the last step: fail now. Its collectives would fail too, but not always at once: gloo
+        # has been seen waiting on a killed peer until its timeout.
+        self.check_ranks()
         self._send(("step", step, fill_masks is not None))
         if fill_masks is None:
             return self.runner.launch(step)

@@ -328,8 +328,8 @@ class EngineCore:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
         every stream (475 ms on the H200, the Qwen3-0.6B shape's first mixed step with short contexts).
         - A step that mixes a prefill with running decodes launches its attention eagerly (between graph pieces), and
-          its decode attention takes a variant by batch size and context length (one partition or several, small or big tiles): one short
-          decode beside a prefill, then as many short decodes as a step and the pool hold.
+          its decode attention takes a variant by batch size and context length (one partition or several, small or
+          big tiles): one short decode beside a prefill, then as many short decodes as a step and the pool hold.
         - Prefill picks variants by the context a batch's tables span (the Hopper prefill deepens its pipeline from
           16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps).
         - A large eager step of an odd token count (below).

@@ -148,10 +148,9 @@ class GraphLadder:
         return out[: b * q]
 
 
-
 def piecewise_sizes(max_tokens: int) -> list[int]:
-    """Token counts a piecewise ladder captures: steps of 16 up to 256, then coarser (a step rounds up by at most an
-    eighth, 6% at most beyond 512 tokens) up to `max_tokens`."""
+    """Token counts a piecewise ladder captures: steps of 16 up to 256, then coarser (a step beyond 256 tokens rounds up
+    by less than an eighth) up to `max_tokens`."""
     sizes = [*range(16, 257, 16), *range(288, 513, 32), *range(576, 1025, 64), *range(1152, 2049, 128)]
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 

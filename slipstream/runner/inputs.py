@@ -89,7 +89,10 @@ def eager_inputs(h: HostInputs, st: "Stager", pad: int = 0, pad_slot: int = 0) -
     qsl = [0]
     for n in h.query_lens:
         qsl.append(qsl[-1] + n)
-    ids_t, pos_t, slots_t = st.put(h.input_ids + [0] * pad), st.put(h.positions + [0] * pad), st.put(h.slots + [pad_slot] * pad)
+    ids, positions, slots = h.input_ids, h.positions, h.slots
+    if pad:  # (copies of the step's lists only when there is padding to add)
+        ids, positions, slots = ids + [0] * pad, positions + [0] * pad, slots + [pad_slot] * pad
+    ids_t, pos_t, slots_t = st.put(ids), st.put(positions), st.put(slots)
     qsl_t, lens_t = st.put(qsl), st.put(h.seq_lens)
     shared_t = st.put([h.shared]) if h.shared else None
     tables_t = st.put_table(h.tables)

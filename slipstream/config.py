@@ -286,6 +286,10 @@ class EngineConfig:
     nnodes: int = option(1, "hosts the tensor-parallel ranks span: the engine's host starts tensor_parallel_size / "
                             "nnodes of them, each other host `slipstream worker --node-rank R` (MASTER_ADDR and "
                             "MASTER_PORT set alike on every host)")
+    distributed_timeout_s: float = option(600.0, "tensor parallel: seconds a rank waits for the others in one "
+                                                 "collective, the model's load included, before the engine fails "
+                                                 "(an idle engine keeps its ranks waiting with a message every "
+                                                 "quarter of it)")
     seed: int = option(0, "seed of the engine (random weights, requests without a seed)", flag="--engine-seed")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -297,6 +301,7 @@ class EngineConfig:
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
+        _check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0", self.distributed_timeout_s)
         _check(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes",
                f"must be >= 1 and divide tensor_parallel_size={self.tensor_parallel_size}", self.nnodes)
         modelled = self.speculative_method in ("draft", "eagle3")

@@ -244,11 +244,16 @@ def test_a_rank_reads_only_its_slices(tmp_path, arch, experts):
         assert 0.45 * total < read[0] < 0.55 * total, (read[0], total)
 
 
-def test_a_dead_worker_stops_the_engine(gguf_path):
-    """SIGKILL the other rank: the next step fails at once with an error (gloo sees the closed connection)."""
-    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2)
-    llm.generate(["Hello"], SamplingParams(max_tokens=2))
+def test_an_idle_engine_keeps_its_ranks_and_a_dead_one_stops_it(gguf_path):
+    """Idle for longer than the ranks' timeout (which their wait for the next step obeys too): rank 0's keep-alives
+    hold the other rank, which serves the next request. Then SIGKILL it: the next step fails at once with an error
+    (gloo sees the closed connection)."""
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2, distributed_timeout_s=8)
+    first = llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
     worker = llm.engine.runner.workers[0]
+    time.sleep(10)
+    assert worker.is_alive()
+    assert llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids == first
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(10)
     start = time.monotonic()

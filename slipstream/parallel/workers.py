@@ -13,7 +13,8 @@ R-th run; the address and port must then be given alike on every host. On CUDA a
 local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
 as they join. A worker that dies fails the engine at its next step; one on the engine's host, at once even when idle
 (`check_ranks`: a rank on another host is seen only at the next step). Rank 0 gone, the workers' next receive fails
-and they exit.
+and they exit. Every wait between ranks times out after `distributed_timeout_s`, the workers' wait for the next step
+too: an idle rank 0 sends them an empty message every quarter of it, so an engine may stay idle for as long as it likes.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
+import time
 from typing import Any
 
 import torch
@@ -30,7 +33,6 @@ import torch.distributed as dist
 from slipstream.parallel.shard import Shard
 
 log = logging.getLogger(__name__)
-_TIMEOUT = datetime.timedelta(minutes=10)  # a collective no rank answers: the load of a large model fits in it
 
 
 def _rendezvous(nnodes: int) -> tuple[str, int]:
@@ -45,19 +47,21 @@ def _rendezvous(nnodes: int) -> tuple[str, int]:
         return addr, s.getsockname()[1]
 
 
-def join(rank: int, world: int, addr: str, port: int, cuda: bool, expert_parallel: bool = False,
+def join(rank: int, world: int, addr: str, port: int, cuda: bool, timeout_s: float, expert_parallel: bool = False,
          local_rank: int | None = None) -> Shard:
-    """Join the ranks' process group (NCCL for tensors on CUDA, gloo for host values; gloo for both on a CPU).
-    `local_rank`: the rank's index on its host (its GPU), when the ranks span hosts."""
+    """Join the ranks' process group (NCCL for tensors on CUDA, gloo on a CPU) and a gloo group of its own for rank
+    0's messages (steps, masks, keep-alives: never interleaved with the model's collectives). `local_rank`: the rank's
+    index on its host (its GPU), when the ranks span hosts."""
     if cuda:
         # NVLink multicast (NVLS) stays off unless the user asks for it: on shared hosts a program using it can put
         # every GPU of the host out of service; NCCL's ring and tree all-reduces need no multicast.
         for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
             os.environ.setdefault(var, off)
         torch.cuda.set_device(rank if local_rank is None else local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
-                            world_size=world, timeout=_TIMEOUT)
-    control = dist.new_group(backend="gloo", timeout=_TIMEOUT) if cuda else dist.group.WORLD
+                            world_size=world, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
     return Shard(rank, world, dist.group.WORLD, control, expert_parallel)
 
 
@@ -68,8 +72,8 @@ def _worker(config: Any, rank: int, addr: str, port: int) -> None:
 
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {rank}] %(message)s")
     world = config.tensor_parallel_size
-    shard = join(rank, world, addr, port, resolve_device(config.device).type == "cuda", config.enable_expert_parallel,
-                 rank % _per_host(config))
+    shard = join(rank, world, addr, port, resolve_device(config.device).type == "cuda", config.distributed_timeout_s,
+                 config.enable_expert_parallel, rank % _per_host(config))
     try:
         max_len, eos_ids = _receive(shard)
         loaded = loader.load(config.model, config.load_format, config.tokenizer)
@@ -93,6 +97,8 @@ def serve(runner: Any, shard: Shard) -> None:
         message = _receive(shard)
         if message[0] == "stop":
             return
+        if message[0] == "wait":  # rank 0 is idle
+            continue
         _, step, masked = message
         launched = runner.launch(step, (lambda owners, before: _receive(shard)) if masked else None)
         if previous is not None:
@@ -101,28 +107,49 @@ def serve(runner: Any, shard: Shard) -> None:
 
 
 class LeadRunner:
-    """Rank 0's runner: each step it launches goes to the other ranks first, and so do the masks it fills."""
+    """Rank 0's runner: each step it launches goes to the other ranks first, and so do the masks it fills. While no
+    step goes out, a thread sends a keep-alive every `keepalive_s`: the other ranks' wait for a step is a collective
+    receive, which times out."""
 
-    def __init__(self, runner: Any, shard: Shard, workers: list[multiprocessing.Process]) -> None:
+    def __init__(self, runner: Any, shard: Shard, workers: list[multiprocessing.Process], keepalive_s: float) -> None:
         self.runner, self.shard, self.workers = runner, shard, workers
+        self._lock = threading.Lock()  # one sender at a time: a step and its masks reach the ranks back to back
+        self._last_send = time.monotonic()
+        self._closing = threading.Event()
+        self._keepalive = threading.Thread(target=self._keep_ranks_waiting, args=(keepalive_s,), daemon=True,
+                                           name="slipstream-rank-keepalive")
+        self._keepalive.start()
 
-    def _send(self, obj: Any) -> None:
+    def _send(self, obj: Any) -> None:  # the caller holds self._lock
         dist.broadcast_object_list([obj], src=0, group=self.shard.control)
+        self._last_send = time.monotonic()
+
+    def _keep_ranks_waiting(self, every: float) -> None:
+        while not self._closing.wait(every):
+            with self._lock:
+                if self._closing.is_set() or time.monotonic() - self._last_send < every:
+                    continue
+                try:
+                    self._send(("wait",))
+                except (RuntimeError, ValueError) as e:  # a rank or the group is gone: the engine finds out at its next step
+                    log.warning("tensor parallel: a keep-alive failed (%s); no more are sent", e)
+                    return
 
     def launch(self, step: Any, fill_masks: Any = None) -> Any:
-        # A rank that died since the last step: fail now. Its collectives would fail too, but not always at once: gloo
-        # has been seen waiting on a killed peer until its timeout.
-        self.check_ranks()
-        self._send(("step", step, fill_masks is not None))
-        if fill_masks is None:
-            return self.runner.launch(step)
+        with self._lock:
+            # A rank that died since the last step: fail now. Its collectives would fail too, but not always at once:
+            # gloo has been seen waiting on a killed peer until its timeout.
+            self.check_ranks()
+            self._send(("step", step, fill_masks is not None))
+            if fill_masks is None:
+                return self.runner.launch(step)
 
-        def fill_and_send(owners: list[int], before: Any) -> Any:
-            mask = fill_masks(owners, before)
-            self._send(mask)
-            return mask
+            def fill_and_send(owners: list[int], before: Any) -> Any:
+                mask = fill_masks(owners, before)
+                self._send(mask)
+                return mask
 
-        return self.runner.launch(step, fill_and_send)
+            return self.runner.launch(step, fill_and_send)
 
     def collect(self, launched: Any) -> Any:
         return self.runner.collect(launched)
@@ -132,6 +159,7 @@ class LeadRunner:
         step's collective (on NCCL, perhaps after the collective's timeout)."""
         for rank, w in enumerate(self.workers, 1):
             if not w.is_alive():
+                self._closing.set()  # the engine cannot go on: no more keep-alives
                 raise RuntimeError(f"tensor-parallel rank {rank} exited (code {w.exitcode})")
 
     def __getattr__(self, name: str) -> Any:  # num_blocks, device, kv, ...: the rank's own runner
@@ -139,6 +167,8 @@ class LeadRunner:
 
     def close(self) -> None:
         """Stop the other ranks and leave the process group (another engine in this process may form one)."""
+        self._closing.set()
+        self._keepalive.join()
         try:
             self._send(("stop",))
         finally:
@@ -160,7 +190,7 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     addr, port = _rendezvous(config.nnodes)
     workers = _start_ranks(config, range(1, _per_host(config)), addr, port, cuda)
     try:
-        shard = join(0, world, addr, port, cuda, config.enable_expert_parallel, 0)
+        shard = join(0, world, addr, port, cuda, config.distributed_timeout_s, config.enable_expert_parallel, 0)
         dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
         runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
     except BaseException:
@@ -170,7 +200,7 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
             dist.destroy_process_group()
         raise
     log.info("tensor parallel: %d ranks", world)
-    return LeadRunner(runner, shard, workers)
+    return LeadRunner(runner, shard, workers, config.distributed_timeout_s / 4)
 
 
 def _per_host(config: Any) -> int:

@@ -9,6 +9,17 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests only, no autotuning
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers. (`triton.cdiv` and `triton.next_power_of_2` take ~1.5 us a call on the host,
+    as constexpr functions: a few per layer added up in the attention launched eagerly in every layer of a mixed step.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), of a host integer."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 models get IEEE fp32 dots (Triton would otherwise use TF32) so they match the torch reference."""
     return "ieee" if dtype == torch.float32 else "tf32"

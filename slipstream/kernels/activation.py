@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slipstream.kernels._device import cdiv
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr):
@@ -22,5 +24,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = x2.shape[1] // 2
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out.view(*shape[:-1], n)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET, dot_precision
+from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 
 try:  # Gluon (Triton's tile-level dialect) carries the Hopper prefill kernel; older Tritons lack it
     from slipstream.kernels import attention_sm90
@@ -318,7 +318,7 @@ def paged_prefill(
     if tma:
         _device_scratch()
     ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
-    _prefill_kernel[(triton.cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
+    _prefill_kernel[(cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
         block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
@@ -368,8 +368,8 @@ def _l2_bytes(device: torch.device) -> int:
 
 def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
     """Context tokens per program: enough programs to fill the GPU twice over, at least 128 tokens each."""
-    splits = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
-    return max(128, triton.next_power_of_2(triton.cdiv(max_len, splits)))
+    splits = max(1, cdiv(2 * num_sms, batch * num_kv_heads))
+    return max(128, next_pow2(cdiv(max_len, splits)))
 
 
 def paged_decode(
@@ -387,7 +387,7 @@ def paged_decode(
     hq, hk, d = _check(q, k_cache)
     bsz = q.shape[0]
     out = torch.empty_like(q) if out is None else out
-    splits = triton.cdiv(max_len, partition)
+    splits = cdiv(max_len, partition)
     group = hq // hk
     block_n = 16 if INTERPRET else 64
     # A big batch has programs enough to fill every SM many times over: 128-token tiles then amortize each
@@ -395,7 +395,7 @@ def paged_decode(
     # (H200, one partition per sequence: batch 256 x contexts 100-2048, 92% vs 88% of copy bandwidth; 64 x 4K, 85%
     # vs 98%.)
     big = not INTERPRET and bsz * hk >= 4 * _num_sms(q.device)
-    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
+    common = dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=d, PAGE=k_cache.shape[1],
                   BLOCK_N=128 if big else block_n, PRECISION=dot_precision(q.dtype), num_warps=4,
                   num_stages=1 if INTERPRET else 2 if big else 3)
     ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
@@ -407,13 +407,13 @@ def paged_decode(
                                      scale * _LOG2E, *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False,
                                      **common)
         return out
-    base = triton.cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
+    base = cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
     part_out = torch.empty((bsz, hq, base + splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((bsz, hq, base + splits), dtype=torch.float32, device=q.device)
     pstr = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1))
     if shared is not None:
         block_m = 16 if INTERPRET else 64
-        _shared_prefix_kernel[(triton.cdiv(bsz * group, block_m), hk, base)](
+        _shared_prefix_kernel[(cdiv(bsz * group, block_m), hk, base)](
             q, k_cache, v_cache, ks, vs, block_tables, shared, part_out, part_lse, scale * _LOG2E, bsz * group,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
             *pstr, SHARED_PARTITION, GROUP=group, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,

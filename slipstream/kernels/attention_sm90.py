@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from slipstream.kernels._device import cdiv
 
 # Triton 3.6 calls the TMA load async_copy_global_to_shared; later releases renamed it async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -278,7 +279,7 @@ def paged_prefill_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     # 1.01-1.02x against 2 buffers 1.00x; at 32K, 2 buffers 1.02-1.04x against 3 buffers 1.00-1.02x.
     stages = 2 if longest >= 16384 else 3
     num_seqs = seq_lens.shape[0] - first_seq
-    work = triton.cdiv(max_query_len, 2 * HALF_M) * num_seqs * hq
+    work = cdiv(max_query_len, 2 * HALF_M) * num_seqs * hq
     _prefill_sm90_kernel[(min(work, num_sms), )](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale_log2,
         q.stride(0), k_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq,

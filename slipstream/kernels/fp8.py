@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET
+from slipstream.kernels._device import INTERPRET, cdiv, next_pow2
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite E4M3 value (a constexpr: kernels read it)
 
@@ -140,10 +140,10 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
     if block is not None and block[1] != 128:
         raise ValueError(f"block-scaled fp8 GEMM takes 128-column scale blocks, got {block}")
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    bucket = min(triton.next_power_of_2(m), 4096)
+    bucket = min(next_pow2(m), 4096)
     kernel = _gemm_small if bucket <= 64 else _gemm_large
     extra = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4) if INTERPRET else {}
-    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+    kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)](
         a, b, c, sa, sb, bias if bias is not None else c, m, n, k, bucket,
         a.stride(0), b.stride(0), c.stride(0), sa.stride(0) if sa.dim() == 2 else 0, sb.stride(0) if sb.dim() == 2 else 0,
         BLOCKWISE=block is not None, SA_SCALAR=sa.numel() == 1, HAS_BIAS=bias is not None,

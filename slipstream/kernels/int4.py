@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET, dot_precision
+from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
         bm, bn, warps, stages = 64, 64, 4, 4
     else:
         bm, bn, warps, stages = 128, 128, 8, 3
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = (cdiv(m, bm), cdiv(n, bn))
     _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
                         y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
                         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), FP4=fp4, FINE=fine_groups(bk, group),

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET
+from slipstream.kernels._device import INTERPRET, cdiv
 from slipstream.kernels.int4 import e2m1
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -122,7 +122,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         res_out = x if residual is None else torch.empty_like(x)
     scale = (4 if fp4 else 3) if four_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
     bn, bk = (1, group) if four_bit else scale_block or (1, 1)
-    _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,
         bias if bias is not None else x, y,

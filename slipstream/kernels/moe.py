@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET, dot_precision
+from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
 from slipstream.kernels.int4 import block_k, dequant_tile, fine_groups
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if mode == 3:  # each K tile inside one group, or spanning whole ones
             step["BLOCK_K"] = min(step["BLOCK_K"], block_k(kk, group))
         strides = (s.stride(0), s.stride(1)) if mode else (0, 0)
-        _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(n, step["BLOCK_N"]))](
+        _moe_gemm_kernel[(block_expert.numel(), cdiv(n, step["BLOCK_N"]))](
             a, b, c, weights, s, z, sorted_ids, block_expert, n, kk, pairs, k if gated else 1, group,
             a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
             GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk, FP4=fp4,

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slipstream.kernels._device import next_pow2
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
@@ -32,7 +34,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     else:
         r2 = residual.reshape(-1, n)
         res_out = torch.empty_like(out)
-    block = triton.next_power_of_2(n)
+    block = next_pow2(n)
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, res_out, n, eps, x2.stride(0), r2.stride(0), out.stride(0),
         HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slipstream.kernels._device import cdiv
+
 from slipstream.sampling_params import GREEDY_BELOW
 
 _GREEDY_BELOW = tl.constexpr(GREEDY_BELOW)  # jit code reads globals only as constexpr
@@ -88,9 +90,9 @@ def _race(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Ten
     # the GPU, then pick across the splits.
     rows, vocab = logits.shape
     sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
-    splits = max(1, min(_MAX_SPLITS, triton.cdiv(2 * sms, rows), triton.cdiv(vocab, _BLOCK)))
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), _BLOCK) * _BLOCK
-    splits = triton.cdiv(vocab, chunk)
+    splits = max(1, min(_MAX_SPLITS, cdiv(2 * sms, rows), cdiv(vocab, _BLOCK)))
+    chunk = cdiv(cdiv(vocab, splits), _BLOCK) * _BLOCK
+    splits = cdiv(vocab, chunk)
     vals = torch.empty(rows, _MAX_SPLITS, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(rows, _MAX_SPLITS, dtype=torch.int64, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

@@ -32,10 +32,13 @@ class CapturePool:
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
-        """On the capture stream, once the device has done what the current stream queued (the inputs), with Python's
-        garbage collector paused: a collection that frees a CUDA object (a graph, a kernel) in the middle of a capture
-        breaks it."""
+        """On the capture stream, once the device has done what the current stream queued (the inputs) and the memory
+        cached since (a warm-up's activations) is given back, with Python's garbage collector paused: a collection that
+        frees a CUDA object (a graph, a kernel) in the middle of a capture breaks it. (While a capture is under way the
+        allocator cannot free cached blocks to make room, so a warm-up's would add to the capture's peak;
+        torch.cuda.graph empties the cache the same way.)"""
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         enabled = gc.isenabled()
         gc.disable()
         try:
@@ -52,9 +55,17 @@ class CapturePool:
             graph.capture_begin(pool=self.handle)
             try:
                 out = fn()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                abandon(graph)
+                raise
+            graph.capture_end()
         return graph, out
+
+
+def abandon(graph: torch.cuda.CUDAGraph) -> None:
+    """End a capture that failed: ending it raises too (it is void), which would hide the error that broke it."""
+    with contextlib.suppress(RuntimeError):
+        graph.capture_end()
 
 
 class GraphLadder:
@@ -218,8 +229,9 @@ class PiecewiseLadder:
 
         def begin() -> None:
             nonlocal graph
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.pool.handle)
+            started = torch.cuda.CUDAGraph()
+            started.capture_begin(pool=self.pool.handle)
+            graph = started
 
         def end(layer: int | None, scale: float) -> None:
             nonlocal graph
@@ -238,9 +250,10 @@ class PiecewiseLadder:
             for res, x in zip(self.results, self._forward(size, cut)):
                 res[:size].copy_(x)
             end(None, 0.0)
-        finally:
-            if graph is not None:  # a capture left open by an error
-                graph.capture_end()
+        except BaseException:
+            if graph is not None:  # the capture the error left open
+                abandon(graph)
+            raise
         return pieces
 
     def fits(self, num_tokens: int) -> bool:

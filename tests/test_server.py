@@ -288,3 +288,37 @@ def test_the_core_routes_deltas_to_their_front_end_and_forgets_ended_requests(tm
             p.close(linger=0)
         box.close()
         ctx.term()
+
+
+def test_tokenize_counts_what_the_server_runs(server, client, llm):
+    """/tokenize (vLLM's shape) gives the ids a completion or a chat (with tools) would run, /detokenize turns ids
+    back into text, /version names the release; bad bodies are 400s naming the field."""
+    import slipstream
+
+    url = server.url
+    prompt = "The capital of France is"
+    t = httpx.post(url + "/tokenize", json={"prompt": prompt, "return_token_strs": True}).json()
+    run = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    assert t["tokens"] == llm.engine.tokenize(prompt) and t["count"] == run.usage.prompt_tokens
+    assert t["max_model_len"] == 512 and len(t["token_strs"]) == t["count"]
+    bare = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": prompt, "add_special_tokens": False}).json()
+    assert httpx.post(url + "/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": prompt}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    counts = []
+    for extra in ({}, {"tools": tools}):
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0, **extra)
+        counts.append(httpx.post(url + "/tokenize", json={"messages": messages, **extra}).json()["count"])
+        assert counts[-1] == chat.usage.prompt_tokens, extra
+    assert counts[1] > counts[0]  # the tools are in the prompt
+    without = httpx.post(url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert 0 < without["count"] < counts[0]
+    assert httpx.get(url + "/version").json() == {"version": slipstream.__version__}
+    for path, body, param in (("/tokenize", {"prompt": "a", "messages": messages}, "prompt"), ("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
+                              ("/tokenize", {"prompt": "a", "tools": tools}, "tools"),
+                              ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+                              ("/detokenize", {"tokens": [1, 10 ** 7]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens")):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)

@@ -69,14 +69,14 @@ class InputProcessor:
         # prompt is refused before tokenizing it (which would take seconds for megabytes of text).
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) + 1
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         lim = self.limits
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
             if len(prompt) > lim.max_model_len * self.max_token_chars:
                 raise ValueError(f"prompt has {len(prompt)} characters, more than max_model_len={lim.max_model_len} tokens can hold")
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, and vLLM's
+/tokenize, /detokenize and /version.
 
 This is the API front end. It validates, tokenizes (off the event loop), and turns the engine core's token
 deltas into text and SSE chunks; the core runs in its own process (`CoreProcess`) or, for tests that hold a
@@ -26,13 +27,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+import slipstream
 from slipstream.engine.input_processor import EngineOverloaded, apply_chat_template
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.heap import freeze_startup_heap
 from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
                                            new_request_id)
 from slipstream.server.metrics import ServerMetrics
-from slipstream.server.protocol import ChatCompletionRequest, CompletionRequest, _Unsupported
+from slipstream.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                       _Unsupported)
 from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, reasoning_end_ids,
                                      render_messages, split_reasoning, template_renders_tools)
 from slipstream.sampling_params import SamplingParams
@@ -256,18 +259,10 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         req = await _parse(raw, ChatCompletionRequest)
         client = _check_model(state, req.model)
         tok = client.tokenizer
-        if getattr(tok, "chat_template", None) is None:
-            raise ApiError(400, "this model has no chat template", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         tools = req.tool_dicts()
-        renders = tools is not None and template_renders_tools(tok.chat_template)
-        msgs = render_messages([m.for_template() for m in req.messages], tools, renders)
-        chars = sum(len(m["content"]) for m in msgs)
-        if chars > client.limits.max_model_len * client.inputs.max_token_chars:
-            raise ApiError(400, f"messages hold {chars} characters, more than max_model_len={client.limits.max_model_len} tokens can hold", param="messages")
-        ids = await _off_loop(apply_chat_template, tok, msgs, req.add_generation_prompt, tools if renders else None,
-                              req.chat_template_kwargs, param="messages")
+        ids = await _chat_prompt(client, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _params(req, max_tokens, logprobs)
@@ -283,7 +278,54 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         fmt = _ChatFormat(client, options.model_name, req, calls, options.reasoning_parser)
         return await _serve(raw, state, client, req, "chatcmpl", [(None, ids)], params, fmt)
 
+    @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest))
+    async def tokenize(raw: Request) -> dict[str, Any]:
+        """The token ids the server would run for this completion prompt or chat (to count them before sending)."""
+        req = await _parse(raw, TokenizeRequest)
+        client = _check_model(state, req.model)
+        if req.messages is not None:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            ids = await _chat_prompt(client, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
+        else:
+            special = req.add_special_tokens is not False
+            ids = await _off_loop(client.inputs.tokenize, req.prompt, special, param="prompt")
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": client.limits.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = client.tokenizer.convert_ids_to_tokens(ids)
+        return body
+
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
+    async def detokenize(raw: Request) -> dict[str, Any]:
+        req = await _parse(raw, DetokenizeRequest)
+        client = _check_model(state, req.model)
+        vocab = client.limits.vocab_size
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise ApiError(400, f"tokens must be ids in [0, {vocab}), got {bad[:5]}", param="tokens")
+        return {"prompt": await _off_loop(client.tokenizer.decode, req.tokens, param="tokens")}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": slipstream.__version__}
+
     return app
+
+
+async def _chat_prompt(client: AsyncEngineClient, messages: list[Any], add_generation_prompt: bool,
+                       tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any] | None) -> list[int]:
+    """A chat's prompt ids: its messages (with the tools, where the template renders them, else in a system message)
+    through the model's chat template, off the event loop."""
+    tok = client.tokenizer
+    if getattr(tok, "chat_template", None) is None:
+        raise ApiError(400, "this model has no chat template", param="messages")
+    renders = tools is not None and template_renders_tools(tok.chat_template)
+    msgs = render_messages([m.for_template() for m in messages], tools, renders)
+    chars = sum(len(m["content"]) for m in msgs)
+    limit = client.limits.max_model_len
+    if chars > limit * client.inputs.max_token_chars:
+        raise ApiError(400, f"messages hold {chars} characters, more than max_model_len={limit} tokens can hold", param="messages")
+    return await _off_loop(apply_chat_template, tok, msgs, add_generation_prompt, tools if renders else None,
+                           template_kwargs, param="messages")
 
 
 class _ReadTimeoutProtocol(HttpToolsProtocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from slipstream.engine.input_processor import check_template_kwargs
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
@@ -20,6 +20,14 @@ from slipstream.sampling_params import SamplingParams, StructuredOutputs
 Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 Count = Annotated[int, Field(ge=1, le=(1 << 31) - 1)]
 TokenId = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
+
+
+def _template_kwargs(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    check_template_kwargs(v)
+    return v
+
+
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_template_kwargs)]
 _CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 # Fields that change the output: accepted only with the value that means "off" (vLLM extras included).
@@ -292,13 +300,7 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. Qwen3's enable_thinking
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _check_template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        check_template_kwargs(v)
-        return v
+    chat_template_kwargs: TemplateKwargs = None  # extra template variables, e.g. Qwen3's enable_thinking
 
     @model_validator(mode="after")
     def _check_prompt_scores(self) -> "ChatCompletionRequest":
@@ -348,3 +350,34 @@ class ChatCompletionRequest(_Common):
             else:
                 given["tool_choice"] = {"json": required_schema(tools, self.parallel_tool_calls)}
         return given
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a completion's `prompt` or a chat's `messages` (with its template options and
+    tools), tokenized exactly as the server tokenizes that request."""
+    model_config = _CONFIG
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None  # a prompt's BOS and the like (default: yes); a chat template writes its own
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise _Unsupported("prompt", "or messages: give exactly one")
+        if self.messages is not None and self.add_special_tokens:
+            raise _Unsupported("add_special_tokens", "with messages: the chat template writes the special tokens")
+        if self.messages is None and (self.tools or self.chat_template_kwargs):
+            raise _Unsupported("tools" if self.tools else "chat_template_kwargs", "needs messages, not a prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+    model_config = _CONFIG
+    model: StrictStr | None = None
+    tokens: list[TokenId]

@@ -263,6 +263,46 @@ def test_an_idle_engine_keeps_its_ranks_and_a_dead_one_stops_it(gguf_path):
     torch.distributed.destroy_process_group()  # this process may form another group
 
 
+def test_a_rank_lost_mid_step_is_reported_once_the_step_is_stuck(monkeypatch):
+    """On NCCL a step whose peer died waits in its collective until the timeout: rank 0's watch reports a rank that ends
+    while a step stays under way past the grace (the engine-core process then exits), and nothing for one that ends
+    between steps (the next step's check fails it). The step stands still here by waiting on an event."""
+    import multiprocessing
+    import threading
+
+    from slipstream.parallel.workers import LeadRunner
+
+    class Waiting:  # a runner whose launch waits, like a collective whose peer is gone
+        release = threading.Event()
+
+        def launch(self, step, fill_masks=None):
+            self.release.wait(30)
+            return step
+
+    monkeypatch.setattr(LeadRunner, "_send", lambda self, obj: None)
+    fork = multiprocessing.get_context("fork")
+    reports = {}
+    for mid_step in (True, False):
+        worker = fork.Process(target=time.sleep, args=(60,), daemon=True)
+        worker.start()
+        lead = LeadRunner(Waiting(), None, [worker], keepalive_s=3600)
+        reports[mid_step] = []
+        lead.watch(reports[mid_step].append, grace_s=0.5)
+        stepping = threading.Thread(target=lead.launch, args=("step",))
+        if mid_step:
+            stepping.start()
+            time.sleep(0.2)
+        worker.kill()
+        worker.join(5)
+        time.sleep(2.0)
+        Waiting.release.set()
+        if mid_step:
+            stepping.join(5)
+        lead._closing.set()  # (no keep-alive thread left behind)
+    assert len(reports[True]) == 1 and "rank 1 exited" in reports[True][0] and "during a step" in reports[True][0]
+    assert reports[False] == []
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/status") as f:

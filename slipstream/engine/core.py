@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from slipstream import loader
 from slipstream.config import EngineConfig
@@ -289,6 +289,12 @@ class EngineCore:
         check = getattr(self.runner, "check_ranks", None)
         if check is not None:
             check()
+
+    def watch_ranks(self, on_stuck: Callable[[str], None]) -> None:
+        """Call `on_stuck(why)` if a tensor-parallel rank dies mid-step and leaves the step waiting for it."""
+        watch = getattr(self.runner, "watch", None)
+        if watch is not None:
+            watch(on_stuck)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None

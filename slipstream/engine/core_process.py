@@ -165,6 +165,7 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
         signal.signal(sig, signal.SIG_IGN)
     try:
         core = EngineCore(config)
+        core.watch_ranks(_exit_stuck)
         core.warm_up()
         log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
         _report_late_compiles()
@@ -180,6 +181,13 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
         sys.exit(1)
     finally:
         core.close()
+
+
+def _exit_stuck(why: str) -> None:
+    """A step waits for a tensor-parallel rank that is gone: end the process now (the front ends see it and fail its
+    requests) rather than when the collective times out."""
+    log.critical("%s; the engine core exits", why)
+    os._exit(1)
 
 
 def _report_late_compiles() -> None:

@@ -12,20 +12,23 @@ nnodes consecutive ranks: the engine's host ranks 0.., host R (`slipstream worke
 R-th run; the address and port must then be given alike on every host. On CUDA a rank uses its host's GPU of its
 local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
 as they join. A worker that dies fails the engine at its next step; one on the engine's host, at once even when idle
-(`check_ranks`: a rank on another host is seen only at the next step). Rank 0 gone, the workers' next receive fails
+(`check_ranks`: a rank on another host is seen only at the next step), and during a step that it leaves waiting
+(`watch`). Rank 0 gone, the workers' next receive fails
 and they exit. Every wait between ranks times out after `distributed_timeout_s`, the workers' wait for the next step
 too: an idle rank 0 sends them an empty message every quarter of it, so an engine may stay idle for as long as it likes.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,6 +119,8 @@ class LeadRunner:
         self._lock = threading.Lock()  # one sender at a time: a step and its masks reach the ranks back to back
         self._last_send = time.monotonic()
         self._closing = threading.Event()
+        self._steps = 0  # launches and collects begun
+        self._current: int | None = None  # the one under way, if any
         self._keepalive = threading.Thread(target=self._keep_ranks_waiting, args=(keepalive_s,), daemon=True,
                                            name="slipstream-rank-keepalive")
         self._keepalive.start()
@@ -135,8 +140,34 @@ class LeadRunner:
                     log.warning("tensor parallel: a keep-alive failed (%s); no more are sent", e)
                     return
 
+    @contextlib.contextmanager
+    def _in_step(self) -> Iterator[None]:
+        self._steps += 1
+        self._current = self._steps
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def watch(self, on_stuck: Callable[[str], None], grace_s: float = 5.0) -> None:
+        """Call `on_stuck(why)` from a thread of its own if a rank on this host ends while this one is in a launch or
+        collect that has not returned `grace_s` later. On NCCL a collective whose peer is gone does not fail: it waits
+        for distributed_timeout_s, and so would every request; the engine-core process exits instead. (A rank that
+        ends between steps fails the next one at once: `check_ranks`.)"""
+        if self.workers:
+            threading.Thread(target=self._watch, args=(on_stuck, grace_s), daemon=True, name="slipstream-rank-watch").start()
+
+    def _watch(self, on_stuck: Callable[[str], None], grace_s: float) -> None:
+        ended = multiprocessing.connection.wait([w.sentinel for w in self.workers])
+        step = self._current
+        if step is None or self._closing.wait(grace_s) or self._current != step:
+            return  # between steps, stopping, or the step returned (with its collective's error)
+        rank, w = next((r, w) for r, w in enumerate(self.workers, 1) if w.sentinel in ended)
+        on_stuck(f"tensor-parallel rank {rank} exited (code {w.exitcode}) during a step, which has not returned "
+                 f"{grace_s:g} s later: its collectives wait for a rank that is gone")
+
     def launch(self, step: Any, fill_masks: Any = None) -> Any:
-        with self._lock:
+        with self._lock, self._in_step():
             # A rank that died since the last step: fail now. Its collectives would fail too, but not always at once:
             # gloo has been seen waiting on a killed peer until its timeout.
             self.check_ranks()
@@ -152,7 +183,8 @@ class LeadRunner:
             return self.runner.launch(step, fill_and_send)
 
     def collect(self, launched: Any) -> Any:
-        return self.runner.collect(launched)
+        with self._in_step():
+            return self.runner.collect(launched)
 
     def check_ranks(self) -> None:
         """Raise if another rank's process has ended: an idle engine would otherwise learn it only at its next

@@ -59,7 +59,8 @@ def main() -> None:
             r = asyncio.run(run_rate(url, "stub", prompts, rate, None, (1.0, 1.0), 0))
             cpu = time.process_time() - cpu
             print(f"rate {rate:g}: {r['request_throughput']:.2f} req/s over {r['duration_s']:.2f} s (arrivals end at "
-                  f"{schedule:.2f} s, the last stream 0.4 s later), client CPU {cpu:.2f} s, failed {r['failed']}")
+                  f"{schedule:.2f} s, the last stream 0.4 s later), client CPU {cpu:.2f} s, latest send "
+                  f"{1e3 * r['max_send_lag_s']:.1f} ms behind the schedule, failed {r['failed']}")
     finally:
         stub.terminate()
         stub.wait()

@@ -307,11 +307,11 @@ def test_tokenize_counts_what_the_server_runs(server, client, llm):
         "city": {"type": "string"}}}}}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     counts = []
-    for extra in ({}, {"tools": tools}):
+    for extra in ({}, {"tools": tools}, {"tools": tools, "tool_choice": "none"}):
         chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0, **extra)
         counts.append(httpx.post(url + "/tokenize", json={"messages": messages, **extra}).json()["count"])
         assert counts[-1] == chat.usage.prompt_tokens, extra
-    assert counts[1] > counts[0]  # the tools are in the prompt
+    assert counts[1] > counts[0] == counts[2]  # the tools are in the prompt, unless tool_choice is "none"
     without = httpx.post(url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert 0 < without["count"] < counts[0]
     assert httpx.get(url + "/version").json() == {"version": slipstream.__version__}

@@ -265,8 +265,9 @@ def test_an_idle_engine_keeps_its_ranks_and_a_dead_one_stops_it(gguf_path):
 
 def test_a_rank_lost_mid_step_is_reported_once_the_step_is_stuck(monkeypatch):
     """On NCCL a step whose peer died waits in its collective until the timeout: rank 0's watch reports a rank that ends
-    while a step stays under way past the grace (the engine-core process then exits), and nothing for one that ends
-    between steps (the next step's check fails it). The step stands still here by waiting on an event."""
+    while a step is still under way after the grace, and kills the other local ranks first (the engine-core process then
+    exits); nothing for one that ends between steps (the next step's check fails it). The step stands still here by
+    waiting on an event."""
     import multiprocessing
     import threading
 
@@ -283,23 +284,26 @@ def test_a_rank_lost_mid_step_is_reported_once_the_step_is_stuck(monkeypatch):
     fork = multiprocessing.get_context("fork")
     reports = {}
     for mid_step in (True, False):
-        worker = fork.Process(target=time.sleep, args=(60,), daemon=True)
-        worker.start()
-        lead = LeadRunner(Waiting(), None, [worker], keepalive_s=3600)
+        workers = [fork.Process(target=time.sleep, args=(60,), daemon=True) for _ in range(2)]
+        for w in workers:
+            w.start()
+        lead = LeadRunner(Waiting(), None, workers, keepalive_s=3600)
         reports[mid_step] = []
         lead.watch(reports[mid_step].append, grace_s=0.5)
         stepping = threading.Thread(target=lead.launch, args=("step",))
         if mid_step:
             stepping.start()
             time.sleep(0.2)
-        worker.kill()
-        worker.join(5)
+        workers[1].kill()
+        workers[1].join(5)
         time.sleep(2.0)
+        assert workers[0].is_alive() != mid_step  # the other rank killed only by a report
         Waiting.release.set()
         if mid_step:
             stepping.join(5)
+        workers[0].kill()
         lead._closing.set()  # (no keep-alive thread left behind)
-    assert len(reports[True]) == 1 and "rank 1 exited" in reports[True][0] and "during a step" in reports[True][0]
+    assert len(reports[True]) == 1 and "rank 2 exited" in reports[True][0], reports
     assert reports[False] == []
 
 

@@ -123,7 +123,7 @@ async def one(session: aiohttp.ClientSession, url: str, model: str, prompt, p_le
                     r.output_tokens = chunk["usage"]["completion_tokens"]
         r.e2e = time.perf_counter() - start
         r.ok = r.output_tokens > 0
-    except (aiohttp.ClientError, ValueError) as e:  # a broken event fails its request, not the run
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # fails its request, not the run
         r.error = repr(e)
     return r
 
@@ -230,7 +230,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     for r in results:
         if r["request_rate"] != float("inf") and r["max_send_lag_s"] > 0.05:
             # a client that sends late measures itself, not the server: a slower rate than asked, lighter load
-            print(f"warning: at rate {r['request_rate']:g} a request went out {1e3 * r['max_send_lag_s']:.0f} ms after "
+            print(f"warning: at rate {r['request_rate']:g} a request was started {1e3 * r['max_send_lag_s']:.0f} ms after "
                   "its time on the schedule (this client was busy): the rate reached is the client's")
     if a.plot and len(results) > 1:
         _plot(results, a.plot)
@@ -239,7 +239,9 @@ def run(a: argparse.Namespace) -> list[dict]:
 
 def _first_model(url: str) -> str:
     async def get() -> str:
-        async with aiohttp.ClientSession() as session, session.get(url + "/v1/models") as resp:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+                session.get(url + "/v1/models") as resp:
+            resp.raise_for_status()
             return (await resp.json())["data"][0]["id"]
     return asyncio.run(get())
 

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import cdiv
-
 from slipstream.sampling_params import GREEDY_BELOW
 
 _GREEDY_BELOW = tl.constexpr(GREEDY_BELOW)  # jit code reads globals only as constexpr

@@ -119,8 +119,7 @@ class LeadRunner:
         self._lock = threading.Lock()  # one sender at a time: a step and its masks reach the ranks back to back
         self._last_send = time.monotonic()
         self._closing = threading.Event()
-        self._steps = 0  # launches and collects begun
-        self._current: int | None = None  # the one under way, if any
+        self._in_steps = 0  # launches and collects under way (a grammar's mask fill collects inside a launch)
         self._keepalive = threading.Thread(target=self._keep_ranks_waiting, args=(keepalive_s,), daemon=True,
                                            name="slipstream-rank-keepalive")
         self._keepalive.start()
@@ -142,29 +141,32 @@ class LeadRunner:
 
     @contextlib.contextmanager
     def _in_step(self) -> Iterator[None]:
-        self._steps += 1
-        self._current = self._steps
+        self._in_steps += 1
         try:
             yield
         finally:
-            self._current = None
+            self._in_steps -= 1
 
     def watch(self, on_stuck: Callable[[str], None], grace_s: float = 5.0) -> None:
-        """Call `on_stuck(why)` from a thread of its own if a rank on this host ends while this one is in a launch or
-        collect that has not returned `grace_s` later. On NCCL a collective whose peer is gone does not fail: it waits
-        for distributed_timeout_s, and so would every request; the engine-core process exits instead. (A rank that
-        ends between steps fails the next one at once: `check_ranks`.)"""
+        """Call `on_stuck(why)` from a thread of its own if, `grace_s` after a rank on this host ended, this one is
+        still in a launch or collect and has not failed the engine. On NCCL a collective whose peer is gone does not
+        fail: it waits for distributed_timeout_s (with overlap, in the collect of the step before, launched when the
+        rank was alive), and so would every request; the engine-core process exits instead. A rank that ends between
+        steps fails the next one at once (`check_ranks`, which the engine core also calls while idle). The other local
+        ranks are killed first: they would hold their GPUs in the same wait."""
         if self.workers:
             threading.Thread(target=self._watch, args=(on_stuck, grace_s), daemon=True, name="slipstream-rank-watch").start()
 
     def _watch(self, on_stuck: Callable[[str], None], grace_s: float) -> None:
         ended = multiprocessing.connection.wait([w.sentinel for w in self.workers])
-        step = self._current
-        if step is None or self._closing.wait(grace_s) or self._current != step:
-            return  # between steps, stopping, or the step returned (with its collective's error)
+        if self._closing.wait(grace_s) or not self._in_steps:
+            return  # stopping, the engine failed (check_ranks), or no step is waiting
         rank, w = next((r, w) for r, w in enumerate(self.workers, 1) if w.sentinel in ended)
-        on_stuck(f"tensor-parallel rank {rank} exited (code {w.exitcode}) during a step, which has not returned "
-                 f"{grace_s:g} s later: its collectives wait for a rank that is gone")
+        code = w.exitcode
+        for other in self.workers:
+            other.kill()
+        on_stuck(f"tensor-parallel rank {rank} exited (code {code}) and a step has waited for it {grace_s:g} s: "
+                 "its collectives cannot complete")
 
     def launch(self, step: Any, fill_masks: Any = None) -> Any:
         with self._lock, self._in_step():
@@ -183,7 +185,7 @@ class LeadRunner:
             return self.runner.launch(step, fill_and_send)
 
     def collect(self, launched: Any) -> Any:
-        with self._in_step():
+        with self._in_step():  # (not under the lock: a grammar's mask fill collects from inside a launch)
             return self.runner.collect(launched)
 
     def check_ranks(self) -> None:

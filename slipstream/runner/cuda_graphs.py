@@ -224,6 +224,8 @@ class PiecewiseLadder:
         out = self._forward(size, warm)  # Triton compiles the pieces' kernels for this size outside the capture
         if not self.results:
             self.results = tuple(torch.zeros(self.sizes[-1], *x.shape[1:], dtype=x.dtype, device=x.device) for x in out)
+        del out
+        torch.cuda.empty_cache()  # the warm-up's activations (see CapturePool.capturing)
         pieces: list[tuple[torch.cuda.CUDAGraph, int | None, float]] = []
         graph: torch.cuda.CUDAGraph | None = None
 

@@ -284,8 +284,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         req = await _parse(raw, TokenizeRequest)
         client = _check_model(state, req.model)
         if req.messages is not None:
-            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            ids = await _chat_prompt(client, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
+            ids = await _chat_prompt(client, req.messages, req.add_generation_prompt, req.tool_dicts(),
+                                     req.chat_template_kwargs)
         else:
             special = req.add_special_tokens is not False
             ids = await _off_loop(client.inputs.tokenize, req.prompt, special, param="prompt")

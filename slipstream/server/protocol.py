@@ -291,9 +291,19 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+def tool_dicts(tools: list[Tool] | None, choice: Any) -> list[dict[str, Any]] | None:
+    """The tools as the chat template takes them (none when tool_choice is "none")."""
+    if not tools or choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in tools]
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Count | None = None
@@ -331,10 +341,7 @@ class ChatCompletionRequest(_Common):
         return None
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
-        """The tools as the chat template takes them (none when tool_choice is "none")."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        return tool_dicts(self.tools, self.tool_choice)
 
     def _constraints(self) -> dict[str, dict[str, Any]]:
         given = super()._constraints()
@@ -362,6 +369,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     chat_template_kwargs: TemplateKwargs = None
     tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # "none" leaves the tools out of the prompt, as a chat request does
     add_special_tokens: bool | None = None  # a prompt's BOS and the like (default: yes); a chat template writes its own
     return_token_strs: bool = False
 
@@ -374,6 +382,9 @@ class TokenizeRequest(BaseModel):
         if self.messages is None and (self.tools or self.chat_template_kwargs):
             raise _Unsupported("tools" if self.tools else "chat_template_kwargs", "needs messages, not a prompt")
         return self
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return tool_dicts(self.tools, self.tool_choice)
 
 
 class DetokenizeRequest(BaseModel):

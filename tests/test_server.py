@@ -208,7 +208,9 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, llm):
     (the prompt's tokens lead the logprobs, the first without one): the figures the engine computes for the prompt,
     streamed in a choice's first chunk too; a stream that cannot carry them is a 400 naming the field."""
     prompt = "The capital of France is"
-    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2))[0]
+    # (an engine of its own: the served one is stepped by the server's thread, and two threads must not step one engine)
+    offline = LLM(llm.engine.model_path, dtype="float32", device="cpu", max_model_len=512)
+    ref = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2))[0]
     ids = ref.prompt_token_ids
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0}
     c = httpx.post(server.url + "/v1/completions", json={**body, "prompt_logprobs": 2}, timeout=60).json()["choices"][0]

@@ -324,3 +324,21 @@ def test_tokenize_counts_what_the_server_runs(server, client, llm):
                               ("/detokenize", {"tokens": [1, 10 ** 7]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens")):
         r = httpx.post(url + path, json=body)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_bench_serve_reads_the_servers_tokenizer(server, capsys):
+    """`slipstream bench serve` with no --tokenizer: the server names where its model came from (`root` in /v1/models,
+    here the embedded GGUF file), and the benchmark counts lengths with that file's tokenizer."""
+    import argparse
+
+    from slipstream.bench import serve_bench
+
+    root = httpx.get(server.url + "/v1/models").json()["data"][0]["root"]
+    assert root.endswith(".gguf")
+    args = argparse.Namespace(base_url=server.url, model=None, tokenizer=None, dataset="random", num_prompts=3,
+                              random_input_len=8, random_output_len=4, request_rate=[float("inf")], max_concurrency=None,
+                              slo_ttft_ms=1000.0, slo_tpot_ms=50.0, seed=0, structured="none", label="", plot=None)
+    (r,) = serve_bench.run(args)
+    assert r["completed"] == 3 and r["failed"] == 0 and "3 prompts, random" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--tokenizer"):
+        serve_bench.run(argparse.Namespace(**{**vars(args), "tokenizer": "/no/such/dir"}))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -203,11 +204,16 @@ async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency
 
 
 def run(a: argparse.Namespace) -> list[dict]:
-    from transformers import AutoTokenizer
+    from slipstream.loader import load_tokenizer
 
     url = a.base_url.rstrip("/")
-    model = a.model or _first_model(url)
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    served, root = _first_model(url)
+    model = a.model or served
+    tokenizer = a.tokenizer or root
+    if tokenizer is None or not os.path.exists(os.path.expanduser(tokenizer)):
+        why = f"{a.tokenizer!r} does not exist" if a.tokenizer else f"the server's model ({root or 'unnamed'}) is not here"
+        raise ValueError(f"--tokenizer: {why}; give the model's tokenizer (an HF directory or a .gguf file)")
+    tok = load_tokenizer(tokenizer)
     if a.dataset == "random":
         prompts = random_prompts(tok, a.num_prompts, a.random_input_len, a.random_output_len, a.seed)
     else:
@@ -237,12 +243,14 @@ def run(a: argparse.Namespace) -> list[dict]:
     return results
 
 
-def _first_model(url: str) -> str:
-    async def get() -> str:
+def _first_model(url: str) -> tuple[str, str | None]:
+    """The server's first model: its name, and where it was loaded from if the server says (`root`, as vLLM's do)."""
+    async def get() -> tuple[str, str | None]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
                 session.get(url + "/v1/models") as resp:
             resp.raise_for_status()
-            return (await resp.json())["data"][0]["id"]
+            card = (await resp.json())["data"][0]
+            return card["id"], card.get("root")
     return asyncio.run(get())
 
 
@@ -271,7 +279,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="online benchmark against an OpenAI-compatible server")
     p.add_argument("--base-url", required=True)
     p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer (HF dir) used to measure prompt/output lengths")
+    p.add_argument("--tokenizer", default=None, help="tokenizer that measures prompt/output lengths: an HF directory or "
+                   "a .gguf file (default: the model the server says it loaded, if it is on this machine)")
     p.add_argument("--dataset", default="random", help="path to a ShareGPT JSON file, or 'random'")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--random-input-len", type=int, default=512)

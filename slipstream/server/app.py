@@ -240,7 +240,10 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0, "owned_by": "slipstream"}]}
+        card = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "slipstream"}
+        if state.client is not None:  # where the model was loaded from, as vLLM says (a benchmark reads its tokenizer)
+            card["root"] = state.client.limits.model_path
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(raw: Request) -> Response:

@@ -34,11 +34,12 @@ def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 draws the most likely token (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this much "
+                   "probability (default: 1, all)")
+    p.add_argument("--top-k", type=int, default=-1, help="the k most likely tokens only (default: -1, all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the draws, for repeatable sampling")
 
 
 def _sampling(a: argparse.Namespace) -> SamplingParams:
@@ -104,6 +105,7 @@ class Chat:
     def command(self, line: str) -> bool:
         """Run a slash command; False to quit."""
         name, _, arg = line.partition(" ")
+        name = name.lower()
         if name in ("/exit", "/quit"):
             return False
         if name == "/reset":
@@ -111,9 +113,11 @@ class Chat:
             print("[conversation cleared]", file=sys.stderr)
         elif name == "/system":
             self.system, self.turns = arg.strip() or None, []
-            print("[system prompt set; conversation cleared]", file=sys.stderr)
-        else:
+            print(f"[system prompt {'set' if self.system else 'removed'}; conversation cleared]", file=sys.stderr)
+        elif name == "/help":
             print(CHAT_HELP, file=sys.stderr)
+        else:
+            print(f"[unknown command {name}]\n{CHAT_HELP}", file=sys.stderr)
         return True
 
     def reply(self, ids: list[int]) -> None:
@@ -204,11 +208,20 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from slipstream.server.app import ServerOptions
     from slipstream.server.launch import HttpSettings, listen, run_front_end, serve_with_front_ends
 
-    if a.api_server_count < 1:
-        raise ValueError(f"api_server_count must be >= 1, got {a.api_server_count}")
+    from slipstream.runner.device import resolve_device
+
+    for name, value, ok, rule in (("api_server_count", a.api_server_count, a.api_server_count >= 1, ">= 1"),
+                                  ("max_request_bytes", a.max_request_bytes, a.max_request_bytes >= 1, ">= 1"),
+                                  ("grace_period", a.grace_period, a.grace_period >= 0, ">= 0"),
+                                  ("request_timeout", a.request_timeout, a.request_timeout is None or a.request_timeout > 0, "> 0"),
+                                  ("header_timeout", a.header_timeout, a.header_timeout > 0, "> 0"),
+                                  ("body_timeout", a.body_timeout, a.body_timeout > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value}")
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
+    resolve_device(config.device)  # a GPU asked for on a machine without one: an error now, not from the engine core
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
                             reasoning_parser=a.reasoning_parser)
@@ -300,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     _sampling_args(g)
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    c.add_argument("--system", default=None)
+    c.add_argument("--system", default=None, help="a system message that opens the conversation (/system TEXT "
+                   "changes it)")
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(fn=cmd_chat)
@@ -333,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--node-rank", type=int, required=True, help="this host's index, 1..nnodes-1 (host 0 runs the engine)")
     _engine_args(w)
     w.set_defaults(fn=cmd_worker)
-    q = sub.add_parser("quantize", help="write an FP8 (HF / compressed-tensors) or 4-bit (AWQ / GPTQ) checkpoint "
-                                         "from a 16-bit model")
+    q = sub.add_parser("quantize", help="write an FP8 (HF / compressed-tensors), 4-bit (AWQ / GPTQ) or FP4 (NVFP4 / "
+                                         "MXFP4) checkpoint from a 16-bit model")
     q.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded)")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq", "nvfp4", "mxfp4"],
@@ -401,9 +415,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
 
 
-# options of the sampling and train-draft flags, as their errors name them
+# options of the sampling, train-draft and serve flags, as their errors name them
 _COMMAND_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "seed",
-                  "steps", "epochs", "lr", "draft_vocab_size", "answer_tokens", "held_out"}
+                  "steps", "epochs", "lr", "draft_vocab_size", "answer_tokens", "held_out",
+                  "api_server_count", "max_request_bytes", "grace_period", "request_timeout", "header_timeout",
+                  "body_timeout"}
 
 
 def _as_flags(message: str) -> str:

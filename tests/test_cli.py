@@ -26,6 +26,8 @@ def _run(*args, timeout=60):
     (["generate", "hi", "--gpu-memory-utilization", "5"], "--gpu-memory-utilization must be in (0, 1]"),
     (["generate", "hi", "--attention-backend", "triton", "--device", "cpu"], "--attention-backend 'triton' needs a cuda"),
     (["serve", "--tensor-parallel-size", "3", "--nnodes", "2"], "--nnodes must be >= 1 and divide"),
+    (["serve", "--port", "99999"], "--port must be in [0, 65535]"),
+    (["serve", "--grace-period", "-1"], "--grace-period must be >= 0"),
     (["chat", "--temperature", "-1"], "--temperature"),
     (["generate", "hi", "--model", "/does/not/exist"], "does not exist"),
     (["train-draft", "--prompts", "/does/not/exist.txt", "--out", "/tmp/never"], "cannot be read"),
@@ -55,8 +57,9 @@ def test_device_and_gpu_bench_checked_first():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the messages under test are those of a CPU-only machine")
-    p, _ = _run("generate", "hi", "--device", "cuda")
-    assert p.returncode == 2 and "no CUDA GPU" in p.stderr
+    for command in (("generate", "hi"), ("serve",)):
+        p, _ = _run(*command, "--device", "cuda")
+        assert p.returncode == 2 and "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr, p.stderr
     p, _ = _run("bench", "latency")
     assert p.returncode == 2 and "NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
     p, _ = _run("tune", "moe", "--model", "qwen3-30b-a3b")

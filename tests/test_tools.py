@@ -223,12 +223,14 @@ def test_glm45_calls_through_the_server(gguf_path):
 
 
 def test_bad_tool_requests_are_400(client):
-    for body in (dict(tool_choice="required"),
-                 dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
-                 dict(tools=[WEATHER, WEATHER]),
-                 dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})):
-        with pytest.raises(openai.BadRequestError):
+    for body, param in ((dict(tool_choice="required"), "tool_choice"),
+                        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+                        (dict(tools=[WEATHER, WEATHER]), "tools"),
+                        (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), None)):
+        with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **body)
+        if param is not None:
+            assert e.value.body["param"] == param, e.value.body
 
 
 REASONED = {"qwen3": ("<think>\nThe user asks 2+2. That is 4.\n</think>\n\nThe answer is 4.",

@@ -206,8 +206,11 @@ async def run_rate(url: str, model: str, prompts: list, rate: float, concurrency
 def run(a: argparse.Namespace) -> list[dict]:
     from slipstream.loader import load_tokenizer
 
-    url = a.base_url.rstrip("/")
-    served, root = _first_model(url)
+    url = a.base_url.rstrip("/").removesuffix("/v1")  # the server's root, as given or as OpenAI clients take it
+    try:
+        served, root = _first_model(url)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise ValueError(f"--base-url {a.base_url}: no OpenAI-compatible server answers /v1/models there ({e or type(e).__name__})") from None
     model = a.model or served
     tokenizer = a.tokenizer or root
     if tokenizer is None or not os.path.exists(os.path.expanduser(tokenizer)):

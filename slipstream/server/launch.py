@@ -12,6 +12,7 @@ the front ends stop admitting and drain for the grace period, then the core is t
 """
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -87,8 +88,11 @@ def listen(http: HttpSettings) -> socket.socket:
     family = socket.AF_INET6 if ":" in http.host else socket.AF_INET  # as uvicorn picks it: `--host ::` is IPv6
     try:
         return socket.create_server((http.host, http.port), family=family, backlog=2048)
-    except OSError as e:
-        raise ValueError(f"--port {http.port}: cannot listen on {http.host}:{http.port}: {e.strerror or e}") from None
+    except OSError as e:  # a busy port, or an address this host does not have
+        flag = f"--port {http.port}" if e.errno == errno.EADDRINUSE else f"--host {http.host}"
+        raise ValueError(f"{flag}: cannot listen on {http.host}:{http.port}: {e.strerror or e}") from None
+    except OverflowError:  # the bind's own range check
+        raise ValueError(f"--port must be in [0, 65535], got {http.port}") from None
 
 
 def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: str | None, count: int,

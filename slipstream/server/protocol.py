@@ -322,12 +322,13 @@ class ChatCompletionRequest(_Common):
     def _check_tools(self) -> "ChatCompletionRequest":
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools must have distinct function names")
+            raise _Unsupported("tools", "must have distinct function names")
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not names:
-            raise ValueError("tool_choice needs tools: it asks for a call")
+            raise _Unsupported("tool_choice", f"{choice if isinstance(choice, str) else 'naming a function'} needs tools: "
+                               "it asks for a call")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+            raise _Unsupported("tool_choice", f"names {choice.function.name!r}, which is not among the tools")
         return self
 
     def tool_mode(self) -> tuple[str, str | None] | None:

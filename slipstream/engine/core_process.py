@@ -22,7 +22,7 @@ from slipstream.engine.core import EngineCore, EngineOverloaded
 from slipstream.engine.messages import (
     Abort, AddRequest, Failed, FinishSequences, Ready, Rejected, Shutdown, StepOut, ToCore,
 )
-from slipstream.heap import freeze_startup_heap
+from slipstream.heap import freeze_startup_heap, thaw_startup_heap
 
 log = logging.getLogger("slipstream.core")
 _IDLE_POLL_MS = 500  # an idle core wakes this often to notice that its front end has gone
@@ -181,6 +181,7 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
         sys.exit(1)
     finally:
         core.close()
+        thaw_startup_heap()
 
 
 def _exit_stuck(why: str) -> None:

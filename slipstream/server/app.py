@@ -30,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import slipstream
 from slipstream.engine.input_processor import EngineOverloaded, apply_chat_template
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
-from slipstream.heap import freeze_startup_heap
+from slipstream.heap import freeze_startup_heap, thaw_startup_heap
 from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
                                            new_request_id)
 from slipstream.server.metrics import ServerMetrics
@@ -201,6 +201,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             await state.client.stop()
         elif state.runner is not None and state.runner.owned:  # stopped while loading: a loading core reads no
             state.runner.join(0)  # Shutdown, and it ignores Ctrl-C (server/launch.py): kill it
+        if freeze_heap:
+            thaw_startup_heap()
 
     app = FastAPI(title="slipstream", lifespan=lifespan)
     app.state.slipstream = state

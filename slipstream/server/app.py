@@ -53,6 +53,12 @@ class ServerOptions:
     tool_call_parser: str = "auto"  # how the model writes tool calls (server/tools.py); auto: from the chat template
     reasoning_parser: str = "none"  # how a reasoning model marks its reasoning (server/tools.py), sent as reasoning_content
 
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -37,6 +37,12 @@ class HttpSettings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
 
+    def __post_init__(self) -> None:
+        for name, ok, rule in (("port", 0 <= self.port <= 65535, "in [0, 65535]"), ("grace_period", self.grace_period >= 0, ">= 0"),
+                               ("header_timeout", self.header_timeout > 0, "> 0"), ("body_timeout", self.body_timeout > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
 
 def run_front_end(options: Any, http: HttpSettings, model: str | None, config: Any = None, attach: Any = None,
                   sock: socket.socket | None = None, metrics_dir: str | None = None) -> str | None:
@@ -91,8 +97,6 @@ def listen(http: HttpSettings) -> socket.socket:
     except OSError as e:  # a busy port, or an address this host does not have
         flag = f"--port {http.port}" if e.errno == errno.EADDRINUSE else f"--host {http.host}"
         raise ValueError(f"{flag}: cannot listen on {http.host}:{http.port}: {e.strerror or e}") from None
-    except OverflowError:  # the bind's own range check
-        raise ValueError(f"--port must be in [0, 65535], got {http.port}") from None
 
 
 def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: str | None, count: int,

@@ -11,6 +11,7 @@ from typing import Any
 
 from slipstream.config import ENGINE_OPTIONS, EngineConfig
 from slipstream.sampling_params import SamplingParams
+from slipstream.server.launch import LOG_LEVELS
 from slipstream.server.tools import FORMATS, REASONING
 
 
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
     s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
     s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")

@@ -167,8 +167,8 @@ def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
 def test_two_front_ends_share_the_port_the_core_and_the_metrics(gguf_path):
     """--api-server-count 2: concurrent requests over both front ends each get their own tokens (a prompt sent
     twice gets the same greedy text both times), /metrics counts every front end's requests, and SIGTERM drains a
-    stream before the server exits, leaving no process behind."""
-    with _serving(gguf_path, "--api-server-count", "2", "--grace-period", "60") as (proc, url):
+    stream before the server exits, leaving no process behind. One of them says where the server listens."""
+    with _serving(gguf_path, "--api-server-count", "2", "--grace-period", "60", "--log-level", "info") as (proc, url):
         fronts = _front_ends(proc)
         assert len(fronts) == 2
 
@@ -204,6 +204,8 @@ def test_two_front_ends_share_the_port_the_core_and_the_metrics(gguf_path):
         assert rest[-1] == "data: [DONE]" and "error" not in rest[-2], rest[-2:]
         assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
         assert not [p for p in fronts if os.path.exists(f"/proc/{p}")]
+        said = re.findall(r"^INFO: +ready: (\S+) on (\S+) ", proc.stdout.read().decode(), re.M)
+        assert said == [(os.path.basename(gguf_path), url)], said
 
 
 def _connections(pid: int) -> set[int]:

@@ -286,12 +286,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "a .gguf file (default: the model the server says it loaded, if it is on this machine)")
     p.add_argument("--dataset", default="random", help="path to a ShareGPT JSON file, or 'random'")
     p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--random-input-len", type=int, default=512)
-    p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")])
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--random-input-len", type=int, default=512,
+                   help="random dataset: mean prompt tokens (each prompt drawn uniformly from half to 1.5 times it)")
+    p.add_argument("--random-output-len", type=int, default=128,
+                   help="random dataset: mean output tokens (each drawn uniformly from half to 1.5 times it)")
+    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+                   help="requests per second, Poisson arrivals; one run per rate (inf: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0,
+                   help="goodput counts requests whose time to first token is at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="... and whose mean time per output token is at most this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--structured", default="none", choices=["none", "json", "json-unique"],
                    help="a JSON schema on every request: json cycles through a few (cached after first use), "

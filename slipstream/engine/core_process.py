@@ -155,9 +155,14 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outboxes: _Outboxes, decode, pare
             outboxes.step(core, [], rejected, 0.0)
 
 
+def python_log_level(name: str) -> int:
+    """The logging level of a server's --log-level (uvicorn's names; its "trace" is below debug)."""
+    return logging.DEBUG if name == "trace" else logging.getLevelName(name.upper())
+
+
 def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int, log_level: str = "info") -> None:  # noqa: ANN001
     """Entry point of the engine-core process: load, warm up, report Ready, serve; exit non-zero on failure."""
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s [engine core] %(message)s")
+    logging.basicConfig(level=python_log_level(log_level), format="%(levelname)s [engine core] %(message)s")
     # Ctrl-C reaches every process of the terminal's group, and so does a SIGTERM sent to the group (systemd, timeout,
     # an init that signals the group): the front ends drain and then stop the core, which must not die under the
     # streams they are finishing. It stops on Shutdown, when its parent goes, or by SIGKILL.
@@ -167,7 +172,7 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
         core = EngineCore(config)
         core.watch_ranks(_exit_stuck)
         core.warm_up()
-        log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
+        log.debug("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
         _report_late_compiles()
     except BaseException as e:  # noqa: BLE001 - reported to the front ends, which fail loudly
         log.critical("model load failed:\n%s", traceback.format_exc())

@@ -161,13 +161,14 @@ class _Guard:
 
 def build_app(options: ServerOptions, core: Any = None, config: Any = None, tokenizer: Callable[[], Any] | None = None,
               on_dead: Callable[[BaseException], None] | None = None, log_level: str = "info",
-              freeze_heap: bool = False, attach: CoreAttached | None = None, metrics_dir: str | None = None) -> FastAPI:
+              freeze_heap: bool = False, attach: CoreAttached | None = None, metrics_dir: str | None = None,
+              url: str | None = None) -> FastAPI:
     """Serve an already loaded `core` (EngineCore, on a thread), start one in its own process from `config`, or
     `attach` to one that another process started (one of several front ends); the tokenizer, from `tokenizer()`,
     loads meanwhile; /health is 503 until both are ready. `on_dead` is called if the core fails or dies (the CLI
     then exits non-zero). `freeze_heap`: this process is the server's own (`slipstream serve`): once ready, take its
     start-up heap out of garbage collection (slipstream/heap.py). `metrics_dir`: the front ends' shared metrics
-    (server/metrics.py)."""
+    (server/metrics.py). `url`: where this server listens, said once it is ready."""
     state = ServerState(options, metrics_dir)
 
     def dead(error: BaseException) -> None:
@@ -190,8 +191,11 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
             await client.start()
             state.client = client
             if freeze_heap:
-                log.info("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
-            log.info("engine ready: %s", options.model_name)
+                log.debug("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
+            if url is None:
+                log.info("engine ready: %s", options.model_name)
+            else:
+                log.info("ready: %s on %s (OpenAI API at %s/v1)", options.model_name, url, url)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits
             log.critical("the model failed to load: %s", e)
             state.load_error = e

@@ -28,6 +28,9 @@ from typing import Any
 log = logging.getLogger("slipstream.server")
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     host: str = "127.0.0.1"
@@ -39,21 +42,34 @@ class HttpSettings:
 
     def __post_init__(self) -> None:
         for name, ok, rule in (("port", 0 <= self.port <= 65535, "in [0, 65535]"), ("grace_period", self.grace_period >= 0, ">= 0"),
-                               ("header_timeout", self.header_timeout > 0, "> 0"), ("body_timeout", self.body_timeout > 0, "> 0")):
+                               ("header_timeout", self.header_timeout > 0, "> 0"), ("body_timeout", self.body_timeout > 0, "> 0"),
+                               ("log_level", self.log_level in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
 
 def run_front_end(options: Any, http: HttpSettings, model: str | None, config: Any = None, attach: Any = None,
-                  sock: socket.socket | None = None, metrics_dir: str | None = None) -> str | None:
+                  sock: socket.socket | None = None, metrics_dir: str | None = None, announce: bool = True) -> str | None:
     """Serve HTTP until SIGTERM / SIGINT or the engine's death; returns why the engine stopped, None after a clean
-    shutdown. Starts the core from `config`, or attaches to one (`attach`, listening on `sock`)."""
+    shutdown. Starts the core from `config`, or attaches to one (`attach`, listening on `sock`). `announce`: say
+    where the server listens once it is ready (one front end of several says it)."""
     import asyncio
 
     import uvicorn
+    import uvicorn.logging
 
     from slipstream import loader
+    from slipstream.engine.core_process import python_log_level
     from slipstream.server.app import build_app, uvicorn_config
+
+    root = logging.getLogger("slipstream")
+    if not root.handlers:  # this process's own lines look like uvicorn's beside them
+        handler = logging.StreamHandler()
+        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(python_log_level(http.log_level))
+    port = sock.getsockname()[1] if sock is not None else http.port  # --port 0: the one the system gave
+    host = f"[{http.host}]" if ":" in http.host else http.host
 
     failed: list[BaseException] = []
 
@@ -63,7 +79,8 @@ def run_front_end(options: Any, http: HttpSettings, model: str | None, config: A
         asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
 
     app = build_app(options, config=config, attach=attach, tokenizer=lambda: loader.load_tokenizer(model, None),
-                    on_dead=on_dead, log_level=http.log_level, freeze_heap=True, metrics_dir=metrics_dir)
+                    on_dead=on_dead, log_level=http.log_level, freeze_heap=True, metrics_dir=metrics_dir,
+                    url=f"http://{host}:{port}" if announce else None)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
@@ -84,7 +101,7 @@ def _front_end_main(index: int, options: Any, http: HttpSettings, model: str | N
     # once (a second signal would make uvicorn skip the drain).
     os.setpgrp()
     attach.watch()  # now, while the core is known alive: a pid noticed later could already be another process's
-    failed = run_front_end(options, http, model, attach=attach, sock=sock, metrics_dir=metrics_dir)
+    failed = run_front_end(options, http, model, attach=attach, sock=sock, metrics_dir=metrics_dir, announce=index == 0)
     if failed:
         sys.exit(f"slipstream front end {index}: the engine stopped: {failed}")
 

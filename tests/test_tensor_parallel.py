@@ -317,24 +317,37 @@ def _running(pid):
 
 def test_serve_with_two_ranks_and_its_shutdowns(gguf_path):
     """`slipstream serve --tensor-parallel-size 2`: answers, and SIGTERM leaves no rank behind; a rank killed while
-    the server is idle ends it non-zero within seconds, with no request to find out."""
+    the server is idle ends it non-zero within seconds, with no request to find out; so does one killed while the
+    engine starts (rank 0 waits for it in the rendezvous, which would last distributed_timeout_s, 600 s)."""
     import httpx
 
     from server_util import free_port
     from test_serve_process import _children, _start, _wait_healthy
 
-    for kill_rank in (False, True):
+    def ranks_of(proc):
+        return [c for p in _children(proc.pid) for c in _children(p)
+                if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+
+    for mode in ("stop", "kill idle", "kill starting"):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _start(gguf_path, port, "--tensor-parallel-size", "2")
         try:
+            if mode == "kill starting":
+                deadline = time.monotonic() + 60
+                while not (ranks := ranks_of(proc)) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert ranks, "the engine core started no rank"
+                os.kill(ranks[0], signal.SIGKILL)
+                assert proc.wait(timeout=30) != 0
+                assert "rank 1 exited (code -9) while the engine started" in proc.stdout.read().decode()
+                continue
             _wait_healthy(proc, url)
             r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 0}, timeout=60)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-            core = _children(proc.pid)
-            ranks = [c for p in core for c in _children(p)]
+            ranks = ranks_of(proc)
             assert ranks, "the engine core started no rank"
-            if kill_rank:
+            if mode == "kill idle":
                 os.kill(ranks[0], signal.SIGKILL)
                 assert proc.wait(timeout=20) != 0
             else:

@@ -36,7 +36,9 @@ _SEED_SPACE = 1 << 63  # seeds are int64 in the sampling kernels
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, on_stuck: Callable[[str], None] | None = None) -> None:
+        """`on_stuck(why)`: what to do, from another thread, when a tensor-parallel rank of this host died and this one
+        waits for it (parallel/workers.py); the engine-core process exits."""
         # The runner (torch, the GPU) is imported here, not at module level: the scheduler side stays torch-free.
         from slipstream.attention.registry import resolve_backend
         from slipstream.runner.device import resolve_device
@@ -66,7 +68,7 @@ class EngineCore:
         if config.tensor_parallel_size > 1:  # ranks 1.. in processes of their own; this one is rank 0
             from slipstream.parallel.workers import start
 
-            self.runner = start(config, mc, loaded.weights, max_len, self.eos_ids)
+            self.runner = start(config, mc, loaded.weights, max_len, self.eos_ids, on_stuck)
         elif head is not None:
             from slipstream.runner.draft_head import DraftHeadRunner, head_footprint
 
@@ -289,12 +291,6 @@ class EngineCore:
         check = getattr(self.runner, "check_ranks", None)
         if check is not None:
             check()
-
-    def watch_ranks(self, on_stuck: Callable[[str], None]) -> None:
-        """Call `on_stuck(why)` if a tensor-parallel rank dies mid-step and leaves the step waiting for it."""
-        watch = getattr(self.runner, "watch", None)
-        if watch is not None:
-            watch(on_stuck)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None

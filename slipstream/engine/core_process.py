@@ -169,8 +169,7 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     try:
-        core = EngineCore(config)
-        core.watch_ranks(_exit_stuck)
+        core = EngineCore(config, on_stuck=_exit_stuck)
         core.warm_up()
         log.debug("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
         _report_late_compiles()

@@ -12,8 +12,8 @@ nnodes consecutive ranks: the engine's host ranks 0.., host R (`slipstream worke
 R-th run; the address and port must then be given alike on every host. On CUDA a rank uses its host's GPU of its
 local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
 as they join. A worker that dies fails the engine at its next step; one on the engine's host, at once even when idle
-(`check_ranks`: a rank on another host is seen only at the next step), and during a step that it leaves waiting
-(`watch`). Rank 0 gone, the workers' next receive fails and they exit. Every wait between ranks times out after
+(`check_ranks`: a rank on another host is seen only at the next step), and during a step or the start that it leaves
+waiting (`watch`, `_fail_fast`, where the engine says what to do). Rank 0 gone, the workers' next receive fails and they exit. Every wait between ranks times out after
 `distributed_timeout_s`, the workers' wait for the next step too: an idle rank 0 sends them an empty message every
 quarter of it, so an engine may stay idle for as long as it likes.
 """
@@ -213,8 +213,11 @@ class LeadRunner:
             dist.destroy_process_group()
 
 
-def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: set[int]) -> LeadRunner:
-    """Start ranks 1..N-1 and build rank 0's runner here (they meet as they build: the KV page count is agreed)."""
+def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: set[int],
+          on_stuck: Callable[[str], None] | None = None) -> LeadRunner:
+    """Start ranks 1..N-1 and build rank 0's runner here (they meet as they build: the KV page count is agreed).
+    `on_stuck(why)`: called from a thread of its own if a rank on this host ends while this one waits for it, during
+    the start (`_fail_fast`) or in a step (`LeadRunner.watch`); without it such a wait lasts distributed_timeout_s."""
     from slipstream.runner.device import resolve_device
     from slipstream.runner.model_runner import ModelRunner
 
@@ -224,9 +227,10 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
     addr, port = _rendezvous(config.nnodes)
     workers = _start_ranks(config, range(1, _per_host(config)), addr, port, cuda)
     try:
-        shard = join(0, world, addr, port, cuda, config.distributed_timeout_s, config.enable_expert_parallel, 0)
-        dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
-        runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
+        with _fail_fast(workers, on_stuck):
+            shard = join(0, world, addr, port, cuda, config.distributed_timeout_s, config.enable_expert_parallel, 0)
+            dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
+            runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
     except BaseException:
         for w in workers:
             w.kill()
@@ -234,7 +238,40 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
             dist.destroy_process_group()
         raise
     log.info("tensor parallel: %d ranks", world)
-    return LeadRunner(runner, shard, workers, config.distributed_timeout_s / 4)
+    lead = LeadRunner(runner, shard, workers, config.distributed_timeout_s / 4)
+    if on_stuck is not None:
+        lead.watch(on_stuck)
+    return lead
+
+
+@contextlib.contextmanager
+def _fail_fast(workers: list[multiprocessing.Process], on_stuck: Callable[[str], None] | None) -> Iterator[None]:
+    """While the ranks start, call `on_stuck(why)` as soon as one of this host's ends (none ends on its own before
+    the engine stops: it failed, and its traceback is on stderr), having killed the others. Rank 0 may be waiting
+    for it in the rendezvous or a collective, which no error ends before distributed_timeout_s."""
+    if on_stuck is None or not workers:
+        yield
+        return
+    started, done = multiprocessing.Pipe(duplex=False)
+
+    def watch() -> None:
+        ended = multiprocessing.connection.wait([started, *(w.sentinel for w in workers)])
+        if started in ended:
+            return
+        rank, w = next((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended)
+        for other in workers:
+            other.kill()
+        on_stuck(f"tensor-parallel rank {rank} exited (code {w.exitcode}) while the engine started")
+
+    watcher = threading.Thread(target=watch, daemon=True, name="slipstream-rank-start-watch")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.send(None)
+        watcher.join()
+        started.close()
+        done.close()
 
 
 def _per_host(config: Any) -> int:

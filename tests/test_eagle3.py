@@ -133,8 +133,11 @@ def drafts_seen(llm: LLM, monkeypatch) -> list[tuple[list[int], list[int]]]:  # 
     # Requests that end in their prefill step leave their prompt pages in the prefix cache: the head must have read
     # those positions too, since the requests below skip them (cache hits) and attend to the head's KV there.
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    assert core.prefix_cache.stats.hit_tokens >= 48
+    # and one that shares the first page of a cached prompt but not the token after it: the head's KV at the page's
+    # last position was made beside that token, so the page is not shared (radix_cache.py)
+    branch = prompts[1][:16] + [(prompts[1][16] + 1) % 512 or 3] + prompts[1][17:30]
+    llm.generate(prompts + [branch], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert core.prefix_cache.stats.hit_tokens == 48 + 16  # prompt 2's three full pages, prompt 3's one; none for the branch
     assert len(seen) >= 9
     return seen
 

@@ -112,6 +112,27 @@ def test_cache_evicts_lru_leaves_only_when_needed():
     assert full.num_computed_tokens == 0  # a full-prompt hit still leaves the last token to compute
 
 
+def test_a_draft_heads_cache_also_matches_the_token_after_each_page():
+    """With a draft head a page's KV depends on the token after it (radix_cache.py): a page serves only sequences
+    that continue it with the same token as the sequence that computed it; a plain cache shares it regardless."""
+    hits = {}
+    for head in (False, True):
+        bm = BlockManager(num_blocks=8, block_size=2)
+        cache = RadixCache(bm, next_token_in_kv=head)
+        a = Sequence(0, Request("a", [1, 2, 3, 4, 5], SamplingParams()), 0, [1, 2, 3, 4, 5], 0)
+        bm.allocate(a, 5)
+        a.num_computed_tokens = 5
+        cache.insert(a)  # pages [1,2] (then 3) and [3,4] (then 5)
+        bm.free(a)
+        hits[head] = []
+        for i, tokens in enumerate(([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9], [1, 2, 7, 8, 9])):
+            seq = Sequence(i + 1, Request(f"s{i}", tokens, SamplingParams()), 0, list(tokens), 0)
+            cache.match(seq)
+            hits[head].append(seq.num_computed_tokens)
+            bm.free(seq)
+    assert hits == {False: [4, 4, 2], True: [4, 2, 0]}
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_radix_cache_against_a_reference_model(seed):
     """Random insert / match (lock) / release (unlock) / evict against a model that keeps the set of cached

@@ -89,7 +89,8 @@ class EngineCore:
             log.info("draft model: %s", config.speculative_model)
             draft_runner = ModelRunner(draft_config, draft_loaded.config, draft_loaded.weights, max_len, self.eos_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        self.prefix_cache = RadixCache(self.block_manager) if config.cache.enable_prefix_caching else None
+        self.prefix_cache = (RadixCache(self.block_manager, next_token_in_kv=head is not None)
+                             if config.cache.enable_prefix_caching else None)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.prefix_cache)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

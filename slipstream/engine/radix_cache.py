@@ -13,6 +13,12 @@ also uses every page on the path above it, a parent is never less referenced tha
 leaves first can reclaim every unreferenced page.
 
 A match never covers a prompt's last token: its logits must be computed to sample the first output token.
+
+With a draft head (EAGLE-3, MTP) a page's KV is not a function of its tokens alone: the head's layer reads each
+position's hidden state beside the token after it, so the head's KV at a page's last position depends on the token
+that followed the page in the sequence that computed it. Such a tree (`next_token_in_kv`) keeps that token with each
+page and gives a page only to a sequence with the same token after it: elsewhere the head would attend to an entry
+made for another continuation.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class _Node:
     parent: "_Node | None"
     children: dict[tuple[int, ...], "_Node"] = field(default_factory=dict)
     last_access: int = 0
+    follows: int | None = None  # the token after the page in the sequence that computed it (None: not known yet)
 
 
 @dataclass
@@ -47,8 +54,9 @@ class PrefixCacheStats:
 
 
 class RadixCache:
-    def __init__(self, block_manager: "BlockManager") -> None:
+    def __init__(self, block_manager: "BlockManager", next_token_in_kv: bool = False) -> None:
         self.bm = block_manager
+        self.next_token_in_kv = next_token_in_kv
         self.block_size = block_manager.block_size
         self.root = _Node((), -1, None)
         self.nodes: dict[int, _Node] = {}  # block id -> node
@@ -61,10 +69,10 @@ class RadixCache:
 
     def _walk(self, tokens: list[int]) -> list[_Node]:
         """Nodes along the longest cached prefix of `tokens`, stopping short of the last token."""
-        path, node = [], self.root
-        for key in self._blocks(tokens, len(tokens) - 1):
+        path, node, bs = [], self.root, self.block_size
+        for i, key in enumerate(self._blocks(tokens, len(tokens) - 1)):
             node = node.children.get(key)
-            if node is None:
+            if node is None or (self.next_token_in_kv and node.follows != tokens[(i + 1) * bs]):
                 break
             path.append(node)
         return path
@@ -90,15 +98,16 @@ class RadixCache:
 
     def insert(self, seq: "Sequence") -> None:
         """Cache the full pages whose KV `seq` has computed (called after prefill chunks and at the end)."""
-        node, now = self.root, next(self._clock)
-        for i, key in enumerate(self._blocks(seq.token_ids, seq.num_computed_tokens)):
+        node, now, tokens = self.root, next(self._clock), seq.token_ids
+        for i, key in enumerate(self._blocks(tokens, seq.num_computed_tokens)):
             child = node.children.get(key)
             if child is None:
                 block = seq.block_table[i]
                 assert block not in self.nodes, f"page {block} already caches another prefix"
                 self.bm.share([block])  # the tree's own reference
                 self.bm.mark_cached(block)
-                child = _Node(key, block, node)
+                end = (i + 1) * self.block_size
+                child = _Node(key, block, node, follows=tokens[end] if end < len(tokens) else None)
                 node.children[key] = child
                 self.nodes[block] = child
             child.last_access = now

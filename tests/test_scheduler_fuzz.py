@@ -131,6 +131,24 @@ def test_a_draft_heads_cache_also_matches_the_token_after_each_page():
             hits[head].append(seq.num_computed_tokens)
             bm.free(seq)
     assert hits == {False: [4, 4, 2], True: [4, 2, 0]}
+    # a prompt that ends on a page boundary: its last page's next token is drawn later, and told at the next insert
+    bm = BlockManager(num_blocks=8, block_size=2)
+    cache = RadixCache(bm, next_token_in_kv=True)
+    a = Sequence(0, Request("a", [1, 2, 3, 4], SamplingParams()), 0, [1, 2, 3, 4], 0)
+    bm.allocate(a, 4)
+    a.num_computed_tokens = 4
+    cache.insert(a)
+
+    def hit(tokens):
+        seq = Sequence(9, Request("q", tokens, SamplingParams()), 0, list(tokens), 0)
+        cache.match(seq)
+        bm.free(seq)
+        return seq.num_computed_tokens
+
+    assert hit([1, 2, 3, 4, 5, 6]) == 2
+    a.token_ids.append(5)
+    cache.insert(a)
+    assert (hit([1, 2, 3, 4, 5, 6]), hit([1, 2, 3, 4, 6, 6])) == (4, 2)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -101,15 +101,18 @@ class RadixCache:
         node, now, tokens = self.root, next(self._clock), seq.token_ids
         for i, key in enumerate(self._blocks(tokens, seq.num_computed_tokens)):
             child = node.children.get(key)
+            end = (i + 1) * self.block_size
+            follows = tokens[end] if end < len(tokens) else None  # None: a prompt's last page, its next token not drawn
             if child is None:
                 block = seq.block_table[i]
                 assert block not in self.nodes, f"page {block} already caches another prefix"
                 self.bm.share([block])  # the tree's own reference
                 self.bm.mark_cached(block)
-                end = (i + 1) * self.block_size
-                child = _Node(key, block, node, follows=tokens[end] if end < len(tokens) else None)
+                child = _Node(key, block, node, follows=follows)
                 node.children[key] = child
                 self.nodes[block] = child
+            elif child.follows is None and child.block == seq.block_table[i]:  # the page's own sequence, now knowing it
+                child.follows = follows
             child.last_access = now
             node = child
 

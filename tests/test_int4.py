@@ -1,8 +1,8 @@
 """4-bit weights (W4A16): the packed layout; GGUF Q4_0 / Q4_1 / Q4_K blocks decoded by hand and against the gguf
 package; AWQ and GPTQ checkpoints packed by an independent writer; round-to-nearest and GPTQ quantization and the
 checkpoints `slipstream quantize` writes; the Triton GEMM and GEMV against their torch references (interpreter,
-fp16/fp32); the embedded Q4_1 model and a mixed GGUF kept 4-bit giving the weights and greedy tokens of the
-dequantize-at-load path."""
+fp16/fp32); the embedded Q4_1 model and mixed GGUFs kept 4-bit (and 8-bit: Q8_0, Q6_K) giving the weights and
+greedy tokens of the dequantize-at-load path."""
 import json
 
 import numpy as np
@@ -84,6 +84,18 @@ def fp4_weights(n, k, group, g):
     return pack(torch.randint(0, 16, (n, k), generator=g)), torch.rand(n, k // group, generator=g) * 0.01 + 0.001
 
 
+def packed_weights(kind, n, k, group, g, spread=0.05):
+    """(qweight, scales, offsets) of random weights: "int4" rounded to nearest, "fp4" E2M1 codes, "int8" signed bytes
+    with float32 (group 16) or float16 scales, as GGUF's Q6_K and Q8_0 are kept."""
+    if kind == "fp4":
+        return *fp4_weights(n, k, group, g), None
+    if kind == "int8":
+        scales = (torch.rand(n, k // group, generator=g) + 0.5) * spread / 64
+        return (torch.randint(-128, 128, (n, k), generator=g).to(torch.int8),
+                scales if group == 16 else scales.half(), None)
+    return quantize_rtn(torch.randn(n, k, generator=g) * spread, group)
+
+
 def test_e2m1_codes():
     """Every FP4 code by hand (sign bit 3, 2 exponent bits, 1 mantissa bit) through the torch reference."""
     codes = torch.arange(16, dtype=torch.uint8).view(1, 16)
@@ -92,21 +104,19 @@ def test_e2m1_codes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,group,fp4", [(1, 32, False), (19, 128, False), (40, 64, False), (1, 16, True), (19, 32, True)])
-def test_w4a16_gemm_matches_reference(dtype, m, group, fp4):
+@pytest.mark.parametrize("m,group,kind", [(1, 32, "int4"), (19, 128, "int4"), (40, 64, "int4"), (1, 16, "fp4"),
+                                          (19, 32, "fp4"), (1, 16, "int8"), (19, 32, "int8"), (40, 16, "int8")])
+def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
     from slipstream.kernels.int4 import w4a16_gemm
 
     g = torch.Generator().manual_seed(m)
     n, k = 80, 256  # N not a multiple of the column tile
-    if fp4:
-        (qweight, scales), offsets = fp4_weights(n, k, group, g), None
-    else:
-        qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) * 0.05, group)
+    qweight, scales, offsets = packed_weights(kind, n, k, group, g)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     ref = torch.nn.functional.linear(x.float(), dequantize(qweight, scales, offsets, dtype).float(), bias.float())
-    out = w4a16_gemm(x.to(DEV), qweight.to(DEV), scales.to(DEV), None if fp4 else offsets.to(DEV), group, bias.to(DEV),
-                     fp4=fp4)
+    out = w4a16_gemm(x.to(DEV), qweight.to(DEV), scales.to(DEV), None if offsets is None else offsets.to(DEV), group,
+                     bias.to(DEV), fp4=kind == "fp4")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
@@ -129,26 +139,23 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
 
 
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
-@pytest.mark.parametrize("group,fp4", [(32, False), (128, False), (16, True)])
-def test_4bit_gemv_matches_reference(prologue, group, fp4):
-    """One row against 4-bit weights (integer or FP4 codes): the fused GEMV (the norm or SwiGLU before it) vs the
-    dequantized weights."""
+@pytest.mark.parametrize("group,kind", [(32, "int4"), (128, "int4"), (16, "fp4"), (16, "int8"), (32, "int8")])
+def test_4bit_gemv_matches_reference(prologue, group, kind):
+    """One row against 4-bit weights (integer or FP4 codes) or GGUF's 8-bit ones: the fused GEMV (the norm or SwiGLU
+    before it) vs the dequantized weights."""
     from slipstream.kernels.matvec import gemv
 
     g = torch.Generator().manual_seed(group)
     n, k = 200, 256
     x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
-    if fp4:
-        (qweight, scales), offsets = fp4_weights(n, k, group, g), None
-    else:
-        qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, group)
+    qweight, scales, offsets = packed_weights(kind, n, k, group, g, spread=k**-0.5)
     nw = 1 + 0.1 * torch.randn(k, generator=g)
     a = gemv_prologue_ref(x, k, nw, prologue)
     bias = torch.randn(n, generator=g)
     ref = a.double() @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
     kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
     y, _ = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
-                weight_offset=None if fp4 else offsets.to(DEV), group=group, fp4=fp4, **kw)
+                weight_offset=None if offsets is None else offsets.to(DEV), group=group, fp4=kind == "fp4", **kw)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -388,8 +395,19 @@ def test_q4_k_blocks_equal_the_gguf_package():
     assert torch.equal(got, torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType.Q4_K)))
 
 
+def _random_blocks(rng, kind, n, k):
+    """Random super-blocks where the gguf package cannot quantize (Q4_K, Q6_K), with small d (and dmin)."""
+    if kind == GGMLQuantizationType.Q4_K:
+        blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+        blocks[..., 0:4] = np.array([0.002, 0.0005], dtype=np.float16).view(np.uint8)
+    else:  # Q6_K: the 6-bit q times d * sc with sc in -128..127: |w| up to 4096 d
+        blocks = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+        blocks[..., 208:210] = np.array([0.5 / 4096 / k**0.5], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
 def _tiny_gguf(path, types):
-    """A random two-layer Llama GGUF whose projections have the given block types (Q4_K: random super-blocks)."""
+    """A random two-layer Llama GGUF whose projections (and token_embd / output) have the given block types."""
     import gguf
 
     rng = np.random.default_rng(2)
@@ -403,21 +421,23 @@ def _tiny_gguf(path, types):
     w.add_layer_norm_rms_eps(1e-6)
     w.add_context_length(256)
     w.add_vocab_size(vocab)
-    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden)).astype(np.float32))
-    w.add_tensor("output.weight", (rng.standard_normal((vocab, hidden)) / 16).astype(np.float32))
+    def add(name, n, k, kind, scale):
+        kind = GGMLQuantizationType[kind]
+        if kind == GGMLQuantizationType.F32:
+            w.add_tensor(name, (rng.standard_normal((n, k)) * scale).astype(np.float32))
+        elif kind in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+            w.add_tensor(name, _random_blocks(rng, kind, n, k), raw_dtype=kind)
+        else:
+            w.add_tensor(name, gguf_quantize((rng.standard_normal((n, k)) * scale).astype(np.float32), kind), raw_dtype=kind)
+
+    add("token_embd.weight", vocab, hidden, types.get("token_embd", "F32"), 1.0)
+    add("output.weight", vocab, hidden, types.get("output", "F32"), 1 / 16)
     w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     shapes = {"attn_q": (hidden, hidden), "attn_k": (kv * 64, hidden), "attn_v": (kv * 64, hidden),
               "attn_output": (hidden, hidden), "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
     for layer in range(2):
         for part, (n, k) in shapes.items():
-            kind = GGMLQuantizationType[types[part]]
-            if kind == GGMLQuantizationType.Q4_K:
-                blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
-                blocks[..., 0:4] = np.array([0.002, 0.0005], dtype=np.float16).view(np.uint8)
-                data = blocks.reshape(n, -1)
-            else:
-                data = gguf_quantize((rng.standard_normal((n, k)) / k**0.5).astype(np.float32), kind)
-            w.add_tensor(f"blk.{layer}.{part}.weight", data, raw_dtype=kind)
+            add(f"blk.{layer}.{part}.weight", n, k, types[part], k**-0.5)
         for norm in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(hidden, dtype=np.float32))
     w.write_header_to_file()
@@ -445,6 +465,54 @@ def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
                      "mlp.down_proj": "Int4"}
     wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
+
+
+def test_q8_blocks_equal_the_gguf_package():
+    """Q8_0 (quantized by the gguf package; groups of 32, and repeated to 16) and random Q6_K super-blocks as signed
+    bytes and group scales: q * scale in float32 gives the gguf package's values, bit for bit."""
+    from slipstream.loader.gguf_loader import q8_blocks
+
+    rng = np.random.default_rng(5)
+    rows, cols = 6, 512
+    q8 = gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    q6 = _random_blocks(rng, GGMLQuantizationType.Q6_K, rows, cols)
+    for data, kind, group in ((q8, "Q8_0", 32), (q8, "Q8_0", 16), (q6, "Q6_K", 16)):
+        q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in q8_blocks(data, kind, rows, cols, group))
+        assert q.dtype == torch.int8 and scale.dtype == (torch.float16 if group == 32 else torch.float32)
+        want = torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType[kind]))
+        assert torch.equal(dequantize(q, scale, None, torch.float32), want), kind
+    assert int(q.min()) == -32 and int(q.max()) == 31  # Q6_K: 6 bits, less 32
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if DEV == "cuda" else []))
+def test_gguf_keeps_its_8bit_layers(tmp_path, device):
+    """Q8_0 and Q6_K projections stay 8-bit (signed bytes, groups of 16 in a file with Q6_K; Q/K rows unpermuted
+    with their scales) beside 4-bit ones; a layer fusing 4-bit and 8-bit blocks, and the embedding and output
+    (Q8_0, Q6_K), load dense. The run holds exactly the dequantizing run's weights (on the CPU, where both are
+    dequantized; on a GPU the kernels read the packed ones) and draws its greedy tokens."""
+    from slipstream.bench.common import _synthetic_tokenizer
+
+    path, tok = str(tmp_path / "q8.gguf"), str(tmp_path / "tok")
+    _tiny_gguf(path, {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
+                      "ffn_up": "Q8_0", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "Q6_K"})
+    _synthetic_tokenizer(384, 2, tok)
+    kw = dict(tokenizer=tok, dtype="float32", device=device, max_model_len=128, num_blocks=32, block_size=16)
+    if device == "cuda":
+        kw.update(gpu_memory_utilization=0.3)
+    packed, dense = LLM(path, quantization="int4", **kw), LLM(path, **kw)
+    a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
+    methods = {name: a.layers[0].get_submodule(name).method
+               for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert {name: (type(m).__name__, getattr(m, "bits", None), getattr(m, "group", None)) for name, m in methods.items()} == {
+        "self_attn.qkv_proj": ("Int4", 8, 16), "self_attn.o_proj": ("Int4", 4, 32),
+        "mlp.gate_up_proj": ("Unquantized", None, None), "mlp.down_proj": ("Int4", 8, 16)}
+    if device == "cpu":
+        wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    else:
+        assert a.layers[0].mlp.down_proj.qweight.dtype == torch.int8
     greedy = SamplingParams(max_tokens=6, temperature=0)
     assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
 

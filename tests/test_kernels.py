@@ -387,18 +387,19 @@ for norm, rotary in ((False, 128), (True, 64)):
     triton.compile(ASTSource(st, sig, constexprs={(st.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
 
-# The 4-bit GEMM and GEMV on FP4 E2M1 codes (NVFP4 / MXFP4 weights) and on integer codes.
+# The 4-bit GEMM and GEMV on integer codes, on FP4 E2M1 codes (NVFP4 / MXFP4 weights), and on GGUF's 8-bit integers.
 from slipstream.kernels.int4 import _w4a16_kernel as w4
 from slipstream.kernels.matvec import _gemv_kernel as gv
-w4types = dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
-gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", wo_ptr="*fp32",
-               b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
-for fp4 in (False, True):
-    consts = dict(HAS_BIAS=False, PRECISION="tf32", FP4=fp4, FINE=fp4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+for code in (0, 1, 2):
+    q = "*i8" if code == 2 else "*u8"
+    w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
+    gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr=q, ws_ptr="*fp32", wo_ptr="*fp32",
+                   b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
+    consts = dict(HAS_BIAS=False, PRECISION="tf32", CODE=code, FINE=code > 0, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
     sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
     triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
-    consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=4 if fp4 else 3, SCALE_BN=1, SCALE_BK=16, BLOCK_N=8,
+    consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code, SCALE_BN=1, SCALE_BK=16, BLOCK_N=8,
                   BLOCK_K=512)
     sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
@@ -411,7 +412,7 @@ mgtypes = dict(a_ptr="*bf16", b_ptr="*fp8e4nv", c_ptr="*bf16", w_ptr="*fp32", s_
                block_expert_ptr="*i32")
 for scales, gated, fp4 in ((1, True, False), (2, True, False), (2, False, False), (3, True, False), (3, False, True)):
     consts = dict(GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=scales, SCALE_BN=128, SCALE_BK=128,
-                  FP4=fp4, FINE=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+                  CODE=int(fp4), FINE=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
     mtypes = dict(mgtypes, b_ptr="*u8", z_ptr="*fp32") if scales == 3 else dict(mgtypes, z_ptr="*fp32")
     sig = {n: "constexpr" if n in consts else mtypes.get(n, "i32") for n in mg.arg_names}
     triton.compile(ASTSource(mg, sig, constexprs={(mg.arg_names.index(k),): v for k, v in consts.items()}),
@@ -445,8 +446,8 @@ assert len(reported) == 3 and all(r.startswith("_prefill_sm90_kernel(") and "STA
 
 
 def test_prefill_compiles_for_hopper():
-    """What the interpreter cannot vet: the Triton prefill paths (16-bit and FP8 pools), the FP8 decode, the fused
-    MoE GEMM on FP8 and 4-bit experts and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
+    """What the interpreter cannot vet: the Triton prefill paths (16-bit and FP8 pools), the FP8 decode, the 4-bit and
+    8-bit GEMM and GEMV, the fused MoE GEMM on FP8 and 4-bit experts and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
     tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
     uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -16,7 +16,8 @@ unfused kernels round their outputs (for "rmsnorm" that is w_norm * (x + residua
 FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
 (layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) are unpacked and
-dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds them.
+dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds them; so are 8-bit integer weights (GGUF
+Q8_0 / Q6_K: a signed byte a column, a scale per group).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
-    # offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row
+    # offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row, 5 8-bit
+    # integer weights with a scale per SCALE_BK columns of a row
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -68,16 +70,18 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                 sq += a * a
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         if SCALE >= 3:
-            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
-            q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])
-            group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
             ok = n_ok[:, None] & k_ok[None, :]
-            scale = tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            if SCALE == 4:
-                w = e2m1(q) * scale
+            if SCALE == 5:
+                v = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=ok, other=0).to(tl.float32)
             else:
-                w = q.to(tl.float32) * scale + tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
+                q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])
+                v = e2m1(q) if SCALE == 4 else q.to(tl.float32)
+            group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
+            w = v * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
+            if SCALE == 3:
+                w += tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
             w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
             w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -109,9 +113,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block; for
     4-bit weights (uint8 [N, K / 2]) unpack(weight) * weight_scale + weight_offset per `group` columns, or with `fp4`
-    e2m1(unpack(weight)) * weight_scale.
+    e2m1(unpack(weight)) * weight_scale; for 8-bit ones (int8 [N, K]) weight * weight_scale per `group` columns.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
-    four_bit = weight.dtype == torch.uint8
+    four_bit, eight_bit = weight.dtype == torch.uint8, weight.dtype == torch.int8
     n, k = weight.shape[0], weight.shape[1] * (2 if four_bit else 1)
     if x.shape != (1, 2 * k if prologue == "silu_mul" else k):
         raise ValueError(f"gemv takes one row matching weight {tuple(weight.shape)} and prologue {prologue!r}, got {tuple(x.shape)}")
@@ -120,8 +124,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
-    scale = (4 if fp4 else 3) if four_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
-    bn, bk = (1, group) if four_bit else scale_block or (1, 1)
+    scale = (4 if fp4 else 3) if four_bit else 5 if eight_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
+    bn, bk = (1, group) if four_bit or eight_bit else scale_block or (1, 1)
     _gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
-from slipstream.kernels.int4 import block_k, dequant_tile, fine_groups
+from slipstream.kernels.int4 import CODE_FP4, CODE_U4, block_k, dequant_tile, fine_groups
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -110,7 +110,7 @@ class Int4Experts(NamedTuple):
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
                      group, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn,
                      GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, SCALES: tl.constexpr,
-                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, FP4: tl.constexpr, FINE: tl.constexpr,
+                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, CODE: tl.constexpr, FINE: tl.constexpr,
                      PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """SCALES: 0, 16-bit weights; 1, FP8 with a scale per output row (s [E, rows]); 2, FP8 with a scale per
@@ -139,7 +139,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         ok_k = rk < K - k0
         a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
         if SCALES == 3:  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
-            b = tl.trans(dequant_tile(b_base, s_base, z_base, rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype, FP4,
+            b = tl.trans(dequant_tile(b_base, s_base, z_base, rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype, CODE,
                                       FINE, BLOCK_N, BLOCK_K))
         else:
             b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
@@ -151,7 +151,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         if GATED:
             if SCALES == 3:
                 u = tl.trans(dequant_tile(b_base, s_base, z_base, N + rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype,
-                                          FP4, FINE, BLOCK_N, BLOCK_K))
+                                          CODE, FINE, BLOCK_N, BLOCK_K))
             else:
                 u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
             if SCALES == 2:
@@ -289,7 +289,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = (torch.zeros if skipped_pairs else torch.empty)((pairs, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     precision = dot_precision(x.dtype)
-    fp4 = mode == 3 and quant.w13_offsets is None
+    code = CODE_FP4 if mode == 3 and quant.w13_offsets is None else CODE_U4
     for a, b, c, s, z, group, n, kk, gated in ((x, w13, mid, s13, z13, g13, inter, h, True),
                                                (mid, w2, out, s2, z2, g2, h, inter, False)):
         step = dict(tiles)
@@ -299,6 +299,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         _moe_gemm_kernel[(block_expert.numel(), cdiv(n, step["BLOCK_N"]))](
             a, b, c, weights, s, z, sorted_ids, block_expert, n, kk, pairs, k if gated else 1, group,
             a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
-            GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk, FP4=fp4,
+            GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk, CODE=code,
             FINE=mode == 3 and fine_groups(step["BLOCK_K"], group), PRECISION=precision, **step)
     return out.view(t, k, h).sum(1)

@@ -50,11 +50,13 @@ _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_ex
 _GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3MoeForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM"}
 
 
-# GGUF projections fused into one of our layers: they stay 4-bit together or not at all (a MoE layer's experts: all
-# three projections)
+# GGUF projections fused into one of our layers: they stay 4-bit (or 8-bit) together or not at all (a MoE layer's
+# experts: all three projections, 4-bit only)
 _FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",),
           ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+_PROJECTIONS = {part for group in _FUSED for part in group if part not in _EXPERTS}  # (not embeddings, norms)
 _Q4 = ("Q4_0", "Q4_1", "Q4_K")
+_Q8 = ("Q8_0", "Q6_K")  # kept as signed bytes (layers/quantization/int4.py)
 _BLOCK = 32  # weights per Q4_0 / Q4_1 block, and per sub-block of a Q4_K super-block
 
 
@@ -219,7 +221,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                        shared_expert_intermediate_size=_field(reader, f"{arch}.expert_shared_feed_forward_length", 0))
         cfg.update(moe)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    kept, dense = [], []
+    kept, wide, dense, wide_types = [], [], [], set()
     for layer in range(cfg["num_hidden_layers"]):
         for group in _FUSED:
             names = [f"blk.{layer}.{part}.weight" for part in group]
@@ -227,11 +229,19 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                 continue  # (a dense layer's experts, a MoE layer's MLP)
             modules = ([_experts_module(layer), _experts_module(layer).replace("gate_proj", "up_proj")]
                        if group[0] in _EXPERTS else [hf_name(n).removesuffix(".weight") for n in names])
-            (kept if all(types.get(n) in _Q4 for n in names) else dense).extend(modules)
-    if kept:
-        # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file
+            if all(types.get(n) in _Q4 for n in names):
+                kept.extend(modules)
+            elif group[0] not in _EXPERTS and all(types.get(n) in _Q8 for n in names):
+                wide.extend(modules)
+                wide_types.update(types[n] for n in names)
+            else:
+                dense.extend(modules)
+    if kept or wide:
+        # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file; Q6_K's
+        # 16-column sub-blocks set the 8-bit layers' groups
         cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense,
-                                      "k_quants": "Q4_K" in types.values()}
+                                      "k_quants": "Q4_K" in types.values(), "modules_8bit": wide,
+                                      "q6_k": "Q6_K" in wide_types}
     factor = _field(reader, f"{arch}.rope.scaling.factor")
     if factor and _field(reader, f"{arch}.rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
@@ -291,15 +301,17 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")
-        if as_stored and spec.method == "int4" and t.tensor_type.name in _Q4 and not spec.keeps_16bit([module]):
-            parts = _q4_parts(t, *shape)
+        if as_stored and spec.method == "int4" and part in _PROJECTIONS and not spec.keeps_16bit([module]):
+            wide = spec.keeps_8bit([module])
+            parts = _q8_parts(t, *shape, spec.wide_group) if wide else _q4_parts(t, *shape)
             if flip:
                 parts = tuple(unpermute_qk(a, heads) for a in parts)
-            q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
             base = name.removesuffix(".weight")
-            yield f"{base}.qweight", pack(q)
+            q, scale, *offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
+            yield f"{base}.qweight", q if wide else pack(q)
             yield f"{base}.scales", scale
-            yield f"{base}.offsets", offset
+            if not wide:
+                yield f"{base}.offsets", offset[0]
             continue
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = np.array(t.data, dtype=np.float32)  # copy: the reader maps the file read-only
@@ -311,6 +323,35 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         if name.endswith("shared_expert_gate.weight"):  # (llama.cpp stores the one-row gate as a vector)
             arr = arr.reshape(1, -1)
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def q8_blocks(data: np.ndarray, kind: str, rows: int, cols: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 / Q6_K rows of blocks -> (q int8 [rows, cols], scale [rows, cols / group]): w = q * scale, the gguf
+    package's values exactly. Q8_0: a block is d (float16) and 32 int8; its scales are d, float16 for groups of 32,
+    repeated and float32 for groups of 16. Q6_K: a super-block of 256 is the low nibbles (128 bytes), the high two
+    bits (64 bytes), 16 int8 scales and d (float16); weight = (6-bit q - 32) * d * sc per sub-block of 16, and d * sc
+    (at most 19 significant bits) is exact in float32."""
+    if kind == "Q8_0":
+        blocks = np.ascontiguousarray(data).reshape(rows, cols // 32, 34)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0]
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+        return q, (d if group == 32 else np.repeat(d.astype(np.float32), 32 // group, axis=-1))
+    if group != 16:
+        raise ValueError(f"Q6_K blocks need groups of 16 columns, got {group}")
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 210)
+    ql, qh = blocks[..., :128], blocks[..., 128:192]
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
+    # each half of a super-block: low nibbles of its 64 ql bytes are weights 0..63, high nibbles 64..127; its 32 qh
+    # bytes hold the high bits of weights j, j + 32, j + 64, j + 96 at bits 0, 2, 4, 6
+    lo = (ql.reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15
+    hi = (qh.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3
+    q = (lo.reshape(rows, -1, 2, 4, 32) | (hi.reshape(rows, -1, 2, 4, 32) << 4)).astype(np.int8) - 32
+    return q.reshape(rows, cols), (d * sc).reshape(rows, cols // 16)
+
+
+def _q8_parts(t: Any, rows: int, cols: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    return q8_blocks(t.data, t.tensor_type.name, rows, cols, group)
 
 
 def _q4_parts(t: Any, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -36,7 +36,8 @@ class LinearMethod(Protocol):
     def gemv(self, layer: "Linear", x: "torch.Tensor", **prologue: Any) -> "tuple[torch.Tensor, torch.Tensor | None]": ...
 
 
-def get_linear_method(spec: QuantSpec | str = "none") -> LinearMethod:
+def get_linear_method(spec: QuantSpec | str = "none", bits: int = 4) -> LinearMethod:
+    """`bits`: int4's integers are 8-bit in this layer (GGUF Q8_0 / Q6_K blocks)."""
     method = spec if isinstance(spec, str) else spec.method
     if method == "none":
         from slipstream.layers.quantization.unquantized import Unquantized
@@ -49,7 +50,7 @@ def get_linear_method(spec: QuantSpec | str = "none") -> LinearMethod:
     if method == "int4" and isinstance(spec, QuantSpec):
         from slipstream.layers.quantization.int4 import Int4
 
-        return Int4(spec)
+        return Int4(spec, bits)
     raise ValueError(f"no linear method for quantization {method!r}")
 
 
@@ -57,5 +58,8 @@ def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]]) 
     """prefix of a layer ("layers.0.mlp.gate_up_proj") -> its method; `checkpoint_names` lists the checkpoint
     modules fused into that layer, which the spec's ignore list names."""
     def method_for(prefix: str) -> LinearMethod:
-        return get_linear_method("none" if spec.keeps_16bit(checkpoint_names(prefix)) else spec)
+        names = checkpoint_names(prefix)
+        if spec.keeps_16bit(names):
+            return get_linear_method("none")
+        return get_linear_method(spec, 8 if spec.keeps_8bit(names) else 4)
     return method_for

@@ -12,6 +12,9 @@ in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * sca
     GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
   - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
     multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
+A GGUF file's 8-bit blocks stay 8-bit beside its 4-bit ones (`bits=8`): `qweight` int8 [N, K], one signed integer a
+column, and a scale per group, no offsets: w = q * scale. Q8_0 (d, 32 integers) as is; Q6_K's 6-bit q and scale d *
+sc per sub-block of 16 as (q - 32, d sc) in float32 (19 bits: exact), Q8_0's scales then repeated to groups of 16.
 Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21 significant bits, so the
 dequantized weights equal each format's own arithmetic in float32.
 
@@ -51,9 +54,12 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The weight [N, K] in `dtype`: q * scale + offset in float32 per group, then rounded once; with no offsets the
-    nibbles are FP4 E2M1 codes: e2m1(q) * scale."""
-    u = unpack(qweight)
-    q = E2M1.to(u.device)[u.long()] if offsets is None else u.float()
+    nibbles are FP4 E2M1 codes: e2m1(q) * scale; an int8 qweight holds the integers themselves: q * scale."""
+    if qweight.dtype == torch.int8:
+        q = qweight.float()
+    else:
+        u = unpack(qweight)
+        q = E2M1.to(u.device)[u.long()] if offsets is None else u.float()
     n, k = q.shape
     g = q.view(n, scales.shape[1], -1) * scales.float()[..., None]
     return (g if offsets is None else g + offsets.float()[..., None]).view(n, k).to(dtype)
@@ -145,9 +151,10 @@ def quantize_zero_point(w: torch.Tensor, group: int, min_zero: int = 0) -> tuple
 class Int4:
     supports_gemv = True
 
-    def __init__(self, spec: QuantSpec) -> None:
-        self.spec = spec
-        self.group = spec.group
+    def __init__(self, spec: QuantSpec, bits: int = 4) -> None:
+        """`bits=8`: the layer's GGUF blocks are 8-bit (Q8_0, Q6_K)."""
+        self.spec, self.bits = spec, bits
+        self.group = spec.wide_group if bits == 8 else spec.group
 
     def create_weights(self, layer: "Linear") -> None:
         n, k = layer.out_features, layer.in_features
@@ -170,7 +177,10 @@ class Int4:
         # (a row-parallel rank starts on a group's edge), `rows_per` output rows per entry of its output axis `dim`.
         per_group = self.group if self.spec.group != -1 else 0  # one group a row: every rank keeps it whole
         grouped = dict(cols_per=per_group)
-        if gguf:  # the loader repacked it: our layout, rows stacked
+        if gguf and self.bits == 8:  # one signed byte a weight, a scale per group (Q6_K's need float32)
+            params = [("qweight", (n, k), torch.int8, dict(cols_per=1)),
+                      ("scales", (n, g), torch.float32 if self.group == 16 else torch.float16, grouped)]
+        elif gguf:  # the loader repacked it: our layout, rows stacked
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
             params = [("qweight", (n, k // 2), torch.uint8, dict(cols_per=2)), ("scales", (n, g), dtype, grouped),
                       ("offsets", (n, g), dtype, grouped)]
@@ -204,11 +214,13 @@ class Int4:
             layer.register_parameter(name, p)
             layer.set_loader(p, stacked=True, **how)
 
-    def _from_checkpoint(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _from_checkpoint(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         fmt = self.spec.format
         if fmt.startswith("gguf"):
-            out = layer.qweight.data, layer.scales.data, layer.offsets.data, None
-            del layer.qweight, layer.scales, layer.offsets
+            out = layer.qweight.data, layer.scales.data, layer.offsets.data if self.bits == 4 else None, None
+            del layer.qweight, layer.scales
+            if self.bits == 4:
+                del layer.offsets
             return out
         if fmt in ("nvfp4", "mxfp4"):
             return self._from_fp4(layer)
@@ -278,7 +290,7 @@ class Int4:
             del layer.weight
         else:
             q, s, o, perm = self._from_checkpoint(layer)
-        self.fp4 = o is None
+        self.fp4 = o is None and self.bits == 4
         if layer.fused:
             layer.qweight = nn.Parameter(q.contiguous(), requires_grad=False)
             layer.scales = nn.Parameter(s.contiguous(), requires_grad=False)

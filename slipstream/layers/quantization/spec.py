@@ -34,13 +34,26 @@ class QuantSpec:
     # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are),
     # "ct" / "ct_asym" (compressed-tensors pack-quantized, symmetric / with zero points), "nvfp4" / "mxfp4" (FP4 E2M1)
     format: str = ""
+    # GGUF: modules whose blocks are 8-bit (Q8_0, Q6_K), kept as one signed byte a weight with a scale per
+    # `wide_group` columns (32: Q8_0's blocks, float16 scales; 16: Q6_K's sub-blocks, float32 scales, every 8-bit
+    # layer of such a file alike)
+    wide: tuple[str, ...] = ()
+    wide_group: int = 32
 
     def keeps_16bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
-        hits = [any(_matches(pattern, n) for pattern in self.ignore) for n in names]
-        if any(hits) and not all(hits):
-            raise ValueError(f"quantization ignores only some of the modules fused into one layer: {names}")
-        return self.method == "none" or all(hits)
+        return self.method == "none" or _all_or_none(self.ignore, names, "quantization ignores")
+
+    def keeps_8bit(self, names: list[str]) -> bool:
+        """Whether the layer whose checkpoint modules are `names` holds 8-bit integers (GGUF's Q8_0 / Q6_K)."""
+        return self.method == "int4" and _all_or_none(self.wide, names, "8-bit blocks hold")
+
+
+def _all_or_none(patterns: tuple[str, ...], names: list[str], what: str) -> bool:
+    hits = [any(_matches(pattern, n) for pattern in patterns) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(f"{what} only some of the modules fused into one layer: {names}")
+    return all(hits)
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -54,9 +67,10 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
     if not qc:
         return QuantSpec()
     method = qc.get("quant_method")
-    if method == "gguf":  # a GGUF file's Q4_0 / Q4_1 layers (the loader writes this entry: GGUF has no such config)
+    if method == "gguf":  # a GGUF file's 4-bit and 8-bit layers (the loader writes this entry: GGUF has no such config)
         return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32,
-                         format="gguf_k" if qc.get("k_quants") else "gguf")
+                         format="gguf_k" if qc.get("k_quants") else "gguf", wide=tuple(qc.get("modules_8bit") or ()),
+                         wide_group=16 if qc.get("q6_k") else 32)
     if method in ("awq", "gptq"):
         if qc.get("bits") != 4:
             raise ValueError(f"{method} checkpoints with {qc.get('bits')} bits: only 4-bit ones are supported")

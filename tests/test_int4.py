@@ -448,13 +448,13 @@ def _tiny_gguf(path, types):
 
 def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
     """A Q4_K_M-like mix: q, k, v in Q4_K (float32 scales, Q/K rows unpermuted with them), o in Q4_0, gate Q4_1 with
-    up in Q8_0 (their fused layer loads dense), down Q4_K: the 4-bit run holds exactly the dequantizing run's weights
+    up in Q8_0 (their fused layer loads dense), down Q4_K, the embedding Q4_K (loaded dense): the 4-bit run holds exactly the dequantizing run's weights
     and draws the same greedy tokens."""
     from slipstream.bench.common import _synthetic_tokenizer
 
     path, tok = str(tmp_path / "mix.gguf"), str(tmp_path / "tok")
     _tiny_gguf(path, {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q4_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
-                      "ffn_up": "Q8_0", "ffn_down": "Q4_K"})
+                      "ffn_up": "Q8_0", "ffn_down": "Q4_K", "token_embd": "Q4_K"})
     _synthetic_tokenizer(384, 2, tok)
     kw = dict(tokenizer=tok, dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
     packed, dense = LLM(path, quantization="int4", **kw), LLM(path, **kw)

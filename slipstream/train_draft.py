@@ -245,7 +245,7 @@ def _new_head(cfg: Eagle3Config, runner: Any, kept: torch.Tensor) -> Eagle3Head:
         else:  # unit-variance outputs for unit-variance inputs
             p.data.normal_(0.0, 1 / math.sqrt(p.shape[-1]), generator=g)
         p.requires_grad_(True)
-    head.embed_tokens.weight.data.copy_(runner.model.embed_tokens.weight.detach())  # the target's, frozen
+    head.embed_tokens.weight.data.copy_(runner.model.embed_tokens.table())  # the target's, frozen
     head.embed_tokens.weight.requires_grad_(False)
     head.draft_to_target.copy_(kept)
     return head

@@ -122,7 +122,8 @@ def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
 
 
 def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
-    """The Q4_1 layers loaded packed (repacked nibbles, Q/K rows unpermuted with their scales) decode to the very
+    """The Q4_1 layers loaded packed (repacked nibbles, Q/K rows unpermuted with their scales), and the Q8_0 tied
+    embedding kept 8-bit (the output head's int8 rows and scales, which lookups dequantize), decode to the very
     weights the dequantize-at-load path holds, and give the same greedy tokens."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     greedy = SamplingParams(max_tokens=16, temperature=0)
@@ -131,7 +132,11 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
     a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
     assert type(a.layers[0].self_attn.qkv_proj.method).__name__ == "Int4"
     assert type(b.layers[0].self_attn.qkv_proj.method).__name__ == "Unquantized"
+    assert (a.lm_head.method.bits, a.lm_head.method.group, a.embed_tokens.qweight.dtype) == (8, 32, torch.int8)
+    assert torch.equal(a.embed_tokens.table(), b.embed_tokens.weight)
     wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
+    del wa["embed_tokens.qweight"], wa["embed_tokens.scales"], wb["embed_tokens.weight"]
+    wb["lm_head.weight"] = b.lm_head.weight  # (the same tensor as the embedding there; a dequantized copy here)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [o.outputs[0].token_ids for o in packed.generate(prompts, greedy)] == \
@@ -489,8 +494,8 @@ def test_q8_blocks_equal_the_gguf_package():
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if DEV == "cuda" else []))
 def test_gguf_keeps_its_8bit_layers(tmp_path, device):
     """Q8_0 and Q6_K projections stay 8-bit (signed bytes, groups of 16 in a file with Q6_K; Q/K rows unpermuted
-    with their scales) beside 4-bit ones; a layer fusing 4-bit and 8-bit blocks, and the embedding and output
-    (Q8_0, Q6_K), load dense. The run holds exactly the dequantizing run's weights (on the CPU, where both are
+    with their scales) beside 4-bit ones, and so does the output head (Q6_K); a layer fusing 4-bit and 8-bit blocks,
+    and the (untied) embedding, load dense. The run holds exactly the dequantizing run's weights (on the CPU, where both are
     dequantized; on a GPU the kernels read the packed ones) and draws its greedy tokens."""
     from slipstream.bench.common import _synthetic_tokenizer
 
@@ -512,7 +517,8 @@ def test_gguf_keeps_its_8bit_layers(tmp_path, device):
         wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     else:
-        assert a.layers[0].mlp.down_proj.qweight.dtype == torch.int8
+        assert a.layers[0].mlp.down_proj.qweight.dtype == a.lm_head.qweight.dtype == torch.int8
+    assert (a.lm_head.method.bits, a.lm_head.method.group) == (8, 16)
     greedy = SamplingParams(max_tokens=6, temperature=0)
     assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
 

@@ -236,6 +236,11 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                 wide_types.update(types[n] for n in names)
             else:
                 dense.extend(modules)
+    # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too: those values are the model
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"
+    if types.get(head) in _Q8:
+        wide.append("lm_head")
+        wide_types.add(types[head])
     if kept or wide:
         # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file; Q6_K's
         # 16-column sub-blocks set the 8-bit layers' groups
@@ -298,6 +303,13 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
                                        and not spec.keeps_16bit([_experts_module(layer).removeprefix("model.")]))
             continue
         name = hf_name(t.name)
+        if as_stored and t.name in ("output.weight", "token_embd.weight") and spec.keeps_8bit(["lm_head"]) and (
+                t.name == "output.weight" or config.tie_word_embeddings):  # the output head (tied: the embedding)
+            q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in _q8_parts(t, *shape, spec.wide_group))
+            base = name.removesuffix(".weight")
+            yield f"{base}.qweight", q
+            yield f"{base}.scales", scale
+            continue
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")

@@ -100,13 +100,36 @@ class VocabEmbedding(nn.Module):
         if shard.world > 1:
             self.weight.weight_loader = lambda p, t, _: default_weight_loader(p, narrow(t, 0, self.start, rows))
 
+    def tie(self, head: Linear) -> None:
+        """One table for the tokens in and the logits out (tied embeddings). A head kept in 8-bit blocks (a GGUF
+        file's Q8_0 / Q6_K token_embd) gives this module its int8 rows and group scales (`qweight`, `scales`, loaded
+        here), which lookups dequantize."""
+        if hasattr(head, "qweight"):
+            self.dtype = self.weight.dtype
+            del self.weight
+            self.qweight, self.scales = head.qweight, head.scales
+        else:
+            head.weight = self.weight
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "qweight"):
+            return F.embedding(ids, self.weight)
+        q, s = self.qweight[ids].float(), self.scales[ids].float()
+        return (q.view(*s.shape, -1) * s[..., None]).view(q.shape).to(self.dtype)
+
+    def table(self) -> torch.Tensor:
+        """Every row this rank holds, dequantized."""
+        held = self.weight if hasattr(self, "weight") else self.qweight
+        return self._rows(torch.arange(held.shape[0], device=held.device))
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.world == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         local = ids - self.start
-        mine = (local >= 0) & (local < self.weight.shape[0])
-        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return self.shard.all_reduce(x)
+        rows = (self.weight if hasattr(self, "weight") else self.qweight).shape[0]
+        mine = (local >= 0) & (local < rows)
+        x = self._rows(local.clamp(0, rows - 1))
+        return self.shard.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -203,12 +226,13 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        # The output projection stays in the model's dtype: its error lands on every logit. Split by vocabulary
-        # rows, the rows the embedding holds (a tied head is the same tensor).
+        # Split by vocabulary rows, the rows the embedding holds (a tied head is the same tensor). Its method: 16-bit
+        # (its error lands on every logit) unless the checkpoint stores it in 8-bit blocks (GGUF).
         v0, v = shard.part(cfg.vocab_size)
-        self.lm_head = Linear(cfg.hidden_size, v, fused=fused, take=(0, (v0,)) if shard.world > 1 else None)
+        self.lm_head = Linear(cfg.hidden_size, v, method=method_for("lm_head"), fused=fused,
+                              take=(0, (v0,)) if shard.world > 1 else None)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.embed_tokens.tie(self.lm_head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 aux_layers: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,9 @@ __all__ = ["METHODS", "LinearMethod", "QuantSpec", "get_linear_method", "method_
            "resolve_quantization"]
 
 
+OUTPUT_HEAD = "lm_head"  # the output projection's prefix
+
+
 class LinearMethod(Protocol):
     # Whether a one-row input may run as the fused GEMV (with the norm or SwiGLU before it).
     supports_gemv: bool
@@ -59,6 +62,8 @@ def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]]) 
     modules fused into that layer, which the spec's ignore list names."""
     def method_for(prefix: str) -> LinearMethod:
         names = checkpoint_names(prefix)
+        if prefix == OUTPUT_HEAD:  # 16-bit (its error lands on every logit), unless stored in 8-bit blocks (GGUF)
+            return get_linear_method(spec, 8) if spec.keeps_8bit(names) else get_linear_method("none")
         if spec.keeps_16bit(names):
             return get_linear_method("none")
         return get_linear_method(spec, 8 if spec.keeps_8bit(names) else 4)

@@ -21,16 +21,18 @@ SYSTEM = ("You are a patient assistant for a public library. Answer briefly and 
 
 
 def run(model: str, dtype: str, backend: str, eager: bool, budget: int, system: str | None = None,
-        overlap: str = "auto", **spec: object) -> list[list[int]]:
+        overlap: str = "auto", quantization: str = "auto", **spec: object) -> list[list[int]]:
     llm = LLM(model, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=eager, max_model_len=2048,
-              max_num_batched_tokens=budget, gpu_memory_utilization=0.3, async_scheduling=overlap, **spec)
+              max_num_batched_tokens=budget, gpu_memory_utilization=0.3, async_scheduling=overlap,
+              quantization=quantization, **spec)
     head = [{"role": "system", "content": system}] if system else []
     prompts = [llm.apply_chat_template(head + [{"role": "user", "content": p}]) for p in PROMPTS]
     params = [SamplingParams(temperature=0, max_tokens=48 + 8 * i) for i in range(len(prompts))]
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     stats = llm.engine.core.stats
     accepted = f" drafts {stats.accepted_draft_tokens}/{stats.draft_tokens} accepted" if spec else ""
-    print(f"{dtype:8s} {backend:6s} graphs={not eager!s:5s} budget={budget} system={bool(system)} overlap={overlap}: "
+    print(f"{dtype:8s} {backend:6s} graphs={not eager!s:5s} budget={budget} system={bool(system)} overlap={overlap} "
+          f"quantization={quantization}: "
           f"{llm.tokenizer.decode(outs[0])!r}{accepted}")
     del llm
     torch.cuda.empty_cache()
@@ -92,6 +94,15 @@ def main() -> int:
             print(f"  {same}/{len(ref)} sequences identical to the torch backend")
             if dtype == "float32" and same != len(ref):
                 failures += 1
+    # The GGUF as stored (--quantization int4: the embedded model's Q4_1 layers 4-bit, its tied Q8_0 head 8-bit, read
+    # by the W4A16 GEMM and GEMV, the embedding's lookups dequantizing its rows) on the Triton path with graphs, and
+    # with mixed steps: the tokens of its dequantized weights on the torch backend.
+    for dtype in ("float32", "bfloat16"):
+        ref = run(a.model, dtype, "torch", True, 8192, SYSTEM)
+        for budget in (8192, 40):
+            same = sum(g == r for g, r in zip(run(a.model, dtype, "triton", False, budget, SYSTEM, quantization="int4"), ref))
+            print(f"  {same}/{len(ref)} sequences identical kept quantized")
+            failures += dtype == "float32" and same != len(ref)
     # A draft model (the target itself: its drafts, drawn as the target draws, are all right) on the Triton path,
     # its chained draft steps in CUDA graphs fed on the device: the same greedy tokens as without speculation.
     for dtype in ("float32", "bfloat16"):

@@ -41,11 +41,12 @@ EXPECTED = {
 }
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"},
-                                     "opts": {"type": "object"}}}}}]
+                                     "opts": {"type": "object"}}}}}] + [
+    {"type": "function", "function": {"name": name}} for name in ("get_time", "lookup", "b", "search", "x", "f", "g")]
 
 
-def _assemble(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    stream, content, calls = ToolStream(fmt, tools=TOOLS), "", {}
+def _assemble(fmt: str, pieces: list[str], tools=TOOLS, parallel=True) -> tuple[str, list[tuple[str, str]]]:
+    stream, content, calls = ToolStream(fmt, tools=tools, parallel=parallel), "", {}
     for i, text in enumerate(pieces):
         c, deltas = stream.feed(text, i == len(pieces) - 1)
         content += c
@@ -60,7 +61,8 @@ def _assemble(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
 
 @pytest.mark.parametrize("fmt", list(TEXTS))
 def test_extractors_parse_each_family(fmt):
-    content, calls = finished_calls(fmt, TEXTS[fmt], tools=TOOLS)
+    content, calls, complete = finished_calls(fmt, TEXTS[fmt], tools=TOOLS)
+    assert complete
     assert (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == EXPECTED[fmt]
     assert all(json.loads(c["function"]["arguments"]) is not None for c in calls)
 
@@ -73,6 +75,51 @@ def test_streamed_calls_equal_the_finished_parse_at_every_split(fmt):
         assert _assemble(fmt, [text[:cut], text]) == (content or "", calls), cut
     # and fed one character at a time
     assert _assemble(fmt, [text[:i] for i in range(1, len(text) + 1)]) == (content or "", calls)
+
+
+MALFORMED = [  # (format, what a model wrote): each is read the same streamed and not
+    ("hermes", '<tool_call>\n{"temp": 22}'),  # no name: all of it is content
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "delete_all", "arguments": {"x": 1}}\n</tool_call>'),  # undeclared
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": "city=Rome"}</tool_call>'),  # arguments not an object
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "'),  # cut off: a call, incomplete
+    ("hermes", '<tool_call>{"name": "get_weather"'),  # cut off before its arguments: not a call
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "nope", "arguments": {}}'),
+    ("json_array", '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time", "arguments": {"tz": "'),
+    ("json_array", '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time"'),
+    ("mistral", 'ok [TOOL_CALLS] [{"name": "lookup", "arguments": {"ids": [1'),
+]
+
+
+def _finished(fmt, text, tools=TOOLS, parallel=True):
+    found = finished_calls(fmt, text, tools=tools, parallel=parallel)
+    if found is None:
+        return text, []
+    return found[0] or "", [(c["function"]["name"], c["function"]["arguments"]) for c in found[1]]
+
+
+@pytest.mark.parametrize("fmt,text", MALFORMED)
+def test_malformed_and_cut_off_calls_read_the_same_streamed_and_not(fmt, text):
+    """A call counts once it names a declared function and its arguments open an object; a call cut off is still a
+    call (incomplete: finish_reason is then not "tool_calls"); anything else is content. Streamed deltas assemble
+    to exactly the non-streamed message, at every split."""
+    want = _finished(fmt, text)
+    for cut in range(len(text) + 1):
+        assert _assemble(fmt, [text[:cut], text]) == want, cut
+    assert _assemble(fmt, [text[:i] for i in range(1, len(text) + 1)]) == want
+
+
+def test_which_calls_count():
+    assert _finished("hermes", MALFORMED[0][1]) == (MALFORMED[0][1], [])
+    assert _finished("hermes", MALFORMED[1][1])[1] == []  # an undeclared function is no call
+    assert _finished("hermes", MALFORMED[2][1])[1] == []  # nor are arguments that are not an object
+    assert _finished("hermes", MALFORMED[3][1]) == ("", [("get_weather", '{"city": "')])
+    assert finished_calls("hermes", MALFORMED[3][1], tools=TOOLS)[2] is False  # incomplete
+    assert _finished("hermes", MALFORMED[5][1]) == ("", [("get_time", "{}")])  # the calls before the first that is not
+    assert finished_calls("hermes", MALFORMED[5][1], tools=TOOLS)[2] is True
+    two = TEXTS["hermes"]
+    assert [c[0] for c in _finished("hermes", two)[1]] == ["get_weather", "get_time"]
+    assert [c[0] for c in _finished("hermes", two, parallel=False)[1]] == ["get_weather"]  # one where parallel is off
+    assert _assemble("hermes", [two[:60], two], parallel=False) == _finished("hermes", two, parallel=False)
 
 
 def test_text_without_calls_is_content():
@@ -113,9 +160,9 @@ def test_templates_without_tools_get_them_in_a_system_message():
 
 
 def test_calls_without_arguments_and_broken_strings():
-    content, calls = finished_calls("hermes", '<tool_call>{"name": "now"}</tool_call>')
+    content, calls, _ = finished_calls("hermes", '<tool_call>{"name": "now"}</tool_call>')
     assert calls[0]["function"] == {"name": "now", "arguments": "{}"}
-    assert _assemble("hermes", ['<tool_call>{"name": "now"', '<tool_call>{"name": "now"}</tool_call>']) == ("", [("now", "{}")])
+    assert _assemble("hermes", ['<tool_call>{"name": "now"', '<tool_call>{"name": "now"}</tool_call>'], tools=None) == ("", [("now", "{}")])
     assert finished_calls("hermes", '<tool_call>{"name": "bad\\q", "arguments": {}}</tool_call>') is None  # invalid escape
 
 
@@ -223,14 +270,30 @@ def test_glm45_calls_through_the_server(gguf_path):
 
 
 def test_bad_tool_requests_are_400(client):
+    def fn(parameters):
+        return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
     for body, param in ((dict(tool_choice="required"), "tool_choice"),
                         (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
                         (dict(tools=[WEATHER, WEATHER]), "tools"),
-                        (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), None)):
+                        (dict(tools=[fn({"type": "string"})]), "tools"),  # arguments are an object
+                        (dict(tools=[fn({"type": "object", "properties": 5})]), "tools"),
+                        (dict(tools=[fn({"type": "object", "required": "city"})]), "tools"),
+                        (dict(tools=[WEATHER], stream_options={"include_usage": True}), "stream_options")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **body)
-        if param is not None:
-            assert e.value.body["param"] == param, e.value.body
+        assert e.value.body["param"] == param, e.value.body
+    # a forced call is the output: response_format (for content) has nothing to shape, and is no conflict
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, tools=[WEATHER], tool_choice="required",
+                                       response_format={"type": "json_object"}, temperature=0)
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_models_by_id(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
 
 
 REASONED = {"qwen3": ("<think>\nThe user asks 2+2. That is 4.\n</think>\n\nThe answer is 4.",

@@ -250,12 +250,20 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    def model_card() -> dict[str, Any]:
         card = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "slipstream"}
         if state.client is not None:  # where the model was loaded from, as vLLM says (a benchmark reads its tokenizer)
             card["root"] = state.client.limits.model_path
-        return {"object": "list", "data": [card]}
+        return card
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)  # (the served name, or the path it was loaded from)
+        return model_card()
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(raw: Request) -> Response:
@@ -287,7 +295,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         calls = None
         if tools is not None:  # where calls come from: a format the request fixes, or the model's own
             parser = options.tool_call_parser
-            calls = (*(req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)), tools)
+            calls = (*(req.tool_mode() or (detect_format(tok.chat_template) if parser == "auto" else parser, None)), tools,
+                     req.parallel_tool_calls)
             if calls[0] in ("mistral", "glm45"):  # their markers are special tokens: keep them in the text
                 params = replace(params, skip_special_tokens=False)
         fmt = _ChatFormat(client, options.model_name, req, calls, options.reasoning_parser)
@@ -776,7 +785,7 @@ class _ChatFormat(_Format):
                  calls: tuple[str, str | None, list[dict]] | None,
                  reasoning: str = "none") -> None:
         super().__init__(client, model_name, req)
-        self.calls = calls  # (tool call format, the named function, the tools) when the request has tools
+        self.calls = calls  # (tool call format, the named function, the tools, parallel calls) when the request has tools
         self.reasoning = reasoning  # how the model marks its reasoning (server/tools.py), "none": it does not
         self.streams: dict[int, tuple[ReasoningStream, ToolStream]] = {}
 
@@ -786,8 +795,9 @@ class _ChatFormat(_Format):
             body["prompt_logprobs"] = self.prompt_logprobs(finals[0])
         return body
 
-    def _finish_reason(self, o: CompletionOutput, called: bool) -> str | None:
-        if called and o.finish_reason == "stop" and self.calls[0] != "named":  # OpenAI: a forced call "stop"s
+    def _finish_reason(self, o: CompletionOutput, called: bool, complete: bool) -> str | None:
+        # OpenAI: a forced call "stop"s; a call cut off keeps the output's reason ("length": max_tokens)
+        if called and complete and o.finish_reason == "stop" and self.calls[0] != "named":
             return "tool_calls"
         return o.finish_reason
 
@@ -810,9 +820,10 @@ class _ChatFormat(_Format):
         message["content"] = text
         found = finished_calls(self.calls[0], text, *self.calls[1:]) if self.calls else None
         if found is not None:
-            message["content"], message["tool_calls"] = found
+            message["content"], message["tool_calls"], _ = found
         return {"index": index, "message": message, "logprobs": self.logprobs(o.token_ids, o.logprobs),
-                "finish_reason": self._finish_reason(o, found is not None), "stop_reason": o.stop_reason}
+                "finish_reason": self._finish_reason(o, found is not None, found is None or found[2]),
+                "stop_reason": o.stop_reason}
 
     def chunk(self, base: str, index: int, o: CompletionOutput, first: bool, out: RequestOutput) -> dict | None:
         if not o.delta_text and not o.finished and not first and not o.delta_token_ids:
@@ -823,13 +834,14 @@ class _ChatFormat(_Format):
             thinking, stream = self.streams.setdefault(index, (ReasoningStream(self.reasoning), ToolStream(*(self.calls or ("text", None)))))
             reasoning, text = thinking.feed(o.text, o.finished) if self.reasoning != "none" else ("", o.text)
             content, calls = stream.feed(text, o.finished)
-            delta = {"content": content} if content or not (calls or reasoning) else {}
+            # a token inside a call, or held back, says nothing: no chunk (unless it carries logprobs)
+            delta = {"content": content} if content or (first and not (calls or reasoning)) else {}
             if reasoning:
                 delta["reasoning_content"] = reasoning
             if calls:
                 delta["tool_calls"] = calls
-            reason = self._finish_reason(o, stream.called)
-            if not delta and not o.finished and not first:
+            reason = self._finish_reason(o, stream.called, stream.complete)
+            if not delta and not o.finished and not first and o.delta_logprobs is None:
                 return None
         if first:
             delta["role"] = "assistant"

@@ -273,6 +273,22 @@ class FunctionDef(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    @model_validator(mode="after")
+    def _check_parameters(self) -> "FunctionDef":
+        """Arguments are a JSON object (OpenAI's rule): the schema describes one; its properties are schemas."""
+        p = self.parameters
+        if not p:
+            return self
+        props, required = p.get("properties", {}), p.get("required", [])
+        if p.get("type", "object") != "object":
+            raise ValueError(f"function {self.name!r}: parameters must be a JSON schema of type \"object\", got type "
+                             f"{p.get('type')!r}")
+        if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
+            raise ValueError(f"function {self.name!r}: parameters.properties must map names to JSON schemas")
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError(f"function {self.name!r}: parameters.required must be a list of property names")
+        return self
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -313,6 +329,12 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: TemplateKwargs = None  # extra template variables, e.g. Qwen3's enable_thinking
 
     @model_validator(mode="after")
+    def _check_stream_options(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise _Unsupported("stream_options", "is only allowed with stream=true")
+        return self
+
+    @model_validator(mode="after")
     def _check_prompt_scores(self) -> "ChatCompletionRequest":
         if self.prompt_logprobs is not None and self.stream:
             raise _Unsupported("prompt_logprobs", "is not sent in chat streams (it is in the response without stream)")
@@ -348,6 +370,8 @@ class ChatCompletionRequest(_Common):
         given = super()._constraints()
         mode = self.tool_mode()
         if mode is not None:  # `required` and a named function: a grammar makes the call parse, every time
+            # (the output is then the call: response_format, which shapes content, has nothing to apply to)
+            given.pop("response_format", None)
             from slipstream.server.tools import required_schema
 
             fmt, name = mode

@@ -13,9 +13,12 @@ Each model family writes calls its own way; an extractor per format finds them i
   - named: `tool_choice` names a function: the whole output is its arguments.
 The extractor reads the JSON with a small scanner that tolerates a cut-off end, so the same code serves a finished
 output and a stream: a stream re-reads the text so far at every delta and sends what grew since (a call once its
-name is complete, then its arguments text piece by piece), and the pieces concatenate to exactly the arguments a
-non-streamed response holds. `required` and named choices are enforced by a grammar (`constraint`): those calls
-always parse.
+arguments have begun, then its arguments text piece by piece), and the deltas concatenate to exactly the message a
+non-streamed response holds, whatever the model wrote. A response's calls (`accepted`) are, in order, those that name
+one of the request's functions with arguments that open a JSON object (one call where parallel calls are off); the
+first that does not ends them, and an output with none is all content. A call cut off (by max_tokens, a stop string,
+the end of the output) is still a call, streamed or not, and the response's finish_reason is then not "tool_calls".
+`required` and named choices are enforced by a grammar (`constraint`): those calls always parse once complete.
 """
 from __future__ import annotations
 
@@ -140,13 +143,34 @@ def _held(text: str, marker: str) -> int:
     return 0
 
 
-def extract(fmt: str, text: str, final: bool, name: str | None = None,
-            tools: list[dict] | None = None) -> tuple[str, list[Call]]:
-    """(content, calls) in `text`. Not `final`: content leaves out an end that may open a call, and trailing
-    whitespace (a finished output with calls drops the whitespace before them). `tools`: the request's (glm45
-    reads their schemas to tell string arguments from JSON ones)."""
+def extract(fmt: str, text: str, final: bool, name: str | None = None, tools: list[dict] | None = None,
+            parallel: bool = True) -> tuple[str, list[Call]]:
+    """(content, accepted calls) in `text`. Not `final`: content leaves out an end that may open a call, and trailing
+    whitespace (a finished output with calls drops the whitespace before them); `final` with no call: all of it.
+    `tools`: the request's (the functions a call may name; glm45 reads their schemas to tell string arguments from
+    JSON ones)."""
     content, calls = _extract(fmt, text, final, name, tools)
+    calls = accepted(calls, tools, parallel)
+    if final and not calls:
+        return text, []
     return (content if final else content.rstrip()), calls
+
+
+def accepted(calls: list[Call], tools: list[dict] | None, parallel: bool = True) -> list[Call]:
+    """The calls a response holds: in order, each once its name is complete, is one of `tools`' functions (any name
+    without `tools`) and its arguments have begun as a JSON object; the first that does not ends them (an undeclared
+    function or arguments that are not an object are text, not a call: an agent would fail on them). Only the first
+    where parallel calls are off."""
+    names = {(t.get("function") or {}).get("name") for t in tools or ()}
+    out = []
+    for c in calls:
+        args = c.arguments.lstrip()
+        if c.name is None or (tools and c.name not in names) or not args.startswith("{"):
+            break
+        out.append(c)
+        if not parallel:
+            break
+    return out
 
 
 _GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
@@ -249,16 +273,15 @@ def _extract(fmt: str, text: str, final: bool, name: str | None, tools: list[dic
     raise ValueError(f"unknown tool call format {fmt!r}")
 
 
-def finished_calls(fmt: str, text: str, name: str | None = None,
-                   tools: list[dict] | None = None) -> tuple[str | None, list[dict]] | None:
-    """The OpenAI message parts of a finished output: (content, tool_calls), or None if it holds no complete call
-    (then the whole text is the content)."""
-    content, calls = extract(fmt, text, True, name, tools)
-    calls = [c for c in calls if c.done]
+def finished_calls(fmt: str, text: str, name: str | None = None, tools: list[dict] | None = None,
+                   parallel: bool = True) -> tuple[str | None, list[dict], bool] | None:
+    """The OpenAI message parts of a finished output: (content, tool_calls, whether every call is complete), or None
+    if it holds no call (then the whole text is the content)."""
+    content, calls = extract(fmt, text, True, name, tools, parallel)
     if not calls:
         return None
-    return content or None, [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in calls]
+    return (content or None, [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                              for c in calls], all(c.done for c in calls))
 
 
 def new_call_id() -> str:
@@ -272,18 +295,19 @@ class ToolStream:
     fmt: str
     name: str | None = None
     tools: list[dict] | None = None
+    parallel: bool = True
     content_sent: int = 0
     ids: list[str] = field(default_factory=list)
     args_sent: list[int] = field(default_factory=list)
+    complete: bool = True  # every call sent so far is complete
 
     def feed(self, text: str, final: bool) -> tuple[str, list[dict]]:
-        content, calls = extract(self.fmt, text, final, self.name, self.tools)
+        content, calls = extract(self.fmt, text, final, self.name, self.tools, self.parallel)
         delta_content = content[self.content_sent :] if len(content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(content))
+        self.complete = all(c.done for c in calls)
         deltas = []
-        for i, c in enumerate(calls):
-            if c.name is None:
-                break  # calls are sent in order, each once its name is known
+        for i, c in enumerate(calls):  # in order, each once accepted
             if i == len(self.ids):
                 self.ids.append(new_call_id())
                 self.args_sent.append(0)

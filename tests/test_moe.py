@@ -345,8 +345,6 @@ def test_moe_gguf_files(tmp_path, arch):
     gguf_llm = LLM(str(tmp_path / "f32.gguf"), **kw)
     assert gguf_llm.engine.model_config.moe.layers == (0, 2)
     same(run(gguf_llm), run(LLM(str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128)))
-    if arch == "qwen2_moe":
-        return
     _moe_gguf(tmp_path / "q4.gguf", hf, "Q4_0")
     packed, dense = LLM(str(tmp_path / "q4.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q4.gguf"), **kw)
     moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]

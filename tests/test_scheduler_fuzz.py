@@ -150,6 +150,32 @@ def test_a_draft_heads_cache_also_matches_the_token_after_each_page():
     cache.insert(a)
     assert (hit([1, 2, 3, 4, 5, 6]), hit([1, 2, 3, 4, 6, 6])) == (4, 2)
 
+    def run(seq_id, tokens):  # a sequence that matches, computes the rest but its last token, and is cached
+        seq = Sequence(seq_id, Request(f"r{seq_id}", tokens, SamplingParams()), 0, list(tokens), 0)
+        cache.match(seq)
+        bm.allocate(seq, len(tokens) - 1)
+        seq.num_computed_tokens = len(tokens) - 1
+        cache.insert(seq)
+        bm.free(seq)
+
+    # a branch right after a page is a branch of the tree: each continuation's deeper pages are found again
+    run(10, [1, 2, 3, 4, 9, 9, 7])
+    assert (hit([1, 2, 3, 4, 9, 9, 7, 8]), hit([1, 2, 3, 4, 5, 6])) == (6, 4)
+    # a prompt ending on a page whose owner is preempted before drawing its next token: the page cannot serve, but
+    # the owner's recomputed one does, and the stale one is an unreferenced leaf (evictable)
+    c = Sequence(20, Request("c", [1, 2, 7, 7], SamplingParams()), 0, [1, 2, 7, 7], 0)
+    cache.match(c)
+    bm.allocate(c, 4)
+    c.num_computed_tokens = 4
+    cache.insert(c)
+    bm.free(c)  # preempted
+    run(21, [1, 2, 7, 7, 8, 8, 8])
+    assert hit([1, 2, 7, 7, 8, 8, 8, 1]) == 6
+    bm.free(a)
+    evictable = cache.num_evictable_blocks
+    assert cache.clear() == evictable and not cache.nodes
+    bm.check_consistency()
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_radix_cache_against_a_reference_model(seed):

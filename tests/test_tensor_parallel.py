@@ -342,9 +342,15 @@ def test_serve_with_two_ranks_and_its_shutdowns(gguf_path):
     from server_util import free_port
     from test_serve_process import _children, _start, _wait_healthy
 
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:  # (ended meanwhile)
+            return b""
+
     def ranks_of(proc):
-        return [c for p in _children(proc.pid) for c in _children(p)
-                if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        return [c for p in _children(proc.pid) for c in _children(p) if b"spawn_main" in cmdline(c)]
 
     for mode in ("stop", "kill idle", "kill starting"):
         port = free_port()

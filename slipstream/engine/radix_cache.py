@@ -16,9 +16,10 @@ A match never covers a prompt's last token: its logits must be computed to sampl
 
 With a draft head (EAGLE-3, MTP) a page's KV is not a function of its tokens alone: the head's layer reads each
 position's hidden state beside the token after it, so the head's KV at a page's last position depends on the token
-that followed the page in the sequence that computed it. Such a tree (`next_token_in_kv`) keeps that token with each
-page and gives a page only to a sequence with the same token after it: elsewhere the head would attend to an entry
-made for another continuation.
+that followed the page in the sequence that computed it. Such a tree (`next_token_in_kv`) keys each page by its tokens
+and that token, so a page serves only sequences with the same token after it (elsewhere the head would attend to an
+entry made for another continuation), and two continuations of a page are two branches. A prompt's last page is
+keyed with no next token until its sequence draws one (it serves nobody meanwhile); its next insert re-keys it.
 """
 from __future__ import annotations
 
@@ -32,14 +33,17 @@ if TYPE_CHECKING:
     from slipstream.engine.sequence import Sequence
 
 
+# A page's tokens; with a draft head, (its tokens, the token after it or None)
+Key = tuple
+
+
 @dataclass(eq=False)
 class _Node:
-    key: tuple[int, ...]
+    key: Key
     block: int
     parent: "_Node | None"
-    children: dict[tuple[int, ...], "_Node"] = field(default_factory=dict)
+    children: dict[Key, "_Node"] = field(default_factory=dict)
     last_access: int = 0
-    follows: int | None = None  # the token after the page in the sequence that computed it (None: not known yet)
 
 
 @dataclass
@@ -63,16 +67,20 @@ class RadixCache:
         self.stats = PrefixCacheStats()
         self._clock = itertools.count(1)
 
-    def _blocks(self, tokens: list[int], limit: int) -> list[tuple[int, ...]]:
+    def _keys(self, tokens: list[int], limit: int) -> list[Key]:
+        """The keys of the full pages among tokens[:limit]."""
         bs = self.block_size
-        return [tuple(tokens[i * bs : (i + 1) * bs]) for i in range(limit // bs)]
+        pages = [tuple(tokens[i * bs : (i + 1) * bs]) for i in range(limit // bs)]
+        if not self.next_token_in_kv:
+            return pages
+        return [(page, tokens[end] if (end := (i + 1) * bs) < len(tokens) else None) for i, page in enumerate(pages)]
 
     def _walk(self, tokens: list[int]) -> list[_Node]:
         """Nodes along the longest cached prefix of `tokens`, stopping short of the last token."""
-        path, node, bs = [], self.root, self.block_size
-        for i, key in enumerate(self._blocks(tokens, len(tokens) - 1)):
+        path, node = [], self.root
+        for key in self._keys(tokens, len(tokens) - 1):
             node = node.children.get(key)
-            if node is None or (self.next_token_in_kv and node.follows != tokens[(i + 1) * bs]):
+            if node is None:
                 break
             path.append(node)
         return path
@@ -98,21 +106,23 @@ class RadixCache:
 
     def insert(self, seq: "Sequence") -> None:
         """Cache the full pages whose KV `seq` has computed (called after prefill chunks and at the end)."""
-        node, now, tokens = self.root, next(self._clock), seq.token_ids
-        for i, key in enumerate(self._blocks(tokens, seq.num_computed_tokens)):
+        node, now = self.root, next(self._clock)
+        for i, key in enumerate(self._keys(seq.token_ids, seq.num_computed_tokens)):
             child = node.children.get(key)
-            end = (i + 1) * self.block_size
-            follows = tokens[end] if end < len(tokens) else None  # None: a prompt's last page, its next token not drawn
+            block = seq.block_table[i]
+            if child is None and self.next_token_in_kv and key[1] is not None:
+                pending = node.children.get((key[0], None))
+                if pending is not None and pending.block == block:  # this sequence's prompt end, its next token drawn
+                    del node.children[pending.key]
+                    child, pending.key = pending, key
+                    node.children[key] = child
             if child is None:
-                block = seq.block_table[i]
                 assert block not in self.nodes, f"page {block} already caches another prefix"
                 self.bm.share([block])  # the tree's own reference
                 self.bm.mark_cached(block)
-                child = _Node(key, block, node, follows=follows)
+                child = _Node(key, block, node)
                 node.children[key] = child
                 self.nodes[block] = child
-            elif child.follows is None and child.block == seq.block_table[i]:  # the page's own sequence, now knowing it
-                child.follows = follows
             child.last_access = now
             node = child
 

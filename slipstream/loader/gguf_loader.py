@@ -53,7 +53,7 @@ _GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3MoeForCausalLM", "qwen2moe": "Qwen2MoeF
 # GGUF projections fused into one of our layers: they stay 4-bit (or 8-bit) together or not at all (a MoE layer's
 # experts: all three projections, 4-bit only)
 _FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",),
-          ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+          ("ffn_gate_shexp", "ffn_up_shexp"), ("ffn_down_shexp",), ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
 _PROJECTIONS = {part for group in _FUSED for part in group if part not in _EXPERTS}  # (not embeddings, norms)
 _Q4 = ("Q4_0", "Q4_1", "Q4_K")
 _Q8 = ("Q8_0", "Q6_K")  # kept as signed bytes (layers/quantization/int4.py)
@@ -236,9 +236,10 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                 wide_types.update(types[n] for n in names)
             else:
                 dense.extend(modules)
-    # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too: those values are the model
+    # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too, in a file whose projections
+    # are kept (one that keeps none rounds them all to 4 bits at load with `int4`, as a 16-bit checkpoint)
     head = "output.weight" if "output.weight" in types else "token_embd.weight"
-    if types.get(head) in _Q8:
+    if (kept or wide) and types.get(head) in _Q8:
         wide.append("lm_head")
         wide_types.add(types[head])
     if kept or wide:
@@ -304,11 +305,10 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
             continue
         name = hf_name(t.name)
         if as_stored and t.name in ("output.weight", "token_embd.weight") and spec.keeps_8bit(["lm_head"]) and (
-                t.name == "output.weight" or config.tie_word_embeddings):  # the output head (tied: the embedding)
+                t.name == "output.weight" or config.tie_word_embeddings):  # the output head (tied: the embedding too)
             q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in _q8_parts(t, *shape, spec.wide_group))
-            base = name.removesuffix(".weight")
-            yield f"{base}.qweight", q
-            yield f"{base}.scales", scale
+            yield "lm_head.qweight", q
+            yield "lm_head.scales", scale
             continue
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))

@@ -90,8 +90,8 @@ class Eagle3Head(nn.Module):
         if self.embed_tokens is not None:
             return
         c, embedding = self.config.layer, target.embed_tokens
-        if tuple(embedding.weight.shape) != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"the EAGLE-3 head cannot share the target's embedding {tuple(embedding.weight.shape)} "
+        if embedding.shape != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"the EAGLE-3 head cannot share the target's embedding {embedding.shape} "
                              f"(it reads {(c.vocab_size, c.hidden_size)})")
         self.embed_tokens = embedding
 

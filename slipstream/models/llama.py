@@ -102,31 +102,43 @@ class VocabEmbedding(nn.Module):
 
     def tie(self, head: Linear) -> None:
         """One table for the tokens in and the logits out (tied embeddings). A head kept in 8-bit blocks (a GGUF
-        file's Q8_0 / Q6_K token_embd) gives this module its int8 rows and group scales (`qweight`, `scales`, loaded
-        here), which lookups dequantize."""
+        file's Q8_0 / Q6_K token_embd) owns the table (its int8 rows and group scales, or once loaded on a CPU their
+        dequantized weight): lookups read the head's as it is then."""
         if hasattr(head, "qweight"):
             self.dtype = self.weight.dtype
             del self.weight
-            self.qweight, self.scales = head.qweight, head.scales
+            self._head = (head,)  # (in a tuple: not a submodule, its parameters are the head's)
         else:
             head.weight = self.weight
 
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, None), or the 8-bit head's (int8 rows, group scales)."""
+        if not hasattr(self, "_head"):
+            return self.weight, None
+        head = self._head[0]
+        return (head.weight, None) if hasattr(head, "weight") else (head.qweight, head.scales)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows this rank holds, hidden size)."""
+        return tuple(self._table()[0].shape)
+
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "qweight"):
-            return F.embedding(ids, self.weight)
-        q, s = self.qweight[ids].float(), self.scales[ids].float()
+        table, scales = self._table()
+        if scales is None:
+            return F.embedding(ids, table)
+        q, s = table[ids].float(), scales[ids].float()
         return (q.view(*s.shape, -1) * s[..., None]).view(q.shape).to(self.dtype)
 
     def table(self) -> torch.Tensor:
         """Every row this rank holds, dequantized."""
-        held = self.weight if hasattr(self, "weight") else self.qweight
-        return self._rows(torch.arange(held.shape[0], device=held.device))
+        return self._rows(torch.arange(self.shape[0], device=self._table()[0].device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.world == 1:
             return self._rows(ids)
         local = ids - self.start
-        rows = (self.weight if hasattr(self, "weight") else self.qweight).shape[0]
+        rows = self.shape[0]
         mine = (local >= 0) & (local < rows)
         x = self._rows(local.clamp(0, rows - 1))
         return self.shard.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))

@@ -77,7 +77,7 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.method == "fp8" and device.type == "cuda" and cap < (8, 9):
                 raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
                                  f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
-            if spec.method == "fp8" and device.type == "cpu":
+            if spec.method == "fp8" and device.type == "cpu" and not (shard and shard.rank):  # (said once, by rank 0)
                 log.warning("FP8 weights on the CPU run a reference path that dequantizes every weight in every step "
                             "(several times slower than --quantization none): it is there to check FP8 quality, not for speed")
             return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec

@@ -258,8 +258,8 @@ class EngineConfig:
     attention_backend: str = option("auto", "attention kernels (auto: triton on CUDA, torch elsewhere)", ("auto", *BACKENDS))
     quantization: str = option("auto", "weights of the linear layers: auto (as the checkpoint holds them; GGUF "
                                        "files load dequantized), none (16-bit), fp8 (FP8 E4M3 W8A8), int4 (4-bit "
-                                       "weights, W4A16: a GGUF file's Q4_0 / Q4_1 / Q4_K layers as stored, its Q8_0 / Q6_K "
-                                       "ones as 8-bit; other checkpoints rounded per group of 128 at load)",
+                                       "weights, W4A16: a GGUF file's Q4_0 / Q4_1 / Q4_K layers as stored, its Q5 / Q6_K / "
+                                       "Q8_0 ones as 8-bit; other checkpoints rounded per group of 128 at load)",
                                QUANTIZATION_METHODS)
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "

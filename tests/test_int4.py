@@ -401,9 +401,9 @@ def test_q4_k_blocks_equal_the_gguf_package():
 
 
 def _random_blocks(rng, kind, n, k):
-    """Random super-blocks where the gguf package cannot quantize (Q4_K, Q6_K), with small d (and dmin)."""
-    if kind == GGMLQuantizationType.Q4_K:
-        blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    """Random super-blocks where the gguf package cannot quantize (Q4_K, Q5_K, Q6_K), with small d (and dmin)."""
+    if kind in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):  # d, dmin first
+        blocks = rng.integers(0, 256, (n, k // 256, 144 if kind == GGMLQuantizationType.Q4_K else 176), dtype=np.uint8)
         blocks[..., 0:4] = np.array([0.002, 0.0005], dtype=np.float16).view(np.uint8)
     else:  # Q6_K: the 6-bit q times d * sc with sc in -128..127: |w| up to 4096 d
         blocks = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
@@ -430,7 +430,7 @@ def _tiny_gguf(path, types):
         kind = GGMLQuantizationType[kind]
         if kind == GGMLQuantizationType.F32:
             w.add_tensor(name, (rng.standard_normal((n, k)) * scale).astype(np.float32))
-        elif kind in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+        elif kind in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K):
             w.add_tensor(name, _random_blocks(rng, kind, n, k), raw_dtype=kind)
         else:
             w.add_tensor(name, gguf_quantize((rng.standard_normal((n, k)) * scale).astype(np.float32), kind), raw_dtype=kind)
@@ -453,7 +453,7 @@ def _tiny_gguf(path, types):
 
 def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
     """A Q4_K_M-like mix: q, k, v in Q4_K (float32 scales, Q/K rows unpermuted with them), o in Q4_0, gate Q4_1 with
-    up in Q8_0 (their fused layer loads dense), down Q4_K, the embedding Q4_K (loaded dense): the 4-bit run holds exactly the dequantizing run's weights
+    up in Q8_0 (their fused layer 8-bit), down Q4_K, the embedding Q4_K (loaded dense): the 4-bit run holds exactly the dequantizing run's weights
     and draws the same greedy tokens."""
     from slipstream.bench.common import _synthetic_tokenizer
 
@@ -466,7 +466,7 @@ def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
     a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
     kinds = {name: type(a.layers[0].get_submodule(name).method).__name__
              for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
-    assert kinds == {"self_attn.qkv_proj": "Int4", "self_attn.o_proj": "Int4", "mlp.gate_up_proj": "Unquantized",
+    assert kinds == {"self_attn.qkv_proj": "Int4", "self_attn.o_proj": "Int4", "mlp.gate_up_proj": "Int4",
                      "mlp.down_proj": "Int4"}
     wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -474,51 +474,81 @@ def test_mixed_gguf_keeps_its_4bit_layers(tmp_path):
     assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
 
 
-def test_q8_blocks_equal_the_gguf_package():
-    """Q8_0 (quantized by the gguf package; groups of 32, and repeated to 16) and random Q6_K super-blocks as signed
-    bytes and group scales: q * scale in float32 gives the gguf package's values, bit for bit."""
-    from slipstream.loader.gguf_loader import q8_blocks
+def test_wide_blocks_equal_the_gguf_package():
+    """Every kind kept 8-bit (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 quantized by the gguf package; random Q5_K, Q4_K and Q6_K
+    super-blocks), in groups of 32 and repeated to 16, with offsets and (where the kind has none) without: q * scale +
+    offset in float32 gives the gguf package's values, bit for bit; kinds with offsets refuse to go without."""
+    from slipstream.loader.gguf_loader import wide_blocks
 
     rng = np.random.default_rng(5)
     rows, cols = 6, 512
-    q8 = gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32), GGMLQuantizationType.Q8_0)
-    q6 = _random_blocks(rng, GGMLQuantizationType.Q6_K, rows, cols)
-    for data, kind, group in ((q8, "Q8_0", 32), (q8, "Q8_0", 16), (q6, "Q6_K", 16)):
-        q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in q8_blocks(data, kind, rows, cols, group))
-        assert q.dtype == torch.int8 and scale.dtype == (torch.float16 if group == 32 else torch.float32)
-        want = torch.from_numpy(gguf_dequantize(data, GGMLQuantizationType[kind]))
-        assert torch.equal(dequantize(q, scale, None, torch.float32), want), kind
-    assert int(q.min()) == -32 and int(q.max()) == 31  # Q6_K: 6 bits, less 32
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    data = {kind: gguf_quantize(w, GGMLQuantizationType[kind]) for kind in ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")}
+    data.update({kind: _random_blocks(rng, GGMLQuantizationType[kind], rows, cols) for kind in ("Q5_K", "Q4_K", "Q6_K")})
+    bits = {"Q8_0": (-127, 127), "Q5_0": (-16, 15), "Q5_1": (0, 31), "Q4_0": (-8, 7), "Q4_1": (0, 15), "Q5_K": (0, 31),
+            "Q4_K": (0, 15), "Q6_K": (-32, 31)}
+    for kind, blocks in data.items():
+        want = torch.from_numpy(gguf_dequantize(blocks, GGMLQuantizationType[kind]))
+        for group in (16,) if kind == "Q6_K" else (32, 16):
+            for offsets in (False, True):
+                if not offsets and kind in ("Q5_1", "Q4_1", "Q5_K", "Q4_K"):
+                    with pytest.raises(ValueError, match="need offsets"):
+                        wide_blocks(blocks, kind, rows, cols, group, offsets, np.float32)
+                    continue
+                q, scale, offset = (None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                                    for a in wide_blocks(blocks, kind, rows, cols, group, offsets, np.float32))
+                assert q.dtype == torch.int8 and scale.shape == (rows, cols // group) and (offset is not None) == offsets
+                assert torch.equal(dequantize(q, scale, offset, torch.float32), want), (kind, group, offsets)
+                assert (int(q.min()), int(q.max())) == bits[kind]
+
+
+GGUF_MIXES = {  # a projection's kinds, as llama.cpp's mixes hold them (q | k | v and gate | up: one layer each)
+    # Q4_K_M-like: q, k in Q4_K with v in Q6_K (one 8-bit layer, offsets for the Q4_K parts); down in Q6_K (8-bit, its
+    # zero offsets dropped); gate, up in Q4_K (4-bit); the output Q6_K (8-bit), the embedding Q4_K (dense)
+    "q4_k_m": ({"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+                "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q4_K", "output": "Q6_K"},
+               {"self_attn.qkv_proj": (8, 16, True), "self_attn.o_proj": (4, 32, True), "mlp.gate_up_proj": (4, 32, True),
+                "mlp.down_proj": (8, 16, False)}),
+    # Q5 kinds, Q8_0, and a Q4_1 / Q8_0 pair (one 8-bit layer): no Q6_K, so groups of 32 (float32 for Q5_K)
+    "q5": ({"attn_q": "Q5_K", "attn_k": "Q5_K", "attn_v": "Q5_K", "attn_output": "Q5_0", "ffn_gate": "Q4_1",
+            "ffn_up": "Q8_0", "ffn_down": "Q5_1", "token_embd": "Q8_0", "output": "Q5_K"},
+           {"self_attn.qkv_proj": (8, 32, True), "self_attn.o_proj": (8, 32, False), "mlp.gate_up_proj": (8, 32, True),
+            "mlp.down_proj": (8, 32, True)}),
+    # 8-bit kinds beside 4-bit ones: Q8_0 / Q6_K (no offsets at all)
+    "q8": ({"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q4_0",
+            "ffn_up": "Q4_0", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "Q6_K"},
+           {"self_attn.qkv_proj": (8, 16, False), "self_attn.o_proj": (4, 32, True), "mlp.gate_up_proj": (4, 32, True),
+            "mlp.down_proj": (8, 16, False)}),
+}
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if DEV == "cuda" else []))
-def test_gguf_keeps_its_8bit_layers(tmp_path, device):
-    """Q8_0 and Q6_K projections stay 8-bit (signed bytes, groups of 16 in a file with Q6_K; Q/K rows unpermuted
-    with their scales) beside 4-bit ones, and so does the output head (Q6_K); a layer fusing 4-bit and 8-bit blocks,
-    and the (untied) embedding, load dense. The run holds exactly the dequantizing run's weights (on the CPU, where both are
-    dequantized; on a GPU the kernels read the packed ones) and draws its greedy tokens."""
+@pytest.mark.parametrize("mix", list(GGUF_MIXES))
+def test_gguf_keeps_its_5_to_8bit_layers(tmp_path, mix, device):
+    """Projections of 5-, 6- and 8-bit blocks, and layers fusing those with 4-bit ones, stay 8-bit (one byte a weight,
+    a scale and where the kinds have them an offset per group; Q/K rows unpermuted with them) beside 4-bit layers, and
+    so does the output head; the (untied) embedding loads dense. The run holds exactly the dequantizing run's weights
+    (on the CPU, where both are dequantized; on a GPU the kernels read the packed ones) and draws its greedy tokens."""
     from slipstream.bench.common import _synthetic_tokenizer
 
-    path, tok = str(tmp_path / "q8.gguf"), str(tmp_path / "tok")
-    _tiny_gguf(path, {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
-                      "ffn_up": "Q8_0", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "Q6_K"})
+    types, want = GGUF_MIXES[mix]
+    path, tok = str(tmp_path / f"{mix}.gguf"), str(tmp_path / "tok")
+    _tiny_gguf(path, types)
     _synthetic_tokenizer(384, 2, tok)
     kw = dict(tokenizer=tok, dtype="float32", device=device, max_model_len=128, num_blocks=32, block_size=16)
     if device == "cuda":
         kw.update(gpu_memory_utilization=0.3)
     packed, dense = LLM(path, quantization="int4", **kw), LLM(path, **kw)
     a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
-    methods = {name: a.layers[0].get_submodule(name).method
-               for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
-    assert {name: (type(m).__name__, getattr(m, "bits", None), getattr(m, "group", None)) for name, m in methods.items()} == {
-        "self_attn.qkv_proj": ("Int4", 8, 16), "self_attn.o_proj": ("Int4", 4, 32),
-        "mlp.gate_up_proj": ("Unquantized", None, None), "mlp.down_proj": ("Int4", 8, 16)}
+    layers = {name: a.layers[0].get_submodule(name) for name in want}
+    assert {name: (m.method.bits, m.method.group) for name, m in layers.items()} == {k: v[:2] for k, v in want.items()}
+    assert a.lm_head.method.bits == 8
     if device == "cpu":
         wa, wb = dict(a.named_parameters()), dict(b.named_parameters())
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    else:
-        assert a.layers[0].mlp.down_proj.qweight.dtype == a.lm_head.qweight.dtype == torch.int8
-    assert (a.lm_head.method.bits, a.lm_head.method.group) == (8, 16)
+    else:  # the forms the kernels read: offsets only where the kinds have them
+        assert {name: (m.qweight.dtype, m.offsets is not None) for name, m in layers.items()} == {
+            k: (torch.int8 if v[0] == 8 else torch.uint8, v[2]) for k, v in want.items()}
     greedy = SamplingParams(max_tokens=6, temperature=0)
     assert packed.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids == dense.generate(["w5 w6 w7"], greedy)[0].outputs[0].token_ids
 

@@ -152,15 +152,14 @@ def test_embedded_q4_1_kept_4bit_on_two_ranks(gguf_path):
 
 
 def test_gguf_8bit_layers_on_two_ranks(tmp_path):
-    """A GGUF's Q8_0 / Q6_K layers kept 8-bit (a signed byte a weight, scales per 16 columns) beside 4-bit ones, split
-    over two ranks: one rank's tokens."""
-    from test_int4 import _tiny_gguf
+    """A Q4_K_M-like GGUF's 8-bit layers (q | k in Q4_K with v in Q6_K: bytes, scales and offsets per 16 columns;
+    down and the output in Q6_K) beside 4-bit ones, split over two ranks: one rank's tokens."""
+    from test_int4 import GGUF_MIXES, _tiny_gguf
 
     from slipstream.bench.common import _synthetic_tokenizer
 
-    path, tok = str(tmp_path / "q8.gguf"), str(tmp_path / "tok")
-    _tiny_gguf(path, {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q6_K", "ffn_gate": "Q4_K",
-                      "ffn_up": "Q4_K", "ffn_down": "Q6_K"})
+    path, tok = str(tmp_path / "q4_k_m.gguf"), str(tmp_path / "tok")
+    _tiny_gguf(path, GGUF_MIXES["q4_k_m"][0])
     _synthetic_tokenizer(384, 2, tok)
     kw = dict(tokenizer=tok, dtype="float32", device="cpu", max_model_len=128, quantization="int4")
     prompts = [[5, 6, 7, 8, 9], list(range(10, 50))]

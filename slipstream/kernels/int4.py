@@ -5,7 +5,8 @@ The weight is stored as layers/quantization/int4.py lays it out: `qweight` uint8
 nibble of byte j, column 2j + 1 in the high one), and per group of `group` columns of a row a float16 `scale` and
 an `offset` (float16 or float32): w = q * scale + offset (GGUF, AWQ, GPTQ and round-to-nearest: one layout); or FP4
 E2M1 codes with a float32 scale per group and no offset (NVFP4, MXFP4): w = e2m1(q) * scale; or `qweight` int8
-[N, K], one signed integer a column, with a scale per group (GGUF Q8_0, Q6_K): w = q * scale. Each program
+[N, K], one signed integer a column, with a scale (and maybe an offset) per group (GGUF's 5-, 6- and 8-bit blocks):
+w = q * scale (+ offset). Each program
 computes a BLOCK_M x BLOCK_N tile of the output; a K step of BLOCK_K (one group, or a part of one) loads BLOCK_N x
 BLOCK_K / 2 bytes, splits the nibbles, scales them in float32, and feeds the tensor cores in the activation's dtype.
 A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains up to 4x less the scales.
@@ -29,14 +30,15 @@ def e2m1(q):
     return tl.where((q & 8) != 0, -mag, mag)
 
 
-# How a weight's integers are stored (dequant_tile's CODE): unsigned nibbles with a scale and an offset per group,
-# FP4 E2M1 nibbles with a scale, or signed bytes with a scale (GGUF's Q8_0 and Q6_K, kept 8-bit)
+# How a weight's integers are stored (dequant_tile's CODE): unsigned nibbles, FP4 E2M1 nibbles, or signed bytes
+# (GGUF's 5-, 6- and 8-bit blocks, kept 8-bit); each with a scale per group, and (OFFSET) an offset
 CODE_U4, CODE_FP4, CODE_S8 = 0, 1, 2
 
 
 @triton.jit
 def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, dtype: tl.constexpr,
-                 CODE: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 CODE: tl.constexpr, OFFSET: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """Rows `rows` (`ok`: in range) of a 4-bit (or `CODE_S8`: 8-bit) weight, columns k0 .. k0 + BLOCK_K ->
     [BLOCK_N, BLOCK_K] in `dtype`: BLOCK_N x BLOCK_K / 2 bytes (BLOCK_K for bytes), nibbles split, scaled (and
     offset) in float32. The tile lies within one group, or (`FINE`: groups narrower than the tile) each column takes
@@ -53,12 +55,12 @@ def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, d
     if FINE:
         at = r[:, None] * stride_s + ((k0 + tl.arange(0, BLOCK_K)) // group)[None, :]
         w = v * tl.load(s_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        if CODE == 0:
+        if OFFSET:
             w += tl.load(o_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     else:
         g = k0 // group
         w = v * tl.load(s_ptr + r * stride_s + g, mask=ok, other=0.0).to(tl.float32)[:, None]
-        if CODE == 0:
+        if OFFSET:
             w += tl.load(o_ptr + r * stride_s + g, mask=ok, other=0.0).to(tl.float32)[:, None]
     return w.to(dtype)
 
@@ -66,7 +68,8 @@ def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, d
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CODE: tl.constexpr, FINE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CODE: tl.constexpr, OFFSET: tl.constexpr,
+                  FINE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,8 +79,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
-        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, FINE, BLOCK_N,
-                         BLOCK_K)
+        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, OFFSET, FINE,
+                         BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
@@ -106,7 +109,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                bias: torch.Tensor | None = None, fp4: bool = False) -> torch.Tensor:
     """x [M, K] (16/32-bit) @ W^T with W [N, K] = unpack(qweight) * scales + offsets per group -> [M, N] in x's dtype.
     `fp4`: the nibbles are FP4 E2M1 codes (NVFP4, MXFP4) and W = e2m1(unpack(qweight)) * scales (no offsets). An int8
-    qweight [N, K] holds one signed integer a weight: W = qweight * scales (no offsets)."""
+    qweight [N, K] holds one signed integer a weight: W = qweight * scales (+ offsets where given)."""
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
@@ -124,6 +127,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     grid = (cdiv(m, bm), cdiv(n, bn))
     _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
                         y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code, FINE=fine_groups(bk, group),
+                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code,
+                        OFFSET=offsets is not None, FINE=fine_groups(bk, group),
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y

@@ -17,7 +17,7 @@ FP8 weights come with scales: one per output row (applied to the row's sum) or o
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
 (layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) are unpacked and
 dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds them; so are 8-bit integer weights (GGUF
-Q8_0 / Q6_K: a signed byte a column, a scale per group).
+5-, 6- and 8-bit blocks: a signed byte a column, a scale and maybe an offset per group).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
     # offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row, 5 8-bit
-    # integer weights with a scale per SCALE_BK columns of a row
+    # integer weights with a scale per SCALE_BK columns of a row, 6 the same with an offset too
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -71,7 +71,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         if SCALE >= 3:
             ok = n_ok[:, None] & k_ok[None, :]
-            if SCALE == 5:
+            if SCALE >= 5:
                 v = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=ok, other=0).to(tl.float32)
             else:
                 kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -80,7 +80,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                 v = e2m1(q) if SCALE == 4 else q.to(tl.float32)
             group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
             w = v * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            if SCALE == 3:
+            if SCALE == 3 or SCALE == 6:
                 w += tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
             w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
@@ -113,7 +113,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     W = weight, or for FP8 weights weight * weight_scale: per output row ([N]), or per `scale_block` block; for
     4-bit weights (uint8 [N, K / 2]) unpack(weight) * weight_scale + weight_offset per `group` columns, or with `fp4`
-    e2m1(unpack(weight)) * weight_scale; for 8-bit ones (int8 [N, K]) weight * weight_scale per `group` columns.
+    e2m1(unpack(weight)) * weight_scale; for 8-bit ones (int8 [N, K]) weight * weight_scale (+ weight_offset) per
+    `group` columns.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
     four_bit, eight_bit = weight.dtype == torch.uint8, weight.dtype == torch.int8
     n, k = weight.shape[0], weight.shape[1] * (2 if four_bit else 1)
@@ -124,7 +125,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
-    scale = (4 if fp4 else 3) if four_bit else 5 if eight_bit else 0 if weight_scale is None else (1 if scale_block is None else 2)
+    scale = ((4 if fp4 else 3) if four_bit else (5 if weight_offset is None else 6) if eight_bit
+             else 0 if weight_scale is None else (1 if scale_block is None else 2))
     bn, bk = (1, group) if four_bit or eight_bit else scale_block or (1, 1)
     _gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,

@@ -140,7 +140,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
         if SCALES == 3:  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
             b = tl.trans(dequant_tile(b_base, s_base, z_base, rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype, CODE,
-                                      FINE, BLOCK_N, BLOCK_K))
+                                      CODE == 0, FINE, BLOCK_N, BLOCK_K))
         else:
             b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
         if SCALES == 2:  # this K tile lies in one block column: its product takes the blocks' scales
@@ -151,7 +151,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         if GATED:
             if SCALES == 3:
                 u = tl.trans(dequant_tile(b_base, s_base, z_base, N + rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype,
-                                          CODE, FINE, BLOCK_N, BLOCK_K))
+                                          CODE, CODE == 0, FINE, BLOCK_N, BLOCK_K))
             else:
                 u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
             if SCALES == 2:

@@ -56,7 +56,9 @@ _FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up
           ("ffn_gate_shexp", "ffn_up_shexp"), ("ffn_down_shexp",), ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
 _PROJECTIONS = {part for group in _FUSED for part in group if part not in _EXPERTS}  # (not embeddings, norms)
 _Q4 = ("Q4_0", "Q4_1", "Q4_K")
-_Q8 = ("Q8_0", "Q6_K")  # kept as signed bytes (layers/quantization/int4.py)
+_WIDE = ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K")  # kept 8-bit (wide_blocks), as are 4-bit ones fused with them
+_K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # their scales (d times a 6- or 8-bit scale) need float32
+_OFFSET_KINDS = ("Q4_1", "Q4_K", "Q5_1", "Q5_K")  # w = q * scale + offset
 _BLOCK = 32  # weights per Q4_0 / Q4_1 block, and per sub-block of a Q4_K super-block
 
 
@@ -221,7 +223,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                        shared_expert_intermediate_size=_field(reader, f"{arch}.expert_shared_feed_forward_length", 0))
         cfg.update(moe)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    kept, wide, dense, wide_types = [], [], [], set()
+    kept, wide, dense, wide_kinds = [], [], [], set()
     for layer in range(cfg["num_hidden_layers"]):
         for group in _FUSED:
             names = [f"blk.{layer}.{part}.weight" for part in group]
@@ -231,23 +233,27 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                        if group[0] in _EXPERTS else [hf_name(n).removesuffix(".weight") for n in names])
             if all(types.get(n) in _Q4 for n in names):
                 kept.extend(modules)
-            elif group[0] not in _EXPERTS and all(types.get(n) in _Q8 for n in names):
+            elif group[0] not in _EXPERTS and all(types.get(n) in _Q4 + _WIDE for n in names):
                 wide.extend(modules)
-                wide_types.update(types[n] for n in names)
+                wide_kinds.update(types[n] for n in names)
             else:
                 dense.extend(modules)
     # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too, in a file whose projections
     # are kept (one that keeps none rounds them all to 4 bits at load with `int4`, as a 16-bit checkpoint)
     head = "output.weight" if "output.weight" in types else "token_embd.weight"
-    if (kept or wide) and types.get(head) in _Q8:
+    if (kept or wide) and types.get(head) in _Q4 + _WIDE:
         wide.append("lm_head")
-        wide_types.add(types[head])
+        wide_kinds.add(types[head])
     if kept or wide:
-        # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every layer of such a file; Q6_K's
-        # 16-column sub-blocks set the 8-bit layers' groups
+        # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every 4-bit layer of such a file;
+        # the 8-bit layers share one form, set by the kinds among them: groups of 16 with Q6_K's sub-blocks, float32
+        # scales with a K-quant's, offsets (zeros where a layer's kinds have none, dropped once loaded) with those
+        # that have one
         cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense,
                                       "k_quants": "Q4_K" in types.values(), "modules_8bit": wide,
-                                      "q6_k": "Q6_K" in wide_types}
+                                      "wide_group": 16 if "Q6_K" in wide_kinds else 32,
+                                      "wide_offsets": bool(wide_kinds & set(_OFFSET_KINDS)),
+                                      "wide_fp32": bool(wide_kinds & set(_K_QUANTS))}
     factor = _field(reader, f"{arch}.rope.scaling.factor")
     if factor and _field(reader, f"{arch}.rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
@@ -274,17 +280,20 @@ def q4k_blocks(data: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.n
     their high ones. Sub-block i: w = d sc_i q - dmin m_i, so scale = d sc_i and offset = -dmin m_i (exact in
     float32: at most 17 significant bits)."""
     blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 144)
+    qs = blocks[..., 16:].reshape(rows, cols // 256, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+    return (qs & 15).reshape(rows, cols), *_k_scales(blocks, rows)
+
+
+def _k_scales(blocks: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K super-blocks' d, dmin and their 12 bytes of eight 6-bit scales and minimums -> (d sc, -dmin m)
+    per sub-block of 32, float32 [rows, sub-blocks]."""
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    packed = blocks[..., 4:16].reshape(rows, cols // 256, 3, 4)
+    packed = blocks[..., 4:16].reshape(*blocks.shape[:2], 3, 4)
     a, b, c = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
     sc = np.concatenate([a & 63, (c & 15) | ((a >> 2) & 48)], axis=-1).astype(np.float32)  # [rows, blocks, 8]
     mn = np.concatenate([b & 63, (c >> 4) | ((b >> 2) & 48)], axis=-1).astype(np.float32)
-    qs = blocks[..., 16:].reshape(rows, cols // 256, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
-    q = (qs & 15).reshape(rows, cols)
-    scale = (d[..., None] * sc).reshape(rows, -1)
-    offset = -(dmin[..., None] * mn).reshape(rows, -1)
-    return q, scale, offset
+    return (d[..., None] * sc).reshape(rows, -1), -(dmin[..., None] * mn).reshape(rows, -1)
 
 
 def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -306,24 +315,26 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         name = hf_name(t.name)
         if as_stored and t.name in ("output.weight", "token_embd.weight") and spec.keeps_8bit(["lm_head"]) and (
                 t.name == "output.weight" or config.tie_word_embeddings):  # the output head (tied: the embedding too)
-            q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in _q8_parts(t, *shape, spec.wide_group))
+            q, scale, offset = _wide_parts(t, *shape, spec)
             yield "lm_head.qweight", q
             yield "lm_head.scales", scale
+            if offset is not None:
+                yield "lm_head.offsets", offset
             continue
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")
         if as_stored and spec.method == "int4" and part in _PROJECTIONS and not spec.keeps_16bit([module]):
             wide = spec.keeps_8bit([module])
-            parts = _q8_parts(t, *shape, spec.wide_group) if wide else _q4_parts(t, *shape)
+            q, scale, offset = _wide_parts(t, *shape, spec) if wide else (
+                torch.from_numpy(np.ascontiguousarray(a)) for a in _q4_parts(t, *shape))
             if flip:
-                parts = tuple(unpermute_qk(a, heads) for a in parts)
+                q, scale, offset = (None if a is None else unpermute_qk(a, heads) for a in (q, scale, offset))
             base = name.removesuffix(".weight")
-            q, scale, *offset = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
             yield f"{base}.qweight", q if wide else pack(q)
             yield f"{base}.scales", scale
-            if not wide:
-                yield f"{base}.offsets", offset[0]
+            if offset is not None:
+                yield f"{base}.offsets", offset
             continue
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = np.array(t.data, dtype=np.float32)  # copy: the reader maps the file read-only
@@ -337,33 +348,69 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def q8_blocks(data: np.ndarray, kind: str, rows: int, cols: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0 / Q6_K rows of blocks -> (q int8 [rows, cols], scale [rows, cols / group]): w = q * scale, the gguf
-    package's values exactly. Q8_0: a block is d (float16) and 32 int8; its scales are d, float16 for groups of 32,
-    repeated and float32 for groups of 16. Q6_K: a super-block of 256 is the low nibbles (128 bytes), the high two
-    bits (64 bytes), 16 int8 scales and d (float16); weight = (6-bit q - 32) * d * sc per sub-block of 16, and d * sc
-    (at most 19 significant bits) is exact in float32."""
+def wide_blocks(data: np.ndarray, kind: str, rows: int, cols: int, group: int, offsets: bool,
+                scale_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Rows of GGUF blocks -> the 8-bit form every kind fits (layers/quantization/int4.py): (q int8 [rows, cols],
+    scale [rows, cols / group], offset or None): w = q * scale (+ offset), the gguf package's values exactly (each
+    kind's products have at most 19 significant bits: exact in float32; float16 holds Q8_0's, Q5_0's and Q5_1's d and
+    m as they are). Signed q and no offset where the kind has none (Q8_0 d q; Q6_K d sc (q - 32); Q5_0 d (q - 16);
+    Q4_0 d (q - 8)); q and an offset where it has one (Q5_1, Q4_1: d q + m; Q5_K, Q4_K: d sc q - dmin m); `offsets`:
+    zeros where the kind has none (a layer fusing kinds of both sorts). Scales are repeated to `group` (16: Q6_K's
+    sub-blocks; the others' are 32)."""
     if kind == "Q8_0":
         blocks = np.ascontiguousarray(data).reshape(rows, cols // 32, 34)
+        q, scale, offset = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols), blocks[..., :2].copy().view(np.float16)[..., 0], None
+    elif kind == "Q6_K":
+        if group != 16:
+            raise ValueError(f"Q6_K blocks need groups of 16 columns, got {group}")
+        blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 210)
+        ql, qh = blocks[..., :128], blocks[..., 128:192]
+        sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+        d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
+        # each half of a super-block: low nibbles of its 64 ql bytes are weights 0..63, high nibbles 64..127; its 32
+        # qh bytes hold the high bits of weights j, j + 32, j + 64, j + 96 at bits 0, 2, 4, 6
+        lo = (ql.reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15
+        hi = (qh.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3
+        q = ((lo.reshape(rows, -1, 2, 4, 32) | (hi.reshape(rows, -1, 2, 4, 32) << 4)).astype(np.int8) - 32).reshape(rows, cols)
+        scale, offset = (d * sc).reshape(rows, cols // 16), None
+    elif kind in ("Q5_0", "Q5_1"):  # d (m), 4 bytes of high bits (bit j: weight j), 16 bytes of nibbles as Q4's
+        head = 2 if kind == "Q5_0" else 4
+        blocks = np.ascontiguousarray(data).reshape(rows, cols // 32, head + 20)
         d = blocks[..., :2].copy().view(np.float16)[..., 0]
-        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
-        return q, (d if group == 32 else np.repeat(d.astype(np.float32), 32 // group, axis=-1))
-    if group != 16:
-        raise ValueError(f"Q6_K blocks need groups of 16 columns, got {group}")
-    blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 210)
-    ql, qh = blocks[..., :128], blocks[..., 128:192]
-    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
-    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
-    # each half of a super-block: low nibbles of its 64 ql bytes are weights 0..63, high nibbles 64..127; its 32 qh
-    # bytes hold the high bits of weights j, j + 32, j + 64, j + 96 at bits 0, 2, 4, 6
-    lo = (ql.reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15
-    hi = (qh.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3
-    q = (lo.reshape(rows, -1, 2, 4, 32) | (hi.reshape(rows, -1, 2, 4, 32) << 4)).astype(np.int8) - 32
-    return q.reshape(rows, cols), (d * sc).reshape(rows, cols // 16)
+        high = blocks[..., head : head + 4].copy().view(np.uint32)  # [rows, blocks, 1]
+        qs = blocks[..., head + 4 :]
+        q = (np.concatenate((qs & 15, qs >> 4), axis=-1) | (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8))
+        if kind == "Q5_0":
+            q, scale, offset = (q.astype(np.int8) - 16).reshape(rows, cols), d, None
+        else:
+            q, scale, offset = q.astype(np.int8).reshape(rows, cols), d, blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    elif kind == "Q5_K":  # d, dmin, 12 bytes of scales as Q4_K's, 32 bytes of high bits (bit j: sub-block j), 128 of nibbles
+        blocks = np.ascontiguousarray(data).reshape(rows, cols // 256, 176)
+        lo = (blocks[..., 48:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15
+        hi = (blocks[..., 16:48].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+        q = (lo.reshape(rows, -1, 8, 32) | (hi << 4)).astype(np.int8).reshape(rows, cols)
+        scale, offset = _k_scales(blocks, rows)
+    elif kind in ("Q4_0", "Q4_1", "Q4_K"):
+        q, scale, offset = q4k_blocks(data, rows, cols) if kind == "Q4_K" else q4_blocks(data, kind, rows, cols)
+        if kind == "Q4_0":  # d (q - 8): signed, no offset
+            q, offset = q.astype(np.int8) - 8, None
+        q = q.astype(np.int8)
+    else:
+        raise ValueError(f"GGUF {kind} blocks are not kept 8-bit")
+    if offsets and offset is None:
+        offset = np.zeros_like(scale)
+    elif not offsets and offset is not None:
+        raise ValueError(f"GGUF {kind} blocks need offsets")
+    # (repeated twice where a kind's sub-blocks of 32 meet groups of 16)
+    scale, offset = ((None if a is None else np.repeat(a.astype(np.float32), cols // group // a.shape[1], axis=-1)
+                      .astype(scale_dtype)) for a in (scale, offset))
+    return q, scale, offset
 
 
-def _q8_parts(t: Any, rows: int, cols: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    return q8_blocks(t.data, t.tensor_type.name, rows, cols, group)
+def _wide_parts(t: Any, rows: int, cols: int, spec: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    parts = wide_blocks(t.data, t.tensor_type.name, rows, cols, spec.wide_group, spec.wide_offsets,
+                        np.float32 if spec.wide_fp32 else np.float16)
+    return tuple(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
 
 
 def _q4_parts(t: Any, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -102,8 +102,8 @@ class VocabEmbedding(nn.Module):
 
     def tie(self, head: Linear) -> None:
         """One table for the tokens in and the logits out (tied embeddings). A head kept in 8-bit blocks (a GGUF
-        file's Q8_0 / Q6_K token_embd) owns the table (its int8 rows and group scales, or once loaded on a CPU their
-        dequantized weight): lookups read the head's as it is then."""
+        file's token_embd) owns the table (its int8 rows and group scales, or once loaded on a CPU their dequantized
+        weight): lookups read the head's as it is then."""
         if hasattr(head, "qweight"):
             self.dtype = self.weight.dtype
             del self.weight
@@ -111,12 +111,12 @@ class VocabEmbedding(nn.Module):
         else:
             head.weight = self.weight
 
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, None), or the 8-bit head's (int8 rows, group scales)."""
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight, None, None), or the 8-bit head's (int8 rows, group scales, group offsets or None)."""
         if not hasattr(self, "_head"):
-            return self.weight, None
+            return self.weight, None, None
         head = self._head[0]
-        return (head.weight, None) if hasattr(head, "weight") else (head.qweight, head.scales)
+        return (head.weight, None, None) if hasattr(head, "weight") else (head.qweight, head.scales, head.offsets)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,11 +124,14 @@ class VocabEmbedding(nn.Module):
         return tuple(self._table()[0].shape)
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
-        table, scales = self._table()
+        table, scales, offsets = self._table()
         if scales is None:
             return F.embedding(ids, table)
         q, s = table[ids].float(), scales[ids].float()
-        return (q.view(*s.shape, -1) * s[..., None]).view(q.shape).to(self.dtype)
+        w = q.view(*s.shape, -1) * s[..., None]
+        if offsets is not None:
+            w = w + offsets[ids].float()[..., None]
+        return w.view(q.shape).to(self.dtype)
 
     def table(self) -> torch.Tensor:
         """Every row this rank holds, dequantized."""

@@ -40,7 +40,7 @@ class LinearMethod(Protocol):
 
 
 def get_linear_method(spec: QuantSpec | str = "none", bits: int = 4) -> LinearMethod:
-    """`bits`: int4's integers are 8-bit in this layer (GGUF Q8_0 / Q6_K blocks)."""
+    """`bits`: int4's integers are 8-bit in this layer (GGUF blocks of 5 to 8 bits)."""
     method = spec if isinstance(spec, str) else spec.method
     if method == "none":
         from slipstream.layers.quantization.unquantized import Unquantized

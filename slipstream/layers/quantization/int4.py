@@ -12,9 +12,10 @@ in the high one), `scales` float16 and `offsets` [N, K / group], and w = q * sca
     GPTQ's act-order columns are sorted into contiguous groups (`perm`: the input's columns are gathered to match);
   - `quantization="int4"` on a 16-bit checkpoint: each group of 128 (64 or fewer where the input width is not a
     multiple of 128) rounded to the nearest of 16 levels between its minimum and maximum (RTN with a minimum).
-A GGUF file's 8-bit blocks stay 8-bit beside its 4-bit ones (`bits=8`): `qweight` int8 [N, K], one signed integer a
-column, and a scale per group, no offsets: w = q * scale. Q8_0 (d, 32 integers) as is; Q6_K's 6-bit q and scale d *
-sc per sub-block of 16 as (q - 32, d sc) in float32 (19 bits: exact), Q8_0's scales then repeated to groups of 16.
+A GGUF file's 5-, 6- and 8-bit blocks stay 8-bit beside its 4-bit ones (`bits=8`), and so do 4-bit blocks fused
+into one layer with those: `qweight` int8 [N, K], one integer a column, a scale per group and maybe an offset: w = q *
+scale (+ offset), each kind's own arithmetic exactly (loader/gguf_loader.py wide_blocks); offsets that are all zero
+(a layer of kinds without them, in a file that has some) are dropped once loaded.
 Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21 significant bits, so the
 dequantized weights equal each format's own arithmetic in float32.
 
@@ -177,9 +178,11 @@ class Int4:
         # (a row-parallel rank starts on a group's edge), `rows_per` output rows per entry of its output axis `dim`.
         per_group = self.group if self.spec.group != -1 else 0  # one group a row: every rank keeps it whole
         grouped = dict(cols_per=per_group)
-        if gguf and self.bits == 8:  # one signed byte a weight, a scale per group (Q6_K's need float32)
-            params = [("qweight", (n, k), torch.int8, dict(cols_per=1)),
-                      ("scales", (n, g), torch.float32 if self.group == 16 else torch.float16, grouped)]
+        if gguf and self.bits == 8:  # one byte a weight, a scale (and an offset) per group
+            dtype = torch.float32 if self.spec.wide_fp32 else torch.float16
+            params = [("qweight", (n, k), torch.int8, dict(cols_per=1)), ("scales", (n, g), dtype, grouped)]
+            if self.spec.wide_offsets:
+                params.append(("offsets", (n, g), dtype, grouped))
         elif gguf:  # the loader repacked it: our layout, rows stacked
             dtype = torch.float32 if fmt == "gguf_k" else torch.float16
             params = [("qweight", (n, k // 2), torch.uint8, dict(cols_per=2)), ("scales", (n, g), dtype, grouped),
@@ -217,9 +220,12 @@ class Int4:
     def _from_checkpoint(self, layer: "Linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         fmt = self.spec.format
         if fmt.startswith("gguf"):
-            out = layer.qweight.data, layer.scales.data, layer.offsets.data if self.bits == 4 else None, None
+            offsets = layer.offsets.data if hasattr(layer, "offsets") else None
+            if self.bits == 8 and offsets is not None and not bool(offsets.any()):
+                offsets = None  # (8-bit kinds without offsets, in a file with some)
+            out = layer.qweight.data, layer.scales.data, offsets, None
             del layer.qweight, layer.scales
-            if self.bits == 4:
+            if hasattr(layer, "offsets"):
                 del layer.offsets
             return out
         if fmt in ("nvfp4", "mxfp4"):

@@ -34,18 +34,20 @@ class QuantSpec:
     # "gptq" (zero points stored minus one, as AutoGPTQ writes them), "gptq_v2" (zero points as they are),
     # "ct" / "ct_asym" (compressed-tensors pack-quantized, symmetric / with zero points), "nvfp4" / "mxfp4" (FP4 E2M1)
     format: str = ""
-    # GGUF: modules whose blocks are 8-bit (Q8_0, Q6_K), kept as one signed byte a weight with a scale per
-    # `wide_group` columns (32: Q8_0's blocks, float16 scales; 16: Q6_K's sub-blocks, float32 scales, every 8-bit
-    # layer of such a file alike)
+    # GGUF: modules kept as one signed byte a weight (blocks of 5, 6 or 8 bits, or 4-bit ones fused with those), with
+    # a scale per `wide_group` columns (float32 with `wide_fp32`, else float16) and, with `wide_offsets`, an offset;
+    # every such layer of a file alike (loader/gguf_loader.py wide_blocks)
     wide: tuple[str, ...] = ()
     wide_group: int = 32
+    wide_offsets: bool = False
+    wide_fp32: bool = False
 
     def keeps_16bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
         return self.method == "none" or _all_or_none(self.ignore, names, "quantization ignores")
 
     def keeps_8bit(self, names: list[str]) -> bool:
-        """Whether the layer whose checkpoint modules are `names` holds 8-bit integers (GGUF's Q8_0 / Q6_K)."""
+        """Whether the layer whose checkpoint modules are `names` holds 8-bit integers (GGUF's `wide` layers)."""
         return self.method == "int4" and _all_or_none(self.wide, names, "8-bit blocks hold")
 
 
@@ -70,7 +72,8 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
     if method == "gguf":  # a GGUF file's 4-bit and 8-bit layers (the loader writes this entry: GGUF has no such config)
         return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32,
                          format="gguf_k" if qc.get("k_quants") else "gguf", wide=tuple(qc.get("modules_8bit") or ()),
-                         wide_group=16 if qc.get("q6_k") else 32)
+                         wide_group=qc.get("wide_group", 32), wide_offsets=bool(qc.get("wide_offsets")),
+                         wide_fp32=bool(qc.get("wide_fp32")))
     if method in ("awq", "gptq"):
         if qc.get("bits") != 4:
             raise ValueError(f"{method} checkpoints with {qc.get('bits')} bits: only 4-bit ones are supported")

@@ -92,6 +92,18 @@ def test_logprobs_n_and_seed(client):
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices] and len(a.choices) == 2
     assert a.usage.completion_tokens == 16
+    # streamed, samples that end at different steps (a stop string): each choice ends once, with the text it has
+    for chunks in (client.completions.create(**kw, stop=" ", stream=True),
+                   client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name animals."}],
+                                                  max_tokens=8, temperature=1.0, seed=7, n=3, stop=" ", stream=True)):
+        ends, texts = {}, {}
+        for c in chunks:
+            for ch in c.choices:
+                piece = ch.text if hasattr(ch, "text") else ch.delta.content
+                texts[ch.index] = texts.get(ch.index, "") + (piece or "")
+                if ch.finish_reason is not None:
+                    ends[ch.index] = ends.get(ch.index, 0) + 1
+        assert ends and all(v == 1 for v in ends.values()) and set(ends) == set(texts), ends
 
 
 def test_multiple_prompts_and_token_ids(client, llm):

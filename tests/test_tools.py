@@ -87,6 +87,12 @@ MALFORMED = [  # (format, what a model wrote): each is read the same streamed an
     ("json_array", '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time", "arguments": {"tz": "'),
     ("json_array", '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time"'),
     ("mistral", 'ok [TOOL_CALLS] [{"name": "lookup", "arguments": {"ids": [1'),
+    # a key written twice: the first counts (a stream has sent it by the time the second comes)
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}, "name": "get_weather"}]'),
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}, "arguments": "Rome"}</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"a": 1}, "arguments": {"city": "Rome"}}'),
+    # a block that is no JSON object ends the calls
+    ("hermes", '<tool_call>garbage</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>'),
 ]
 
 
@@ -116,6 +122,9 @@ def test_which_calls_count():
     assert finished_calls("hermes", MALFORMED[3][1], tools=TOOLS)[2] is False  # incomplete
     assert _finished("hermes", MALFORMED[5][1]) == ("", [("get_time", "{}")])  # the calls before the first that is not
     assert finished_calls("hermes", MALFORMED[5][1], tools=TOOLS)[2] is True
+    assert [_finished(fmt, MALFORMED[i][1])[1] for i, fmt in ((9, "mistral"), (10, "hermes"), (11, "llama3_json"))] == [
+        [("f", "{}")], [("get_weather", '{"city": "Rome"}')], [("get_weather", '{"a": 1}')]]
+    assert _finished("hermes", MALFORMED[12][1])[1] == []
     two = TEXTS["hermes"]
     assert [c[0] for c in _finished("hermes", two)[1]] == ["get_weather", "get_time"]
     assert [c[0] for c in _finished("hermes", two, parallel=False)[1]] == ["get_weather"]  # one where parallel is off
@@ -279,10 +288,15 @@ def test_bad_tool_requests_are_400(client):
                         (dict(tools=[fn({"type": "string"})]), "tools"),  # arguments are an object
                         (dict(tools=[fn({"type": "object", "properties": 5})]), "tools"),
                         (dict(tools=[fn({"type": "object", "required": "city"})]), "tools"),
+                        (dict(tools=[WEATHER], stream=False, stream_options={"include_usage": True}), "stream_options"),
                         (dict(tools=[WEATHER], stream_options={"include_usage": True}), "stream_options")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **body)
         assert e.value.body["param"] == param, e.value.body
+    # schemas clients generate: a type list holding "object", null properties and required
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=[
+        fn({"type": ["object", "null"], "properties": None, "required": None})])
+    assert r.choices[0].finish_reason
     # a forced call is the output: response_format (for content) has nothing to shape, and is no conflict
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, tools=[WEATHER], tool_choice="required",
                                        response_format={"type": "json_object"}, temperature=0)
@@ -291,6 +305,9 @@ def test_bad_tool_requests_are_400(client):
 
 def test_models_by_id(client):
     assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.BadRequestError) as e:  # (completions too)
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, stream_options={"include_usage": True})
+    assert e.value.body["param"] == "stream_options"
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")
     assert e.value.body["code"] == "model_not_found"

@@ -262,8 +262,11 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        _check_model(state, model_id)  # (the served name, or the path it was loaded from)
-        return model_card()
+        card = model_card()
+        if model_id not in (card["id"], card.get("root")):  # (the served name, or the path it was loaded from)
+            raise ApiError(404, f"The model `{model_id}` does not exist.", "invalid_request_error", param="model",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(raw: Request) -> Response:
@@ -623,7 +626,12 @@ async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Fo
     merged = _merge(streams)
     try:
         async for i, out in _timed(merged, timeout):
+            ended = usage.ended.setdefault(i, set())
             for o in out.outputs:
+                if o.index in ended:  # (every report holds each sample; one that ended has said so)
+                    continue
+                if o.finished:
+                    ended.add(o.index)
                 chunk = fmt.chunk(base, i * n + o.index, o, o.index not in usage.started.setdefault(i, set()), out)
                 usage.started[i].add(o.index)
                 if chunk is not None:
@@ -646,7 +654,8 @@ async def _sse(base: str, streams: list[AsyncIterator[RequestOutput]], fmt: "_Fo
 class _Usage:
     def __init__(self) -> None:
         self.prompt = self.completion = 0
-        self.started: dict[int, set[int]] = {}
+        self.started: dict[int, set[int]] = {}  # per prompt, the samples whose first chunk went out
+        self.ended: dict[int, set[int]] = {}  # and those whose last did
 
     def add(self, i: int, out: RequestOutput) -> None:
         self.prompt += len(out.prompt_token_ids)

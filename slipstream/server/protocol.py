@@ -109,6 +109,12 @@ class _Common(BaseModel):
     guided_choice: list[StrictStr] | None = None
     guided_grammar: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> "_Common":
+        if self.stream_options is not None and not self.stream:
+            raise _Unsupported("stream_options", "is only allowed with stream=true")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_ignored(cls, body: Any) -> Any:
@@ -279,10 +285,10 @@ class FunctionDef(BaseModel):
         p = self.parameters
         if not p:
             return self
-        props, required = p.get("properties", {}), p.get("required", [])
-        if p.get("type", "object") != "object":
+        props, required, kind = p.get("properties") or {}, p.get("required") or [], p.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
             raise ValueError(f"function {self.name!r}: parameters must be a JSON schema of type \"object\", got type "
-                             f"{p.get('type')!r}")
+                             f"{kind!r}")
         if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
             raise ValueError(f"function {self.name!r}: parameters.properties must map names to JSON schemas")
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
@@ -327,12 +333,6 @@ class ChatCompletionRequest(_Common):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: TemplateKwargs = None  # extra template variables, e.g. Qwen3's enable_thinking
-
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> "ChatCompletionRequest":
-        if self.stream_options is not None and not self.stream:
-            raise _Unsupported("stream_options", "is only allowed with stream=true")
-        return self
 
     @model_validator(mode="after")
     def _check_prompt_scores(self) -> "ChatCompletionRequest":

@@ -88,8 +88,10 @@ def _ws(text: str, i: int, extra: str = "") -> int:
 
 
 def _object(text: str, i: int, args_keys: tuple[str, ...]) -> tuple[Call, int]:
-    """Read the call object starting at text[i] == '{': (the call as far as the text goes, index after it or -1)."""
-    name, args, args_seen = None, "", False
+    """Read the call object starting at text[i] == '{': (the call as far as the text goes, index after it or -1).
+    The first name and the first arguments count (a stream sends them as they come; a key written again is not
+    read)."""
+    name, args, args_seen, name_seen = None, "", False, False
     i = _ws(text, i + 1)
     while i < len(text) and text[i] == '"':
         end = _skip_string(text, i)
@@ -101,9 +103,10 @@ def _object(text: str, i: int, args_keys: tuple[str, ...]) -> tuple[Call, int]:
             break
         i = _ws(text, i + 1)
         stop = _skip_value(text, i)
-        if key == "name" and stop > 0 and text[i] == '"':
-            name = _string(text[i:stop])
-        elif key in args_keys:
+        if key == "name" and not name_seen:
+            if stop > 0:
+                name, name_seen = (_string(text[i:stop]) if text[i] == '"' else None), True
+        elif key in args_keys and not args_seen:
             args, args_seen = text[i : stop if stop > 0 else len(text)], True
         if stop < 0:
             return Call(name, args), -1
@@ -248,12 +251,12 @@ def _extract(fmt: str, text: str, final: bool, name: str | None, tools: list[dic
         calls, i = [], start
         while i >= 0:
             body = i + len("<tool_call>")
-            if fmt == "hermes":
-                calls += _objects(text, body, ("arguments", "parameters"), "")[:1]
+            if fmt == "hermes":  # (a block that is no JSON object ends the calls, as an invalid one does)
+                calls += _objects(text, body, ("arguments", "parameters"), "")[:1] or [Call(None, "")]
             else:
                 end = text.find("</tool_call>", body)
                 call = _glm45_call(text[body : end if end >= 0 else len(text)], end >= 0, tools)
-                calls += [call] if call is not None else []
+                calls.append(call or Call(None, ""))
             i = text.find("<tool_call>", i + 1)
         return text[:start].rstrip(), calls
     if fmt == "mistral":

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import slipstream
@@ -438,6 +439,8 @@ async def _parse(raw: Request, model: type[BaseModel]) -> Any:
         body = json.loads(await raw.body(), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except ClientDisconnect:  # gone before its body was whole: nobody to answer, nothing went wrong here
+        raise ApiError(400, "the client disconnected before sending the whole request body") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:

@@ -407,14 +407,16 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
 # The fused MoE grouped GEMM on FP8 experts (W8A16): scales per row and per 128 x 128 block, gate-up and down; and
-# on 4-bit experts (W4A16): integer codes with offsets, FP4 codes.
+# on 4-bit experts (W4A16): integer codes with offsets, FP4 codes, and a GGUF's bytes with and without offsets.
 from slipstream.kernels.moe import _moe_gemm_kernel as mg
 mgtypes = dict(a_ptr="*bf16", b_ptr="*fp8e4nv", c_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32", sorted_ptr="*i32",
                block_expert_ptr="*i32")
-for scales, gated, fp4 in ((1, True, False), (2, True, False), (2, False, False), (3, True, False), (3, False, True)):
+for scales, gated, code, offset in ((1, True, 0, False), (2, True, 0, False), (2, False, 0, False), (3, True, 0, True),
+                                    (3, False, 1, False), (3, True, 2, True), (3, False, 2, False)):
     consts = dict(GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=scales, SCALE_BN=128, SCALE_BK=128,
-                  CODE=int(fp4), FINE=fp4, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-    mtypes = dict(mgtypes, b_ptr="*u8", z_ptr="*fp32") if scales == 3 else dict(mgtypes, z_ptr="*fp32")
+                  CODE=code, OFFSET=offset, FINE=code == 1, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+    mtypes = (dict(mgtypes, b_ptr="*i8" if code == 2 else "*u8", z_ptr="*fp32") if scales == 3
+              else dict(mgtypes, z_ptr="*fp32"))
     sig = {n: "constexpr" if n in consts else mtypes.get(n, "i32") for n in mg.arg_names}
     triton.compile(ASTSource(mg, sig, constexprs={(mg.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))

@@ -188,22 +188,32 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
         assert sum(x[0] == y[0] for x, y in zip(outs[f"{q} triton"], outs[f"{q} torch"])) >= 6, q
 
 
+def _expert_form(form, e, rows, cols, group, g):
+    """Random stacked experts of one projection in `form`: (weights, scales, offsets)."""
+    s = torch.rand(e, rows, cols // group, generator=g) / cols
+    if form in ("int8", "int8+offsets"):  # a GGUF's 5- to 8-bit blocks: bytes, maybe with offsets
+        q = torch.randint(-32, 32, (e, rows, cols), generator=g, dtype=torch.int8)
+        return q, s, -8 * s * torch.rand(e, rows, cols // group, generator=g) if form == "int8+offsets" else None
+    q = torch.randint(0, 256, (e, rows, cols // 2), generator=g, dtype=torch.uint8)
+    return q, s, None if form == "fp4" else -8 * s * torch.rand(e, rows, cols // group, generator=g)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fp4, groups", [(False, (32, 64)), (False, (128, 16)), (True, (16, 32))])
+@pytest.mark.parametrize("forms, groups", [(("int4", "int4"), (32, 64)), (("int4", "int4"), (128, 16)),
+                                           (("fp4", "fp4"), (16, 32)), (("int4", "int8"), (32, 16)),
+                                           (("int8+offsets", "int8"), (16, 32))])
 @pytest.mark.parametrize("t", [1, 21])
-def test_fused_moe_4bit_experts_match_loop(dtype, fp4, groups, t):
-    """4-bit experts (W4A16): integer codes with a scale and an offset per group, or FP4 E2M1 codes with a scale,
-    each projection with its own group size, against the loop over the dequantized weights in float64."""
+def test_fused_moe_4bit_experts_match_loop(dtype, forms, groups, t):
+    """4-bit experts (W4A16): integer codes with a scale and an offset per group, or FP4 E2M1 codes with a scale, and
+    a GGUF's bytes (with or without offsets), each projection in its own form with its own group size, against the
+    loop over the dequantized weights in float64."""
     from slipstream.kernels.moe import Int4Experts, fused_moe
     from slipstream.layers.moe import expert_weights
 
     e, h, inter, k = 6, 128, 64, 2
     g = torch.Generator().manual_seed(t)
-    w13 = torch.randint(0, 256, (e, 2 * inter, h // 2), generator=g, dtype=torch.uint8)
-    w2 = torch.randint(0, 256, (e, h, inter // 2), generator=g, dtype=torch.uint8)
-    s13, s2 = torch.rand(e, 2 * inter, h // groups[0], generator=g) / h, torch.rand(e, h, inter // groups[1], generator=g) / inter
-    o13, o2 = (None, None) if fp4 else (-8 * s13 * torch.rand(e, 2 * inter, h // groups[0], generator=g),
-                                         -8 * s2 * torch.rand(e, h, inter // groups[1], generator=g))
+    w13, s13, o13 = _expert_form(forms[0], e, 2 * inter, h, groups[0], g)
+    w2, s2, o2 = _expert_form(forms[1], e, h, inter, groups[1], g)
     quant = Int4Experts(s13, o13, groups[0], s2, o2, groups[1])
     x = torch.randn(t, h, generator=g).to(dtype)
     weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
@@ -264,7 +274,7 @@ def test_fused_moe_with_given_tiles(tiles):
 def _moe_gguf(path, hf, expert_type):
     """The HF Qwen3-MoE or Qwen2-MoE model `hf` as a GGUF file, as llama.cpp's converter lays it out (experts stacked
     per projection: ffn_gate_exps [E, I, H] ...; a shared expert's gate a vector), experts stored as `expert_type`,
-    everything else float32."""
+    everything else float32 (`expert_type`: one for all three projections, or one each by GGUF name)."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
@@ -306,9 +316,10 @@ def _moe_gguf(path, hf, expert_type):
         gate_up, down = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], sd[f"model.layers.{i}.mlp.experts.down_proj"]
         inter = down.shape[2]
         for name, t in (("ffn_gate_exps", gate_up[:, :inter]), ("ffn_up_exps", gate_up[:, inter:]), ("ffn_down_exps", down)):
-            kind = gguf.GGMLQuantizationType[expert_type]
-            data = np.ascontiguousarray(t) if expert_type == "F32" else quantize(np.ascontiguousarray(t), kind)
-            w.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=None if expert_type == "F32" else kind)
+            of = expert_type if isinstance(expert_type, str) else expert_type[name]
+            kind = gguf.GGMLQuantizationType[of]
+            data = np.ascontiguousarray(t) if of == "F32" else quantize(np.ascontiguousarray(t), kind)
+            w.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=None if of == "F32" else kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -318,8 +329,9 @@ def _moe_gguf(path, hf, expert_type):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
 def test_moe_gguf_files(tmp_path, arch):
     """A qwen3moe / qwen2moe GGUF (experts stacked per projection, a dense layer between; Qwen2-MoE's gated shared
-    expert) runs exactly as the HF checkpoint it was written from (float32); with Q4_0 experts, `quantization="int4"`
-    keeps them 4-bit and computes exactly what the dequantizing load does."""
+    expert) runs exactly as the HF checkpoint it was written from (float32); with quantized experts,
+    `quantization="int4"` keeps them as stored (4-bit, or bytes for 5- to 8-bit blocks, each projection its own) and
+    computes exactly what the dequantizing load does."""
     from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
     from slipstream import LLM, SamplingParams
@@ -345,8 +357,16 @@ def test_moe_gguf_files(tmp_path, arch):
     gguf_llm = LLM(str(tmp_path / "f32.gguf"), **kw)
     assert gguf_llm.engine.model_config.moe.layers == (0, 2)
     same(run(gguf_llm), run(LLM(str(tmp_path / "hf"), dtype="float32", device="cpu", max_model_len=128)))
-    _moe_gguf(tmp_path / "q4.gguf", hf, "Q4_0")
-    packed, dense = LLM(str(tmp_path / "q4.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q4.gguf"), **kw)
-    moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]
-    assert moe.w13.dtype == torch.uint8 and dict(dense.engine.runner.model.named_modules())["layers.2.mlp"].w13.dtype == torch.float32
-    same(run(packed), run(dense))
+    # experts kept as stored: 4-bit, and (each projection its own form) 5- to 8-bit blocks as bytes, with offsets where
+    # the kind has them
+    for kinds, forms in (("Q4_0", (torch.uint8, torch.uint8, True, True)),
+                         ({"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q4_0", "ffn_down_exps": "Q8_0"},
+                          (torch.uint8, torch.int8, True, False)),
+                         ({"ffn_gate_exps": "Q5_1", "ffn_up_exps": "Q5_0", "ffn_down_exps": "Q4_1"},
+                          (torch.int8, torch.uint8, True, True))):
+        _moe_gguf(tmp_path / "q.gguf", hf, kinds)
+        packed, dense = LLM(str(tmp_path / "q.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q.gguf"), **kw)
+        moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]
+        assert (moe.w13.dtype, moe.w2.dtype, hasattr(moe, "w13_offsets"), hasattr(moe, "w2_offsets")) == forms
+        assert dict(dense.engine.runner.model.named_modules())["layers.2.mlp"].w13.dtype == torch.float32
+        same(run(packed), run(dense))

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
-from slipstream.kernels.int4 import CODE_FP4, CODE_U4, block_k, dequant_tile, fine_groups
+from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -95,8 +95,9 @@ class Fp8Experts(NamedTuple):
 
 
 class Int4Experts(NamedTuple):
-    """4-bit expert weights (uint8 [E, N, K / 2] as kernels/int4.py packs them): scales and offsets per group of
-    each projection's `group` columns [E, N, K / group] (offsets None: FP4 E2M1 codes)."""
+    """4-bit expert weights (uint8 [E, N, K / 2] as kernels/int4.py packs them; int8 [E, N, K] for a projection of
+    GGUF's 5- to 8-bit blocks): scales and offsets per group of each projection's `group` columns [E, N, K / group]
+    (offsets None: FP4 E2M1 codes, or bytes without offsets)."""
 
     w13_scales: torch.Tensor
     w13_offsets: torch.Tensor | None
@@ -110,12 +111,13 @@ class Int4Experts(NamedTuple):
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block_expert_ptr, N, K, num_pairs, top_k,
                      group, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn,
                      GATED: tl.constexpr, WEIGHTED: tl.constexpr, A_PER_TOKEN: tl.constexpr, SCALES: tl.constexpr,
-                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, CODE: tl.constexpr, FINE: tl.constexpr,
+                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, CODE: tl.constexpr, OFFSET: tl.constexpr,
+                     FINE: tl.constexpr,
                      PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """SCALES: 0, 16-bit weights; 1, FP8 with a scale per output row (s [E, rows]); 2, FP8 with a scale per
-    SCALE_BN x SCALE_BK block (s [E, rows / SCALE_BN, K / SCALE_BK]); 3, 4-bit (b uint8 [E, rows, K / 2]) with a
-    scale (s) and an offset (z; none with FP4 codes) per `group` columns [E, rows, K / group]."""
+    SCALE_BN x SCALE_BK block (s [E, rows / SCALE_BN, K / SCALE_BK]); 3, 4-bit (b uint8 [E, rows, K / 2], or CODE
+    bytes: int8 [E, rows, K]) with a scale (s) and (OFFSET) an offset (z) per `group` columns [E, rows, K / group]."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -140,7 +142,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         a = tl.load(a_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
         if SCALES == 3:  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
             b = tl.trans(dequant_tile(b_base, s_base, z_base, rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype, CODE,
-                                      CODE == 0, FINE, BLOCK_N, BLOCK_K))
+                                      OFFSET, FINE, BLOCK_N, BLOCK_K))
         else:
             b = tl.load(b_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)  # FP8 widens exactly
         if SCALES == 2:  # this K tile lies in one block column: its product takes the blocks' scales
@@ -151,7 +153,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
         if GATED:
             if SCALES == 3:
                 u = tl.trans(dequant_tile(b_base, s_base, z_base, N + rn, ok_n, k0, group, stride_bn, stride_sn, a.dtype,
-                                          CODE, CODE == 0, FINE, BLOCK_N, BLOCK_K))
+                                          CODE, OFFSET, FINE, BLOCK_N, BLOCK_K))
             else:
                 u = tl.load(up_ptrs, mask=ok_k[:, None] & ok_n[None, :], other=0.0).to(a.dtype)
             if SCALES == 2:
@@ -241,12 +243,12 @@ def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict
     return choose_tiles(x.shape[0], pairs, name, x.element_size(), shared_memory)
 
 
-def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None) -> str:
+def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None, w13: torch.Tensor, w2: torch.Tensor) -> str:
     """How the experts' weights are stored, as tile tables name it."""
     if quant is None:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "fp32")
-    if isinstance(quant, Int4Experts):
-        return "int4" if quant.w13_offsets is not None else "fp4"
+    if isinstance(quant, Int4Experts):  # (bytes: "int8", tiles of their own)
+        return "int8" if w13.dtype == torch.int8 or w2.dtype == torch.int8 else "int4" if quant.w13_offsets is not None else "fp4"
     return "fp8" if quant.block is None else f"fp8-block{quant.block[1]}"
 
 
@@ -262,14 +264,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, quant))
+    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, quant, w13, w2))
     s13 = s2 = z13 = z2 = x  # (unread where the weights have no such part)
     g13 = g2 = 1
     sbn, sbk = 1, 1
     if isinstance(quant, Int4Experts):
         mode = 3
         s13, s2, g13, g2 = quant.w13_scales, quant.w2_scales, quant.w13_group, quant.w2_group
-        z13, z2 = (s13, s2) if quant.w13_offsets is None else (quant.w13_offsets, quant.w2_offsets)
+        z13, z2 = quant.w13_offsets, quant.w2_offsets
     elif quant is not None:
         mode = 1 if quant.block is None else 2
         s13, s2 = quant.w13_scale, quant.w2_scale
@@ -289,9 +291,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = (torch.zeros if skipped_pairs else torch.empty)((pairs, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     precision = dot_precision(x.dtype)
-    code = CODE_FP4 if mode == 3 and quant.w13_offsets is None else CODE_U4
     for a, b, c, s, z, group, n, kk, gated in ((x, w13, mid, s13, z13, g13, inter, h, True),
                                                (mid, w2, out, s2, z2, g2, h, inter, False)):
+        # each projection's own form: bytes (GGUF's 5- to 8-bit blocks), FP4 nibbles (no offsets) or integer nibbles
+        code = CODE_S8 if b.dtype == torch.int8 else CODE_FP4 if z is None else CODE_U4
+        offset = mode == 3 and z is not None
+        z = z if offset else s
         step = dict(tiles)
         if mode == 3:  # each K tile inside one group, or spanning whole ones
             step["BLOCK_K"] = min(step["BLOCK_K"], block_k(kk, group))
@@ -300,5 +305,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             a, b, c, weights, s, z, sorted_ids, block_expert, n, kk, pairs, k if gated else 1, group,
             a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
             GATED=gated, WEIGHTED=not gated, A_PER_TOKEN=gated, SCALES=mode, SCALE_BN=sbn, SCALE_BK=sbk, CODE=code,
+            OFFSET=offset,
             FINE=mode == 3 and fine_groups(step["BLOCK_K"], group), PRECISION=precision, **step)
     return out.view(t, k, h).sum(1)

@@ -72,9 +72,8 @@ def expert_weights(w13: torch.Tensor, w2: torch.Tensor, e: int, quant: Fp8Expert
     if quant is None:
         return w13[e], w2[e]
     if isinstance(quant, Int4Experts):
-        offsets = (None, None) if quant.w13_offsets is None else (quant.w13_offsets[e], quant.w2_offsets[e])
-        return (int4.dequantize(w13[e], quant.w13_scales[e], offsets[0], dtype),
-                int4.dequantize(w2[e], quant.w2_scales[e], offsets[1], dtype))
+        return tuple(int4.dequantize(w[e], s[e], None if o is None else o[e], dtype)
+                     for w, s, o in ((w13, quant.w13_scales, quant.w13_offsets), (w2, quant.w2_scales, quant.w2_offsets)))
     return dequantize(w13[e], quant.w13_scale[e], quant.block, dtype), dequantize(w2[e], quant.w2_scale[e], quant.block, dtype)
 
 
@@ -137,12 +136,15 @@ class MoE(nn.Module):
             self.gate.float()
         # (quantization ignore lists name checkpoint modules: an expert's stand for all of them)
         method = method_for(f"{prefix}.experts.0.gate_up_proj") if method_for else None
-        if method_for and type(method) is not type(method_for(f"{prefix}.experts.0.down_proj")):
+        down = method_for(f"{prefix}.experts.0.down_proj") if method_for else None
+        if method_for and type(method) is not type(down):
             raise ValueError(f"the quantization ignores only some of the experts' projections in {prefix}: a MoE "
                              "layer's experts are quantized together")
         self.spec: QuantSpec | None = method.spec if isinstance(method, (Fp8, Int4)) else None
+        # 4-bit experts: each projection's integers (8-bit: a GGUF's 5- to 8-bit blocks), and columns per scale
+        self._bits = {"w13": getattr(method, "bits", 4), "w2": getattr(down, "bits", 4)}
         self.hidden, self.inter = hidden, inter
-        self._groups: dict[str, int] = {}  # 4-bit experts: columns per scale, of w13 and of w2
+        self._groups: dict[str, int] = {}
         experts = [(i, part) for i in range(self.e0, self.e0 + e) for part in (0, 1)], [(i, None) for i in range(self.e0, self.e0 + e)]
         stored = self.spec is not None and self.spec.serialized  # quantized in the checkpoint (else once loaded)
         if stored and self.spec.method == "int4":
@@ -150,15 +152,19 @@ class MoE(nn.Module):
             self._staged: dict[tuple[str, int], tuple[Linear, set]] = {}
             with torch.device("meta"):
                 probes = self._staging("w13"), self._staging("w2")
-            self._expected = [n for n, _ in probes[0].named_parameters()]  # what each projection's checkpoint holds
-            fp4 = self.spec.format in ("nvfp4", "mxfp4")
+            # what each projection's checkpoint holds
+            self._expected = {name: [n for n, _ in probe.named_parameters()] for name, probe in zip(("w13", "w2"), probes)}
             for name, probe, shards in zip(("w13", "w2"), probes, experts):
                 rows, k = probe.out_features, probe.in_features
-                setattr(self, name, self._stacked((e, rows, k // 2), torch.uint8, shards, self._expected))
-                getattr(self, name).dummy_value = 0x5A  # random weights: nibbles 10 and 5
+                wide = self._bits[name] == 8
+                setattr(self, name, self._stacked((e, rows, k) if wide else (e, rows, k // 2),
+                                                  torch.int8 if wide else torch.uint8, shards, self._expected[name]))
+                getattr(self, name).dummy_value = 0x5A  # random weights: nibbles 10 and 5, or bytes of 90
                 self._groups[name] = probe.method.group
                 groups = k // probe.method.group
-                for part, value in (("scales", 0.01), ("offsets", -0.08)) if not fp4 else (("scales", 0.01),):
+                # offsets where the form has them: integer nibbles (not FP4 codes); bytes of a file with offsets
+                offsets = self.spec.wide_offsets if wide else self.spec.format not in ("nvfp4", "mxfp4")
+                for part, value in (("scales", 0.01), ("offsets", -0.08))[: 2 if offsets else 1]:
                     p = nn.Parameter(torch.empty(e, rows, groups, dtype=torch.float32), requires_grad=False)
                     p.shards, p.dummy_value = (), value
                     setattr(self, f"{name}_{part}", p)
@@ -209,13 +215,13 @@ class MoE(nn.Module):
         return p
 
     def _staging(self, name: str) -> Linear:
-        """A 4-bit linear layer for one expert's gate and up (w13) or down (w2) projection, this rank's share."""
-        split = self.shard.world > 1 and not self.by_expert
+        """A 4-bit (or 8-bit) linear layer for one expert's gate and up (w13) or down (w2) projection, this rank's
+        share."""
+        split, method = self.shard.world > 1 and not self.by_expert, get_linear_method(self.spec, self._bits[name])
         if name == "w13":
-            return Linear(self.hidden, [self.inter] * 2, method=get_linear_method(self.spec), fused=True,
+            return Linear(self.hidden, [self.inter] * 2, method=method, fused=True,
                           take=(0, (self.i0, self.i0)) if split else None)
-        return Linear(self.inter, self.hidden, method=get_linear_method(self.spec), fused=True,
-                      take=(1, (self.i0,)) if split else None)
+        return Linear(self.inter, self.hidden, method=method, fused=True, take=(1, (self.i0,)) if split else None)
 
     def _load_expert(self, param: nn.Parameter, tensor: Any, shard: tuple[int, int | None, str]) -> None:
         expert, part, suffix = shard
@@ -262,7 +268,7 @@ class MoE(nn.Module):
             raise ValueError(f"4-bit experts ({self.spec.format}) have no tensor named {suffix!r}")
         target.weight_loader(target, tensor, part)
         got.add((suffix, part))
-        if len(got) < len(self._expected) * (2 if name == "w13" else 1):
+        if len(got) < len(self._expected[name]) * (2 if name == "w13" else 1):
             self._staged[(name, e)] = (linear, got)
             return
         self._staged.pop((name, e), None)
@@ -272,8 +278,9 @@ class MoE(nn.Module):
                              "experts: each expert would gather the input in its own order")
         getattr(self, name).data[e].copy_(linear.qweight)
         getattr(self, f"{name}_scales").data[e].copy_(linear.scales)
-        if linear.offsets is not None:
-            getattr(self, f"{name}_offsets").data[e].copy_(linear.offsets)
+        if hasattr(self, f"{name}_offsets"):  # (zeros where an expert's kind has none: the staging layer dropped them)
+            offsets = getattr(self, f"{name}_offsets").data[e]
+            offsets.copy_(linear.offsets) if linear.offsets is not None else offsets.zero_()
 
     def after_loading(self) -> None:
         """Quantized experts in the form the kernels read: FP8 scales [E, rows] per row (or per block); 16-bit weights
@@ -281,8 +288,11 @@ class MoE(nn.Module):
         or fewer where the width is not a multiple)."""
         if self.spec is None:
             return
-        if self.spec.serialized and self.spec.method == "int4":
-            return  # (filled as each projection's tensors came in)
+        if self.spec.serialized and self.spec.method == "int4":  # (filled as each projection's tensors came in)
+            for name in ("w13", "w2"):  # bytes whose kinds have no offsets, in a file with some: zeros, dropped
+                if self._bits[name] == 8 and hasattr(self, f"{name}_offsets") and not bool(getattr(self, f"{name}_offsets").any()):
+                    delattr(self, f"{name}_offsets")
+            return
         for name in ("w13", "w2"):
             w = getattr(self, name)
             if self.spec.serialized:

@@ -229,15 +229,22 @@ def gguf_config(reader: Any) -> dict[str, Any]:
             names = [f"blk.{layer}.{part}.weight" for part in group]
             if not any(n in types for n in names):
                 continue  # (a dense layer's experts, a MoE layer's MLP)
-            modules = ([_experts_module(layer), _experts_module(layer).replace("gate_proj", "up_proj")]
-                       if group[0] in _EXPERTS else [hf_name(n).removesuffix(".weight") for n in names])
-            if all(types.get(n) in _Q4 for n in names):
-                kept.extend(modules)
-            elif group[0] not in _EXPERTS and all(types.get(n) in _Q4 + _WIDE for n in names):
-                wide.extend(modules)
-                wide_kinds.update(types[n] for n in names)
+            if group[0] in _EXPERTS:  # gate | up and down: each 4-bit or 8-bit, or all three dense
+                pairs = [(names[:2], [_experts_module(layer), _experts_module(layer).replace("gate_proj", "up_proj")]),
+                         (names[2:], [_experts_module(layer).replace("gate_proj", "down_proj")])]
+                if not all(types.get(n) in _Q4 + _WIDE for n in names):
+                    dense.extend(pairs[0][1])
+                    continue
             else:
-                dense.extend(modules)
+                pairs = [(names, [hf_name(n).removesuffix(".weight") for n in names])]
+            for parts, modules in pairs:
+                if all(types.get(n) in _Q4 for n in parts):
+                    kept.extend(modules)
+                elif all(types.get(n) in _Q4 + _WIDE for n in parts):
+                    wide.extend(modules)
+                    wide_kinds.update(types[n] for n in parts)
+                else:
+                    dense.extend(modules)
     # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too, in a file whose projections
     # are kept (one that keeps none rounds them all to 4 bits at load with `int4`, as a 16-bit checkpoint)
     head = "output.weight" if "output.weight" in types else "token_embd.weight"
@@ -308,9 +315,11 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
         layer, _, part = t.name.removeprefix("blk.").rpartition(".weight")[0].partition(".")
         if part in _EXPERTS:
+            module = _experts_module(layer).removeprefix("model.")
+            kept = as_stored and spec.method == "int4" and not spec.keeps_16bit([module])
+            wide = kept and spec.keeps_8bit([module.replace("gate_proj", _EXPERTS[part])])
             yield from _expert_tensors(t, shape, f"model.layers.{layer}.mlp.experts", _EXPERTS[part],
-                                       as_stored and spec.method == "int4" and t.tensor_type.name in _Q4
-                                       and not spec.keeps_16bit([_experts_module(layer).removeprefix("model.")]))
+                                       (8 if wide else 4) if kept else 0, spec)
             continue
         name = hf_name(t.name)
         if as_stored and t.name in ("output.weight", "token_embd.weight") and spec.keeps_8bit(["lm_head"]) and (
@@ -418,21 +427,24 @@ def _q4_parts(t: Any, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.
     return q4k_blocks(t.data, rows, cols) if kind == "Q4_K" else q4_blocks(t.data, kind, rows, cols)
 
 
-def _expert_tensors(t: Any, shape: tuple[int, ...], prefix: str, proj: str, packed: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """A MoE layer's stacked [E, rows, cols] projection, one expert at a time: dequantized, or (`packed`) as the 4-bit
-    layout's qweight / scales / offsets."""
+def _expert_tensors(t: Any, shape: tuple[int, ...], prefix: str, proj: str, bits: int,
+                    spec: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A MoE layer's stacked [E, rows, cols] projection, one expert at a time: dequantized (`bits` 0), or as the
+    4-bit or 8-bit layout's qweight / scales / offsets."""
     from gguf.quants import dequantize
 
     from slipstream.layers.quantization.int4 import pack
 
     experts, rows, cols = shape
-    if packed:
-        q, scale, offset = (torch.from_numpy(np.ascontiguousarray(a)).view(experts, rows, -1)
-                            for a in _q4_parts(t, experts * rows, cols))
+    if bits:
+        parts = (_wide_parts(t, experts * rows, cols, spec) if bits == 8 else
+                 tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in _q4_parts(t, experts * rows, cols)))
+        q, scale, offset = (None if a is None else a.view(experts, rows, -1) for a in parts)
         for e in range(experts):
-            yield f"{prefix}.{e}.{proj}.qweight", pack(q[e])
+            yield f"{prefix}.{e}.{proj}.qweight", q[e] if bits == 8 else pack(q[e])
             yield f"{prefix}.{e}.{proj}.scales", scale[e]
-            yield f"{prefix}.{e}.{proj}.offsets", offset[e]
+            if offset is not None:
+                yield f"{prefix}.{e}.{proj}.offsets", offset[e]
         return
     arr = np.array(t.data, dtype=np.float32) if t.tensor_type.name in ("F32", "F16") else dequantize(t.data, t.tensor_type)
     arr = torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))

@@ -522,6 +522,29 @@ GGUF_MIXES = {  # a projection's kinds, as llama.cpp's mixes hold them (q | k | 
 }
 
 
+def test_gguf_projections_of_other_kinds_are_rounded(tmp_path):
+    """Beside kept layers, a projection of a kind slipstream does not keep (F32 here; F16, Q2_K, Q3_K alike) loads
+    dequantized and `int4` rounds it to 4 bits at load, as a 16-bit checkpoint's (it stayed 16-bit); a GGUF that
+    `slipstream quantize` reads loads dequantized whole (it refused GGUFs with kept blocks)."""
+    from slipstream.bench.common import _synthetic_tokenizer
+    from slipstream.loader.quantize import _source
+
+    path, tok = str(tmp_path / "m.gguf"), str(tmp_path / "tok")
+    _tiny_gguf(path, {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0", "ffn_gate": "Q4_1",
+                      "ffn_up": "Q4_1", "ffn_down": "F32"})
+    _synthetic_tokenizer(384, 2, tok)
+    kw = dict(tokenizer=tok, dtype="float32", device="cpu", max_model_len=128, num_blocks=32, block_size=16)
+    packed, dense = LLM(path, quantization="int4", **kw), LLM(path, **kw)
+    a, b = packed.engine.core.runner.model, dense.engine.core.runner.model
+    down = a.layers[0].mlp.down_proj
+    assert (down.method.bits, down.method.spec.serialized, a.layers[0].self_attn.o_proj.method.bits) == (4, False, 8)
+    w = b.layers[0].mlp.down_proj.weight
+    assert torch.equal(down.weight, dequantize(*quantize_rtn(w, down.method.group), torch.float32))
+    assert packed.generate(["w5 w6"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    loaded, _ = _source(None)  # the embedded Q4_1 GGUF: `slipstream quantize` reads its weights dequantized
+    assert any(name == "model.layers.0.mlp.down_proj.weight" for name, _ in loaded.weights(False))
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if DEV == "cuda" else []))
 @pytest.mark.parametrize("mix", list(GGUF_MIXES))
 def test_gguf_keeps_its_5_to_8bit_layers(tmp_path, mix, device):

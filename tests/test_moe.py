@@ -271,10 +271,11 @@ def test_fused_moe_with_given_tiles(tiles):
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def _moe_gguf(path, hf, expert_type):
+def _moe_gguf(path, hf, expert_type, projection_type="F32"):
     """The HF Qwen3-MoE or Qwen2-MoE model `hf` as a GGUF file, as llama.cpp's converter lays it out (experts stacked
     per projection: ffn_gate_exps [E, I, H] ...; a shared expert's gate a vector), experts stored as `expert_type`,
-    everything else float32 (`expert_type`: one for all three projections, or one each by GGUF name)."""
+    the other projections (attention, a dense layer's and a shared expert's) as `projection_type`, everything else
+    float32 (`expert_type`: one for all three projections, or one each by GGUF name)."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
@@ -309,6 +310,10 @@ def _moe_gguf(path, hf, expert_type):
         elif key.startswith("layers.") and ".experts." not in key:
             _, i, rest = key.split(".", 2)
             module, _, kind = rest.rpartition(".")
+            if projection_type != "F32" and module.endswith("_proj"):
+                qt = gguf.GGMLQuantizationType[projection_type]
+                w.add_tensor(f"blk.{i}.{parts[module]}.{kind}", quantize(np.ascontiguousarray(t), qt), raw_dtype=qt)
+                continue
             w.add_tensor(f"blk.{i}.{parts[module]}.{kind}", t.reshape(-1) if module == "mlp.shared_expert_gate" else t)
     for i in range(c.num_hidden_layers):
         if i in c.mlp_only_layers:
@@ -364,9 +369,18 @@ def test_moe_gguf_files(tmp_path, arch):
                           (torch.uint8, torch.int8, True, False)),
                          ({"ffn_gate_exps": "Q5_1", "ffn_up_exps": "Q5_0", "ffn_down_exps": "Q4_1"},
                           (torch.int8, torch.uint8, True, True))):
-        _moe_gguf(tmp_path / "q.gguf", hf, kinds)
+        _moe_gguf(tmp_path / "q.gguf", hf, kinds, "Q8_0")  # (the other projections kept too: F32 ones are rounded)
         packed, dense = LLM(str(tmp_path / "q.gguf"), quantization="int4", **kw), LLM(str(tmp_path / "q.gguf"), **kw)
         moe = dict(packed.engine.runner.model.named_modules())["layers.2.mlp"]
         assert (moe.w13.dtype, moe.w2.dtype, hasattr(moe, "w13_offsets"), hasattr(moe, "w2_offsets")) == forms
         assert dict(dense.engine.runner.model.named_modules())["layers.2.mlp"].w13.dtype == torch.float32
         same(run(packed), run(dense))
+    # experts with a kind not kept (F32 down) beside kept projections (Q8_0): all three rounded to 4 bits at load,
+    # exactly as a 16-bit checkpoint's are (it failed to load: the down projection was left 4-bit)
+    _moe_gguf(tmp_path / "r.gguf", hf, {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q4_0", "ffn_down_exps": "F32"}, "Q8_0")
+    mixed = LLM(str(tmp_path / "r.gguf"), quantization="int4", **kw)
+    model = mixed.engine.runner.model
+    assert model.layers[0].self_attn.qkv_proj.method.bits == 8
+    moe = dict(model.named_modules())["layers.2.mlp"]
+    assert moe.w13.dtype == moe.w2.dtype == torch.uint8 and not moe.spec.serialized
+    assert mixed.generate(prompts, params)[0].outputs[0].token_ids

@@ -159,7 +159,7 @@ class MoE(nn.Module):
                 wide = self._bits[name] == 8
                 setattr(self, name, self._stacked((e, rows, k) if wide else (e, rows, k // 2),
                                                   torch.int8 if wide else torch.uint8, shards, self._expected[name]))
-                getattr(self, name).dummy_value = 0x5A  # random weights: nibbles 10 and 5, or bytes of 90
+                getattr(self, name).dummy_value = 5 if wide else 0x5A  # random weights: bytes of 5, nibbles 10 and 5
                 self._groups[name] = probe.method.group
                 groups = k // probe.method.group
                 # offsets where the form has them: integer nibbles (not FP4 codes); bytes of a file with offsets

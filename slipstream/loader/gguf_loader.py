@@ -223,17 +223,17 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                        shared_expert_intermediate_size=_field(reader, f"{arch}.expert_shared_feed_forward_length", 0))
         cfg.update(moe)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    kept, wide, dense, wide_kinds = [], [], [], set()
+    kept, wide, rounded, wide_kinds = [], [], [], set()
     for layer in range(cfg["num_hidden_layers"]):
         for group in _FUSED:
             names = [f"blk.{layer}.{part}.weight" for part in group]
             if not any(n in types for n in names):
                 continue  # (a dense layer's experts, a MoE layer's MLP)
-            if group[0] in _EXPERTS:  # gate | up and down: each 4-bit or 8-bit, or all three dense
+            if group[0] in _EXPERTS:  # gate | up and down: each 4-bit or 8-bit, or all three rounded
                 pairs = [(names[:2], [_experts_module(layer), _experts_module(layer).replace("gate_proj", "up_proj")]),
                          (names[2:], [_experts_module(layer).replace("gate_proj", "down_proj")])]
                 if not all(types.get(n) in _Q4 + _WIDE for n in names):
-                    dense.extend(pairs[0][1])
+                    rounded.extend(pairs[0][1] + pairs[1][1])
                     continue
             else:
                 pairs = [(names, [hf_name(n).removesuffix(".weight") for n in names])]
@@ -244,7 +244,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                     wide.extend(modules)
                     wide_kinds.update(types[n] for n in parts)
                 else:
-                    dense.extend(modules)
+                    rounded.extend(modules)
     # the output projection (a tied one is token_embd) in 8-bit blocks stays 8-bit too, in a file whose projections
     # are kept (one that keeps none rounds them all to 4 bits at load with `int4`, as a 16-bit checkpoint)
     head = "output.weight" if "output.weight" in types else "token_embd.weight"
@@ -255,8 +255,9 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         # Q4_K's scales (d times a 6-bit scale) need 17 bits: float32 scales, for every 4-bit layer of such a file;
         # the 8-bit layers share one form, set by the kinds among them: groups of 16 with Q6_K's sub-blocks, float32
         # scales with a K-quant's, offsets (zeros where a layer's kinds have none, dropped once loaded) with those
-        # that have one
-        cfg["quantization_config"] = {"quant_method": "gguf", "modules_to_not_convert": dense,
+        # that have one. Projections of other kinds (F16, Q2_K, Q3_K, ...) load dequantized and `int4` rounds them to 4
+        # bits, as it rounds every projection of a file that keeps none.
+        cfg["quantization_config"] = {"quant_method": "gguf", "modules_rounded": rounded,
                                       "k_quants": "Q4_K" in types.values(), "modules_8bit": wide,
                                       "wide_group": 16 if "Q6_K" in wide_kinds else 32,
                                       "wide_offsets": bool(wide_kinds & set(_OFFSET_KINDS)),
@@ -316,7 +317,7 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         layer, _, part = t.name.removeprefix("blk.").rpartition(".weight")[0].partition(".")
         if part in _EXPERTS:
             module = _experts_module(layer).removeprefix("model.")
-            kept = as_stored and spec.method == "int4" and not spec.keeps_16bit([module])
+            kept = as_stored and spec.method == "int4" and not spec.rounds([module])
             wide = kept and spec.keeps_8bit([module.replace("gate_proj", _EXPERTS[part])])
             yield from _expert_tensors(t, shape, f"model.layers.{layer}.mlp.experts", _EXPERTS[part],
                                        (8 if wide else 4) if kept else 0, spec)
@@ -333,7 +334,7 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         heads = config.num_heads if t.name.endswith("attn_q.weight") else config.num_kv_heads
         flip = permute and t.name.endswith(("attn_q.weight", "attn_k.weight"))
         module = name.removeprefix("model.").removesuffix(".weight")
-        if as_stored and spec.method == "int4" and part in _PROJECTIONS and not spec.keeps_16bit([module]):
+        if as_stored and spec.method == "int4" and part in _PROJECTIONS and not spec.rounds([module]):
             wide = spec.keeps_8bit([module])
             q, scale, offset = _wide_parts(t, *shape, spec) if wide else (
                 torch.from_numpy(np.ascontiguousarray(a)) for a in _q4_parts(t, *shape))

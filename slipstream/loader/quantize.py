@@ -309,8 +309,9 @@ def _source(model: str | None) -> tuple[Any, tuple[str, ...]]:
     loaded = load(model)
     if loaded.weights is None:
         raise ValueError(f"{loaded.path} has no weights to quantize")
-    if loaded.config.quantization.method != "none":
-        raise ValueError(f"{loaded.path} is already quantized ({loaded.config.quantization.method})")
+    q = loaded.config.quantization
+    if q.method != "none" and not q.format.startswith("gguf"):  # (a GGUF's blocks load dequantized here)
+        raise ValueError(f"{loaded.path} is already quantized ({q.method})")
     return loaded, model_class(loaded.config.architecture).quantizable
 
 

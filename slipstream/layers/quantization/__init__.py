@@ -10,6 +10,7 @@ This module stays torch-free: the engine config lists METHODS and parses specs w
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from slipstream.layers.quantization.spec import METHODS, QuantSpec, parse_quantization_config, resolve_quantization
@@ -66,5 +67,7 @@ def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]]) 
             return get_linear_method(spec, 8) if spec.keeps_8bit(names) else get_linear_method("none")
         if spec.keeps_16bit(names):
             return get_linear_method("none")
+        if spec.rounds(names):  # 16-bit in the checkpoint: rounded to 4 bits once loaded (groups as the spec's)
+            return get_linear_method(replace(spec, serialized=False, format=""))
         return get_linear_method(spec, 8 if spec.keeps_8bit(names) else 4)
     return method_for

@@ -41,10 +41,17 @@ class QuantSpec:
     wide_group: int = 32
     wide_offsets: bool = False
     wide_fp32: bool = False
+    # GGUF: modules of kinds not kept as stored (F16, Q2_K, Q3_K, ...): loaded dequantized, rounded to 4 bits at load
+    rounded: tuple[str, ...] = ()
 
     def keeps_16bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` stays unquantized (all of them must agree)."""
         return self.method == "none" or _all_or_none(self.ignore, names, "quantization ignores")
+
+    def rounds(self, names: list[str]) -> bool:
+        """Whether the layer whose checkpoint modules are `names` is 16-bit in the checkpoint and rounded to 4 bits as
+        it loads (a GGUF's projections of kinds not kept as stored)."""
+        return self.method == "int4" and _all_or_none(self.rounded, names, "rounding covers")
 
     def keeps_8bit(self, names: list[str]) -> bool:
         """Whether the layer whose checkpoint modules are `names` holds 8-bit integers (GGUF's `wide` layers)."""
@@ -70,7 +77,7 @@ def parse_quantization_config(qc: dict[str, Any] | None) -> QuantSpec:
         return QuantSpec()
     method = qc.get("quant_method")
     if method == "gguf":  # a GGUF file's 4-bit and 8-bit layers (the loader writes this entry: GGUF has no such config)
-        return QuantSpec("int4", serialized=True, ignore=tuple(qc.get("modules_to_not_convert") or ()), group=32,
+        return QuantSpec("int4", serialized=True, rounded=tuple(qc.get("modules_rounded") or ()), group=32,
                          format="gguf_k" if qc.get("k_quants") else "gguf", wide=tuple(qc.get("modules_8bit") or ()),
                          wide_group=qc.get("wide_group", 32), wide_offsets=bool(qc.get("wide_offsets")),
                          wide_fp32=bool(qc.get("wide_fp32")))

@@ -232,9 +232,29 @@ def cmd_serve(a: argparse.Namespace) -> None:
 _GPU_BENCHES = ("latency", "throughput", "kernels", "prefix")
 
 
+def _check_quantize(a: argparse.Namespace) -> None:
+    """The quantize flags, before anything loads: ranges, and flags the chosen format would leave unused."""
+    import os
+
+    if a.group_size is not None and (a.group_size <= 0 or a.group_size % 16):
+        raise ValueError(f"--group-size must be a positive multiple of 16, got {a.group_size}")
+    if a.calibration_tokens <= 0:
+        raise ValueError(f"--calibration-tokens must be > 0, got {a.calibration_tokens}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out} is a file, not a directory")
+    given = {"--group-size": a.group_size is not None, "--algorithm": a.algorithm != "rtn", "--act-order": a.act_order,
+             "--scheme": a.scheme != "channel", "--activations": a.activations != "dynamic"}
+    applies = {"fp8": ("--scheme", "--activations"), "awq": ("--group-size", "--algorithm"),
+               "gptq": ("--group-size", "--algorithm", "--act-order")}.get(a.format, ())
+    unused = [flag for flag, set_ in given.items() if set_ and flag not in applies]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --format {a.format}")
+
+
 def cmd_quantize(a: argparse.Namespace) -> None:
     from slipstream.loader.quantize import FP4_FORMATS, write_fp4_checkpoint, write_fp8_checkpoint, write_int4_checkpoint
 
+    _check_quantize(a)
     if a.format in FP4_FORMATS:
         cfg = write_fp4_checkpoint(a.model_pos, a.out, a.format)
         print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
@@ -348,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--format", default="fp8", choices=["fp8", "awq", "gptq", "nvfp4", "mxfp4"],
                    help="fp8 (see --scheme); 4-bit round-to-nearest in AutoAWQ's GEMM or AutoGPTQ's layout; or FP4 "
                         "E2M1 weights in compressed-tensors' NVFP4 (groups of 16) or MXFP4 (groups of 32) layout")
-    q.add_argument("--group-size", type=int, default=128, help="4-bit formats: input columns per scale and zero point")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="awq / gptq: input columns per scale and zero point (default: 128, or the largest of 64 and "
+                        "32 that divides every projection's input width)")
     q.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
                    help="4-bit formats: round to nearest, or GPTQ's error compensation (calibrated on text)")
     q.add_argument("--act-order", action="store_true", help="gptq: round the columns of largest input energy first")

@@ -33,6 +33,11 @@ def _run(*args, timeout=60):
     (["train-draft", "--prompts", "/does/not/exist.txt", "--out", "/tmp/never"], "cannot be read"),
     (["train-draft", "--prompts", "p.txt", "--out", "/tmp/never", "--epochs", "0"], "--epochs must be >= 1"),
     (["bench", "speculative", "--workload", "chat"], "--dataset"),
+    (["quantize", "--out", "/tmp/never", "--format", "awq", "--group-size", "0"], "--group-size must be a positive"),
+    (["quantize", "--out", "/tmp/never", "--format", "nvfp4", "--algorithm", "gptq"], "--algorithm does not apply"),
+    (["quantize", "--out", "/tmp/never", "--scheme", "block", "--group-size", "64"], "--group-size does not apply"),
+    (["quantize", "--out", "/tmp/never", "--format", "awq", "--scheme", "block"], "--scheme does not apply"),
+    (["quantize", "--out", "/etc/hostname", "--format", "awq"], "is a file, not a directory"),
 ])
 def test_bad_options_fail_before_loading(args, message):
     """One line naming the flag, before anything loads (no start-up progress line)."""

@@ -4,6 +4,7 @@ checkpoints `slipstream quantize` writes; the Triton GEMM and GEMV against their
 fp16/fp32); the embedded Q4_1 model and mixed GGUFs kept 4-bit (and 8-bit: Q8_0, Q6_K) giving the weights and
 greedy tokens of the dequantize-at-load path."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -359,6 +360,14 @@ def test_quantize_writes_4bit_checkpoints_that_round_trip(tmp_path, fmt):
     err = (down.weight - w).abs().view(n, k // 64, 64) / scales.float()[..., None]
     assert err.max() <= 1 + 1e-3 and err.mean() < 0.3
     assert llm.generate(["w5 w6"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644  # readable as the other files
+    # without --group-size: 128 where every input width allows, else the largest of 64 and 32 that does; a run that
+    # fails leaves no directory behind
+    main(["quantize", src, "--out", out + "-auto", "--format", fmt])
+    assert json.load(open(os.path.join(out + "-auto", "config.json")))["quantization_config"]["group_size"] == 128
+    with pytest.raises(SystemExit):  # ("... needs input widths that are multiples of the group (48; ...)")
+        main(["quantize", src, "--out", out + "-bad", "--format", fmt, "--group-size", "48"])
+    assert not os.path.exists(out + "-bad")
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
@@ -541,6 +550,8 @@ def test_gguf_projections_of_other_kinds_are_rounded(tmp_path):
     w = b.layers[0].mlp.down_proj.weight
     assert torch.equal(down.weight, dequantize(*quantize_rtn(w, down.method.group), torch.float32))
     assert packed.generate(["w5 w6"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="give one with --tokenizer"):  # (this file holds no tokenizer)
+        LLM(path, **{k: v for k, v in kw.items() if k != "tokenizer"})
     loaded, _ = _source(None)  # the embedded Q4_1 GGUF: `slipstream quantize` reads its weights dequantized
     assert any(name == "model.layers.0.mlp.down_proj.weight" for name, _ in loaded.weights(False))
 
@@ -617,6 +628,9 @@ def test_gguf_index_reads_what_ggufs_reader_reads(gguf_path, tmp_path):
     cut = tmp_path / "cut.gguf"  # an interrupted download
     cut.write_bytes(open(mixed, "rb").read()[:-1000])
     with pytest.raises(ValueError, match="is truncated: tensor"):
+        GGUFIndex(str(cut))
+    cut.write_bytes(open(gguf_path, "rb").read()[:100_000])  # cut inside the header (the tokenizer's vocabulary)
+    with pytest.raises(ValueError, match="is truncated: its header"):
         GGUFIndex(str(cut))
 
 

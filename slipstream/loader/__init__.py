@@ -135,7 +135,11 @@ def _gguf_tokenizer(path: str) -> Any:
             return AutoTokenizer.from_pretrained(cached)
         except Exception:  # noqa: BLE001 - a damaged cache entry: convert again below
             pass
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    except ValueError as e:  # (a GGUF without tokenizer metadata: transformers' message names no way out)
+        raise ValueError(f"{path!r} holds no tokenizer that transformers can build ({str(e).splitlines()[0]}): give one "
+                         "with --tokenizer (an HF tokenizer directory)") from None
     staging = None
     try:
         os.makedirs(root, exist_ok=True)

@@ -138,6 +138,9 @@ class GGUFIndex:
 
     def _take(self, n: int) -> int:
         at, self._pos = self._pos, self._pos + n
+        if self._pos > len(self._map):
+            raise ValueError(f"{self.path!r} is truncated: its header runs past the file's {len(self._map)} bytes (an "
+                             "interrupted download?)")
         return at
 
     def _string(self) -> str:

@@ -16,6 +16,7 @@ linear layer keeps the largest |input| it saw; scale = that / 448.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Iterable, Iterator
 
@@ -25,6 +26,8 @@ from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, 
 from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack, pack_int32, quantize_zero_point, zero_point_grid
 from slipstream.loader import load
 from slipstream.models import model_class
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("block", "channel", "tensor")
 INT4_FORMATS = ("awq", "gptq")
@@ -143,13 +146,14 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
     return _finish(loaded, out, writer, quantization_config(scheme, activations))
 
 
-def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int = 128, algorithm: str = "rtn",
+def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: int | None = None, algorithm: str = "rtn",
                           calibration: Iterable[str] | None = None, calibration_tokens: int = 8192,
                           act_order: bool = False, **engine: Any) -> dict[str, Any]:
     """Quantize `model` to 4 bits in AutoAWQ's GEMM layout or AutoGPTQ's (zero points stored minus one): per group
     of `group` input columns a scale and an integer zero point, w = (q - zero) * scale, the values chosen by
     round-to-nearest ("rtn") or by GPTQ ("gptq": each column's rounding error pushed onto the columns not yet
-    rounded, weighted by the inputs' second moments measured on calibration text). Returns the written config."""
+    rounded, weighted by the inputs' second moments measured on calibration text). `group` None: 128, or the largest
+    of 64 and 32 that divides every projection's input width. Returns the written config."""
     if fmt not in INT4_FORMATS:
         raise ValueError(f"format must be one of: {', '.join(INT4_FORMATS)}; got {fmt!r}")
     if algorithm not in ("rtn", "gptq"):
@@ -165,6 +169,11 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         if calibration is None:
             raise ValueError("gptq needs calibration text")
         hessians = calibrate(model, calibration, calibration_tokens, stat="hessian", **engine)
+    if group is None:
+        c = loaded.config
+        widths = {c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size, *([c.moe.intermediate_size] if c.moe else [])}
+        group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
+        log.info("groups of %d input columns", group)
     writer = _ShardWriter(out)
     for name, module, tensor in _projections(loaded, quantizable, writer):
         n, k = tensor.shape
@@ -329,8 +338,7 @@ def _finish(loaded: Any, out: str, writer: "_ShardWriter", qc: dict[str, Any]) -
 class _ShardWriter:
     """safetensors files of about 4 GiB, with the HF index file when there is more than one."""
 
-    def __init__(self, out: str) -> None:
-        os.makedirs(out, exist_ok=True)
+    def __init__(self, out: str) -> None:  # (the directory is made when the first shard is written, not before)
         self.out, self.files, self.pending, self.bytes = out, [], {}, 0
         self.index: dict[str, int] = {}
 
@@ -345,6 +353,7 @@ class _ShardWriter:
         from safetensors.torch import save_file
 
         if self.pending:
+            os.makedirs(self.out, exist_ok=True)
             path = os.path.join(self.out, f"part-{len(self.files)}.safetensors")
             save_file(self.pending, path, metadata={"format": "pt"})
             self.files.append(path)
@@ -356,6 +365,7 @@ class _ShardWriter:
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for path, name in zip(self.files, names):
             os.replace(path, os.path.join(self.out, name))
+            os.chmod(os.path.join(self.out, name), 0o644)  # (safetensors writes its files private)
         if n > 1:
             with open(os.path.join(self.out, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {}, "weight_map": {k: names[i] for k, i in self.index.items()}}, f, indent=1)

@@ -77,6 +77,9 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.method == "fp8" and device.type == "cuda" and cap < (8, 9):
                 raise ValueError(f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper: FP8 "
                                  f"tensor cores); this one is {cap[0]}.{cap[1]}: use --quantization none or int4")
+            if spec.rounded and device.type != "meta" and not (shard and shard.rank):
+                log.info("%d GGUF projections are of kinds not kept as stored (F16, Q2_K, Q3_K, IQ...): rounded to 4 bits "
+                         "as they load (%s%s)", len(spec.rounded), ", ".join(spec.rounded[:3]), ", ..." * (len(spec.rounded) > 3))
             if spec.method == "fp8" and device.type == "cpu" and not (shard and shard.rank):  # (said once, by rank 0)
                 log.warning("FP8 weights on the CPU run a reference path that dequantizes every weight in every step "
                             "(several times slower than --quantization none): it is there to check FP8 quality, not for speed")

@@ -94,6 +94,10 @@ class ModelConfig:
     num_mtp_layers: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.num_heads > 0 and self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+               "num_key_value_heads", f"must divide num_attention_heads ({self.num_heads})", self.num_kv_heads)
+        _check(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "must be even and > 0 (without a head_dim, "
+               f"hidden_size / num_attention_heads)", self.head_dim)
         rot = self.head_dim * self.partial_rotary_factor
         _check(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0, "partial_rotary_factor",
                f"must leave an even number of the {self.head_dim} head dims rotating", self.partial_rotary_factor)

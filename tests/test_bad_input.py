@@ -68,6 +68,18 @@ def test_unsupported_architecture(tmp_path):
         LLM(str(tmp_path))
 
 
+@pytest.mark.parametrize("heads, kv, message", [(4, 3, "num_key_value_heads must divide num_attention_heads (4)"),
+                                                (3, 3, "head_dim must be even")])
+def test_inconsistent_attention_shapes_are_named(heads, kv, message):
+    """A config (or a GGUF's metadata) whose heads do not fit is named as such, not as a shape error further on."""
+    from slipstream.config import ModelConfig
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 256, "intermediate_size": 512,
+           "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig.from_hf(cfg)
+
+
 def test_unknown_engine_option():
     with pytest.raises(ValueError, match="unknown engine option 'max_batch'"):
         LLM(None, max_batch=3)

@@ -82,6 +82,7 @@ def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, stat: st
                if isinstance(m, Linear) and name != "lm_head"]
     # windows of up to 1,024 tokens: enough context for realistic activations, and cheap where attention is not
     budget, limit = max_tokens, min(llm.engine.max_model_len - 1, 1024)
+    log.info("calibrating on %d tokens of text (%s)", max_tokens, "input maxima" if stat == "amax" else "input Hessians")
     try:
         for text in texts:
             ids = llm.engine.tokenizer.encode(text)
@@ -175,7 +176,11 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
         group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
         log.info("groups of %d input columns", group)
     writer = _ShardWriter(out)
-    for name, module, tensor in _projections(loaded, quantizable, writer):
+    if algorithm == "gptq":
+        log.info("GPTQ over %d projections", len(hessians))
+    for i, (name, module, tensor) in enumerate(_projections(loaded, quantizable, writer)):
+        if algorithm == "gptq" and i and i % 25 == 0:  # (seconds a layer on a CPU: say it is moving)
+            log.info("GPTQ: %d projections done", i)
         n, k = tensor.shape
         if k % group or n % 8:
             raise ValueError(f"{name} {tuple(tensor.shape)}: {fmt} needs input widths that are multiples of the group "

@@ -259,6 +259,7 @@ def _fail_fast(workers: list[multiprocessing.Process], on_stuck: Callable[[str],
         if started in ended:
             return
         rank, w = next((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended)
+        w.join(5)  # (its sentinel closes a moment before the process can be reaped and its exit code read)
         for other in workers:
             other.kill()
         on_stuck(f"tensor-parallel rank {rank} exited (code {w.exitcode}) while the engine started")

@@ -50,8 +50,8 @@ _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_ex
 _GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3MoeForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM"}
 
 
-# GGUF projections fused into one of our layers: they stay 4-bit (or 8-bit) together or not at all (a MoE layer's
-# experts: all three projections, 4-bit only)
+# GGUF projections fused into one of our layers: kept 4-bit or 8-bit together, or rounded together (a MoE layer's
+# experts: gate | up and down each in its form, or all three rounded)
 _FUSED = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",),
           ("ffn_gate_shexp", "ffn_up_shexp"), ("ffn_down_shexp",), ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
 _PROJECTIONS = {part for group in _FUSED for part in group if part not in _EXPERTS}  # (not embeddings, norms)
@@ -328,7 +328,7 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         name = hf_name(t.name)
         if as_stored and t.name in ("output.weight", "token_embd.weight") and spec.keeps_8bit(["lm_head"]) and (
                 t.name == "output.weight" or config.tie_word_embeddings):  # the output head (tied: the embedding too)
-            q, scale, offset = _wide_parts(t, *shape, spec)
+            q, scale, offset = _stored_parts(t, *shape, spec, wide=True)
             yield "lm_head.qweight", q
             yield "lm_head.scales", scale
             if offset is not None:
@@ -339,8 +339,7 @@ def gguf_weights(reader: Any, config: ModelConfig, permute: bool, as_stored: boo
         module = name.removeprefix("model.").removesuffix(".weight")
         if as_stored and spec.method == "int4" and part in _PROJECTIONS and not spec.rounds([module]):
             wide = spec.keeps_8bit([module])
-            q, scale, offset = _wide_parts(t, *shape, spec) if wide else (
-                torch.from_numpy(np.ascontiguousarray(a)) for a in _q4_parts(t, *shape))
+            q, scale, offset = _stored_parts(t, *shape, spec, wide)
             if flip:
                 q, scale, offset = (None if a is None else unpermute_qk(a, heads) for a in (q, scale, offset))
             base = name.removesuffix(".weight")
@@ -420,15 +419,16 @@ def wide_blocks(data: np.ndarray, kind: str, rows: int, cols: int, group: int, o
     return q, scale, offset
 
 
-def _wide_parts(t: Any, rows: int, cols: int, spec: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    parts = wide_blocks(t.data, t.tensor_type.name, rows, cols, spec.wide_group, spec.wide_offsets,
-                        np.float32 if spec.wide_fp32 else np.float16)
-    return tuple(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
-
-
-def _q4_parts(t: Any, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stored_parts(t: Any, rows: int, cols: int, spec: Any, wide: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tensor `t` [rows, cols] as kept: (q, scale, offset or None), q one integer a weight (unpacked), in the 8-bit
+    form of the file's `spec` (`wide`) or the 4-bit one."""
     kind = t.tensor_type.name
-    return q4k_blocks(t.data, rows, cols) if kind == "Q4_K" else q4_blocks(t.data, kind, rows, cols)
+    if wide:
+        parts = wide_blocks(t.data, kind, rows, cols, spec.wide_group, spec.wide_offsets,
+                            np.float32 if spec.wide_fp32 else np.float16)
+    else:
+        parts = q4k_blocks(t.data, rows, cols) if kind == "Q4_K" else q4_blocks(t.data, kind, rows, cols)
+    return tuple(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
 
 
 def _expert_tensors(t: Any, shape: tuple[int, ...], prefix: str, proj: str, bits: int,
@@ -441,9 +441,8 @@ def _expert_tensors(t: Any, shape: tuple[int, ...], prefix: str, proj: str, bits
 
     experts, rows, cols = shape
     if bits:
-        parts = (_wide_parts(t, experts * rows, cols, spec) if bits == 8 else
-                 tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in _q4_parts(t, experts * rows, cols)))
-        q, scale, offset = (None if a is None else a.view(experts, rows, -1) for a in parts)
+        q, scale, offset = (None if a is None else a.view(experts, rows, -1)
+                            for a in _stored_parts(t, experts * rows, cols, spec, bits == 8))
         for e in range(experts):
             yield f"{prefix}.{e}.{proj}.qweight", q[e] if bits == 8 else pack(q[e])
             yield f"{prefix}.{e}.{proj}.scales", scale[e]

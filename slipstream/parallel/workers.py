@@ -13,9 +13,9 @@ R-th run; the address and port must then be given alike on every host. On CUDA a
 local index, and NCCL; on a CPU, gloo. Rank 0 sends every other rank the engine's context length and stop tokens
 as they join. A worker that dies fails the engine at its next step; one on the engine's host, at once even when idle
 (`check_ranks`: a rank on another host is seen only at the next step), and during a step or the start that it leaves
-waiting (`watch`, `_fail_fast`, where the engine says what to do). Rank 0 gone, the workers' next receive fails and they exit. Every wait between ranks times out after
-`distributed_timeout_s`, the workers' wait for the next step too: an idle rank 0 sends them an empty message every
-quarter of it, so an engine may stay idle for as long as it likes.
+waiting (`watch`, `_fail_fast`, where the engine says what to do). Rank 0 gone, the workers' next receive fails and
+they exit. Every wait between ranks times out after `distributed_timeout_s`, the workers' wait for the next step too:
+an idle rank 0 sends them an empty message every quarter of it, so an engine may stay idle for as long as it likes.
 """
 from __future__ import annotations
 

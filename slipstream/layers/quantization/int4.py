@@ -153,7 +153,7 @@ class Int4:
     supports_gemv = True
 
     def __init__(self, spec: QuantSpec, bits: int = 4) -> None:
-        """`bits=8`: the layer's GGUF blocks are 8-bit (Q8_0, Q6_K)."""
+        """`bits=8`: the layer's GGUF blocks are kept 8-bit (kinds of 5 to 8 bits, or 4-bit ones fused with those)."""
         self.spec, self.bits = spec, bits
         self.group = spec.wide_group if bits == 8 else spec.group
 

@@ -2,6 +2,8 @@
 against the per-expert loop (CPU: the interpreter in fp32/fp16; GPU: bf16 too, scripts/gpu_check.sh), including
 experts that receive no token, every token on one expert, and tied router scores. Whole MoE models against HF
 are in test_random_arch_equivalence.py."""
+import math
+
 import pytest
 import torch
 
@@ -143,6 +145,7 @@ _SMALL = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "moe
           "num_experts_per_tok": 4, "norm_topk_prob": True, "num_hidden_layers": 3, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024, "rope_theta": 1e6,
           "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "eos_token_id": 2}
+NEAR_TIE = 0.1  # nats: a greedy token another summation order may pick instead of the reference's
 GPU_MOE = {
     "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 32, "mlp_only_layers": [0], **_SMALL},
     # DeepSeek-V3 routing over 4 groups with a shared expert, partial RoPE, q/k norm and bias, an MTP module
@@ -174,18 +177,23 @@ def test_engine_moe_on_gpu_matches_torch_backend(tmp_path, arch):
         runs.append(("mtp", "triton", False, dict(speculative_method="mtp", num_speculative_tokens=3)))
     quantized = [(f"{q} {backend}", backend, eager, dict(quantization=q)) for q in ("fp8", "int4")
                  for backend, eager in (("triton", False), ("triton-eager", True), ("torch", True))]
-    outs = {}
+    outs, first = {}, {}
     for name, backend, eager, spec in runs + quantized:
         llm = LLM(path, load_format="dummy", dtype="float32", attention_backend=backend.removesuffix("-eager"), max_model_len=256,
                   gpu_memory_utilization=0.3, enforce_eager=eager, **spec)
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if name.endswith(" torch"):  # the reference's first-token log-probabilities, its 20 best
+            top = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=20)
+            first[name] = [o.outputs[0].logprobs[0] for o in llm.generate(prompts, top)]
         del llm
     assert all(outs[name] == outs["torch"] for name, *_ in runs)
     for q in ("fp8", "int4"):  # the fused kernels in graphs and eagerly alike; against the torch path's dequantized
-        # weights (and, FP8, its own activation rounding) the first token of each prompt, all but near-ties (later
-        # tokens follow the first difference)
+        # weights (and, FP8, its own activation rounding) the first token of each prompt, or one the reference ranks
+        # within NEAR_TIE of its best (on the CPU, with FP8 weights, these models' runners-up lie 0.007 to 0.48 nats
+        # behind; later tokens follow the first difference)
         assert outs[f"{q} triton"] == outs[f"{q} triton-eager"]
-        assert sum(x[0] == y[0] for x, y in zip(outs[f"{q} triton"], outs[f"{q} torch"])) >= 6, q
+        for got, ref, lp in zip(outs[f"{q} triton"], outs[f"{q} torch"], first[f"{q} torch"]):
+            assert got[0] == ref[0] or lp[ref[0]] - lp.get(got[0], -math.inf) < NEAR_TIE, (q, got[0], ref[0], lp)
 
 
 def _expert_form(form, e, rows, cols, group, g):

@@ -1,5 +1,5 @@
 """Prefix cache: outputs identical with the cache on and off for overlapping prompts, eviction under a tiny pool,
-and concurrent requests with a common uncached prefix computing it once."""
+concurrent requests with a common uncached prefix computing it once, and a prompt scored beside its cached pages."""
 import pytest
 
 from conftest import assert_no_leak
@@ -73,3 +73,19 @@ def test_shared_prefix_len_finds_the_common_cached_pages():
     assert shared_prefix_len([common, [7] + common[1:]], [700, 700], 16) == 0
     assert shared_prefix_len([common[:10], common[:10]], [160, 160], 16) == 0  # 144 tokens: below the threshold
     assert shared_prefix_len([common], [700], 16) == 0
+
+
+def test_a_scored_prompt_beside_its_cached_pages_keeps_the_pool_whole(engines):
+    """prompt_logprobs computes a prompt without the cache even where its pages are cached: its later pages must not
+    be cached below cached pages it does not hold (those were then counted free but could not be evicted, and the
+    engine died allocating: "out of KV blocks")."""
+    on = engines[True]
+    on.engine.core.prefix_cache.clear()
+    a = list(range(1000, 1040))  # five pages, cached
+    on.generate([a], SamplingParams(temperature=0, max_tokens=1))
+    b = a[:32] + list(range(2000, 2050))  # a's first four pages, then 50 tokens: with 20 out, 13 of the 18 pages
+    c = list(range(3000, 3020))  # with 20 out, the other 5: a's cached pages must be evicted for both to run
+    outs = on.generate([b, c], [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1),
+                                SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [20, 20]
+    assert_no_leak(on)

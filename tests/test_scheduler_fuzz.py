@@ -24,6 +24,12 @@ def check_invariants(sched: Scheduler, bm: BlockManager, all_seqs: list[Sequence
         for b in cache.nodes:
             holders[b] += 1
         assert cache.num_evictable_blocks == sum(1 for b in cache.nodes if bm.ref_counts[b] == 1)
+        for node in cache.nodes.values():  # what the count calls evictable can be evicted: leaves go first, and a
+            # page is never less referenced than the pages cached below it
+            parent = node.parent
+            assert parent is cache.root or bm.ref_counts[parent.block] >= bm.ref_counts[node.block], (
+                f"page {node.block} (refs {bm.ref_counts[node.block]}) is cached below page {parent.block} "
+                f"(refs {bm.ref_counts[parent.block]})")
     assert holders == bm.ref_counts, "reference counts disagree with block tables + cached pages"
     for s in sched.waiting:
         assert not s.block_table and s.num_computed_tokens == 0, "a waiting sequence holds pages"
@@ -49,7 +55,9 @@ def test_random_workload(seed, prefix_caching):
         if step < 150 and rng.random() < 0.4:
             n_prompt = rng.randint(1, 60)
             prompt = (shared[: rng.randint(0, 40)] + [rng.randrange(50) for _ in range(n_prompt)])[:n_prompt]
-            req = Request(f"r{len(reqs)}", prompt, SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, max_len - n_prompt)))
+            # (prompt_logprobs: the prompt is scored, so computed without the cache even where its pages are cached)
+            req = Request(f"r{len(reqs)}", prompt, SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, max_len - n_prompt),
+                                                                  prompt_logprobs=rng.choice([None, None, None, 1])))
             for i in range(req.params.n):
                 seq = Sequence(len(all_seqs), req, i, list(prompt), seed=i)
                 req.seqs.append(seq)
@@ -237,6 +245,12 @@ def test_radix_cache_against_a_reference_model(seed):
             assert not evictable_leaves or freed >= 1
         assert set(cached.values()) == set(cache.nodes), "cache and model disagree on what is cached"
         assert cache.num_evictable_blocks == sum(1 for b in cache.nodes if bm.ref_counts[b] == 1)
+        for node in cache.nodes.values():  # what the count calls evictable can be evicted: leaves go first, and a
+            # page is never less referenced than the pages cached below it
+            parent = node.parent
+            assert parent is cache.root or bm.ref_counts[parent.block] >= bm.ref_counts[node.block], (
+                f"page {node.block} (refs {bm.ref_counts[node.block]}) is cached below page {parent.block} "
+                f"(refs {bm.ref_counts[parent.block]})")
         bm.check_consistency()
     for s in live:
         bm.free(s)

@@ -8,9 +8,9 @@ eviction works page by page, so each page stays its own node.
 
 Ownership: the tree holds one reference on each cached page (BlockManager ref counts). A page that a running
 or waiting sequence also references has a count above one: it is locked and never evicted. Unreferenced
-leaves are evicted in LRU order, only when the allocator runs short. Because a sequence that uses a page
-also uses every page on the path above it, a parent is never less referenced than its children, so evicting
-leaves first can reclaim every unreferenced page.
+leaves are evicted in LRU order, only when the allocator runs short. A sequence's pages are cached only below
+pages it holds itself, and a sequence that uses a page also uses every page on the path above it, so a parent is
+never less referenced than its children, and evicting leaves first can reclaim every unreferenced page.
 
 A match never covers a prompt's last token: its logits must be computed to sample the first output token.
 
@@ -116,6 +116,12 @@ class RadixCache:
                     del node.children[pending.key]
                     child, pending.key = pending, key
                     node.children[key] = child
+            if child is not None and child.block != block:
+                # The tree holds another page for these tokens (this sequence scored its prompt, so it did not take
+                # the cached pages; or another computed the same tokens beside it). Its later pages stay uncached:
+                # below a page it does not hold they could outlive that page's users, which would leave the page
+                # counted as evictable while eviction (leaves first) cannot reach it.
+                break
             if child is None:
                 assert block not in self.nodes, f"page {block} already caches another prefix"
                 self.bm.share([block])  # the tree's own reference

@@ -48,6 +48,18 @@ def test_top_p_keeps_the_smallest_nucleus():
         assert set(toks[r].tolist()) <= allowed
 
 
+def test_rows_without_top_p_keep_every_token_beside_rows_with_it():
+    """A row with top_p 1 beside one with top-p: the running sum of a large vocabulary's sorted probabilities reaches
+    the row's total (summed in another order) before its tail, which then was dropped: a seeded draw depended on the
+    batch mates."""
+    from slipstream.layers.sampler import filter_probs
+
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(2, 49152, generator=g) * 4).softmax(-1)
+    b = batch(2, top_k=torch.full((2,), 49152), top_p=torch.tensor([1.0, 0.9]), use_top_k_top_p=True)
+    assert torch.equal(filter_probs(probs, b)[0], probs[0])
+
+
 def test_min_p_drops_unlikely_tokens():
     logits = torch.randn(4, V) * 3
     min_p = torch.tensor([0.05, 0.2, 0.5, 0.9])

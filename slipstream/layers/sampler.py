@@ -84,7 +84,10 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
         mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        drop = (rank >= b.top_k.unsqueeze(1)) | (mass_before >= b.top_p.unsqueeze(1) * sorted_p.sum(-1, keepdim=True))
+        # (a row without top-p drops nothing for it: the running float32 sum can reach the total before the tail,
+        # and a seeded draw must not depend on whether a batch mate uses top-p or top-k)
+        nucleus = b.top_p.unsqueeze(1)
+        drop = (rank >= b.top_k.unsqueeze(1)) | ((mass_before >= nucleus * sorted_p.sum(-1, keepdim=True)) & (nucleus < 1))
         drop[:, 0] = False
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return probs

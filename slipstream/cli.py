@@ -249,6 +249,11 @@ def _check_quantize(a: argparse.Namespace) -> None:
     unused = [flag for flag, set_ in given.items() if set_ and flag not in applies]
     if unused:
         raise ValueError(f"{', '.join(unused)} do{'es' if len(unused) == 1 else ''} not apply to --format {a.format}")
+    calibrates = a.activations == "static" or a.algorithm == "gptq"  # (the flags above make these format-true)
+    idle = [flag for flag, v in (("--device", a.device), ("--dtype", a.dtype)) if v != "auto"]
+    if idle and not calibrates:
+        raise ValueError(f"{', '.join(idle)}: where calibration runs; nothing runs the model for --format {a.format} "
+                         "without --activations static or --algorithm gptq")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ class StructuredOutputs:
         _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.start_after_ids),
                "structured_outputs.start_after_ids", "must be token ids", self.start_after_ids)
         if self.choice is not None:
+            _check(isinstance(self.choice, (list, tuple)), "structured_outputs.choice", "must be a list of strings", self.choice)
             object.__setattr__(self, "choice", tuple(self.choice))
             _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice), "structured_outputs.choice",
                    "must be a non-empty list of non-empty strings", self.choice)
@@ -88,14 +89,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):
+            v = getattr(self, name)
+            _check(v is None or isinstance(v, (list, tuple)), name, "must be a list", v)
+            setattr(self, name, list(v or []))
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, "must be true or false", getattr(self, name))
         if self.top_k == 0:
             self.top_k = -1
-        _check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1", self.n)
+        _check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
         if self.max_tokens is not None:
-            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1", self.max_tokens)
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0", self.min_tokens)
+            _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1", self.max_tokens)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0", self.min_tokens)
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens", self.min_tokens)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -103,7 +108,7 @@ class SamplingParams:
             _check(isinstance(v, (int, float)) and math.isfinite(v), name, "must be a finite number", v)
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100] (0 means greedy)", self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
         for name in ("n", "max_tokens", "min_tokens", "top_k"):  # they travel to the kernels as int32
             _check((getattr(self, name) or 0) <= _INT32_MAX, name, f"must be <= {_INT32_MAX}", getattr(self, name))
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
@@ -111,15 +116,21 @@ class SamplingParams:
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]", self.presence_penalty)
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         if self.logprobs is not None:
-            _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs", "must be an integer in [0, 20]", self.logprobs)
+            _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20, "logprobs", "must be an integer in [0, 20]", self.logprobs)
         if self.prompt_logprobs is not None:
-            _check(isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+            _check(_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
                    "must be an integer in [0, 20]", self.prompt_logprobs)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
+        _check(all(_is_int(t) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
         if self.seed is not None:
-            _check(isinstance(self.seed, int) and -(1 << 63) <= self.seed < (1 << 63), "seed", "must be a 64-bit signed integer", self.seed)
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+            _check(_is_int(self.seed) and -(1 << 63) <= self.seed < (1 << 63), "seed", "must be a 64-bit signed integer", self.seed)
+        bias = self.logit_bias or {}
+        _check(isinstance(bias, dict), "logit_bias", "must map token ids to biases", bias)
+        try:  # (keys arrive as text from JSON)
+            self.logit_bias = {int(k): float(v) for k, v in bias.items() if not isinstance(k, bool)}
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+        _check(len(self.logit_bias) == len(bias), "logit_bias", "keys must be token ids", bias)
         _check(all(0 <= k <= _INT32_MAX for k in self.logit_bias), "logit_bias", "keys must be token ids", self.logit_bias)
         _check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]", self.logit_bias)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
@@ -132,6 +143,10 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # (True is an int to Python, not a count to a user)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

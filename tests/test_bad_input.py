@@ -19,6 +19,14 @@ from slipstream import LLM, SamplingParams
         (dict(logprobs=50), "logprobs"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(n=True), "n"),  # a bool is an int to Python, not a count
+        (dict(max_tokens=True), "max_tokens"),
+        (dict(seed=True), "seed"),
+        (dict(skip_special_tokens="no"), "skip_special_tokens"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(logit_bias={"a": 1}), "logit_bias"),
+        (dict(logit_bias=[1, 2]), "logit_bias"),
     ],
 )
 def test_sampling_params_validation(kwargs, field):
@@ -55,6 +63,39 @@ def test_generate_validates_all_prompts_first(fresh):
     with pytest.raises(ValueError):
         fresh.generate(["fine", ""], SamplingParams(max_tokens=2))
     assert not fresh.engine.requests  # nothing was half-submitted
+
+
+def test_prompt_forms_and_bad_prompts(fresh):
+    """vLLM's prompt dicts are prompts (a dict was read as the text of its keys); other shapes are a clear error."""
+    params = SamplingParams(temperature=0, max_tokens=4)
+    ids = fresh.engine.tokenize("The capital of France is")
+    want = fresh.generate(ids, params)[0].outputs[0].token_ids
+    for prompt in ({"prompt_token_ids": ids}, {"prompt": "The capital of France is"}, tuple(ids)):
+        assert fresh.generate(prompt, params)[0].outputs[0].token_ids == want
+    assert [o.outputs[0].token_ids for o in fresh.generate([{"prompt_token_ids": ids}, "The capital of France is"], params)] == [want] * 2
+    for bad, message in (({"prompt": "x", "multi_modal_data": {}}, "prompt dict"), (5, "prompts must be"),
+                         ([1.5, 2], "prompts\\[0\\]"), ([["a"]], "prompts\\[0\\]")):
+        with pytest.raises(ValueError, match=message):
+            fresh.generate(bad, params)
+    with pytest.raises(ValueError, match="sampling_params"):
+        fresh.generate("x", {"max_tokens": 2})
+    with pytest.raises(ValueError, match="must not be empty"):
+        fresh.chat([])
+    assert not fresh.engine.requests
+
+
+def test_generate_while_a_stream_is_open_leaves_the_stream_whole(fresh):
+    """`generate` stepped the engine and took (and dropped) an open stream's outputs, or failed on them (KeyError)."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    it = fresh.stream("Count from one to ten:", params)
+    first = next(it)
+    other = fresh.generate("Hello", SamplingParams(temperature=0, max_tokens=20))[0]
+    assert other.finished and other.outputs[0].token_ids
+    rest = list(it)
+    deltas = [first, *rest]
+    assert "".join(o.outputs[0].delta_text for o in deltas) == rest[-1].outputs[0].text
+    assert sum(len(o.outputs[0].delta_token_ids) for o in deltas) == 30
+    assert not fresh._inbox
 
 
 def test_unknown_model_path():

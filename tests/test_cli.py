@@ -38,6 +38,10 @@ def _run(*args, timeout=60):
     (["quantize", "--out", "/tmp/never", "--scheme", "block", "--group-size", "64"], "--group-size does not apply"),
     (["quantize", "--out", "/tmp/never", "--format", "awq", "--scheme", "block"], "--scheme does not apply"),
     (["quantize", "--out", "/etc/hostname", "--format", "awq"], "is a file, not a directory"),
+    (["quantize", "--out", "/tmp/never", "--format", "nvfp4", "--device", "cuda"], "--device: where calibration runs"),
+    (["bench", "quality", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["bench", "quality", "--window", "0"], "--window must be >= 2"),
+    (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
 ])
 def test_bad_options_fail_before_loading(args, message):
     """One line naming the flag, before anything loads (no start-up progress line)."""

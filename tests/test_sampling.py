@@ -133,6 +133,33 @@ def test_stop_strings_are_honoured_and_excluded(fresh):
     assert inc[0].outputs[0].text.endswith(" 8,")
 
 
+def test_stop_token_text_is_kept_when_asked(fresh):
+    """include_stop_str_in_output covers a stop token's text too (as vLLM's), streamed and not."""
+    prompt = "1, 2, 3, 4, 5,"
+    ids = fresh.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    k = next(j for j in range(1, len(ids)) if ids[j] not in ids[:j])  # a token's first appearance, not the first
+    cut = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ids[k]])
+    kept = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ids[k]], include_stop_str_in_output=True)
+    without, with_ = (fresh.generate(prompt, p)[0].outputs[0] for p in (cut, kept))
+    assert without.token_ids == with_.token_ids == ids[: k + 1] and with_.stop_reason == ids[k]
+    assert with_.text == fresh.tokenizer.decode(ids[: k + 1]) != without.text == fresh.tokenizer.decode(ids[:k])
+    assert "".join(o.outputs[0].delta_text for o in fresh.stream(prompt, kept)) == with_.text
+
+
+def test_a_character_cut_by_max_tokens_reads_alike_streamed_and_not(fresh):
+    """Tokens that end inside a character: the one-decode text of a request that is not streamed ended in U+FFFD
+    where streaming holds the incomplete character back."""
+    from slipstream.engine.detokenizer import IncrementalDetokenizer
+
+    tok = fresh.tokenizer
+    prompt, ids = tok.encode("Say it with an emoji:"), tok.encode(" every step of the way.🔍 and 日本語")
+    for cut in range(1, len(ids) + 1):
+        stepped = IncrementalDetokenizer(tok, prompt)
+        streamed = "".join(stepped.step(t) for t in ids[:cut])
+        assert IncrementalDetokenizer(tok, prompt).decode_all(ids[:cut]) == streamed, cut
+        assert "\ufffd" not in streamed
+
+
 def test_streaming_never_releases_a_stop_string_prefix(fresh):
     params = SamplingParams(temperature=0, max_tokens=20, stop=[" 8,"])
     deltas = [o.outputs[0].delta_text for o in fresh.stream("1, 2, 3, 4, 5,", params)]

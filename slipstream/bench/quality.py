@@ -85,6 +85,12 @@ def _engine(model: str | None, load_format: str, quantization: str, a: argparse.
 
 
 def quality(a: argparse.Namespace) -> dict[str, Any]:
+    for flag, value, ok, rule in (("--max-tokens", a.max_tokens, a.max_tokens >= 1, ">= 1"),
+                                  ("--window", a.window, a.window >= 2, ">= 2"),
+                                  ("--stride", a.stride, 1 <= a.stride <= a.window, "in [1, --window]"),
+                                  ("--max-chars", a.max_chars, a.max_chars >= 1, ">= 1")):
+        if not ok:  # before anything loads
+            raise ValueError(f"{flag} must be {rule}, got {value}")
     ref_llm = _engine(a.reference_model or a.model, a.load_format, a.reference_quantization, a)
     n = a.max_tokens + a.window - a.stride
     if a.load_format == "dummy":  # random weights and a synthetic tokenizer: random ids, the same for both

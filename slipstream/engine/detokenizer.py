@@ -38,4 +38,9 @@ class IncrementalDetokenizer:
         decode = self.backend.decode
         context = decode(self.context, skip_special_tokens=self.skip_special_tokens)
         text = decode(self.context + list(token_ids), skip_special_tokens=self.skip_special_tokens)[len(context) :]
+        if text.endswith("\ufffd"):
+            # The output ends inside a character (max_tokens cut it): streaming holds back the tokens since its last
+            # release, so step through them as streaming does (rare: one decode otherwise).
+            stream = DecodeStream(ids=self.context, skip_special_tokens=self.skip_special_tokens)
+            return "".join(stream.step(self.backend, t) or "" for t in token_ids)
         return text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 from slipstream.config import EngineConfig
@@ -10,7 +11,8 @@ from slipstream.engine.llm_engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+# Text, token ids, or vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}
+Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, str]
 
 
@@ -22,6 +24,9 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_options(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        # Each open call's outputs, by request id: a stream may be read while `generate` steps the engine, and
+        # neither may take the other's outputs.
+        self._inbox: dict[str, deque[RequestOutput]] = {}
 
     def close(self) -> None:
         """Stop the engine's other ranks (tensor parallelism; they also stop with this process)."""
@@ -33,10 +38,28 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _normalize(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            return [prompts]  # one prompt: text or token ids
-        return list(prompts)
+    @staticmethod
+    def _normalize(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+        """One prompt or a list of them -> a list of text and token-id prompts."""
+        one = isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int))
+        if not one and not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be text, token ids, a prompt dict or a list of them, got {type(prompts).__name__}")
+        out = []
+        for i, p in enumerate([prompts] if one else prompts):
+            if isinstance(p, dict):
+                if set(p) == {"prompt"}:
+                    p = p["prompt"]
+                elif set(p) == {"prompt_token_ids"}:
+                    p = p["prompt_token_ids"]
+                else:
+                    raise ValueError(f"prompts[{i}]: a prompt dict holds `prompt` (text) or `prompt_token_ids` (token "
+                                     f"ids) alone, got keys {sorted(p)}")
+            if isinstance(p, tuple):
+                p = list(p)
+            if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p))):
+                raise ValueError(f"prompts[{i}] must be text or a list of token ids, got {type(p).__name__}")
+            out.append(p)
+        return out
 
     def generate(
         self,
@@ -47,25 +70,44 @@ class LLM:
         plist = self._normalize(prompts)
         params = self._params_for(plist, sampling_params)
         ids = self._submit(plist, params, stream=False)
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        try:
+            waiting = set(ids)
+            while waiting:
+                for out in self._step():
+                    if out.finished:
+                        waiting.discard(out.request_id)
+            return [self._inbox[i][-1] for i in ids]
+        finally:  # also when interrupted (Ctrl-C in a notebook): nothing of this call is left running
+            for i in ids:
+                if not self._inbox.pop(i):
+                    self.engine.abort_request(i)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each time the request makes progress; read `delta_text` for the new text."""
-        (rid,) = self._submit([prompt], [sampling_params or SamplingParams()])
+        plist = self._normalize(prompt)
+        if len(plist) != 1:
+            raise ValueError(f"stream takes one prompt, got {len(plist)}")
+        (rid,) = self._submit(plist, self._params_for(plist, sampling_params))
+        inbox = self._inbox[rid]
         try:
             while True:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        yield out
-                        if out.finished:
-                            return
+                while not inbox:
+                    self._step()
+                out = inbox.popleft()
+                yield out
+                if out.finished:
+                    return
         finally:
+            del self._inbox[rid]
             self.engine.abort_request(rid)  # the consumer stopped early: free its pages (no-op once finished)
+
+    def _step(self) -> list[RequestOutput]:
+        outputs = self.engine.step()
+        for out in outputs:
+            inbox = self._inbox.get(out.request_id)
+            if inbox is not None:
+                inbox.append(out)
+        return outputs
 
     def chat(
         self,
@@ -74,7 +116,7 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """`chat_template_kwargs`: extra variables for the chat template, e.g. {"enable_thinking": False} (Qwen3)."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [messages] if not messages or isinstance(messages[0], dict) else messages
         return self.generate([self.apply_chat_template(c, chat_template_kwargs) for c in conversations], sampling_params)
 
     def apply_chat_template(self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -90,6 +132,8 @@ class LLM:
     ) -> list[SamplingParams]:
         if sp is None or isinstance(sp, SamplingParams):
             return [sp or SamplingParams()] * len(prompts)
+        if not isinstance(sp, (list, tuple)) or not all(isinstance(x, SamplingParams) for x in sp):
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {type(sp).__name__}")
         if len(sp) != len(prompts):
             raise ValueError(f"got {len(sp)} SamplingParams for {len(prompts)} prompts")
         return list(sp)
@@ -100,4 +144,5 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         for rid, p, ids_, sp in zip(ids, prompts, checked, params):
             self.engine.add_checked(rid, p, ids_, sp, stream=stream)
+            self._inbox[rid] = deque()
         return ids

@@ -105,8 +105,8 @@ class OutputProcessor:
             if d.logprobs is not None:
                 seq.logprobs.append(d.logprobs[j])
             last = j == len(d.token_ids) - 1
-            if last and d.finish_reason == "stop":
-                break  # an EOS or stop token ends the sequence but is not part of its text
+            if last and d.finish_reason == "stop" and not p.include_stop_str_in_output:
+                break  # an EOS or stop token ends the sequence; its text is the output's only if asked for
             if req.stream or p.stop:  # otherwise the text is decoded once, when the sequence finishes
                 old_len = len(seq.text)
                 seq.text += seq.detok.step(tok)
@@ -115,7 +115,7 @@ class OutputProcessor:
         if d.finish_reason is not None:
             seq.finish_reason, seq.stop_reason = d.finish_reason, d.stop_reason
             if not (req.stream or p.stop):
-                ids = seq.token_ids[:-1] if d.finish_reason == "stop" else seq.token_ids
+                ids = seq.token_ids[:-1] if d.finish_reason == "stop" and not p.include_stop_str_in_output else seq.token_ids
                 seq.text = seq.detok.decode_all(ids)
         return False
 

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         a.fn(a)
     except ValueError as e:
         parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: the shell's usual status, no traceback
+        parser.exit(130, "\n")
 
 
 # options of the sampling, train-draft and serve flags, as their errors name them

@@ -81,6 +81,13 @@ def test_prompt_forms_and_bad_prompts(fresh):
         fresh.generate("x", {"max_tokens": 2})
     with pytest.raises(ValueError, match="must not be empty"):
         fresh.chat([])
+    # OpenAI's text parts read as the text they hold; a final assistant turn can be continued
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
+    assert fresh.apply_chat_template(parts) == fresh.apply_chat_template([{"role": "user", "content": "Name a colour."}])
+    with pytest.raises(ValueError, match="text parts"):
+        fresh.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert len(fresh.apply_chat_template(turn, add_generation_prompt=False)) < len(fresh.apply_chat_template(turn))
     assert not fresh.engine.requests
 
 

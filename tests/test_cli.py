@@ -52,6 +52,21 @@ def test_bad_options_fail_before_loading(args, message):
     assert "[slipstream] loading" not in p.stderr or "--model" in args or "100000" in args
 
 
+def test_ctrl_c_while_generating_ends_quietly():
+    """SIGINT (Ctrl-C) while the model loads or generates: status 130 and no traceback."""
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "slipstream", "generate", "Write a long story.", "--max-tokens", "2000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p.stderr.readline()  # the first start-up line: loading has begun
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+
+
 def test_a_file_that_is_not_gguf_is_named(tmp_path):
     for content in (b"", b"hello, not a model\n"):
         bad = tmp_path / "model.gguf"

@@ -186,6 +186,9 @@ def test_logprobs_top_n(fresh):
     for tok, lp in zip(o.token_ids, o.logprobs):
         assert len(lp) in (3, 4) and tok in lp  # sampled token plus the top 3 (it is usually one of them)
         assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
+    assert o.cumulative_logprob == sum(lp[t] for t, lp in zip(o.token_ids, o.logprobs)) < 0
+    plain = fresh.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    assert plain.cumulative_logprob is None
 
 
 def _teacher_forced(llm, prompt_ids, new):

@@ -29,6 +29,7 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
     variables the template reads (Qwen3's `enable_thinking`, ...); a template ignores those it does not use."""
     if not messages:
         raise ValueError("messages must not be empty")
+    messages = [_text_content(m) for m in messages]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("messages: this model's tokenizer has no chat template")
     extra = check_template_kwargs(template_kwargs)
@@ -40,6 +41,16 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
         given = " with the chat_template_kwargs given" if extra else ""
         raise ValueError(f"messages: the chat template could not render them{given}: {e}") from e
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _text_content(message: Any) -> Any:
+    """A message whose content is a list of OpenAI text parts, with that text as its content (as the server reads it)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        raise ValueError('messages: a content list holds text parts, {"type": "text", "text": ...}')
+    return {**message, "content": "".join(p["text"] for p in content)}
 
 
 def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:

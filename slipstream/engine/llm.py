@@ -114,13 +114,18 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """`chat_template_kwargs`: extra variables for the chat template, e.g. {"enable_thinking": False} (Qwen3)."""
+        """`chat_template_kwargs`: extra variables for the chat template, e.g. {"enable_thinking": False} (Qwen3);
+        `tools`: OpenAI-style tool definitions, rendered by the template (the calls come back as text)."""
         conversations = [messages] if not messages or isinstance(messages[0], dict) else messages
-        return self.generate([self.apply_chat_template(c, chat_template_kwargs) for c in conversations], sampling_params)
+        prompts = [self.apply_chat_template(c, chat_template_kwargs, add_generation_prompt, tools) for c in conversations]
+        return self.generate(prompts, sampling_params)
 
-    def apply_chat_template(self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        return apply_chat_template(self.tokenizer, messages, template_kwargs=chat_template_kwargs)
+    def apply_chat_template(self, messages: list[Message], chat_template_kwargs: dict[str, Any] | None = None,
+                            add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt, tools, chat_template_kwargs)
 
     def reset_prefix_cache(self) -> int:
         cache = self.engine.core.prefix_cache

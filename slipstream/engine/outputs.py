@@ -43,6 +43,13 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the drawn tokens' logprobs (None without `logprobs`), as vLLM reports it."""
+        if self.logprobs is None:
+            return None
+        return sum(lp[t] for lp, t in zip(self.logprobs, self.token_ids))
+
 
 @dataclass
 class RequestMetrics:

@@ -105,7 +105,7 @@ class SamplingParams:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens", self.min_tokens)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and math.isfinite(v), name, "must be a finite number", v)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name, "must be a finite number", v)
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100] (0 means greedy)", self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
@@ -124,13 +124,14 @@ class SamplingParams:
         _check(all(_is_int(t) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
         if self.seed is not None:
             _check(_is_int(self.seed) and -(1 << 63) <= self.seed < (1 << 63), "seed", "must be a 64-bit signed integer", self.seed)
-        bias = self.logit_bias or {}
+        bias = {} if self.logit_bias is None else self.logit_bias
         _check(isinstance(bias, dict), "logit_bias", "must map token ids to biases", bias)
+        _check(not any(isinstance(x, bool) for kv in bias.items() for x in kv), "logit_bias", "must map token ids to numbers", bias)
         try:  # (keys arrive as text from JSON)
-            self.logit_bias = {int(k): float(v) for k, v in bias.items() if not isinstance(k, bool)}
+            self.logit_bias = {int(k): float(v) for k, v in bias.items()}
         except (TypeError, ValueError):
             raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
-        _check(len(self.logit_bias) == len(bias), "logit_bias", "keys must be token ids", bias)
+        _check(len(self.logit_bias) == len(bias), "logit_bias", "names a token twice", bias)
         _check(all(0 <= k <= _INT32_MAX for k in self.logit_bias), "logit_bias", "keys must be token ids", self.logit_bias)
         _check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]", self.logit_bias)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),

@@ -91,6 +91,16 @@ def test_prompt_forms_and_bad_prompts(fresh):
     assert not fresh.engine.requests
 
 
+def test_generate_takes_more_prompts_than_the_queue(gguf_path):
+    """Offline, a batch larger than max_waiting goes in as the queue drains (it failed part-way, leaving its first
+    requests queued and every later call refused as overloaded)."""
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256, max_waiting=3)
+    outs = llm.generate((f"{i} + {i} =" for i in range(7)), SamplingParams(temperature=0, max_tokens=2))
+    assert [o.prompt for o in outs] == [f"{i} + {i} =" for i in range(7)] and all(o.finished for o in outs)
+    assert llm.generate("1 + 1 =", SamplingParams(max_tokens=1))[0].finished
+    assert not llm._inbox and not llm.engine.has_unfinished()
+
+
 def test_generate_while_a_stream_is_open_leaves_the_stream_whole(fresh):
     """`generate` stepped the engine and took (and dropped) an open stream's outputs, or failed on them (KeyError)."""
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

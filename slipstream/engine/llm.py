@@ -6,7 +6,7 @@ from collections import deque
 from typing import Any, Iterator, Sequence
 
 from slipstream.config import EngineConfig
-from slipstream.engine.input_processor import apply_chat_template
+from slipstream.engine.input_processor import EngineOverloaded, apply_chat_template
 from slipstream.engine.llm_engine import LLMEngine
 from slipstream.engine.outputs import RequestOutput
 from slipstream.sampling_params import SamplingParams
@@ -42,8 +42,12 @@ class LLM:
     def _normalize(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
         """One prompt or a list of them -> a list of text and token-id prompts."""
         one = isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int))
-        if not one and not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be text, token ids, a prompt dict or a list of them, got {type(prompts).__name__}")
+        if not one:
+            try:
+                prompts = list(prompts)  # (any iterable of prompts: a generator, a dataset's column)
+            except TypeError:
+                raise ValueError(f"prompts must be text, token ids, a prompt dict or a list of them, got "
+                                 f"{type(prompts).__name__}") from None
         out = []
         for i, p in enumerate([prompts] if one else prompts):
             if isinstance(p, dict):
@@ -69,16 +73,21 @@ class LLM:
         """Run all prompts concurrently to completion; outputs come back in prompt order."""
         plist = self._normalize(prompts)
         params = self._params_for(plist, sampling_params)
-        ids = self._submit(plist, params, stream=False)
+        requests = self._check(plist, params)
+        ids = [rid for rid, *_ in requests]
+        todo = deque(requests)
         try:
             waiting = set(ids)
             while waiting:
+                # as many as the engine's queue takes (more prompts than max_waiting go in as it drains)
+                while todo and self._add(*todo[0], stream=False):
+                    todo.popleft()
                 for out in self._step():
                     if out.finished:
                         waiting.discard(out.request_id)
             return [self._inbox[i][-1] for i in ids]
         finally:  # also when interrupted (Ctrl-C in a notebook): nothing of this call is left running
-            for i in ids:
+            for i in ids[: len(ids) - len(todo)]:
                 if not self._inbox.pop(i):
                     self.engine.abort_request(i)
 
@@ -87,11 +96,15 @@ class LLM:
         plist = self._normalize(prompt)
         if len(plist) != 1:
             raise ValueError(f"stream takes one prompt, got {len(plist)}")
-        (rid,) = self._submit(plist, self._params_for(plist, sampling_params))
+        ((rid, *request),) = self._check(plist, self._params_for(plist, sampling_params))
+        if not self._add(rid, *request, stream=True):
+            raise EngineOverloaded("the engine's queue is full (max_waiting sequences wait already)")
         inbox = self._inbox[rid]
         try:
             while True:
                 while not inbox:
+                    if not self.engine.has_unfinished():
+                        return  # (aborted through the engine)
                     self._step()
                 out = inbox.popleft()
                 yield out
@@ -143,11 +156,17 @@ class LLM:
             raise ValueError(f"got {len(sp)} SamplingParams for {len(prompts)} prompts")
         return list(sp)
 
-    def _submit(self, prompts: list[Prompt], params: list[SamplingParams], stream: bool = True) -> list[str]:
-        # Validate everything first so that a bad prompt leaves nothing half-submitted.
+    def _check(self, prompts: list[str | list[int]], params: list[SamplingParams]) -> list[tuple]:
+        """(request id, prompt, its token ids, params) for each, all checked before any is added: a bad prompt leaves
+        nothing half-submitted."""
         checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, params)]
-        ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        for rid, p, ids_, sp in zip(ids, prompts, checked, params):
-            self.engine.add_checked(rid, p, ids_, sp, stream=stream)
-            self._inbox[rid] = deque()
-        return ids
+        return [(f"llm-{next(self._ids)}", p, ids, sp) for p, ids, sp in zip(prompts, checked, params)]
+
+    def _add(self, rid: str, prompt: str | list[int], ids: list[int], params: SamplingParams, stream: bool) -> bool:
+        """Queue a checked request; False if the engine's queue is full."""
+        try:
+            self.engine.add_checked(rid, prompt, ids, params, stream=stream)
+        except EngineOverloaded:
+            return False
+        self._inbox[rid] = deque()
+        return True

@@ -139,7 +139,7 @@ class OutputProcessor:
             if seq.finish_reason is None and p.stop:
                 # Hold back a tail that could still grow into a stop string.
                 text = text[: max(seq.emitted_text_len, len(text) - max(map(len, p.stop)) + 1)]
-            lps = seq.logprobs if p.logprobs is not None else None
+            lps = list(seq.logprobs) if p.logprobs is not None else None  # (a snapshot, as token_ids: outputs may be read late)
             toks = seq.token_ids
             outs.append(CompletionOutput(
                 index=i, text=text, token_ids=list(toks), logprobs=lps, finish_reason=seq.finish_reason,

@@ -27,12 +27,8 @@ PY
     --batch-sizes 1,16 --output-len 256 --num-prompts 16 --json "$out/eagle3-chat.json"
 fi
 if [[ " $parts " == *" oracle "* ]]; then
-  for k in 1 2 4 8; do
-    for m in oracle wrong; do
-      bench --model llama-3.1-8b --method $m --fixed-k --num-speculative-tokens $k --batch-sizes 1 --num-prompts 4 \
-        --output-len 128 --ignore-eos --max-model-len 2048 --json "$out/$m-k$k.json"
-    done
-  done
+  bench --model llama-3.1-8b --method oracle,wrong --fixed-k --num-speculative-tokens 1,2,4,8 --batch-sizes 1 \
+    --num-prompts 4 --output-len 128 --ignore-eos --max-model-len 2048 --json "$out/oracle-wrong.json"
 fi
 if [[ " $parts " == *" off "* ]]; then
   python3 - "$data" "$out/chat.txt" <<'PY'

@@ -189,16 +189,20 @@ def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
     (k + 1 tokens a verifying step), one that is always wrong none; both leave the tokens exactly plain decoding's."""
     from slipstream import cli
 
-    for method, acceptance, length in (("oracle", 1.0, 4.0), ("wrong", 0.0, 1.0)):
-        out = tmp_path / f"{method}.json"
-        cli.main(["bench", "speculative", "--model", gguf_path, "--method", method, "--num-speculative-tokens", "3",
-                  "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
-                  "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
-        results = json.loads(out.read_text())["results"]
-        assert [r["batch_size"] for r in results] == [1, 2]
-        for r in results:
-            assert r["identical"] == f"{r['batch_size']}/{r['batch_size']}" and r["output_tokens"] == 24 * r["batch_size"]
-            assert r["acceptance"] == acceptance and abs(r["mean_accepted_length"] - length) < 0.35, r
+    out = tmp_path / "bounds.json"
+    cli.main(["bench", "speculative", "--model", gguf_path, "--method", "oracle,wrong", "--num-speculative-tokens", "3",
+              "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
+              "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["batch_size"]) for r in results] == [("oracle", 1), ("oracle", 2), ("wrong", 1), ("wrong", 2)]
+    for r in results:
+        acceptance, length = (1.0, 4.0) if r["method"] == "oracle" else (0.0, 1.0)
+        assert r["identical"] == f"{r['batch_size']}/{r['batch_size']}" and r["output_tokens"] == 24 * r["batch_size"]
+        assert r["acceptance"] == acceptance and abs(r["mean_accepted_length"] - length) < 0.35, r
+    with pytest.raises(SystemExit):  # a method not known, a k below 1: refused by the parser, before loading
+        cli.main(["bench", "speculative", "--method", "oracle,medusa"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "speculative", "--num-speculative-tokens", "2,0"])
 
 
 def test_draft_policy_follows_the_measured_rates():

@@ -9,8 +9,9 @@ Workloads (`--workload`):
 
 `--method` ngram | draft | eagle3 (with `--speculative-model`) | mtp (a model's own MTP module), or the verification
 mechanism alone: `oracle` drafts the very tokens plain decoding writes (always right: the ceiling of k drafts a step)
-and `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing). For each batch size: output tok/s without and with, the
-acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
+and `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing). Several methods and several k
+(comma lists) share one plain run, each (method, k) an engine of its own. For each batch size: output tok/s without and
+with, the acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
 accepted drafts), the share of the time spent drafting, and the speed-up.
 """
 from __future__ import annotations
@@ -114,14 +115,31 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     for b in a.batch_sizes:
         base[b] = _timed(plain, texts[:b], params)
     del plain
+    _release()
+    results = []
+    for method in a.method:  # each (method, k) an engine of its own, against the one plain run above
+        for k in a.num_speculative_tokens:
+            results += _run_speculative(a, method, k, engine, texts, params, base)
+            _release()
+    return results
+
+
+def _release() -> None:
+    """Free a dropped engine's GPU memory before the next one budgets its KV cache."""
     gc.collect()
-    method = {"oracle": "ngram", "wrong": "ngram"}.get(a.method, a.method)
-    spec = LLM(a.model, speculative_method=method, speculative_model=a.speculative_model,
-               num_speculative_tokens=a.num_speculative_tokens, speculative_adaptive=not a.fixed_k, **engine)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_speculative(a: argparse.Namespace, method: str, k: int, engine: dict, texts: list, params: SamplingParams,
+                     base: dict[int, tuple[float, list[list[int]]]]) -> list[dict]:
+    spec = LLM(a.model, speculative_method={"oracle": "ngram", "wrong": "ngram"}.get(method, method),
+               speculative_model=a.speculative_model, num_speculative_tokens=k, speculative_adaptive=not a.fixed_k,
+               **engine)
     core = spec.engine.core
-    if a.method in ("oracle", "wrong"):
+    if method in ("oracle", "wrong"):
         answers = [t for b in a.batch_sizes for t in base[b][1]]
-        core.proposer = ScriptedProposer(a.num_speculative_tokens, answers, a.method == "wrong")
+        core.proposer = ScriptedProposer(k, answers, method == "wrong")
     _timed(spec, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))
     results, rows = [], []
     for b in a.batch_sizes:
@@ -133,8 +151,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         plain_s, want = base[b]
         plain_tokens = sum(len(w) - len(t) for w, t in zip(want, texts[:b]))  # (prompts are token ids)
         same = sum(g == w for g, w in zip(got, want))
-        r = {"batch_size": b, "method": a.method, "k": a.num_speculative_tokens, "adaptive": not a.fixed_k,
-             "workload": a.workload,
+        r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),
              "spec_tok_s": round(tokens / elapsed, 1),
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
@@ -145,11 +162,32 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
-    print(f"{a.method} k={a.num_speculative_tokens}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} "
-          f"({spec.engine.runner.device}, {a.dtype}):")
+    print(f"{method} k={k}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} "
+          f"({spec.engine.runner.device}, {a.dtype}):", flush=True)
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
-                  "identical"]] + rows))
+                  "identical"]] + rows), flush=True)
     return results
+
+
+METHODS = ("ngram", "draft", "eagle3", "mtp", "oracle", "wrong")
+
+
+def _methods(text: str) -> list[str]:
+    got = text.split(",")
+    for m in got:
+        if m not in METHODS:
+            raise argparse.ArgumentTypeError(f"{m!r} is not one of {', '.join(METHODS)}")
+    return got
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        got = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: integers joined by commas") from None
+    if min(got) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each at least 1")
+    return got
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -157,14 +195,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded model, real weights), or a "
                                                  "bundled config or a directory without weights (random weights, for "
                                                  "oracle / wrong)")
-    p.add_argument("--method", default="ngram", choices=["ngram", "draft", "eagle3", "mtp", "oracle", "wrong"])
+    p.add_argument("--method", default=["ngram"], type=_methods,
+                   help="ngram | draft | eagle3 | mtp | oracle | wrong, or several joined by commas (one plain run)")
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--num-speculative-tokens", type=_ints, default=[4], help="k, or several joined by commas: 1,2,4,8")
     p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")
     p.add_argument("--workload", default="quote", choices=["quote", "chat"])
     p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
     p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 16])
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--ignore-eos", action="store_true", help="every answer output-len tokens long")
     p.add_argument("--max-model-len", type=int, default=4096)

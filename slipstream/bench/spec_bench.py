@@ -8,11 +8,11 @@ Workloads (`--workload`):
   an EAGLE-3 head) has to earn its drafts.
 
 `--method` ngram | draft | eagle3 (with `--speculative-model`) | mtp (a model's own MTP module), or the verification
-mechanism alone: `oracle` drafts the very tokens plain decoding writes (always right: the ceiling of k drafts a step)
-and `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing). Several methods and several k
-(comma lists) share one plain run, each (method, k) an engine of its own. For each batch size: output tok/s without and
-with, the acceptance (accepted / drafted), the mean accepted length (tokens a sequence's verifying step yields: 1 + its
-accepted drafts), the share of the time spent drafting, and the speed-up.
+mechanism alone: `wrong` drafts tokens that never match (the cost of verifying k drafts for nothing) and `oracle` drafts
+the very tokens the verification then writes (always right: the ceiling of k drafts a step), both on one engine (the
+oracle replays the wrong run's tokens). Several methods and several k (comma lists) share one plain run. For each batch
+size: output tok/s without and with, the acceptance (accepted / drafted), the mean accepted length (tokens a
+sequence's verifying step yields: 1 + its accepted drafts), the share of the time spent drafting, and the speed-up.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def chat_prompts(path: str, n: int) -> list[str]:
 
 
 class ScriptedProposer:
-    """Drafts from the answers plain decoding gave (`wrong`: each answer token + 1, never right)."""
+    """Drafts from known answers (`wrong`: each answer token moved by one id, never right)."""
 
     def __init__(self, num_tokens: int, answers: list[list[int]], wrong: bool) -> None:
         self.k, self.answers, self.wrong = num_tokens, answers, wrong
@@ -64,7 +64,7 @@ class ScriptedProposer:
         if full is None:
             full = self._of[seq_id] = next((a for a in self.answers if a[: len(ids)] == ids), [])
         drafts = full[len(ids) : len(ids) + min(self.k, limit)]
-        return [t + 1 for t in drafts] if self.wrong else drafts
+        return [t - 1 if t else 1 for t in drafts] if self.wrong else drafts
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         pass
@@ -110,16 +110,23 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     else:  # (a bundled shape's word-level tokenizer)
         texts = [plain.tokenizer.encode(p) for p in prompts]
-    _timed(plain, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    _timed(plain, texts[: max(a.batch_sizes)], params)  # warm-up: the timed runs compile nothing
     base = {}
     for b in a.batch_sizes:
         base[b] = _timed(plain, texts[:b], params)
     del plain
     _release()
     results = []
-    for method in a.method:  # each (method, k) an engine of its own, against the one plain run above
-        for k in a.num_speculative_tokens:
-            results += _run_speculative(a, method, k, engine, texts, params, base)
+    scripted = [m for m in a.method if m in ("oracle", "wrong")]
+    for k in a.num_speculative_tokens:  # each k (and each proposer) an engine of its own, against the plain run above
+        for method in a.method:
+            if method not in scripted:
+                spec = _speculative_llm(a, method, k, engine)
+                results += _measure(a, spec, method, k, texts, params, base, {b: base[b][1] for b in a.batch_sizes})[0]
+                del spec
+                _release()
+        if scripted:
+            results += _scripted(a, scripted, k, engine, texts, params, base)
             _release()
     return results
 
@@ -131,26 +138,43 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_speculative(a: argparse.Namespace, method: str, k: int, engine: dict, texts: list, params: SamplingParams,
-                     base: dict[int, tuple[float, list[list[int]]]]) -> list[dict]:
-    spec = LLM(a.model, speculative_method={"oracle": "ngram", "wrong": "ngram"}.get(method, method),
+def _speculative_llm(a: argparse.Namespace, method: str, k: int, engine: dict) -> LLM:
+    return LLM(a.model, speculative_method={"oracle": "ngram", "wrong": "ngram"}.get(method, method),
                speculative_model=a.speculative_model, num_speculative_tokens=k, speculative_adaptive=not a.fixed_k,
                **engine)
+
+
+def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, texts: list, params: SamplingParams,
+              base: dict) -> list[dict]:
+    """The verification alone, on one engine: drafts always wrong, then drafts always right. The right drafts are
+    the tokens the wrong run wrote, not plain decoding's: a verifying step computes k + 1 rows where plain decoding
+    computes one, and in 16-bit the different sums flip near-ties (on random weights, within a few tokens), after
+    which plain decoding's answer is no longer the model's next token and an oracle drafting it would be wrong."""
+    spec = _speculative_llm(a, "wrong", k, engine)
+    plain_answers = [t for b in a.batch_sizes for t in base[b][1]]
+    spec.engine.core.proposer = ScriptedProposer(k, plain_answers, wrong=True)
+    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, {b: base[b][1] for b in a.batch_sizes})
+    spec.engine.core.proposer = ScriptedProposer(k, [t for b in a.batch_sizes for t in written[b]], wrong=False)
+    oracle = _measure(a, spec, "oracle", k, texts, params, base, written)[0] if "oracle" in methods else []
+    return (wrong if "wrong" in methods else []) + oracle
+
+
+def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,
+             want: dict[int, list[list[int]]]) -> tuple[list[dict], dict[int, list[list[int]]]]:
+    """Each batch size's run on a speculative engine, its tokens compared with `want`'s: (results, tokens written)."""
     core = spec.engine.core
-    if method in ("oracle", "wrong"):
-        answers = [t for b in a.batch_sizes for t in base[b][1]]
-        core.proposer = ScriptedProposer(k, answers, method == "wrong")
-    _timed(spec, texts[: max(a.batch_sizes)], SamplingParams(temperature=0, max_tokens=8))
-    results, rows = [], []
+    _timed(spec, texts[: max(a.batch_sizes)], params)  # warm-up
+    results, rows, written = [], [], {}
     for b in a.batch_sizes:
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
         elapsed, got = _timed(spec, texts[:b], params)
+        written[b] = got
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
-        plain_s, want = base[b]
-        plain_tokens = sum(len(w) - len(t) for w, t in zip(want, texts[:b]))  # (prompts are token ids)
-        same = sum(g == w for g, w in zip(got, want))
+        plain_s, plain = base[b]
+        plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, texts[:b]))  # (prompts are token ids)
+        same = sum(g == w for g, w in zip(got, want[b]))
         r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),
              "spec_tok_s": round(tokens / elapsed, 1),
@@ -158,15 +182,16 @@ def _run_speculative(a: argparse.Namespace, method: str, k: int, engine: dict, t
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
              # the proposer's share of the time (a head's or draft model's forwards included)
              "draft_share": round((core.stats.draft_seconds - before[4]) / elapsed, 3),
-             "identical": f"{same}/{len(want)}"}
+             "identical": f"{same}/{len(got)}"}
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
-    print(f"{method} k={k}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} "
-          f"({spec.engine.runner.device}, {a.dtype}):", flush=True)
+    against = "the wrong run's" if method == "oracle" else "plain decoding's"
+    print(f"{method} k={k}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} ({spec.engine.runner.device}, "
+          f"{a.dtype}; identical: tokens equal to {against}):", flush=True)
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
                   "identical"]] + rows), flush=True)
-    return results
+    return results, written
 
 
 METHODS = ("ngram", "draft", "eagle3", "mtp", "oracle", "wrong")

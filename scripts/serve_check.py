@@ -1,5 +1,6 @@
 """`slipstream serve` under concurrent load, as users drive it: prompts of many lengths, streaming and not, a
-quarter of the clients hanging up early, a tenth held to a regular expression (structured output). Passes only with zero failed requests, every admitted request
+quarter of the clients hanging up early, a tenth held to a regular expression (structured output), a fifth opening
+with one shared head (prefix cache hits). Passes only with zero failed requests, every admitted request
 finished or aborted, and every KV page free afterwards, and no kernel variant first used after
 warm-up (the engine logs each; one is a stall for every stream). On the GPU (scripts/gpu_check.sh) it runs in bf16 on the
 Hopper kernels with prompts of 65 to 16K tokens; on a CPU, small sizes check the script itself.
@@ -77,10 +78,14 @@ async def one(client: httpx.AsyncClient, url: str, pattern: str, i: int, prompt:
 
 async def drive(url: str, n: int, max_prompt: int, vocab: int, pattern: str) -> list[str]:
     rng = random.Random(0)
+    # every fifth prompt opens with the same tokens, as a system prompt does: the prefix cache serves them to the
+    # later ones, whose prefills then run over a cached head (kernel variants of their own)
+    system = [rng.randrange(3, vocab) for _ in range(min(300, max_prompt // 2))]
     jobs = []
     for i in range(n):
         length = int(math.exp(rng.uniform(math.log(65), math.log(max_prompt))))
-        jobs.append((i, [rng.randrange(3, vocab) for _ in range(length)], rng.randint(16, 128), i % 2 == 0, i % 4 == 3))
+        prompt = [rng.randrange(3, vocab) for _ in range(length)]
+        jobs.append((i, system + prompt[: max(1, max_prompt - len(system))] if i % 5 == 1 else prompt, rng.randint(16, 128), i % 2 == 0, i % 4 == 3))
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits) as client:
         return list(await asyncio.gather(*(one(client, url, pattern, *j) for j in jobs)))

@@ -146,3 +146,18 @@ def test_unknown_engine_option():
 def test_warm_up_leaves_nothing_behind(fresh):
     fresh.engine.warm_up()
     assert not fresh.engine.requests  # the `fresh` fixture then checks that every block is free
+
+
+def test_gpu_warm_up_steps_finish_and_hit_the_cache(fresh):
+    """The steps only a GPU warms up with (they compile kernel variants; here on the CPU, which skips them) finish
+    every request, free every page (checked by `fresh`), and the repeated heads do hit the prefix cache: two hits of
+    two pages each, the prefills over a cached head that would otherwise compile inside the first such request."""
+    from slipstream.sampling_params import StructuredOutputs
+
+    core = fresh.engine.core
+    bs = core.config.cache.block_size
+    before = core.prefix_cache.stats.hit_tokens
+    core._warm_up_on_gpu(2 * bs + 3, StructuredOutputs(choice=(core._plain_word(),)))
+    assert not core.requests
+    assert core.prefix_cache.stats.hit_tokens - before >= 2 * 2 * bs
+    core.prefix_cache.clear()

@@ -17,6 +17,7 @@ sequence's verifying step yields: 1 + its accepted drafts), the share of the tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import BUNDLED, model_dir, table
+from slipstream.bench.common import BUNDLED, model_dir, table, watch_compiles
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 COPY = "Copy the following text exactly, but write '{new}' in place of '{old}'.\n\nText:\n{text}\n\nCopy:"
@@ -80,11 +81,13 @@ def _timed(llm: LLM, prompts: list, params: SamplingParams) -> tuple[float, list
     cuda = llm.engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    with watch_compiles(f"{len(prompts)} timed requests") if cuda else contextlib.nullcontext():
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return elapsed, [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
 
 
 def _without_weights(model: str | None) -> bool:

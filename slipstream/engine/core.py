@@ -337,7 +337,10 @@ class EngineCore:
           16K tokens): one prompt as long as max_model_len allows, up to 32K tokens (a few steps).
         - A large eager step of an odd token count (below).
         - The fused draw reads a grammar's mask over the model's own logits or, with logprobs or penalties, over float32
-          ones: a constrained request with logprobs."""
+          ones: a constrained request with logprobs.
+        - A prompt whose head the prefix cache holds prefills only its tail, over a longer context: a short tail and
+          a long one after a cached head (docs/benchmarks.md: a repeated prompt ran slow on a fresh H100, and fast
+          once Triton's disk cache held that machine's kernels)."""
         sched = self.config.scheduler
         vocab = self.model_config.vocab_size
         greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -345,6 +348,13 @@ class EngineCore:
                          SamplingParams(temperature=0.7, max_tokens=2, seed=0, logprobs=1, structured_outputs=word))
         while self.has_unfinished():
             self.step()
+        bs = self.config.cache.block_size
+        head = [(11 * j + 7) % vocab for j in range(2 * bs)]
+        if self.prefix_cache is not None and 2 * bs + 72 <= self.max_model_len:
+            for tail in (0, 5, bs + 7):  # the first caches the head; the others hit it
+                self.add_request(f"__warmup_hit{tail}", head + [(13 * j + tail) % vocab for j in range(1, tail + 2)], greedy)
+                while self.has_unfinished():
+                    self.step()
         crowd = max(1, min(sched.max_num_seqs - 1, sched.max_waiting - 1, sched.max_num_batched_tokens // 8,
                            self.block_manager.num_blocks // 2))
         for n in sorted({1, crowd}):

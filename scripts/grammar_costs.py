@@ -89,7 +89,8 @@ def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
         for r, m, _ in rows:
             m.fill(out, r)
 
-    timed("Grammars.masks, as the engine calls it", lambda: g.masks(n, rows))
+    timed("Grammars.masks, as the engine calls it (widened on the device)", lambda: g.masks(n, rows))
+    timed("Grammars.masks, widened here", lambda: g.masks(n, rows).widen(torch.device("cpu")))
     timed("fill, one row at a time", one_at_a_time)
     for threads in (1, 2, 4, 8, 16):
         if threads <= (os.cpu_count() or 1):
@@ -114,7 +115,7 @@ def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
 
 
 def _draw(g: Grammars, m, rng: random.Random) -> int:  # noqa: ANN001
-    mask = g.masks(1, [(0, m, [])])[0]
+    mask = g.masks(1, [(0, m, [])]).widen(torch.device("cpu"))[0]
     words = mask.view(-1)
     allowed = [w * 32 + b for w in range(words.numel()) if (x := int(words[w])) for b in range(32) if (x >> b) & 1]
     return rng.choice([t for t in allowed if t < g.vocab_size])

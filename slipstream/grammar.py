@@ -16,6 +16,7 @@ import os
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +71,8 @@ class Grammars:
         # Masks in page-locked memory (given a GPU): a copy from pageable memory may wait for the device to reach it,
         # which would hold the host until the step's forward has run.
         self.pin_memory = pin_memory
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
         # The grammar sees the tokenizer's ids (and the stop tokens); a model's rows past them (padding) are refused
         # here. xgrammar would refuse them one by one in every row it fills: a 49,152-token tokenizer under a
         # 151,936-row head took 10x as long per row (0.16 ms vs 0.016, scripts/grammar_costs.py).
@@ -101,13 +104,13 @@ class Grammars:
     def matcher(self, compiled: Any) -> Matcher:
         return Matcher(xgr.GrammarMatcher(compiled))
 
-    def masks(self, num_rows: int, rows: list[tuple[int, Matcher, list[int]]]) -> torch.Tensor:
+    def masks(self, num_rows: int, rows: list[tuple[int, Matcher, list[int]]]) -> Bitmask:
         """A host bitmask of `num_rows` rows, every token allowed except in `rows`: (row, matcher, drafts ahead),
         where the row holds what the matcher allows after the drafts (drafts being verified in this step). The
-        matchers are left where they were."""
-        words, gw = (self.vocab_size + 31) // 32, (self.grammar_vocab + 31) // 32
-        whole = words == gw and self.grammar_vocab == self.vocab_size  # the grammar's mask is the model's
-        out = torch.empty((num_rows, gw), dtype=torch.int32, pin_memory=self.pin_memory and whole).fill_(-1)
+        matchers are left where they were. With `pin_memory` the words live in a staging buffer that a later call
+        overwrites: `widen` them to the device at once."""
+        gw = (self.grammar_vocab + 31) // 32
+        out = (self._staged(num_rows, gw) if self.pin_memory else torch.empty((num_rows, gw), dtype=torch.int32)).fill_(-1)
         # A sequence with drafts has a row per draft, all from its one matcher moved along the drafts: those rows
         # fill in order. Every other row is its matcher's only one: they fill together, in parallel.
         seen: dict[int, int] = {}
@@ -121,16 +124,49 @@ class Grammars:
                 taken = m.take(ahead)
                 m.fill(out, r)
                 m.undo(taken)
-        if whole:
-            return out
-        full = torch.empty((num_rows, words), dtype=torch.int32, pin_memory=self.pin_memory)
-        full[:, :gw] = out
-        full[:, gw:] = -1
-        held = torch.tensor(sorted({r for r, _, _ in rows}), dtype=torch.long)
-        full[held, gw:] = 0  # the model's rows past the grammar's vocabulary
-        if self.grammar_vocab % 32:  # and those in the grammar's last word
-            full[held, gw - 1] &= (1 << (self.grammar_vocab % 32)) - 1
-        return full
+        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size)
+
+    def _staged(self, num_rows: int, words: int) -> torch.Tensor:
+        """Rows of a page-locked buffer kept across steps (a new one each step is a page-locked allocation, which
+        can wait on the device). Two alternate, and one is written again only two calls later: the engine reads a
+        step's tokens, after its draw has consumed the mask's upload, before it fills the next step's masks."""
+        self._turn ^= 1
+        buf = self._pinned[self._turn]
+        if buf is None or buf.shape[0] < num_rows:
+            buf = self._pinned[self._turn] = torch.empty((max(num_rows, 256), words), dtype=torch.int32, pin_memory=True)
+        return buf[:num_rows]
+
+
+@dataclass(frozen=True)
+class Bitmask:
+    """A step's allowed tokens as the grammars wrote them: `words` [rows, ceil(grammar vocabulary / 32)] int32 on the
+    host, bit t % 32 of word t // 32 set = token t allowed, every bit set in rows no grammar holds. The model's ids
+    past the grammar's vocabulary (a head padded beyond its tokenizer) are refused in the `held` rows by `widen`, on
+    the device: widening on the host meant edits of 5 MB a step under 256 constrained streams and a head of 151,936
+    rows, and a transfer three times the size."""
+
+    words: torch.Tensor
+    held: list[int]  # the rows a grammar holds
+    grammar_vocab: int
+    vocab_size: int
+
+    def widen(self, device: torch.device, held: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask over the model's vocabulary, on `device`: [rows, ceil(vocab_size / 32)]. `held`: `self.held`
+        already on the device (a step stages it with its other small inputs; a tensor made here from the list
+        would be a synchronous copy)."""
+        words = self.words.to(device, non_blocking=True)
+        total, gw = (self.vocab_size + 31) // 32, words.shape[1]
+        if total == gw and self.grammar_vocab == self.vocab_size:
+            return words
+        out = torch.empty((words.shape[0], total), dtype=torch.int32, device=device)
+        out[:, :gw] = words
+        out[:, gw:] = -1
+        if self.held:
+            rows = torch.tensor(self.held, dtype=torch.long, device=device) if held is None else held
+            out[rows, gw:] = 0
+            if self.grammar_vocab % 32:  # and the ids past the grammar's in its last word
+                out[rows, gw - 1] &= (1 << (self.grammar_vocab % 32)) - 1
+        return out
 
 
 class Matcher:

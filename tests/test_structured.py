@@ -62,7 +62,7 @@ def test_masks_follow_drafts_and_roll_back(llm):
     m = grammars.matcher(compiled)
     tok = llm.engine.tokenizer
     a, b, c, d = (tok.convert_tokens_to_ids(x) for x in "abcd")
-    out = grammars.masks(4, [(0, m, []), (1, m, [a]), (3, m, [a, b])])  # row 2: no constraint
+    out = grammars.masks(4, [(0, m, []), (1, m, [a]), (3, m, [a, b])]).widen(torch.device("cpu"))  # row 2: free
 
     def allowed(row):
         return {t for t in range(grammars.vocab_size) if (int(out[row, t // 32]) >> (t % 32)) & 1}
@@ -71,11 +71,11 @@ def test_masks_follow_drafts_and_roll_back(llm):
     assert {b, c} <= allowed(1) and d not in allowed(1)
     assert d in allowed(3) and c not in allowed(3)
     assert len(allowed(2)) == grammars.vocab_size
-    again = grammars.masks(1, [(0, m, [])])  # the drafts were rolled back
+    again = grammars.masks(1, [(0, m, [])]).widen(torch.device("cpu"))  # the drafts were rolled back
     assert torch.equal(again[0], out[0])
     eos = tok.eos_token_id  # a draft may be the stop token (n-gram drafts copy the prompt): rows after it are free
-    past = grammars.masks(2, [(0, m, [a, b, d, eos]), (1, m, [a, b, d, eos, a])])
-    assert torch.equal(past, grammars.masks(2, []))
+    past = grammars.masks(2, [(0, m, [a, b, d, eos]), (1, m, [a, b, d, eos, a])]).words
+    assert torch.equal(past, grammars.masks(2, []).words)
     assert m.advance(a) and not m.advance(d)
 
 
@@ -108,13 +108,26 @@ def test_masks_refuse_a_models_padding_rows(llm):
     def allowed(row, limit):
         return {t for t in range(limit) if (int(row[t // 32]) >> (t % 32)) & 1}
 
-    got = wide.masks(4, [(r, m, []) for r, m in zip((0, 2, 3), matchers(wide))])
-    one = narrow.masks(1, [])
+    got = wide.masks(4, [(r, m, []) for r, m in zip((0, 2, 3), matchers(wide))]).widen(torch.device("cpu"))
+    one = narrow.masks(1, []).words
     for row, m in zip((0, 2, 3), matchers(narrow)):
         m.fill(one, 0)
         assert allowed(got[row], n + 75) == allowed(one[0], n + 6)
     assert allowed(got[3], n + 75) == {stop}
     assert allowed(got[1], n + 75) == set(range(n + 75))
+
+    # as a step hands it to the sampler: the held rows staged with the step's other small inputs, widened there
+    from slipstream.runner.batch import SamplingRow
+    from slipstream.runner.inputs import Stager
+    from slipstream.runner.sampling import SamplingTensors
+
+    mask = wide.masks(4, [(r, m, []) for r, m in zip((0, 2, 3), matchers(wide))])
+    cpu = torch.device("cpu")
+    ints = Stager(cpu, torch.int64, 64)
+    ints.reset()
+    rows = [SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)] * 4
+    sb = SamplingTensors(cpu, n + 75, [stop], 4).build(rows, [0] * 4, None, ints, mask)
+    assert torch.equal(sb.allowed, got)
 
 
 def test_regex_and_choice_hold_on_every_sample(llm):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,8 +37,8 @@ from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inpu
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors, expand_rows
 
-# (row owners' sequence ids, drafts before each row or None) -> host int32 bitmask [rows, ceil(V / 32)] or None
-MaskFiller = Callable[[list[int], "list[list[int]] | None"], "torch.Tensor | None"]
+# (row owners' sequence ids, drafts before each row or None) -> the rows' allowed tokens (grammar.Bitmask) or None
+MaskFiller = Callable[[list[int], "list[list[int]] | None"], Any]
 
 log = logging.getLogger(__name__)
 # Decode batches up to this size replay whole-forward CUDA graphs (a ladder in steps of 16: 36 graphs; vLLM also stops
@@ -149,8 +149,8 @@ class ModelRunner:
         sched = config.scheduler
         width = -(-max_model_len // bs)
         # Room for one step: ids, positions, slots per token; per sequence its block table, query start, length and
-        # sampling ints; sampled-row indices (alignment padding is covered by the +64).
-        self.ints = Stager(self.device, torch.int64, 5 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
+        # sampling ints; sampled-row indices and the rows a grammar holds (alignment padding is covered by the +64).
+        self.ints = Stager(self.device, torch.int64, 6 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
         kv_heads = self.shard.heads(mc.num_heads, mc.num_kv_heads)[3]
         self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device, kv_heads)

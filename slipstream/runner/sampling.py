@@ -1,11 +1,16 @@
 """Per-row sampling tensors for the rows a step draws, from the step's plain `SamplingRow`s."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from slipstream.layers.sampler import Penalties, SamplingBatch
 from slipstream.runner.batch import SamplingRow, SeqStep
 from slipstream.runner.inputs import Stager
+
+if TYPE_CHECKING:  # (xgrammar loads only for models that see a constraint)
+    from slipstream.grammar import Bitmask
 
 
 def expand_rows(seqs: list[SeqStep]) -> tuple[list[SamplingRow], list[int], list[list[int]] | None]:
@@ -31,11 +36,11 @@ class SamplingTensors:
         self.floats = Stager(device, torch.float32, 3 * max_rows + 16)
 
     def build(self, rows: list[SamplingRow], positions: list[int], before: list[list[int]] | None, ints: Stager,
-              allowed: torch.Tensor | None = None) -> SamplingBatch | None:
+              allowed: Bitmask | None = None) -> SamplingBatch | None:
         """Tensors for these rows (small ints staged in `ints`, which holds the step's other inputs), or None when
         plain argmax will do (all greedy, nothing to adjust). `positions`: each row's output index; `before`: the
-        draft tokens drawn ahead of it in this step (penalties count them); `allowed`: a host bitmask of the tokens
-        each row may draw (structured output)."""
+        draft tokens drawn ahead of it in this step (penalties count them); `allowed`: the tokens each row may draw
+        (structured output), widened to the model's vocabulary on the device."""
         ps = [r.params for r in rows]
         plain = allowed is None and all(p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties for p in ps)
         if plain and not any(pos < p.min_tokens for pos, p in zip(positions, ps)):
@@ -68,6 +73,7 @@ class SamplingTensors:
         floats.reset()
         f = floats.put([p.temperature for p in ps] + [p.top_p for p in ps] + [p.min_p for p in ps])
         i = ints.put([p.top_k if p.top_k > 0 else vocab for p in ps] + [r.seed for r in rows] + positions)
+        held = ints.put(allowed.held) if allowed is not None and allowed.held else None
         floats.upload()
         ints.upload()
         fv, iv = f().view(3, n), i().view(3, n)
@@ -78,7 +84,7 @@ class SamplingTensors:
             use_min_p=any(p.min_p > 0 for p in ps),
             max_logprobs=max(wants) if wants else None,
             bias=bias, banned=banned, penalties=penalties,
-            allowed=None if allowed is None else allowed.to(dev, non_blocking=True),
+            allowed=None if allowed is None else allowed.widen(dev, None if held is None else held()),
         )
 
     def _penalties(self, rows: list[SamplingRow], before: list[list[int]], t) -> Penalties:  # noqa: ANN001

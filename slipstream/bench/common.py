@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import cProfile
+import gc
 import json
 import os
+import pstats
 import tempfile
 from collections.abc import Iterator
 from importlib import resources
@@ -142,3 +145,28 @@ def watch_compiles(label: str) -> Iterator[list[str]]:
         restore()
         if seen:
             print(f"WARNING: {len(seen)} Triton compilations inside '{label}': {sorted(set(seen))}")
+
+
+def release_gpu_memory() -> None:
+    """Return the GPU memory of engines the caller has dropped (graphs and pools are freed by the collector), before
+    the next engine budgets its KV cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def profiled(kind: str | None) -> Iterator[None]:
+    """--profile host: cProfile of the block (the engine loop); --profile gpu: torch.profiler's kernel table."""
+    if kind == "host":
+        prof = cProfile.Profile()
+        prof.enable()
+        yield
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    elif kind == "gpu":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            yield
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+    else:
+        yield

@@ -3,10 +3,6 @@ the prefix-cache workloads (shared system prompt, multi-turn chat) with the cach
 from __future__ import annotations
 
 import argparse
-import contextlib
-import cProfile
-import gc
-import pstats
 import random
 import time
 from dataclasses import replace
@@ -15,19 +11,14 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import copy_bandwidth, gpu_name, model_dir, table, watch_compiles
+from slipstream.bench.common import (copy_bandwidth, gpu_name, model_dir, profiled, release_gpu_memory, table,
+                                     watch_compiles)
 from slipstream.layers.moe import MoE
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 
 def _llm(model: str, **kw: Any) -> LLM:
     return LLM(model_dir(model), load_format="dummy", dtype="bfloat16", **kw)
-
-
-def _release() -> None:
-    """Return GPU memory of engines the caller has dropped (graphs and pools are freed by the collector)."""
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def _timed(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[float, list]:
@@ -38,23 +29,6 @@ def _timed(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[Sam
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     return elapsed, outs
-
-
-@contextlib.contextmanager
-def _profiled(kind: str | None):
-    """--profile host: cProfile of the engine loop; --profile gpu: torch.profiler's kernel table."""
-    if kind == "host":
-        prof = cProfile.Profile()
-        prof.enable()
-        yield
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    elif kind == "gpu":
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            yield
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
-    else:
-        yield
 
 
 def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> float:
@@ -73,7 +47,7 @@ def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> f
     torch.cuda.synchronize()
     rate = batch * output_len / (time.perf_counter() - start)
     del hf
-    _release()
+    release_gpu_memory()
     return rate
 
 
@@ -109,7 +83,7 @@ def latency(a: argparse.Namespace) -> dict:
     ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
     totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
     if a.profile:
-        with _profiled(a.profile):
+        with profiled(a.profile):
             _timed(llm, prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
     decode_rate = a.batch_size * (a.output_len - 1) / (total - ttft)
@@ -129,7 +103,7 @@ def latency(a: argparse.Namespace) -> dict:
         rows.append(["HF transformers (eager)", f"{peer:.1f}", f"{100 * peer / roofline:.1f}", "-"])
     print(table(rows))
     del llm
-    _release()
+    release_gpu_memory()
     return res
 
 
@@ -153,7 +127,7 @@ def throughput(a: argparse.Namespace) -> dict:
     llm.engine.warm_up()
     runner, eng = llm.engine.runner, llm.engine
     wait0, steps0 = runner.gpu_wait_s, eng.stats.steps
-    with _profiled(a.profile):
+    with profiled(a.profile):
         elapsed, outs = _timed(llm, prompts, params)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
@@ -164,7 +138,7 @@ def throughput(a: argparse.Namespace) -> dict:
     print(table([["engine", "output tok/s", "total tok/s", "steps", "CPU share of step time"],
                  ["slipstream", f"{res['output_tok_s']:.0f}", f"{res['total_tok_s']:.0f}", res["steps"], f"{100 * cpu_share:.1f}%"]]))
     del llm
-    _release()
+    release_gpu_memory()
     return res
 
 
@@ -200,7 +174,7 @@ def prefix(a: argparse.Namespace) -> dict:
         rows.append([f"multi-turn chat ({a.conversations}x{a.turns})", "on" if on else "off", f"{chat_time:.2f}",
                      f"{total / chat_time:.1f}", f"{1e3 * sum(ttfts) / total:.1f}", f"{hit:.2f}"])
         del llm
-        _release()
+        release_gpu_memory()
     res["shared_speedup"] = res["shared_on"]["req_s"] / res["shared_off"]["req_s"]
     res["chat_speedup"] = res["chat_on"]["req_s"] / res["chat_off"]["req_s"]
     print(table(rows))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import time
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 from slipstream import LLM, SamplingParams
-from slipstream.bench.common import BUNDLED, model_dir, table, watch_compiles
+from slipstream.bench.common import BUNDLED, model_dir, profiled, release_gpu_memory, table, watch_compiles
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 
 COPY = "Copy the following text exactly, but write '{new}' in place of '{old}'.\n\nText:\n{text}\n\nCopy:"
@@ -77,11 +76,11 @@ class ScriptedProposer:
         self._of.pop(seq_id, None)
 
 
-def _timed(llm: LLM, prompts: list, params: SamplingParams) -> tuple[float, list[list[int]]]:
+def _timed(llm: LLM, prompts: list, params: SamplingParams, profile: str | None = None) -> tuple[float, list[list[int]]]:
     cuda = llm.engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    with watch_compiles(f"{len(prompts)} timed requests") if cuda else contextlib.nullcontext():
+    with watch_compiles(f"{len(prompts)} timed requests") if cuda else contextlib.nullcontext(), profiled(profile):
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         if cuda:
@@ -116,9 +115,9 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     _timed(plain, texts[: max(a.batch_sizes)], params)  # warm-up: the timed runs compile nothing
     base = {}
     for b in a.batch_sizes:
-        base[b] = _timed(plain, texts[:b], params)
+        base[b] = _timed(plain, texts[:b], params, a.profile)
     del plain
-    _release()
+    release_gpu_memory()
     results = []
     scripted = [m for m in a.method if m in ("oracle", "wrong")]
     for k in a.num_speculative_tokens:  # each k (and each proposer) an engine of its own, against the plain run above
@@ -127,18 +126,11 @@ def speculative(a: argparse.Namespace) -> list[dict]:
                 spec = _speculative_llm(a, method, k, engine)
                 results += _measure(a, spec, method, k, texts, params, base, {b: base[b][1] for b in a.batch_sizes})[0]
                 del spec
-                _release()
+                release_gpu_memory()
         if scripted:
             results += _scripted(a, scripted, k, engine, texts, params, base)
-            _release()
+            release_gpu_memory()
     return results
-
-
-def _release() -> None:
-    """Free a dropped engine's GPU memory before the next one budgets its KV cache."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _speculative_llm(a: argparse.Namespace, method: str, k: int, engine: dict) -> LLM:
@@ -171,7 +163,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
     for b in a.batch_sizes:
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
-        elapsed, got = _timed(spec, texts[:b], params)
+        elapsed, got = _timed(spec, texts[:b], params, a.profile)
         written[b] = got
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
@@ -239,5 +231,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATION_METHODS)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--profile", choices=["host", "gpu"], default=None,
+                   help="a profile of each timed run, plain and speculative: cProfile (host) or torch's kernel table")
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=speculative)

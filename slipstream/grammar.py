@@ -150,6 +150,11 @@ class Bitmask:
     grammar_vocab: int
     vocab_size: int
 
+    def __reduce__(self) -> tuple:
+        # Sent to the other tensor-parallel ranks: the rows alone (pickling a view of the staging buffer would send
+        # the whole buffer, 5 MB for 256 rows of a 151,936-token vocabulary, every constrained step).
+        return Bitmask, (self.words.clone(), self.held, self.grammar_vocab, self.vocab_size)
+
     def widen(self, device: torch.device, held: torch.Tensor | None = None) -> torch.Tensor:
         """The mask over the model's vocabulary, on `device`: [rows, ceil(vocab_size / 32)]. `held`: `self.held`
         already on the device (a step stages it with its other small inputs; a tensor made here from the list

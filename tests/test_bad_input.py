@@ -160,4 +160,4 @@ def test_gpu_warm_up_steps_finish_and_hit_the_cache(fresh):
     core._warm_up_on_gpu(2 * bs + 3, StructuredOutputs(choice=(core._plain_word(),)))
     assert not core.requests
     assert core.prefix_cache.stats.hit_tokens - before >= 2 * 2 * bs
-    core.prefix_cache.clear()
+    core._forget_warm_up()

@@ -8,6 +8,7 @@ import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from enum import Enum
 from typing import Optional
 
@@ -128,6 +129,14 @@ def test_masks_refuse_a_models_padding_rows(llm):
     rows = [SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)] * 4
     sb = SamplingTensors(cpu, n + 75, [stop], 4).build(rows, [0] * 4, None, ints, mask)
     assert torch.equal(sb.allowed, got)
+    # sent to other tensor-parallel ranks: the rows only, not the staging buffer they may be a view of
+    import pickle
+
+    staged = torch.full((256, mask.words.shape[1]), 7, dtype=torch.int32)
+    staged[:4] = mask.words
+    sent = pickle.dumps(replace(mask, words=staged[:4]))
+    assert len(sent) < 2 * mask.words.numel() * 4 + 1000
+    assert torch.equal(pickle.loads(sent).widen(cpu), got)
 
 
 def test_regex_and_choice_hold_on_every_sample(llm):

@@ -76,11 +76,15 @@ class ScriptedProposer:
         self._of.pop(seq_id, None)
 
 
-def _timed(llm: LLM, prompts: list, params: SamplingParams, profile: str | None = None) -> tuple[float, list[list[int]]]:
+def _timed(llm: LLM, prompts: list, params: SamplingParams, profile: str | None = None,
+           warm_up: bool = False) -> tuple[float, list[list[int]]]:
+    """(seconds, each prompt's tokens with its output). A timed run reports the kernels it compiled (a warm-up is
+    there to compile them)."""
     cuda = llm.engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    with watch_compiles(f"{len(prompts)} timed requests") if cuda else contextlib.nullcontext(), profiled(profile):
+    watched = watch_compiles(f"{len(prompts)} timed requests") if cuda and not warm_up else contextlib.nullcontext()
+    with watched, profiled(profile):
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         if cuda:
@@ -112,7 +116,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     else:  # (a bundled shape's word-level tokenizer)
         texts = [plain.tokenizer.encode(p) for p in prompts]
-    _timed(plain, texts[: max(a.batch_sizes)], params)  # warm-up: the timed runs compile nothing
+    _timed(plain, texts[: max(a.batch_sizes)], params, warm_up=True)  # the timed runs compile nothing
     base = {}
     for b in a.batch_sizes:
         base[b] = _timed(plain, texts[:b], params, a.profile)
@@ -146,21 +150,29 @@ def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, t
     computes one, and in 16-bit the different sums flip near-ties (on random weights, within a few tokens), after
     which plain decoding's answer is no longer the model's next token and an oracle drafting it would be wrong."""
     spec = _speculative_llm(a, "wrong", k, engine)
-    plain_answers = [t for b in a.batch_sizes for t in base[b][1]]
-    spec.engine.core.proposer = ScriptedProposer(k, plain_answers, wrong=True)
-    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, {b: base[b][1] for b in a.batch_sizes})
-    spec.engine.core.proposer = ScriptedProposer(k, [t for b in a.batch_sizes for t in written[b]], wrong=False)
-    oracle = _measure(a, spec, "oracle", k, texts, params, base, written)[0] if "oracle" in methods else []
+    plain = {b: base[b][1] for b in a.batch_sizes}
+    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, script=(plain, True))
+    # each batch size replays its own run: a step of another batch size sums other shapes, another near-tie flips
+    oracle = _measure(a, spec, "oracle", k, texts, params, base, written, script=(written, False))[0] if "oracle" in methods else []
     return (wrong if "wrong" in methods else []) + oracle
 
 
 def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,
-             want: dict[int, list[list[int]]]) -> tuple[list[dict], dict[int, list[list[int]]]]:
-    """Each batch size's run on a speculative engine, its tokens compared with `want`'s: (results, tokens written)."""
+             want: dict[int, list[list[int]]], script: tuple[dict, bool] | None = None,
+             ) -> tuple[list[dict], dict[int, list[list[int]]]]:
+    """Each batch size's run on a speculative engine, its tokens compared with `want`'s: (results, tokens written).
+    `script`: (answers by batch size, wrong): drafts from those answers (ScriptedProposer) instead of the engine's."""
     core = spec.engine.core
-    _timed(spec, texts[: max(a.batch_sizes)], params)  # warm-up
+
+    def scripted(b: int) -> None:
+        if script is not None:
+            core.proposer = ScriptedProposer(k, script[0][b], script[1])
+
+    scripted(max(a.batch_sizes))
+    _timed(spec, texts[: max(a.batch_sizes)], params, warm_up=True)
     results, rows, written = [], [], {}
     for b in a.batch_sizes:
+        scripted(b)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
         elapsed, got = _timed(spec, texts[:b], params, a.profile)

@@ -318,6 +318,10 @@ class EngineCore:
                 self.step()
         if self.runner.device.type == "cuda":  # only a GPU compiles kernels: on a CPU this would only cost time
             self._warm_up_on_gpu(len(prompt), word)
+        self._forget_warm_up()
+
+    def _forget_warm_up(self) -> None:
+        """Drop what warm-up steps left: their cached pages and every figure they moved."""
         cache = self.prefix_cache
         if cache is not None:
             cache.clear()
@@ -350,7 +354,9 @@ class EngineCore:
             self.step()
         bs = self.config.cache.block_size
         head = [(11 * j + 7) % vocab for j in range(2 * bs)]
-        if self.prefix_cache is not None and 2 * bs + 72 <= self.max_model_len:
+        longest_hit = 3 * bs + 9  # the head, the long tail and the drawn token
+        if (self.prefix_cache is not None and longest_hit <= self.max_model_len
+                and -(-longest_hit // bs) < self.block_manager.num_blocks):
             for tail in (0, 5, bs + 7):  # the first caches the head; the others hit it
                 self.add_request(f"__warmup_hit{tail}", head + [(13 * j + tail) % vocab for j in range(1, tail + 2)], greedy)
                 while self.has_unfinished():

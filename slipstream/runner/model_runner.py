@@ -148,9 +148,10 @@ class ModelRunner:
         log.info("weights: %.2f GB on %s in %.1f s", nbytes / 1e9, self.device, time.perf_counter() - started)
         sched = config.scheduler
         width = -(-max_model_len // bs)
-        # Room for one step: ids, positions, slots per token; per sequence its block table, query start, length and
-        # sampling ints; sampled-row indices and the rows a grammar holds (alignment padding is covered by the +64).
-        self.ints = Stager(self.device, torch.int64, 6 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
+        # Room for one step: per token its id, position and slot; per drawn row (at most one a token: a verifying
+        # step draws every one) its index, three sampling ints and whether a grammar holds it; per sequence its block
+        # table, query start and length (alignment padding is covered by the +64).
+        self.ints = Stager(self.device, torch.int64, 8 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
         kv_heads = self.shard.heads(mc.num_heads, mc.num_kv_heads)[3]
         self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device, kv_heads)

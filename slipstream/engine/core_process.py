@@ -16,7 +16,6 @@ import time
 import traceback
 
 import msgspec
-import torch
 import zmq
 
 from slipstream.engine.core import EngineCore, EngineOverloaded
@@ -173,12 +172,7 @@ def run_core_process(config, in_addr: str, out_addrs: list[str], parent_pid: int
         core = EngineCore(config, on_stuck=_exit_stuck)
         core.warm_up()
         log.debug("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
-        if core.runner.device.type == "cuda":
-            # On a GPU the core's host work is bookkeeping and structured output's bitmasks (edits of 1-5 MB a
-            # step). torch runs such edits as OpenMP regions over a thread per core, which wait for every thread:
-            # beside the front ends, the clients and xgrammar's threads on the same cores, a 1.5 MB fill took ms
-            # (py-spy, H100 host, 256 constrained streams). One thread does them at memory speed.
-            torch.set_num_threads(1)
+        core.runner.serve_host_threads()
         _report_late_compiles()
     except BaseException as e:  # noqa: BLE001 - reported to the front ends, which fail loudly
         log.critical("model load failed:\n%s", traceback.format_exc())

@@ -315,9 +315,10 @@ class EngineConfig:
             raise ValueError("speculative_method 'draft' or 'eagle3' and speculative_model go together: the draft model "
                              f"or head is named by speculative_model (got speculative_method={self.speculative_method!r}, "
                              f"speculative_model={self.speculative_model!r})")
-        if self.speculative_method != "none" and self.async_scheduling == "on":
-            raise ValueError("async_scheduling='on' cannot be combined with speculative decoding: a draft needs every "
-                             "token before it known when the step is scheduled")
+        if self.speculative_method not in ("none", "ngram") and self.async_scheduling == "on":
+            raise ValueError(f"async_scheduling='on' cannot be combined with speculative_method="
+                             f"{self.speculative_method!r}: its drafter keeps its own state step by step (n-gram "
+                             "drafting overlaps the steps it does not draft for)")
         if self.attention_backend != "auto":  # 'auto' is checked against the backend it becomes, at start
             backend_spec(self.attention_backend).check_block_size(self.cache.block_size)
 

@@ -29,11 +29,13 @@ def _params() -> list[SamplingParams]:
     ]
 
 
+TIGHT = dict(dtype="float32", device="cpu", block_size=16, num_blocks=14, max_model_len=224, max_num_batched_tokens=64)
+
+
 @pytest.fixture(scope="module")
 def tight(gguf_path):
     """A small pool so that the batch preempts, with overlap on and off."""
-    kw = dict(dtype="float32", device="cpu", block_size=16, num_blocks=14, max_model_len=224, max_num_batched_tokens=64)
-    return LLM(gguf_path, async_scheduling="off", **kw), LLM(gguf_path, async_scheduling="on", **kw)
+    return LLM(gguf_path, async_scheduling="off", **TIGHT), LLM(gguf_path, async_scheduling="on", **TIGHT)
 
 
 def test_overlap_changes_no_output(tight, monkeypatch):
@@ -60,6 +62,23 @@ def test_overlap_changes_no_output(tight, monkeypatch):
                 assert [lp.keys() for lp in x.logprobs] == [lp.keys() for lp in y.logprobs]
     for llm in tight:
         assert_no_leak(llm)
+
+
+def test_overlap_with_ngram_drafts_changes_no_output(tight, gguf_path):
+    """n-gram drafting with overlap on: steps that verify drafts are read at once, a step that will draft reads the
+    one in flight first, and the others overlap; under preemption, grammars (masks after drafts), penalties, n > 1."""
+    sync, _ = tight
+    spec = LLM(gguf_path, async_scheduling="on", speculative_method="ngram", num_speculative_tokens=3,
+               speculative_adaptive=False, **TIGHT)
+    core = spec.engine.core
+    assert core.overlap
+    ref = sync.generate(PROMPTS, _params())
+    out = spec.generate(PROMPTS, _params())
+    assert spec.engine.stats.num_preemptions >= 1 and core.stats.accepted_draft_tokens > 0
+    for a, b in zip(out, ref):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids and x.text == y.text and x.finish_reason == y.finish_reason
+    assert_no_leak(spec)
 
 
 def test_overlap_streams_and_aborts(tight):

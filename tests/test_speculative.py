@@ -38,8 +38,11 @@ def test_ngram_index_matches_brute_force():
 
 
 def test_speculation_needs_synchronous_steps():
-    with pytest.raises(ValueError, match="speculative"):
-        EngineConfig.from_options(None, speculative_method="ngram", async_scheduling="on")
+    """A drafter with state of its own (a model, a head) needs every step read before the next; n-gram lookup
+    overlaps the steps it drafts nothing for."""
+    with pytest.raises(ValueError, match="speculative_method='mtp'"):
+        EngineConfig.from_options(None, speculative_method="mtp", async_scheduling="on")
+    assert EngineConfig.from_options(None, speculative_method="ngram", async_scheduling="on").async_scheduling == "on"
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig.from_options(None, speculative_method="ngram", num_speculative_tokens=0)
 
@@ -55,20 +58,25 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def speculative(gguf_path):
+@pytest.fixture(scope="module", params=["off", "on"])
+def speculative(gguf_path, request):
+    """k fixed; with async scheduling on (as on a GPU), steps for which the n-gram lookup finds no draft overlap."""
     return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024, speculative_method="ngram",
-               num_speculative_tokens=4, speculative_adaptive=False)
+               num_speculative_tokens=4, speculative_adaptive=False, async_scheduling=request.param)
 
 
 def test_speculation_never_changes_the_output(fresh, speculative):
     """...and correct drafts save steps (greedy on a text that repeats)."""
     prompts = [LIST, "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+    core = speculative.engine.core
+    overlapped = []  # steps that left theirs in flight
+    step = core.step
+    core.step = lambda: (deltas := step(), overlapped.append(core._inflight is not None))[0]
     for name, params in PARAMS.items():
         plain_steps = fresh.engine.stats.steps
         plain = fresh.generate(prompts, params)
         plain_steps = fresh.engine.stats.steps - plain_steps
-        steps0, core = speculative.engine.stats.steps, speculative.engine.core
+        steps0 = speculative.engine.stats.steps
         spec = speculative.generate(prompts, params)
         if name == "greedy":
             assert core.stats.steps - steps0 < plain_steps
@@ -79,6 +87,8 @@ def test_speculation_never_changes_the_output(fresh, speculative):
                 if params.logprobs is not None:
                     for la, lb in zip(x.logprobs, y.logprobs):
                         assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-4 for t in la), name
+    del core.step
+    assert any(overlapped) == core.overlap  # (with overlap, the steps without drafts)
     stats = speculative.engine.core.stats
     assert stats.accepted_draft_tokens > 0 and stats.draft_tokens >= stats.accepted_draft_tokens
     assert_no_leak(speculative)
@@ -227,7 +237,8 @@ def test_draft_policy_follows_the_measured_rates():
     assert p.choose(4) == 1 or p._steps % PROBE_EVERY == 0  # the best now (unless this step probes)
 
 
-def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, async_scheduling):
     """Eight sequences verifying 8 drafts each compute 72 tokens a step instead of 8, which costs on a CPU: with a
     drafter that is always wrong the adaptive policy soon drafts little (fixed, every step would verify 8 a
     sequence); with one that is always right it keeps drafting and the answers take a fraction of the steps."""
@@ -238,7 +249,7 @@ def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path):
     kw = dict(dtype="float32", device="cpu", max_model_len=512)
     answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in LLM(gguf_path, **kw).generate(prompts, params)]
     for wrong in (True, False):
-        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, **kw)
+        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, async_scheduling=async_scheduling, **kw)
         core = llm.engine.core
         core.proposer = ScriptedProposer(8, answers, wrong)
         got = llm.generate(prompts, params)

@@ -99,7 +99,10 @@ class EngineCore:
         self._sec_per_token: float | None = None  # measured cost of a scheduled token, for the prefill budget
         # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
         # it is asked, so overlap there would only hold every output back by one step.
-        # Speculative decoding turns it off: drafts follow the last token, which must be known when a step is scheduled.
+        # Drafts follow the last token, which must be known when a step is scheduled: a step that verifies drafts is
+        # read at once, and one that will draft reads the step in flight first. Steps without drafts (the n-gram
+        # proposer found none, or the draft policy chose none) still overlap; a draft model or head keeps its own
+        # state step by step and turns overlap off.
         k = config.num_speculative_tokens
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
             NgramProposer(k) if config.speculative_method == "ngram"
@@ -107,7 +110,7 @@ class EngineCore:
             else DraftHeadProposer(head_runner, k) if head is not None
             else None)
         self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
-        self.overlap = self.proposer is None and (
+        self.overlap = (self.proposer is None or isinstance(self.proposer, NgramProposer)) and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
         self._read: list[SeqDelta] = []  # what this step() has read so far (admission refusals, the step before)
@@ -402,6 +405,8 @@ class EngineCore:
             k = self.config.num_speculative_tokens
             if self.draft_policy is not None:
                 k = self.draft_policy.choose(decoding)
+            if k and self._inflight is not None:  # drafts follow the tokens the step in flight draws
+                self._read += self._collect()
             self._propose(k)
         generated = self.stats.generation_tokens
         batch = self.scheduler.schedule(self._prefill_budget())

@@ -113,6 +113,7 @@ class EngineCore:
         self.overlap = (self.proposer is None or isinstance(self.proposer, NgramProposer)) and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
         self._inflight: _InFlight | None = None
+        self._last_read = 0.0  # when the last step was read (perf_counter)
         self._read: list[SeqDelta] = []  # what this step() has read so far (admission refusals, the step before)
         self.serving = threading.Lock()  # held by the loop that serves this core (engine/core_process.py)
         # Structured output: the grammar service starts with the first constrained request (it imports xgrammar).
@@ -408,20 +409,16 @@ class EngineCore:
             if k and self._inflight is not None:  # drafts follow the tokens the step in flight draws
                 self._read += self._collect()
             self._propose(k)
-        generated = self.stats.generation_tokens
         batch = self.scheduler.schedule(self._prefill_budget())
         self.stats.num_preemptions += batch.num_preempted
         if self.proposer is not None and any(batch.num_drafts):
             self._refine(batch)
-        launched = self._launch(batch) if batch.seqs else None  # (a grammar's masks may read the step in flight)
+        launched = self._launch(batch, k, started) if batch.seqs else None  # (a grammar's masks may read the step in flight)
         if self._inflight is not None:
             self._read += self._collect()
         self._inflight = launched
         if launched is not None and (not self.overlap or launched.sync):
             self._read += self._collect()
-        # a decode step (no prompt tokens) measured for the draft policy: drafting, verifying and reading included
-        if self.draft_policy is not None and batch.seqs and not batch.carries_prompt:
-            self.draft_policy.record(decoding, k, self.stats.generation_tokens - generated, time.perf_counter() - started)
         deltas, self._read = self._read, []
         return deltas
 
@@ -450,7 +447,7 @@ class EngineCore:
                 batch.num_new_tokens[i] -= planned - n
                 batch.num_drafts[i] = n
 
-    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+    def _launch(self, batch: ScheduledBatch, k: int, step_started: float) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
         # Drafts: the next step depends on how many are accepted. Penalties: the history uploaded with this step must
         # hold the token the step in flight draws. (Grammars need it too, but only once this step's forward is queued:
@@ -468,7 +465,7 @@ class EngineCore:
         self.stats.steps += 1
         started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
         masks = self._fill_masks if self._matchers or self._dormant else None  # a dormant one may wake as it reads
-        return _InFlight(batch, self.runner.launch(step, masks), started, sync)
+        return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started)
 
     def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
         start = seq.num_computed_tokens
@@ -497,6 +494,7 @@ class EngineCore:
         flight, self._inflight = self._inflight, None
         results = self.runner.collect(flight.launched)
         stats, batch = self.stats, flight.batch
+        generated = stats.generation_tokens
         tokens = batch.num_tokens
         self._measure(tokens, time.perf_counter() - flight.started)
         if batch.carries_prompt:
@@ -537,6 +535,14 @@ class EngineCore:
             started = time.perf_counter()
             self.proposer.observe(list(zip(batch.seqs, tables)))
             self.stats.draft_seconds += time.perf_counter() - started
+        # A decode step (no prompt tokens) measured for the draft policy: its tokens over the time since the step
+        # read before it, or since the step() that launched it began if later (drafting and scheduling count). With
+        # overlap a step launched in one step() is read in the next: that interval is what a step costs then.
+        now = time.perf_counter()
+        if self.draft_policy is not None and batch.seqs and not batch.carries_prompt:
+            self.draft_policy.record(len(batch.seqs), flight.k, stats.generation_tokens - generated,
+                                     now - max(self._last_read, flight.step_started))
+        self._last_read = now
         return deltas
 
     def _prefill_budget(self) -> int | None:
@@ -629,6 +635,8 @@ class _InFlight:
     launched: Launched
     started: float
     sync: bool  # read it before scheduling the next step
+    k: int  # the drafts per sequence the draft policy chose for it
+    step_started: float  # when the step() that launched it began (drafting and scheduling are its cost too)
 
 
 if TYPE_CHECKING:

@@ -4,8 +4,8 @@ Whether k drafts pay depends on how many the proposer gets right (the workload, 
 verifying them costs, which depends on the batch: a small batch leaves the GPU waiting on memory, and k extra tokens
 per sequence are almost free; a large one is compute-bound, and they cost nearly their share. Neither is modelled
 here: both are measured. For each batch size (in powers of two) and each candidate k (0, 1, 2, 4, ... up to
-num_speculative_tokens), the policy keeps a moving average of the output tokens per second that decode steps run
-with that k achieved, drafting and verifying included. A step takes the best k measured for its batch size, after
+num_speculative_tokens), the policy keeps moving averages of the output tokens and the seconds of the decode steps
+run with that k, drafting and verifying included: their ratio is the rate. A step takes the best k measured for its batch size, after
 measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
 drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
 to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
@@ -21,6 +21,7 @@ class DraftPolicy:
     def __init__(self, max_k: int) -> None:
         self.candidates = sorted({0, max_k} | {1 << i for i in range(max_k.bit_length()) if 1 << i < max_k})
         self.rate: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> output tokens/s of decode steps
+        self._sums: dict[tuple[int, int], tuple[float, float]] = {}  # moving averages of (tokens, seconds) a step
         self._steps = 0
 
     @staticmethod
@@ -55,9 +56,14 @@ class DraftPolicy:
         return max((k for bb, k in self.rate if bb == nearest), key=lambda k: self.rate[(nearest, k)])
 
     def record(self, batch: int, k: int, tokens: int, seconds: float) -> None:
-        """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`."""
+        """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`.
+        Tokens and seconds are averaged apart, their ratio is the rate: with overlap, how a step's time splits
+        between it and the next can vary (one read late, the next at once), and a mean of per-step rates would take
+        the short one's rate for the truth."""
         if seconds <= 0 or k not in self.candidates:
             return
-        key, rate = (self.bucket(batch), k), tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = rate if old is None else (1 - _WEIGHT) * old + _WEIGHT * rate
+        key = (self.bucket(batch), k)
+        t, s = self._sums.get(key, (tokens, seconds))
+        t, s = (1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds
+        self._sums[key] = (t, s)
+        self.rate[key] = t / s

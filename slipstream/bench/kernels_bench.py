@@ -12,6 +12,7 @@ from importlib import resources
 import torch
 import triton
 
+from slipstream.attention.backend import quantize_kv
 from slipstream.bench.common import copy_bandwidth, gpu_name, graph_us, matmul_rate, table
 from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
@@ -67,7 +68,8 @@ def run(a: argparse.Namespace) -> dict:
                      f"{100 * r['ours_tflops'] * 1e12 / mm:.0f}"])
         del k, v, q, qs, ks, vs
     print(table(rows))
-    rows = [["decode", "slipstream GB/s", "% of copy bandwidth", "us"]]
+    # the same decode on an FP8 pool (--kv-cache-dtype fp8): E4M3 rows and a float32 scale per token and head
+    rows = [["decode", "slipstream GB/s", "% of copy bandwidth", "us", "FP8 KV % of copy bandwidth", "FP8 KV us"]]
     for batch in a.decode_batches:
         for ctx in a.decode_lens:
             k, v, tables = _paged(ctx, batch, dtype)
@@ -76,10 +78,17 @@ def run(a: argparse.Namespace) -> dict:
             part = decode_partition(batch, HK, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
             ms = _ms(lambda: paged_decode(q, k, v, tables, seq_lens, ctx, part, D**-0.5))
             nbytes = 2 * batch * ctx * HK * D * k.element_size() + 2 * q.numel() * q.element_size()
-            r = dict(batch=batch, ctx=ctx, us=ms * 1e3, GBps=nbytes / ms / 1e6, pct_copy_bw=100 * nbytes / ms / 1e-3 / bw)
-            res["decode"].append(r)
-            rows.append([f"B={batch} x {ctx // 1024}K", f"{r['GBps']:.0f}", f"{r['pct_copy_bw']:.0f}", f"{r['us']:.1f}"])
+            (k8, ks), (v8, vs) = (quantize_kv(c.flatten(0, 1)) for c in (k, v))
             del k, v
+            k8, v8, scales = k8.view(-1, PAGE, HK, D), v8.view(-1, PAGE, HK, D), (ks.view(-1, PAGE, HK), vs.view(-1, PAGE, HK))
+            ms8 = _ms(lambda: paged_decode(q, k8, v8, tables, seq_lens, ctx, part, D**-0.5, kv_scales=scales))
+            nbytes8 = 2 * batch * ctx * HK * (D + 4) + 2 * q.numel() * q.element_size()
+            r = dict(batch=batch, ctx=ctx, us=ms * 1e3, GBps=nbytes / ms / 1e6, pct_copy_bw=100 * nbytes / ms / 1e-3 / bw,
+                     fp8_us=ms8 * 1e3, fp8_pct_copy_bw=100 * nbytes8 / ms8 / 1e-3 / bw)
+            res["decode"].append(r)
+            rows.append([f"B={batch} x {ctx // 1024}K", f"{r['GBps']:.0f}", f"{r['pct_copy_bw']:.0f}", f"{r['us']:.1f}",
+                         f"{r['fp8_pct_copy_bw']:.0f}", f"{r['fp8_us']:.1f}"])
+            del k8, v8, scales
     print(table(rows))
     if a.gemv:
         res["gemv"] = _gemv_bench(bw, dtype)

@@ -8,7 +8,8 @@
 # PROFILE=1: after its sweeps, one more run (at PROFILE_RATE, default inf; with vLLM's client, or ours where CLIENTS
 # leaves vLLM's out) with py-spy sampling both slipstream processes (API front end and engine core) into
 # OUT_DIR/pyspy-slipstream.txt (collapsed stacks, one line per stack).
-# SERVE_FLAGS: extra flags for `slipstream serve`. CLIENTS="vllm ours" (default): which clients drive each server.
+# SERVE_FLAGS: extra flags for `slipstream serve`. CLIENTS="vllm ours" (default): which clients drive each server;
+# CLIENTS=none: each server's start-up alone (launch to healthy, and what its log says of the phases).
 set -uo pipefail
 model=$1 data=$2 out=$3; shift 3
 rates=${*:-10 20 40 80 inf}

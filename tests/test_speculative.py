@@ -204,7 +204,7 @@ def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
               "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,2", "--output-len", "24", "--ignore-eos", "--device", "cpu",
               "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
-    assert [(r["method"], r["batch_size"]) for r in results] == [("wrong", 1), ("wrong", 2), ("oracle", 1), ("oracle", 2)]
+    assert [(r["method"], r["batch_size"]) for r in results] == [("oracle", 1), ("oracle", 2), ("wrong", 1), ("wrong", 2)]
     for r in results:
         acceptance, length = (1.0, 4.0) if r["method"] == "oracle" else (0.0, 1.0)
         assert r["identical"] == f"{r['batch_size']}/{r['batch_size']}" and r["output_tokens"] == 24 * r["batch_size"]

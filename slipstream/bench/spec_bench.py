@@ -154,7 +154,7 @@ def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, t
     wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, script=(plain, True))
     # each batch size replays its own run: a step of another batch size sums other shapes, another near-tie flips
     oracle = _measure(a, spec, "oracle", k, texts, params, base, written, script=(written, False))[0] if "oracle" in methods else []
-    return (wrong if "wrong" in methods else []) + oracle
+    return [r for m in methods for r in {"wrong": wrong, "oracle": oracle}[m]]  # in the order asked
 
 
 def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,

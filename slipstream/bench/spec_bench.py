@@ -123,16 +123,17 @@ def speculative(a: argparse.Namespace) -> list[dict]:
     del plain
     release_gpu_memory()
     results = []
+    plain_out = {b: base[b][1] for b in a.batch_sizes}  # each batch size's prompts with their outputs
     scripted = [m for m in a.method if m in ("oracle", "wrong")]
     for k in a.num_speculative_tokens:  # each k (and each proposer) an engine of its own, against the plain run above
         for method in a.method:
             if method not in scripted:
                 spec = _speculative_llm(a, method, k, engine)
-                results += _measure(a, spec, method, k, texts, params, base, {b: base[b][1] for b in a.batch_sizes})[0]
+                results += _measure(a, spec, method, k, texts, params, base, plain_out)[0]
                 del spec
                 release_gpu_memory()
         if scripted:
-            results += _scripted(a, scripted, k, engine, texts, params, base)
+            results += _scripted(a, scripted, k, engine, texts, params, base, plain_out)
             release_gpu_memory()
     return results
 
@@ -144,13 +145,12 @@ def _speculative_llm(a: argparse.Namespace, method: str, k: int, engine: dict) -
 
 
 def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, texts: list, params: SamplingParams,
-              base: dict) -> list[dict]:
+              base: dict, plain: dict[int, list[list[int]]]) -> list[dict]:
     """The verification alone, on one engine: drafts always wrong, then drafts always right. The right drafts are
     the tokens the wrong run wrote, not plain decoding's: a verifying step computes k + 1 rows where plain decoding
     computes one, and in 16-bit the different sums flip near-ties (on random weights, within a few tokens), after
     which plain decoding's answer is no longer the model's next token and an oracle drafting it would be wrong."""
     spec = _speculative_llm(a, "wrong", k, engine)
-    plain = {b: base[b][1] for b in a.batch_sizes}
     wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, script=(plain, True))
     # each batch size replays its own run: a step of another batch size sums other shapes, another near-tie flips
     oracle = _measure(a, spec, "oracle", k, texts, params, base, written, script=(written, False))[0] if "oracle" in methods else []

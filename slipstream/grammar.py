@@ -155,14 +155,19 @@ class Bitmask:
         # the whole buffer, 5 MB for 256 rows of a 151,936-token vocabulary, every constrained step).
         return Bitmask, (self.words.clone(), self.held, self.grammar_vocab, self.vocab_size)
 
+    @property
+    def padded(self) -> bool:
+        """The model's vocabulary runs past the grammar's: `widen` refuses those ids in the held rows."""
+        return self.vocab_size > self.grammar_vocab
+
     def widen(self, device: torch.device, held: torch.Tensor | None = None) -> torch.Tensor:
         """The mask over the model's vocabulary, on `device`: [rows, ceil(vocab_size / 32)]. `held`: `self.held`
         already on the device (a step stages it with its other small inputs; a tensor made here from the list
         would be a synchronous copy)."""
         words = self.words.to(device, non_blocking=True)
-        total, gw = (self.vocab_size + 31) // 32, words.shape[1]
-        if total == gw and self.grammar_vocab == self.vocab_size:
+        if not self.padded:
             return words
+        total, gw = (self.vocab_size + 31) // 32, words.shape[1]
         out = torch.empty((words.shape[0], total), dtype=torch.int32, device=device)
         out[:, :gw] = words
         out[:, gw:] = -1

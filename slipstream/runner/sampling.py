@@ -73,7 +73,7 @@ class SamplingTensors:
         floats.reset()
         f = floats.put([p.temperature for p in ps] + [p.top_p for p in ps] + [p.min_p for p in ps])
         i = ints.put([p.top_k if p.top_k > 0 else vocab for p in ps] + [r.seed for r in rows] + positions)
-        held = ints.put(allowed.held) if allowed is not None and allowed.held else None
+        held = ints.put(allowed.held) if allowed is not None and allowed.padded and allowed.held else None
         floats.upload()
         ints.upload()
         fv, iv = f().view(3, n), i().view(3, n)

@@ -14,6 +14,9 @@ from slipstream.layers.norm import RMSNorm
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# The two forms of the fused layer: the grouped GEMMs (given the interpreter's tiles) and the grouped GEMV of steps of
+# a few tokens
+PATHS = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), "gemv": dict(GEMV=True)}
 
 
 def test_align_by_expert_lays_pairs_out_by_expert():
@@ -45,12 +48,16 @@ def _weights(e, h, inter, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["random", "one_expert", "single_token", "many_tokens", "other_ranks_experts"])
-def test_fused_moe_matches_loop(dtype, case):
+@pytest.mark.parametrize("path, case", [(p, c) for p in PATHS for c in ("random", "one_expert", "single_token",
+                                                                        "few_tokens", "many_tokens", "other_ranks_experts")
+                                        if p == "gemm" or c not in ("random", "many_tokens")])
+def test_fused_moe_matches_loop(dtype, path, case):
     from slipstream.kernels.moe import fused_moe
 
     e, h, inter, k = 8, 96, 80, 2
-    t = {"random": 13, "one_expert": 9, "single_token": 1, "many_tokens": 70, "other_ranks_experts": 21}[case]
+    t = {"random": 13, "one_expert": 9, "single_token": 1, "few_tokens": 3, "many_tokens": 70, "other_ranks_experts": 21}[case]
+    if path == "gemv":  # the steps it serves (and the interpreter is slow at it)
+        t = min(t, 3)
     w13, w2 = _weights(e, h, inter, dtype, t)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, h, generator=g).to(dtype)
@@ -64,7 +71,8 @@ def test_fused_moe_matches_loop(dtype, case):
         ids = torch.where(ids < 4, ids, -1)
         assert (ids < 0).any() and (ids >= 0).any()
     ref = experts_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
-    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), skipped_pairs=skipped)
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), skipped_pairs=skipped,
+                    tiles=PATHS[path])
     assert out.shape == (t, h) and out.dtype == dtype
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
@@ -72,8 +80,8 @@ def test_fused_moe_matches_loop(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [None, (32, 32), (64, 128)])
-@pytest.mark.parametrize("t", [1, 21])
-def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
+@pytest.mark.parametrize("path, t", [("gemm", 1), ("gemm", 21), ("gemv", 2)])
+def test_fused_moe_fp8_experts_match_loop(dtype, block, path, t):
     """FP8 experts (W8A16), scales per row or per block, against the loop over the dequantized weights in float64."""
     from slipstream.kernels.moe import Fp8Experts, fused_moe
     from slipstream.layers.quantization.fp8 import dequantize, quantize_weight_blocks, quantize_weight_per_channel
@@ -89,7 +97,7 @@ def test_fused_moe_fp8_experts_match_loop(dtype, block, t):
     deq = lambda q, s: torch.stack([dequantize(q[i], s[i], block, torch.float64) for i in range(e)])  # noqa: E731
     ref = experts_ref(x.double(), deq(q13, s13), deq(q2, s2), weights.double(), ids)
     out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV),
-                    quant=Fp8Experts(s13.to(DEV), s2.to(DEV), block))
+                    quant=Fp8Experts(s13.to(DEV), s2.to(DEV), block), tiles=PATHS[path])
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
 
@@ -102,6 +110,53 @@ def test_route_ties_pick_distinct_experts():
     w, _ = route(logits, MoEConfig(8, 4, 16, renormalize=False))
     torch.testing.assert_close(w, torch.full((3, 4), 1 / 8))
 
+
+
+ROUTINGS = {  # (experts, k, config options, logits' dtype)
+    "softmax": (8, 2, {}, torch.float32),
+    "softmax_16bit_logits": (128, 8, {}, torch.float16),
+    "softmax_raw_odd_experts": (60, 4, dict(renormalize=False), torch.float32),  # Qwen2-MoE: 60 experts, raw weights
+    "sigmoid_bias_groups": (32, 4, dict(scoring="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5,
+                                        correction_bias=True), torch.float32),  # DeepSeek-V3 / GLM-4.5
+    "sigmoid_groups_no_bias": (16, 3, dict(scoring="sigmoid", num_groups=4, topk_groups=3, renormalize=False), torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTINGS))
+def test_routing_kernel_matches_reference(case):
+    """kernels.moe_route (one kernel) against `route` (torch): the same experts in the same order, the same weights;
+    where 16-bit logits tie, either of the tied experts."""
+    from slipstream import kernels
+
+    e, k, options, dtype = ROUTINGS[case]
+    cfg = MoEConfig(e, k, 16, **options)
+    g = torch.Generator().manual_seed(e + k)
+    logits = (torch.randn(37, e, generator=g) * 2).to(dtype)
+    bias = torch.randn(e, generator=g) * 0.1 if cfg.correction_bias else None
+    want_w, want_ids = route(logits, cfg, bias)
+    w, ids = kernels.moe_route(logits.to(DEV), k, sigmoid=cfg.scoring == "sigmoid", bias=None if bias is None else bias.to(DEV),
+                               num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, renormalize=cfg.renormalize,
+                               scale=cfg.routed_scaling_factor)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    ids = ids.cpu().long()
+    assert all(len(set(row)) == k for row in ids.tolist())
+    other = ids != want_ids
+    assert other.float().mean() < 0.05 and torch.equal(logits.gather(1, ids)[other], logits.gather(1, want_ids)[other])
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_kernel_ties_and_limits():
+    """Tied scores: k distinct experts, the lowest ids, equal weights; a grouping the kernel cannot lay out is refused
+    (the layer then routes with torch)."""
+    from slipstream import kernels
+    from slipstream.kernels.moe import routable
+
+    w, ids = kernels.moe_route(torch.zeros(3, 8, device=DEV), 4)
+    assert ids.tolist() == [[0, 1, 2, 3]] * 3
+    torch.testing.assert_close(w.cpu(), torch.full((3, 4), 0.25))
+    assert routable(256, 8) and routable(60, 1) and not routable(60, 4) and not routable(96, 3)
+    with pytest.raises(ValueError, match="powers of two"):
+        kernels.moe_route(torch.zeros(2, 60, device=DEV), 2, num_groups=4)
 
 def test_deepseek_routing_and_shared_expert_match_hf():
     """Sigmoid scores, grouped top-k, the correction bias for selection only, routed_scaling_factor and a shared
@@ -210,8 +265,8 @@ def _expert_form(form, e, rows, cols, group, g):
 @pytest.mark.parametrize("forms, groups", [(("int4", "int4"), (32, 64)), (("int4", "int4"), (128, 16)),
                                            (("fp4", "fp4"), (16, 32)), (("int4", "int8"), (32, 16)),
                                            (("int8+offsets", "int8"), (16, 32))])
-@pytest.mark.parametrize("t", [1, 21])
-def test_fused_moe_4bit_experts_match_loop(dtype, forms, groups, t):
+@pytest.mark.parametrize("path, t", [("gemm", 1), ("gemm", 21), ("gemv", 2)])
+def test_fused_moe_4bit_experts_match_loop(dtype, forms, groups, path, t):
     """4-bit experts (W4A16): integer codes with a scale and an offset per group, or FP4 E2M1 codes with a scale, and
     a GGUF's bytes (with or without offsets), each projection in its own form with its own group size, against the
     loop over the dequantized weights in float64."""
@@ -229,7 +284,7 @@ def test_fused_moe_4bit_experts_match_loop(dtype, forms, groups, t):
     ref = experts_ref(x.double(), torch.stack([a for a, _ in deq]), torch.stack([b for _, b in deq]), weights.double(), ids)
     dev = lambda v: None if v is None else v.to(DEV)  # noqa: E731
     out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV),
-                    quant=Int4Experts(dev(s13), dev(o13), groups[0], dev(s2), dev(o2), groups[1]))
+                    quant=Int4Experts(dev(s13), dev(o13), groups[0], dev(s2), dev(o2), groups[1]), tiles=PATHS[path])
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
 
@@ -254,14 +309,22 @@ def test_tuned_tile_tables(tmp_path, caplog):
     assert name == "E=128,N=768,H=2048,w=fp8-block128,device=NVIDIA_H200.json"
     write_table(best, str(tmp_path), name, "NVIDIA H200", "qwen3-30b-a3b")
     for tokens, want in ((1, 1), (3, 1), (40, 64), (100, 64), (3000, 4096), (100000, 4096)):
-        assert choose_tiles(tokens, tokens * 8, name, 2, 228 << 10, str(tmp_path)) == best[want][0], tokens
+        assert choose_tiles(tokens, 8, 128, name, 2, 228 << 10, str(tmp_path)) == best[want][0], tokens
     _tuned.cache_clear()
     _untuned.cache_clear()
     with caplog.at_level(logging.WARNING, logger="slipstream.kernels.moe"):
         other = tiles_file(64, 512, 1024, "bf16", "NVIDIA H200")
-        for pairs in (8, 8000):
-            assert choose_tiles(pairs, pairs, other, 2, 228 << 10, str(tmp_path)) == default_tiles(pairs, 2, 228 << 10)
+        for tokens in (16, 8000):
+            assert choose_tiles(tokens, 8, 64, other, 2, 228 << 10, str(tmp_path)) == default_tiles(tokens * 8, 2, 228 << 10)
+        # the heuristic's grouped GEMV: one token, or at most a quarter as many pairs as experts
+        assert [choose_tiles(t, 8, 128, other, 2, 228 << 10, str(tmp_path)).get("GEMV", False) for t in (1, 4, 5)] == [True, True, False]
+        assert [choose_tiles(t, 2, 8, other, 2, 228 << 10, str(tmp_path)).get("GEMV", False) for t in (1, 2)] == [True, False]
     assert sum("no tuned MoE tiles" in r.message for r in caplog.records) == 1
+    # a table may name the grouped GEMV for a token count; the nearest count's choice holds
+    write_table({1: (dict(GEMV=True), 10.0), 64: (best[64][0], 50.0)}, str(tmp_path), name, "NVIDIA H200", "qwen3-30b-a3b")
+    _tuned.cache_clear()
+    assert choose_tiles(2, 8, 128, name, 2, 228 << 10, str(tmp_path)) == dict(GEMV=True)
+    assert choose_tiles(50, 8, 128, name, 2, 228 << 10, str(tmp_path)) == best[64][0]
 
 
 @pytest.mark.parametrize("tiles", [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32)])

@@ -20,7 +20,7 @@ from slipstream.kernels.attention import decode_partition, paged_decode, paged_p
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import w4a16_gemm
 from slipstream.kernels.matvec import gemv
-from slipstream.kernels.moe import Fp8Experts, Int4Experts, fused_moe
+from slipstream.kernels.moe import Fp8Experts, Int4Experts, default_tiles, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks
 from slipstream.layers.quantization.int4 import quantize_rtn
@@ -230,7 +230,9 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
     be captured. TFLOP/s over the pairs' FLOPs; weight bytes of the experts hit per unit of time vs the copy rate
     (what bounds the small steps of decode). Then the same layer with FP8 experts in 128 x 128 blocks (as
     Qwen3-30B-A3B-FP8 ships them), W8A16: half the weight bytes; and with 4-bit experts in groups of 128 (W4A16, as
-    AWQ / GPTQ checkpoints hold them): a quarter, plus the group scales."""
+    AWQ / GPTQ checkpoints hold them): a quarter, plus the group scales. "ours" runs the form the layer would run
+    (tuned table or heuristic); the grouped GEMMs (heuristic tiles) and the grouped GEMV are timed apart too, the GEMV
+    up to 64 tokens, to show where one overtakes the other."""
     model = ModelConfig.from_hf(json.loads(resources.files("slipstream.configs").joinpath("qwen3-30b-a3b.json").read_text()))
     e, k, h, inter = model.moe.num_experts, model.moe.top_k, model.hidden_size, model.moe.intermediate_size
     w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
@@ -241,7 +243,8 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
     (p13, g13, o13), (p2, g2, o2) = ([torch.stack(x) for x in zip(*(quantize_rtn(w[i], 128) for i in range(e)))]
                                      for w in (w13, w2))
     int4 = Int4Experts(g13, o13, 128, g2, o2, 128)
-    out, rows = [], [["tokens", "ours us", "ours TFLOP/s", "ours % of matmul", "ours weights % of copy bw",
+    smem = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 96 << 10)
+    out, rows = [], [["tokens", "ours us", "gemm us", "gemv us", "ours TFLOP/s", "ours % of matmul", "ours weights % of copy bw",
                       "grouped_mm us", "grouped_mm TFLOP/s", "ours / grouped_mm", "fp8 us", "fp8 weights % of copy bw",
                       "bf16 / fp8", "int4 us", "bf16 / int4"]]
     for t in token_counts:
@@ -255,17 +258,22 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
         torch.testing.assert_close(fused_moe(x, q13, q2, weights, ids, quant=quant), ours, atol=6e-2, rtol=6e-2)
         torch.testing.assert_close(fused_moe(x, p13, p2, weights, ids, quant=int4), ours, atol=0.2, rtol=0.2)
         us = _timed(lambda: fused_moe(x, w13, w2, weights, ids))
+        gemm_us = _timed(lambda: fused_moe(x, w13, w2, weights, ids, tiles=default_tiles(t * k, 2, smem)))
+        gemv_us = float("nan")
+        if t <= 64:
+            torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, tiles=dict(GEMV=True)), ours, atol=3e-2, rtol=3e-2)
+            gemv_us = _timed(lambda: fused_moe(x, w13, w2, weights, ids, tiles=dict(GEMV=True)))
         theirs = _timed(lambda: _grouped_mm_moe(x, w13, w2, weights, ids)) if ref is not None else float("nan")
         fp8_us = _timed(lambda: fused_moe(x, q13, q2, weights, ids, quant=quant))
         int4_us = _timed(lambda: fused_moe(x, p13, p2, weights, ids, quant=int4))
         flops = 6 * t * k * h * inter
         nbytes = ids.unique().numel() * 3 * h * inter * 2
-        r = dict(tokens=t, ours_us=us, ours_tflops=flops / us / 1e6, grouped_mm_us=theirs,
+        r = dict(tokens=t, ours_us=us, gemm_us=gemm_us, gemv_us=gemv_us, ours_tflops=flops / us / 1e6, grouped_mm_us=theirs,
                  grouped_mm_tflops=flops / theirs / 1e6, pct_matmul=100 * flops / us / 1e-6 / mm,
                  weights_pct_copy_bw=100 * nbytes / us / 1e-6 / bw, fp8_us=fp8_us,
                  fp8_weights_pct_copy_bw=100 * nbytes / 2 / fp8_us / 1e-6 / bw, int4_us=int4_us)
         out.append(r)
-        rows.append([str(t), f"{us:.1f}", f"{r['ours_tflops']:.0f}", f"{r['pct_matmul']:.0f}", f"{r['weights_pct_copy_bw']:.0f}",
+        rows.append([str(t), f"{us:.1f}", f"{gemm_us:.1f}", f"{gemv_us:.1f}", f"{r['ours_tflops']:.0f}", f"{r['pct_matmul']:.0f}", f"{r['weights_pct_copy_bw']:.0f}",
                      f"{theirs:.1f}", f"{r['grouped_mm_tflops']:.0f}", f"{theirs / us:.2f}", f"{fp8_us:.1f}",
                      f"{r['fp8_weights_pct_copy_bw']:.0f}", f"{us / fp8_us:.2f}", f"{int4_us:.1f}", f"{us / int4_us:.2f}"])
     print(table(rows))

@@ -61,6 +61,12 @@ def fused_moe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     return f(*args, **kwargs)
 
 
+def moe_route(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.moe import route as f
+
+    return f(*args, **kwargs)
+
+
 def w4a16_gemm(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.int4 import w4a16_gemm as f
 

@@ -30,7 +30,7 @@ from slipstream.kernels.int4 import e2m1
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
-_CONFIGS = [
+CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [(2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3),
                          (8, 512, 8, 4), (16, 256, 4, 4), (16, 256, 8, 3), (16, 512, 8, 2), (32, 128, 4, 4),
@@ -39,14 +39,44 @@ _CONFIGS = [
 ]
 
 
+@triton.jit
+def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dtype: tl.constexpr,
+                SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows `ns` (`n_ok`: in range), columns k0 .. k0 + BLOCK_K (those below K) of a weight as float32 [BLOCK_N, BLOCK_K], its block
+    scales applied (SCALE 2), 4- and 8-bit weights dequantized and rounded to `dtype`; a scale per row (SCALE 1) is
+    the caller's, applied to the row's sum. SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block,
+    3 4-bit weights with a scale and an offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per
+    SCALE_BK columns of a row, 5 8-bit integer weights with a scale per SCALE_BK columns of a row, 6 the same with an
+    offset too."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (ks < K)[None, :]
+    if SCALE >= 3:
+        if SCALE >= 5:
+            v = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=ok, other=0).to(tl.float32)
+        else:
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
+            q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])
+            v = e2m1(q) if SCALE == 4 else q.to(tl.float32)
+        group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
+        w = v * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
+        if SCALE == 3 or SCALE == 6:
+            w += tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
+        w = w.to(dtype).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=ok, other=0.0).to(tl.float32)
+    if SCALE == 2:
+        w *= tl.load(ws_ptr + (ns // SCALE_BN)[:, None] * stride_ws + (ks // SCALE_BK)[None, :], mask=ok, other=0.0)
+    return w
+
+
 @triton.jit(do_not_specialize=["eps"])
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_w, stride_ws,
                  PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
-    # offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row, 5 8-bit
-    # integer weights with a scale per SCALE_BK columns of a row, 6 the same with an offset too
+    # SCALE: as weight_tile reads it
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -69,25 +99,8 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
             if PROLOGUE == 1:
                 sq += a * a
                 a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if SCALE >= 3:
-            ok = n_ok[:, None] & k_ok[None, :]
-            if SCALE >= 5:
-                v = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=ok, other=0).to(tl.float32)
-            else:
-                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_ptr + ns[:, None] * stride_w + kb[None, :], mask=n_ok[:, None] & (kb < K // 2)[None, :], other=0)
-                q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])
-                v = e2m1(q) if SCALE == 4 else q.to(tl.float32)
-            group = ns[:, None] * stride_ws + (ks // SCALE_BK)[None, :]
-            w = v * tl.load(ws_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            if SCALE == 3 or SCALE == 6:
-                w += tl.load(wo_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            w = tl.load(w_ptr + ns[:, None] * stride_w + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if SCALE == 2:
-            w *= tl.load(ws_ptr + (ns // SCALE_BN)[:, None] * stride_ws + (ks // SCALE_BK)[None, :],
-                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
+                        SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
         acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
     if SCALE == 1:
@@ -100,8 +113,8 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
 
 
 # Tuned once per weight shape and prologue, at the first call (the engine warms up before capturing graphs).
-_gemv = _gemv_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["N", "K", "PROLOGUE", "SCALE"])(_gemv_kernel)
-_FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
+_gemv = _gemv_kernel if INTERPRET else triton.autotune(CONFIGS, key=["N", "K", "PROLOGUE", "SCALE"])(_gemv_kernel)
+FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: str = "none",
@@ -135,6 +148,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         res_out if res_out is not None else y, n, k, eps, weight.stride(0),
         weight_scale.stride(0) if weight_scale is not None else 0,
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
-        SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, **_FIXED,
+        SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, **FIXED,
     )
     return y, res_out

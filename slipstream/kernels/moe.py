@@ -6,7 +6,11 @@ and no host sync (so a CUDA graph can hold it): `sorted_ids` lists pair indices 
 `block_expert` names the expert of each BLOCK_M rows (-1 past the used blocks). The grouped GEMM then runs one
 program per (BLOCK_M pairs, BLOCK_N outputs): it gathers its rows of A, streams only its expert's weight tile,
 and scatters the result to the pairs' rows. Experts that received no pair own no block, so a batch-1 decode
-step reads the weights of its k selected experts only.
+step reads the weights of its k selected experts only. Steps of a few tokens run `grouped_gemv` instead: the
+GEMMs' tiles there leave most SMs idle (one token: 96 programs walking K = 2,048 alone on an H200, 30% of its copy
+rate), while the dense GEMV's form streams the same bytes with every SM. Which of the two runs at a token count is
+the tuned table's choice, or a heuristic's (`gemv_pays`). The router runs as one kernel too (`route`): scores,
+bias, grouped selection, top k and renormalization, where torch took about ten launches a layer.
 
   - gate-up with SwiGLU fused: the program keeps two accumulators, over the gate rows n and the up rows I + n of
     the expert's stacked [gate | up] weight, and writes silu(gate) * up: the [pairs, 2I] intermediate never
@@ -33,12 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
+from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
+from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_tile
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
-# {"device": ..., "triton": ..., "tiles": {tokens: {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages}}}
+# {"device": ..., "triton": ..., "tiles": {tokens: {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} or {GEMV: true}}}
 TUNED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "moe")
 
 
@@ -83,6 +88,79 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     block_expert = torch.full((capacity // block_m,), -1, dtype=torch.int32, device=flat.device)
     _place_kernel[(num_experts,)](flat, starts, counts, sorted_ids, block_expert, pairs, BLOCK_M=block_m, BLOCK=1024)
     return sorted_ids, block_expert
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, stride_l, scale,
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    ok = es < E
+    logit = tl.load(logits_ptr + t.to(tl.int64) * stride_l + es, mask=ok, other=-float("inf")).to(tl.float32)
+    if SIGMOID:
+        scores = tl.sigmoid(logit)
+    else:
+        p = tl.exp(logit - tl.max(logit, 0))
+        scores = p / tl.sum(p, 0)
+    choose = scores
+    if HAS_BIAS:  # for selection only
+        choose += tl.load(bias_ptr + es, mask=ok, other=0.0).to(tl.float32)
+    choose = tl.where(ok, choose, -float("inf"))
+    if GROUPS > 1:  # only the best TOPK_GROUPS groups of BLOCK_E / GROUPS experts are eligible
+        per: tl.constexpr = BLOCK_E // GROUPS
+        g2 = tl.reshape(choose, [GROUPS, per])
+        cols = tl.arange(0, per)[None, :]
+        best = tl.max(g2, 1)
+        if HAS_BIAS:  # a group's score: the sum of its two best
+            second = tl.max(tl.where(cols == tl.argmax(g2, 1, tie_break_left=True)[:, None], -float("inf"), g2), 1)
+            best = best + second
+        gs = tl.arange(0, GROUPS)
+        keep = tl.zeros([GROUPS], dtype=tl.int32)
+        for _ in tl.static_range(TOPK_GROUPS):
+            g = tl.argmax(best, 0, tie_break_left=True)
+            keep = tl.where(gs == g, 1, keep)
+            best = tl.where(gs == g, -float("inf"), best)
+        choose = tl.reshape(tl.where(keep[:, None] != 0, g2, -float("inf")), [BLOCK_E])
+    ks = tl.arange(0, BLOCK_K)
+    picked = tl.zeros([BLOCK_K], dtype=tl.int32)
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # the best left, lowest index first among ties
+        i = tl.argmax(choose, 0, tie_break_left=True)
+        picked = tl.where(ks == j, i, picked)
+        w = tl.where(ks == j, tl.sum(tl.where(es == i, scores, 0.0), 0), w)
+        choose = tl.where(es == i, -float("inf"), choose)
+    if RENORMALIZE:
+        w = w / tl.sum(w, 0)
+    tl.store(weights_ptr + t * TOP_K + ks, w * scale, mask=ks < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + ks, picked, mask=ks < TOP_K)
+
+
+def routable(num_experts: int, num_groups: int) -> bool:
+    """Whether `route` takes this grouping: a power-of-two number of groups and of experts in each (or no groups)."""
+    per = num_experts // num_groups
+    return num_groups == 1 or not (num_groups & (num_groups - 1) or per & (per - 1))
+
+
+def route(logits: torch.Tensor, top_k: int, *, sigmoid: bool = False, bias: torch.Tensor | None = None,
+          num_groups: int = 1, topk_groups: int = 1, renormalize: bool = True,
+          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int32), as layers/moe.py's `route` (the
+    reference) computes them, in one kernel: softmax (or sigmoid) scores in float32; `bias` added for selection only;
+    with `num_groups` > 1 only the experts of the best `topk_groups` groups eligible (a group scored by its best, or
+    with a bias by its two best); the top k, best first (ties to the lowest expert id); weights renormalized to sum
+    to one, times `scale`. Grouped selection needs a power-of-two number of groups and of experts per group."""
+    logits = logits.contiguous()
+    t, e = logits.shape
+    if not routable(e, num_groups):
+        raise ValueError(f"the routing kernel groups {e} experts in {num_groups} groups: both the groups and the "
+                         "experts per group must be powers of two")
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, e, logits.stride(0), scale,
+                        SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUPS=num_groups, TOPK_GROUPS=topk_groups,
+                        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k))
+    return weights, ids
 
 
 class Fp8Experts(NamedTuple):
@@ -176,6 +254,89 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
 
 
+@triton.jit
+def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, y_ptr, N, K, num_experts, pairs_per_row, x_div,
+                     stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
+                     DOWN: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output row `row`, columns of this program: the sum over its `pairs_per_row` pairs p of rw[p] (DOWN) times
+    expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p). SCALE as
+    kernels/matvec.py's weight_tile reads it. A pair whose id is outside [0, num_experts) adds nothing."""
+    pid, row = tl.program_id(0), tl.program_id(1)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(0, pairs_per_row):
+        p = row * pairs_per_row + j
+        e = tl.load(ids_ptr + p)
+        mine = (e >= 0) & (e < num_experts)
+        ok = tl.where(mine, n_ok, False)  # another rank's expert: no weight byte is read
+        e = tl.where(mine, e, 0).to(tl.int64)
+        x_row = x_ptr + (p // x_div).to(tl.int64) * stride_x
+        w_base, s_base, o_base = w_ptr + e * stride_we, ws_ptr + e * stride_wse, wo_ptr + e * stride_wse
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            if DOWN:
+                gate = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+                a = gate * tl.sigmoid(gate) * tl.load(x_row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            else:
+                a = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w = weight_tile(w_base, s_base, o_base, ns, ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
+                            SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
+            acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        part = tl.sum(acc, 1)
+        if SCALE == 1:
+            part *= tl.load(s_base + ns, mask=ok, other=0.0)
+        if DOWN:
+            part *= tl.load(rw_ptr + p)
+        y += part
+    tl.store(y_ptr + row.to(tl.int64) * stride_y + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# Tuned once per projection shape and weight form, at the first call (the engine warms up before capturing graphs).
+_moe_gemv = (_moe_gemv_kernel if INTERPRET
+             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN"])(_moe_gemv_kernel))
+
+
+def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, quant: Fp8Experts | Int4Experts | None = None) -> torch.Tensor:
+    """fused_moe for steps of a few tokens, as two GEMVs over the selected experts' weights alone: gate-up, one
+    program per (pair, BLOCK_N rows of the expert's [gate | up]) into [pairs, 2I]; then down, one program per
+    (token, BLOCK_N outputs) that walks the token's k experts, applies silu(gate) * up as it loads the input (the
+    dense GEMV's prologue) and sums the k weighted rows in float32. Every program streams whole weight rows along K
+    (coalesced), as the dense GEMV does: at one token the GEMM's tiles left most SMs idle. Each pair reads its
+    expert's rows: an expert two tokens share is read twice (from L2 where it fits), which bounds where this pays."""
+    t, h = x.shape
+    e, two_i = w13.shape[:2]
+    k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    x = x.contiguous()
+    mid = torch.empty((t * k, two_i), dtype=x.dtype, device=x.device)
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    for name, a, b, c, rows, per_row, x_div in (("w13", x, w13, mid, t * k, 1, k), ("w2", mid, w2, out, t, k, 1)):
+        down = name == "w2"
+        kk = a.shape[1] // 2 if down else a.shape[1]
+        s = z = x  # (unread where the weights have no such part)
+        scale, sbn, sbk = 0, 1, 1
+        if isinstance(quant, Int4Experts):
+            s, z = (quant.w2_scales, quant.w2_offsets) if down else (quant.w13_scales, quant.w13_offsets)
+            sbk = quant.w2_group if down else quant.w13_group
+            scale = (6 if z is not None else 5) if b.dtype == torch.int8 else (3 if z is not None else 4)
+            z = z if z is not None else s
+        elif quant is not None:
+            s = z = quant.w2_scale if down else quant.w13_scale
+            scale, (sbn, sbk) = (1, (1, 1)) if quant.block is None else (2, quant.block)
+        strides = (s.stride(0), s.stride(1)) if scale else (0, 0)
+        n = b.shape[1]
+        _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](
+            a, b, s, z, ids, weights, c, n, kk, e, per_row, x_div, a.stride(0), c.stride(0), b.stride(0), b.stride(1),
+            *strides, DOWN=down, SCALE=scale, SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED)
+    return out
+
+
 def tiles_file(num_experts: int, inter: int, hidden: int, weights: str, device_name: str) -> str:
     """The tile table's file name for a layer of `num_experts` experts of width `inter` on `hidden` (one rank's
     share), `weights` (weights_kind: "bf16", "fp8", "fp8-block128", "int4", ...), on a GPU by its CUDA name."""
@@ -217,14 +378,20 @@ def default_tiles(pairs: int, elem_bytes: int, shared_memory: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-def choose_tiles(tokens: int, pairs: int, name: str, elem_bytes: int, shared_memory: int,
+def gemv_pays(tokens: int, top_k: int, experts: int) -> bool:
+    """The heuristic's choice of grouped_gemv over the grouped GEMMs: one token, or so few pairs (a quarter of the
+    experts at most) that few experts are chosen twice, which the GEMV would read twice."""
+    return tokens == 1 or 4 * tokens * top_k <= experts
+
+
+def choose_tiles(tokens: int, top_k: int, experts: int, name: str, elem_bytes: int, shared_memory: int,
                  directory: str = TUNED_DIR) -> dict:
-    """The tuned tiles of the nearest token count measured for this layer (`name`: tiles_file), else the heuristic
-    (said once per layer)."""
+    """The tuned entry of the nearest token count measured for this layer (`name`: tiles_file): GEMM tiles, or
+    {"GEMV": True} where grouped_gemv won; else the heuristic (said once per layer)."""
     table = _tuned(name, directory)
     if not table:
         _untuned(name)
-        return default_tiles(pairs, elem_bytes, shared_memory)
+        return dict(GEMV=True) if gemv_pays(tokens, top_k, experts) else default_tiles(tokens * top_k, elem_bytes, shared_memory)
     return dict(table[min(table, key=lambda t: (abs(t - tokens), t))])
 
 
@@ -235,12 +402,12 @@ def _layer_table(num_experts: int, inter: int, hidden: int, weights: str, device
     return tiles_file(num_experts, inter, hidden, weights, props.name), getattr(props, "shared_memory_per_block_optin", 96 << 10)
 
 
-def _tiles(x: torch.Tensor, w13: torch.Tensor, pairs: int, weights: str) -> dict:
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+def _tiles(x: torch.Tensor, w13: torch.Tensor, top_k: int, weights: str) -> dict:
     e, two_i = w13.shape[:2]  # (4-bit experts: packed, two columns a byte)
+    if INTERPRET:
+        return dict(GEMV=True) if gemv_pays(x.shape[0], top_k, e) else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     name, shared_memory = _layer_table(e, two_i // 2, x.shape[1], weights, x.device)
-    return choose_tiles(x.shape[0], pairs, name, x.element_size(), shared_memory)
+    return choose_tiles(x.shape[0], top_k, e, name, x.element_size(), shared_memory)
 
 
 def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None, w13: torch.Tensor, w2: torch.Tensor) -> str:
@@ -259,12 +426,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
     [0, E) (another rank's experts); those pairs add nothing. `quant`: the weights are FP8 or 4-bit (w13 [E, 2I,
     H / 2] and w2 [E, H, I / 2] packed), with these scales. `tiles`: these (tuning), instead of the layer's tuned
-    ones."""
+    ones; {"GEMV": True} runs grouped_gemv."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, pairs, weights_kind(x, quant, w13, w2))
+    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, k, weights_kind(x, quant, w13, w2))
+    if tiles.get("GEMV"):
+        return grouped_gemv(x, w13, w2, topk_weights, topk_ids, quant)
     s13 = s2 = z13 = z2 = x  # (unread where the weights have no such part)
     g13 = g2 = 1
     sbn, sbk = 1, 1

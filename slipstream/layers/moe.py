@@ -39,7 +39,7 @@ from slipstream import kernels
 from slipstream.config import MoEConfig
 from slipstream.layers.linear import Linear, materialize, narrow, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
-from slipstream.kernels.moe import Fp8Experts, Int4Experts
+from slipstream.kernels.moe import Fp8Experts, Int4Experts, routable
 from slipstream.layers.quantization import LinearMethod, QuantSpec, get_linear_method
 from slipstream.layers.quantization import int4
 from slipstream.layers.quantization.fp8 import DUMMY_SCALE, FP8, Fp8, dequantize, quantize_weight_per_channel
@@ -50,7 +50,8 @@ MethodFor = Callable[[str], LinearMethod]
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64). (The reference of the routing
+    kernel, kernels.moe_route, which the fused layer runs on the GPU.)"""
     scores = torch.softmax(logits.float(), -1) if cfg.scoring == "softmax" else torch.sigmoid(logits.float())
     choose = scores if bias is None else scores + bias.float()
     if cfg.num_groups > 1:
@@ -336,8 +337,14 @@ class MoE(nn.Module):
         return self.routed(x), residual
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self, "e_score_correction_bias", None)
-        weights, ids = route(self.gate(x.float() if self.cfg.router_float32 else x), self.cfg, bias)
+        bias, cfg = getattr(self, "e_score_correction_bias", None), self.cfg
+        logits = self.gate(x.float() if cfg.router_float32 else x)
+        if self.fused and x.is_cuda and routable(cfg.num_experts, cfg.num_groups):  # one kernel, not ten torch ops
+            weights, ids = kernels.moe_route(logits, cfg.top_k, sigmoid=cfg.scoring == "sigmoid", bias=bias,
+                                             num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
+                                             renormalize=cfg.renormalize, scale=cfg.routed_scaling_factor)
+        else:
+            weights, ids = route(logits, cfg, bias)
         if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
             local = ids - self.e0
             ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)

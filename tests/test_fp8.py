@@ -231,13 +231,15 @@ def test_quantize_kernel_matches_reference(group):
 
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("block", [None, (128, 128)])
-def test_fp8_gemv_matches_reference(prologue, block):
-    """One row against FP8 weights: the fused GEMV (W8A16: the activation stays 16-bit) vs dequantized weights."""
+@pytest.mark.parametrize("rows", [1, 16])
+def test_fp8_gemv_matches_reference(prologue, block, rows):
+    """One row, or as many as the GEMV takes, against FP8 weights: the fused GEMV (W8A16: the activation stays 16-bit)
+    vs dequantized weights."""
     from slipstream.kernels.matvec import gemv
 
     g = torch.Generator().manual_seed(3)
     n, k = 200, 256
-    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
     w = torch.randn(n, k, generator=g) / k**0.5
     nw = 1 + 0.1 * torch.randn(k, generator=g)
     wq, ws = quantize_weight_blocks(w, block) if block else quantize_weight_per_channel(w)

@@ -146,14 +146,15 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
 
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("group,kind", [(32, "int4"), (128, "int4"), (16, "fp4"), (16, "int8"), (32, "int8")])
-def test_4bit_gemv_matches_reference(prologue, group, kind):
-    """One row against 4-bit weights (integer or FP4 codes) or GGUF's 8-bit ones: the fused GEMV (the norm or SwiGLU
-    before it) vs the dequantized weights."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_4bit_gemv_matches_reference(prologue, group, kind, rows):
+    """One row, or a few, against 4-bit weights (integer or FP4 codes) or GGUF's 8-bit ones: the fused GEMV (the
+    norm or SwiGLU before it) vs the dequantized weights."""
     from slipstream.kernels.matvec import gemv
 
     g = torch.Generator().manual_seed(group)
     n, k = 200, 256
-    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
     qweight, scales, offsets = packed_weights(kind, n, k, group, g, spread=k**-0.5)
     nw = 1 + 0.1 * torch.randn(k, generator=g)
     a = gemv_prologue_ref(x, k, nw, prologue)

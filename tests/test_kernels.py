@@ -318,16 +318,17 @@ def test_split_argmax_matches_torch(rows, vocab):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "rmsnorm+residual", "silu_mul"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv(dtype, prologue, bias):
-    """Batch-1 projection with its fused prologue against the unfused torch path; N and K are not multiples of the
-    tiles."""
-    from slipstream.kernels.matvec import gemv
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gemv(dtype, prologue, bias, rows):
+    """A projection of one row (batch-1 decode) or a few (a verifying step, a small batch) with its fused prologue
+    against the unfused torch path; N and K are not multiples of the tiles."""
+    from slipstream.kernels.matvec import GEMV_ROWS, gemv
 
     g = torch.Generator().manual_seed(len(prologue) + bias)
     n, k = 83, 200
-    x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, generator=g)
+    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
     w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
-    res, nw = torch.randn(1, k, generator=g), 1 + 0.1 * torch.randn(k, generator=g)
+    res, nw = torch.randn(rows, k, generator=g), 1 + 0.1 * torch.randn(k, generator=g)
     with_res = prologue == "rmsnorm+residual"
     if prologue == "silu_mul":
         a, ref_res = torch.nn.functional.silu(x[:, :k]) * x[:, k:], None
@@ -343,9 +344,33 @@ def test_gemv(dtype, prologue, bias):
     assert rel_err(y.cpu(), ref) < TOL[dtype] * 2
     if ref_res is not None:
         assert rel_err(new_res.cpu(), ref_res) < TOL[dtype]
-    with pytest.raises(ValueError, match="one row"):
-        gemv(torch.zeros(2, k, dtype=dtype, device=DEV), wd)
+    with pytest.raises(ValueError, match=f"1 to {GEMV_ROWS} rows"):
+        gemv(torch.zeros(GEMV_ROWS + 1, k, dtype=dtype, device=DEV), wd)
 
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17])
+def test_fused_projections_take_the_gemv_up_to_its_rows(rows):
+    """norm -> gate-up -> SwiGLU -> down as a fused model runs it (the GEMV up to GEMV_ROWS rows, the norm and
+    activation kernels and a matmul past them) against the same layers unfused, in float32."""
+    from slipstream import kernels
+    from slipstream.layers.linear import Linear, norm_linear, silu_mul_linear
+    from slipstream.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    h, inter = 64, 96
+    x, res = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
+    outs = []
+    for fused in (True, False):
+        norm, up, down = RMSNorm(h, fused=fused), Linear(h, [inter, inter], fused=fused), Linear(inter, h, fused=fused)
+        norm.weight.data = 1 + 0.1 * torch.randn(h, generator=torch.Generator().manual_seed(0))
+        for lin in (up, down):
+            lin.weight.data = torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(lin.in_features)) / lin.in_features**0.5
+        assert up.runs_gemv(x) == (fused and rows <= kernels.GEMV_ROWS)
+        a, new_res = norm_linear(x.to(DEV), res.to(DEV), norm.to(DEV), up.to(DEV))
+        outs.append((silu_mul_linear(a, down.to(DEV)).cpu(), new_res.cpu()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1])
 
 HOPPER_COMPILE = """
 import triton
@@ -400,11 +425,19 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
     triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
-    consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
-                  SCALE_BK=16, BLOCK_N=8, BLOCK_K=512)
-    sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
+    for rows, bn, bk in ((1, 8, 512), (16, 32, 256)):  # one row; a few, through the tensor cores
+        consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
+                      SCALE_BK=16, PRECISION="tf32", BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk)
+        sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
+        triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+# ... and the GEMV of a few rows on 16-bit and block-scaled FP8 weights, with the SwiGLU before it
+for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
+    consts = dict(PROLOGUE=2, HAS_RES=False, HAS_BIAS=True, SCALE=scale, SCALE_BN=128, SCALE_BK=128, PRECISION="tf32",
+                  BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+    sig = {n: "constexpr" if n in consts else dict(gvtypes, w_ptr=w).get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
 
 # The fused MoE grouped GEMM on FP8 experts (W8A16): scales per row and per 128 x 128 block, gate-up and down; and
 # on 4-bit experts (W4A16): integer codes with offsets, FP4 codes, and a GGUF's bytes with and without offsets.
@@ -420,6 +453,21 @@ for scales, gated, code, offset in ((1, True, 0, False), (2, True, 0, False), (2
     sig = {n: "constexpr" if n in consts else mtypes.get(n, "i32") for n in mg.arg_names}
     triton.compile(ASTSource(mg, sig, constexprs={(mg.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+
+# The MoE router kernel (DeepSeek-V3's grouped sigmoid routing with its bias) and the grouped GEMV of decode steps:
+# gate-up and down, on 16-bit, per-row FP8 and 4-bit experts.
+from slipstream.kernels.moe import _route_kernel as rk, _moe_gemv_kernel as mv
+consts = dict(SIGMOID=True, HAS_BIAS=True, GROUPS=8, TOPK_GROUPS=4, TOP_K=8, RENORMALIZE=True, BLOCK_E=256, BLOCK_K=8)
+sig = {n: "constexpr" if n in consts else dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32",
+                                              ids_ptr="*i32", scale="fp32").get(n, "i32") for n in rk.arg_names}
+triton.compile(ASTSource(rk, sig, constexprs={(rk.arg_names.index(k),): v for k, v in consts.items()}),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+for w, scale, down in (("*bf16", 0, False), ("*bf16", 0, True), ("*fp8e4nv", 1, True), ("*u8", 3, False)):
+    consts = dict(DOWN=down, SCALE=scale, SCALE_BN=1, SCALE_BK=128, BLOCK_N=8, BLOCK_K=512)
+    sig = {n: "constexpr" if n in consts else dict(x_ptr="*bf16", w_ptr=w, ws_ptr="*fp32", wo_ptr="*fp32", ids_ptr="*i32",
+                                                  rw_ptr="*fp32", y_ptr="*bf16").get(n, "i32") for n in mv.arg_names}
+    triton.compile(ASTSource(mv, sig, constexprs={(mv.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
 
 # The Gluon kernel for bf16/fp16 on Hopper: loads by TMA, products by wgmma, registers moved between the loader and
 # the two consumer warpgroups.
@@ -450,7 +498,8 @@ assert len(reported) == 3 and all(r.startswith("_prefill_sm90_kernel(") and "STA
 
 def test_prefill_compiles_for_hopper():
     """What the interpreter cannot vet: the Triton prefill paths (16-bit and FP8 pools), the FP8 decode, the 4-bit and
-    8-bit GEMM and GEMV, the fused MoE GEMM on FP8 and 4-bit experts and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
+    8-bit GEMM and GEMV (one row and a few), the fused MoE GEMM on FP8 and 4-bit experts, the MoE router and grouped
+    GEMV and the Gluon prefill compile for sm_90 with the engine's argument types, and only the TMA Triton variant issues bulk
     tensor copies. ptxas ships with Triton, so this needs no GPU; it runs
     uninterpreted, in its own process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -6,6 +6,7 @@ shape) vs torch's grouped GEMM; 4-bit weights (W4A16) vs bf16 on the 8B projecti
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from importlib import resources
 
@@ -19,6 +20,7 @@ from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import w4a16_gemm
+from slipstream.kernels._device import GEMV_ROWS
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.moe import Fp8Experts, Int4Experts, default_tiles, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
@@ -91,7 +93,7 @@ def run(a: argparse.Namespace) -> dict:
             del k8, v8, scales
     print(table(rows))
     if a.gemv:
-        res["gemv"] = _gemv_bench(bw, dtype)
+        res["gemv"] = _gemv_bench(bw, dtype, a.gemv_rows)
     if a.fp8:
         res["fp8_gemm"] = _fp8_gemm_bench(a.fp8_rows, mm)
     if a.moe_tokens:
@@ -102,16 +104,18 @@ def run(a: argparse.Namespace) -> dict:
     return res
 
 
-def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
-    """Each batch-1 decode projection with its prologue: one fused GEMV vs the prologue kernel + torch.matmul
-    (cuBLAS). Weights rotate over copies larger than L2 together, so every call streams its weight from HBM."""
-    out, rows = [], [["projection (prologue)", "fused us", "fused GB/s", "% of copy bw", "unfused us", "unfused GB/s",
-                      "FP8 fused us", "FP8 % of copy bw"]]
-    for name, n, k, pro in PROJECTIONS:
+def _gemv_bench(bw: float, dtype: torch.dtype, row_counts: list[int]) -> list[dict]:
+    """Each decode projection with its prologue, at one row (batch-1 decode) and at a few (a verifying step, a small
+    batch): one fused GEMV vs the prologue kernel + torch.matmul (cuBLAS). Weights rotate over copies larger than L2
+    together, so every call streams its weight from HBM. Where fused / unfused passes 1 is where the GEMV stops
+    paying (kernels.GEMV_ROWS)."""
+    out, rows = [], [["projection (prologue) x rows", "fused us", "fused GB/s", "% of copy bw", "unfused us",
+                      "unfused GB/s", "FP8 fused us", "FP8 % of copy bw"]]
+    for (name, n, k, pro), m in itertools.product(PROJECTIONS, row_counts):
         copies = max(2, -(-(512 << 20) // (2 * n * k)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
-        x = torch.randn(1, 2 * k if pro == "silu_mul" else k, device="cuda", dtype=dtype)
-        res, nw = torch.randn(1, k, device="cuda", dtype=dtype), torch.rand(k, device="cuda", dtype=dtype)
+        x = torch.randn(m, 2 * k if pro == "silu_mul" else k, device="cuda", dtype=dtype)
+        res, nw = torch.randn(m, k, device="cuda", dtype=dtype), torch.rand(k, device="cuda", dtype=dtype)
         kw = dict(residual=res, norm_weight=nw) if pro == "rmsnorm" else {}
         fused = graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
         if pro == "rmsnorm":
@@ -124,11 +128,11 @@ def _gemv_bench(bw: float, dtype: torch.dtype) -> list[dict]:
         # FP8 weights (per-channel scales), as a model quantized with --quantization fp8 runs them
         w8 = [(w.to(torch.float8_e4m3fn), torch.rand(n, device="cuda") / 448) for w in ws for _ in range(2)]
         fp8 = graph_us([lambda w=w, sc=sc: gemv(x, w, prologue=pro, weight_scale=sc, **kw) for w, sc in w8])
-        r = dict(name=name, n=n, k=k, prologue=pro, fused_us=fused, unfused_us=unfused, fused_GBps=nbytes / fused / 1e3,
+        r = dict(name=name, n=n, k=k, rows=m, prologue=pro, fused_us=fused, unfused_us=unfused, fused_GBps=nbytes / fused / 1e3,
                  unfused_GBps=nbytes / unfused / 1e3, pct_copy_bw=100 * nbytes / fused / 1e-6 / bw, fp8_us=fp8,
                  fp8_pct_copy_bw=100 * (n * k + 4 * n) / fp8 / 1e-6 / bw)
         out.append(r)
-        rows.append([f"{name} {n}x{k} ({pro})", f"{fused:.1f}", f"{r['fused_GBps']:.0f}", f"{r['pct_copy_bw']:.0f}",
+        rows.append([f"{name} {n}x{k} ({pro}) x{m}", f"{fused:.1f}", f"{r['fused_GBps']:.0f}", f"{r['pct_copy_bw']:.0f}",
                      f"{unfused:.1f}", f"{r['unfused_GBps']:.0f}", f"{fp8:.1f}", f"{r['fp8_pct_copy_bw']:.0f}"])
         del ws, x, w8
     print(table(rows))
@@ -174,9 +178,9 @@ def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
 
 
 def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
-    """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows: ours = the fused GEMV for
-    one row (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV for one
-    row, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
+    """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows: ours = the fused GEMV up to
+    GEMV_ROWS rows (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV up
+    to GEMV_ROWS rows, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
     do instead). Weights rotate through copies larger than L2, in CUDA graphs; where ours / bf16 falls under 1 is
     the crossover."""
     from slipstream.layers.quantization.int4 import dequantize, quantize_rtn
@@ -187,11 +191,11 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
             copies = max(2, -(-(512 << 20) // (2 * n * k)))
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
             packed = [quantize_rtn(w, 128) for w in ws]
-            width = 2 * k if pro == "silu_mul" and m == 1 else k
+            width = 2 * k if pro == "silu_mul" and m <= GEMV_ROWS else k
             x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
-            res_, nw = torch.randn(1, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda", dtype=torch.bfloat16)
+            res_, nw = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda", dtype=torch.bfloat16)
             kw = dict(residual=res_, norm_weight=nw) if pro == "rmsnorm" else {}
-            if m == 1:
+            if m <= GEMV_ROWS:
                 ours = graph_us([lambda q=q: gemv(x, q[0], prologue=pro, weight_scale=q[1], weight_offset=q[2], group=128,
                                                    **kw) for q in packed])
                 bf16 = graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])
@@ -294,7 +298,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-lens", type=int, nargs="*", default=[2048, 8192, 32768])
     p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16, 64])
     p.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the batch-1 projection table")
+    p.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the decode projection table")
+    p.add_argument("--gemv-rows", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="rows of the decode projection table (1: batch-1 decode; more: verifying steps, small batches)")
     p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the FP8 GEMM table")
     p.add_argument("--fp8-rows", type=int, nargs="*", default=[64, 512, 4096], help="M of the FP8 GEMM table")
     p.add_argument("--moe-tokens", type=int, nargs="*", default=[1, 64, 512, 4096], help="tokens of the MoE layer table")

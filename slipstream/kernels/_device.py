@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests only, no autotuning
+GEMV_ROWS = 16  # the most rows kernels/matvec.py's GEMV takes (past them, a GEMM)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -4,8 +4,9 @@ SwiGLU before down).
 A `Linear` may stack several outputs along its rows (q | k | v, gate | up: one GEMM instead of three and two);
 its parameters load per shard, each through its own `weight_loader`, so a checkpoint's separate tensors land in
 the stacked weight and a new weight format only brings a new quantization method. For one row (batch-1
-decode) on the GPU, a projection and the op before it run as one GEMV kernel (the method's `gemv`) that streams
-the weight once; otherwise the op runs, then the method's matmul.
+decode) or a few (a verifying step, a small batch: up to kernels.GEMV_ROWS) on the GPU, a projection and the op
+before it run as one GEMV kernel (the method's `gemv`) that streams the weight once; otherwise the op runs, then
+the method's matmul.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slipstream import kernels
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.quantization import LinearMethod, get_linear_method
@@ -119,9 +121,10 @@ class Linear(nn.Module):
             raise ValueError(f"expected one scale per tensor, got shape {tuple(tensor.shape)}")
         param.data[shard or 0] = tensor.reshape(())
 
-    def gemv_prologue(self, x: torch.Tensor) -> bool:
-        """May this one-row input run fused with the op before the projection?"""
-        return self.fused and self.method.supports_gemv and x.shape[0] == 1
+    def runs_gemv(self, x: torch.Tensor) -> bool:
+        """Does this input run as the fused GEMV (few enough rows; fused with the op before the projection where
+        there is one)?"""
+        return self.fused and self.method.supports_gemv and x.shape[0] <= kernels.GEMV_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
@@ -176,7 +179,7 @@ def finish_loading(model: nn.Module) -> None:
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(x + residual)), x + residual); with no residual, (proj(norm(x)), x)."""
-    if proj.gemv_prologue(x):
+    if proj.runs_gemv(x):
         return proj.method.gemv(proj, x, prologue="rmsnorm", residual=residual, norm_weight=norm.weight, eps=norm.eps)
     h, residual = norm(x, residual)
     return proj(h), residual
@@ -184,6 +187,6 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
 
 def silu_mul_linear(gate_up: torch.Tensor, proj: Linear) -> torch.Tensor:
     """proj(silu(gate) * up) for a fused [gate | up] input."""
-    if proj.gemv_prologue(gate_up):
+    if proj.runs_gemv(gate_up):
         return proj.method.gemv(proj, gate_up, prologue="silu_mul")[0]
     return proj(silu_and_mul(gate_up, proj.fused))

@@ -1,12 +1,13 @@
-"""FP8 (E4M3) weights: W8A8 for steps of many rows, W8A16 GEMV for one row.
+"""FP8 (E4M3) weights: W8A8 for steps of many rows, W8A16 GEMV for one row or a few.
 
 A weight is stored as FP8 values q and float32 scales s with W = q * s, where s is one value per output channel
 (per-tensor checkpoints are expanded to one per channel of each stacked shard) or one per block of 128 x 128
 weights (DeepSeek-V3 / Qwen3-FP8). Activations of a many-row step are quantized too, with a scale per token
 (per token and 128-column group for block weights) computed as the step runs, or one calibrated scale per layer
 from the checkpoint; the GEMM then runs on FP8 tensor cores and applies both scales in its epilogue (per block,
-inside the K loop). One row (batch-1 decode) is bandwidth-bound: the GEMV streams the FP8 weight, scales it in
-registers and multiplies the 16-bit activation as it is, so the norm or SwiGLU before it stays fused.
+inside the K loop). One row (batch-1 decode), or a few (up to kernels.GEMV_ROWS: a verifying step, a small batch),
+is bandwidth-bound: the GEMV streams the FP8 weight, scales it in registers and multiplies the 16-bit activation as it
+is, so the norm or SwiGLU before it stays fused.
 
 Off the GPU kernels (CPU, or the torch attention backend) the reference path computes the same arithmetic in
 the model's dtype: dequantized weights times activations rounded through FP8 with the same scales.
@@ -153,7 +154,7 @@ class Fp8:
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         static = layer.input_scale if self.spec.activations == "static" else None
         if layer.fused and x.is_cuda:
-            if x.shape[0] == 1:
+            if layer.runs_gemv(x):
                 return self.gemv(layer, x)[0]
             xq, xs = kernels.quantize_fp8(x, self.group, static)
             return kernels.fp8_gemm(xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, self.block)

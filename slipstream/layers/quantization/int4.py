@@ -19,8 +19,8 @@ scale (+ offset), each kind's own arithmetic exactly (loader/gguf_loader.py wide
 Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21 significant bits, so the
 dequantized weights equal each format's own arithmetic in float32.
 
-On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for one row the fused
-GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
+On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for a few rows (up to
+kernels.GEMV_ROWS) the fused GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
 weights are dequantized once after loading, to the same values, and run as 16-bit weights.
 """
 from __future__ import annotations
@@ -318,7 +318,7 @@ class Int4:
         if layer.fused and x.is_cuda:
             if hasattr(layer, "perm"):
                 x = x.index_select(1, layer.perm)
-            elif x.shape[0] == 1:
+            elif layer.runs_gemv(x):
                 return self.gemv(layer, x)[0]
             return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias, fp4=self.fp4)
         return F.linear(x, layer.weight, layer.bias)

@@ -1,4 +1,4 @@
-"""Weights kept in the model's dtype: cuBLAS for many rows, the fused GEMV for one row on the GPU."""
+"""Weights kept in the model's dtype: cuBLAS for many rows, the fused GEMV for a few (kernels.GEMV_ROWS) on the GPU."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,6 @@ class Unquantized:
         return kernels.gemv(x, layer.weight, layer.bias, **prologue)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        if layer.fused and x.shape[0] == 1:
+        if layer.runs_gemv(x):
             return kernels.gemv(x, layer.weight, layer.bias)[0]
         return F.linear(x, layer.weight, layer.bias)

@@ -3,7 +3,8 @@
 #   1. batch-1 decode of the Qwen3-30B-A3B shape with 16-bit, FP8 and 4-bit experts (bench latency: tok/s against
 #      the active-weight roofline: attention, router and the k experts a token reaches, at measured copy bandwidth);
 #   2. the nano-vllm throughput workload on the same shape, 16-bit;
-#   3. the MoE layer alone (bench kernels' MoE table: ours vs torch._grouped_mm, bf16 and FP8 blocks);
+#   3. the MoE layer alone (bench kernels' MoE table: ours vs torch._grouped_mm, bf16 and FP8 blocks; the grouped
+#      GEMMs and the grouped GEMV apart, up to 64 tokens, where one overtakes the other);
 #   4. GLM-4.5-Air's shape with 4-bit experts, batch 1 and 16, the MTP module drafting (random: the cost of its
 #      verify steps, not a speed-up).
 # The vLLM peer (its MoE ops: the kit's overlay without DENSE_ONLY) runs from ../shared/peers in the same lease.
@@ -22,7 +23,7 @@ if [[ " $parts " == *" throughput "* ]]; then
   run throughput --model qwen3-30b-a3b --json "$out/throughput-q3moe.json"
 fi
 if [[ " $parts " == *" layer "* ]]; then
-  run kernels --prefill-lens --decode-batches --no-gemv --no-fp8 --int4-rows --moe-tokens 1 64 512 4096 \
+  run kernels --prefill-lens --decode-batches --no-gemv --no-fp8 --int4-rows --moe-tokens 1 2 4 8 16 64 512 4096 \
     --json "$out/moe-layer.json"
 fi
 if [[ " $parts " == *" glm "* ]]; then  # as an AWQ checkpoint would hold it: its 16-bit form does not fit one H200

@@ -43,6 +43,12 @@ class MoEConfig:
         _check(self.scoring in ("softmax", "sigmoid"), "scoring_func", "must be softmax or sigmoid", self.scoring)
         _check(self.num_experts % self.num_groups == 0 and 1 <= self.topk_groups <= self.num_groups, "topk_group",
                f"must be in [1, n_group] with n_group dividing {self.num_experts}", (self.num_groups, self.topk_groups))
+        per = self.num_experts // self.num_groups
+        _check(self.top_k <= self.topk_groups * per, "num_experts_per_tok",
+               f"must be at most the experts of the topk_group groups a token may use ({self.topk_groups} x {per})",
+               self.top_k)
+        _check(not (self.correction_bias and self.num_groups > 1 and per < 2), "n_group",
+               "must leave at least two experts a group (a group is scored by its two best)", self.num_groups)
 
 
 def _moe_config(arch: str, cfg: dict[str, Any], num_layers: int) -> MoEConfig | None:

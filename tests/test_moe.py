@@ -94,9 +94,10 @@ def test_fused_moe_fp8_experts_match_loop(dtype, block, path, t):
     g = torch.Generator().manual_seed(t)
     x = torch.randn(t, h, generator=g).to(dtype)
     weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
+    ids[0, 1] = -1  # another rank's expert (expert parallelism): the pair adds nothing
     deq = lambda q, s: torch.stack([dequantize(q[i], s[i], block, torch.float64) for i in range(e)])  # noqa: E731
     ref = experts_ref(x.double(), deq(q13, s13), deq(q2, s2), weights.double(), ids)
-    out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV),
+    out = fused_moe(x.to(DEV), q13.to(DEV), q2.to(DEV), weights.to(DEV), ids.to(DEV), skipped_pairs=True,
                     quant=Fp8Experts(s13.to(DEV), s2.to(DEV), block), tiles=PATHS[path])
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
@@ -157,6 +158,11 @@ def test_routing_kernel_ties_and_limits():
     assert routable(256, 8) and routable(60, 1) and not routable(60, 4) and not routable(96, 3)
     with pytest.raises(ValueError, match="powers of two"):
         kernels.moe_route(torch.zeros(2, 60, device=DEV), 2, num_groups=4)
+    # configurations that leave a token fewer experts than it takes are refused with the config, before any kernel
+    with pytest.raises(ValueError, match="num_experts_per_tok must be at most"):
+        MoEConfig(16, 6, 8, num_groups=4, topk_groups=1)
+    with pytest.raises(ValueError, match="n_group must leave at least two experts"):
+        MoEConfig(8, 2, 8, scoring="sigmoid", num_groups=8, topk_groups=4, correction_bias=True)
 
 def test_deepseek_routing_and_shared_expert_match_hf():
     """Sigmoid scores, grouped top-k, the correction bias for selection only, routed_scaling_factor and a shared
@@ -280,10 +286,11 @@ def test_fused_moe_4bit_experts_match_loop(dtype, forms, groups, path, t):
     quant = Int4Experts(s13, o13, groups[0], s2, o2, groups[1])
     x = torch.randn(t, h, generator=g).to(dtype)
     weights, ids = route(torch.randn(t, e, generator=g), MoEConfig(e, k, inter))
+    ids[0, 1] = -1  # another rank's expert (expert parallelism): the pair adds nothing
     deq = [expert_weights(w13, w2, i, quant, torch.float64) for i in range(e)]
     ref = experts_ref(x.double(), torch.stack([a for a, _ in deq]), torch.stack([b for _, b in deq]), weights.double(), ids)
     dev = lambda v: None if v is None else v.to(DEV)  # noqa: E731
-    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV),
+    out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), skipped_pairs=True,
                     quant=Int4Experts(dev(s13), dev(o13), groups[0], dev(s2), dev(o2), groups[1]), tiles=PATHS[path])
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype] * 4, err
@@ -325,6 +332,10 @@ def test_tuned_tile_tables(tmp_path, caplog):
     _tuned.cache_clear()
     assert choose_tiles(2, 8, 128, name, 2, 228 << 10, str(tmp_path)) == dict(GEMV=True)
     assert choose_tiles(50, 8, 128, name, 2, 228 << 10, str(tmp_path)) == best[64][0]
+    # past GEMV_TOKENS a table's GEMV entries are passed over (a table tuned on small steps alone: the heuristic)
+    write_table({1: (dict(GEMV=True), 10.0)}, str(tmp_path), name, "NVIDIA H200", "qwen3-30b-a3b")
+    _tuned.cache_clear()
+    assert choose_tiles(8192, 8, 128, name, 2, 228 << 10, str(tmp_path)) == default_tiles(8192 * 8, 2, 228 << 10)
 
 
 @pytest.mark.parametrize("tiles", [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32)])

@@ -22,7 +22,7 @@ from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import w4a16_gemm
 from slipstream.kernels._device import GEMV_ROWS
 from slipstream.kernels.matvec import gemv
-from slipstream.kernels.moe import Fp8Experts, Int4Experts, default_tiles, fused_moe
+from slipstream.kernels.moe import GEMV_TOKENS, Fp8Experts, Int4Experts, default_tiles, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks
 from slipstream.layers.quantization.int4 import quantize_rtn
@@ -264,7 +264,7 @@ def _moe_bench(token_counts: list[int], bw: float, mm: float) -> list[dict]:
         us = _timed(lambda: fused_moe(x, w13, w2, weights, ids))
         gemm_us = _timed(lambda: fused_moe(x, w13, w2, weights, ids, tiles=default_tiles(t * k, 2, smem)))
         gemv_us = float("nan")
-        if t <= 64:
+        if t <= GEMV_TOKENS:
             torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, tiles=dict(GEMV=True)), ours, atol=3e-2, rtol=3e-2)
             gemv_us = _timed(lambda: fused_moe(x, w13, w2, weights, ids, tiles=dict(GEMV=True)))
         theirs = _timed(lambda: _grouped_mm_moe(x, w13, w2, weights, ids)) if ref is not None else float("nan")

@@ -20,13 +20,12 @@ import triton
 
 from slipstream.bench.common import gpu_name, graph_us, model_dir, table
 from slipstream.config import ModelConfig
-from slipstream.kernels.moe import TUNED_DIR, Fp8Experts, Int4Experts, fused_moe, tiles_file
+from slipstream.kernels.moe import GEMV_TOKENS, TUNED_DIR, Fp8Experts, Int4Experts, fused_moe, tiles_file
 from slipstream.layers.quantization.fp8 import quantize_weight_blocks, quantize_weight_per_channel
 from slipstream.layers.quantization.int4 import quantize_rtn
 from slipstream.parallel.shard import split
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-GEMV_TOKENS = 64  # the grouped GEMV reads an expert once per pair: past this many tokens it cannot win
 WEIGHTS = ("bf16", "fp8", "fp8-block128", "int4")
 
 

@@ -378,17 +378,23 @@ def default_tiles(pairs: int, elem_bytes: int, shared_memory: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
+GEMV_TOKENS = 64  # grouped_gemv reads an expert once per pair: past this many tokens it cannot win (nor is it tuned)
+
+
 def gemv_pays(tokens: int, top_k: int, experts: int) -> bool:
     """The heuristic's choice of grouped_gemv over the grouped GEMMs: one token, or so few pairs (a quarter of the
     experts at most) that few experts are chosen twice, which the GEMV would read twice."""
-    return tokens == 1 or 4 * tokens * top_k <= experts
+    return tokens == 1 or (tokens <= GEMV_TOKENS and 4 * tokens * top_k <= experts)
 
 
 def choose_tiles(tokens: int, top_k: int, experts: int, name: str, elem_bytes: int, shared_memory: int,
                  directory: str = TUNED_DIR) -> dict:
     """The tuned entry of the nearest token count measured for this layer (`name`: tiles_file): GEMM tiles, or
-    {"GEMV": True} where grouped_gemv won; else the heuristic (said once per layer)."""
+    {"GEMV": True} where grouped_gemv won (only up to GEMV_TOKENS tokens: past them, the nearest GEMM tiles); else
+    the heuristic (said once per layer)."""
     table = _tuned(name, directory)
+    if table and tokens > GEMV_TOKENS:
+        table = {t: c for t, c in table.items() if not c.get("GEMV")}
     if not table:
         _untuned(name)
         return dict(GEMV=True) if gemv_pays(tokens, top_k, experts) else default_tiles(tokens * top_k, elem_bytes, shared_memory)
@@ -433,6 +439,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     pairs = t * k
     tiles = dict(tiles) if tiles is not None else _tiles(x, w13, k, weights_kind(x, quant, w13, w2))
     if tiles.get("GEMV"):
+        if t > GEMV_TOKENS:
+            raise ValueError(f"the grouped GEMV runs steps of at most {GEMV_TOKENS} tokens, not {t}")
         return grouped_gemv(x, w13, w2, topk_weights, topk_ids, quant)
     s13 = s2 = z13 = z2 = x  # (unread where the weights have no such part)
     g13 = g2 = 1

@@ -124,7 +124,7 @@ class Linear(nn.Module):
     def runs_gemv(self, x: torch.Tensor) -> bool:
         """Does this input run as the fused GEMV (few enough rows; fused with the op before the projection where
         there is one)?"""
-        return self.fused and self.method.supports_gemv and x.shape[0] <= kernels.GEMV_ROWS
+        return self.fused and self.method.supports_gemv and 1 <= x.shape[0] <= kernels.GEMV_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)

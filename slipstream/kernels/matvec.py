@@ -82,7 +82,8 @@ def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dty
     return w
 
 
-@triton.jit(do_not_specialize=["eps"])
+# (M: one compiled variant for every row count, rather than another for a multiple of 16 met after warm-up)
+@triton.jit(do_not_specialize=["eps", "M"])
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
                  stride_ws, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,

@@ -63,6 +63,12 @@ def fused_moe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     return f(*args, **kwargs)
 
 
+def moe_tiles(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.moe import layer_tiles as f
+
+    return f(*args, **kwargs)
+
+
 def moe_route(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.moe import route as f
 

@@ -255,13 +255,14 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
 
 
 @triton.jit
-def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, y_ptr, N, K, num_experts, pairs_per_row, x_div,
-                     stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
-                     DOWN: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_ptr, N, K, num_experts, pairs_per_row,
+                     x_div, eps, stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
+                     DOWN: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
+                     SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Output row `row`, columns of this program: the sum over its `pairs_per_row` pairs p of rw[p] (DOWN) times
-    expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p). SCALE as
-    kernels/matvec.py's weight_tile reads it. A pair whose id is outside [0, num_experts) adds nothing."""
+    expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p; NORM: RMSNorm of it with
+    weight nw, applied as the dense GEMV's prologue applies it). SCALE as kernels/matvec.py's weight_tile reads it. A
+    pair whose id is outside [0, num_experts) adds nothing."""
     pid, row = tl.program_id(0), tl.program_id(1)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
@@ -275,6 +276,7 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, y_ptr, N, K,
         x_row = x_ptr + (p // x_div).to(tl.int64) * stride_x
         w_base, s_base, o_base = w_ptr + e * stride_we, ws_ptr + e * stride_wse, wo_ptr + e * stride_wse
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
@@ -283,10 +285,15 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, y_ptr, N, K,
                 a = gate * tl.sigmoid(gate) * tl.load(x_row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
             else:
                 a = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+                if NORM:  # W @ (w_norm * x), scaled by 1 / rms(x) at the end
+                    sq += a * a
+                    a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             w = weight_tile(w_base, s_base, o_base, ns, ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
                             SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
             acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
         part = tl.sum(acc, 1)
+        if NORM:
+            part *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
         if SCALE == 1:
             part *= tl.load(s_base + ns, mask=ok, other=0.0)
         if DOWN:
@@ -297,17 +304,19 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, y_ptr, N, K,
 
 # Tuned once per projection shape and weight form, at the first call (the engine warms up before capturing graphs).
 _moe_gemv = (_moe_gemv_kernel if INTERPRET
-             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN"])(_moe_gemv_kernel))
+             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM"])(_moe_gemv_kernel))
 
 
 def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor, quant: Fp8Experts | Int4Experts | None = None) -> torch.Tensor:
+                 topk_ids: torch.Tensor, quant: Fp8Experts | Int4Experts | None = None,
+                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """fused_moe for steps of a few tokens, as two GEMVs over the selected experts' weights alone: gate-up, one
     program per (pair, BLOCK_N rows of the expert's [gate | up]) into [pairs, 2I]; then down, one program per
     (token, BLOCK_N outputs) that walks the token's k experts, applies silu(gate) * up as it loads the input (the
     dense GEMV's prologue) and sums the k weighted rows in float32. Every program streams whole weight rows along K
     (coalesced), as the dense GEMV does: at one token the GEMM's tiles left most SMs idle. Each pair reads its
-    expert's rows: an expert two tokens share is read twice (from L2 where it fits), which bounds where this pays."""
+    expert's rows: an expert two tokens share is read twice (from L2 where it fits), which bounds where this pays.
+    `norm` (weight, eps): x is not yet normalized; gate-up applies that RMSNorm as it loads x."""
     t, h = x.shape
     e, two_i = w13.shape[:2]
     k = topk_ids.shape[1]
@@ -331,9 +340,11 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
             scale, (sbn, sbk) = (1, (1, 1)) if quant.block is None else (2, quant.block)
         strides = (s.stride(0), s.stride(1)) if scale else (0, 0)
         n = b.shape[1]
+        fold = norm is not None and not down
         _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](
-            a, b, s, z, ids, weights, c, n, kk, e, per_row, x_div, a.stride(0), c.stride(0), b.stride(0), b.stride(1),
-            *strides, DOWN=down, SCALE=scale, SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED)
+            a, b, s, z, ids, weights, norm[0] if fold else a, c, n, kk, e, per_row, x_div, norm[1] if fold else 0.0,
+            a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold, SCALE=scale,
+            SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED)
     return out
 
 
@@ -416,6 +427,12 @@ def _tiles(x: torch.Tensor, w13: torch.Tensor, top_k: int, weights: str) -> dict
     return choose_tiles(x.shape[0], top_k, e, name, x.element_size(), shared_memory)
 
 
+def layer_tiles(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+                quant: Fp8Experts | Int4Experts | None = None) -> dict:
+    """How fused_moe runs a step of x's tokens through these experts: {"GEMV": True} (grouped_gemv) or GEMM tiles."""
+    return _tiles(x, w13, top_k, weights_kind(x, quant, w13, w2))
+
+
 def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None, w13: torch.Tensor, w2: torch.Tensor) -> str:
     """How the experts' weights are stored, as tile tables name it."""
     if quant is None:
@@ -427,21 +444,23 @@ def weights_kind(x: torch.Tensor, quant: Fp8Experts | Int4Experts | None, w13: t
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, skipped_pairs: bool = False, quant: Fp8Experts | Int4Experts | None = None,
-              tiles: dict | None = None) -> torch.Tensor:
+              tiles: dict | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """sum over the k selected experts e of w_e * down_e(silu(gate_e x) * up_e x), for x [T, H], w13 [E, 2I, H]
     (gate rows then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k]. `skipped_pairs`: some ids are outside
     [0, E) (another rank's experts); those pairs add nothing. `quant`: the weights are FP8 or 4-bit (w13 [E, 2I,
     H / 2] and w2 [E, H, I / 2] packed), with these scales. `tiles`: these (tuning), instead of the layer's tuned
-    ones; {"GEMV": True} runs grouped_gemv."""
+    ones; {"GEMV": True} runs grouped_gemv. `norm` (weight, eps), grouped_gemv only: x is not yet normalized."""
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
-    tiles = dict(tiles) if tiles is not None else _tiles(x, w13, k, weights_kind(x, quant, w13, w2))
+    tiles = dict(tiles) if tiles is not None else layer_tiles(x, w13, w2, k, quant)
     if tiles.get("GEMV"):
         if t > GEMV_TOKENS:
             raise ValueError(f"the grouped GEMV runs steps of at most {GEMV_TOKENS} tokens, not {t}")
-        return grouped_gemv(x, w13, w2, topk_weights, topk_ids, quant)
+        return grouped_gemv(x, w13, w2, topk_weights, topk_ids, quant, norm)
+    if norm is not None:
+        raise ValueError("fused_moe applies a norm in the grouped GEMV only: normalize x before the grouped GEMMs")
     s13 = s2 = z13 = z2 = x  # (unread where the weights have no such part)
     g13 = g2 = 1
     sbn, sbk = 1, 1

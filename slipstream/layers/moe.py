@@ -8,8 +8,10 @@ Routing variants, all options of `route` (MoEConfig says which a model uses):
     `num_groups` groups of which the best `topk_groups` (by the sum of their two best scores) are eligible;
     weights renormalized and multiplied by `routed_scaling_factor`.
 Experts are stacked: w13 [E, 2I, H] (each expert's gate rows, then its up rows) and w2 [E, H, I], filled from the
-checkpoint's per-expert tensors by their weight loaders. On the GPU the experts run as the fused grouped GEMMs
-of kernels/moe.py; elsewhere as a loop over the experts that received tokens (the reference).
+checkpoint's per-expert tensors by their weight loaders. On the GPU the router runs as one kernel and the experts as
+the fused grouped GEMMs of kernels/moe.py, or for a step of a few tokens its grouped GEMV, which (as the router's GEMV
+does) applies the norm before the layer as it loads the input; elsewhere the experts run as a loop over those that
+received tokens (the reference).
 
 Quantized experts run with 16-bit activations (a static activation scale, where a checkpoint has one, is unused):
   - FP8 (an FP8 checkpoint's, or `quantization="fp8"` on a 16-bit one): FP8 values with float32 scales as the
@@ -37,7 +39,7 @@ from torch import nn
 
 from slipstream import kernels
 from slipstream.config import MoEConfig
-from slipstream.layers.linear import Linear, materialize, narrow, silu_mul_linear
+from slipstream.layers.linear import Linear, materialize, narrow, norm_linear, silu_mul_linear
 from slipstream.layers.norm import RMSNorm
 from slipstream.kernels.moe import Fp8Experts, Int4Experts, routable
 from slipstream.layers.quantization import LinearMethod, QuantSpec, get_linear_method
@@ -132,9 +134,14 @@ class MoE(nn.Module):
             (self.e0, e), (self.i0, inter) = shard.part(cfg.num_experts), (0, cfg.intermediate_size)
         else:
             (self.e0, e), (self.i0, inter) = (0, cfg.num_experts), shard.part(cfg.intermediate_size)
-        self.gate = Linear(hidden, cfg.num_experts)  # the router stays in the model's dtype, or float32
+        # the router stays in the model's dtype (a fused GEMV for a few rows), or float32 (torch's)
+        self.gate = Linear(hidden, cfg.num_experts, fused=fused and not cfg.router_float32)
         if cfg.router_float32:
             self.gate.float()
+        # A step of a few tokens on the GPU can run the norm before the layer inside its kernels: the router's GEMV
+        # and the experts' grouped GEMV each apply it as they load the input (one launch fewer a layer). Not where a
+        # shared expert or a float32 router also reads the normalized input.
+        self.folds_norm = fused and not cfg.router_float32 and not cfg.shared_intermediate_size
         # (quantization ignore lists name checkpoint modules: an expert's stand for all of them)
         method = method_for(f"{prefix}.experts.0.gate_up_proj") if method_for else None
         down = method_for(f"{prefix}.experts.0.down_proj") if method_for else None
@@ -333,13 +340,37 @@ class MoE(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MoE(norm(h + residual)), h + residual)."""
+        if self.folds_norm and self.gate.runs_gemv(h):
+            tiles = kernels.moe_tiles(h, self.w13, self.w2, self.cfg.top_k, self.quant)
+            if tiles.get("GEMV"):
+                logits, residual = norm_linear(h, residual, norm, self.gate)
+                weights, ids = self._select(logits)
+                y = kernels.fused_moe(residual, self.w13, self.w2, weights, ids, quant=self.quant, tiles=tiles,
+                                      norm=(norm.weight, norm.eps))
+                return self.shard.all_reduce(y), residual
         x, residual = norm(h, residual)
         return self.routed(x), residual
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        weights, ids = self._select(self.gate(x.float() if cfg.router_float32 else x))
+        quant = self.quant
+        if self.fused:
+            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert, quant=quant)
+        else:
+            y = experts_ref(x, self.w13, self.w2, weights, ids, quant)
+        if cfg.shared_intermediate_size:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            y = y + shared
+        return self.shard.all_reduce(y)  # the ranks' slices of every expert, or their experts (and the shared one), summed
+
+    def _select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's logits -> (weights, ids) of each token's experts; with expert parallelism, ids by this rank's
+        own expert index, -1 for another rank's."""
         bias, cfg = getattr(self, "e_score_correction_bias", None), self.cfg
-        logits = self.gate(x.float() if cfg.router_float32 else x)
-        if self.fused and x.is_cuda and routable(cfg.num_experts, cfg.num_groups):  # one kernel, not ten torch ops
+        if self.fused and routable(cfg.num_experts, cfg.num_groups):  # one kernel, not ten torch ops
             weights, ids = kernels.moe_route(logits, cfg.top_k, sigmoid=cfg.scoring == "sigmoid", bias=bias,
                                              num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
                                              renormalize=cfg.renormalize, scale=cfg.routed_scaling_factor)
@@ -348,14 +379,4 @@ class MoE(nn.Module):
         if self.by_expert:  # this rank's pairs, by its own expert index; the others' are skipped (-1)
             local = ids - self.e0
             ids = torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
-        quant = self.quant
-        if self.fused and x.is_cuda:
-            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, skipped_pairs=self.by_expert, quant=quant)
-        else:
-            y = experts_ref(x, self.w13, self.w2, weights, ids, quant)
-        if self.cfg.shared_intermediate_size:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
-            y = y + shared
-        return self.shard.all_reduce(y)  # the ranks' slices of every expert, or their experts (and the shared one), summed
+        return weights, ids

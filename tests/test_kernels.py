@@ -464,7 +464,7 @@ triton.compile(ASTSource(rk, sig, constexprs={(rk.arg_names.index(k),): v for k,
                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
 for w, scale, down in (("*bf16", 0, False), ("*bf16", 0, True), ("*fp8e4nv", 1, True), ("*fp8e4nv", 2, False),
                        ("*u8", 3, False), ("*u8", 4, True), ("*i8", 5, True)):
-    consts = dict(DOWN=down, NORM=not down, SCALE=scale, SCALE_BN=128 if scale == 2 else 1, SCALE_BK=128, BLOCK_N=8,
+    consts = dict(DOWN=down, NORM=not down and scale == 0, SCALE=scale, SCALE_BN=128 if scale == 2 else 1, SCALE_BK=128, BLOCK_N=8,
                   BLOCK_K=512)
     sig = {n: "constexpr" if n in consts else dict(x_ptr="*bf16", w_ptr=w, ws_ptr="*fp32", wo_ptr="*fp32", ids_ptr="*i32",
                                                   rw_ptr="*fp32", nw_ptr="*bf16", y_ptr="*bf16", eps="fp32").get(n, "i32")

@@ -134,14 +134,16 @@ class MoE(nn.Module):
             (self.e0, e), (self.i0, inter) = shard.part(cfg.num_experts), (0, cfg.intermediate_size)
         else:
             (self.e0, e), (self.i0, inter) = (0, cfg.num_experts), shard.part(cfg.intermediate_size)
-        # the router stays in the model's dtype (a fused GEMV for a few rows), or float32 (torch's)
-        self.gate = Linear(hidden, cfg.num_experts, fused=fused and not cfg.router_float32)
+        # The router stays in the model's dtype, or float32 (torch's). On one rank it runs the fused GEMV for a few
+        # rows; over several, cuBLAS on every rank: each rank's autotuner may pick other tiles, so another summation
+        # order, and every rank must route every token the same way.
+        self.gate = Linear(hidden, cfg.num_experts, fused=fused and not cfg.router_float32 and shard.world == 1)
         if cfg.router_float32:
             self.gate.float()
         # A step of a few tokens on the GPU can run the norm before the layer inside its kernels: the router's GEMV
         # and the experts' grouped GEMV each apply it as they load the input (one launch fewer a layer). Not where a
         # shared expert or a float32 router also reads the normalized input.
-        self.folds_norm = fused and not cfg.router_float32 and not cfg.shared_intermediate_size
+        self.folds_norm = self.gate.fused and not cfg.shared_intermediate_size
         # (quantization ignore lists name checkpoint modules: an expert's stand for all of them)
         method = method_for(f"{prefix}.experts.0.gate_up_proj") if method_for else None
         down = method_for(f"{prefix}.experts.0.down_proj") if method_for else None

@@ -145,6 +145,18 @@ FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU
 _FIXED_ROWS = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRET else {}
 
 
+def weight_form(weight: torch.Tensor, weight_scale: torch.Tensor | None, scale_block: tuple[int, int] | None,
+                weight_offset: torch.Tensor | None, group: int, fp4: bool) -> tuple[int, int, int]:
+    """(SCALE, SCALE_BN, SCALE_BK) as weight_tile reads a weight stored this way (gemv's arguments say how)."""
+    if weight.dtype == torch.uint8:
+        return (4 if fp4 else 3), 1, group
+    if weight.dtype == torch.int8:
+        return (5 if weight_offset is None else 6), 1, group
+    if weight_scale is None:
+        return 0, 1, 1
+    return (1, 1, 1) if scale_block is None else (2, *scale_block)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 1e-6, weight_scale: torch.Tensor | None = None,
@@ -158,8 +170,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     e2m1(unpack(weight)) * weight_scale; for 8-bit ones (int8 [N, K]) weight * weight_scale (+ weight_offset) per
     `group` columns.
     "rmsnorm" needs norm_weight; it returns x + residual as the new residual, or x itself without a residual."""
-    four_bit, eight_bit = weight.dtype == torch.uint8, weight.dtype == torch.int8
-    n, k = weight.shape[0], weight.shape[1] * (2 if four_bit else 1)
+    n, k = weight.shape[0], weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
     m = x.shape[0]
     if x.dim() != 2 or not 1 <= m <= GEMV_ROWS or x.shape[1] != (2 * k if prologue == "silu_mul" else k):
         raise ValueError(f"gemv takes 1 to {GEMV_ROWS} rows matching weight {tuple(weight.shape)} and prologue "
@@ -169,9 +180,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
-    scale = ((4 if fp4 else 3) if four_bit else (5 if weight_offset is None else 6) if eight_bit
-             else 0 if weight_scale is None else (1 if scale_block is None else 2))
-    bn, bk = (1, group) if four_bit or eight_bit else scale_block or (1, 1)
+    scale, bn, bk = weight_form(weight, weight_scale, scale_block, weight_offset, group, fp4)
     kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
     kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
-from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_tile
+from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_form, weight_tile
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -325,20 +325,19 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     x = x.contiguous()
     mid = torch.empty((t * k, two_i), dtype=x.dtype, device=x.device)
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
-    for name, a, b, c, rows, per_row, x_div in (("w13", x, w13, mid, t * k, 1, k), ("w2", mid, w2, out, t, k, 1)):
-        down = name == "w2"
+    for down, a, b, c, rows, per_row, x_div in ((False, x, w13, mid, t * k, 1, k), (True, mid, w2, out, t, k, 1)):
         kk = a.shape[1] // 2 if down else a.shape[1]
-        s = z = x  # (unread where the weights have no such part)
-        scale, sbn, sbk = 0, 1, 1
-        if isinstance(quant, Int4Experts):
+        s = z = block = None
+        group = 0
+        if isinstance(quant, Int4Experts):  # (4-bit codes without offsets: FP4)
             s, z = (quant.w2_scales, quant.w2_offsets) if down else (quant.w13_scales, quant.w13_offsets)
-            sbk = quant.w2_group if down else quant.w13_group
-            scale = (6 if z is not None else 5) if b.dtype == torch.int8 else (3 if z is not None else 4)
-            z = z if z is not None else s
+            group = quant.w2_group if down else quant.w13_group
         elif quant is not None:
-            s = z = quant.w2_scale if down else quant.w13_scale
-            scale, (sbn, sbk) = (1, (1, 1)) if quant.block is None else (2, quant.block)
+            s, block = quant.w2_scale if down else quant.w13_scale, quant.block
+        scale, sbn, sbk = weight_form(b, s, block, z, group, fp4=z is None)
         strides = (s.stride(0), s.stride(1)) if scale else (0, 0)
+        s = x if s is None else s  # (unread where the weights have no such part)
+        z = s if z is None else z
         n = b.shape[1]
         fold = norm is not None and not down
         _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](

@@ -343,11 +343,12 @@ class MoE(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MoE(norm(h + residual)), h + residual)."""
         if self.folds_norm and self.gate.runs_gemv(h):
-            tiles = kernels.moe_tiles(h, self.w13, self.w2, self.cfg.top_k, self.quant)
+            quant = self.quant
+            tiles = kernels.moe_tiles(h, self.w13, self.w2, self.cfg.top_k, quant)
             if tiles.get("GEMV"):
                 logits, residual = norm_linear(h, residual, norm, self.gate)
                 weights, ids = self._select(logits)
-                y = kernels.fused_moe(residual, self.w13, self.w2, weights, ids, quant=self.quant, tiles=tiles,
+                y = kernels.fused_moe(residual, self.w13, self.w2, weights, ids, quant=quant, tiles=tiles,
                                       norm=(norm.weight, norm.eps))
                 return self.shard.all_reduce(y), residual
         x, residual = norm(h, residual)

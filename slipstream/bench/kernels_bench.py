@@ -20,7 +20,7 @@ from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import w4a16_gemm
-from slipstream.kernels._device import GEMV_ROWS
+from slipstream.kernels._device import LAYER_GEMV_ROWS
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.moe import GEMV_TOKENS, Fp8Experts, Int4Experts, default_tiles, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
@@ -108,7 +108,7 @@ def _gemv_bench(bw: float, dtype: torch.dtype, row_counts: list[int]) -> list[di
     """Each decode projection with its prologue, at one row (batch-1 decode) and at a few (a verifying step, a small
     batch): one fused GEMV vs the prologue kernel + torch.matmul (cuBLAS). Weights rotate over copies larger than L2
     together, so every call streams its weight from HBM. Where fused / unfused passes 1 is where the GEMV stops
-    paying (kernels.GEMV_ROWS)."""
+    paying (what kernels.LAYER_GEMV_ROWS should be set to)."""
     out, rows = [], [["projection (prologue) x rows", "fused us", "fused GB/s", "% of copy bw", "unfused us",
                       "unfused GB/s", "FP8 fused us", "FP8 % of copy bw"]]
     for (name, n, k, pro), m in itertools.product(PROJECTIONS, row_counts):
@@ -179,8 +179,8 @@ def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
 
 def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
     """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows: ours = the fused GEMV up to
-    GEMV_ROWS rows (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV up
-    to GEMV_ROWS rows, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
+    LAYER_GEMV_ROWS rows (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV
+    up to LAYER_GEMV_ROWS rows, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
     do instead). Weights rotate through copies larger than L2, in CUDA graphs; where ours / bf16 falls under 1 is
     the crossover."""
     from slipstream.layers.quantization.int4 import dequantize, quantize_rtn
@@ -191,11 +191,11 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
             copies = max(2, -(-(512 << 20) // (2 * n * k)))
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
             packed = [quantize_rtn(w, 128) for w in ws]
-            width = 2 * k if pro == "silu_mul" and m <= GEMV_ROWS else k
+            width = 2 * k if pro == "silu_mul" and m <= LAYER_GEMV_ROWS else k
             x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
             res_, nw = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda", dtype=torch.bfloat16)
             kw = dict(residual=res_, norm_weight=nw) if pro == "rmsnorm" else {}
-            if m <= GEMV_ROWS:
+            if m <= LAYER_GEMV_ROWS:
                 ours = graph_us([lambda q=q: gemv(x, q[0], prologue=pro, weight_scale=q[1], weight_offset=q[2], group=128,
                                                    **kw) for q in packed])
                 bf16 = graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws])

@@ -6,7 +6,8 @@ import a family on first use, so a CPU-only run never compiles (or imports) a Tr
 """
 from __future__ import annotations
 
-from slipstream.kernels._device import GEMV_ROWS  # noqa: F401 - the layers' question: may a step of so many rows run the GEMV?
+# the layers' question (may so many rows run the GEMV?) and the kernel's limit
+from slipstream.kernels._device import GEMV_ROWS, LAYER_GEMV_ROWS  # noqa: F401
 
 
 def fused_add_rms_norm(x, residual, weight, eps):  # noqa: ANN001 - thin dispatch, typed in the kernel module

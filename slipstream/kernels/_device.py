@@ -8,6 +8,9 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests only, no autotuning
 GEMV_ROWS = 16  # the most rows kernels/matvec.py's GEMV takes (past them, a GEMM)
+# The most rows the layers send to the GEMV. One until `slipstream bench kernels --gemv-rows 1 2 4 8 16` has measured
+# on a GPU where the multi-row form beats cuBLAS (a crossover is measured, not guessed): then that row count.
+LAYER_GEMV_ROWS = 1
 
 
 def cdiv(a: int, b: int) -> int:

@@ -15,7 +15,8 @@ f(x) on the fly:
 x is re-read by every program, but it is a few KB and stays in L2. Up to GEMV_ROWS rows run through the tensor
 cores, 16 rows at once, each weight tile loaded once for all of them, so that a few rows stream the weight once as
 one row does (with cuBLAS and the unfused ops, a batch-1 verifying step of k + 1 rows cost 6.8 ms where a plain
-decode step cost 5.9: H100, Llama-3.1-8B shape, lease AK). What meets W is rounded to x's dtype, as the unfused
+decode step cost 5.9: H100, Llama-3.1-8B shape, lease AK); the layers send it up to LAYER_GEMV_ROWS rows, one until a
+GPU has measured where this form beats cuBLAS. What meets W is rounded to x's dtype, as the unfused
 kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale).
 FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights

@@ -4,7 +4,7 @@ SwiGLU before down).
 A `Linear` may stack several outputs along its rows (q | k | v, gate | up: one GEMM instead of three and two);
 its parameters load per shard, each through its own `weight_loader`, so a checkpoint's separate tensors land in
 the stacked weight and a new weight format only brings a new quantization method. For one row (batch-1
-decode) or a few (a verifying step, a small batch: up to kernels.GEMV_ROWS) on the GPU, a projection and the op
+decode) or a few (a verifying step, a small batch: up to kernels.LAYER_GEMV_ROWS) on the GPU, a projection and the op
 before it run as one GEMV kernel (the method's `gemv`) that streams the weight once; otherwise the op runs, then
 the method's matmul.
 """
@@ -124,7 +124,7 @@ class Linear(nn.Module):
     def runs_gemv(self, x: torch.Tensor) -> bool:
         """Does this input run as the fused GEMV (few enough rows; fused with the op before the projection where
         there is one)?"""
-        return self.fused and self.method.supports_gemv and 1 <= x.shape[0] <= kernels.GEMV_ROWS
+        return self.fused and self.method.supports_gemv and 1 <= x.shape[0] <= kernels.LAYER_GEMV_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)

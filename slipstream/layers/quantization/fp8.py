@@ -5,7 +5,7 @@ A weight is stored as FP8 values q and float32 scales s with W = q * s, where s 
 weights (DeepSeek-V3 / Qwen3-FP8). Activations of a many-row step are quantized too, with a scale per token
 (per token and 128-column group for block weights) computed as the step runs, or one calibrated scale per layer
 from the checkpoint; the GEMM then runs on FP8 tensor cores and applies both scales in its epilogue (per block,
-inside the K loop). One row (batch-1 decode), or a few (up to kernels.GEMV_ROWS: a verifying step, a small batch),
+inside the K loop). One row (batch-1 decode), or a few (up to kernels.LAYER_GEMV_ROWS: a verifying step, a small batch),
 is bandwidth-bound: the GEMV streams the FP8 weight, scales it in registers and multiplies the 16-bit activation as it
 is, so the norm or SwiGLU before it stays fused.
 

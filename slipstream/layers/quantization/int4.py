@@ -20,7 +20,7 @@ Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21
 dequantized weights equal each format's own arithmetic in float32.
 
 On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for a few rows (up to
-kernels.GEMV_ROWS) the fused GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
+kernels.LAYER_GEMV_ROWS) the fused GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
 weights are dequantized once after loading, to the same values, and run as 16-bit weights.
 """
 from __future__ import annotations

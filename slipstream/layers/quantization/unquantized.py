@@ -1,4 +1,4 @@
-"""Weights kept in the model's dtype: cuBLAS for many rows, the fused GEMV for a few (kernels.GEMV_ROWS) on the GPU."""
+"""Weights kept in the model's dtype: cuBLAS for many rows, the fused GEMV for a few (kernels.LAYER_GEMV_ROWS) on the GPU."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

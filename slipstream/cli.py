@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -47,9 +48,38 @@ def _sampling(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
 
 
+class CtrlC:
+    """SIGINT for the commands that run in this process (all but `serve`, whose processes have their own). It raises
+    KeyboardInterrupt as Python's own handler does, and remembers that it did: Python loses that exception when the
+    handler happens to run inside a weakref callback or a finalizer (it reports it as ignored and goes on). importlib's
+    module locks have such a callback, so a Ctrl-C while the loader imported transformers was lost and `generate` ran
+    on to its last token. `check_ctrl_c` raises it again at the commands' checkpoints."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    @staticmethod
+    def unraisable(hook: Any) -> Any:
+        """sys.unraisablehook that leaves out the lost KeyboardInterrupt's report (a traceback on the terminal): the
+        flag carries it."""
+        return lambda u: None if u.exc_type is KeyboardInterrupt else hook(u)
+
+
+def check_ctrl_c() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was pressed and its exception lost (a checkpoint of a long command)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, CtrlC) and handler.pressed:
+        raise KeyboardInterrupt
+
+
 def _stream_to_terminal(llm: Any, prompt: str | list[int], params: SamplingParams) -> tuple[int, float]:
     start, n = time.perf_counter(), 0
     for out in llm.stream(prompt, params):
+        check_ctrl_c()
         o = out.outputs[0]
         n = len(o.token_ids)
         sys.stdout.write(o.delta_text)
@@ -63,6 +93,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     params = _sampling(a)  # a bad value is reported before anything loads
     llm = LLM(a.model, **engine_kwargs(a))
+    check_ctrl_c()
     prompt: str | list[int] = a.prompt if a.raw else llm.apply_chat_template([{"role": "user", "content": a.prompt}])
     n, dt = _stream_to_terminal(llm, prompt, params)
     print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {llm.engine.runner.device}]", file=sys.stderr)
@@ -122,8 +153,6 @@ class Chat:
         return True
 
     def reply(self, ids: list[int]) -> None:
-        import signal
-
         def on_interrupt(signum: int, frame: Any) -> None:
             self.stop = True
 
@@ -153,8 +182,6 @@ class Chat:
             print(f"[{n} tokens in {end - start:.2f} s{rate}, first token after {first - start:.2f} s]", file=sys.stderr)
 
     def run(self) -> None:
-        import signal
-
         try:
             import readline  # noqa: F401 - line editing, and no terminal line-length limit on input()
         except ImportError:
@@ -199,6 +226,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
     params = _sampling(a)
     llm = LLM(a.model, **engine_kwargs(a))
+    check_ctrl_c()
     Chat(llm, params, a.system).run()
 
 
@@ -430,8 +458,12 @@ def main(argv: list[str] | None = None) -> None:
         root = logging.getLogger("slipstream")
         root.addHandler(handler)
         root.setLevel(logging.WARNING if getattr(a, "quiet", False) else logging.INFO)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the process started ignoring it
+            signal.signal(signal.SIGINT, CtrlC())
+            sys.unraisablehook = CtrlC.unraisable(sys.unraisablehook)
     try:
         a.fn(a)
+        check_ctrl_c()  # pressed, and its exception lost, after the command's last checkpoint
     except ValueError as e:
         parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
     except KeyboardInterrupt:  # Ctrl-C while loading or generating: the shell's usual status, no traceback

@@ -10,7 +10,13 @@ import pytest  # noqa: E402
 from slipstream import LLM
 from slipstream.loader import embedded_model_path
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are shared by its workers: no more torch threads in all than cores, in the workers and
+# in the processes their tests start (OpenMP threads that outnumber the cores spin and wait on each other: a chat test
+# that takes 18 s alone took 225 s beside another worker).
+_threads = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(_threads)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 
 def assert_no_leak(llm: LLM) -> None:

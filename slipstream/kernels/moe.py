@@ -106,7 +106,9 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, stride_l, scale
     choose = scores
     if HAS_BIAS:  # for selection only
         choose += tl.load(bias_ptr + es, mask=ok, other=0.0).to(tl.float32)
-    choose = tl.where(ok, choose, -float("inf"))
+    # (a NaN score is never chosen: Triton's argmax passes over NaN, so a token with NaN logits could be given a padding
+    # lane, an id past the experts, whose pair the GEMMs never place: its output row would be left unwritten)
+    choose = tl.where(ok & (choose == choose), choose, -float("inf"))
     if GROUPS > 1:  # only the best TOPK_GROUPS groups of BLOCK_E / GROUPS experts are eligible
         per: tl.constexpr = BLOCK_E // GROUPS
         g2 = tl.reshape(choose, [GROUPS, per])
@@ -254,9 +256,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
 
 
-@triton.jit
+# (one_token: a key of the autotuner alone, below)
+@triton.jit(do_not_specialize=["eps", "one_token"])
 def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_ptr, N, K, num_experts, pairs_per_row,
-                     x_div, eps, stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
+                     x_div, eps, one_token, stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
                      DOWN: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
                      SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Output row `row`, columns of this program: the sum over its `pairs_per_row` pairs p of rw[p] (DOWN) times
@@ -302,9 +305,11 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     tl.store(y_ptr + row.to(tl.int64) * stride_y + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-# Tuned once per projection shape and weight form, at the first call (the engine warms up before capturing graphs).
+# Tuned once per projection shape, weight form and one token or more, at the first call (the engine warms up each graph
+# size before capturing it): the grid grows with the pairs, and a tile chosen at the largest graph size of a few tokens
+# (warmed first) left most SMs idle at batch-1 decode's one token.
 _moe_gemv = (_moe_gemv_kernel if INTERPRET
-             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM"])(_moe_gemv_kernel))
+             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM", "one_token"])(_moe_gemv_kernel))
 
 
 def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -342,7 +347,7 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         fold = norm is not None and not down
         _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](
             a, b, s, z, ids, weights, norm[0] if fold else a, c, n, kk, e, per_row, x_div, norm[1] if fold else 0.0,
-            a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold, SCALE=scale,
+            int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold, SCALE=scale,
             SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED)
     return out
 
@@ -394,7 +399,7 @@ GEMV_TOKENS = 64  # grouped_gemv reads an expert once per pair: past this many t
 def gemv_pays(tokens: int, top_k: int, experts: int) -> bool:
     """The heuristic's choice of grouped_gemv over the grouped GEMMs: one token, or so few pairs (a quarter of the
     experts at most) that few experts are chosen twice, which the GEMV would read twice."""
-    return tokens == 1 or (tokens <= GEMV_TOKENS and 4 * tokens * top_k <= experts)
+    return tokens == 1 or (1 < tokens <= GEMV_TOKENS and 4 * tokens * top_k <= experts)
 
 
 def choose_tiles(tokens: int, top_k: int, experts: int, name: str, elem_bytes: int, shared_memory: int,
@@ -453,6 +458,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     e, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
     pairs = t * k
+    if t == 0:  # (no launch: an autotuner's first call would time empty grids and keep what it picked)
+        return x.new_empty((0, h))
     tiles = dict(tiles) if tiles is not None else layer_tiles(x, w13, w2, k, quant)
     if tiles.get("GEMV"):
         if t > GEMV_TOKENS:

@@ -108,7 +108,7 @@ class SamplingParams:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name, "must be a finite number", v)
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100] (0 means greedy)", self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1 (disabled) or an integer >= 1", self.top_k)
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1 or 0 (disabled) or an integer >= 1", self.top_k)
         for name in ("n", "max_tokens", "min_tokens", "top_k"):  # they travel to the kernels as int32
             _check((getattr(self, name) or 0) <= _INT32_MAX, name, f"must be <= {_INT32_MAX}", getattr(self, name))
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)

@@ -39,7 +39,8 @@ def _run(*args, timeout=60):
     (["quantize", "--out", "/tmp/never", "--format", "awq", "--scheme", "block"], "--scheme does not apply"),
     (["quantize", "--out", "/etc/hostname", "--format", "awq"], "is a file, not a directory"),
     (["quantize", "--out", "/tmp/never", "--format", "nvfp4", "--device", "cuda"], "--device: where calibration runs"),
-    (["bench", "quality", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["bench", "quality", "--max-tokens", "0"], "--max-tokens must be a positive multiple of --stride"),
+    (["bench", "quality", "--max-tokens", "256"], "--max-tokens must be a positive multiple of --stride, got 256"),
     (["bench", "quality", "--window", "0"], "--window must be >= 2"),
     (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
 ])

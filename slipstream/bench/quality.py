@@ -85,9 +85,11 @@ def _engine(model: str | None, load_format: str, quantization: str, a: argparse.
 
 
 def quality(a: argparse.Namespace) -> dict[str, Any]:
-    for flag, value, ok, rule in (("--max-tokens", a.max_tokens, a.max_tokens >= 1, ">= 1"),
-                                  ("--window", a.window, a.window >= 2, ">= 2"),
+    # (each window scores its last --stride tokens: --max-tokens is a whole number of windows)
+    for flag, value, ok, rule in (("--window", a.window, a.window >= 2, ">= 2"),
                                   ("--stride", a.stride, 1 <= a.stride <= a.window, "in [1, --window]"),
+                                  ("--max-tokens", a.max_tokens, a.max_tokens >= 1 and a.max_tokens % a.stride == 0,
+                                   "a positive multiple of --stride"),
                                   ("--max-chars", a.max_chars, a.max_chars >= 1, ">= 1")):
         if not ok:  # before anything loads
             raise ValueError(f"{flag} must be {rule}, got {value}")
@@ -126,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=4096, help="scored tokens")
+    p.add_argument("--max-tokens", type=int, default=4096, help="scored tokens (a multiple of --stride)")
     p.add_argument("--max-chars", type=int, default=EVAL_CHARS)
     p.add_argument("--json", default=None)
     p.set_defaults(bench_fn=quality)

@@ -109,7 +109,7 @@ class InputProcessor:
         if params.n > lim.max_waiting:
             raise ValueError(f"n must be <= {lim.max_waiting} (the engine's queue), got {params.n}")
         if params.top_k > lim.vocab_size:
-            raise ValueError(f"top_k must be -1 (disabled) or in [1, {lim.vocab_size}] (the vocabulary), got {params.top_k}")
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or in [1, {lim.vocab_size}] (the vocabulary), got {params.top_k}")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))):
             bad = [t for t in ids if not 0 <= t < lim.vocab_size]
             if bad:

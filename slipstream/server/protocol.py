@@ -257,6 +257,13 @@ class ChatMessage(BaseModel):
     tool_call_id: StrictStr | None = None  # a tool message: the call it answers
     name: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _check_content(self) -> "ChatMessage":
+        """Only an assistant's message may come without content (OpenAI's rule: it may carry tool calls instead)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
     def for_template(self) -> dict[str, Any]:
         m: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.tool_calls:

@@ -99,11 +99,17 @@ def _without_weights(model: str | None) -> bool:
 
 
 def speculative(a: argparse.Namespace) -> list[dict]:
+    for flag, value in (("--num-prompts", a.num_prompts), ("--output-len", a.output_len)):
+        if value < 1:  # before anything loads
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if a.workload == "chat" and not a.dataset:
         raise ValueError("the chat workload reads its prompts from --dataset (ShareGPT-style .json or a prompt a line)")
     prompts = quote_prompts(a.num_prompts) if a.workload == "quote" else chat_prompts(a.dataset, a.num_prompts)
     if not prompts:
         raise ValueError(f"no prompts for workload {a.workload!r}")
+    if max(a.batch_sizes) > len(prompts):  # a batch is as many sequences as there are prompts: say so, label it so
+        print(f"[{len(prompts)} prompts: batch sizes above that run {len(prompts)} sequences]")
+        a.batch_sizes = sorted({min(b, len(prompts)) for b in a.batch_sizes})
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                   gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
     # a shape with random weights: for the verification mechanism (oracle, wrong), or the cost of a head's drafts

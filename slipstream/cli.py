@@ -240,6 +240,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     if a.api_server_count < 1:
         raise ValueError(f"api_server_count must be >= 1, got {a.api_server_count}")
+    if a.served_model_name is not None and not a.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty (requests and responses name the model by it)")
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
@@ -328,7 +330,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     if getattr(a, "bench", None) in _GPU_BENCHES and not torch.cuda.is_available():
         raise ValueError(f"`slipstream bench {a.bench}` measures an NVIDIA GPU (CUDA) and none is available here; "
-                         f"`bench quality` and `bench fairness --device cpu` run on a CPU")
+                         f"`bench quality`, `bench fairness` and `bench speculative` run on a CPU")
 
     write_json(a.json, {"command": " ".join(sys.argv), "results": a.bench_fn(a)})
 

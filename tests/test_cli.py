@@ -43,6 +43,7 @@ def _run(*args, timeout=60):
     (["bench", "quality", "--max-tokens", "256"], "--max-tokens must be a positive multiple of --stride, got 256"),
     (["bench", "quality", "--window", "0"], "--window must be >= 2"),
     (["bench", "speculative", "--num-prompts", "-1"], "--num-prompts must be >= 1, got -1"),
+    (["serve", "--served-model-name", " "], "--served-model-name must not be empty"),
     (["bench", "speculative", "--output-len", "0"], "--output-len must be >= 1, got 0"),
     (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
 ])

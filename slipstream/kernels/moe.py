@@ -399,7 +399,7 @@ GEMV_TOKENS = 64  # grouped_gemv reads an expert once per pair: past this many t
 def gemv_pays(tokens: int, top_k: int, experts: int) -> bool:
     """The heuristic's choice of grouped_gemv over the grouped GEMMs: one token, or so few pairs (a quarter of the
     experts at most) that few experts are chosen twice, which the GEMV would read twice."""
-    return tokens == 1 or (1 < tokens <= GEMV_TOKENS and 4 * tokens * top_k <= experts)
+    return tokens == 1 or (tokens <= GEMV_TOKENS and 4 * tokens * top_k <= experts)
 
 
 def choose_tiles(tokens: int, top_k: int, experts: int, name: str, elem_bytes: int, shared_memory: int,

@@ -16,8 +16,9 @@ cd "$(dirname "$0")/.."
 rc=0
 parts=${PARTS:-tests serve}
 [[ " $parts " == *" tests "* ]] && parts="$parts kernels engines"
-# pytest-xdist, where installed: Triton compiles each test file's kernels in a process of its own
-xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_TEST_WORKERS:-8}" --dist loadfile)
+# pytest-xdist, where installed: tests spread one by one over the workers (test_moe.py alone is half the kernel tests;
+# by file, one worker ran it for five minutes), and Triton's on-disk cache lets each kernel compile about once
+xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_TEST_WORKERS:-12}" --dist load)
 if [[ " $parts " == *" kernels "* ]]; then
   python3 -m pytest -q -rf "${xdist[@]}" tests/test_kernels.py tests/test_moe.py tests/test_int4.py -p no:cacheprovider || rc=1
 fi

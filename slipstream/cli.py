@@ -369,25 +369,25 @@ def main(argv: list[str] | None = None) -> None:
     c.set_defaults(fn=cmd_chat)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None)
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
-    s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted")
-    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
-    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body, after its headers")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request but /health (default: none)")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its directory or file name)")
+    s.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM (default: 30)")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: info)")
+    s.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted, in bytes (default: 32 MiB)")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds after which a request is aborted (default: no limit)")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers (default: 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body, after its headers (default: 30)")
     s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--api-server-count", type=int, default=1,
                    help="HTTP front-end processes sharing the port (each detokenizes and streams its own requests): "
-                        "more when one process cannot keep up with the streams")
+                        "more when one process cannot keep up with the streams (default: 1)")
     s.add_argument("--tool-call-parser", default="auto", choices=FORMATS,
-                   help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools)")
+                   help="how the model writes tool calls (auto: from its chat template; hermes for templates without tools) (default: auto)")
     s.add_argument("--reasoning-parser", default="none", choices=REASONING,
                    help="send a reasoning model's <think> block as reasoning_content (qwen3, glm45; deepseek_r1: the prompt "
-                        "opens it)")
+                        "opens it) (default: none)")
     _engine_args(s)
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("worker", help="one host's ranks of an engine whose tensor-parallel ranks span hosts (--nnodes): "

@@ -123,7 +123,12 @@ BAD = [
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, "a user message needs content"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]},
      "a system message needs content"),
-    ("completions", {"model": MODEL, "prompt": 5}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": 5}, "prompt: must be one of str, list[str], list[int], list[list[int]]"),
+    # the form of the value that got furthest speaks, at the place the client wrote it (no pydantic union tags)
+    ("completions", {"model": MODEL, "prompt": [1, -2]}, "prompt.1: Input should be greater than or equal to 0"),
+    ("completions", {"model": MODEL, "prompt": [[1], [2, "x"]]}, "prompt.1.1: Input should be a valid integer"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content.0.type: Input should be 'text'"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     ("completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, "top_p"),

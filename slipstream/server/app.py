@@ -36,7 +36,7 @@ from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, Core
                                            new_request_id)
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                       _Unsupported)
+                                       describe)
 from slipstream.server.tools import (ReasoningStream, ToolStream, detect_format, finished_calls, reasoning_end_ids,
                                      render_messages, split_reasoning, template_renders_tools)
 from slipstream.sampling_params import SamplingParams
@@ -446,12 +446,8 @@ async def _parse(raw: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, _Unsupported):
-            raise ApiError(400, str(cause), param=cause.field) from None
-        where = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
+        message, param = describe(e)
+        raise ApiError(400, message, param=param) from None
 
 
 def _check_model(state: ServerState, model: str | None) -> AsyncEngineClient:

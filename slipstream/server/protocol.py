@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from slipstream.engine.input_processor import check_template_kwargs
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
@@ -209,6 +209,40 @@ class _Unsupported(ValueError):
     def __init__(self, field: str, why: str = "is not supported by this server") -> None:
         super().__init__(f"{field} {why}")
         self.field = field
+
+
+# pydantic's error types that say only "not this type": for a field of several forms (a prompt: text, token ids, ...)
+# each form reports one, and the form that got further into the value (a token id below 0) says more
+_TYPE_ERRORS = frozenset({"string_type", "list_type", "int_type", "int_parsing", "dict_type", "model_type",
+                          "bool_type", "float_type", "none_required"})
+
+
+def _is_form(part: str | int) -> bool:
+    """Whether a step of an error's location names one form of a union ('str', 'list[TextPart]') rather than a field
+    (our fields are lower-case names) or a list index."""
+    return isinstance(part, str) and (not part.islower() or "[" in part or part in ("str", "int", "float", "bool"))
+
+
+def describe(e: ValidationError) -> tuple[str, str | None]:
+    """A 400's message and `param` for a body that failed validation: the most telling of pydantic's errors, its
+    location written as the client wrote the body (`prompt.1`, `messages.0.content`), without union forms."""
+    errors = e.errors()
+    for err in errors:
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _Unsupported):
+            return str(cause), cause.field
+    def field(loc: tuple) -> list:
+        return [p for p in loc if not _is_form(p)]
+
+    if len(errors) > 1 and all(err["type"] in _TYPE_ERRORS and _is_form(err["loc"][-1]) for err in errors) \
+            and all(field(err["loc"]) == field(errors[0]["loc"]) for err in errors):
+        # no form got past the value's type: name them all, as the client would write them
+        where = field(errors[0]["loc"])
+        forms = ", ".join(err["loc"][-1].replace("constrained-int", "int") for err in errors)
+        return f"{'.'.join(map(str, where))}: must be one of {forms}", str(where[0]) if where else None
+    best = max(errors, key=lambda err: (err["type"] not in _TYPE_ERRORS, len(err["loc"])))
+    where = field(best["loc"])
+    return (f"{'.'.join(map(str, where))}: {best['msg']}" if where else best["msg"]), str(where[0]) if where else None
 
 
 class CompletionRequest(_Common):

@@ -125,6 +125,8 @@ class _Common(BaseModel):
             off_values = {**_OFF_VALUES, "add_special_tokens": (None, not chat)}
             if not chat:  # a completion has no template to pass them to
                 off_values["chat_template_kwargs"] = (None, {})
+            else:  # vLLM's chat `echo` (the reply opens with the last message, of the same role) is not done
+                off_values["echo"] = (None, False)
             for name, off in off_values.items():
                 if name in body and body[name] not in off:
                     raise _Unsupported(name)

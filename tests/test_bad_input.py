@@ -86,6 +86,12 @@ def test_prompt_forms_and_bad_prompts(fresh):
     assert fresh.apply_chat_template(parts) == fresh.apply_chat_template([{"role": "user", "content": "Name a colour."}])
     with pytest.raises(ValueError, match="text parts"):
         fresh.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    # as the server: only an assistant's message may come without content
+    for bad, message in (([{"role": "user"}], "a user message needs content"),
+                         ([{"role": "system", "content": None}, {"role": "user", "content": "Hi"}], "a system message"),
+                         (["Hi"], "each message is a dict")):
+        with pytest.raises(ValueError, match=message):
+            fresh.chat(bad)
     turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert len(fresh.apply_chat_template(turn, add_generation_prompt=False)) < len(fresh.apply_chat_template(turn))
     assert not fresh.engine.requests

@@ -44,8 +44,13 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
 
 
 def _text_content(message: Any) -> Any:
-    """A message whose content is a list of OpenAI text parts, with that text as its content (as the server reads it)."""
-    content = message.get("content") if isinstance(message, dict) else None
+    """A message whose content is a list of OpenAI text parts, with that text as its content (as the server reads it).
+    Only an assistant's message may come without content (OpenAI's rule, the server's too: it may hold tool calls)."""
+    if not isinstance(message, dict):
+        raise ValueError(f"messages: each message is a dict with role and content, got {type(message).__name__}")
+    content = message.get("content")
+    if content is None and message.get("role") != "assistant":
+        raise ValueError(f"messages: a {message.get('role')} message needs content")
     if not isinstance(content, list):
         return message
     if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):

@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_parser(bsub)
     serve_bench.add_parser(bsub)
     spec_bench.add_parser(bsub)
+    for name in ("latency", "throughput", "prefix", "fairness", "quality", "speculative"):  # those that start engines
+        bsub.choices[name].add_argument("--quiet", action="store_true", help="no progress lines while engines start")
     b.set_defaults(fn=cmd_bench)
     tn = sub.add_parser("tune", help="measure kernel tiles for a model on this GPU, stored where the kernels look")
     from slipstream.bench import tune_moe

@@ -202,7 +202,7 @@ def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
     out = tmp_path / "bounds.json"
     cli.main(["bench", "speculative", "--model", gguf_path, "--method", "oracle,wrong", "--num-speculative-tokens", "3",
               "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,3", "--output-len", "24", "--ignore-eos", "--device", "cpu",
-              "--dtype", "float32", "--max-model-len", "1024", "--json", str(out)])
+              "--dtype", "float32", "--max-model-len", "1024", "--json", str(out), "--quiet"])
     results = json.loads(out.read_text())["results"]
     # (a batch of 3 over 2 prompts runs, and is labelled, 2 sequences)
     assert [(r["method"], r["batch_size"]) for r in results] == [("oracle", 1), ("oracle", 2), ("wrong", 1), ("wrong", 2)]

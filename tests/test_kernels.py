@@ -349,6 +349,22 @@ def test_gemv(dtype, prologue, bias, rows):
 
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gemv_folded_norm_has_fp16_headroom(rows):
+    """fp16, an outlier channel (x + residual = 3000) under a norm weight of 40: w_norm * (x + residual) is 120000, past
+    fp16's 65504, while the normalized input (about 565 there) is not. The folded norm gave inf before its headroom."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 64, 200
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    nw = 1 + 0.1 * torch.randn(k, generator=g)
+    x[:, 7], nw[7] = 3000.0, 40.0
+    ref = rms_norm_ref(x.double(), nw.double(), 1e-6) @ w.double().T
+    y, _ = gemv(*to(DEV, x.half(), w.half()), prologue="rmsnorm", norm_weight=nw.half().to(DEV))
+    assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) < TOL[torch.float16] * 2
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17])
 def test_fused_projections_take_the_gemv_up_to_its_rows(rows, monkeypatch):
     """norm -> gate-up -> SwiGLU -> down as a fused model runs it (the GEMV up to LAYER_GEMV_ROWS rows, the norm and

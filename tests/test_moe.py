@@ -225,6 +225,12 @@ def test_grouped_gemv_folds_the_norm():
     out = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), tiles=PATHS["gemv"],
                     norm=(nw.to(DEV), 1e-6))
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5
+    # fp16 with an outlier channel: w_norm * x (120000) is past fp16's range, the normalized input is not
+    x[:, 5], nw[5] = 3000.0, 40.0
+    ref = experts_ref(rms_norm_ref(x.double(), nw.double(), 1e-6), w13.double(), w2.double(), weights.double(), ids)
+    out = fused_moe(x.half().to(DEV), w13.half().to(DEV), w2.half().to(DEV), weights.to(DEV), ids.to(DEV),
+                    tiles=PATHS["gemv"], norm=(nw.half().to(DEV), 1e-6))
+    assert torch.isfinite(out).all() and ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-2
     with pytest.raises(ValueError, match="normalize x before the grouped GEMMs"):
         fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), weights.to(DEV), ids.to(DEV), tiles=PATHS["gemm"],
                   norm=(nw.to(DEV), 1e-6))

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
-from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_form, weight_tile
+from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, norm_headroom, weight_form, weight_tile
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -270,6 +270,7 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    headroom = norm_headroom(x_ptr.dtype.element_ty)
     for j in range(0, pairs_per_row):
         p = row * pairs_per_row + j
         e = tl.load(ids_ptr + p)
@@ -290,13 +291,13 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
                 a = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
                 if NORM:  # W @ (w_norm * x), scaled by 1 / rms(x) at the end
                     sq += a * a
-                    a = a * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                    a = a * (tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32) * headroom)
             w = weight_tile(w_base, s_base, o_base, ns, ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
                             SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
             acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
         part = tl.sum(acc, 1)
         if NORM:
-            part *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
+            part *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps) / headroom
         if SCALE == 1:
             part *= tl.load(s_base + ns, mask=ok, other=0.0)
         if DOWN:

@@ -129,6 +129,7 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": [[1], [2, "x"]]}, "prompt.1.1: Input should be a valid integer"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages.0.content.0.type: Input should be 'text'"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50256": 1000}}, "logit_bias.50256: Input should be less"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     ("completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, "top_p"),

@@ -220,9 +220,14 @@ _TYPE_ERRORS = frozenset({"string_type", "list_type", "int_type", "int_parsing",
 
 
 def _is_form(part: str | int) -> bool:
-    """Whether a step of an error's location names one form of a union ('str', 'list[TextPart]') rather than a field
-    (our fields are lower-case names) or a list index."""
-    return isinstance(part, str) and (not part.islower() or "[" in part or part in ("str", "int", "float", "bool"))
+    """Whether a step of an error's location names one form of a union ('str', 'list[TextPart]', 'TextPart',
+    'function-after[...]') rather than a field (our fields are lower-case names), a dict key or a list index."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part
+                                      or part[:1].isupper())
+
+
+def _field(loc: tuple) -> list:
+    return [p for p in loc if not _is_form(p)]
 
 
 def describe(e: ValidationError) -> tuple[str, str | None]:
@@ -233,17 +238,14 @@ def describe(e: ValidationError) -> tuple[str, str | None]:
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _Unsupported):
             return str(cause), cause.field
-    def field(loc: tuple) -> list:
-        return [p for p in loc if not _is_form(p)]
-
     if len(errors) > 1 and all(err["type"] in _TYPE_ERRORS and _is_form(err["loc"][-1]) for err in errors) \
-            and all(field(err["loc"]) == field(errors[0]["loc"]) for err in errors):
+            and all(_field(err["loc"]) == _field(errors[0]["loc"]) for err in errors):
         # no form got past the value's type: name them all, as the client would write them
-        where = field(errors[0]["loc"])
+        where = _field(errors[0]["loc"])
         forms = ", ".join(err["loc"][-1].replace("constrained-int", "int") for err in errors)
         return f"{'.'.join(map(str, where))}: must be one of {forms}", str(where[0]) if where else None
     best = max(errors, key=lambda err: (err["type"] not in _TYPE_ERRORS, len(err["loc"])))
-    where = field(best["loc"])
+    where = _field(best["loc"])
     return (f"{'.'.join(map(str, where))}: {best['msg']}" if where else best["msg"]), str(where[0]) if where else None
 
 

@@ -17,7 +17,40 @@ def _run(*args, timeout=60):
     return p, time.perf_counter() - start
 
 
-@pytest.mark.parametrize("args, message", [
+# The bad-option cases run in one child process, through cli.main one after another (each its own stderr): a process
+# each, importing torch and transformers, cost about 3.5 s of CPU apiece on the 2-core CI machine.
+_PROBE = """
+import contextlib, io, json, logging, sys, traceback
+from slipstream import cli
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    logging.getLogger("slipstream").handlers.clear()  # (main adds its stderr handler on every call)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_option_runs() -> dict:
+    import json
+
+    cases = [args for args, _ in BAD_OPTIONS]
+    p = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return {tuple(args): result for args, result in zip(cases, json.loads(p.stdout.splitlines()[-1]))}
+
+
+BAD_OPTIONS = [
     (["generate", "hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["generate", "hi", "--max-tokens", "-1"], "--max-tokens must be an integer >= 1"),
     (["generate", "hi", "--block-size", "0"], "--block-size must be >= 1"),
@@ -46,14 +79,17 @@ def _run(*args, timeout=60):
     (["serve", "--served-model-name", " "], "--served-model-name must not be empty"),
     (["bench", "speculative", "--output-len", "0"], "--output-len must be >= 1, got 0"),
     (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
-])
-def test_bad_options_fail_before_loading(args, message):
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_OPTIONS)
+def test_bad_options_fail_before_loading(args, message, bad_option_runs):
     """One line naming the flag, before anything loads (no start-up progress line)."""
-    p, _ = _run(*args)
-    assert p.returncode == 2 and message in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    code, err = bad_option_runs[tuple(args)]
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
     # a missing model, or one with fewer positions, is found as loading starts
-    assert "[slipstream] loading" not in p.stderr or "--model" in args or "100000" in args
+    assert "[slipstream] loading" not in err or "--model" in args or "100000" in args
 
 
 def test_ctrl_c_while_generating_ends_quietly():

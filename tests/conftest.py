@@ -18,11 +18,13 @@ torch.set_num_threads(_threads)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
-# pytest-xdist (scripts/test.sh: --dist loadfile) hands whole files to its workers in collection order, which is
-# alphabetical: the files of two minutes or more of servers and subprocesses came last, and the suite's last 15% of
-# tests took a third of its time on one or two busy workers. They go first; the rest keep their order.
-SLOW_FILES_FIRST = ("test_tensor_parallel.py", "test_speculative.py", "test_serve_process.py", "test_server.py",
-                    "test_async_scheduling.py", "test_structured.py", "test_tools.py")
+# pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) hands whole files to its workers in this
+# order, longest first, so that no worker starts a long file while the others run out of work (by default it orders
+# files by their number of tests, and the file of most seconds, with 14 tests, started late). Seconds of each file on
+# the 2-core CI machine, four workers (`--durations=0`, commit 3ec8513): 282, 186, 165, 143, 91, 61, 61, 58, 55, 46, 43.
+SLOW_FILES_FIRST = ("test_tensor_parallel.py", "test_speculative.py", "test_kernels.py", "test_serve_process.py",
+                    "test_async_scheduling.py", "test_moe.py", "test_server.py", "test_structured.py",
+                    "test_smollm_equivalence.py", "test_fp8.py", "test_tools.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

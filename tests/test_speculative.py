@@ -238,6 +238,20 @@ def test_draft_policy_follows_the_measured_rates():
     assert p.choose(4) == 1 or p._steps % PROBE_EVERY == 0  # the best now (unless this step probes)
 
 
+def test_draft_policy_is_not_drawn_up_by_a_slow_step_of_no_drafts():
+    """Drafts that are never accepted, and steps of no drafts timed slow by a busy host (the suite's other processes):
+    a step's seconds count as at least those of fewer drafts, so no k above 0 looks better (a CI run drew k to 2)."""
+    from slipstream.engine.speculation import DraftPolicy
+
+    p = DraftPolicy(4)
+    for k in (4, 2, 1):  # measured from the most drafts down, as the climb does
+        p.record(8, k, tokens=8, seconds=0.25 + 0.05 * k)  # no draft accepted: 8 tokens a step
+    p.record(8, 0, tokens=8, seconds=0.6)  # slow: another process had the cores
+    assert p.choose(8) == 0  # (k = 1 and 2 now tie with it: the fewer drafts)
+    p.record(8, 2, tokens=24, seconds=0.4)  # drafts that are accepted still win where they pay
+    assert max(p.rate, key=p.rate.get) == (8, 2)
+
+
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
 def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, async_scheduling):
     """Eight sequences verifying 8 drafts each compute 72 tokens a step instead of 8, which costs on a CPU: with a

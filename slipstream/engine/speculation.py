@@ -5,7 +5,9 @@ verifying them costs, which depends on the batch: a small batch leaves the GPU w
 per sequence are almost free; a large one is compute-bound, and they cost nearly their share. Neither is modelled
 here: both are measured. For each batch size (in powers of two) and each candidate k (0, 1, 2, 4, ... up to
 num_speculative_tokens), the policy keeps moving averages of the output tokens and the seconds of the decode steps
-run with that k, drafting and verifying included: their ratio is the rate. A step takes the best k measured for its batch size, after
+run with that k, drafting and verifying included: their ratio is the rate, with a step's seconds taken as at least
+those of any smaller k measured (more drafts never make a step cheaper; a busy host that said otherwise, timing a
+step of no drafts slow, drew k up with none accepted). A step takes the best k measured for its batch size, after
 measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
 drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
 to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
@@ -36,7 +38,7 @@ class DraftPolicy:
         rates = {k: r for (bb, k), r in self.rate.items() if bb == b}
         if not rates:
             return self._borrowed(b)
-        best = max(rates, key=rates.__getitem__)
+        best = max(rates, key=lambda k: (rates[k], -k))  # (a tie: the fewer drafts, the cheaper step)
         i = self.candidates.index(best)
         near = [self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)]
         unmeasured = [k for k in near if k not in rates]
@@ -53,7 +55,7 @@ class DraftPolicy:
         if not measured:
             return self.candidates[-1]
         nearest = min(measured, key=lambda bb: abs(bb.bit_length() - b.bit_length()))
-        return max((k for bb, k in self.rate if bb == nearest), key=lambda k: self.rate[(nearest, k)])
+        return max((k for bb, k in self.rate if bb == nearest), key=lambda k: (self.rate[(nearest, k)], -k))
 
     def record(self, batch: int, k: int, tokens: int, seconds: float) -> None:
         """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`.
@@ -62,8 +64,12 @@ class DraftPolicy:
         the short one's rate for the truth."""
         if seconds <= 0 or k not in self.candidates:
             return
-        key = (self.bucket(batch), k)
-        t, s = self._sums.get(key, (tokens, seconds))
-        t, s = (1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds
-        self._sums[key] = (t, s)
-        self.rate[key] = t / s
+        b = self.bucket(batch)
+        t, s = self._sums.get((b, k), (tokens, seconds))
+        self._sums[(b, k)] = ((1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds)
+        floor = 0.0
+        for kk in self.candidates:  # (ascending)
+            if (b, kk) in self._sums:
+                t, s = self._sums[(b, kk)]
+                floor = max(floor, s)
+                self.rate[(b, kk)] = t / floor

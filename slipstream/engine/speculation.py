@@ -5,9 +5,7 @@ verifying them costs, which depends on the batch: a small batch leaves the GPU w
 per sequence are almost free; a large one is compute-bound, and they cost nearly their share. Neither is modelled
 here: both are measured. For each batch size (in powers of two) and each candidate k (0, 1, 2, 4, ... up to
 num_speculative_tokens), the policy keeps moving averages of the output tokens and the seconds of the decode steps
-run with that k, drafting and verifying included: their ratio is the rate, with a step's seconds taken as at least
-those of any smaller k measured (more drafts never make a step cheaper; a busy host that said otherwise, timing a
-step of no drafts slow, drew k up with none accepted). A step takes the best k measured for its batch size, after
+run with that k, drafting and verifying included: their ratio is the rate (a tie goes to the fewer drafts). A step takes the best k measured for its batch size, after
 measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
 drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
 to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
@@ -64,12 +62,8 @@ class DraftPolicy:
         the short one's rate for the truth."""
         if seconds <= 0 or k not in self.candidates:
             return
-        b = self.bucket(batch)
-        t, s = self._sums.get((b, k), (tokens, seconds))
-        self._sums[(b, k)] = ((1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds)
-        floor = 0.0
-        for kk in self.candidates:  # (ascending)
-            if (b, kk) in self._sums:
-                t, s = self._sums[(b, kk)]
-                floor = max(floor, s)
-                self.rate[(b, kk)] = t / floor
+        key = (self.bucket(batch), k)
+        t, s = self._sums.get(key, (tokens, seconds))
+        t, s = (1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds
+        self._sums[key] = (t, s)
+        self.rate[key] = t / s

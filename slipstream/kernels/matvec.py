@@ -17,8 +17,8 @@ cores, 16 rows at once, each weight tile loaded once for all of them, so that a 
 one row does (with cuBLAS and the unfused ops, a batch-1 verifying step of k + 1 rows cost 6.8 ms where a plain
 decode step cost 5.9: H100, Llama-3.1-8B shape, lease AK); the layers send it up to LAYER_GEMV_ROWS rows, one until a
 GPU has measured where this form beats cuBLAS. What meets W is rounded to x's dtype, as the unfused
-kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale; in fp16 scaled
-by 2^-8 to stay in range: norm_headroom).
+kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale; in fp16, whose
+65504 that product can pass where the normalized input would not, w_norm multiplies the weight tile instead: NORM_ON_W).
 FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
 (layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) are unpacked and
@@ -50,18 +50,6 @@ ROW_CONFIGS = [
     for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 8, 3),
                          (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)]
 ]
-
-
-@triton.jit
-def norm_headroom(dtype: tl.constexpr):
-    """The folded RMSNorm meets W with w_norm * (x + residual) before its 1/rms scale, which can pass fp16's 65504
-    where the normalized input would not (a residual of 3000 in an outlier channel, a norm weight of 40): in fp16 it
-    goes in scaled by 2^-8 (a power of two: exact, and its smallest values lose less than fp16 rounds a value near 1)
-    and the 1/rms scale takes 2^8 back."""
-    if dtype == tl.float16:
-        return 0.00390625
-    else:
-        return 1.0
 
 
 @triton.jit
@@ -101,7 +89,7 @@ def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dty
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
                  stride_ws, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # SCALE: as weight_tile reads it. BLOCK_M: 1 (one row: products summed elementwise) or at least 16 (up to
     # BLOCK_M rows through the tensor cores); x, the residual and y are contiguous [M, K or 2K or N].
     pid = tl.program_id(0)
@@ -115,7 +103,6 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     width = 2 * K if PROLOGUE == 2 else K  # of a row of x
-    headroom = norm_headroom(x_ptr.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         ok = m_ok[:, None] & (ks < K)[None, :]
@@ -131,9 +118,13 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
                     tl.store(res_out_ptr + at, a.to(res_out_ptr.dtype.element_ty), mask=ok)
             if PROLOGUE == 1:
                 sq += a * a
-                a = a * (tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * headroom)[None, :]
+                nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+                if not NORM_ON_W:
+                    a = a * nw[None, :]
         w = weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
                         SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
+        if NORM_ON_W:
+            w = w * nw[None, :]
         a = a.to(x_ptr.dtype.element_ty)
         if BLOCK_M == 1:
             acc += w * a.to(tl.float32)
@@ -146,7 +137,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
     if SCALE == 1:
         y *= tl.load(ws_ptr + ns, mask=n_ok, other=0.0)[None, :]
     if PROLOGUE == 1:
-        y = y * (tl.math.rsqrt(tl.sum(sq, 1) / K + eps) / headroom)[:, None]
+        y = y * tl.math.rsqrt(tl.sum(sq, 1) / K + eps)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + ms[:, None] * N + ns[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -204,6 +195,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         res_out if res_out is not None else y, m, n, k, eps, weight.stride(0),
         weight_scale.stride(0) if weight_scale is not None else 0,
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
-        SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype), **tiles,
+        SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype),
+        NORM_ON_W=prologue == "rmsnorm" and x.dtype == torch.float16, **tiles,
     )
     return y, res_out

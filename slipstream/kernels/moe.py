@@ -39,7 +39,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
-from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, norm_headroom, weight_form, weight_tile
+from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_form, weight_tile
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -260,8 +260,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
 @triton.jit(do_not_specialize=["eps", "one_token"])
 def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_ptr, N, K, num_experts, pairs_per_row,
                      x_div, eps, one_token, stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
-                     DOWN: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr,
-                     SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     DOWN: tl.constexpr, NORM: tl.constexpr, NORM_ON_W: tl.constexpr, SCALE: tl.constexpr,
+                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Output row `row`, columns of this program: the sum over its `pairs_per_row` pairs p of rw[p] (DOWN) times
     expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p; NORM: RMSNorm of it with
     weight nw, applied as the dense GEMV's prologue applies it). SCALE as kernels/matvec.py's weight_tile reads it. A
@@ -270,7 +270,6 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    headroom = norm_headroom(x_ptr.dtype.element_ty)
     for j in range(0, pairs_per_row):
         p = row * pairs_per_row + j
         e = tl.load(ids_ptr + p)
@@ -291,13 +290,17 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
                 a = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
                 if NORM:  # W @ (w_norm * x), scaled by 1 / rms(x) at the end
                     sq += a * a
-                    a = a * (tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32) * headroom)
+                    nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                    if not NORM_ON_W:
+                        a = a * nw
             w = weight_tile(w_base, s_base, o_base, ns, ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
                             SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
+            if NORM_ON_W:  # (fp16: as the dense GEMV, kernels/matvec.py)
+                w = w * nw[None, :]
             acc += w * a.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
         part = tl.sum(acc, 1)
         if NORM:
-            part *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps) / headroom
+            part *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
         if SCALE == 1:
             part *= tl.load(s_base + ns, mask=ok, other=0.0)
         if DOWN:
@@ -348,7 +351,8 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         fold = norm is not None and not down
         _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](
             a, b, s, z, ids, weights, norm[0] if fold else a, c, n, kk, e, per_row, x_div, norm[1] if fold else 0.0,
-            int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold, SCALE=scale,
+            int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold,
+            NORM_ON_W=fold and x.dtype == torch.float16, SCALE=scale,
             SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED)
     return out
 

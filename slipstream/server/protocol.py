@@ -226,6 +226,20 @@ def _is_form(part: str | int) -> bool:
                                       or part[:1].isupper())
 
 
+def _only_type(err: dict) -> bool:
+    """Whether an error says only that the value is not of this form (a literal form among them: tool_choice "maybe")."""
+    last = err["loc"][-1] if err["loc"] else None
+    return err["type"] in _TYPE_ERRORS or (err["type"] == "literal_error" and last is not None and _is_form(last))
+
+
+def _form_name(form: str) -> str:
+    """A union form as a client reads it: list[int] for pydantic's list[constrained-int], the values of a literal,
+    "an object" for a model."""
+    if form.startswith("literal["):
+        return form[len("literal["):-1].replace(",", ", ")
+    return "an object" if form[:1].isupper() else form.replace("constrained-int", "int")
+
+
 def _field(loc: tuple) -> list:
     return [p for p in loc if not _is_form(p)]
 
@@ -238,13 +252,15 @@ def describe(e: ValidationError) -> tuple[str, str | None]:
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _Unsupported):
             return str(cause), cause.field
-    if len(errors) > 1 and all(err["type"] in _TYPE_ERRORS and _is_form(err["loc"][-1]) for err in errors) \
+    if len(errors) > 1 and all(_only_type(err) and err["loc"] and _is_form(err["loc"][-1]) for err in errors) \
             and all(_field(err["loc"]) == _field(errors[0]["loc"]) for err in errors):
         # no form got past the value's type: name them all, as the client would write them
         where = _field(errors[0]["loc"])
-        forms = ", ".join(err["loc"][-1].replace("constrained-int", "int") for err in errors)
+        forms = ", ".join(_form_name(err["loc"][-1]) for err in errors)
         return f"{'.'.join(map(str, where))}: must be one of {forms}", str(where[0]) if where else None
-    best = max(errors, key=lambda err: (err["type"] not in _TYPE_ERRORS, len(err["loc"])))
+    # (between forms that got as deep: the one that failed at a later element, [1, 2, 3, "x"] as token ids)
+    best = max(errors, key=lambda err: (not _only_type(err), len(err["loc"]),
+                                        [p for p in err["loc"] if isinstance(p, int)]))
     where = _field(best["loc"])
     return (f"{'.'.join(map(str, where))}: {best['msg']}" if where else best["msg"]), str(where[0]) if where else None
 

@@ -5,8 +5,8 @@ verifying them costs, which depends on the batch: a small batch leaves the GPU w
 per sequence are almost free; a large one is compute-bound, and they cost nearly their share. Neither is modelled
 here: both are measured. For each batch size (in powers of two) and each candidate k (0, 1, 2, 4, ... up to
 num_speculative_tokens), the policy keeps moving averages of the output tokens and the seconds of the decode steps
-run with that k, drafting and verifying included: their ratio is the rate (a tie goes to the fewer drafts). A step takes the best k measured for its batch size, after
-measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
+run with that k, drafting and verifying included: their ratio is the rate (a tie goes to the fewer drafts). A step
+takes the best k measured for its batch size, after measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
 drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
 to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
 switches speculation off for that batch size.

@@ -145,3 +145,34 @@ def test_the_checker_sees_circles(tmp_path):
     a.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import slipstream.config\ndef f():\n    import slipstream.cli\n")
     top, every = _imports(a)
     assert top == {"typing"} and every == {"typing", "slipstream.cli"}
+
+
+def _pdl_faults(source: str) -> list[str]:
+    """Where a kernel module breaks kernels/_pdl.py's rule: a Triton kernel (a `*_kernel` function) whose first statement
+    after its docstring is not `await_inputs(PDL)`, or a launch (`name[grid](...)`) that does not pass `**pdl(...)`. A
+    kernel launched with PDL that touched memory before waiting would race the kernel before it."""
+    faults = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+            body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body
+            first = body[0].value if body and isinstance(body[0], ast.Expr) else None
+            if not (isinstance(first, ast.Call) and ast.unparse(first) == "await_inputs(PDL)"):
+                faults.append(f"{node.name} does not begin with await_inputs(PDL)")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+            if not any(k.arg is None and isinstance(k.value, ast.Call) and ast.unparse(k.value.func) == "pdl"
+                       for k in node.keywords):
+                faults.append(f"launch of {ast.unparse(node.func.value)} without **pdl(...)")
+    return faults
+
+
+def test_every_triton_kernel_waits_before_touching_memory():
+    gluon = {"slipstream/kernels/attention_sm90.py"}  # (launched without PDL: Gluon has no grid dependency control here)
+    faults = {str(p.relative_to(ROOT.parent)): _pdl_faults(p.read_text()) for p in (ROOT / "kernels").glob("*.py")}
+    assert {p: f for p, f in faults.items() if f and p not in gluon} == {}
+
+
+def test_the_pdl_checker_sees_a_kernel_that_does_not_wait():
+    bad = ("def _a_kernel(x, PDL: tl.constexpr):\n    '''doc'''\n    y = tl.load(x)\n    await_inputs(PDL)\n"
+           "def _b_kernel(x, PDL: tl.constexpr):\n    await_inputs(PDL)\n"
+           "def f(x):\n    _a_kernel[(1,)](x, **pdl(x))\n    _b_kernel[(1,)](x, PDL=False)\n")
+    assert _pdl_faults(bad) == ["_a_kernel does not begin with await_inputs(PDL)", "launch of _b_kernel without **pdl(...)"]

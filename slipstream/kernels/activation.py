@@ -6,10 +6,12 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import cdiv
+from slipstream.kernels._pdl import await_inputs, pdl
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -24,5 +26,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = x2.shape[1] // 2
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl(x2))
     return out.view(*shape[:-1], n)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
+from slipstream.kernels._pdl import await_inputs, pdl
 
 try:  # Gluon (Triton's tile-level dialect) carries the Hopper prefill kernel; older Tritons lack it
     from slipstream.kernels import attention_sm90
@@ -104,7 +105,9 @@ def _prefill_kernel(
     max_q_len, first_seq, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     tile = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(0)  # heavy (late) tiles first
     b = first_seq + tl.program_id(1)
     h = tl.program_id(2)
@@ -153,7 +156,9 @@ def _decode_kernel(
     partition, split_base,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -195,10 +200,12 @@ def _shared_prefix_kernel(
     stride_lb, stride_lh, partition,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Cascade attention: every decode's query heads of one KV head form the rows of one tile, attending to one
     partition of the prefix pages all sequences share (sequence 0's table), so those pages are read once per
     step instead of once per sequence."""
+    await_inputs(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -250,7 +257,9 @@ def _reduce_kernel(
     part_out, part_lse, seq_lens, shared_ptr, out_ptr, partition, split_base, shared_partition,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr, SHARED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     # Partitions are merged SPLIT_BLOCK at a time with a running max, so the kernel does not depend on how many
     # there are (a constexpr split count would compile a new variant whenever contexts grew past a power of 2).
     # Slots [0, split_base) hold the shared-prefix partitions, the sequence's own follow from split_base.
@@ -324,7 +333,7 @@ def paged_prefill(
         block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
         GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype), TMA=tma, SCALED=kv_scales is not None, num_warps=4,
-        num_stages=1 if INTERPRET else 2 if tma else 3,
+        num_stages=1 if INTERPRET else 2 if tma else 3, **pdl(q),
     )
     return out
 
@@ -405,7 +414,7 @@ def paged_decode(
     if splits == 1 and shared is None:
         _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, out, out, seq_lens,
                                      scale * _LOG2E, *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False,
-                                     **common)
+                                     **common, **pdl(q))
         return out
     base = cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
     part_out = torch.empty((bsz, hq, base + splits, d), dtype=torch.float32, device=q.device)
@@ -418,11 +427,13 @@ def paged_decode(
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
             *pstr, SHARED_PARTITION, GROUP=group, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
             PRECISION=dot_precision(q.dtype), SCALED=kv_scales is not None, num_warps=4, num_stages=1 if INTERPRET else 3,
+            **pdl(q),
         )
     flag = shared if shared is not None else seq_lens
     _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, part_out, part_lse, flag,
                                       scale * _LOG2E, *strides, *pstr, partition, base, SPLIT=True,
-                                      SHARED=shared is not None, **common)
+                                      SHARED=shared is not None, **common, **pdl(q))
     _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, flag, out, partition, base, SHARED_PARTITION, *pstr,
-                              out.stride(0), out.stride(1), HEAD_DIM=d, SPLIT_BLOCK=16, SHARED=shared is not None)
+                              out.stride(0), out.stride(1), HEAD_DIM=d, SPLIT_BLOCK=16, SHARED=shared is not None,
+                              **pdl(q))
     return out

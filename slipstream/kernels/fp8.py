@@ -19,12 +19,15 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, next_pow2
+from slipstream.kernels._pdl import await_inputs, pdl
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite E4M3 value (a constexpr: kernels read it)
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * K
@@ -45,7 +48,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, STATIC: tl.
 
 
 @triton.jit
-def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, GROUP: tl.constexpr):
+def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, GROUP: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row, g = tl.program_id(0), tl.program_id(1)
     ks = g * GROUP + tl.arange(0, GROUP)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + ks).to(tl.float32)
@@ -61,16 +65,16 @@ def quantize_fp8(x: torch.Tensor, group: int = 0, scale: torch.Tensor | None = N
         x = x.contiguous()
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     if scale is not None:
-        _quant_rows_kernel[(m,)](x, q, q, scale, k, x.stride(0), STATIC=True, BLOCK=1024)
+        _quant_rows_kernel[(m,)](x, q, q, scale, k, x.stride(0), STATIC=True, BLOCK=1024, **pdl(x))
         return q, scale
     if group:
         if k % group:
             raise ValueError(f"activation width {k} is not a multiple of the scale group {group}")
         s = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
-        _quant_groups_kernel[(m, k // group)](x, q, s, k, x.stride(0), GROUP=group)
+        _quant_groups_kernel[(m, k // group)](x, q, s, k, x.stride(0), GROUP=group, **pdl(x))
         return q, s
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    _quant_rows_kernel[(m,)](x, q, s, s, k, x.stride(0), STATIC=False, BLOCK=1024)
+    _quant_rows_kernel[(m,)](x, q, s, s, k, x.stride(0), STATIC=False, BLOCK=1024, **pdl(x))
     return q, s
 
 
@@ -89,7 +93,9 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_B
                      stride_am, stride_bn, stride_cm, stride_sa, stride_sb,
                      BLOCKWISE: tl.constexpr, SA_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SCALE_BN: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     PDL: tl.constexpr):
+    await_inputs(PDL)
     # Grouped tile order: GROUP_M row tiles walk the N tiles together, so a B tile is reused from L2.
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -147,6 +153,6 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
         a, b, c, sa, sb, bias if bias is not None else c, m, n, k, bucket,
         a.stride(0), b.stride(0), c.stride(0), sa.stride(0) if sa.dim() == 2 else 0, sb.stride(0) if sb.dim() == 2 else 0,
         BLOCKWISE=block is not None, SA_SCALAR=sa.numel() == 1, HAS_BIAS=bias is not None,
-        SCALE_BN=block[0] if block else 1, **extra,
+        SCALE_BN=block[0] if block else 1, **extra, **pdl(a),
     )
     return c

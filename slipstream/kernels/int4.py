@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
+from slipstream.kernels._pdl import await_inputs, pdl
 
 
 @triton.jit
@@ -70,7 +71,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CODE: tl.constexpr, OFFSET: tl.constexpr,
                   FINE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,5 +131,5 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                         y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
                         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code,
                         OFFSET=offsets is not None, FINE=fine_groups(bk, group),
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl(x))
     return y

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import GEMV_ROWS, INTERPRET, cdiv, dot_precision
+from slipstream.kernels._pdl import await_inputs, pdl
 from slipstream.kernels.int4 import e2m1
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -89,7 +90,9 @@ def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dty
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
                  stride_ws, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
-                 NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    await_inputs(PDL)
     # SCALE: as weight_tile reads it. BLOCK_M: 1 (one row: products summed elementwise) or at least 16 (up to
     # BLOCK_M rows through the tensor cores); x, the residual and y are contiguous [M, K or 2K or N].
     pid = tl.program_id(0)
@@ -196,6 +199,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight_scale.stride(0) if weight_scale is not None else 0,
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
         SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype),
-        NORM_ON_W=prologue == "rmsnorm" and x.dtype == torch.float16, **tiles,
+        NORM_ON_W=prologue == "rmsnorm" and x.dtype == torch.float16, **tiles, **pdl(x),
     )
     return y, res_out

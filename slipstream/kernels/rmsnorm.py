@@ -6,11 +6,13 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import next_pow2
+from slipstream.kernels._pdl import await_inputs, pdl
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -37,6 +39,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     block = next_pow2(n)
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, res_out, n, eps, x2.stride(0), r2.stride(0), out.stride(0),
-        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl(x2),
     )
     return out.view(shape), res_out.view(shape)

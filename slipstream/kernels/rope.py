@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels.fp8 import FP8_MAX
+from slipstream.kernels._pdl import await_inputs, pdl
 
 
 @triton.jit
@@ -25,7 +26,9 @@ def _qk_norm_rope_store_kernel(
     stride_t, stride_qt, stride_qh, stride_cs, stride_kt, stride_kh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
     QK_NORM: tl.constexpr, SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)  # 0..NUM_HEADS-1: a query head; then the key/value heads
     d = tl.arange(0, HEAD_DIM)
@@ -97,7 +100,6 @@ def qk_norm_rope_store(
         qkv, positions, cos_sin, slot_mapping, q, flat_k, flat_v, ks, vs, q_norm if norm else qkv, k_norm if norm else qkv,
         eps, qkv.stride(0), q.stride(0), q.stride(1), cos_sin.stride(0), flat_k.stride(0), flat_k.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=cos_sin.shape[1], QK_NORM=norm,
-        SCALED=kv_scales is not None,
-        num_warps=1,
+        SCALED=kv_scales is not None, num_warps=1, **pdl(qkv),
     )
     return q

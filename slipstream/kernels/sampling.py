@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import cdiv
+from slipstream.kernels._pdl import await_inputs, pdl
 from slipstream.sampling_params import GREEDY_BELOW
 
 _GREEDY_BELOW = tl.constexpr(GREEDY_BELOW)  # jit code reads globals only as constexpr
@@ -30,8 +31,10 @@ def _mix(x):
 @triton.jit(do_not_specialize=["vocab", "chunk", "mask_stride"],
             do_not_specialize_on_alignment=["seed_ptr", "pos_ptr", "temp_ptr"])
 def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, mask_ptr, val_ptr, idx_ptr, vocab, stride, mask_stride, chunk,
-                 SAMPLED: tl.constexpr, MASKED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                 SAMPLED: tl.constexpr, MASKED: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
     """Best (score, index) of one row over one vocabulary chunk."""
+    await_inputs(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     greedy = True
@@ -68,8 +71,9 @@ def _race_kernel(logits_ptr, seed_ptr, pos_ptr, temp_ptr, mask_ptr, val_ptr, idx
 
 
 @triton.jit(do_not_specialize=["splits"])  # 1 from 2 x SMs rows on: no new variant for big batches mid-serving
-def _pick_kernel(val_ptr, idx_ptr, out_ptr, splits, vocab, MAX_SPLITS: tl.constexpr):
+def _pick_kernel(val_ptr, idx_ptr, out_ptr, splits, vocab, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Across the chunks of one row: the highest score, the lowest index among ties (as torch.argmax)."""
+    await_inputs(PDL)
     row = tl.program_id(0)
     j = tl.arange(0, MAX_SPLITS)
     ok = j < splits
@@ -99,8 +103,8 @@ def _race(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Ten
     _race_kernel[(rows, splits)](logits, *((seeds, positions, temperature) if sampled else (logits,) * 3),
                                  allowed if masked else logits, vals, idxs, vocab, logits.stride(0),
                                  allowed.stride(0) if masked else 0, chunk, SAMPLED=sampled, MASKED=masked,
-                                 MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK, num_warps=8)
-    _pick_kernel[(rows,)](vals, idxs, out, splits, vocab, MAX_SPLITS=_MAX_SPLITS, num_warps=1)
+                                 MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK, num_warps=8, **pdl(logits))
+    _pick_kernel[(rows,)](vals, idxs, out, splits, vocab, MAX_SPLITS=_MAX_SPLITS, num_warps=1, **pdl(vals))
     return out
 
 

@@ -6,7 +6,9 @@ how fast the batch-1 MoE GEMVs stream their weights: the evidence for where a Qw
 Chains of dependent kernels (each reads what the one before wrote) are captured in a graph and replayed: the time per
 kernel of a chain of empty kernels is the fixed cost of a launch; a chain of GEMVs of a decode layer's shapes shows
 what that cost does to their bandwidth. Then the two grouped GEMVs of one Qwen3-30B-A3B MoE layer (128 experts of
-width 768 on 2,048, top 8, one token), each timed alone.
+width 768 on 2,048, top 8, one token), each timed alone. Every GEMV of a chain reads weights of its own (each layer
+its own matrices, each launch of an expert GEMV 8 other experts of the 128), so the bytes come from HBM, not from an
+L2 (50 MB on an H100) that a chain repeating one 25 MB projection would serve.
 """
 from __future__ import annotations
 
@@ -70,7 +72,6 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
           f"copy {bw / 1e12:.2f} TB/s")
     chain = 96
-    x = torch.zeros(1 << 16, device="cuda")
     for pdl in (False, True):
         bufs = [torch.zeros(128, device="cuda") for _ in range(chain + 1)]
 
@@ -80,19 +81,19 @@ def main() -> None:
         print(f"empty kernel, pdl={pdl}: {graph_time(touches) / chain * 1e6:.2f} us a kernel")
     # (layer shapes of Qwen3-30B-A3B: q|k|v 5,120 x 2,048; o 2,048 x 4,096; router 128 x 2,048)
     shapes = [(5120, 2048), (2048, 4096), (128, 2048)]
+    layers_n = chain // len(shapes)
+    ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes] for _ in range(layers_n)]
+    xs = [torch.randn(k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+    ys = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
     for bn, bk, warps in ((8, 512, 4), (16, 256, 4), (4, 1024, 8)):
         for pdl in (False, True):
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
-            xs = [torch.randn(k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
-            ys = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
-
             def layers() -> None:
-                for _ in range(chain // len(shapes)):
-                    for w, xx, y in zip(ws, xs, ys):
+                for layer in ws:
+                    for w, xx, y in zip(layer, xs, ys):
                         _gemv[(triton.cdiv(w.shape[0], bn),)](xx, w, y, w.shape[0], w.shape[1], PDL=pdl, BLOCK_N=bn,
                                                               BLOCK_K=bk, num_warps=warps, launch_pdl=pdl)
-            t = graph_time(layers) / (chain // len(shapes))
-            nbytes = sum(w.numel() * 2 for w in ws)
+            t = graph_time(layers) / layers_n
+            nbytes = sum(w.numel() * 2 for w in ws[0])
             print(f"GEMV chain q|k|v, o, router (BLOCK_N {bn}, BLOCK_K {bk}, {warps} warps), pdl={pdl}: "
                   f"{t * 1e6:.1f} us a layer, {nbytes / t / 1e12:.2f} TB/s = {nbytes / t / bw:.0%} of copy")
 
@@ -101,7 +102,10 @@ def main() -> None:
     w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randperm(e, device="cuda")[:k].to(torch.int32)[None]
+    launches = e // k  # each launch 8 experts no other launch reads: all 128 (403 MB), once a replay
+    order = torch.randperm(e, device="cuda").to(torch.int32)
+    id_sets = [order[i * k:(i + 1) * k][None].contiguous() for i in range(launches)]
+    ids = id_sets[0]
     wts = torch.full((1, k), 1 / k, device="cuda")
     mid = torch.randn(k, 2 * inter, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, h, device="cuda", dtype=torch.bfloat16)
@@ -110,16 +114,16 @@ def main() -> None:
             ("gate-up", x, w13, mid, 2 * inter, h, k, 1, k, False), ("down", mid, w2, out, h, inter, 1, k, 1, True)):
         for pdl in (False, True):
             def run() -> None:
-                for _ in range(16):  # (the same projection 16 times: each launch waits for the one before)
+                for chosen in id_sets:  # (each launch waits for the one before)
                     moe._moe_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](
-                        a, b, x, x, ids, wts, a, c, n, kk, e, per_row, x_div, 0.0, 1, a.stride(0), c.stride(0),
+                        a, b, x, x, chosen, wts, a, c, n, kk, e, per_row, x_div, 0.0, 1, a.stride(0), c.stride(0),
                         b.stride(0), b.stride(1), 0, 0, DOWN=down, NORM=False, NORM_ON_W=False, SCALE=0, SCALE_BN=1,
                         SCALE_BK=1, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
-            t = graph_time(run) / 16
+            t = graph_time(run) / launches
             nbytes = k * n * kk * 2
-            best = {key: cfg for key, cfg in moe._moe_gemv.cache.items() if key[0] == n and key[1] == kk}
+            best = [cfg.all_kwargs() for key, cfg in moe._moe_gemv.cache.items() if key[0] == n and key[1] == kk]
             print(f"MoE {name} GEMV, 1 token, pdl={pdl}: {t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s = "
-                  f"{nbytes / t / bw:.0%} of copy; tiles {list(best.values())}")
+                  f"{nbytes / t / bw:.0%} of copy; tiles {best}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from slipstream.kernels._device import INTERPRET
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton before 3.4 has no grid dependency control: kernels launch as they did before PDL
+    gdc_launch_dependents = gdc_wait = None
 
 _OFF = {"PDL": False}
 _ON = {"PDL": True, "launch_pdl": True}
@@ -35,7 +39,8 @@ def await_inputs(PDL: tl.constexpr):
 
 @functools.cache
 def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # (ROCm's MI300 reports capability 9.4: no PDL there)
+    return gdc_wait is not None and torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl(t: torch.Tensor) -> dict:

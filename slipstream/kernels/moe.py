@@ -166,7 +166,7 @@ def route(logits: torch.Tensor, top_k: int, *, sigmoid: bool = False, bias: torc
     weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
     # (a warp a token up to 512 experts: the k passes of argmax are warp shuffles, not reductions through shared
-    # memory across warps; at batch 1 the kernel is all latency, 4.1 us of four warps on an H100)
+    # memory across warps; at batch 1 the kernel is all latency: 4.1 us with four warps on an H100, lease AM)
     _route_kernel[(t,)](logits, bias if bias is not None else logits, weights, ids, e, logits.stride(0), scale,
                         SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUPS=num_groups, TOPK_GROUPS=topk_groups,
                         TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k),
@@ -282,8 +282,8 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     # One loop over (pair, K tile), not a loop over K in a loop over pairs: the weight loads stay pipelined across
-    # the pairs' borders. The down projection's K (768 for Qwen3-30B-A3B) is a few tiles, and a pipeline restarted at
-    # every pair streamed at 73% of the gate-up's rate (H100).
+    # the pairs' borders. The down projection's K (768 for Qwen3-30B-A3B) is a few tiles, and with a pipeline
+    # restarted at every pair it took 14.1 us a layer where this loop takes 8.8 (H100, scripts/pdl_probe.py).
     tiles = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)  # (NORM: one pair a row)

@@ -20,6 +20,7 @@ from slipstream import SamplingParams
 from slipstream.config import EngineConfig, ModelConfig, MoEConfig
 from slipstream.runner.batch import SamplingRow, SeqStep, Step
 from slipstream.runner.cuda_graphs import CapturePool, PiecewiseLadder
+from slipstream.runner.inputs import front_padded, host_inputs
 from slipstream.runner.model_runner import ModelRunner
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -141,12 +142,7 @@ def test_steps_of_any_shape_in_graph_pieces_equal_eager(monkeypatch, device, var
             Step([SeqStep(b, [more[2]], 29, t[1], 0, row), SeqStep(a, more[3:7], 39, t[0], 3, row),
                   SeqStep(c, more[6:8], 80, t[2], 1, row)]),
         ]
-        got, states = [], []
-        for step in steps:
-            got.append(_logits_by_seq(runner, step))
-            if aux:
-                states.append({sid: runner.head_states[r : r + n].cpu().clone() for sid, (r, _, n) in runner.computed.items()})
-        return got, states, t
+        return (*_run_steps(runner, steps, bool(aux)), t)
 
     replays = []
     monkeypatch.setattr(pieces, "run", lambda h, feed: replays.append(len(h.input_ids)) or type(pieces).run(pieces, h, feed))
@@ -154,14 +150,33 @@ def test_steps_of_any_shape_in_graph_pieces_equal_eager(monkeypatch, device, var
     assert replays == [64, 52, 32, 7]  # every step, the first prefill (exactly a captured size) included
     runner.pieces = None
     eager, eager_states, t2 = run(10, 20)
-    for step_g, step_e in zip(graphed, eager):
-        assert {k + 10 for k in step_g} == set(step_e)
-        for sid, lg in step_g.items():
-            torch.testing.assert_close(lg, step_e[sid + 10], atol=2e-4, rtol=1e-4)
-    for step_g, step_e in zip(graphed_states, eager_states):
-        for sid, st in step_g.items():
-            torch.testing.assert_close(st, step_e[sid + 10], atol=2e-4, rtol=1e-4)
-    for i, n in enumerate((43, 30, 82)):  # each position's K/V
+    _same_by_seq(graphed, eager, 10)
+    _same_by_seq(graphed_states, eager_states, 10)
+    _same_kv(runner, t1, t2, (43, 30, 82))
+
+
+def _run_steps(runner: ModelRunner, steps: list[Step], states: bool) -> tuple[list[dict], list[dict]]:
+    """Each step's logits by sequence id, and (`states`) the states a draft head reads, by sequence id."""
+    got, kept = [], []
+    for step in steps:
+        got.append(_logits_by_seq(runner, step))
+        if states:
+            kept.append({sid: runner.head_states[r : r + n].cpu().clone() for sid, (r, _, n) in runner.computed.items()})
+    return got, kept
+
+
+def _same_by_seq(a: list[dict], b: list[dict], offset: int) -> None:
+    """Step by step, sequence i's tensors in `a` equal sequence i + offset's in `b`."""
+    assert len(a) == len(b)
+    for step_a, step_b in zip(a, b):
+        assert {k + offset for k in step_a} == set(step_b)
+        for sid, x in step_a.items():
+            torch.testing.assert_close(x, step_b[sid + offset], atol=2e-4, rtol=1e-4)
+
+
+def _same_kv(runner: ModelRunner, t1: list[list[int]], t2: list[list[int]], lengths: tuple[int, ...]) -> None:
+    """Each position's K/V (and scales) of sequence i, on pages t1[i] and t2[i], equal in every layer."""
+    for i, n in enumerate(lengths):
         slots1 = [t1[i][q // BS] * BS + q % BS for q in range(n)]
         slots2 = [t2[i][q // BS] * BS + q % BS for q in range(n)]
         for layer in range(TINY.num_layers):
@@ -233,3 +248,64 @@ def test_drafts_never_change_the_output(fresh, monkeypatch, kind):
         if name == "right":
             assert steps < plain_steps, f"correct drafts took {steps} steps, plain decoding {plain_steps}"
     assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("device,variant", [(d, v) for d in DEVICES for v in ("dense", "fp8-kv", "eagle3-states")])
+def test_uneven_drafts_padded_to_the_verifying_shape_equal_the_step_unpadded(monkeypatch, device, variant):
+    """Sequences verifying 3, 0 and 1 drafts (one fed the token just drawn, on the device) beside a prompt's last 2
+    tokens, padded in front to the 4 tokens a sequence of the verifying ladder (on a GPU they replay its graph; on the
+    CPU the padded step runs eagerly): the same logits, draft-head states and KV as the same steps unpadded."""
+    aux = (1,) if variant == "eagle3-states" else ()
+    config = EngineConfig.from_options(None, device=device, dtype="float32", block_size=BS, num_blocks=64,
+                                       max_model_len=256, max_num_seqs=8, max_num_batched_tokens=200,
+                                       kv_cache_dtype="fp8" if variant == "fp8-kv" else "auto")
+    runner = ModelRunner(config, TINY, None, 256, {2}, aux_layers=aux)
+    padded_shape = runner._graph_shaped
+    replays = []
+    if device == "cuda":
+        runner.capture_graphs(4)
+        ladder = runner.graphs[4]
+        monkeypatch.setattr(ladder, "run", lambda h, feed: replays.append(len(h.input_ids)) or type(ladder).run(ladder, h, feed))
+    else:  # no graphs on the CPU: pad as the runner would for a verifying ladder of 4 tokens a sequence
+        padded_shape = lambda h: front_padded(h, 4, runner.kv.pad_slot) or h  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (37, 27, 80, 30)]
+    more = torch.randint(3, 256, (12,), generator=g).tolist()
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+
+    def run(base: int, first_page: int) -> tuple[list[dict], list[dict], list[list[int]]]:
+        t = [list(range(first_page + 6 * i, first_page + 6 * i + 6)) for i in range(4)]
+        a, b, c, d = (base + i for i in range(4))
+        runner.launch(Step([SeqStep(a, prompts[0], 0, t[0], 0, row), SeqStep(b, prompts[1], 0, t[1], 0, row),
+                            SeqStep(c, prompts[2], 0, t[2], 0, row), SeqStep(d, prompts[3][:28], 0, t[3])]))
+        steps = [
+            # b fed the token just drawn, no drafts; a 3 drafts; c 1; d its prompt's last 2 tokens
+            Step([SeqStep(b, [0], 27, t[1], 0, row, feed_previous=True), SeqStep(a, more[0:4], 37, t[0], 3, row),
+                  SeqStep(c, more[4:6], 80, t[2], 1, row), SeqStep(d, prompts[3][28:], 28, t[3], 0, row)]),
+            Step([SeqStep(a, more[6:8], 41, t[0], 1, row), SeqStep(b, more[8:11], 28, t[1], 2, row),
+                  SeqStep(c, [more[11]], 82, t[2], 0, row)]),
+        ]
+        return (*_run_steps(runner, steps, bool(aux)), t)
+
+    monkeypatch.setattr(runner, "_graph_shaped", padded_shape)
+    padded, padded_states, t1 = run(0, 0)
+    if device == "cuda":
+        assert replays == [16, 12]
+    monkeypatch.setattr(runner, "_graph_shaped", lambda h: h)
+    plain, plain_states, t2 = run(10, 30)
+    _same_by_seq(padded, plain, 10)
+    _same_by_seq(padded_states, plain_states, 10)
+    _same_kv(runner, t1, t2, (43, 31, 83, 30))  # the padding rows wrote over none of them
+
+
+def test_front_padding_keeps_each_real_row_where_the_attention_reads_it():
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+    h = host_inputs([SeqStep(0, [5, 6, 7], 10, [0], 2, row), SeqStep(1, [8], 20, [1, 2]), SeqStep(2, [9, 4], 3, [3], 1, row)],
+                    BS, False)
+    assert h.sample_rows == [0, 1, 2, 4, 5]
+    p = front_padded(h, 3, pad_slot=99)
+    assert p.input_ids == [5, 6, 7, 0, 0, 8, 0, 9, 4] and p.positions == [10, 11, 12, 18, 19, 20, 2, 3, 4]
+    assert p.slots == [10, 11, 12, 99, 100, 36, 99, 51, 52] and p.query_lens == [3, 3, 3] and p.seq_lens == [13, 21, 5]
+    assert p.first_rows == [0, 5, 7] and p.sample_rows == [0, 1, 2, 7, 8] and p.num_decodes == 0
+    assert front_padded(h, 2, pad_slot=99) is None  # a sequence computes more tokens than the shape holds
+    assert front_padded(host_inputs([SeqStep(0, [5, 6], 0, [0], 1)], BS, False), 3, pad_slot=99) is None  # context < 3

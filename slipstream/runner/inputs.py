@@ -61,6 +61,34 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
                       shared)
 
 
+
+def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
+    """The step with every sequence's tokens padded in front to `q`, so that it replays the graph ladder captured for q
+    tokens a sequence (a verifying step whose sequences check different numbers of drafts, or decodes beside them),
+    not pieces with the attention launched eagerly between them; None where a sequence computes more than q tokens or
+    has fewer than q tokens of context.
+
+    The attention reads a row's position as its sequence's context length minus the rows after it, so a sequence's
+    real tokens, the last of its q rows, keep their positions and see what they saw. A padding row stands at one of
+    the q - n positions before them, which the cache already holds: it attends to the sequence's own past, writes its
+    key and value to the pad page (the cache keeps the real ones), and no row is drawn from it."""
+    if any(n > q for n in h.query_lens) or any(end < q for end in h.seq_lens):
+        return None
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    first: list[int] = []
+    moved = [0] * len(h.input_ids)  # each real row's new index
+    for n, end, at in zip(h.query_lens, h.seq_lens, h.first_rows):
+        pad = q - n
+        first.append(len(ids) + pad)
+        moved[at : at + n] = range(len(ids) + pad, len(ids) + q)
+        ids += [0] * pad + h.input_ids[at : at + n]
+        positions += range(end - q, end)
+        slots += [pad_slot + i for i in range(pad)] + h.slots[at : at + n]
+    return HostInputs(ids, positions, slots, [q] * len(h.query_lens), h.seq_lens, h.tables,
+                      [moved[r] for r in h.sample_rows], first, 0, 0)
+
 def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
     """Context tokens (whole pages) at the head of every sequence that live in the very same pages, or 0.
 

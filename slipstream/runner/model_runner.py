@@ -33,7 +33,7 @@ from slipstream.parallel.shard import Shard
 from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import CapturePool, GraphLadder, PiecewiseLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
-from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, host_inputs
+from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, front_padded, host_inputs
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors, expand_rows
 
@@ -48,6 +48,12 @@ MAX_GRAPH_SEQS = 512
 # pieces between the layers' attention calls (cuda_graphs.PiecewiseLadder); beyond it a step's arithmetic outweighs
 # launching it from Python.
 MAX_PIECEWISE_TOKENS = 2048
+# A step of drafts of several lengths (decodes beside them) up to this many tokens once padded is padded to the verifying
+# ladder's 1 + k tokens a sequence (inputs.front_padded) and replays one graph: below a few hundred rows a GEMM's time
+# is its weights' bytes, so the padding rows cost little, where the pieces launch the attention from Python in every
+# layer. (A 135M model's speculative steps at batch 16 took about 10 ms where plain ones took 2: H100, lease AK; what
+# share of that the pieces were was not profiled, nor is this bound measured yet.)
+PAD_TO_GRAPH_TOKENS = 256
 # prompt_logprobs: rows of logits at a time, within what the memory profile allowed for (a 16-bit and a float32 block
 # of 256 x 151,936 are 0.23 GB)
 _SCORE_ROWS = 256
@@ -272,7 +278,7 @@ class ModelRunner:
         one per drawing sequence, k + 1 after k drafts; the prompt scores of the sequences that ask, by id)."""
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
-        h = host_inputs(seqs, self.block_size, self.cascade)
+        h = self._graph_shaped(host_inputs(seqs, self.block_size, self.cascade))
         fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
         out = self._forward(h, self._feeder(fed))
         if self.aux_layers:
@@ -428,6 +434,14 @@ class ModelRunner:
     def execute(self, step: Step) -> list[SeqResult]:
         """Launch and collect one step."""
         return self.collect(self.launch(step))
+
+    def _graph_shaped(self, h: HostInputs) -> HostInputs:
+        """h, or h padded to the verifying ladder's tokens a sequence where that lets it replay one graph."""
+        q = max(self.graphs, default=1)  # (the ladders: decodes, and 1 + k where drafts are verified)
+        n = h.query_lens
+        if q == 1 or max(n) == 1 or all(x == q for x in n) or len(n) * q > PAD_TO_GRAPH_TOKENS or not self.graphs[q].fits(len(n)):
+            return h
+        return front_padded(h, q, self.kv.pad_slot) or h
 
     def _forward(self, h: HostInputs, feed) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         """Hidden states of every token of the step (and with aux_layers the states entering them): a captured graph

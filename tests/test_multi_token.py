@@ -19,7 +19,7 @@ from graph_emulation import emulate_cuda_graphs
 from slipstream import SamplingParams
 from slipstream.config import EngineConfig, ModelConfig, MoEConfig
 from slipstream.runner.batch import SamplingRow, SeqStep, Step
-from slipstream.runner.cuda_graphs import CapturePool, PiecewiseLadder
+from slipstream.runner.cuda_graphs import CapturePool, GraphLadder, PiecewiseLadder
 from slipstream.runner.inputs import front_padded, host_inputs
 from slipstream.runner.model_runner import ModelRunner
 
@@ -309,3 +309,31 @@ def test_front_padding_keeps_each_real_row_where_the_attention_reads_it():
     assert p.first_rows == [0, 5, 7] and p.sample_rows == [0, 1, 2, 7, 8] and p.num_decodes == 0
     assert front_padded(h, 2, pad_slot=99) is None  # a sequence computes more tokens than the shape holds
     assert front_padded(host_inputs([SeqStep(0, [5, 6], 0, [0], 1)], BS, False), 3, pad_slot=99) is None  # context < 3
+
+
+def test_only_uneven_steps_that_fit_the_verifying_ladder_are_padded():
+    """The runner pads a step to the verifying ladder's shape only where that replays one graph of at most
+    PAD_TO_GRAPH_TOKENS rows: not all-decode steps (the decode ladder), not steps already of that shape, not a
+    sequence computing more tokens than the shape, not beyond the ladder or the bound (counted at the replayed size)."""
+    config = EngineConfig.from_options(None, device="cpu", dtype="float32", block_size=BS, num_blocks=64,
+                                       max_model_len=256, max_num_seqs=64, max_num_batched_tokens=256)
+    runner = ModelRunner(config, TINY, None, 256, {2})
+
+    class Ladder:  # the sizes a verifying ladder of 4 tokens a sequence would capture, up to 48 sequences
+        sizes = [1, 2, 4, 8, 16, 32, 48]
+        fits, size_for = GraphLadder.fits, GraphLadder.size_for
+
+    runner.graphs = {1: Ladder(), 4: Ladder()}
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+
+    def shaped(counts: list[int]) -> list[int]:
+        seqs = [SeqStep(i, [7] * c, 40, [i, 64 - i, 1, 2], c - 1, row) for i, c in enumerate(counts)]
+        return runner._graph_shaped(host_inputs(seqs, BS, False)).query_lens
+
+    assert shaped([1, 4, 2]) == [4, 4, 4]
+    assert shaped([1] * 3) == [1] * 3 and shaped([4] * 3) == [4] * 3 and shaped([5, 1]) == [5, 1]
+    assert shaped([2] * 33) == [4] * 33  # replays 48 x 4 = 192 rows
+    assert shaped([2] * 49) == [2] * 49  # beyond the ladder
+    runner.graphs = {1: Ladder(), 8: Ladder()}
+    assert shaped([2] * 32) == [8] * 32  # 32 x 8 = 256 rows
+    assert shaped([2] * 33) == [2] * 33  # 33 sequences replay 48 x 8 = 384 rows

@@ -3,8 +3,9 @@ ladder of batch sizes sharing one memory pool (`GraphLadder`); for steps of any 
 pieces between the layers' attention calls, for a ladder of token counts (`PiecewiseLadder`).
 
 Inputs live in static buffers; a batch of B sequences replays the smallest captured size >= B. Padded rows
-point at the padding page: with q = 1 their context is 0 and the decode kernel skips them; with q > 1 they
-attend over their own q tokens in that page (q <= block_size) and their output is dropped. The decode grid is
+write to the padding page: with q = 1 their context is 0 and the decode kernel skips them; with q > 1 their context
+is q tokens, read through whatever table row the buffer holds (the padding page's at capture, a sequence's from an
+earlier replay: in bounds either way), and their output is dropped. The decode grid is
 sized for max_model_len, so one graph serves every context length. Sampling runs after the graph, eagerly
 (its shape depends on the requests' parameters)."""
 from __future__ import annotations
@@ -130,11 +131,15 @@ class GraphLadder:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
+    def size_for(self, num_seqs: int) -> int:
+        """The captured batch size a step of `num_seqs` sequences replays."""
+        return next(s for s in self.sizes if s >= num_seqs)
+
     def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Replay for the step `h` (every sequence has q tokens); `feed` writes the ids that are already on the
         device (tokens just drawn) into the input ids. Returns the hidden states of the real rows."""
         b, q = len(h.seq_lens), self.q
-        size = next(s for s in self.sizes if s >= b)
+        size = self.size_for(b)
         pos, slots, lens = self._pad_rows(b, size)
         n = size * q
         st = self.stager

@@ -238,6 +238,22 @@ def test_draft_policy_follows_the_measured_rates():
     assert p.choose(4) == 1 or p._steps % PROBE_EVERY == 0  # the best now (unless this step probes)
 
 
+def test_draft_policy_measures_the_plain_step_where_the_climb_stops():
+    """Drafts never accepted, but a noisy timing made k = 2 look faster than k = 1 (on a busy CI machine: the climb
+    then stopped at 2, its two neighbours measured, and speculation never switched off): the plain step is measured
+    next, and wins."""
+    from slipstream.engine.speculation import DraftPolicy
+
+    p = DraftPolicy(8)
+    seconds = {8: 0.9, 4: 0.7, 2: 0.5, 1: 0.6, 0: 0.3}
+    tried = []
+    for _ in range(5):
+        k = p.choose(8)
+        tried.append(k)
+        p.record(8, k, tokens=8, seconds=seconds[k])
+    assert tried == [8, 4, 2, 1, 0] and p.choose(8) == 0
+
+
 def test_draft_policy_ties_go_to_fewer_drafts():
     """Equal measured rates (drafts that are never accepted, steps whose cost does not grow with k): the cheaper step."""
     from slipstream.engine.speculation import DraftPolicy

@@ -7,7 +7,8 @@ here: both are measured. For each batch size (in powers of two) and each candida
 num_speculative_tokens), the policy keeps moving averages of the output tokens and the seconds of the decode steps
 run with that k, drafting and verifying included: their ratio is the rate (a tie goes to the fewer drafts). A step
 takes the best k measured for its batch size, after measuring the candidates next to it (a climb: from the most drafts down to none takes a handful of steps where
-drafts do not pay); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
+drafts do not pay) and the plain step (k = 0: a climb misled by a noisy timing would otherwise stop at a k that
+never paid); every PROBE_EVERY-th step tries a neighbour again, so that a changed workload (text that starts
 to repeat, a batch that shrinks) is seen. A batch size not measured yet starts from the nearest one's best. k = 0
 switches speculation off for that batch size.
 """
@@ -42,6 +43,8 @@ class DraftPolicy:
         unmeasured = [k for k in near if k not in rates]
         if unmeasured:  # fewer drafts first: the cheaper step to try
             return unmeasured[0]
+        if 0 not in rates:  # the plain step: where timings are noisy the climb can stop at a k that only seemed to pay
+            return 0
         if self._steps % PROBE_EVERY == 0:
             return near[(self._steps // PROBE_EVERY) % len(near)]
         return best

@@ -3,12 +3,13 @@ how fast the batch-1 MoE GEMVs stream their weights: the evidence for where a Qw
 
     python3 scripts/pdl_probe.py        # on a GPU; prints one line per measurement
 
-Chains of dependent kernels (each reads what the one before wrote) are captured in a graph and replayed: the time per
-kernel of a chain of empty kernels is the fixed cost of a launch; a chain of GEMVs of a decode layer's shapes shows
-what that cost does to their bandwidth. Then the two grouped GEMVs of one Qwen3-30B-A3B MoE layer (128 experts of
-width 768 on 2,048, top 8, one token), each timed alone. Every GEMV of a chain reads weights of its own (each layer
-its own matrices, each launch of an expert GEMV 8 other experts of the 128), so the bytes come from HBM, not from an
-L2 (50 MB on an H100) that a chain repeating one 25 MB projection would serve.
+Chains of kernels are captured in a graph and replayed: the time per kernel of a chain of empty kernels (each reading
+what the one before wrote) is the fixed cost of a launch; a chain of GEMVs of a decode layer's shapes shows what that
+cost does to their bandwidth. Then the two grouped GEMVs of one Qwen3-30B-A3B MoE layer (128 experts of width 768 on
+2,048, top 8, one token), each timed alone; last, the layer's dense projections as the engine runs them (norm folded
+in) and as cuBLAS does. Every GEMV of a chain reads weights of its own (each layer its own matrices, each launch of an
+expert GEMV 8 other experts of the 128), so the bytes come from HBM, not from an L2 (50 MB on an H100) that a chain
+repeating one 25 MB projection would serve.
 """
 from __future__ import annotations
 
@@ -124,6 +125,40 @@ def main() -> None:
             best = [cfg.all_kwargs() for key, cfg in moe._moe_gemv.cache.items() if key[0] == n and key[1] == kk]
             print(f"MoE {name} GEMV, 1 token, pdl={pdl}: {t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s = "
                   f"{nbytes / t / bw:.0%} of copy; tiles {best}")
+    engine_gemvs(ws, bw)
+
+
+def engine_gemvs(ws: list[list[torch.Tensor]], bw: float) -> None:
+    """The same layers' projections as the engine's batch-1 step runs them (kernels.matvec.gemv: q|k|v and the router
+    with the residual add and RMSNorm folded in, o plain), beside cuBLAS's unfused GEMVs (torch.nn.functional.linear)."""
+    from slipstream.kernels import matvec
+
+    h = ws[0][0].shape[1]
+    x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    attn = torch.randn(1, ws[0][1].shape[1], device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+    nbytes = sum(w.numel() * 2 for w in ws[0])
+
+    def fused() -> None:
+        for qkv, o, router in ws:
+            matvec.gemv(x, qkv, prologue="rmsnorm", residual=res, norm_weight=nw)
+            matvec.gemv(attn, o)
+            matvec.gemv(x, router, prologue="rmsnorm", residual=res, norm_weight=nw)
+
+    def cublas() -> None:
+        for qkv, o, router in ws:
+            torch.nn.functional.linear(x, qkv)
+            torch.nn.functional.linear(attn, o)
+            torch.nn.functional.linear(x, router)
+
+    with_pdl = matvec.pdl
+    for name, fn in (("fused, pdl=True", fused), ("fused, pdl=False", fused), ("cuBLAS, unfused", cublas)):
+        matvec.pdl = with_pdl if name.endswith("True") else (lambda t: {"PDL": False})
+        t = graph_time(fn) / len(ws)
+        print(f"engine GEMVs q|k|v (norm), o, router (norm), {name}: {t * 1e6:.1f} us a layer, "
+              f"{nbytes / t / 1e12:.2f} TB/s = {nbytes / t / bw:.0%} of copy")
+    matvec.pdl = with_pdl
 
 
 if __name__ == "__main__":

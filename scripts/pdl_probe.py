@@ -16,22 +16,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from slipstream.bench.common import copy_bandwidth, graph_us
+from slipstream.kernels._pdl import await_inputs
 
 
 @triton.jit
 def _touch(x_ptr, y_ptr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    await_inputs(PDL)
     tl.store(y_ptr + tl.arange(0, 128), tl.load(x_ptr + tl.arange(0, 128)) + 1)
 
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, y_ptr, N, K, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    await_inputs(PDL)
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -41,35 +39,13 @@ def _gemv(x_ptr, w_ptr, y_ptr, N, K, PDL: tl.constexpr, BLOCK_N: tl.constexpr, B
     tl.store(y_ptr + ns, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=ns < N)
 
 
-def graph_time(fn, reps: int = 20) -> float:
-    """Seconds of one call of fn, replayed from a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / reps)
-    return best
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / graph_time(lambda: b.copy_(a), reps=10)
+def graph_time(fn) -> float:
+    """Seconds of one call of fn, replayed from a CUDA graph (bench.common.graph_us)."""
+    return graph_us([fn]) / 1e6
 
 
 def main() -> None:
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
           f"copy {bw / 1e12:.2f} TB/s")
     chain = 96

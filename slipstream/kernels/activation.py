@@ -26,5 +26,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = x2.shape[1] // 2
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl(x2))
+    _silu_and_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, out, n, x2.stride(0), out.stride(0), BLOCK=block,
+                                                         num_warps=4, **pdl(x2))
     return out.view(*shape[:-1], n)

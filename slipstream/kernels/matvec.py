@@ -59,10 +59,10 @@ def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dty
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows `ns` (`n_ok`: in range), columns k0 .. k0 + BLOCK_K (those below K) of a weight as float32 [BLOCK_N, BLOCK_K], its block
     scales applied (SCALE 2), 4- and 8-bit weights dequantized and rounded to `dtype`; a scale per row (SCALE 1) is
-    the caller's to apply (the dense GEMV to the row's sum, the grouped one to each tile: its rows change expert). SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block,
-    3 4-bit weights with a scale and an offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per
-    SCALE_BK columns of a row, 5 8-bit integer weights with a scale per SCALE_BK columns of a row, 6 the same with an
-    offset too."""
+    the caller's to apply (the dense GEMV to the row's sum, the grouped one to each tile: its rows change expert).
+    SCALE: 0 none, 1 one per output row, 2 one per SCALE_BN x SCALE_BK block, 3 4-bit weights with a scale and an
+    offset per SCALE_BK columns of a row, 4 FP4 E2M1 weights with a scale per SCALE_BK columns of a row, 5 8-bit integer
+    weights with a scale per SCALE_BK columns of a row, 6 the same with an offset too."""
     ks = k0 + tl.arange(0, BLOCK_K)
     ok = n_ok[:, None] & (ks < K)[None, :]
     if SCALE >= 3:

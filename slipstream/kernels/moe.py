@@ -308,12 +308,13 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
                 nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
                 if not NORM_ON_W:
                     a = a * nw
-        w = weight_tile(w_ptr + e * stride_we, ws_ptr + e * stride_wse, wo_ptr + e * stride_wse, ns, ok, k0, K,
-                        stride_w, stride_ws, x_ptr.dtype.element_ty, SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
+        s_base = ws_ptr + e * stride_wse
+        w = weight_tile(w_ptr + e * stride_we, s_base, wo_ptr + e * stride_wse, ns, ok, k0, K, stride_w, stride_ws,
+                        x_ptr.dtype.element_ty, SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
         if NORM_ON_W:  # (fp16: as the dense GEMV, kernels/matvec.py)
             w = w * nw[None, :]
         if SCALE == 1:  # (each pair's expert has its own row scales)
-            w = w * tl.load(ws_ptr + e * stride_wse + ns, mask=ok, other=0.0)[:, None]
+            w = w * tl.load(s_base + ns, mask=ok, other=0.0)[:, None]
         a = a.to(x_ptr.dtype.element_ty).to(tl.float32)
         if DOWN:
             a = a * tl.load(rw_ptr + p)

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.kernels.fp8 import FP8_MAX
 from slipstream.kernels._pdl import await_inputs, pdl
+from slipstream.kernels.fp8 import FP8_MAX
 
 
 @triton.jit

@@ -61,7 +61,6 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
                       shared)
 
 
-
 def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
     """The step with every sequence's tokens padded in front to `q`, so that it replays the graph ladder captured for q
     tokens a sequence (a verifying step whose sequences check different numbers of drafts, or decodes beside them),
@@ -88,6 +87,7 @@ def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
         slots += [pad_slot + i for i in range(pad)] + h.slots[at : at + n]
     return HostInputs(ids, positions, slots, [q] * len(h.query_lens), h.seq_lens, h.tables,
                       [moved[r] for r in h.sample_rows], first, 0, 0)
+
 
 def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
     """Context tokens (whole pages) at the head of every sequence that live in the very same pages, or 0.

@@ -439,9 +439,10 @@ class ModelRunner:
         """h, or h padded to the verifying ladder's tokens a sequence where that lets it replay one graph."""
         q = max(self.graphs, default=1)  # (the ladders: decodes, and 1 + k where drafts are verified)
         n = h.query_lens
-        if q == 1 or max(n) == 1 or all(x == q for x in n) or not self.graphs[q].fits(len(n)):
+        if q == 1 or max(n) == 1 or all(x == q for x in n):
             return h
-        if self.graphs[q].size_for(len(n)) * q > PAD_TO_GRAPH_TOKENS:  # (the rows the replay computes)
+        ladder = self.graphs[q]
+        if not ladder.fits(len(n)) or ladder.size_for(len(n)) * q > PAD_TO_GRAPH_TOKENS:  # (rows the replay computes)
             return h
         return front_padded(h, q, self.kv.pad_slot) or h
 

@@ -66,45 +66,52 @@ def active_weight_bytes(model: torch.nn.Module, batch: int) -> float:
     return total
 
 
-def latency(a: argparse.Namespace) -> dict:
+def latency(a: argparse.Namespace) -> list[dict]:
+    """Decode tok/s at each batch size in turn, on one engine (one start-up and one set of CUDA graphs for a table of
+    batch sizes), each against its own roofline: the weight bytes its tokens read plus their KV cache."""
     bw = copy_bandwidth(torch.device("cuda"))
-    peer = hf_decode_rate(a.model, a.batch_size, a.input_len, a.output_len) if a.hf_peer else None
-    llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(a.batch_size, 1),
+    sizes = a.batch_size
+    # the peer runs first, before our engine holds the GPU's memory
+    peers = {b: hf_decode_rate(a.model, b, a.input_len, a.output_len) for b in sizes} if a.hf_peer else {}
+    llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(sizes),
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
                quantization=a.quantization)
-    vocab = llm.engine.model_config.vocab_size
+    llm.engine.warm_up()
+    vocab, runner = llm.engine.model_config.vocab_size, llm.engine.runner
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, vocab, (a.input_len,), generator=g).tolist() for _ in range(a.batch_size)]
     full = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.engine.warm_up()
-    for _ in range(2):
-        llm.generate(prompts, full)
-    ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
-    totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
-    if a.profile:
-        with profiled(a.profile):
-            _timed(llm, prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
-    decode_rate = a.batch_size * (a.output_len - 1) / (total - ttft)
-    mc, runner = llm.engine.model_config, llm.engine.runner
-    weight_bytes = active_weight_bytes(runner.model, a.batch_size)
-    avg_ctx = a.input_len + a.output_len / 2
-    kv_bytes = a.batch_size * avg_ctx * runner.kv.bytes_per_block / runner.kv.block_size  # the pool's own dtype
-    roofline = a.batch_size * bw / (weight_bytes + kv_bytes)
-    res = dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization, batch_size=a.batch_size, input_len=a.input_len,
-               output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft, e2e_s=total,
-               decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes, copy_bw_Bps=bw,
-               roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline, hf_tok_s=peer)
-    rows = [["engine", "decode tok/s", "% of roofline", "TTFT ms"],
-            ["slipstream", f"{decode_rate:.1f}", f"{100 * decode_rate / roofline:.1f}", f"{1e3 * ttft:.1f}"],
-            ["roofline", f"{roofline:.1f}", "100.0", f"({(weight_bytes + kv_bytes) / 1e9:.2f} GB/step at {bw / 1e12:.2f} TB/s)"]]
-    if peer:
-        rows.append(["HF transformers (eager)", f"{peer:.1f}", f"{100 * peer / roofline:.1f}", "-"])
+    out, rows = [], [["batch", "engine", "decode tok/s", "% of roofline", "TTFT ms"]]
+    for batch in sizes:
+        prompts = [torch.randint(10, vocab, (a.input_len,), generator=g).tolist() for _ in range(batch)]
+        for _ in range(2):
+            llm.generate(prompts, full)
+        ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
+        totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
+        if a.profile:
+            with profiled(a.profile):
+                _timed(llm, prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
+        decode_rate = batch * (a.output_len - 1) / (total - ttft)
+        weight_bytes = active_weight_bytes(runner.model, batch)
+        # the pool's own dtype, at the mean context
+        kv_bytes = batch * (a.input_len + a.output_len / 2) * runner.kv.bytes_per_block / runner.kv.block_size
+        roofline = batch * bw / (weight_bytes + kv_bytes)
+        peer = peers.get(batch)
+        out.append(dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization, batch_size=batch,
+                        input_len=a.input_len, output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft,
+                        e2e_s=total, decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes,
+                        copy_bw_Bps=bw, roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline,
+                        hf_tok_s=peer))
+        rows += [[str(batch), "slipstream", f"{decode_rate:.1f}", f"{100 * decode_rate / roofline:.1f}", f"{1e3 * ttft:.1f}"],
+                 [str(batch), "roofline", f"{roofline:.1f}", "100.0",
+                  f"({(weight_bytes + kv_bytes) / 1e9:.2f} GB/step at {bw / 1e12:.2f} TB/s)"]]
+        if peer:
+            rows.append([str(batch), "HF transformers (eager)", f"{peer:.1f}", f"{100 * peer / roofline:.1f}", "-"])
     print(table(rows))
     del llm
     release_gpu_memory()
-    return res
+    return out
 
 
 def nano_vllm_workload(num_seqs: int = 256, max_len: int = 1024) -> tuple[list[list[int]], list[int]]:
@@ -230,7 +237,8 @@ def fairness(a: argparse.Namespace) -> dict:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="batch-N decode tok/s and TTFT vs the HBM roofline")
     p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                   help="one or more batch sizes, timed in turn on one engine")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--iters", type=int, default=3)

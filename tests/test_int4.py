@@ -122,6 +122,46 @@ def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,kind", [(32, "int4"), (128, "int4"), (16, "fp4"), (32, "fp4"), (16, "int8"),
+                                        (32, "int8")])
+def test_dequantize_kernel_matches_reference(dtype, group, kind):
+    """The whole-weight dequantization that steps of many rows take (then a 16-bit GEMM): the torch reference's
+    weights, rows past the last full tile included, to the last bit of float32's arithmetic rounded once."""
+    from slipstream.kernels.int4 import dequantize as dequantize_kernel
+
+    g = torch.Generator().manual_seed(group)
+    n, k = 80, 256
+    qweight, scales, offsets = packed_weights(kind, n, k, group, g)
+    ref = dequantize(qweight, scales, offsets, dtype)
+    out = dequantize_kernel(qweight.to(DEV), scales.to(DEV), None if offsets is None else offsets.to(DEV), group, dtype,
+                            fp4=kind == "fp4")
+    assert out.dtype == dtype and out.shape == (n, k)
+    # exact but for a fused multiply-add on the GPU (q * scale + offset rounded once, not twice, in float32)
+    torch.testing.assert_close(out.cpu(), ref, atol=0, rtol=2**-22 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the layers run the Triton kernels only on a CUDA device")
+def test_layer_past_the_gemm_rows_dequantizes_whole():
+    """A step of more rows than kernels.W4A16_GEMM_ROWS multiplies the whole dequantized weight with cuBLAS: the
+    reference's product, as the W4A16 GEMM gives it for a step of W4A16_GEMM_ROWS rows."""
+    from slipstream import kernels
+    from slipstream.layers.linear import Linear
+    from slipstream.layers.quantization import get_linear_method
+
+    torch.manual_seed(0)
+    n, k = 384, 512
+    linear = Linear(k, n, method=get_linear_method(QuantSpec(method="int4", group=128)), fused=True)
+    linear.weight.data.copy_(torch.randn(n, k) / k**0.5)
+    linear.method.process_after_loading(linear)
+    linear.cuda()
+    w = dequantize(linear.qweight.cpu(), linear.scales.cpu(), linear.offsets.cpu(), torch.float32)
+    for m in (kernels.W4A16_GEMM_ROWS, kernels.W4A16_GEMM_ROWS + 1):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float().cpu() @ w.T
+        torch.testing.assert_close(linear(x).float().cpu(), ref, atol=3e-2, rtol=2e-2)
+
+
 def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
     """The Q4_1 layers loaded packed (repacked nibbles, Q/K rows unpermuted with their scales), and the Q8_0 tied
     embedding kept 8-bit (the output head's int8 rows and scales, which lookups dequantize), decode to the very

@@ -19,8 +19,8 @@ from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
 from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
-from slipstream.kernels.int4 import w4a16_gemm
-from slipstream.kernels._device import LAYER_GEMV_ROWS
+from slipstream.kernels.int4 import dequantize, w4a16_gemm
+from slipstream.kernels._device import LAYER_GEMV_ROWS, W4A16_GEMM_ROWS
 from slipstream.kernels.matvec import gemv
 from slipstream.kernels.moe import GEMV_TOKENS, Fp8Experts, Int4Experts, default_tiles, fused_moe
 from slipstream.kernels.rmsnorm import fused_add_rms_norm
@@ -178,14 +178,14 @@ def _fp8_gemm_bench(row_counts: list[int], mm: float) -> list[dict]:
 
 
 def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
-    """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows: ours = the fused GEMV up to
-    LAYER_GEMV_ROWS rows (RMSNorm / SwiGLU prologue as the model runs it), the W4A16 GEMM above; bf16 = the fused GEMV
-    up to LAYER_GEMV_ROWS rows, cuBLAS above; dequantize + cuBLAS = the 4-bit weight expanded to bf16 then cuBLAS (what large steps could
-    do instead). Weights rotate through copies larger than L2, in CUDA graphs; where ours / bf16 falls under 1 is
-    the crossover."""
-    from slipstream.layers.quantization.int4 import dequantize, quantize_rtn
-
-    out, rows = [], [["M x N x K (name)", "int4 us", "bf16 us", "dequant + cuBLAS us", "bf16 / int4", "int4 weights % of copy bw"]]
+    """The 8B model's projections on 4-bit weights (groups of 128) against bf16, at M rows, in CUDA graphs with weights
+    rotating through copies larger than L2. int4: the fused GEMV up to LAYER_GEMV_ROWS rows (RMSNorm / SwiGLU
+    prologue as the model runs it), the W4A16 GEMM above; dequant + cuBLAS: the whole weight dequantized to bf16
+    (kernels/int4.py dequantize) then cuBLAS, what steps past W4A16_GEMM_ROWS rows run; bf16: the fused GEMV up to
+    LAYER_GEMV_ROWS rows, cuBLAS above. Where dequant + cuBLAS overtakes the W4A16 GEMM is the crossover
+    W4A16_GEMM_ROWS must hold."""
+    out, rows = [], [["M x N x K (name)", "int4 us", "dequant + cuBLAS us", "bf16 us", "bf16 / int4",
+                      "int4 weights % of copy bw", "layer runs"]]
     for m in row_counts:
         for name, n, k, pro in PROJECTIONS[:4]:
             copies = max(2, -(-(512 << 20) // (2 * n * k)))
@@ -202,13 +202,14 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
             else:
                 ours = graph_us([lambda q=q: w4a16_gemm(x, *q, 128) for q in packed])
                 bf16 = graph_us([lambda w=w: x @ w.T for w in ws])
-            deq = graph_us([lambda q=q: x[:, :k] @ dequantize(*q, torch.bfloat16).T for q in packed])
+            deq = graph_us([lambda q=q: x[:, :k] @ dequantize(*q, 128, torch.bfloat16).T for q in packed])
             nbytes = n * k // 2 + 4 * n * (k // 128)
-            r = dict(m=m, n=n, k=k, name=name, int4_us=ours, bf16_us=bf16, dequant_cublas_us=deq,
-                     int4_pct_copy_bw=100 * nbytes / ours / 1e-6 / bw)
+            runs = "gemv" if m <= LAYER_GEMV_ROWS else "w4a16 gemm" if m <= W4A16_GEMM_ROWS else "dequant + cuBLAS"
+            r = dict(m=m, n=n, k=k, name=name, int4_us=ours, dequant_cublas_us=deq, bf16_us=bf16,
+                     int4_pct_copy_bw=100 * nbytes / ours / 1e-6 / bw, layer_runs=runs)
             out.append(r)
-            rows.append([f"{m} x {n} x {k} ({name})", f"{ours:.1f}", f"{bf16:.1f}", f"{deq:.1f}", f"{bf16 / ours:.2f}",
-                         f"{r['int4_pct_copy_bw']:.0f}"])
+            rows.append([f"{m} x {n} x {k} ({name})", f"{ours:.1f}", f"{deq:.1f}", f"{bf16:.1f}", f"{bf16 / ours:.2f}",
+                         f"{r['int4_pct_copy_bw']:.0f}", runs])
             del ws, packed, x
     print(table(rows))
     return out

@@ -6,8 +6,8 @@ import a family on first use, so a CPU-only run never compiles (or imports) a Tr
 """
 from __future__ import annotations
 
-# the layers' question (may so many rows run the GEMV?) and the kernel's limit
-from slipstream.kernels._device import GEMV_ROWS, LAYER_GEMV_ROWS  # noqa: F401
+# the layers' questions (may so many rows run the GEMV? the W4A16 GEMM?) and the GEMV's limit
+from slipstream.kernels._device import GEMV_ROWS, LAYER_GEMV_ROWS, W4A16_GEMM_ROWS  # noqa: F401
 
 
 def fused_add_rms_norm(x, residual, weight, eps):  # noqa: ANN001 - thin dispatch, typed in the kernel module
@@ -78,5 +78,11 @@ def moe_route(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
 
 def w4a16_gemm(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     from slipstream.kernels.int4 import w4a16_gemm as f
+
+    return f(*args, **kwargs)
+
+
+def dequantize_4bit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from slipstream.kernels.int4 import dequantize as f
 
     return f(*args, **kwargs)

@@ -19,9 +19,10 @@ scale (+ offset), each kind's own arithmetic exactly (loader/gguf_loader.py wide
 Every form is exact: q * scale, zero * scale and Q4_K's products have at most 21 significant bits, so the
 dequantized weights equal each format's own arithmetic in float32.
 
-On the GPU the Triton kernels read the packed weight: the W4A16 GEMM (kernels/int4.py), and for a few rows (up to
-kernels.LAYER_GEMV_ROWS) the fused GEMV (kernels/matvec.py, with the norm or SwiGLU before the projection); elsewhere (CPU, the torch backend) the
-weights are dequantized once after loading, to the same values, and run as 16-bit weights.
+On the GPU the Triton kernels read the packed weight: for a few rows (up to kernels.LAYER_GEMV_ROWS) the fused GEMV
+(kernels/matvec.py, with the norm or SwiGLU before the projection), then the W4A16 GEMM (kernels/int4.py), and past
+kernels.W4A16_GEMM_ROWS rows (long prefills) the weight dequantized whole for that step and cuBLAS; elsewhere (CPU,
+the torch backend) the weights are dequantized once after loading, to the same values, and run as 16-bit weights.
 """
 from __future__ import annotations
 
@@ -320,5 +321,8 @@ class Int4:
                 x = x.index_select(1, layer.perm)
             elif layer.runs_gemv(x):
                 return self.gemv(layer, x)[0]
+            if x.shape[0] > kernels.W4A16_GEMM_ROWS:
+                w = kernels.dequantize_4bit(layer.qweight, layer.scales, layer.offsets, self.group, x.dtype, fp4=self.fp4)
+                return F.linear(x, w, layer.bias)
             return kernels.w4a16_gemm(x, layer.qweight, layer.scales, layer.offsets, self.group, layer.bias, fp4=self.fp4)
         return F.linear(x, layer.weight, layer.bias)

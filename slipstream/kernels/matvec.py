@@ -27,6 +27,8 @@ dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds the
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -85,6 +87,29 @@ def weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, dty
     return w
 
 
+@triton.jit
+def gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, at, ks, ok, K, write_res, sq, PROLOGUE: tl.constexpr,
+               HAS_RES: tl.constexpr, APPLY_NORM: tl.constexpr):
+    """f(x) in float32 at offsets `at` of x (columns `ks`, both of any one shape; `ok`: in range), and the sum of
+    squares `sq` grown by x + residual's squares there ("rmsnorm", whose 1/rms scale the caller applies to its sums):
+    SwiGLU of [gate | up] ("silu_mul", gate at `at`, up K further), or x (+ residual, written to res_out where
+    `write_res`) times the norm weight (where APPLY_NORM)."""
+    if PROLOGUE == 2:
+        gate = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        a = gate * tl.sigmoid(gate) * tl.load(x_ptr + K + at, mask=ok, other=0.0).to(tl.float32)
+    else:
+        a = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            a += tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            if write_res:
+                tl.store(res_out_ptr + at, a.to(res_out_ptr.dtype.element_ty), mask=ok)
+        if PROLOGUE == 1:
+            sq += a * a
+            if APPLY_NORM:
+                a = a * tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    return a, sq
+
+
 # (M: one compiled variant for every row count, rather than another for a multiple of 16 met after warm-up)
 @triton.jit(do_not_specialize=["eps", "M"])
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
@@ -109,21 +134,10 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         ok = m_ok[:, None] & (ks < K)[None, :]
-        at = ms[:, None] * width + ks[None, :]
-        if PROLOGUE == 2:
-            gate = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            a = gate * tl.sigmoid(gate) * tl.load(x_ptr + K + at, mask=ok, other=0.0).to(tl.float32)
-        else:
-            a = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            if HAS_RES:
-                a += tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
-                if pid == 0:
-                    tl.store(res_out_ptr + at, a.to(res_out_ptr.dtype.element_ty), mask=ok)
-            if PROLOGUE == 1:
-                sq += a * a
-                nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-                if not NORM_ON_W:
-                    a = a * nw[None, :]
+        a, sq = gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, ms[:, None] * width + ks[None, :], ks[None, :], ok, K,
+                           pid == 0, sq, PROLOGUE, HAS_RES, not NORM_ON_W)
+        if NORM_ON_W:
+            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
         w = weight_tile(w_ptr, ws_ptr, wo_ptr, ns, n_ok, k0, K, stride_w, stride_ws, x_ptr.dtype.element_ty,
                         SCALE, SCALE_BN, SCALE_BK, BLOCK_N, BLOCK_K)
         if NORM_ON_W:
@@ -146,12 +160,96 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
     tl.store(y_ptr + ms[:, None] * N + ns[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def small_int_to_float(v):
+    """int32 values 0 .. 2^23 -> float32, exactly: placed in the mantissa of 2^23, which is then taken off (two
+    full-rate ALU ops; an integer-to-float conversion runs at a quarter of the rate, too slow for a 4-bit GEMV)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit(do_not_specialize=["eps"])
+def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, group,
+                         stride_q, stride_s, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SCALE: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
+    """One row times a weight of small integers with a scale (and an offset) per group of columns (SCALE 3 to 6 as
+    weight_tile reads them). A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a span's bytes], each span of SPAN
+    columns inside one group, so a scale is loaded once a span and the sums go
+        y[n] = sum over spans of scale * sum(q * f(x)) (+ offset * sum(f(x))):
+    an integer and a multiply-add a weight, where dequantizing each weight first costs a scale (and an offset) load,
+    a multiply and an add; the bytes load 16 at a time. A byte's two nibbles (columns 2j, 2j + 1) are joined as a
+    last axis of 2, which f(x) (built in float32: it does not meet tensor cores) is laid out to match."""
+    await_inputs(PDL)
+    PER: tl.constexpr = 2 if SCALE <= 4 else 1  # columns a byte holds
+    BYTES: tl.constexpr = SPAN // PER
+    SPANS: tl.constexpr = BLOCK_K // SPAN
+    pid = tl.program_id(0)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    span = tl.arange(0, SPANS)
+    # a tile's bytes, contiguous along a row (so loaded 16 at a time), and the columns of x they meet: for nibbles
+    # [SPANS, BYTES, 2] (low, high), for bytes [SPANS, BYTES]
+    bs = tl.arange(0, BYTES)
+    byte_at = ns.to(tl.int64)[:, None, None] * stride_q + (span * BYTES)[None, :, None] + bs[None, None, :]
+    if PER == 2:
+        col_at = (span * SPAN)[:, None, None] + (2 * bs)[None, :, None] + tl.arange(0, 2)[None, None, :]
+    else:
+        col_at = (span * SPAN)[:, None] + bs[None, :]
+    acc = tl.zeros([BLOCK_N, SPANS], dtype=tl.float32)
+    sq = tl.zeros(col_at.shape, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + col_at
+        ok = cols < K
+        span_ok = k0 + span * SPAN < K
+        q = tl.load(q_ptr + k0 // PER + byte_at, mask=n_ok[:, None, None] & span_ok[None, :, None], other=0)
+        a, sq = gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, cols, cols, ok, K, pid == 0, sq, PROLOGUE, HAS_RES,
+                           True)
+        if PER == 2:
+            q = q.to(tl.int32)
+            if SCALE == 4:
+                v = tl.join(e2m1(q & 15), e2m1(q >> 4))
+            else:
+                v = tl.join(small_int_to_float(q & 15), small_int_to_float(q >> 4))
+            part = tl.sum(tl.sum(v * a[None, :, :, :], 3), 2)
+            a_sum = tl.sum(tl.sum(a, 2), 1)
+        else:
+            part = tl.sum(q.to(tl.float32) * a[None, :, :], 2)
+            a_sum = tl.sum(a, 1)
+        at = ns[:, None] * stride_s + ((k0 + span * SPAN) // group)[None, :]
+        s_ok = n_ok[:, None] & span_ok[None, :]
+        acc += part * tl.load(s_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
+        if SCALE == 3 or SCALE == 6:
+            acc += tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32) * a_sum[None, :]
+    y = tl.sum(acc, 1)
+    if PROLOGUE == 1:
+        y = y * tl.math.rsqrt(tl.sum(tl.reshape(sq, [sq.numel]), 0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 # Tuned once per weight shape, prologue and form, at the first call (the engine warms up before capturing graphs).
 _KEY = ["N", "K", "PROLOGUE", "SCALE"]
 _gemv = _gemv_kernel if INTERPRET else triton.autotune(CONFIGS, key=_KEY)(_gemv_kernel)
 _gemv_rows = _gemv_kernel if INTERPRET else triton.autotune(ROW_CONFIGS, key=_KEY)(_gemv_kernel)
 FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
 _FIXED_ROWS = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRET else {}
+# One row on grouped small-integer weights: BLOCK_K columns (at least a span, SPAN <= 128), 4-bit bytes in flight per
+# tile as the 16-bit configs' (4 to 16 KB)
+GROUPED_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(8, 512, 4, 4), (8, 1024, 8, 3), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 8, 3),
+                         (32, 256, 4, 4), (32, 256, 8, 3), (32, 512, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
+                         (128, 128, 8, 3)]
+]
+_gemv_grouped = (_gemv_grouped_kernel if INTERPRET
+                 else triton.autotune(GROUPED_CONFIGS, key=[*_KEY, "SPAN"])(_gemv_grouped_kernel))
+
+
+def span_of(group: int) -> int:
+    """The columns a scale covers inside one K tile of the grouped GEMV: the largest power of two up to 128 that
+    divides the group (the group itself, for the common 16 to 128)."""
+    return math.gcd(group, 128)
 
 
 def weight_form(weight: torch.Tensor, weight_scale: torch.Tensor | None, scale_block: tuple[int, int] | None,
@@ -190,6 +288,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if prologue == "rmsnorm":
         res_out = x if residual is None else torch.empty_like(x)
     scale, bn, bk = weight_form(weight, weight_scale, scale_block, weight_offset, group, fp4)
+    if m == 1 and scale >= 3:
+        span = span_of(group)
+        _gemv_grouped[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+            x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
+            weight, weight_scale, weight_offset if weight_offset is not None else weight_scale,
+            bias if bias is not None else x, y, res_out if res_out is not None else y, n, k, eps, group,
+            weight.stride(0), weight_scale.stride(0), PROLOGUE=_PROLOGUES[prologue],
+            HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None, SCALE=scale, SPAN=span,
+            **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}), **pdl(x))
+        return y, res_out
     kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
     kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,

@@ -540,3 +540,25 @@ def test_moe_gguf_files(tmp_path, arch):
     moe = dict(model.named_modules())["layers.2.mlp"]
     assert moe.w13.dtype == moe.w2.dtype == torch.uint8 and not moe.spec.serialized
     assert mixed.generate(prompts, params)[0].outputs[0].token_ids
+
+
+def test_roofline_bytes_count_what_a_step_reads(tmp_path, smollm):
+    """bench latency's roofline: the embedding table counts only by the rows a step looks up, a tied table once (as
+    the head, which reads it whole), experts by the share of them a batch reaches."""
+    from slipstream.bench.engine_bench import active_weight_bytes
+    from test_fp8 import _llm, _tiny_moe
+
+    def nbytes(p: torch.Tensor) -> int:
+        return p.numel() * p.element_size()
+
+    model = smollm.engine.core.runner.model  # tied: the head is the table
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert active_weight_bytes(model, 1) == sum(nbytes(p) for p in model.parameters())  # (unique: the table once)
+    _tiny_moe(tmp_path, "qwen3_moe")
+    model = _llm(str(tmp_path)).engine.core.runner.model  # untied; layer 1 of 2 is MoE, 2 of 4 experts a token
+    table = model.embed_tokens.weight
+    experts = sum(nbytes(p) for n, p in model.named_parameters() if ".w13" in n or ".w2" in n)
+    rest = sum(nbytes(p) for p in model.parameters()) - nbytes(table) - experts
+    row = nbytes(table) / table.shape[0]
+    assert active_weight_bytes(model, 1) == pytest.approx(rest + row + experts * 2 / 4)
+    assert active_weight_bytes(model, 3) == pytest.approx(rest + 3 * row + experts * (1 - (1 - 2 / 4) ** 3))

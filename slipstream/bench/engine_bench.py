@@ -15,6 +15,7 @@ from slipstream.bench.common import (copy_bandwidth, gpu_name, model_dir, profil
                                      watch_compiles)
 from slipstream.layers.moe import MoE
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
+from slipstream.models.llama import VocabEmbedding
 
 
 def _llm(model: str, **kw: Any) -> LLM:
@@ -52,17 +53,24 @@ def hf_decode_rate(model: str, batch: int, input_len: int, output_len: int) -> f
 
 
 def active_weight_bytes(model: torch.nn.Module, batch: int) -> float:
-    """Weight bytes one decode step must read: every parameter, except that a MoE layer's experts (and their scales,
-    where quantized) count only as far as tokens reach them — k of E for one token; for B tokens routed uniformly,
-    E * (1 - (1 - k/E)^B)."""
-    total = 0.0
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            nbytes = p.numel() * p.element_size()
-            if isinstance(module, MoE) and name.startswith(("w13", "w2")):
-                e, k = module.cfg.num_experts, module.cfg.top_k
-                nbytes *= 1 - (1 - k / e) ** batch
-            total += nbytes
+    """Weight bytes one decode step of `batch` tokens must read: every parameter once (a tied output head's table
+    once, as the head), except the embedding table, of which a step reads its tokens' rows, and a MoE layer's experts
+    (and their scales, where quantized), which count only as far as tokens reach them: k of E for one token; for B
+    tokens routed uniformly, E * (1 - (1 - k/E)^B)."""
+    owned = [(module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)]
+    read_whole = {id(p) for module, _, p in owned if not isinstance(module, VocabEmbedding)}
+    total, seen = 0.0, set()
+    for module, name, p in owned:
+        if id(p) in seen or (isinstance(module, VocabEmbedding) and id(p) in read_whole):
+            continue  # (a tied table counts once, as the head it also is)
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        if isinstance(module, VocabEmbedding):
+            nbytes *= min(batch, p.shape[0]) / p.shape[0]
+        elif isinstance(module, MoE) and name.startswith(("w13", "w2")):
+            e, k = module.cfg.num_experts, module.cfg.top_k
+            nbytes *= 1 - (1 - k / e) ** batch
+        total += nbytes
     return total
 
 

@@ -24,6 +24,7 @@ import glob, json, statistics, sys
 for b, key in (("latency", "decode_tok_s"), ("throughput", "output_tok_s")):
     for side in ("old", "new"):
         runs = [json.load(open(f))["results"] for f in sorted(glob.glob(f"{sys.argv[1]}/{side}-{b}-*.json"))]
+        runs = [r[0] if isinstance(r, list) else r for r in runs]  # (latency: a result per batch size, one here)
         if not runs:
             continue
         vals = [round(r[key], 1) for r in runs]

@@ -142,7 +142,7 @@ def test_dequantize_kernel_matches_reference(dtype, group, kind):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the layers run the Triton kernels only on a CUDA device")
-def test_layer_past_the_gemm_rows_dequantizes_whole():
+def test_layer_past_the_gemm_rows_dequantizes_whole(monkeypatch):
     """A step of more rows than kernels.W4A16_GEMM_ROWS multiplies the whole dequantized weight with cuBLAS: the
     reference's product, as the W4A16 GEMM gives it for a step of W4A16_GEMM_ROWS rows."""
     from slipstream import kernels
@@ -156,10 +156,17 @@ def test_layer_past_the_gemm_rows_dequantizes_whole():
     linear.method.process_after_loading(linear)
     linear.cuda()
     w = dequantize(linear.qweight.cpu(), linear.scales.cpu(), linear.offsets.cpu(), torch.float32)
+    ran = []
+    def counted(name: str):  # noqa: ANN202
+        run = getattr(kernels, name)
+        return lambda *args, **kw: ran.append(name) or run(*args, **kw)
+    for name in ("w4a16_gemm", "dequantize_4bit"):
+        monkeypatch.setattr(kernels, name, counted(name))
     for m in (kernels.W4A16_GEMM_ROWS, kernels.W4A16_GEMM_ROWS + 1):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float().cpu() @ w.T
         torch.testing.assert_close(linear(x).float().cpu(), ref, atol=3e-2, rtol=2e-2)
+    assert ran == ["w4a16_gemm", "dequantize_4bit"]
 
 
 def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
@@ -187,23 +194,28 @@ def test_embedded_q4_1_model_kept_4bit_equals_dequantized(gguf_path):
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("group,kind", [(32, "int4"), (128, "int4"), (16, "fp4"), (16, "int8"), (32, "int8")])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_4bit_gemv_matches_reference(prologue, group, kind, rows):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_4bit_gemv_matches_reference(prologue, group, kind, rows, dtype):
     """One row, or a few, against 4-bit weights (integer or FP4 codes) or GGUF's 8-bit ones: the fused GEMV (the
-    norm or SwiGLU before it) vs the dequantized weights."""
+    norm, with a residual, or SwiGLU before it) vs the dequantized weights; N and K not multiples of the tiles."""
     from slipstream.kernels.matvec import gemv
 
     g = torch.Generator().manual_seed(group)
-    n, k = 200, 256
-    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
+    n, k = 203, 288 if 288 % group == 0 else 384
+    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g).to(dtype)
+    res = torch.randn(rows, k, generator=g).to(dtype) if prologue == "rmsnorm" else None
     qweight, scales, offsets = packed_weights(kind, n, k, group, g, spread=k**-0.5)
-    nw = 1 + 0.1 * torch.randn(k, generator=g)
-    a = gemv_prologue_ref(x, k, nw, prologue)
-    bias = torch.randn(n, generator=g)
-    ref = a.double() @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
-    kw = dict(norm_weight=nw.to(DEV)) if prologue == "rmsnorm" else {}
-    y, _ = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
-                weight_offset=None if offsets is None else offsets.to(DEV), group=group, fp4=kind == "fp4", **kw)
-    torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    a = gemv_prologue_ref(x.double() if res is None else x.double() + res.double(), k, nw.double(), prologue)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = a @ dequantize(qweight, scales, offsets, torch.float64).T + bias.double()
+    kw = dict(norm_weight=nw.to(DEV), residual=res.to(DEV)) if prologue == "rmsnorm" else {}
+    y, res_out = gemv(x.to(DEV), qweight.to(DEV), bias.to(DEV), prologue=prologue, weight_scale=scales.to(DEV),
+                      weight_offset=None if offsets is None else offsets.to(DEV), group=group, fp4=kind == "fp4", **kw)
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol)
+    if res is not None:  # the next block's residual: x + residual, in x's dtype
+        torch.testing.assert_close(res_out.cpu(), x + res, rtol=0, atol=0)
 
 
 def test_awq_and_gptq_words_by_hand():
@@ -782,3 +794,4 @@ def test_online_int4_quantizes_moe_experts(tmp_path):
 
     with pytest.raises(ValueError, match="algorithm rtn"):
         write_int4_checkpoint(str(tmp_path), str(tmp_path / "gptq"), "gptq", 64, "gptq", ["t5 t6 t7"])
+

@@ -437,7 +437,7 @@ for norm, rotary in ((False, 128), (True, 64)):
 
 # The 4-bit GEMM and GEMV on integer codes, on FP4 E2M1 codes (NVFP4 / MXFP4 weights), and on GGUF's 8-bit integers.
 from slipstream.kernels.int4 import _w4a16_kernel as w4
-from slipstream.kernels.matvec import _gemv_kernel as gv
+from slipstream.kernels.matvec import _gemv_grouped_kernel as ggv, _gemv_kernel as gv
 for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     q = "*i8" if code == 2 else "*u8"
     w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
@@ -448,12 +448,20 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
     triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
-    for rows, bn, bk in ((1, 8, 512), (16, 32, 256)):  # one row; a few, through the tensor cores
-        consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
-                      SCALE_BK=16, PRECISION="tf32", NORM_ON_W=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk)
-        sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
-        triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    # a few rows, through the tensor cores
+    consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
+                  SCALE_BK=16, PRECISION="tf32", NORM_ON_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)
+    sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
+    triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    # one row: the grouped GEMV, with each prologue, spans of 16 (NVFP4's groups) and 128
+    gg = dict(gvtypes, q_ptr=q, s_ptr="*fp32", o_ptr="*fp32")
+    for prologue, span in ((1, 128), (2, 16), (0, 128)):
+        consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SCALE=3 + code + (code == 2 and offset),
+                      SPAN=span, BLOCK_N=32, BLOCK_K=256)
+        sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in ggv.arg_names}
+        triton.compile(ASTSource(ggv, sig, constexprs={(ggv.arg_names.index(k),): v for k, v in consts.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
 # ... and the GEMV of a few rows on 16-bit and block-scaled FP8 weights, with the SwiGLU before it
 for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
     consts = dict(PROLOGUE=2, HAS_RES=False, HAS_BIAS=True, SCALE=scale, SCALE_BN=128, SCALE_BK=128, PRECISION="tf32",

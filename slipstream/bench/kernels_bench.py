@@ -182,10 +182,10 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
     rotating through copies larger than L2. int4: the fused GEMV up to LAYER_GEMV_ROWS rows (RMSNorm / SwiGLU
     prologue as the model runs it), the W4A16 GEMM above; dequant + cuBLAS: the whole weight dequantized to bf16
     (kernels/int4.py dequantize) then cuBLAS, what steps past W4A16_GEMM_ROWS rows run; bf16: the fused GEMV up to
-    LAYER_GEMV_ROWS rows, cuBLAS above. Where dequant + cuBLAS overtakes the W4A16 GEMM is the crossover
-    W4A16_GEMM_ROWS must hold."""
-    out, rows = [], [["M x N x K (name)", "int4 us", "dequant + cuBLAS us", "bf16 us", "bf16 / int4",
-                      "int4 weights % of copy bw", "layer runs"]]
+    LAYER_GEMV_ROWS rows, cuBLAS above; "layer": whichever of the two 4-bit forms the layer runs at M. Where dequant
+    + cuBLAS overtakes the W4A16 GEMM is the crossover W4A16_GEMM_ROWS must hold."""
+    out, rows = [], [["M x N x K (name)", "GEMV / W4A16 GEMM us", "dequant + cuBLAS us", "bf16 us", "layer runs",
+                      "bf16 / layer", "layer's 4-bit weights % of copy bw"]]
     for m in row_counts:
         for name, n, k, pro in PROJECTIONS[:4]:
             copies = max(2, -(-(512 << 20) // (2 * n * k)))
@@ -203,13 +203,14 @@ def _int4_bench(row_counts: list[int], bw: float) -> list[dict]:
                 ours = graph_us([lambda q=q: w4a16_gemm(x, *q, 128) for q in packed])
                 bf16 = graph_us([lambda w=w: x @ w.T for w in ws])
             deq = graph_us([lambda q=q: x[:, :k] @ dequantize(*q, 128, torch.bfloat16).T for q in packed])
+            runs, layer = (("gemv" if m <= LAYER_GEMV_ROWS else "w4a16 gemm", ours) if m <= W4A16_GEMM_ROWS
+                           else ("dequant + cuBLAS", deq))
             nbytes = n * k // 2 + 4 * n * (k // 128)
-            runs = "gemv" if m <= LAYER_GEMV_ROWS else "w4a16 gemm" if m <= W4A16_GEMM_ROWS else "dequant + cuBLAS"
-            r = dict(m=m, n=n, k=k, name=name, int4_us=ours, dequant_cublas_us=deq, bf16_us=bf16,
-                     int4_pct_copy_bw=100 * nbytes / ours / 1e-6 / bw, layer_runs=runs)
+            r = dict(m=m, n=n, k=k, name=name, int4_us=ours, dequant_cublas_us=deq, bf16_us=bf16, layer_runs=runs,
+                     layer_us=layer, layer_pct_copy_bw=100 * nbytes / layer / 1e-6 / bw)
             out.append(r)
-            rows.append([f"{m} x {n} x {k} ({name})", f"{ours:.1f}", f"{deq:.1f}", f"{bf16:.1f}", f"{bf16 / ours:.2f}",
-                         f"{r['int4_pct_copy_bw']:.0f}", runs])
+            rows.append([f"{m} x {n} x {k} ({name})", f"{ours:.1f}", f"{deq:.1f}", f"{bf16:.1f}", runs,
+                         f"{bf16 / layer:.2f}", f"{r['layer_pct_copy_bw']:.0f}"])
             del ws, packed, x
     print(table(rows))
     return out

@@ -21,9 +21,11 @@ kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), befo
 65504 that product can pass where the normalized input would not, w_norm multiplies the weight tile instead: NORM_ON_W).
 FP8 weights come with scales: one per output row (applied to the row's sum) or one per block of rows x columns
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
-(layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) are unpacked and
-dequantized as they load, then rounded to x's dtype as the W4A16 GEMM rounds them; so are 8-bit integer weights (GGUF
-5-, 6- and 8-bit blocks: a signed byte a column, a scale and maybe an offset per group).
+(layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) and 8-bit integer
+weights (GGUF 5-, 6- and 8-bit blocks: a signed byte a column, a scale and maybe an offset per group): one row runs
+_gemv_grouped_kernel, which applies each group's scale and offset to the group's sums and keeps the weights and f(x)
+in float32 (nothing is rounded to x's dtype: one row's sums differ from the GEMM's of several rows in the last bits);
+a few rows unpack and dequantize each weight as it loads, rounded to x's dtype as the W4A16 GEMM rounds them.
 """
 from __future__ import annotations
 
@@ -177,7 +179,7 @@ def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_p
     columns inside one group, so a scale is loaded once a span and the sums go
         y[n] = sum over spans of scale * sum(q * f(x)) (+ offset * sum(f(x))):
     an integer and a multiply-add a weight, where dequantizing each weight first costs a scale (and an offset) load,
-    a multiply and an add; the bytes load 16 at a time. A byte's two nibbles (columns 2j, 2j + 1) are joined as a
+    a multiply and an add; the bytes load up to 16 at a time (a span's, 8 for NVFP4's groups of 16). A byte's two nibbles (columns 2j, 2j + 1) are joined as a
     last axis of 2, which f(x) (built in float32: it does not meet tensor cores) is laid out to match."""
     await_inputs(PDL)
     PER: tl.constexpr = 2 if SCALE <= 4 else 1  # columns a byte holds

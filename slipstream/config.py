@@ -271,6 +271,11 @@ class EngineConfig:
                                        "weights, W4A16: a GGUF file's Q4_0 / Q4_1 / Q4_K layers as stored, its Q5 / Q6_K / "
                                        "Q8_0 ones as 8-bit; other checkpoints rounded per group of 128 at load)",
                                QUANTIZATION_METHODS)
+    quantize_lm_head: bool = option(False, "round a 16-bit output head to the run's weight format too (fp8: FP8 per "
+                                           "output row; int4: 4 bits per group of 128), a tied one as a copy beside "
+                                           "the 16-bit embedding: the head is 1/8 of Llama-3.1-8B's bytes a token, "
+                                           "more of a 4-bit model's; off, it keeps its 16 bits (its error lands on "
+                                           "every logit)")
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))
@@ -309,6 +314,9 @@ class EngineConfig:
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of: {', '.join(choices)}", value)
+        _check(not (self.quantize_lm_head and self.quantization == "none"), "quantize_lm_head",
+               "rounds the output head to the run's weight format: it needs quantization fp8, int4 or auto (a "
+               "checkpoint that holds them)", self.quantize_lm_head)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
         _check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0", self.distributed_timeout_s)

@@ -465,3 +465,25 @@ def test_moe_ignore_lists_name_checkpoint_modules(tiny_moe, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="quantized together"):
         _llm(out)
+
+
+def test_quantize_lm_head(tiny, gguf_path, smollm):
+    """quantize_lm_head rounds a 16-bit output head as the run rounds its other layers: FP8 per output row (int4:
+    4-bit groups, tests/test_int4.py), exactly as a linear layer of the same weight is rounded; a tied head keeps
+    its own FP8 copy while lookups read the 16-bit table; with 16-bit weights the option is refused."""
+    src, weights = tiny
+    for llm in (_llm(src, quantization="fp8", quantize_lm_head=True),
+                LLM(gguf_path, dtype="float32", device="cpu", max_model_len=256, quantization="fp8", quantize_lm_head=True)):
+        model = llm.engine.core.runner.model
+        head = model.lm_head.weight
+        assert head.dtype == FP8 and head is not model.embed_tokens.weight
+        table = weights["lm_head.weight"] if not model.config.tie_word_embeddings else \
+            smollm.engine.core.runner.model.embed_tokens.weight
+        q, s = quantize_weight_per_channel(table.to(head.device))
+        assert torch.equal(head, q) and torch.equal(model.lm_head.weight_scale, s)
+        if model.config.tie_word_embeddings:
+            assert torch.equal(model.embed_tokens.weight, table)  # the lookups' table: 16-bit as loaded
+        assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
+    assert type(_linear(_llm(src, quantization="fp8"), "lm_head").method).__name__ == "Unquantized"  # (the default)
+    with pytest.raises(ValueError, match="quantize_lm_head"):
+        _llm(src, quantization="none", quantize_lm_head=True)

@@ -83,7 +83,7 @@ def latency(a: argparse.Namespace) -> list[dict]:
     peers = {b: hf_decode_rate(a.model, b, a.input_len, a.output_len) for b in sizes} if a.hf_peer else {}
     llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(sizes),
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
-               quantization=a.quantization)
+               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head)
     llm.engine.warm_up()
     vocab, runner = llm.engine.model_config.vocab_size, llm.engine.runner
     g = torch.Generator().manual_seed(0)
@@ -97,6 +97,7 @@ def latency(a: argparse.Namespace) -> list[dict]:
         ttfts = sorted(_timed(llm, prompts, first)[0] for _ in range(a.iters))
         totals = sorted(_timed(llm, prompts, full)[0] for _ in range(a.iters))
         if a.profile:
+            print(f"profile of 32 decode steps at batch {batch}:")
             with profiled(a.profile):
                 _timed(llm, prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
         ttft, total = ttfts[len(ttfts) // 2], totals[len(totals) // 2]
@@ -106,7 +107,8 @@ def latency(a: argparse.Namespace) -> list[dict]:
         kv_bytes = batch * (a.input_len + a.output_len / 2) * runner.kv.bytes_per_block / runner.kv.block_size
         roofline = batch * bw / (weight_bytes + kv_bytes)
         peer = peers.get(batch)
-        out.append(dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization, batch_size=batch,
+        out.append(dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization,
+                        quantize_lm_head=a.quantize_lm_head, batch_size=batch,
                         input_len=a.input_len, output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft,
                         e2e_s=total, decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes,
                         copy_bw_Bps=bw, roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline,
@@ -134,7 +136,7 @@ def throughput(a: argparse.Namespace) -> dict:
     """nano-vllm's workload (256 sequences, lengths in [100, 1024]), sampled at temperature 0.6 with ignore_eos."""
     llm = _llm(a.model, max_model_len=4096, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
-               quantization=a.quantization)
+               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head)
     vocab = llm.engine.model_config.vocab_size
     prompts, lengths = nano_vllm_workload(a.num_seqs, a.max_len)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, seed=i) for i, n in enumerate(lengths)]
@@ -146,7 +148,8 @@ def throughput(a: argparse.Namespace) -> dict:
         elapsed, outs = _timed(llm, prompts, params)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
-    res = dict(bench="throughput", gpu=gpu_name(), model=a.model, quantization=a.quantization, num_seqs=a.num_seqs, elapsed_s=elapsed,
+    res = dict(bench="throughput", gpu=gpu_name(), model=a.model, quantization=a.quantization,
+               quantize_lm_head=a.quantize_lm_head, num_seqs=a.num_seqs, elapsed_s=elapsed,
                output_tokens=out_tokens, output_tok_s=out_tokens / elapsed,
                total_tok_s=(out_tokens + sum(map(len, prompts))) / elapsed, steps=eng.stats.steps - steps0,
                preemptions=eng.stats.num_preemptions, cpu_share_of_step_time=cpu_share)
@@ -278,6 +281,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for name in ("latency", "throughput"):
         sub.choices[name].add_argument("--quantization", default="auto", choices=QUANTIZATION_METHODS,
                                        help="weights of the linear layers (fp8: quantized at load)")
+        sub.choices[name].add_argument("--quantize-lm-head", action="store_true",
+                                       help="round the output head to the weights' format too")
     for name in ("latency", "throughput", "prefix", "fairness"):
         q = sub.choices[name]
         q.add_argument("--enforce-eager", action="store_true")

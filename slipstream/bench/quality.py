@@ -76,10 +76,12 @@ def compare(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor]) -> dict
                 greedy_agreement=(ref["top"] == cand["top"]).float().mean().item(), logit_rel_err=err.item())
 
 
-def _engine(model: str | None, load_format: str, quantization: str, a: argparse.Namespace, kv_cache_dtype: str = "auto") -> LLM:
+def _engine(model: str | None, load_format: str, quantization: str, a: argparse.Namespace, kv_cache_dtype: str = "auto",
+            quantize_lm_head: bool = False) -> LLM:
     if load_format == "dummy":
         model = model_dir(model)
-    return LLM(model, load_format=load_format, quantization=quantization, kv_cache_dtype=kv_cache_dtype, dtype=a.dtype, device=a.device,
+    return LLM(model, load_format=load_format, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+               quantize_lm_head=quantize_lm_head, dtype=a.dtype, device=a.device,
                max_model_len=a.window, max_num_batched_tokens=max(a.window, 256), max_num_seqs=1,
                num_blocks=-(-a.window // 16) + 2, block_size=16, enable_prefix_caching=False, enforce_eager=True)
 
@@ -102,15 +104,16 @@ def quality(a: argparse.Namespace) -> dict[str, Any]:
         ids = ref_llm.engine.tokenizer.encode(essays(a.max_chars))[:n]
     ref = score(ref_llm, ids, a.window, a.stride)
     del ref_llm
-    cand_llm = _engine(a.model, a.load_format, a.quantization, a, a.kv_cache_dtype)
+    cand_llm = _engine(a.model, a.load_format, a.quantization, a, a.kv_cache_dtype, a.quantize_lm_head)
     res = compare(ref, score(cand_llm, ids, a.window, a.stride))
     res.update(bench="quality", gpu=gpu_name() if torch.cuda.is_available() else "cpu", model=a.model,
                reference_model=a.reference_model or a.model, quantization=a.quantization,
-               reference_quantization=a.reference_quantization, kv_cache_dtype=a.kv_cache_dtype, window=a.window,
+               reference_quantization=a.reference_quantization, kv_cache_dtype=a.kv_cache_dtype,
+               quantize_lm_head=a.quantize_lm_head, window=a.window,
                stride=a.stride, dtype=a.dtype)
     print(table([["variant", "perplexity", "tokens", "greedy agreement", "logit rel. error"],
                  [f"reference ({a.reference_quantization})", f"{res['ppl_ref']:.3f}", res["tokens"], "-", "-"],
-                 [f"{a.quantization}, KV {a.kv_cache_dtype}", f"{res['ppl']:.3f} ({res['ppl_change_pct']:+.2f}%)", res["tokens"],
+                 [f"{a.quantization}{', head too' if a.quantize_lm_head else ''}, KV {a.kv_cache_dtype}", f"{res['ppl']:.3f} ({res['ppl_change_pct']:+.2f}%)", res["tokens"],
                   f"{100 * res['greedy_agreement']:.1f}%", f"{res['logit_rel_err']:.4f}"]]))
     return res
 
@@ -123,6 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-quantization", default="none", choices=QUANTIZATION_METHODS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="the measured model's KV cache (the reference's is the compute dtype)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the measured model's output head rounded too")
     p.add_argument("--load-format", default="auto", help="dummy: random weights from a config (logit error only)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")

@@ -103,7 +103,8 @@ class VocabEmbedding(nn.Module):
     def tie(self, head: Linear) -> None:
         """One table for the tokens in and the logits out (tied embeddings). A head kept in 8-bit blocks (a GGUF
         file's token_embd) owns the table (its int8 rows and group scales, or once loaded on a CPU their dequantized
-        weight): lookups read the head's as it is then."""
+        weight): lookups read the head's as it is then. A head rounded at load (quantize_lm_head) reads the table as
+        it loads, then holds its own rounded copy: lookups keep the 16-bit table."""
         if hasattr(head, "qweight"):
             self.dtype = self.weight.dtype
             del self.weight
@@ -241,8 +242,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, backend, method_for, fused, shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        # Split by vocabulary rows, the rows the embedding holds (a tied head is the same tensor). Its method: 16-bit
-        # (its error lands on every logit) unless the checkpoint stores it in 8-bit blocks (GGUF).
+        # Split by vocabulary rows, the rows the embedding holds (a tied head is the same tensor; rounded at load,
+        # quantize_lm_head, it keeps a quantized copy). Its method: layers/quantization's method_table.
         v0, v = shard.part(cfg.vocab_size)
         self.lm_head = Linear(cfg.hidden_size, v, method=method_for("lm_head"), fused=fused,
                               take=(0, (v0,)) if shard.world > 1 else None)

@@ -89,7 +89,8 @@ def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bo
             if spec.method == "fp8" and device.type == "cpu" and not (shard and shard.rank):  # (said once, by rank 0)
                 log.warning("FP8 weights on the CPU run a reference path that dequantizes every weight in every step "
                             "(several times slower than --quantization none): it is there to check FP8 quality, not for speed")
-            return cls(mc, backend, method_table(spec, cls.checkpoint_modules), fused=fused, shard=shard), spec
+            methods = method_table(spec, cls.checkpoint_modules, config.quantize_lm_head)
+            return cls(mc, backend, methods, fused=fused, shard=shard), spec
     finally:
         torch.set_default_dtype(default_dtype)
 

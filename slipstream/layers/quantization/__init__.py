@@ -58,13 +58,22 @@ def get_linear_method(spec: QuantSpec | str = "none", bits: int = 4) -> LinearMe
     raise ValueError(f"no linear method for quantization {method!r}")
 
 
-def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]]) -> Callable[[str], LinearMethod]:
+def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]],
+                 quantize_head: bool = False) -> Callable[[str], LinearMethod]:
     """prefix of a layer ("layers.0.mlp.gate_up_proj") -> its method; `checkpoint_names` lists the checkpoint
-    modules fused into that layer, which the spec's ignore list names."""
+    modules fused into that layer, which the spec's ignore list names. The output head stays 16-bit (its error
+    lands on every logit) unless stored in 8-bit blocks (GGUF), or `quantize_head` rounds it at load to the run's
+    format (FP8 per output row, or 4-bit groups, as `--quantization fp8|int4` rounds a 16-bit checkpoint)."""
+    if quantize_head and spec.method == "none":
+        raise ValueError("quantize_lm_head rounds the output head to the run's weight format, and this run's weights "
+                         "are 16-bit: use it with quantization fp8 or int4 (or a checkpoint that holds them)")
+
     def method_for(prefix: str) -> LinearMethod:
         names = checkpoint_names(prefix)
-        if prefix == OUTPUT_HEAD:  # 16-bit (its error lands on every logit), unless stored in 8-bit blocks (GGUF)
-            return get_linear_method(spec, 8) if spec.keeps_8bit(names) else get_linear_method("none")
+        if prefix == OUTPUT_HEAD:
+            if spec.keeps_8bit(names):
+                return get_linear_method(spec, 8)
+            return get_linear_method(resolve_quantization(spec.method, QuantSpec()) if quantize_head else "none")
         if spec.keeps_16bit(names):
             return get_linear_method("none")
         if spec.rounds(names):  # 16-bit in the checkpoint: rounded to 4 bits once loaded (groups as the spec's)

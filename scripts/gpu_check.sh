@@ -3,7 +3,8 @@
 # in CUDA graphs), FP8 weights (formats, kernels, the engine on FP8 checkpoints), draft heads' chains in CUDA graphs
 # (EAGLE-3, MTP: the same drafts as eager), the end-to-end Triton-vs-torch check, and
 # `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit,
-# FP8 and 4-bit weights, with an FP8 KV cache, and MoE models with FP8 experts and with 4-bit experts and MTP drafting.
+# FP8 and 4-bit weights, with an FP8 KV cache, and MoE models with FP8 experts (and an FP8 output head) and with 4-bit
+# experts and MTP drafting.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
@@ -38,10 +39,11 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
   --regex 'w[0-9]{1,6}' --quantization int4 || rc=1
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --kv-cache-dtype fp8 || rc=1
-# a MoE model with FP8 experts (the fused kernels' FP8 variant in CUDA graphs), Qwen3-30B-A3B's shape
+# a MoE model with FP8 experts (the fused kernels' FP8 variant in CUDA graphs), Qwen3-30B-A3B's shape, its output
+# head rounded to FP8 as well (a 151,936-row FP8 GEMV and GEMM)
 moe=$(python3 -c 'from slipstream.bench.common import model_dir; print(model_dir("qwen3-30b-a3b"))')
 python3 scripts/serve_check.py "$moe" --load-format dummy --dtype bfloat16 --requests 100 --max-prompt 8192 --vocab 151000 \
-  --regex 'w[0-9]{1,6}' --quantization fp8 || rc=1
+  --regex 'w[0-9]{1,6}' --quantization fp8 --quantize-lm-head || rc=1
 # GLM-4.5-Air's shape as a 4-bit (AWQ) checkpoint would hold it (about 60 GB; its 16-bit form would not fit), its MTP
 # module drafting
 glm=$(python3 -c 'from slipstream.bench.common import model_dir, AWQ_4BIT; print(model_dir("glm-4.5-air", AWQ_4BIT))')

@@ -796,17 +796,22 @@ def test_online_int4_quantizes_moe_experts(tmp_path):
         write_int4_checkpoint(str(tmp_path), str(tmp_path / "gptq"), "gptq", 64, "gptq", ["t5 t6 t7"])
 
 
-def test_quantize_lm_head_int4(tmp_path):
+def test_quantize_lm_head_int4(tmp_path, gguf_path):
     """With 4-bit weights, quantize_lm_head rounds a 16-bit head to 4 bits per group of 128 columns (as the layers
-    are rounded at load); a GGUF file's 8-bit head stays as stored."""
+    are rounded at load), and a 16-bit draft model keeps its own head 16-bit; a GGUF file's 8-bit head stays as
+    stored."""
     from test_fp8 import GREEDY, PROMPTS, _llm, _tiny_llama
 
     weights = _tiny_llama(str(tmp_path))
-    llm = _llm(str(tmp_path), quantization="int4", quantize_lm_head=True)
+    llm = _llm(str(tmp_path), quantization="int4", quantize_lm_head=True, speculative_method="draft",
+               speculative_model=str(tmp_path))
     head = llm.engine.core.runner.model.lm_head
     assert type(head.method).__name__ == "Int4" and head.method.group == 128
     q, s, o = quantize_rtn(weights["lm_head.weight"], 128)
     want = dequantize(q, s, o, torch.float32)
     got = head.weight if DEV == "cpu" else dequantize(head.qweight, head.scales, head.offsets, torch.float32)
     assert torch.equal(got.cpu(), want)
+    assert type(llm.engine.core.proposer.runner.model.lm_head.method).__name__ == "Unquantized"
     assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
+    kept = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=64, quantization="int4", quantize_lm_head=True)
+    assert (kept.engine.core.runner.model.lm_head.method.bits, kept.engine.core.runner.model.lm_head.method.group) == (8, 32)

@@ -139,8 +139,9 @@ class EngineCore:
         if dc.max_position_embeddings < self.max_model_len:
             raise ValueError(f"speculative_model {c.speculative_model!r} reaches {dc.max_position_embeddings} positions, "
                              f"fewer than max_model_len={self.max_model_len}: lower max_model_len to at most that")
-        config = replace(c, model=c.speculative_model, load_format=fmt, quantization="auto", tokenizer=None,
-                         speculative_method="none", speculative_model=None,
+        # (its layers run as its checkpoint holds them, its head too: the target's format is not the draft's)
+        config = replace(c, model=c.speculative_model, load_format=fmt, quantization="auto", quantize_lm_head=False,
+                         tokenizer=None, speculative_method="none", speculative_model=None,
                          cache=replace(c.cache, num_blocks=None, kv_cache_bytes=None))
         return config, loaded
 

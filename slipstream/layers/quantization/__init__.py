@@ -66,7 +66,8 @@ def method_table(spec: QuantSpec, checkpoint_names: Callable[[str], list[str]],
     format (FP8 per output row, or 4-bit groups, as `--quantization fp8|int4` rounds a 16-bit checkpoint)."""
     if quantize_head and spec.method == "none":
         raise ValueError("quantize_lm_head rounds the output head to the run's weight format, and this run's weights "
-                         "are 16-bit: use it with quantization fp8 or int4 (or a checkpoint that holds them)")
+                         "are 16-bit: use it with quantization fp8 or int4, or with a checkpoint that holds FP8 or "
+                         "4-bit weights (a GGUF file loads 16-bit unless quantization is int4)")
 
     def method_for(prefix: str) -> LinearMethod:
         names = checkpoint_names(prefix)

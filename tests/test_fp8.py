@@ -483,7 +483,8 @@ def test_quantize_lm_head(tiny, gguf_path, smollm):
         assert torch.equal(head, q) and torch.equal(model.lm_head.weight_scale, s)
         if model.config.tie_word_embeddings:
             assert torch.equal(model.embed_tokens.weight, table)  # the lookups' table: 16-bit as loaded
-        assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
+        else:  # (FP8 on the CPU dequantizes every weight every step: the small model only)
+            assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
     assert type(_linear(_llm(src, quantization="fp8"), "lm_head").method).__name__ == "Unquantized"  # (the default)
     with pytest.raises(ValueError, match="quantize_lm_head"):
         _llm(src, quantization="none", quantize_lm_head=True)

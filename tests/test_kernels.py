@@ -454,14 +454,14 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-    # one row: the grouped GEMV, with each prologue, spans of 16 (NVFP4's groups) and 128
+    # one row: the grouped GEMV, each prologue and spans of 16 (NVFP4's groups) to 128 over the four forms
     gg = dict(gvtypes, q_ptr=q, s_ptr="*fp32", o_ptr="*fp32")
-    for prologue, span in ((1, 128), (2, 16), (0, 128)):
-        consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SCALE=3 + code + (code == 2 and offset),
-                      SPAN=span, BLOCK_N=32, BLOCK_K=256)
-        sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in ggv.arg_names}
-        triton.compile(ASTSource(ggv, sig, constexprs={(ggv.arg_names.index(k),): v for k, v in consts.items()}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+    prologue, span = ((1, 128), (2, 16), (0, 128), (1, 32))[code + (code == 2 and offset)]
+    consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SCALE=3 + code + (code == 2 and offset),
+                  SPAN=span, BLOCK_N=32, BLOCK_K=256)
+    sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in ggv.arg_names}
+    triton.compile(ASTSource(ggv, sig, constexprs={(ggv.arg_names.index(k),): v for k, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
 # ... and the GEMV of a few rows on 16-bit and block-scaled FP8 weights, with the SwiGLU before it
 for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
     consts = dict(PROLOGUE=2, HAS_RES=False, HAS_BIAS=True, SCALE=scale, SCALE_BN=128, SCALE_BK=128, PRECISION="tf32",

@@ -78,10 +78,9 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_m, ok_n = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
-    xs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
-        x = tl.load(xs + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
         w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, OFFSET, FINE,
                          BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
@@ -102,14 +101,6 @@ def _dequantize_kernel(q_ptr, s_ptr, o_ptr, w_ptr, N, K, group, stride_qn, strid
     w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok, k0, group, stride_qn, stride_sn, w_ptr.dtype.element_ty, CODE, OFFSET,
                      FINE, BLOCK_N, BLOCK_K)
     tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], w, mask=ok[:, None])
-
-
-# Up to 16 rows (decode): the column tile and pipelining tuned once per weight shape at the first call (the engine
-# warms up before it captures graphs); the K step is the group's (block_k)
-_w4a16_decode = _w4a16_kernel if INTERPRET else triton.autotune(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-     for bn, w, st in [(16, 4, 4), (32, 4, 4), (32, 4, 6), (64, 4, 4), (64, 8, 4), (128, 8, 3)]],
-    key=["N", "K", "CODE", "FINE", "BLOCK_K"])(_w4a16_kernel)
 
 
 def block_k(k: int, group: int) -> int:
@@ -145,18 +136,19 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     bk = block_k(k, group)
     code = _code(qweight, fp4)
     if INTERPRET:
-        kernel, tiles = _w4a16_kernel, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    elif m <= 16:  # decode: column tiles tuned per shape, to keep every SM streaming weight bytes
-        kernel, tiles = _w4a16_decode, dict(BLOCK_M=16)
+        bm, bn, warps, stages = 16, 32, 4, 1
+    elif m <= 16:  # decode: many narrow column tiles keep every SM streaming weight bytes
+        bm, bn, warps, stages = 16, 32, 4, 4
     elif m <= 128:
-        kernel, tiles = _w4a16_kernel, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
+        bm, bn, warps, stages = 64, 64, 4, 4
     else:
-        kernel, tiles = _w4a16_kernel, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-    kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))](
-        x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
-        y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code, OFFSET=offsets is not None,
-        FINE=fine_groups(bk, group), BLOCK_K=bk, **tiles, **pdl(x))
+        bm, bn, warps, stages = 128, 128, 8, 3
+    grid = (cdiv(m, bm), cdiv(n, bn))
+    _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
+                        y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code,
+                        OFFSET=offsets is not None, FINE=fine_groups(bk, group),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl(x))
     return y
 
 

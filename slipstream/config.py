@@ -273,10 +273,9 @@ class EngineConfig:
                                QUANTIZATION_METHODS)
     quantize_lm_head: bool = option(False, "round a 16-bit output head to the run's weight format too (fp8: FP8 per "
                                            "output row; int4: 4-bit groups, as the layers are rounded at load), a "
-                                           "tied one as a copy beside "
-                                           "the 16-bit embedding: the head is 1/8 of Llama-3.1-8B's bytes a token, "
-                                           "more of a 4-bit model's; off, it keeps its 16 bits (its error lands on "
-                                           "every logit)")
+                                           "tied one as a copy beside the 16-bit embedding: the head is 1/8 of "
+                                           "Llama-3.1-8B's bytes a token, more of a 4-bit model's; off, it keeps its "
+                                           "16 bits (its error lands on every logit)")
     enforce_eager: bool = option(False, "no CUDA graphs")
     async_scheduling: str = option("auto", "launch step N + 1 before reading step N's tokens, so the GPU never waits "
                                            "for the host (auto: on for CUDA)", ("auto", "on", "off"))

@@ -57,13 +57,13 @@ def active_weight_bytes(model: torch.nn.Module, batch: int) -> float:
     once, as the head), except the embedding table, of which a step reads its tokens' rows, and a MoE layer's experts
     (and their scales, where quantized), which count only as far as tokens reach them: k of E for one token; for B
     tokens routed uniformly, E * (1 - (1 - k/E)^B)."""
-    owned = [(module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)]
-    read_whole = {id(p) for module, _, p in owned if not isinstance(module, VocabEmbedding)}
-    total, seen = 0.0, set()
-    for module, name, p in owned:
-        if id(p) in seen or (isinstance(module, VocabEmbedding) and id(p) in read_whole):
-            continue  # (a tied table counts once, as the head it also is)
-        seen.add(id(p))
+    owner = {}  # each tensor once, by a module that reads it whole where one does (a tied table: the head)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in owner or isinstance(owner[id(p)][0], VocabEmbedding):
+                owner[id(p)] = module, name, p
+    total = 0.0
+    for module, name, p in owner.values():
         nbytes = p.numel() * p.element_size()
         if isinstance(module, VocabEmbedding):
             nbytes *= min(batch, p.shape[0]) / p.shape[0]

@@ -55,77 +55,159 @@ _stream = triton.autotune([triton.Config({"BLOCK_N": bn, "BLOCK_B": bb}, num_war
 
 
 @triton.jit
-def _split_dot_kernel(x_ptr, q_ptr, s_ptr, o_ptr, y_ptr, M, N, K, group, stride_q, stride_s,
-                      PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x @ W^T, W = q * scale + offset per group, BLOCK_K dividing the group:
-        x @ W^T = scale * (x_even @ lo^T + x_odd @ hi^T) + offset * sum(x)  per K step,
-    lo / hi the nibbles (columns 2j / 2j + 1) made 16-bit by bit pattern, q + bias (bias * sum(x) taken off)."""
+def _split_dot_kernel(x_ptr, q_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_q, stride_s, PDL: tl.constexpr,
+                      SWAP: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x @ W^T, W = q * scale + offset per GROUP columns, BLOCK_K a multiple of GROUP:
+        x @ W^T = scale * (x_even @ lo^T + x_odd @ hi^T) + offset * sum(x)  per group,
+    lo / hi the nibbles (columns 2j / 2j + 1) made 16-bit by bit pattern, q + bias (bias * sum(x) taken off).
+    SWAP: the weight is the dot's left operand (W @ x^T: its rows fill the tensor cores' M, so one row of x pads only
+    the narrow side). SPLIT programs share a row's K range and add their sums into y (float32, zeroed first)."""
     await_inputs(PDL)
-    HALF: tl.constexpr = BLOCK_K // 2
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = GROUP // 2
+    precision: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32"
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_m, ok_n = rm < M, rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=ok_m[:, None],
-                    other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))
-        packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_q + (k0 // 2 + tl.arange(0, HALF))[None, :],
-                         mask=ok_n[:, None], other=0).to(tl.int16)
-        lo, hi = packed & 15, packed >> 4
-        if x.dtype.is_bf16():
-            bias = 128.0
-            lo, hi = (lo | 0x4300).to(tl.bfloat16, bitcast=True), (hi | 0x4300).to(tl.bfloat16, bitcast=True)
-        elif x.dtype.is_fp16():
-            bias = 1024.0
-            lo, hi = (lo | 0x6400).to(tl.float16, bitcast=True), (hi | 0x6400).to(tl.float16, bitcast=True)
-        else:
-            bias = 0.0
-            lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-        part = tl.dot(x_even, tl.trans(lo), input_precision="ieee" if x.dtype == tl.float32 else "tf32")
-        part = tl.dot(x_odd, tl.trans(hi), part, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
-        x_sum = tl.sum(x.to(tl.float32), 1)[:, None]
-        g = rn * stride_s + k0 // group
-        acc += (part - bias * x_sum) * tl.load(s_ptr + g, mask=ok_n, other=0.0).to(tl.float32)[None, :]
-        acc += x_sum * tl.load(o_ptr + g, mask=ok_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=ok_m[:, None] & ok_n[None, :])
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    per_split = K // SPLIT
+    k_begin = tl.program_id(2) * per_split
+    for k0 in range(k_begin, k_begin + per_split, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // GROUP):
+            kg = k0 + sub * GROUP
+            x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + (kg + tl.arange(0, GROUP))[None, :],
+                        mask=ok_m[:, None], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))
+            packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_q + (kg // 2 + tl.arange(0, HALF))[None, :],
+                             mask=ok_n[:, None], other=0).to(tl.int16)
+            lo, hi = packed & 15, packed >> 4
+            if x.dtype.is_bf16():
+                bias = 128.0
+                lo, hi = (lo | 0x4300).to(tl.bfloat16, bitcast=True), (hi | 0x4300).to(tl.bfloat16, bitcast=True)
+            elif x.dtype.is_fp16():
+                bias = 1024.0
+                lo, hi = (lo | 0x6400).to(tl.float16, bitcast=True), (hi | 0x6400).to(tl.float16, bitcast=True)
+            else:
+                bias = 0.0
+                lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), 1)
+            g = rn * stride_s + kg // GROUP
+            scale = tl.load(s_ptr + g, mask=ok_n, other=0.0).to(tl.float32)
+            offset = tl.load(o_ptr + g, mask=ok_n, other=0.0).to(tl.float32)
+            if SWAP:
+                part = tl.dot(lo, tl.trans(x_even), input_precision=precision)
+                part = tl.dot(hi, tl.trans(x_odd), part, input_precision=precision)
+                acc += (part - bias * x_sum[None, :]) * scale[:, None] + offset[:, None] * x_sum[None, :]
+            else:
+                part = tl.dot(x_even, tl.trans(lo), input_precision=precision)
+                part = tl.dot(x_odd, tl.trans(hi), part, input_precision=precision)
+                acc += (part - bias * x_sum[:, None]) * scale[None, :] + x_sum[:, None] * offset[None, :]
+    if SWAP:
+        at, ok = rm[None, :].to(tl.int64) * N + rn[:, None], ok_m[None, :] & ok_n[:, None]
+    else:
+        at, ok = rm[:, None].to(tl.int64) * N + rn[None, :], ok_m[:, None] & ok_n[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptr + at, acc, mask=ok, sem="relaxed")
 
 
-def split_dot(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, tiles: tuple[int, int, int, int]
-              ) -> torch.Tensor:
+def split_dot(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, tiles: tuple) -> torch.Tensor:
+    """tiles: (swap, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split)."""
     m, k = x.shape
     n = q.shape[0]
-    bm, bn, warps, stages = tiles
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _split_dot_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](x, q, s, o, y, m, n, k, GROUP, q.stride(0), s.stride(0),
-                                                                PDL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP,
-                                                                num_warps=warps, num_stages=stages)
+    swap, bm, bn, bk, warps, stages, split = tiles
+    if split == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    _split_dot_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
+        x, q, s, o, y, m, n, k, q.stride(0), s.stride(0), PDL=False, SWAP=swap, SPLIT=split, GROUP=GROUP,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
 
 
-SPLIT_TILES = [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)]
+# (swap, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split); K of every shape is a multiple of BLOCK_K * split
+SPLIT_TILES = [(False, 16, 32, 128, 4, 4, 1), (False, 16, 64, 128, 4, 4, 1), (False, 16, 128, 128, 4, 3, 1),
+               (True, 16, 16, 256, 1, 4, 1), (True, 16, 32, 256, 2, 4, 1), (True, 16, 32, 512, 4, 3, 1),
+               (True, 16, 64, 256, 4, 4, 1), (True, 16, 64, 512, 4, 3, 1), (True, 16, 128, 256, 4, 3, 1),
+               (True, 16, 64, 256, 4, 4, 2), (True, 16, 32, 256, 2, 4, 4), (True, 16, 64, 512, 4, 3, 4),
+               (True, 32, 64, 256, 4, 4, 1), (True, 64, 64, 256, 4, 3, 1),
+               (False, 64, 64, 128, 4, 4, 1), (False, 64, 128, 128, 8, 3, 1)]
+
+
+@triton.jit
+def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = (x @ W^T) * scale[n] for FP8 weights with a scale per row, the weight as the dot's left operand (W @ x^T):
+    x 16-bit (each weight converted to x's type in registers, W8A16) or FP8 already (W8A8: both into the tensor
+    cores as they are; x's own scale left to the caller)."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_m, ok_n = rm < M, rn < N
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    per_split = K // SPLIT
+    k_begin = tl.program_id(2) * per_split
+    for k0 in range(k_begin, k_begin + per_split, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + ks[None, :], mask=ok_m[:, None], other=0.0)
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + ks[None, :], mask=ok_n[:, None], other=0.0)
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
+    acc *= tl.load(s_ptr + rn, mask=ok_n, other=0.0)[:, None]
+    at, ok = rm[None, :].to(tl.int64) * N + rn[:, None], ok_m[None, :] & ok_n[:, None]
+    if SPLIT == 1:
+        tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptr + at, acc, mask=ok, sem="relaxed")
+
+
+def fp8_dot(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, tiles: tuple) -> torch.Tensor:
+    """tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split)."""
+    (m, k), n = x.shape, w.shape[0]
+    bm, bn, bk, warps, stages, split = tiles
+    out = torch.bfloat16 if x.dtype == torch.float8_e4m3fn else x.dtype
+    y = torch.empty(m, n, dtype=out, device=x.device) if split == 1 else torch.zeros(m, n, device=x.device)
+    _fp8_dot_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](x, w, s, y, m, n, k, SPLIT=split, BLOCK_M=bm,
+                                                                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                                                     num_stages=stages)
+    return y
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split)
+FP8_TILES = [(16, 16, 512, 1, 4, 1), (16, 32, 512, 2, 4, 1), (16, 64, 256, 4, 4, 1), (16, 64, 512, 4, 3, 1),
+             (16, 128, 256, 4, 3, 1), (16, 64, 256, 4, 4, 2), (16, 32, 256, 2, 4, 4)]
 
 
 def check() -> None:
     """The probe's kernels against torch (fp32 and fp16; bf16 where a GPU runs it)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    n, k = 96, 512
+    n, k = 96, 1024
     q, s, o = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, GROUP)
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if dev == "cuda" else [])
     for dtype in dtypes:
         for m in (1, 5, 20):
             x = torch.randn(m, k, generator=g).to(dtype)
             ref = x.double() @ dequantize(q, s, o, torch.float64).T
-            for tiles in SPLIT_TILES[:2]:
+            for tiles in [SPLIT_TILES[0], SPLIT_TILES[4], SPLIT_TILES[10]]:
                 got = split_dot(x.to(dev), q.to(dev), s.to(dev), o.to(dev), tiles).double().cpu()
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (dtype, m, err)
+    w8 = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn)
+    ws = torch.rand(n, generator=g)
+    for dtype in dtypes[1:]:
+        x = torch.randn(3, k, generator=g).to(dtype)
+        ref = (x.double() @ w8.double().T) * ws.double()
+        for tiles in [FP8_TILES[1], FP8_TILES[-1]]:
+            got = fp8_dot(x.to(dev), w8.to(dev), ws.to(dev), tiles).double().cpu()
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < 3e-3, (dtype, tiles)
     y = torch.empty(n, dtype=torch.int32, device=dev)
     _stream_kernel[(triton.cdiv(n, 16),)](q.to(dev), y, n, k // 2, PDL=False, BLOCK_N=16, BLOCK_B=64)
     assert torch.equal(y.cpu(), q.to(torch.int32).sum(1).to(torch.int32))
-    print("int4_probe: the split-dot GEMM and the stream kernel match torch")
+    print("int4_probe: the split-dot GEMM, the FP8 dot and the stream kernel match torch")
 
 
 def main() -> None:
@@ -153,13 +235,30 @@ def main() -> None:
         row(1, "stream the bytes only", graph_us([lambda p=p: _stream[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             p[0], sums, n, k // 2, PDL=False) for p in packed]))
         row(1, f"bf16 fused GEMV ({pro})", graph_us([lambda w=w: gemv(x, w, prologue=pro, **kw) for w in ws]))
-        for m in (4, 16, 64):
+        row(1, "zero a float32 output (split-K's extra)", graph_us([lambda: torch.zeros(1, n, device="cuda")]))
+        for m in (1, 4, 16, 64):
             xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row(m, "engine W4A16 GEMM", graph_us([lambda p=p: w4a16_gemm(xm, *p, GROUP) for p in packed]))
+            if m > 1:
+                row(m, "engine W4A16 GEMM", graph_us([lambda p=p: w4a16_gemm(xm, *p, GROUP) for p in packed]))
             for tiles in SPLIT_TILES:
-                if tiles[0] >= m or tiles == SPLIT_TILES[-1]:
-                    row(m, f"split-dot GEMM {tiles}", graph_us([lambda p=p: split_dot(xm, *p, tiles) for p in packed]))
+                fits = tiles[1] >= m and (tiles[1] == 16 or m > 16) and (k // tiles[6]) % tiles[3] == 0
+                if fits or (m == 64 and tiles[1] == 64):
+                    row(m, f"split-dot {tiles}", graph_us([lambda p=p: split_dot(xm, *p, tiles) for p in packed]))
             row(m, "bf16 cuBLAS", graph_us([lambda w=w: xm @ w.T for w in ws]))
+        # FP8 weights, one row: the engine's fused GEMV against the weight in the tensor cores (W8A16, and W8A8 with
+        # x already FP8); % of copy bw here counts the FP8 bytes
+        w8 = [(w.to(torch.float8_e4m3fn), torch.rand(n, device="cuda") / 448) for w in ws]
+        nbytes = n * k + 4 * n
+        row(1, f"FP8 engine GEMV ({pro})", graph_us([lambda w=w, sc=sc: gemv(x, w, prologue=pro, weight_scale=sc, **kw)
+                                                    for w, sc in w8]))
+        row(1, "FP8 engine GEMV (no prologue)", graph_us([lambda w=w, sc=sc: gemv(x[:, :k], w, weight_scale=sc)
+                                                         for w, sc in w8]))
+        x8 = x[:, :k].to(torch.float8_e4m3fn)
+        for tiles in FP8_TILES:
+            if (k // tiles[5]) % tiles[2] == 0:
+                row(1, f"FP8 W8A16 dot {tiles}", graph_us([lambda w=w, sc=sc: fp8_dot(x[:, :k], w, sc, tiles)
+                                                           for w, sc in w8]))
+                row(1, f"FP8 W8A8 dot {tiles}", graph_us([lambda w=w, sc=sc: fp8_dot(x8, w, sc, tiles) for w, sc in w8]))
         del ws, packed
     print(table(rows))
 

@@ -38,11 +38,16 @@ def tight(gguf_path):
     return LLM(gguf_path, async_scheduling="off", **TIGHT), LLM(gguf_path, async_scheduling="on", **TIGHT)
 
 
-def test_overlap_changes_no_output(tight, monkeypatch):
+@pytest.fixture(scope="module")
+def reference(tight):
+    """The synchronous engine's outputs for PROMPTS and _params(), which every overlapped run must equal."""
+    return tight[0].generate(PROMPTS, _params())
+
+
+def test_overlap_changes_no_output(tight, reference, monkeypatch):
     sync, overlap = tight
     core = overlap.engine.core
     assert core.overlap and not sync.engine.core.overlap
-    ref = sync.generate(PROMPTS, _params())
     fill, reading = core._fill_masks, []
 
     def filled(owners, before):  # noqa: ANN001, ANN202
@@ -55,7 +60,7 @@ def test_overlap_changes_no_output(tight, monkeypatch):
     out = overlap.generate(PROMPTS, _params())
     assert overlap.engine.stats.num_preemptions >= 1, "the pool was meant to force preemption"
     assert sum(reading) > 20, f"constrained steps were meant to overlap: {sum(reading)} of {len(reading)}"
-    for a, b in zip(out, ref):
+    for a, b in zip(out, reference):
         for x, y in zip(a.outputs, b.outputs):
             assert x.token_ids == y.token_ids and x.text == y.text and x.finish_reason == y.finish_reason
             if y.logprobs is not None:
@@ -64,18 +69,16 @@ def test_overlap_changes_no_output(tight, monkeypatch):
         assert_no_leak(llm)
 
 
-def test_overlap_with_ngram_drafts_changes_no_output(tight, gguf_path):
+def test_overlap_with_ngram_drafts_changes_no_output(reference, gguf_path):
     """n-gram drafting with overlap on: steps that verify drafts are read at once, a step that will draft reads the
     one in flight first, and the others overlap; under preemption, grammars (masks after drafts), penalties, n > 1."""
-    sync, _ = tight
     spec = LLM(gguf_path, async_scheduling="on", speculative_method="ngram", num_speculative_tokens=3,
                speculative_adaptive=False, **TIGHT)
     core = spec.engine.core
     assert core.overlap
-    ref = sync.generate(PROMPTS, _params())
     out = spec.generate(PROMPTS, _params())
     assert spec.engine.stats.num_preemptions >= 1 and core.stats.accepted_draft_tokens > 0
-    for a, b in zip(out, ref):
+    for a, b in zip(out, reference):
         for x, y in zip(a.outputs, b.outputs):
             assert x.token_ids == y.token_ids and x.text == y.text and x.finish_reason == y.finish_reason
     assert_no_leak(spec)

@@ -65,19 +65,30 @@ def speculative(gguf_path, request):
                num_speculative_tokens=4, speculative_adaptive=False, async_scheduling=request.param)
 
 
-def test_speculation_never_changes_the_output(fresh, speculative):
+SPEC_PROMPTS = [LIST, "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def plain_runs(smollm):
+    """Each PARAMS entry's outputs without speculation, and the steps they took (shared by both overlap modes)."""
+    runs = {}
+    for name, params in PARAMS.items():
+        before = smollm.engine.stats.steps
+        runs[name] = smollm.generate(SPEC_PROMPTS, params), smollm.engine.stats.steps - before
+    assert_no_leak(smollm)
+    return runs
+
+
+def test_speculation_never_changes_the_output(plain_runs, speculative):
     """...and correct drafts save steps (greedy on a text that repeats)."""
-    prompts = [LIST, "The quick brown fox jumps over the lazy dog. The quick brown fox"]
     core = speculative.engine.core
     overlapped = []  # steps that left theirs in flight
     step = core.step
     core.step = lambda: (deltas := step(), overlapped.append(core._inflight is not None))[0]
     for name, params in PARAMS.items():
-        plain_steps = fresh.engine.stats.steps
-        plain = fresh.generate(prompts, params)
-        plain_steps = fresh.engine.stats.steps - plain_steps
+        plain, plain_steps = plain_runs[name]
         steps0 = speculative.engine.stats.steps
-        spec = speculative.generate(prompts, params)
+        spec = speculative.generate(SPEC_PROMPTS, params)
         if name == "greedy":
             assert core.stats.steps - steps0 < plain_steps
         for a, b in zip(plain, spec):
@@ -264,25 +275,34 @@ def test_draft_policy_ties_go_to_fewer_drafts():
     assert p.choose(8) == 0
 
 
+STORIES = [f"Write a story about dragon number {i}." for i in range(8)]
+STORY_PARAMS = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+STORY_ENGINE = dict(dtype="float32", device="cpu", max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def story_answers(gguf_path):
+    """Each story's prompt and greedy answer without speculation, as token ids."""
+    out = LLM(gguf_path, **STORY_ENGINE).generate(STORIES, STORY_PARAMS)
+    return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in out]
+
+
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
-def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, async_scheduling):
+def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, story_answers, async_scheduling):
     """Eight sequences verifying 8 drafts each compute 72 tokens a step instead of 8, which costs on a CPU: with a
     drafter that is always wrong the adaptive policy soon drafts little (fixed, every step would verify 8 a
     sequence); with one that is always right it keeps drafting and the answers take a fraction of the steps."""
     from slipstream.bench.spec_bench import ScriptedProposer
 
-    prompts = [f"Write a story about dragon number {i}." for i in range(8)]
-    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    kw = dict(dtype="float32", device="cpu", max_model_len=512)
-    answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in LLM(gguf_path, **kw).generate(prompts, params)]
     for wrong in (True, False):
-        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, async_scheduling=async_scheduling, **kw)
+        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, async_scheduling=async_scheduling,
+                  **STORY_ENGINE)
         core = llm.engine.core
-        core.proposer = ScriptedProposer(8, answers, wrong)
-        got = llm.generate(prompts, params)
-        assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == answers
+        core.proposer = ScriptedProposer(8, story_answers, wrong)
+        got = llm.generate(STORIES, STORY_PARAMS)
+        assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == story_answers
         st = core.stats
-        mean_k = st.draft_tokens / (st.decode_steps * len(prompts))
+        mean_k = st.draft_tokens / (st.decode_steps * len(STORIES))
         if wrong:
             # (fixed, it would be 8; the bound leaves room for steps timed slow while the suite's other processes
             # have the cores: one CI run measured 2.54 and failed a bound of 2.5)

@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from slipstream.kernels.int4 import _w4a16_kernel
-from slipstream.kernels.matvec import _gemv_grouped_kernel
+from slipstream.kernels.matvec import _gemv_int4_kernel
 
 DIV16 = ("N", "K", "group", "stride_q", "stride_s", "stride_xm", "stride_qn", "stride_sn", "stride_ym")
 
@@ -62,11 +62,11 @@ def main() -> None:
     io = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16",
               q_ptr="*u8", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*bf16", eps="fp32")
     # (name, kernel, constexprs, warps, stages, weights a thread handles in one pass of the loop)
-    cases = [("one-row GEMV, 16 rows x 512 columns, no prologue", _gemv_grouped_kernel,
-              dict(PROLOGUE=0, HAS_RES=False, HAS_BIAS=False, SCALE=3, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
+    cases = [("one-row GEMV, 16 rows x 512 columns, no prologue", _gemv_int4_kernel,
+              dict(PROLOGUE=0, HAS_RES=False, HAS_BIAS=False, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
               4, 3, 16 * 512 // 128),
-             ("one-row GEMV, same tile, RMSNorm prologue", _gemv_grouped_kernel,
-              dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
+             ("one-row GEMV, same tile, RMSNorm prologue", _gemv_int4_kernel,
+              dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
               4, 3, 16 * 512 // 128),
              ("W4A16 GEMM, decode tiles 16 x 32 x 128", _w4a16_kernel,
               dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=32,

@@ -224,6 +224,27 @@ def test_4bit_gemv_matches_reference(prologue, group, kind, rows, dtype):
         torch.testing.assert_close(res_out.cpu(), x + res, rtol=0, atol=0)
 
 
+def test_4bit_gemv_refuses_weights_it_cannot_read_as_words():
+    """The one-row GEMV reads 4-bit integers as int32 words of 8 columns: a weight at an address or with a row stride
+    that is not a multiple of 4 bytes, or groups that split a word, are refused by name, not read misaligned."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(0)
+    qweight, scales, offsets = packed_weights("int4", 16, 256, 32, g, spread=0.1)
+    x = torch.randn(1, 256, generator=g)
+    shifted = torch.empty(qweight.numel() + 1, dtype=torch.uint8, device=DEV)[1:].view(qweight.shape)
+    shifted.copy_(qweight)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        gemv(x.to(DEV), shifted, weight_scale=scales.to(DEV), weight_offset=offsets.to(DEV), group=32)
+    narrow = torch.zeros(16, 130, dtype=torch.uint8, device=DEV)[:, :128]  # a row stride of 130 bytes
+    narrow.copy_(qweight)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        gemv(x.to(DEV), narrow, weight_scale=scales.to(DEV), weight_offset=offsets.to(DEV), group=32)
+    q4, s4, o4 = packed_weights("int4", 16, 256, 4, g, spread=0.1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gemv(x.to(DEV), q4.to(DEV), weight_scale=s4.to(DEV), weight_offset=o4.to(DEV), group=4)
+
+
 def test_awq_and_gptq_words_by_hand():
     """One int32 word 0x76543210 (nibble i holds i): AutoAWQ's GEMM order puts column c in nibble
     (0, 4, 1, 5, 2, 6, 3, 7)[c]; GPTQ packs 8 consecutive input rows (qweight) or columns (qzeros) in order."""

@@ -446,7 +446,7 @@ for norm, rotary in ((False, 128), (True, 64)):
 
 # The 4-bit GEMM and GEMV on integer codes, on FP4 E2M1 codes (NVFP4 / MXFP4 weights), and on GGUF's 8-bit integers.
 from slipstream.kernels.int4 import _w4a16_kernel as w4
-from slipstream.kernels.matvec import _gemv_grouped_kernel as ggv, _gemv_kernel as gv
+from slipstream.kernels.matvec import _gemv_grouped_kernel as ggv, _gemv_int4_kernel as i4v, _gemv_kernel as gv
 for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     q = "*i8" if code == 2 else "*u8"
     w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
@@ -463,14 +463,18 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-    # one row: the grouped GEMV, each prologue and spans of 16 (NVFP4's groups) to 128 over the four forms
+    # one row: the 4-bit integers' word GEMV, the grouped GEMV for the other forms, each prologue and spans of 16
+    # (NVFP4's groups) to 128 over the four forms
     gg = dict(gvtypes, q_ptr=q, s_ptr="*fp32", o_ptr="*fp32")
     prologue, span = ((1, 128), (2, 16), (0, 128), (1, 32))[code + (code == 2 and offset)]
-    consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SCALE=3 + code + (code == 2 and offset),
-                  SPAN=span, BLOCK_N=32, BLOCK_K=256)
-    sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in ggv.arg_names}
-    triton.compile(ASTSource(ggv, sig, constexprs={(ggv.arg_names.index(k),): v for k, v in consts.items()}),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+    one = i4v if code == 0 else ggv
+    consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SPAN=span, BLOCK_N=32, BLOCK_K=256, PDL=True,
+                  **({} if code == 0 else dict(SCALE=3 + code + (code == 2 and offset))))
+    sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in one.arg_names}
+    ptx = triton.compile(ASTSource(one, sig, constexprs={(one.arg_names.index(k),): v for k, v in consts.items()}),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    # with PDL, the first weight lines are asked of L2 before the wait for the kernel before
+    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait"), "no weight prefetch before the wait"
 # ... and the GEMV of a few rows on 16-bit and block-scaled FP8 weights, with the SwiGLU before it
 for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
     consts = dict(PROLOGUE=2, HAS_RES=False, HAS_BIAS=True, SCALE=scale, SCALE_BN=128, SCALE_BK=128, PRECISION="tf32",
@@ -482,10 +486,12 @@ for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
 fp16 = {k: "*fp16" for k in ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")}
 for rows, bn, bk in ((1, 8, 512), (16, 32, 256)):
     consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=0, SCALE_BN=1, SCALE_BK=1, PRECISION="tf32",
-                  NORM_ON_W=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk)
+                  NORM_ON_W=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, PDL=True)
     sig = {n: "constexpr" if n in consts else dict(gvtypes, **fp16).get(n, "i32") for n in gv.arg_names}
-    triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    ptx = triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait"), "no weight prefetch before the wait"
+
 
 # The fused MoE grouped GEMM on FP8 experts (W8A16): scales per row and per 128 x 128 block, gate-up and down; and
 # on 4-bit experts (W4A16): integer codes with offsets, FP4 codes, and a GGUF's bytes with and without offsets.

@@ -23,9 +23,10 @@ FP8 weights come with scales: one per output row (applied to the row's sum) or o
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
 (layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) and 8-bit integer
 weights (GGUF 5-, 6- and 8-bit blocks: a signed byte a column, a scale and maybe an offset per group): one row runs
-_gemv_grouped_kernel, which applies each group's scale and offset to the group's sums and keeps the weights and f(x)
-in float32 (nothing is rounded to x's dtype: one row's sums differ from the GEMM's of several rows in the last bits);
-a few rows unpack and dequantize each weight as it loads, rounded to x's dtype as the W4A16 GEMM rounds them.
+_gemv_int4_kernel (4-bit integers, read as int32 words of 8 columns) or _gemv_grouped_kernel (FP4, 8-bit), which apply
+each group's scale (and offset) to the group's sums and keep the weights and f(x) in float32 (nothing is rounded to
+x's dtype: one row's sums differ from the GEMM's of several rows in the last bits); a few rows unpack and dequantize
+each weight as it loads, rounded to x's dtype as the W4A16 GEMM rounds them.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._device import GEMV_ROWS, INTERPRET, cdiv, dot_precision
-from slipstream.kernels._pdl import await_inputs, pdl
-from slipstream.kernels.int4 import e2m1
+from slipstream.kernels._pdl import await_inputs, first_wave, pdl, prefetch_weights
+from slipstream.kernels.int4 import e2m1, one_plus_sixteenth
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
@@ -115,16 +116,18 @@ def gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, at, ks, ok, K, write_res, sq
 # (M: one compiled variant for every row count, rather than another for a multiple of 16 met after warm-up)
 @triton.jit(do_not_specialize=["eps", "M"])
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
-                 stride_ws, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 stride_ws, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
                  NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr):
-    await_inputs(PDL)
     # SCALE: as weight_tile reads it. BLOCK_M: 1 (one row: products summed elementwise) or at least 16 (up to
     # BLOCK_M rows through the tensor cores); x, the residual and y are contiguous [M, K or 2K or N].
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
+    PACKED: tl.constexpr = SCALE == 3 or SCALE == 4  # two columns a byte
+    prefetch_weights(w_ptr, ns, N, stride_w, K // 2 if PACKED else K, wave, BLOCK_K // 2 if PACKED else BLOCK_K, PDL)
+    await_inputs(PDL)
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     if BLOCK_M == 1:  # products accumulate elementwise and are reduced across K once at the end, not every tile
@@ -162,32 +165,85 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
     tl.store(y_ptr + ms[:, None] * N + ns[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def small_int_to_float(v):
-    """int32 values 0 .. 2^23 -> float32, exactly: placed in the mantissa of 2^23, which is then taken off (two
-    full-rate ALU ops; an integer-to-float conversion runs at a quarter of the rate, too slow for a 4-bit GEMV)."""
-    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+@triton.jit(do_not_specialize=["eps"])
+def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, group,
+                      stride_q, stride_s, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One row times 4-bit integer weights with a scale and an offset per group of columns (SCALE 3 as weight_tile
+    reads them), read as int32 words of 8 columns. A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a span's words],
+    each span of SPAN columns inside one group:
+        y[n] = sum over spans of 16 scale * sum((1 + q / 16) f(x)) + (offset - 16 scale) * sum(f(x)),
+    f(x) (built in float32: it does not meet tensor cores) laid out [spans, words, 8] and split into the 8 columns of
+    each word in registers, so that each nibble meets its column in a multiply-add."""
+    WORDS: tl.constexpr = SPAN // 8
+    SPANS: tl.constexpr = BLOCK_K // SPAN
+    pid = tl.program_id(0)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    prefetch_weights(q_ptr, ns, N, stride_q, K // 2, wave, BLOCK_K // 2, PDL)
+    await_inputs(PDL)
+    span = tl.arange(0, SPANS)
+    word_at = (span * WORDS)[:, None] + tl.arange(0, WORDS)[None, :]  # [SPANS, WORDS] from the tile's first word
+    col_at = 8 * word_at[:, :, None] + tl.arange(0, 8)[None, None, :]  # [SPANS, WORDS, 8]
+    rows = q_ptr.to(tl.pointer_type(tl.int32)) + ns.to(tl.int64)[:, None, None] * (stride_q // 4)
+    acc = tl.zeros([BLOCK_N, SPANS, WORDS], dtype=tl.float32)
+    sq = tl.zeros([SPANS, WORDS, 8], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        span_ok = k0 + span * SPAN < K
+        w = tl.load(rows + (k0 // 8 + word_at)[None, :, :], mask=n_ok[:, None, None] & span_ok[None, :, None], other=0)
+        cols = k0 + col_at
+        a, sq = gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, cols, cols, cols < K, K, pid == 0, sq, PROLOGUE,
+                           HAS_RES, True)
+        even, odd = tl.split(tl.reshape(a, [SPANS, WORDS, 4, 2]))  # columns 0, 2, 4, 6 and 1, 3, 5, 7 of a word
+        a04, a26 = tl.split(tl.reshape(even, [SPANS, WORDS, 2, 2]))
+        a15, a37 = tl.split(tl.reshape(odd, [SPANS, WORDS, 2, 2]))
+        a0, a4 = tl.split(a04)
+        a2, a6 = tl.split(a26)
+        a1, a5 = tl.split(a15)
+        a3, a7 = tl.split(a37)
+        part = one_plus_sixteenth(w, 0) * a0[None, :, :]
+        part += one_plus_sixteenth(w, 1) * a1[None, :, :]
+        part += one_plus_sixteenth(w, 2) * a2[None, :, :]
+        part += one_plus_sixteenth(w, 3) * a3[None, :, :]
+        part += one_plus_sixteenth(w, 4) * a4[None, :, :]
+        part += one_plus_sixteenth(w, 5) * a5[None, :, :]
+        part += one_plus_sixteenth(w, 6) * a6[None, :, :]
+        part += one_plus_sixteenth(w, 7) * a7[None, :, :]
+        a_sum = tl.sum(a, 2)
+        at = ns[:, None] * stride_s + ((k0 + span * SPAN) // group)[None, :]
+        s_ok = n_ok[:, None] & span_ok[None, :]
+        scale = tl.load(s_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
+        offset = tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
+        acc += part * (16.0 * scale)[:, :, None] + (offset - 16.0 * scale)[:, :, None] * a_sum[None, :, :]
+    y = tl.sum(tl.sum(acc, 2), 1)
+    if PROLOGUE == 1:
+        y = y * tl.math.rsqrt(tl.sum(tl.reshape(sq, [sq.numel]), 0) / K + eps)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=["eps"])
 def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, group,
-                         stride_q, stride_s, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         stride_q, stride_s, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SCALE: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr):
-    """One row times a weight of small integers with a scale (and an offset) per group of columns (SCALE 3 to 6 as
-    weight_tile reads them). A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a span's bytes], each span of SPAN
-    columns inside one group, so a scale is loaded once a span and the sums go
+    """One row times FP4 or 8-bit integer weights with a scale (and an offset) per group of columns (SCALE 4 to 6 as
+    weight_tile reads them; 4-bit integers run _gemv_int4_kernel). A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a
+    span's bytes], each span of SPAN columns inside one group, so a scale is loaded once a span and the sums go
         y[n] = sum over spans of scale * sum(q * f(x)) (+ offset * sum(f(x))):
-    an integer and a multiply-add a weight, where dequantizing each weight first costs a scale (and an offset) load,
-    a multiply and an add; the bytes load up to 16 at a time (a span's, 8 for NVFP4's groups of 16). A byte's two nibbles (columns 2j, 2j + 1) are joined as a
-    last axis of 2, which f(x) (built in float32: it does not meet tensor cores) is laid out to match."""
-    await_inputs(PDL)
-    PER: tl.constexpr = 2 if SCALE <= 4 else 1  # columns a byte holds
+    a value and a multiply-add a weight, where dequantizing each weight first costs a scale (and an offset) load,
+    a multiply and an add; the bytes load up to 16 at a time (a span's, 8 for NVFP4's groups of 16). A byte's two
+    FP4 nibbles (columns 2j, 2j + 1) are joined as a last axis of 2, which f(x) (built in float32: it does not meet
+    tensor cores) is laid out to match."""
+    PER: tl.constexpr = 2 if SCALE == 4 else 1  # columns a byte holds
     BYTES: tl.constexpr = SPAN // PER
     SPANS: tl.constexpr = BLOCK_K // SPAN
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
+    prefetch_weights(q_ptr, ns, N, stride_q, K // PER, wave, BLOCK_K // PER, PDL)
+    await_inputs(PDL)
     span = tl.arange(0, SPANS)
     # a tile's bytes, contiguous along a row (so loaded 16 at a time), and the columns of x they meet: for nibbles
     # [SPANS, BYTES, 2] (low, high), for bytes [SPANS, BYTES]
@@ -208,10 +264,7 @@ def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_p
                            True)
         if PER == 2:
             q = q.to(tl.int32)
-            if SCALE == 4:
-                v = tl.join(e2m1(q & 15), e2m1(q >> 4))
-            else:
-                v = tl.join(small_int_to_float(q & 15), small_int_to_float(q >> 4))
+            v = tl.join(e2m1(q & 15), e2m1(q >> 4))
             part = tl.sum(tl.sum(v * a[None, :, :, :], 3), 2)
             a_sum = tl.sum(tl.sum(a, 2), 1)
         else:
@@ -220,7 +273,7 @@ def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_p
         at = ns[:, None] * stride_s + ((k0 + span * SPAN) // group)[None, :]
         s_ok = n_ok[:, None] & span_ok[None, :]
         acc += part * tl.load(s_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
-        if SCALE == 3 or SCALE == 6:
+        if SCALE == 6:
             acc += tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32) * a_sum[None, :]
     y = tl.sum(acc, 1)
     if PROLOGUE == 1:
@@ -246,6 +299,8 @@ GROUPED_CONFIGS = [
 ]
 _gemv_grouped = (_gemv_grouped_kernel if INTERPRET
                  else triton.autotune(GROUPED_CONFIGS, key=[*_KEY, "SPAN"])(_gemv_grouped_kernel))
+_gemv_int4 = (_gemv_int4_kernel if INTERPRET
+              else triton.autotune(GROUPED_CONFIGS, key=["N", "K", "PROLOGUE", "SPAN"])(_gemv_int4_kernel))
 
 
 def span_of(group: int) -> int:
@@ -292,12 +347,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     scale, bn, bk = weight_form(weight, weight_scale, scale_block, weight_offset, group, fp4)
     if m == 1 and scale >= 3:
         span = span_of(group)
-        _gemv_grouped[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+        if scale == 3 and span % 8:
+            raise ValueError(f"the 4-bit GEMV reads int32 words of 8 columns: the group ({group}) must be a multiple "
+                             "of 8")
+        if scale == 3 and (weight.data_ptr() % 4 or weight.stride(0) % 4):
+            raise ValueError(f"the 4-bit GEMV reads int32 words: the weight's address and row stride "
+                             f"({weight.stride(0)} bytes) must be multiples of 4")
+        kernel = _gemv_int4 if scale == 3 else _gemv_grouped
+        form = {} if scale == 3 else dict(SCALE=scale)
+        kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
             x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
             weight, weight_scale, weight_offset if weight_offset is not None else weight_scale,
             bias if bias is not None else x, y, res_out if res_out is not None else y, n, k, eps, group,
-            weight.stride(0), weight_scale.stride(0), PROLOGUE=_PROLOGUES[prologue],
-            HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None, SCALE=scale, SPAN=span,
+            weight.stride(0), weight_scale.stride(0), first_wave(x), PROLOGUE=_PROLOGUES[prologue],
+            HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None, SPAN=span, **form,
             **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}), **pdl(x))
         return y, res_out
     kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
@@ -306,7 +369,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,
         bias if bias is not None else x, y,
         res_out if res_out is not None else y, m, n, k, eps, weight.stride(0),
-        weight_scale.stride(0) if weight_scale is not None else 0,
+        weight_scale.stride(0) if weight_scale is not None else 0, first_wave(x),
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
         SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype),
         NORM_ON_W=prologue == "rmsnorm" and x.dtype == torch.float16, **tiles, **pdl(x),

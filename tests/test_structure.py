@@ -147,16 +147,27 @@ def test_the_checker_sees_circles(tmp_path):
     assert top == {"typing"} and every == {"typing", "slipstream.cli"}
 
 
+# what a kernel may do before await_inputs(PDL): index arithmetic, and asking L2 for weights no kernel writes
+_BEFORE_WAIT = {"tl.program_id", "tl.arange", "prefetch_weights"}
+
+
 def _pdl_faults(source: str) -> list[str]:
-    """Where a kernel module breaks kernels/_pdl.py's rule: a Triton kernel (a `*_kernel` function) whose first statement
-    after its docstring is not `await_inputs(PDL)`, or a launch (`name[grid](...)`) that does not pass `**pdl(...)`. A
-    kernel launched with PDL that touched memory before waiting would race the kernel before it."""
+    """Where a kernel module breaks kernels/_pdl.py's rule: a Triton kernel (a `*_kernel` function) that does anything
+    but index arithmetic and `prefetch_weights` (after its docstring) before `await_inputs(PDL)`, or a launch
+    (`name[grid](...)`) that does not pass `**pdl(...)`. A kernel launched with PDL that touched memory before waiting
+    would race the kernel before it."""
     faults = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
             body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body
-            first = body[0].value if body and isinstance(body[0], ast.Expr) else None
-            if not (isinstance(first, ast.Call) and ast.unparse(first) == "await_inputs(PDL)"):
+            for stmt in body:
+                if isinstance(stmt, ast.Expr) and ast.unparse(stmt.value) == "await_inputs(PDL)":
+                    break
+                calls = {ast.unparse(c.func) for c in ast.walk(stmt) if isinstance(c, ast.Call)}
+                if not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.Expr)) or not calls <= _BEFORE_WAIT:
+                    faults.append(f"{node.name} does not begin with await_inputs(PDL)")
+                    break
+            else:
                 faults.append(f"{node.name} does not begin with await_inputs(PDL)")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
             if not any(k.arg is None and isinstance(k.value, ast.Call) and ast.unparse(k.value.func) == "pdl"
@@ -178,3 +189,10 @@ def test_the_pdl_checker_sees_a_kernel_that_does_not_wait():
            "def _b_kernel(x, PDL: tl.constexpr):\n    await_inputs(PDL)\n"
            "def f(x):\n    _a_kernel[(1,)](x, **pdl(x))\n    _b_kernel[(1,)](x, PDL=False)\n")
     assert _pdl_faults(bad) == ["_a_kernel does not begin with await_inputs(PDL)", "launch of _b_kernel without **pdl(...)"]
+    # index arithmetic and a weight prefetch may come first; a load hidden in a helper's arguments may not
+    good = ("def _c_kernel(w, PDL: tl.constexpr):\n    ns = tl.program_id(0) * 8 + tl.arange(0, 8)\n"
+            "    prefetch_weights(w, ns, 8, 8, 8, 2, 8, PDL)\n    await_inputs(PDL)\n")
+    assert _pdl_faults(good) == []
+    assert _pdl_faults(good.replace("prefetch_weights(w,", "prefetch_weights(tl.load(w),")) == [
+        "_c_kernel does not begin with await_inputs(PDL)"]
+    assert _pdl_faults(good.replace("    await_inputs(PDL)\n", "")) == ["_c_kernel does not begin with await_inputs(PDL)"]

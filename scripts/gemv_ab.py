@@ -36,8 +36,8 @@ print(torch.cuda.get_device_name(), "triton", triton.__version__, f"copy {bw / 1
 rows = [["weights", "projection (prologue)", "MB"] + [f"{name} us (% copy)" for name, _ in versions] + ["max rel. diff"]]
 for form in os.environ.get("FORMS", "bf16 fp8 int4").split():
     for name, n, k, pro in SHAPES:
-        one = (n * k * {"bf16": 2, "fp8": 1, "int4": 0.5}[form] + (4 * n * k // 128 if form == "int4" else 0))
-        copies = max(2, -(-(512 << 20) // int(one)))  # enough distinct weights to pass L2 each replay
+        nbytes = (n * k * {"bf16": 2, "fp8": 1, "int4": 0.5}[form] + (4 * n * k // 128 if form == "int4" else 0))
+        copies = max(2, -(-(512 << 20) // int(nbytes)))  # enough distinct weights to pass L2 each replay
         weights = []
         for _ in range(copies):
             w = torch.randn(n, k, device="cuda") / k**0.5
@@ -59,8 +59,8 @@ for form in os.environ.get("FORMS", "bf16 fp8 int4").split():
             outs.append(mod.gemv(x, prologue=pro, **weights[0], **kw)[0].float())
             times.append(graph_us([lambda w=w, mod=mod: mod.gemv(x, prologue=pro, **w, **kw) for w in weights]))
         diff = max(((o - outs[-1]).abs().max() / outs[-1].abs().max()).item() for o in outs)
-        rows.append([form, f"{name} {n}x{k} ({pro})", f"{one / 1e6:.1f}"]
-                    + [f"{t:.1f} ({100 * one / t / 1e-6 / bw:.0f}%)" for t in times] + [f"{diff:.1e}"])
+        rows.append([form, f"{name} {n}x{k} ({pro})", f"{nbytes / 1e6:.1f}"]
+                    + [f"{t:.1f} ({100 * nbytes / t / 1e-6 / bw:.0f}%)" for t in times] + [f"{diff:.1e}"])
         del weights
         torch.cuda.empty_cache()
 print(table(rows))

@@ -347,12 +347,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     scale, bn, bk = weight_form(weight, weight_scale, scale_block, weight_offset, group, fp4)
     if m == 1 and scale >= 3:
         span = span_of(group)
-        if scale == 3 and span % 8:
-            raise ValueError(f"the 4-bit GEMV reads int32 words of 8 columns: the group ({group}) must be a multiple "
-                             "of 8")
-        if scale == 3 and (weight.data_ptr() % 4 or weight.stride(0) % 4):
-            raise ValueError(f"the 4-bit GEMV reads int32 words: the weight's address and row stride "
-                             f"({weight.stride(0)} bytes) must be multiples of 4")
+        if scale == 3:  # 4-bit integers, read as int32 words of 8 columns
+            if span % 8:
+                raise ValueError(f"the 4-bit GEMV reads int32 words of 8 columns: the group ({group}) must be a "
+                                 "multiple of 8")
+            if weight.data_ptr() % 4 or weight.stride(0) % 4:
+                raise ValueError(f"the 4-bit GEMV reads int32 words: the weight's address and row stride "
+                                 f"({weight.stride(0)} bytes) must be multiples of 4")
         kernel = _gemv_int4 if scale == 3 else _gemv_grouped
         form = {} if scale == 3 else dict(SCALE=scale)
         kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](

@@ -104,7 +104,10 @@ def tiny(tmp_path_factory):
 
 
 def _llm(path, **kw):
-    return LLM(path, device=DEV, dtype="float32", max_model_len=256, num_blocks=64, block_size=16, **kw)
+    # a step of at most 8 sequences and 256 tokens: on a GPU the engine captures (and autotunes its kernels for) every
+    # batch size up to those, where the defaults would take 36 decode graphs and 40 sizes of graph pieces per engine
+    return LLM(path, device=DEV, dtype="float32", max_model_len=256, num_blocks=64, block_size=16,
+               **{"max_num_seqs": 8, "max_num_batched_tokens": 256, **kw})
 
 
 def _linear(llm, prefix):

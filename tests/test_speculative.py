@@ -25,10 +25,12 @@ def test_ngram_index_matches_brute_force():
     rng = random.Random(0)
     for trial in range(40):
         prop = NgramProposer(num_tokens=rng.randint(1, 5), min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
-        ids = [rng.randint(0, 5) for _ in range(rng.randint(1, 6))]
+        # six token ids: small ones, or ids up to 2^32 - 1 (an n-gram's key packs its tokens 32 bits each)
+        vocab = [0, 1, 2, 3, 4, 5] if trial % 2 else [0, 1, 65535, 65536, 151935, 2**32 - 1]
+        ids = [rng.choice(vocab) for _ in range(rng.randint(1, 6))]
         for _ in range(30):  # tokens arrive a few at a time, as accepted drafts do
             assert prop.propose(7, ids, 100) == brute_force(ids, prop.k, prop.min_n, prop.max_n), (trial, ids)
-            ids += [rng.randint(0, 5) for _ in range(rng.randint(1, 3))]
+            ids += [rng.choice(vocab) for _ in range(rng.randint(1, 3))]
     prop = NgramProposer(4)
     assert prop.propose(1, [5, 6, 7, 8, 9, 5, 6], 100) == [7, 8, 9, 5]
     assert prop.propose(2, [5, 6, 7, 8, 9, 5, 6], 2) == [7, 8]  # the limit caps the drafts

@@ -12,9 +12,10 @@ never paid); now and then a step tries a neighbour again, so that a changed work
 batch that shrinks) is seen. Those probes are rationed by what they cost: at most one step in PROBE_EVERY, and only
 while the time they lose against the best k (a probe's seconds less the seconds its tokens take at the best rate)
 stays within EXPLORE_SHARE of the time spent at the best k. Where a verifying step costs five plain ones (a 135M
-model at batch 16, H100, lease AK: 10 ms against 2 ms) a probe every 16 steps alone made decoding 15% slower than
-plain decoding; rationed, such a probe runs every 160 steps, and one that costs nothing still every 16. A batch
-size not measured yet starts from the nearest one's best. k = 0 switches speculation off for that batch size.
+model at batch 14, H100, lease AK: 10 ms against 2 ms), a probe every 16 steps alone costs 15% against plain
+decoding (the policy fed those step costs, tests/test_speculative.py); rationed, such a probe runs every 160 steps,
+and one that costs nothing still every 16. A batch size not measured yet starts from the nearest one's best. k = 0
+switches speculation off for that batch size.
 """
 from __future__ import annotations
 

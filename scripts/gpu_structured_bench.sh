@@ -8,6 +8,8 @@
 #   TOKENIZER=DIR: a saved tokenizer in place of the embedded model's (where the package is not installed)
 #   PROFILE=1: py-spy samples both server processes during the cached-schema run at 256 concurrent, into
 #   OUT_DIR/pyspy-json.txt (summarize with scripts/pyspy_summary.py)
+#   BRIEF=1: the two runs at 256 concurrent only (unconstrained, then a cached schema on every request): the
+#   throughput ratio, in about half the device time
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 n=${3:-1024}
@@ -44,8 +46,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 bench json 256 "$n"
 if [ "${PROFILE:-0}" = 1 ]; then kill -INT $spy; wait $spy; python3 scripts/pyspy_summary.py "$out/pyspy-json.txt" 15; fi
-bench json-unique 1 16; bench json 1 16; bench none 1 16
-bench json-unique 256 "$n"
+if [ "${BRIEF:-0}" != 1 ]; then
+  bench json-unique 1 16; bench json 1 16; bench none 1 16
+  bench json-unique 256 "$n"
+fi
 kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
 grep -iE "error|warning|traceback" "$out/server.log" | head -5
-python3 scripts/grammar_costs.py "$model" 151936
+[ "${BRIEF:-0}" = 1 ] || python3 scripts/grammar_costs.py "$model" 151936

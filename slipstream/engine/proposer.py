@@ -48,8 +48,8 @@ class NgramProposer:
         """Up to min(k, limit) draft tokens to follow `ids` (the sequence's tokens so far)."""
         done, maps = self._index.get(seq_id) or (0, [{} for _ in range(self.max_n + 1)])
         # Index every n-gram that ends before the last token: its continuation is known. An n-gram's key is one
-        # integer, its tokens 32 bits each, the last one lowest (built up token by token; half the cost of tuples, and
-        # this runs for every sequence every step, speculation off or on).
+        # integer, its tokens 32 bits each, the last one lowest (built up token by token: half the cost of tuples; a
+        # step that drafts after overlapped ones indexes every sequence's tokens since).
         for end in range(max(done, self.min_n), len(ids)):
             key = 0
             for n in range(1, min(self.max_n, end) + 1):

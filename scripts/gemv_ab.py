@@ -7,14 +7,13 @@ them back to back (PDL included, where the version has it).
     git show main:slipstream/kernels/matvec.py > .ab/matvec_main.py      (here, then carry .ab)
     python3 scripts/gemv_ab.py .ab/matvec_main.py [.ab/matvec_other.py ...]
 """
-import importlib.util
 import os
 import sys
 
 import torch
 import triton
 
-from slipstream.bench.common import copy_bandwidth, graph_us, table
+from slipstream.bench.common import copy_bandwidth, graph_us, module_from_file, table
 from slipstream.kernels import matvec
 from slipstream.layers.quantization.fp8 import quantize_weight_per_channel
 from slipstream.layers.quantization.int4 import quantize_rtn
@@ -23,14 +22,7 @@ SHAPES = [("qkv", 6144, 4096, "rmsnorm"), ("o_proj", 4096, 4096, "none"), ("gate
           ("down", 4096, 14336, "silu_mul")]
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-versions = [(os.path.basename(p), load(p)) for p in sys.argv[1:]] + [("this tree", matvec)]
+versions = [(os.path.basename(p), module_from_file(p)) for p in sys.argv[1:]] + [("this tree", matvec)]
 bw = copy_bandwidth(torch.device("cuda"))
 print(torch.cuda.get_device_name(), "triton", triton.__version__, f"copy {bw / 1e12:.2f} TB/s")
 rows = [["weights", "projection (prologue)", "MB"] + [f"{name} us (% copy)" for name, _ in versions] + ["max rel. diff"]]

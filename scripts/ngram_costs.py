@@ -8,25 +8,18 @@ usage: python3 scripts/ngram_costs.py [OLD_proposer.py ...]
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import sys
 import time
 
+from slipstream.bench.common import module_from_file
 from slipstream.engine import proposer
-
-
-def _module(path: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(f"proposer_{abs(hash(path))}", path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
 
 
 def main() -> None:
     drafts: dict[int, str] = {}
     for path in [*sys.argv[1:], proposer.__file__]:
-        ngram = (proposer if path == proposer.__file__ else _module(path)).NgramProposer
+        ngram = (proposer if path == proposer.__file__ else module_from_file(path)).NgramProposer
         for vocab in (49152, 64):
             best: dict[str, float] = {}
             for _ in range(3):

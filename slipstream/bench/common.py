@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import gc
+import importlib.util
 import json
 import os
 import pstats
 import tempfile
+import types
 from collections.abc import Iterator
 from importlib import resources
 
@@ -109,6 +111,15 @@ def graph_us(calls: list) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / reps / len(calls)
+
+
+def module_from_file(path: str) -> types.ModuleType:
+    """Another version of one of our modules, loaded from its file (an A/B script's "before", e.g. a file of main's
+    tree) beside the one this tree imports."""
+    spec = importlib.util.spec_from_file_location(f"{os.path.splitext(os.path.basename(path))[0]}_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def gpu_name() -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from slipstream.runner.host_gate import HostGate
 from slipstream.sampling_params import StructuredOutputs
 
 # JSON is generated compact (no free whitespace between tokens): a small model given free whitespace can spend its
@@ -66,11 +67,15 @@ def _parsed(kind: str, text: str) -> Any:
 class Grammars:
     """Compiles constraints for one model (tokenizer, vocabulary, stop tokens) and makes matchers for them."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], pin_memory: bool = False) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], pin_memory: bool = False,
+                 gate: HostGate | None = None) -> None:
         self.vocab_size = vocab_size  # the model's: the width of the masks the sampler applies
         # Masks in page-locked memory (given a GPU): a copy from pageable memory may wait for the device to reach it,
         # which would hold the host until the step's forward has run.
         self.pin_memory = pin_memory
+        # With a gate (a GPU), `masks_later` fills masks on a thread while the device waits for them behind it
+        self.gate = gate
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-masks") if gate else None
         self._pinned: list[torch.Tensor | None] = [None, None]
         self._turn = 0
         # The grammar sees the tokenizer's ids (and the stop tokens); a model's rows past them (padding) are refused
@@ -109,8 +114,32 @@ class Grammars:
         where the row holds what the matcher allows after the drafts (drafts being verified in this step). The
         matchers are left where they were. With `pin_memory` the words live in a staging buffer that a later call
         overwrites: `widen` them to the device at once."""
+        out = self._words(num_rows)
+        self._write(out, rows)
+        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size)
+
+    def masks_later(self, num_rows: int, rows: list[tuple[int, Matcher, list[int]]]) -> tuple[Bitmask, Future]:
+        """`masks`, filled on a thread (needs a gate): the bitmask at once, its words still being written, and the
+        fill's future. The device reads the words behind the gate, which the fill opens when done (or failed). The
+        matchers are the fill's until the future is done."""
+        out, ticket = self._words(num_rows), self.gate.next_ticket()
+
+        def fill() -> None:
+            try:
+                with torch.inference_mode():  # (the words may be an inference tensor: the runner asked in that mode)
+                    self._write(out, rows)
+            finally:
+                self.gate.open(ticket)
+
+        future = self._filler.submit(fill)
+        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size, self.gate, ticket), future
+
+    def _words(self, num_rows: int) -> torch.Tensor:
         gw = (self.grammar_vocab + 31) // 32
-        out = (self._staged(num_rows, gw) if self.pin_memory else torch.empty((num_rows, gw), dtype=torch.int32)).fill_(-1)
+        return self._staged(num_rows, gw) if self.pin_memory else torch.empty((num_rows, gw), dtype=torch.int32)
+
+    def _write(self, out: torch.Tensor, rows: list[tuple[int, Matcher, list[int]]]) -> None:
+        out.fill_(-1)
         # A sequence with drafts has a row per draft, all from its one matcher moved along the drafts: those rows
         # fill in order. Every other row is its matcher's only one: they fill together, in parallel.
         seen: dict[int, int] = {}
@@ -124,7 +153,6 @@ class Grammars:
                 taken = m.take(ahead)
                 m.fill(out, r)
                 m.undo(taken)
-        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size)
 
     def _staged(self, num_rows: int, words: int) -> torch.Tensor:
         """Rows of a page-locked buffer kept across steps (a new one each step is a page-locked allocation, which
@@ -149,6 +177,8 @@ class Bitmask:
     held: list[int]  # the rows a grammar holds
     grammar_vocab: int
     vocab_size: int
+    gate: HostGate | None = None  # the words are still being written: the device waits for `ticket` to read them
+    ticket: int = 0
 
     def __reduce__(self) -> tuple:
         # Sent to the other tensor-parallel ranks: the rows alone (pickling a view of the staging buffer would send
@@ -164,6 +194,8 @@ class Bitmask:
         """The mask over the model's vocabulary, on `device`: [rows, ceil(vocab_size / 32)]. `held`: `self.held`
         already on the device (a step stages it with its other small inputs; a tensor made here from the list
         would be a synchronous copy)."""
+        if self.gate is not None:
+            self.gate.wait(self.ticket)
         words = self.words.to(device, non_blocking=True)
         if not self.padded:
             return words

@@ -3,7 +3,10 @@ sequence the token step N drew straight from the device. On CUDA it is on by def
 the CPU, where the same bookkeeping runs: every output must equal the synchronous engine's, under preemption,
 n > 1, seeded sampling, penalties (which fall back to synchronous steps), grammars (whose masks are filled after
 reading step N, while step N + 1's forward runs), stop tokens and strings, eos, aborts, and no page may leak."""
+import threading
+
 import pytest
+import torch
 
 from conftest import assert_no_leak
 from slipstream import LLM, SamplingParams
@@ -67,6 +70,66 @@ def test_overlap_changes_no_output(tight, reference, monkeypatch):
                 assert [lp.keys() for lp in x.logprobs] == [lp.keys() for lp in y.logprobs]
     for llm in tight:
         assert_no_leak(llm)
+
+
+class _BlockingGate:
+    """A GPU stream's wait for a mask, emulated on the CPU (which computes a draw as it is queued): `wait` blocks the
+    queueing thread until the mask's fill, on the grammar service's thread, opens the ticket."""
+
+    def __init__(self) -> None:
+        self.opened, self.tickets, self.waits = 0, 0, 0
+        self._cv = threading.Condition()
+
+    def next_ticket(self) -> int:
+        self.tickets += 1
+        return self.tickets
+
+    def wait(self, ticket: int) -> None:
+        self.waits += 1
+        with self._cv:
+            assert self._cv.wait_for(lambda: self.opened >= ticket, timeout=60), "a mask's fill never opened its gate"
+
+    def open(self, ticket: int) -> None:
+        with self._cv:
+            self.opened = max(self.opened, ticket)
+            self._cv.notify_all()
+
+
+def test_masks_filled_behind_a_gate_change_no_output(reference, gguf_path, monkeypatch):
+    """Masks filled on a thread while the draw waits behind a gate (as a GPU's stream waits for them): the same
+    outputs as the synchronous engine, under preemption, with every ticket opened."""
+    from slipstream.runner.host_gate import HostGate
+
+    gate = _BlockingGate()
+    monkeypatch.setattr(HostGate, "for_device", staticmethod(lambda device: gate))
+    gated = LLM(gguf_path, async_scheduling="on", **TIGHT)
+    out = gated.generate(PROMPTS, _params())
+    assert gated.engine.stats.num_preemptions >= 1
+    assert gate.waits > 20 and gate.opened == gate.tickets == gate.waits
+    assert gated.engine.core._filling is None  # the last fill was awaited
+    for a, b in zip(out, reference):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids and x.text == y.text and x.finish_reason == y.finish_reason
+    assert_no_leak(gated)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device's wait on the host")
+def test_masks_behind_the_gate_on_a_gpu_change_no_output(gguf_path, monkeypatch):
+    """On a GPU, the stream waits for each mask by the driver's memory operation: the same outputs as masks filled
+    before each draw, under preemption (a float32 engine: the same kernels either way)."""
+    from slipstream.runner.host_gate import HostGate
+
+    gpu = dict(TIGHT, device="cuda")
+    ungated = LLM(gguf_path, async_scheduling="on", **gpu)
+    with monkeypatch.context() as m:
+        m.setattr(HostGate, "for_device", staticmethod(lambda device: None))
+        want = ungated.generate(PROMPTS, _params())
+    gated = LLM(gguf_path, async_scheduling="on", **gpu)
+    out = gated.generate(PROMPTS, _params())
+    assert gated.engine.core._grammars.gate is not None and ungated.engine.core._grammars.gate is None
+    for a, b in zip(out, want):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
 
 
 def test_overlap_with_ngram_drafts_changes_no_output(reference, gguf_path):

@@ -80,6 +80,43 @@ def test_masks_follow_drafts_and_roll_back(llm):
     assert m.advance(a) and not m.advance(d)
 
 
+def test_masks_filled_later_open_their_gate_even_when_the_fill_fails(llm):
+    """`masks_later`: the same words as `masks` once its future is done, the device's wait queued for its ticket
+    when the mask is widened, and the ticket opened whether the fill succeeds or raises."""
+    from slipstream.grammar import Grammars
+
+    class Gate:  # records what a GPU stream would be asked
+        def __init__(self) -> None:
+            self.tickets, self.waited, self.opened = 0, [], []
+
+        def next_ticket(self) -> int:
+            self.tickets += 1
+            return self.tickets
+
+        def wait(self, ticket: int) -> None:
+            self.waited.append(ticket)
+
+        def open(self, ticket: int) -> None:
+            self.opened.append(ticket)
+
+    tok, gate = llm.engine.tokenizer, Gate()
+    grammars = Grammars(tok, llm.engine.model_config.vocab_size, [tok.eos_token_id], gate=gate)
+    compiled = grammars.compile(StructuredOutputs(regex="(ab|ac)d")).result()
+    rows = [(0, grammars.matcher(compiled), []), (2, grammars.matcher(compiled), [])]
+    mask, done = grammars.masks_later(3, rows)
+    done.result()
+    assert gate.opened == [1] and mask.ticket == 1 and mask.held == [0, 2]
+    assert torch.equal(mask.words, grammars.masks(3, rows).words)
+    mask.widen(torch.device("cpu"))
+    assert gate.waited == [1]
+
+    class Broken:  # a matcher whose fill raises
+        done, _m = False, None
+
+    mask, done = grammars.masks_later(1, [(0, Broken(), [])])
+    assert done.exception() is not None and gate.opened == [1, 2]
+
+
 PATTERN = r"[A-Z][a-z]{2,6}-\d{2}"
 COLORS = ["red", "green", "blue", "dark purple"]
 

@@ -121,6 +121,7 @@ class EngineCore:
         self._awaiting: list[tuple[Request, concurrent.futures.Future]] = []  # requests whose grammar compiles
         self._matchers: dict[int, Matcher] = {}  # seq_id -> its place in its grammar
         self._dormant: dict[int, Matcher] = {}  # seq_id -> a grammar that starts after a marker (end of reasoning)
+        self._filling: concurrent.futures.Future | None = None  # masks being filled for the step in flight
         self.limits = EngineLimits(self.model_path, max_len, mc.vocab_size, config.scheduler.max_waiting, tuple(sorted(self.eos_ids)))
         log.info("ready in %.1f s", time.perf_counter() - started)
 
@@ -224,9 +225,13 @@ class EngineCore:
     def _grammar_service(self) -> Grammars:
         if self._grammars is None:
             from slipstream.grammar import Grammars
+            from slipstream.runner.host_gate import HostGate
 
+            dev = self.runner.device
+            # (other tensor-parallel ranks get each mask sent whole, so they cannot read one still being written)
+            gate = HostGate.for_device(dev) if self.config.tensor_parallel_size == 1 else None
             self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
-                                     pin_memory=self.runner.device.type == "cuda")
+                                     pin_memory=dev.type == "cuda", gate=gate)
         return self._grammars
 
     def _admit_compiled(self) -> list[SeqDelta]:
@@ -262,8 +267,22 @@ class EngineCore:
         results are long done: the device runs it before this step's forward)."""
         if self._inflight is not None:
             self._read += self._collect()
+        self._await_fill()  # (done already where a step was in flight: its collect waited)
         rows = [(i, m, before[i] if before else []) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
-        return self._grammars.masks(len(owners), rows) if rows else None
+        if not rows:
+            return None
+        if before is None and self._grammars.gate is not None:
+            # Filled on a thread while this one queues the draw (behind the gate) and prepares the next step; the
+            # fill is awaited before the matchers move again (_collect)
+            mask, self._filling = self._grammars.masks_later(len(owners), rows)
+            return mask
+        return self._grammars.masks(len(owners), rows)
+
+    def _await_fill(self) -> None:
+        """Wait for the masks being filled on the grammar service's thread (and raise its error)."""
+        if self._filling is not None:
+            filling, self._filling = self._filling, None
+            filling.result()
 
     def abort_request(self, request_id: str) -> bool:
         """Finish every sequence of the request now and free its pages; False if it is unknown (or done)."""
@@ -288,6 +307,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel engine (a one-rank engine holds nothing to stop)."""
+        self._await_fill()
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
@@ -492,6 +512,7 @@ class EngineCore:
     def _collect(self) -> list[SeqDelta]:
         """Read the step in flight and append what it drew (finished or aborted sequences drop theirs). Drafts past
         a rejection had their KV computed for nothing: their slots are overwritten later and whole pages go back."""
+        self._await_fill()  # (the step's draw waits on the device for its masks; the matchers move below)
         flight, self._inflight = self._inflight, None
         results = self.runner.collect(flight.launched)
         stats, batch = self.stats, flight.batch

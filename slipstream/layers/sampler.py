@@ -104,7 +104,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) 
         rows, cols, vals = b.bias
         logits = logits.index_put((rows, cols), vals, accumulate=True)
     if b.banned is not None:
-        logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
+        # (filled on the device: a copy from host memory could wait for the stream, held for the step's masks)
+        logits = logits.index_put(b.banned, torch.full((), float("-inf"), device=logits.device))
     if b.penalties is not None:
         logits = apply_penalties(logits, b.penalties)
     if b.allowed is not None and not fused:  # last: no adjustment can bring back a token the grammar refuses

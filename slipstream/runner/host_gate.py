@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import torch
 
@@ -50,14 +51,26 @@ class HostGate:
             return None
         try:
             gate = cls(device, ctypes.CDLL("libcuda.so.1"))
-            ticket = gate.next_ticket()  # one open ticket waited for: the operation works here
-            gate.open(ticket)
-            gate.wait(ticket)
-            torch.cuda.synchronize(device)
-            return gate
+            if gate._holds():
+                return gate
+            log.warning("the stream did not wait at the host gate: structured output fills its masks before each draw")
         except (OSError, AttributeError, RuntimeError) as e:
             log.info("no host gate (%s): structured output fills its masks before each draw", e)
-            return None
+        return None
+
+    def _holds(self) -> bool:
+        """Whether a copy queued behind a closed gate reads what the host wrote before opening it (a driver that took
+        the wait but did not hold the stream would let masks be read before they are written)."""
+        src = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        dst = torch.full((1,), -1, dtype=torch.int32, device=self.device)
+        ticket = self.next_ticket()
+        self.wait(ticket)
+        dst.copy_(src, non_blocking=True)
+        time.sleep(0.01)  # an idle device runs an unheld copy long before this
+        src.numpy()[0] = 1
+        self.open(ticket)
+        torch.cuda.synchronize(self.device)
+        return int(dst[0]) == 1
 
     def next_ticket(self) -> int:
         self._ticket = (self._ticket + 1) & 0xFFFFFFFF

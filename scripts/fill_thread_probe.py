@@ -1,7 +1,8 @@
 """Whether a step's masks can fill on a thread beside the engine's Python work: `Grammars.masks_later` for 256 rows
 part-way through `bench serve --structured json`'s schemas (the embedded model's tokenizer under a 151,936-row head),
 while the calling thread stays busy in Python for 2, 5 and 10 ms; the time until the fill opened its gate, against the
-fill alone. On this machine's CPU; the switch interval of the interpreter is the first argument (default 0.005 s).
+fill alone. On this machine's CPU; the switch interval of the interpreter is the first argument (default: the one
+`Grammars` sets when it is given a gate).
 
 usage: python3 scripts/fill_thread_probe.py [SWITCH_INTERVAL_S]
 """
@@ -44,9 +45,10 @@ def _busy(seconds: float) -> None:
 
 
 def main() -> None:
-    sys.setswitchinterval(float(sys.argv[1]) if len(sys.argv) > 1 else 0.005)
     tok, gate = load_tokenizer(embedded_model_path()), _Gate()
-    g = Grammars(tok, 151936, [tok.eos_token_id], gate=gate)
+    g = Grammars(tok, 151936, [tok.eos_token_id], gate=gate)  # (sets the interval it fills under)
+    if len(sys.argv) > 1:
+        sys.setswitchinterval(float(sys.argv[1]))
     rng = random.Random(0)
     compiled = [g.compile(StructuredOutputs(json=schema_for(i, False))).result() for i in range(len(SCHEMAS))]
     rows = []

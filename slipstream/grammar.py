@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import sys
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from slipstream.sampling_params import StructuredOutputs
 # whole budget on newlines, and compact output parses the same.
 _JSON = dict(any_whitespace=False)
 CACHE_SIZE = 512  # compiled grammars kept per engine
+FILL_SWITCH_INTERVAL_S = 0.0005  # the interpreter's switch interval while masks fill on a thread (see Grammars)
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:36:50] /project/cpp/x.cc:94: " before xgrammar's message
 _REGEX_SPECIAL = re.compile(r"([\\^$.|?*+()\[\]{}/-])")
 
@@ -76,6 +78,11 @@ class Grammars:
         # With a gate (a GPU), `masks_later` fills masks on a thread while the device waits for them behind it
         self.gate = gate
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-masks") if gate else None
+        if gate is not None:
+            # The filling thread needs the GIL to start, between its two calls and to open the gate; while the engine's
+            # thread runs Python, each of those waits up to the switch interval (5 ms by default, as long as a step):
+            # the mask would come after the step it was meant to overlap (scripts/fill_thread_probe.py).
+            sys.setswitchinterval(min(sys.getswitchinterval(), FILL_SWITCH_INTERVAL_S))
         self._pinned: list[torch.Tensor | None] = [None, None]
         self._turn = 0
         # The grammar sees the tokenizer's ids (and the stop tokens); a model's rows past them (padding) are refused
@@ -114,32 +121,7 @@ class Grammars:
         where the row holds what the matcher allows after the drafts (drafts being verified in this step). The
         matchers are left where they were. With `pin_memory` the words live in a staging buffer that a later call
         overwrites: `widen` them to the device at once."""
-        out = self._words(num_rows)
-        self._write(out, rows)
-        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size)
-
-    def masks_later(self, num_rows: int, rows: list[tuple[int, Matcher, list[int]]]) -> tuple[Bitmask, Future]:
-        """`masks`, filled on a thread (needs a gate): the bitmask at once, its words still being written, and the
-        fill's future. The device reads the words behind the gate, which the fill opens when done (or failed). The
-        matchers are the fill's until the future is done."""
-        out, ticket = self._words(num_rows), self.gate.next_ticket()
-
-        def fill() -> None:
-            try:
-                with torch.inference_mode():  # (the words may be an inference tensor: the runner asked in that mode)
-                    self._write(out, rows)
-            finally:
-                self.gate.open(ticket)
-
-        future = self._filler.submit(fill)
-        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size, self.gate, ticket), future
-
-    def _words(self, num_rows: int) -> torch.Tensor:
-        gw = (self.grammar_vocab + 31) // 32
-        return self._staged(num_rows, gw) if self.pin_memory else torch.empty((num_rows, gw), dtype=torch.int32)
-
-    def _write(self, out: torch.Tensor, rows: list[tuple[int, Matcher, list[int]]]) -> None:
-        out.fill_(-1)
+        out = self._words(num_rows).fill_(-1)
         # A sequence with drafts has a row per draft, all from its one matcher moved along the drafts: those rows
         # fill in order. Every other row is its matcher's only one: they fill together, in parallel.
         seen: dict[int, int] = {}
@@ -153,6 +135,33 @@ class Grammars:
                 taken = m.take(ahead)
                 m.fill(out, r)
                 m.undo(taken)
+        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size)
+
+    def masks_later(self, num_rows: int, rows: list[tuple[int, Matcher, list[int]]]) -> tuple[Bitmask, Future]:
+        """`masks` for rows without drafts, filled on a thread (needs a gate): the bitmask at once, its words still
+        being written, and the fill's future. The device reads the words behind the gate, which the fill opens when
+        done (or failed). The matchers are the fill's until the future is done. The lists are made here: the thread
+        runs only calls that release the GIL (a memset and xgrammar's fill), so the engine's Python keeps running."""
+        assert all(not ahead for _, _, ahead in rows), "rows with drafts fill in order: use masks"
+        out, ticket = self._words(num_rows), self.gate.next_ticket()
+        live = [(r, m._m) for r, m, _ in rows if not m.done]
+        matchers, indices = [m for _, m in live], [r for r, _ in live]
+
+        def fill() -> None:
+            try:
+                with torch.inference_mode():  # (the words may be an inference tensor: the runner asked in that mode)
+                    out.fill_(-1)
+                if matchers:
+                    self._batch.batch_fill_next_token_bitmask(matchers, out, indices=indices)
+            finally:
+                self.gate.open(ticket)
+
+        future = self._filler.submit(fill)
+        return Bitmask(out, sorted({r for r, _, _ in rows}), self.grammar_vocab, self.vocab_size, self.gate, ticket), future
+
+    def _words(self, num_rows: int) -> torch.Tensor:
+        gw = (self.grammar_vocab + 31) // 32
+        return self._staged(num_rows, gw) if self.pin_memory else torch.empty((num_rows, gw), dtype=torch.int32)
 
     def _staged(self, num_rows: int, words: int) -> torch.Tensor:
         """Rows of a page-locked buffer kept across steps (a new one each step is a page-locked allocation, which

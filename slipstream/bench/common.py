@@ -147,7 +147,7 @@ def watch_compiles(label: str) -> Iterator[list[str]]:
 
     seen: list[str] = []
     try:
-        restore = on_compile(lambda kernel, _: seen.append(kernel.split("(")[0]))
+        restore = on_compile(lambda kernel, _: seen.append(kernel))
     except RuntimeError:  # a Triton without a compilation listener: nothing to watch with
         restore = lambda: None  # noqa: E731
     try:
@@ -155,7 +155,11 @@ def watch_compiles(label: str) -> Iterator[list[str]]:
     finally:
         restore()
         if seen:
-            print(f"WARNING: {len(seen)} Triton compilations inside '{label}': {sorted(set(seen))}")
+            # each variant whole (its constants and which arguments are multiples of 16): the name alone does not
+            # say which case the warm-up missed
+            print(f"WARNING: {len(seen)} Triton compilations inside '{label}': {sorted({k.split('(')[0] for k in seen})}")
+            for variant in sorted(set(seen)):
+                print(f"  {variant}")
 
 
 def release_gpu_memory() -> None:

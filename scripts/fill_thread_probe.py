@@ -15,27 +15,10 @@ import time
 
 sys.path.insert(0, "scripts")
 
-from grammar_costs import _draw  # noqa: E402
+from grammar_costs import RecordingGate, walked  # noqa: E402
 
-from slipstream.bench.serve_bench import SCHEMAS, schema_for  # noqa: E402
 from slipstream.grammar import Grammars  # noqa: E402
 from slipstream.loader import embedded_model_path, load_tokenizer  # noqa: E402
-from slipstream.sampling_params import StructuredOutputs  # noqa: E402
-
-
-class _Gate:  # when each ticket was opened
-    def __init__(self) -> None:
-        self.ticket, self.opened_at = 0, {}
-
-    def next_ticket(self) -> int:
-        self.ticket += 1
-        return self.ticket
-
-    def wait(self, ticket: int) -> None:
-        pass
-
-    def open(self, ticket: int) -> None:
-        self.opened_at[ticket] = time.perf_counter()
 
 
 def _busy(seconds: float) -> None:
@@ -45,21 +28,11 @@ def _busy(seconds: float) -> None:
 
 
 def main() -> None:
-    tok, gate = load_tokenizer(embedded_model_path()), _Gate()
+    tok, gate = load_tokenizer(embedded_model_path()), RecordingGate()
     g = Grammars(tok, 151936, [tok.eos_token_id], gate=gate)  # (sets the interval it fills under)
     if len(sys.argv) > 1:
         sys.setswitchinterval(float(sys.argv[1]))
-    rng = random.Random(0)
-    compiled = [g.compile(StructuredOutputs(json=schema_for(i, False))).result() for i in range(len(SCHEMAS))]
-    rows = []
-    for i in range(256):
-        m = g.matcher(compiled[i % len(compiled)])
-        for _ in range(rng.randrange(100)):
-            if m.done:
-                break
-            m.advance(_draw(g, m, rng))
-        if not m.done:
-            rows.append((i, m, []))
+    rows = [(i, m, []) for i, m in enumerate(walked(g, 100, random.Random(0)))]
     alone = []
     for _ in range(20):
         t = time.perf_counter()

@@ -63,16 +63,7 @@ def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
     the mask fill, one row at a time and with xgrammar's threaded batch fill, and taking each row's drawn token."""
     g = Grammars(tok, vocab_size, [tok.eos_token_id])
     rng = random.Random(0)
-    compiled = [g.compile(StructuredOutputs(json=schema_for(i, False))).result() for i in range(len(BENCH_SCHEMAS))]
-    matchers = []
-    for i in range(256):
-        m = g.matcher(compiled[i % len(compiled)])
-        for _ in range(rng.randrange(200)):
-            if m.done:
-                break
-            m.advance(_draw(g, m, rng))
-        matchers.append(m)
-    live = [m for m in matchers if not m.done]
+    live = walked(g, 200, rng)
     rows = [(i, m, []) for i, m in enumerate(live)]
     n = len(rows)
     draws = [_draw(g, m, rng) for m in live]
@@ -91,7 +82,7 @@ def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
 
     timed("Grammars.masks, as the engine calls it (widened on the device)", lambda: g.masks(n, rows))
     timed("Grammars.masks, widened here", lambda: g.masks(n, rows).widen(torch.device("cpu")))
-    gated = Grammars(tok, vocab_size, [tok.eos_token_id], gate=_OpenGate())  # (its matchers are g's: same rows)
+    gated = Grammars(tok, vocab_size, [tok.eos_token_id], gate=RecordingGate())  # (its matchers are g's: same rows)
     for _ in range(5):  # the caller's part alone; the fill is awaited before the matchers are used again
         t = time.perf_counter()
         _, filled = gated.masks_later(n, rows)
@@ -121,12 +112,36 @@ def steps(tok, vocab_size: int) -> None:  # noqa: ANN001
         print(f"  {name}: {statistics.median(ts):.2f} ms")
 
 
-class _OpenGate:  # a GPU's gate with nothing to hold: masks_later's own cost on the calling thread
+def walked(g: Grammars, most: int, rng: random.Random) -> list:
+    """256 matchers over `bench serve --structured json`'s schemas, each walked up to `most` random allowed tokens;
+    those not yet done."""
+    compiled = [g.compile(StructuredOutputs(json=schema_for(i, False))).result() for i in range(len(BENCH_SCHEMAS))]
+    matchers = []
+    for i in range(256):
+        m = g.matcher(compiled[i % len(compiled)])
+        for _ in range(rng.randrange(most)):
+            if m.done:
+                break
+            m.advance(_draw(g, m, rng))
+        matchers.append(m)
+    return [m for m in matchers if not m.done]
+
+
+class RecordingGate:
+    """A GPU's gate with nothing to hold, on the host: when each ticket was opened (masks_later's fill done)."""
+
+    def __init__(self) -> None:
+        self.ticket, self.opened_at = 0, {}
+
     def next_ticket(self) -> int:
-        return 0
+        self.ticket += 1
+        return self.ticket
+
+    def wait(self, ticket: int) -> None:
+        pass
 
     def open(self, ticket: int) -> None:
-        pass
+        self.opened_at[ticket] = time.perf_counter()
 
 
 def _draw(g: Grammars, m, rng: random.Random) -> int:  # noqa: ANN001

@@ -267,7 +267,7 @@ class EngineCore:
         results are long done: the device runs it before this step's forward)."""
         if self._inflight is not None:
             self._read += self._collect()
-        self._await_fill()  # (done already where a step was in flight: its collect waited)
+        self._await_fill()  # (a no-op unless a launch raised after queueing its masks: its fill was never collected)
         rows = [(i, m, before[i] if before else []) for i, sid in enumerate(owners) if (m := self._matchers.get(sid)) is not None]
         if not rows:
             return None

@@ -245,7 +245,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     model = a.model_pos or a.model
     name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
-    resolve_device(config.device)  # a GPU asked for on a machine without one: an error now, not from the engine core
+    # A GPU asked for on a machine without one (or a device no one knows): an error now, not from the engine core.
+    # "auto" and "cpu" cannot fail, and the front end needs no torch for them: it does not import it (2 s of start-up).
+    if config.device not in ("auto", "cpu"):
+        resolve_device(config.device)
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
                             reasoning_parser=a.reasoning_parser)
@@ -439,21 +442,27 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve, "
                                       "speculative")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench, spec_bench
-
-    engine_bench.add_parsers(bsub)
-    kernels_bench.add_parser(bsub)
-    quality.add_parser(bsub)
-    serve_bench.add_parser(bsub)
-    spec_bench.add_parser(bsub)
-    for name in ("latency", "throughput", "prefix", "fairness", "quality", "speculative"):  # those that start engines
-        bsub.choices[name].add_argument("--quiet", action="store_true", help="no progress lines while engines start")
     b.set_defaults(fn=cmd_bench)
     tn = sub.add_parser("tune", help="measure kernel tiles for a model on this GPU, stored where the kernels look")
-    from slipstream.bench import tune_moe
-
-    tune_moe.add_parser(tn.add_subparsers(dest="tune", required=True))
+    tsub = tn.add_subparsers(dest="tune", required=True)
     tn.set_defaults(fn=cmd_bench)
+    # The benchmarks' own options come with their modules, which import torch and the kernels (3 s on a 2-core CPU):
+    # only the commands that run them build them, so that `serve`'s front end (which needs neither) starts sooner.
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["bench"]:
+        from slipstream.bench import engine_bench, kernels_bench, quality, serve_bench, spec_bench
+
+        engine_bench.add_parsers(bsub)
+        kernels_bench.add_parser(bsub)
+        quality.add_parser(bsub)
+        serve_bench.add_parser(bsub)
+        spec_bench.add_parser(bsub)
+        for name in ("latency", "throughput", "prefix", "fairness", "quality", "speculative"):  # those that start engines
+            bsub.choices[name].add_argument("--quiet", action="store_true", help="no progress lines while engines start")
+    elif args[:1] == ["tune"]:
+        from slipstream.bench import tune_moe
+
+        tune_moe.add_parser(tsub)
     a = parser.parse_args(argv)
     # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.
     if a.cmd != "serve":

@@ -322,26 +322,32 @@ class EngineCore:
         return bool(self.requests) or self._inflight is not None
 
     def warm_up(self) -> None:
-        """Run every step shape once (prefill chunk, mixed prefill + decode, decode; greedy and sampled) so that
-        kernel compilation and autotuning happen now, not inside the first requests. Leaves no trace in stats."""
+        """On a GPU, run every step shape once (prefill chunk, mixed prefill + decode, decode; greedy and sampled) so
+        that kernel compilation and autotuning happen now, not inside the first requests; on a CPU, one constrained
+        request. Leaves no trace in stats."""
         vocab = self.model_config.vocab_size
         prompt = [i % vocab for i in range(1, 2 * self.config.cache.block_size + 3)]
-        self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        self.step()
-        # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
-        # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
-        # The constrained one loads the grammar service (xgrammar, the tokenizer's token table) and runs the masked
-        # draw: here, not while the first constrained request holds up every running stream.
+        # The constrained request loads the grammar service (xgrammar, the tokenizer's token table) and runs the
+        # masked draw: here, not while the first constrained request holds up every running stream. It is all a
+        # CPU needs (it compiles nothing; the other shapes cost a server 2 s of start-up on 2 cores).
         word = StructuredOutputs(choice=(self._plain_word(),))
-        for name, tokens, params in (
-            ("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
-            ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True, seed=0)),
-            ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0, structured_outputs=word)),
-        ):
+        grammar = ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0, structured_outputs=word))
+        gpu = self.runner.device.type == "cuda"
+        shapes = [grammar]
+        if gpu:
+            self.add_request("__warmup_greedy", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+            self.step()
+            # One at a time: a batch samples through one path, and each path has its own kernels. The last prompt is
+            # short: chunks of at most 64 tokens prefill with their own (smaller) tiles, a kernel variant of their own.
+            shapes = [("sampled", prompt[::-1], SamplingParams(temperature=0.7, max_tokens=4, ignore_eos=True, seed=0)),
+                      ("top_p", prompt[1::4], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, ignore_eos=True,
+                                                             seed=0)),
+                      grammar]
+        for name, tokens, params in shapes:
             self.add_request(f"__warmup_{name}", tokens, params)
             while self.has_unfinished():
                 self.step()
-        if self.runner.device.type == "cuda":  # only a GPU compiles kernels: on a CPU this would only cost time
+        if gpu:
             self._warm_up_on_gpu(len(prompt), word)
         self._forget_warm_up()
 

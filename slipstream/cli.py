@@ -234,7 +234,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
     from slipstream import loader
-    from slipstream.runner.device import resolve_device
     from slipstream.server.app import ServerOptions
     from slipstream.server.launch import HttpSettings, listen, run_front_end, serve_with_front_ends
 
@@ -248,6 +247,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     # A GPU asked for on a machine without one (or a device no one knows): an error now, not from the engine core.
     # "auto" and "cpu" cannot fail, and the front end needs no torch for them: it does not import it (2 s of start-up).
     if config.device not in ("auto", "cpu"):
+        from slipstream.runner.device import resolve_device
+
         resolve_device(config.device)
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,

@@ -121,20 +121,35 @@ def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
     return _hf_tokenizer(os.path.dirname(path) if os.path.isfile(path) else path)
 
 
+def _saved_tokenizer(path: str) -> Any:
+    """A converted GGUF tokenizer from the cache. Saved as transformers' plain fast tokenizer (as transformers 5
+    saves every conversion), it loads as that class: AutoTokenizer would first import transformers' index of every
+    model it knows, 2 of the 3 s each server process spent on its tokenizer (2-core CPU)."""
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        plain = json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    if plain:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def _gguf_tokenizer(path: str) -> Any:
     """The tokenizer of a GGUF file. Converting it (transformers parses the whole file again) takes seconds, so the
     result is kept in ~/.cache/slipstream/tokenizers, keyed by the file's name, size and modification time, and
     later starts read that (a fraction of a second)."""
-    from transformers import AutoTokenizer
-
     st = os.stat(path)
     root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slipstream", "tokenizers")
     cached = os.path.join(root, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         try:
-            return AutoTokenizer.from_pretrained(cached)
+            return _saved_tokenizer(cached)
         except Exception:  # noqa: BLE001 - a damaged cache entry: convert again below
             pass
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     except ValueError as e:  # (a GGUF without tokenizer metadata: transformers' message names no way out)

@@ -329,7 +329,8 @@ class EngineCore:
         prompt = [i % vocab for i in range(1, 2 * self.config.cache.block_size + 3)]
         # The constrained request loads the grammar service (xgrammar, the tokenizer's token table) and runs the
         # masked draw: here, not while the first constrained request holds up every running stream. It is all a
-        # CPU needs (it compiles nothing; the other shapes cost a server 2 s of start-up on 2 cores).
+        # CPU needs: it compiles nothing, and the other shapes' forwards cost a CPU server about 3 s of its start-up
+        # (healthy after 13-14 s with them, 10.5 without, on 2 cores).
         word = StructuredOutputs(choice=(self._plain_word(),))
         grammar = ("grammar", prompt[1::3], SamplingParams(temperature=0.7, max_tokens=4, seed=0, structured_outputs=word))
         gpu = self.runner.device.type == "cuda"

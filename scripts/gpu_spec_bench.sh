@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU: what speculative decoding buys (`slipstream bench speculative`), in one lease.
-#   1. n-gram (prompt lookup) on answers that quote their prompt, the embedded model's real weights, batch 1 and 16;
+#   1. n-gram (prompt lookup) on answers that quote their prompt, the embedded model's real weights, batch 1 and 16
+#      (14 prompts: batch 1 runs them one after another);
 #   2. an EAGLE-3 head trained here by `slipstream train-draft` for the embedded model (ShareGPT prompts), then
 #      measured on other ShareGPT prompts, batch 1 and 16;
 #   3. the verification mechanism on the Llama-3.1-8B shape (random weights), batch 1: a drafter always right (the
@@ -36,7 +37,8 @@ import json, sys
 convs = [c["conversations"][0]["value"] for c in json.load(open(sys.argv[1])) if c.get("conversations")]
 open(sys.argv[2], "w").write("\n".join(p.replace("\n", " ") for p in convs[:2500] if 16 <= len(p) <= 2000))
 PY
-  # (1,024 prompts: at 256 prompts each timed run lasted 0.4-1.1 s, too short to carry one late compile; lease AW)
+  # (1,024 prompts: a batch size runs whole waves of them, 16 of 64 and 4 of 256; a single wave's run lasted
+  # 0.4-1.1 s, too short to carry one late compile, leases AW and AX)
   bench --method ngram --workload chat --dataset "$out/chat.txt" --batch-sizes 64,256 --num-prompts 1024 \
     --output-len 256 --json "$out/ngram-offswitch.json"
 fi

@@ -76,18 +76,25 @@ class ScriptedProposer:
         self._of.pop(seq_id, None)
 
 
+def _waves(texts: list, b: int) -> list:
+    """The prompts batch size b runs: as many whole waves of b as the prompts make (at least one)."""
+    return texts[: b * max(1, len(texts) // b)]
+
+
 def _timed(llm: LLM, prompts: list, params: SamplingParams, profile: str | None = None, warm_up: bool = False,
-           what: str = "") -> tuple[float, list[list[int]]]:
-    """(seconds, each prompt's tokens with its output). A timed run reports the kernels it compiled (a warm-up is
-    there to compile them), labelled with `what` ran."""
+           what: str = "", wave: int | None = None) -> tuple[float, list[list[int]]]:
+    """(seconds, each prompt's tokens with its output), the prompts run `wave` at a time (all at once by default):
+    a batch of b sequences over many prompts, so a run lasts long enough to time. A timed run reports the kernels
+    it compiled (a warm-up is there to compile them), labelled with `what` ran."""
     cuda = llm.engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     label = f"{what}, {len(prompts)} timed requests"
     watched = watch_compiles(label) if cuda and not warm_up else contextlib.nullcontext()
     with watched, profiled(profile):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        start, outs, wave = time.perf_counter(), [], wave or len(prompts)
+        for i in range(0, len(prompts), wave):
+            outs += llm.generate(prompts[i : i + wave], params)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -128,7 +135,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         # Each run twice, the second timed: a run after one of another batch size met kernel variants of its own (the
         # quote workload's batch 1 compiled a prefill variant while timed, after a warm-up at batch 14; H100, lease AW)
         _timed(plain, texts[:b], params, warm_up=True)
-        base[b] = _timed(plain, texts[:b], params, a.profile, what="plain")
+        base[b] = _timed(plain, _waves(texts, b), params, a.profile, what="plain", wave=b)
     del plain
     release_gpu_memory()
     results = []
@@ -184,12 +191,12 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
-        elapsed, got = _timed(spec, texts[:b], params, a.profile, what=method)
+        elapsed, got = _timed(spec, _waves(texts, b), params, a.profile, what=method, wave=b)
         written[b] = got
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
         plain_s, plain = base[b]
-        plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, texts[:b]))  # (prompts are token ids)
+        plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, _waves(texts, b)))  # (prompts are token ids)
         same = sum(g == w for g, w in zip(got, want[b]))
         r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),
@@ -243,7 +250,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")
     p.add_argument("--workload", default="quote", choices=["quote", "chat"])
     p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="prompts to read; batch size b runs as many whole waves of b of them as they make")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 16])
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--ignore-eos", action="store_true", help="every answer output-len tokens long")

@@ -288,6 +288,8 @@ def _check_quantize(a: argparse.Namespace) -> None:
     if idle and not calibrates:
         raise ValueError(f"{', '.join(idle)}: where calibration runs; nothing runs the model for --format {a.format} "
                          "without --activations static or --algorithm gptq")
+    if a.act_order and a.algorithm != "gptq":
+        raise ValueError("--act-order is GPTQ's: it needs --algorithm gptq")
     if a.calibration_data is not None and not calibrates:
         raise ValueError(f"--calibration-data: nothing calibrates for --format {a.format} without --activations static "
                          "or --algorithm gptq")
@@ -306,7 +308,10 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     if a.calibration_data is not None:
         from slipstream.train_draft import read_prompts
 
-        texts = read_prompts(a.calibration_data)
+        try:
+            texts = read_prompts(a.calibration_data)
+        except ValueError as e:
+            raise ValueError(f"--calibration-data: {e}") from None
     elif a.activations == "static" or a.algorithm == "gptq":
         from slipstream.bench.quality import calibration_text
 

@@ -138,6 +138,11 @@ def test_written_checkpoint_round_trips(tiny, tmp_path, scheme, activations, alg
     expected_scale_shape = {"block": (1, 1), "channel": (128, 1), "tensor": ()}[scheme]
     assert tuple(stored[f"model.layers.0.self_attn.k_proj.{scale_name}"].shape) == expected_scale_shape
     assert cfg["quantization_config"]["quant_method"] == ("compressed-tensors" if scheme == "channel" else "fp8")
+    if algorithm == "gptq":  # round-to-nearest's scales, GPTQ's own codes
+        w = weights["model.layers.0.self_attn.k_proj.weight"]
+        rtn_q, rtn_s = quantize_weight_blocks(w, (128, 128)) if scheme == "block" else quantize_weight_per_channel(w)
+        assert torch.equal(stored[f"model.layers.0.self_attn.k_proj.{scale_name}"].reshape(-1), rtn_s.reshape(-1))
+        assert (stored["model.layers.0.self_attn.k_proj.weight"].float() != rtn_q.float()).float().mean() > 0.05
 
     llm = _llm(out)
     qkv = _linear(llm, "layers.1.self_attn.qkv_proj")

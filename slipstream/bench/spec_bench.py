@@ -132,8 +132,9 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         texts = [plain.tokenizer.encode(p) for p in prompts]
     base = {}
     for b in a.batch_sizes:
-        # Each run twice, the second timed: a run after one of another batch size met kernel variants of its own (the
-        # quote workload's batch 1 compiled a prefill variant while timed, after a warm-up at batch 14; H100, lease AW)
+        # A run of the first wave before the timed run of every wave: a run after one of another batch size met kernel
+        # variants of its own (H100, lease AW). The timed run's first wave then finds its prompts in the prefix cache,
+        # the later waves do not, for plain and speculative runs alike.
         _timed(plain, texts[:b], params, warm_up=True)
         base[b] = _timed(plain, _waves(texts, b), params, a.profile, what="plain", wave=b)
     del plain
@@ -196,7 +197,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
     results, rows, written = [], [], {}
     for b in a.batch_sizes:
         scripted(b)
-        _timed(spec, texts[:b], params, warm_up=True)  # (as for the plain runs)
+        _timed(spec, texts[:b], params, warm_up=True)  # (the first wave, as for the plain runs)
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)

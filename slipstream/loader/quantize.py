@@ -129,6 +129,7 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
                          "layers: use dynamic activations and --algorithm rtn")
     if (activations == "static" or algorithm == "gptq") and calibration is None:
         raise ValueError("static activation scales and GPTQ need calibration text")
+    calibration = None if calibration is None else list(calibration)  # (read by up to two passes)
     if activations == "static":
         input_amax = calibrate(model, calibration, calibration_tokens, **engine)
     if algorithm == "gptq":

@@ -181,8 +181,9 @@ def test_masks_refuse_a_models_padding_rows(llm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device's queue")
 def test_widening_a_mask_never_waits_for_the_device(llm):
-    """On a GPU `Bitmask.widen` only queues work: the host must not wait there for the step's forward to drain. An indexed assignment of a Python number did (37% of the engine's time in a constrained run, H100, lease
-    AX); torch's sync check in "error" mode raises at any call that synchronizes."""
+    """On a GPU `Bitmask.widen` only queues work: the host must not wait there for the step's forward to drain. An
+    indexed assignment of a Python number did (37% of the engine's time in a constrained run, H100, lease AX);
+    torch's sync check in "error" mode raises at any call that synchronizes."""
     tok = llm.engine.tokenizer
     n = len(tok)
     wide = Grammars(tok, n + 75, [n + 5], pin_memory=True)  # (the grammar's vocabulary ends mid-word, at n + 6)

@@ -201,12 +201,13 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
                   core.stats.draft_seconds)
-        elapsed, got = _timed(spec, _waves(texts, b), params, a.profile, what=method, wave=b)
+        prompts = _waves(texts, b)
+        elapsed, got = _timed(spec, prompts, params, a.profile, what=method, wave=b)
         written[b] = got
         drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
         verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
         plain_s, plain = base[b]
-        plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, _waves(texts, b)))  # (prompts are token ids)
+        plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, prompts))  # (prompts are token ids)
         same = sum(g == w for g, w in zip(got, want[b]))
         r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),

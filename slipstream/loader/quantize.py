@@ -142,16 +142,14 @@ def write_fp8_checkpoint(model: str | None, out: str, scheme: str = "block", act
                 raise ValueError(f"{name} {tuple(tensor.shape)}: the block scheme needs both sides multiples of 128 "
                                  f"(use --scheme channel)")
             q, s = quantize_weight_blocks(tensor, (128, 128))
-            each = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
         elif scheme == "channel":
             q, s = quantize_weight_per_channel(tensor)
             s = s[:, None]
-            each = s.expand(n, k)
         else:
             s = tensor.float().abs().amax().clamp(min=1e-12) / FP8_MAX
             q = (tensor.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-            each = s.expand(n, k)
-        if algorithm == "gptq":
+        if algorithm == "gptq":  # each weight's scale, whatever the layout
+            each = s.repeat_interleave(128, 0).repeat_interleave(128, 1) if scheme == "block" else s.expand(n, k)
             q = gptq_fp8(tensor, _calibrated(hessians, module), each, act_order=act_order)
         writer.add(name, q)
         if scheme == "block":

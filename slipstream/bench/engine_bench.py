@@ -83,7 +83,7 @@ def latency(a: argparse.Namespace) -> list[dict]:
     peers = {b: hf_decode_rate(a.model, b, a.input_len, a.output_len) for b in sizes} if a.hf_peer else {}
     llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(sizes),
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
-               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head)
+               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype)
     llm.engine.warm_up()
     vocab, runner = llm.engine.model_config.vocab_size, llm.engine.runner
     g = torch.Generator().manual_seed(0)
@@ -108,7 +108,7 @@ def latency(a: argparse.Namespace) -> list[dict]:
         roofline = batch * bw / (weight_bytes + kv_bytes)
         peer = peers.get(batch)
         out.append(dict(bench="latency", gpu=gpu_name(), model=a.model, quantization=a.quantization,
-                        quantize_lm_head=a.quantize_lm_head, batch_size=batch,
+                        quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype, batch_size=batch,
                         input_len=a.input_len, output_len=a.output_len, cuda_graphs=not a.enforce_eager, ttft_s=ttft,
                         e2e_s=total, decode_tok_s=decode_rate, weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes,
                         copy_bw_Bps=bw, roofline_tok_s=roofline, pct_of_roofline=100 * decode_rate / roofline,
@@ -136,7 +136,7 @@ def throughput(a: argparse.Namespace) -> dict:
     """nano-vllm's workload (256 sequences, lengths in [100, 1024]), sampled at temperature 0.6 with ignore_eos."""
     llm = _llm(a.model, max_model_len=4096, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
-               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head)
+               quantization=a.quantization, quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype)
     vocab = llm.engine.model_config.vocab_size
     prompts, lengths = nano_vllm_workload(a.num_seqs, a.max_len)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, seed=i) for i, n in enumerate(lengths)]
@@ -149,7 +149,7 @@ def throughput(a: argparse.Namespace) -> dict:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
     res = dict(bench="throughput", gpu=gpu_name(), model=a.model, quantization=a.quantization,
-               quantize_lm_head=a.quantize_lm_head, num_seqs=a.num_seqs, elapsed_s=elapsed,
+               quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype, num_seqs=a.num_seqs, elapsed_s=elapsed,
                output_tokens=out_tokens, output_tok_s=out_tokens / elapsed,
                total_tok_s=(out_tokens + sum(map(len, prompts))) / elapsed, steps=eng.stats.steps - steps0,
                preemptions=eng.stats.num_preemptions, cpu_share_of_step_time=cpu_share)
@@ -283,6 +283,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        help="weights of the linear layers (fp8: quantized at load)")
         sub.choices[name].add_argument("--quantize-lm-head", action="store_true",
                                        help="round the output head to the weights' format too")
+        sub.choices[name].add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                                       help="how the KV cache stores keys and values (fp8: E4M3, half the bytes)")
     for name in ("latency", "throughput", "prefix", "fairness"):
         q = sub.choices[name]
         q.add_argument("--enforce-eager", action="store_true")

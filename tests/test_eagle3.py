@@ -116,10 +116,27 @@ def dirs(tmp_path_factory):
     return root, target, tensors, aux
 
 
+class TwoOfThree:
+    """A draft policy that chooses k drafts for two steps, then none for one: the head's drafts follow catch-ups over
+    the positions a verifying step computed and over a plain decode step's one (on a GPU, a graph replay)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.steps = k, 0
+
+    def choose(self, batch: int) -> int:
+        self.steps += 1
+        return 0 if self.steps % 3 == 0 else self.k
+
+    def record(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
 def drafts_seen(llm: LLM, monkeypatch) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
     """(tokens, the drafts proposed after them) of each drafting sequence while three greedy prompts run twice: once
-    for one token (their prompts chunked, their pages left in the prefix cache), then for twelve on the cached pages."""
+    for one token (their prompts chunked, their pages left in the prefix cache), then for twelve on the cached pages;
+    every third step drafts nothing."""
     core = llm.engine.core
+    core.draft_policy = TwoOfThree(core.config.num_speculative_tokens)
     seen = []
     refine = core.proposer.refine
 

@@ -20,8 +20,8 @@ greedy, and the output stays exactly the target's own (it is the target's draws 
 `DraftHeadProposer`: a one-layer head reads the target's own hidden states, so it drafts as well as a much larger
 draft model: an EAGLE-3 head (models/eagle3.py) the states of three of the target's layers, an MTP module
 (models/mtp.py, shipped inside the model's checkpoint) its final state. After each target step it takes in the
-states that step computed (`observe`) and draws the first draft; once the next step is scheduled it chains on its
-own output for the rest. Draws follow the target's rule and seeds, as the draft model's do.
+states that step computed (`observe`); once the next step is scheduled it draws the first draft from its output at
+the last token and chains on its own output for the rest. Draws follow the target's rule and seeds, as the draft model's do.
 
 A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed, with
 their pages),
@@ -178,12 +178,11 @@ class DraftHeadProposer:
 
     def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         """The sequences of the step just read, with their pages then: the head takes in what the target computed
-        (for those that ended too, whose pages the prefix cache may keep, without drawing a draft)."""
-        self.runner.catch_up([(s.seq_id, s.token_ids, table, None if s.is_finished else self._row(s, 0))
-                              for s, table in seqs])
+        (for those that ended too, whose pages the prefix cache may keep; they draft no more)."""
+        self.runner.catch_up([(s.seq_id, s.token_ids, table, not s.is_finished) for s, table in seqs])
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
-        # placeholders (refine draws them) where the head drew a first draft at this length: only a sequence whose
+        # placeholders (refine draws them) where the head has read the sequence's last token: only a sequence whose
         # last step the head read can draft
         return [0] * min(self.k, limit) if self.runner.has_first(seq_id, len(ids)) else []
 

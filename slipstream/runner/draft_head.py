@@ -4,11 +4,12 @@ layers, for MTP its final normed state) beside the embedding of the token that f
 
 The head's one layer keeps its own KV pool, on the target's page ids (as many pages, one layer's worth each), so the
 scheduler's page reservations cover it. After every target step it reads the hidden states the target just computed
-(`catch_up`): for each sequence, the positions the step computed whose next token is known, in one forward; where
-that reaches the sequence's last token its output is the first draft. Once the next step is scheduled (its slots
-reserved), `chain` runs the head on its own output for the rest of the drafts, one token per sequence a round (on a
-GPU in CUDA graphs: a round is a decode-shaped step, its input tokens and states fed on the device), the draws staying
-on the device until all rounds are queued. Draws use the sampler with the target's rule and seeds, so
+(`catch_up`): for each sequence, the positions the step computed whose next token is known, in one forward (a graph
+replay where each computed one token); where that reaches the sequence's last token its output there is kept. Once
+the next step is scheduled (its slots reserved), `chain` draws the first drafts from those outputs and runs the head
+on its own output for the rest, one token per sequence a round (on a GPU in CUDA graphs: a round is a decode-shaped
+step, its input tokens and states fed on the device), the draws staying on the device until all rounds are queued. A
+step without drafts (the draft policy chose none) costs the head its catch-up alone. Draws use the sampler with the target's rule and seeds, so
 where the head's distribution agrees with the target's, so do the draws.
 """
 from __future__ import annotations
@@ -102,32 +103,35 @@ class DraftHeadRunner:
             self._g = torch.zeros(rows, spec.layer.hidden_size, dtype=target.dtype, device=dev)
             self.graphs = GraphLadder(_ChainRound(self.head, self._g), self.ints, 1, rows, target.max_model_len,
                                       target.block_size, self.kv.pad_slot, target.num_blocks, False, CapturePool(dev))
-        # After catch_up: per sequence that drew its first draft, (row in the tensors below, its length then)
+        # After catch_up: per sequence brought to its last token, (row in `_o`, its length then)
         self._first: dict[int, tuple[int, int]] = {}
         self._o: torch.Tensor | None = None  # the head's output at each such sequence's last position
-        self._tokens: torch.Tensor | None = None  # and the draft drawn from it
 
     def has_first(self, seq_id: int, length: int) -> bool:
-        """Whether the last catch-up drew this sequence's first draft at its present length."""
+        """Whether the last catch-up brought this sequence to its last token at its present length (it can draft)."""
         first = self._first.get(seq_id)
         return first is not None and first[1] == length
 
     @torch.inference_mode()
-    def catch_up(self, seqs: list[tuple[int, list[int], list[int], SamplingRow | None]]) -> None:
-        """(sequence id, its tokens, block table, how its first draft is drawn) for the sequences of the target step
-        just read: the head computes the positions that step computed whose next token is known, from the target's
-        hidden states, and draws the first draft of those it brings to their last token."""
+    def catch_up(self, seqs: list[tuple[int, list[int], list[int], bool]]) -> None:
+        """(sequence id, its tokens, block table, whether it drafts on) for the sequences of the target step just
+        read: the head computes the positions that step computed whose next token is known, from the target's hidden
+        states, and keeps its output at the last token of those it brings there (the first draft's logits are made
+        only once a step asks for drafts: where the draft policy chose none, the head's forward is all a step costs,
+        and for one-token steps that is a graph replay)."""
         steps = []
         computed = self.target.computed
-        for seq_id, tokens, table, row in seqs:
+        drafting = set()
+        for seq_id, tokens, table, drafts in seqs:
             where = computed.get(seq_id)
             if where is None or not table:  # not in the step, or its pages already given up
                 continue
             _, start, n = where
             end = min(start + n, len(tokens) - 1)  # position p reads token p + 1
             if end > start:
-                steps.append(SeqStep(seq_id, tokens[start + 1 : end + 1], start, table,
-                                     sampling=row if end == len(tokens) - 1 else None))
+                steps.append(SeqStep(seq_id, tokens[start + 1 : end + 1], start, table))
+                if drafts and end == len(tokens) - 1:
+                    drafting.add(seq_id)
         self._first = {}
         if not steps:
             return
@@ -136,41 +140,50 @@ class DraftHeadRunner:
         st.reset()
         h = host_inputs(steps, self.target.block_size, False)
         rows = st.put([computed[s.seq_id][0] + i for s in steps for i in range(len(s.token_ids))])
-        ids, positions, meta = eager_inputs(h, st)
-        o = self.head(ids, positions, meta, self.target.head_states[rows()])
-        drawing = [s for s in steps if s.sampling is not None]
-        if not drawing:
-            return
-        last = torch.tensor(h.sample_rows, device=self.device)
-        self._o = o[last]
-        self._tokens = self._draw(self._o, [s.sampling for s in drawing])
-        self._first = {s.seq_id: (i, s.start + len(s.token_ids) + 1) for i, s in enumerate(drawing)}
+        ends = [h.first_rows[i] + len(s.token_ids) - 1 for i, s in enumerate(steps) if s.seq_id in drafting]
+        last = st.put(ends) if ends else None
+        if self.graphs is not None and h.num_decodes == len(steps) and self.graphs.fits(len(steps)):
+            st.upload()
+            self._g[: len(steps)].copy_(self.target.head_states[rows()])
+            o = self.graphs.run(h)
+        else:
+            ids, positions, meta = eager_inputs(h, st)
+            o = self.head(ids, positions, meta, self.target.head_states[rows()])
+        if last is not None:
+            self._o = o[last()]  # (a copy: the graph's output buffer serves the next replay)
+            self._first = {s.seq_id: (i, s.start + len(s.token_ids) + 1)
+                           for i, s in enumerate(s for s in steps if s.seq_id in drafting)}
 
     @torch.inference_mode()
     def chain(self, seqs: list[tuple[int, int, list[int], list[SamplingRow]]]) -> dict[int, list[int]]:
-        """(sequence id, its length, block table, the draw of each draft) for the scheduled sequences that drew a first
-        draft: the head runs on its own output for the drafts after it. Returns each one's drafts (one host sync)."""
+        """(sequence id, its length, block table, the draw of each draft) for the scheduled sequences whose last token
+        the head has read: the first drafts are drawn from its output there, and the head runs on its own output for
+        the drafts after them. Returns each one's drafts (one host sync)."""
         order = [(sid, length, table, rows) for sid, length, table, rows in seqs if self.has_first(sid, length)]
         if not order:
             return {}
-        first = torch.tensor([self._first[sid][0] for sid, *_ in order], device=self.device)
-        rounds, o = [(order, self._tokens[first])], self._o[first]
+        st = self.ints
+        st.reset()
+        first = st.put([self._first[sid][0] for sid, *_ in order])
+        st.upload()
+        o = self._o[first()]
+        rounds = [(order, self._draw(o, [rows[0] for *_, rows in order]))]
         for j in range(1, max(len(rows) for *_, rows in order)):
             prev, tokens = rounds[-1]
             keep = [i for i, (*_, rows) in enumerate(prev) if len(rows) > j]
             now = [prev[i] for i in keep]
-            st = self.ints
             st.reset()
             # position length - 2 + j reads draft j (the token at length - 1 + j) beside the head's state before it
             h = host_inputs([SeqStep(sid, [0], length - 2 + j, table) for sid, length, table, _ in now],
                             self.target.block_size, False)
-            sel = torch.tensor(keep, device=self.device)
+            sel = st.put(keep)
             if self.graphs is not None and self.graphs.fits(len(now)):
-                self._g[: len(now)].copy_(o[sel])
-                o = self.graphs.run(h, lambda ids, fed=tokens[sel]: ids[: len(fed)].copy_(fed))
+                st.upload()
+                self._g[: len(now)].copy_(o[sel()])
+                o = self.graphs.run(h, lambda ids, fed=tokens[sel()]: ids[: len(fed)].copy_(fed))
             else:
                 _, positions, meta = eager_inputs(h, st)
-                o = self.head(tokens[sel], positions, meta, o[sel])
+                o = self.head(tokens[sel()], positions, meta, o[sel()])
             rounds.append((now, self._draw(o, [rows[j] for *_, rows in now])))
         drafts: dict[int, list[int]] = {sid: [] for sid, *_ in order}
         for seqs_j, tokens in rounds:  # read once every round is queued: the device runs them back to back

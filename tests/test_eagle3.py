@@ -15,6 +15,8 @@ from conftest import assert_no_leak
 from slipstream import LLM, SamplingParams
 from test_speculative import DRAFT_PARAMS  # greedy, seeded with logprobs, penalties, n = 2 with stop tokens
 from slipstream.config import EngineConfig
+from slipstream.runner.draft_head import _ChainRound
+from slipstream.runner.inputs import eager_inputs
 
 HEAD = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             rope_theta=10000.0, rms_norm_eps=1e-6)
@@ -131,12 +133,35 @@ class TwoOfThree:
         pass
 
 
-def drafts_seen(llm: LLM, monkeypatch) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
+class EagerLadder:
+    """Stands in for the head's CUDA-graph ladder on a CPU: what a replay computes, run eagerly from the same buffers
+    (the state input read from the runner's `_g`, fed tokens written into the ids), so that the bookkeeping of the
+    graph path (which rows, which states, which outputs) is checked without a GPU."""
+
+    def __init__(self, runner) -> None:  # noqa: ANN001
+        self.runner = runner
+        runner._g = torch.zeros(8, runner.head.norm.weight.shape[0])
+        self.round = _ChainRound(runner.head, runner._g)
+
+    def fits(self, n: int) -> bool:
+        return n <= self.runner._g.shape[0]
+
+    def run(self, h, feed=None) -> torch.Tensor:  # noqa: ANN001
+        ids, positions, meta = eager_inputs(h, self.runner.ints)
+        if feed is not None:
+            ids = ids.clone()
+            feed(ids)
+        return self.round(ids, positions, meta)
+
+
+def drafts_seen(llm: LLM, monkeypatch, ladder: bool = False) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
     """(tokens, the drafts proposed after them) of each drafting sequence while three greedy prompts run twice: once
     for one token (their prompts chunked, their pages left in the prefix cache), then for twelve on the cached pages;
-    every third step drafts nothing."""
+    every third step drafts nothing. `ladder`: the head's one-token rounds take the graph path (on a CPU, eagerly)."""
     core = llm.engine.core
     core.draft_policy = TwoOfThree(core.config.num_speculative_tokens)
+    if ladder:
+        core.proposer.runner.graphs = EagerLadder(core.proposer.runner)
     seen = []
     refine = core.proposer.refine
 
@@ -159,12 +184,13 @@ def drafts_seen(llm: LLM, monkeypatch) -> list[tuple[list[int], list[int]]]:  # 
     return seen
 
 
-def test_drafts_equal_a_dense_reference(dirs, monkeypatch):
+@pytest.mark.parametrize("ladder", [False, True], ids=["eager", "graph-path"])
+def test_drafts_equal_a_dense_reference(dirs, monkeypatch, ladder):
     root, target, tensors, aux = dirs
     llm = LLM(str(root / "target"), dtype="float32", device="cpu", max_model_len=256, block_size=16,
               max_num_batched_tokens=24, speculative_method="eagle3", speculative_model=str(root / "head"),
               num_speculative_tokens=3, speculative_adaptive=False)
-    for tokens, drafts in drafts_seen(llm, monkeypatch):
+    for tokens, drafts in drafts_seen(llm, monkeypatch, ladder):
         assert drafts == reference_drafts(tensors, target, tokens, aux, len(drafts)), tokens
     assert_no_leak(llm)
 

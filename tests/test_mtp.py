@@ -72,7 +72,8 @@ def glm(tmp_path_factory):
     return path
 
 
-def test_drafts_equal_transformers_mtp(glm, monkeypatch):
+@pytest.mark.parametrize("ladder", [False, True], ids=["eager", "graph-path"])
+def test_drafts_equal_transformers_mtp(glm, monkeypatch, ladder):
     import transformers.modeling_layers as layers
 
     if not hasattr(getattr(layers, "MtpModel", None), "forward_layer"):
@@ -84,7 +85,7 @@ def test_drafts_equal_transformers_mtp(glm, monkeypatch):
               speculative_method="mtp", num_speculative_tokens=3, speculative_adaptive=False)
     head = llm.engine.core.proposer.runner
     assert head.kv.model.num_layers == 1 and head.kv.bytes_per_block * 3 == llm.engine.runner.kv.bytes_per_block  # one layer's KV
-    for tokens, drafts in drafts_seen(llm, monkeypatch):
+    for tokens, drafts in drafts_seen(llm, monkeypatch, ladder):
         assert drafts == reference_drafts(main, mtp, tokens, len(drafts)), tokens
     assert_no_leak(llm)
 

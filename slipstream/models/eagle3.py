@@ -58,10 +58,14 @@ class Eagle3Head(nn.Module):
         qkv, residual = self.project(input_ids, g)
         return self.feed_forward(self.self_attn(positions, qkv, meta), residual)
 
+    def fuse(self, g: torch.Tensor) -> torch.Tensor:
+        """The state input g_p: the target's three states [T, 3 x target hidden] fused by fc; the head's own output
+        [T, hidden] as it is."""
+        return self.fc(g) if g.shape[-1] != self.config.layer.hidden_size else g
+
     def project(self, input_ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, k and v of [norm(embed(token)); norm(g)], the residual g) (g fused by fc first where it is the target's)."""
-        if g.shape[-1] != self.config.layer.hidden_size:
-            g = self.fc(g)
+        """(q, k and v of [norm(embed(token)); norm(g)], the residual g) (g fused first where it is the target's)."""
+        g = self.fuse(g)
         e = self.input_layernorm(self.embed_tokens(input_ids))[0]
         normed = self.hidden_norm(g)[0]
         return self.self_attn.qkv_proj(torch.cat([e, normed], dim=-1)), normed if self.config.norm_before_residual else g

@@ -55,6 +55,10 @@ class MTPHead(nn.Module):
         y, residual = self.mtp_block(positions, x, None, meta)
         return self.norm(y, residual)[0]
 
+    def fuse(self, g: torch.Tensor) -> torch.Tensor:
+        """The state input: the model's final state is read as it is, as the module's own output is."""
+        return g
+
     def compute_logits(self, o: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return self.target.compute_logits(o)
 

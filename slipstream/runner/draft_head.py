@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class HeadSpec:
     """A draft head to build: `make(backend, fused)` creates its parameters (`forward(ids, positions, meta, g)`,
-    `compute_logits(o, vocab)`, `attach(target model)` to take what it shares), `load(head)` fills them (None: random
-    weights), `layer` is the shape of its attention layer (its KV pool). It reads the target's states entering
-    `aux_layers` (EAGLE-3), or with none the target's final hidden states (MTP)."""
+    `fuse(g)` the target's states as the head's own state input, `compute_logits(o, vocab)`, `attach(target model)`
+    to take what it shares), `load(head)` fills them (None: random weights), `layer` is the shape of its attention
+    layer (its KV pool). It reads the target's states entering `aux_layers` (EAGLE-3), or with none the target's final
+    hidden states (MTP)."""
 
     name: str  # for the log
     make: Callable[[AttentionBackend, bool], nn.Module]
@@ -144,7 +145,7 @@ class DraftHeadRunner:
         last = st.put(ends) if ends else None
         if self.graphs is not None and h.num_decodes == len(steps) and self.graphs.fits(len(steps)):
             st.upload()
-            self._g[: len(steps)].copy_(self.target.head_states[rows()])
+            self._g[: len(steps)].copy_(self.head.fuse(self.target.head_states[rows()]))  # (the graph reads head-wide states)
             o = self.graphs.run(h)
         else:
             ids, positions, meta = eager_inputs(h, st)

@@ -13,6 +13,7 @@ import torch
 from slipstream import LLM, SamplingParams
 from slipstream.bench.common import (copy_bandwidth, gpu_name, model_dir, profiled, release_gpu_memory, table,
                                      watch_compiles)
+from slipstream.config import ENGINE_OPTIONS
 from slipstream.layers.moe import MoE
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 from slipstream.models.llama import VocabEmbedding
@@ -283,8 +284,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        help="weights of the linear layers (fp8: quantized at load)")
         sub.choices[name].add_argument("--quantize-lm-head", action="store_true",
                                        help="round the output head to the weights' format too")
-        sub.choices[name].add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                                       help="how the KV cache stores keys and values (fp8: E4M3, half the bytes)")
+        kv = ENGINE_OPTIONS["kv_cache_dtype"]
+        sub.choices[name].add_argument(kv.flag, default=kv.default, choices=kv.choices, help=kv.help)
     for name in ("latency", "throughput", "prefix", "fairness"):
         q = sub.choices[name]
         q.add_argument("--enforce-eager", action="store_true")

@@ -19,6 +19,7 @@ import torch
 
 from slipstream import LLM, SamplingParams
 from slipstream.bench.common import gpu_name, model_dir, table
+from slipstream.config import ENGINE_OPTIONS
 from slipstream.layers.quantization import METHODS as QUANTIZATION_METHODS
 from slipstream.runner.batch import SamplingRow, SeqStep, Step
 
@@ -124,7 +125,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantization", default="fp8", choices=QUANTIZATION_METHODS)
     p.add_argument("--reference-model", default=None, help="default: --model")
     p.add_argument("--reference-quantization", default="none", choices=QUANTIZATION_METHODS)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=ENGINE_OPTIONS["kv_cache_dtype"].choices,
                    help="the measured model's KV cache (the reference's is the compute dtype)")
     p.add_argument("--quantize-lm-head", action="store_true", help="the measured model's output head rounded too")
     p.add_argument("--load-format", default="auto", help="dummy: random weights from a config (logit error only)")

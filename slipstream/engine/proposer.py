@@ -21,7 +21,8 @@ greedy, and the output stays exactly the target's own (it is the target's draws 
 draft model: an EAGLE-3 head (models/eagle3.py) the states of three of the target's layers, an MTP module
 (models/mtp.py, shipped inside the model's checkpoint) its final state. After each target step it takes in the
 states that step computed (`observe`); once the next step is scheduled it draws the first draft from its output at
-the last token and chains on its own output for the rest. Draws follow the target's rule and seeds, as the draft model's do.
+the last token and chains on its own output for the rest. Draws follow the target's rule and seeds, as the draft
+model's do.
 
 A proposer answers, for the engine core: `observe` after every step is read (the sequences it computed, with
 their pages),

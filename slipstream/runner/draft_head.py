@@ -9,8 +9,8 @@ replay where each computed one token); where that reaches the sequence's last to
 the next step is scheduled (its slots reserved), `chain` draws the first drafts from those outputs and runs the head
 on its own output for the rest, one token per sequence a round (on a GPU in CUDA graphs: a round is a decode-shaped
 step, its input tokens and states fed on the device), the draws staying on the device until all rounds are queued. A
-step without drafts (the draft policy chose none) costs the head its catch-up alone. Draws use the sampler with the target's rule and seeds, so
-where the head's distribution agrees with the target's, so do the draws.
+step without drafts (the draft policy chose none) costs the head its catch-up alone. Draws use the sampler with the
+target's rule and seeds, so where the head's distribution agrees with the target's, so do the draws.
 """
 from __future__ import annotations
 
@@ -141,8 +141,8 @@ class DraftHeadRunner:
         st.reset()
         h = host_inputs(steps, self.target.block_size, False)
         rows = st.put([computed[s.seq_id][0] + i for s in steps for i in range(len(s.token_ids))])
-        ends = [h.first_rows[i] + len(s.token_ids) - 1 for i, s in enumerate(steps) if s.seq_id in drafting]
-        last = st.put(ends) if ends else None
+        drawn = [(i, s) for i, s in enumerate(steps) if s.seq_id in drafting]
+        last = st.put([h.first_rows[i] + len(s.token_ids) - 1 for i, s in drawn]) if drawn else None
         if self.graphs is not None and h.num_decodes == len(steps) and self.graphs.fits(len(steps)):
             st.upload()
             self._g[: len(steps)].copy_(self.head.fuse(self.target.head_states[rows()]))  # (the graph reads head-wide states)
@@ -152,8 +152,7 @@ class DraftHeadRunner:
             o = self.head(ids, positions, meta, self.target.head_states[rows()])
         if last is not None:
             self._o = o[last()]  # (a copy: the graph's output buffer serves the next replay)
-            self._first = {s.seq_id: (i, s.start + len(s.token_ids) + 1)
-                           for i, s in enumerate(s for s in steps if s.seq_id in drafting)}
+            self._first = {s.seq_id: (j, s.start + len(s.token_ids) + 1) for j, (_, s) in enumerate(drawn)}
 
     @torch.inference_mode()
     def chain(self, seqs: list[tuple[int, int, list[int], list[SamplingRow]]]) -> dict[int, list[int]]:

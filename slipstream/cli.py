@@ -81,7 +81,7 @@ def _stream_to_terminal(llm: Any, prompt: str | list[int], params: SamplingParam
     for out in llm.stream(prompt, params):
         check_ctrl_c()
         o = out.outputs[0]
-        n = len(o.token_ids)
+        n = o.num_tokens
         sys.stdout.write(o.delta_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -164,7 +164,7 @@ class Chat:
             for out in stream:
                 o = out.outputs[0]
                 first = first or time.perf_counter()
-                n = len(o.token_ids)
+                n = o.num_tokens
                 texts.append(o.delta_text)
                 sys.stdout.write(o.delta_text)
                 sys.stdout.flush()

@@ -167,6 +167,21 @@ def test_streaming_never_releases_a_stop_string_prefix(fresh):
     assert "".join(deltas) == full and " 8" not in "".join(deltas)
 
 
+def test_a_streamed_report_keeps_its_own_tokens_when_read_late(fresh):
+    """Reports share their sequence's token and logprob lists (a report costs what is new in it): each one read after
+    the stream has ended still holds exactly the tokens it reported, its deltas the difference from the one before."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    reports = [o.outputs[0] for o in fresh.stream("1, 2, 3, 4, 5,", params)]  # all read after the last one
+    final = fresh.generate("1, 2, 3, 4, 5,", params)[0].outputs[0]
+    assert len(reports) > 3 and reports[-1].token_ids == final.token_ids and len(final.token_ids) == 12
+    seen = 0
+    for r in reports:
+        assert r.token_ids == final.token_ids[: r.num_tokens] == final.token_ids[:seen] + r.delta_token_ids
+        assert r.logprobs == final.logprobs[: r.num_tokens] and r.delta_logprobs == final.logprobs[seen : r.num_tokens]
+        seen = r.num_tokens
+    assert "num_tokens=12" in repr(reports[-1]) and "all_token_ids" not in repr(reports[-1])
+
+
 def test_stop_token_ids_min_tokens_and_ignore_eos(fresh):
     greedy = fresh.chat([{"role": "user", "content": "Say hi"}], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
     assert greedy.finish_reason == "stop"  # ends on EOS

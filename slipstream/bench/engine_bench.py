@@ -147,7 +147,7 @@ def throughput(a: argparse.Namespace) -> dict:
     wait0, steps0 = runner.gpu_wait_s, eng.stats.steps
     with profiled(a.profile):
         elapsed, outs = _timed(llm, prompts, params)
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    out_tokens = sum(o.outputs[0].num_tokens for o in outs)
     cpu_share = 1 - (runner.gpu_wait_s - wait0) / elapsed
     res = dict(bench="throughput", gpu=gpu_name(), model=a.model, quantization=a.quantization,
                quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype, num_seqs=a.num_seqs, elapsed_s=elapsed,

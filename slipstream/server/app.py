@@ -658,11 +658,11 @@ class _Usage:
 
     def add(self, i: int, out: RequestOutput) -> None:
         self.prompt += len(out.prompt_token_ids)
-        self.completion += sum(len(o.token_ids) for o in out.outputs)
+        self.completion += sum(o.num_tokens for o in out.outputs)
 
     def so_far(self, i: int, out: RequestOutput) -> dict[str, int]:
         p = self.prompt + len(out.prompt_token_ids)
-        c = self.completion + sum(len(o.token_ids) for o in out.outputs)
+        c = self.completion + sum(o.num_tokens for o in out.outputs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def as_dict(self) -> dict[str, int]:

@@ -106,7 +106,7 @@ class ServerMetrics:
         if step_time > 0:
             self.step_time.observe(step_time)
         for out in outputs:
-            n = sum(len(o.token_ids) for o in out.outputs)
+            n = sum(o.num_tokens for o in out.outputs)
             prev = self._last_token.get(out.request_id)
             if prev is None and out.metrics.ttft is not None:
                 self.ttft.observe(out.metrics.ttft)

@@ -200,7 +200,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         _timed(spec, texts[:b], params, warm_up=True)  # (the first wave, as for the plain runs)
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
         before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
-                  core.stats.draft_seconds)
+                  core.stats.draft_seconds, core.stats.decode_steps, core.stats.mixed_steps)
         prompts = _waves(texts, b)
         elapsed, got = _timed(spec, prompts, params, a.profile, what=method, wave=b)
         written[b] = got
@@ -216,7 +216,11 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
              # the proposer's share of the time (a head's or draft model's forwards included)
              "draft_share": round((core.stats.draft_seconds - before[4]) / elapsed, 3),
-             "identical": f"{same}/{len(got)}"}
+             "identical": f"{same}/{len(got)}",
+             "decode_steps": core.stats.decode_steps - before[5], "mixed_steps": core.stats.mixed_steps - before[6],
+             # what the adaptive policy measured, per batch bucket and k: output tok/s of decode steps
+             "policy_rates": None if core.draft_policy is None else
+             {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())}}
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
@@ -225,6 +229,11 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
           f"{a.dtype}; identical: tokens equal to {against}):", flush=True)
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
                   "identical"]] + rows), flush=True)
+    for r in results:  # where the policy chose badly, what it measured says why
+        if r["policy_rates"]:
+            print(f"batch {r['batch_size']}: {r['decode_steps']} decode and {r['mixed_steps']} mixed steps; the policy's "
+                  "tok/s by batch bucket/k: " + ", ".join(f"{key} {v:.0f}" for key, v in r["policy_rates"].items()),
+                  flush=True)
     return results, written
 
 

@@ -1,0 +1,49 @@
+"""The draft policy (engine/speculation.py) against cost models of its steps, on the CPU: for each model, the policy's
+tokens/s over a run as a share of the best fixed k's under the same pauses and noise (the worst of six seeds).
+An argument of 0 turns the clamp off (every step's seconds counted whole), for the comparison.
+
+usage: PYTHONPATH=. python3 scripts/draft_policy_sim.py [PAUSE_RATIO]
+"""
+from __future__ import annotations
+
+import random
+import sys
+
+from slipstream.engine import speculation
+
+# name: (batch, seconds of a step by k, tokens a sequence by k, a 100 ms pause every N steps, timing noise +-)
+MODELS = {
+    "lease AY, batch 256 (plain best), pause / 150": (200, {0: 3.6e-3, 1: 15e-3, 2: 17e-3, 4: 20e-3},
+                                                     {0: 1, 1: 1.7, 2: 2.0, 4: 2.3}, 150, 0.1),
+    "lease AY, batch 256, pause / 300": (200, {0: 3.6e-3, 1: 15e-3, 2: 17e-3, 4: 20e-3},
+                                         {0: 1, 1: 1.7, 2: 2.0, 4: 2.3}, 300, 0.1),
+    "verifying dearer, pause / 30": (200, {0: 3.6e-3, 1: 9e-3, 2: 10e-3, 4: 12e-3}, {0: 1, 1: 1.7, 2: 2.1, 4: 2.3}, 30, 0.1),
+    "verifying dearer, noisy (+-70%)": (200, {0: 3.6e-3, 1: 9e-3, 2: 10e-3, 4: 12e-3}, {0: 1, 1: 1.7, 2: 2.1, 4: 2.3},
+                                        0, 0.7),
+    "drafts pay, batch 14, pause / 150": (14, {0: 2e-3, 1: 2.5e-3, 2: 2.6e-3, 4: 2.8e-3}, {0: 1, 1: 1.9, 2: 2.7, 4: 3.4},
+                                          150, 0.1),
+    "drafts pay, batch 14, noisy, pause / 150": (14, {0: 2e-3, 1: 2.5e-3, 2: 2.6e-3, 4: 2.8e-3},
+                                                 {0: 1, 1: 1.9, 2: 2.7, 4: 3.4}, 150, 0.7),
+    "lease AK, batch 14 (plain best)": (14, {0: 2e-3, 1: 10e-3, 2: 10e-3, 4: 10e-3}, {0: 1, 1: 2, 2: 3, 4: 3.34}, 0, 0.1),
+}
+
+
+def run(model: tuple, seed: int, fixed: int | None = None, steps: int = 4000) -> float:
+    """Tokens/s of a run: the policy's choices, or always `fixed` drafts."""
+    batch, cost, gain, every, noise = model
+    rng, p, tokens, seconds = random.Random(seed), speculation.DraftPolicy(4), 0, 0.0
+    for _ in range(steps):
+        k = p.choose(batch) if fixed is None else fixed
+        s = cost[k] * rng.uniform(1 - noise, 1 + noise) + (0.1 if every and rng.random() < 1 / every else 0.0)
+        t = round(batch * gain[k])
+        p.record(batch, k, t, s)
+        tokens, seconds = tokens + t, seconds + s
+    return tokens / seconds
+
+
+if len(sys.argv) > 1:
+    speculation.PAUSE_RATIO = float(sys.argv[1]) or float("inf")
+print(f"PAUSE_RATIO {speculation.PAUSE_RATIO}: the policy's tokens/s / the best fixed k's, worst of six seeds")
+for name, model in MODELS.items():
+    share = min(run(model, s) / max(run(model, s, k) for k in (0, 1, 2, 4)) for s in range(6))
+    print(f"  {name}: {share:.3f}")

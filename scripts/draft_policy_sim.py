@@ -43,7 +43,9 @@ def run(model: tuple, seed: int, fixed: int | None = None, steps: int = 4000) ->
 
 if len(sys.argv) > 1:
     speculation.PAUSE_RATIO = float(sys.argv[1]) or float("inf")
-print(f"PAUSE_RATIO {speculation.PAUSE_RATIO}: the policy's tokens/s / the best fixed k's, worst of six seeds")
+print(f"PAUSE_RATIO {speculation.PAUSE_RATIO}: the policy's tokens/s / the best fixed k's, worst of six seeds "
+      "(and each fixed k's tokens/s, lowest-highest over the seeds)")
 for name, model in MODELS.items():
-    share = min(run(model, s) / max(run(model, s, k) for k in (0, 1, 2, 4)) for s in range(6))
-    print(f"  {name}: {share:.3f}")
+    fixed = {k: [run(model, s, k) for s in range(6)] for k in (0, 1, 2, 4)}
+    share = min(run(model, s) / max(fixed[k][s] for k in fixed) for s in range(6))
+    print(f"  {name}: {share:.3f} ({', '.join(f'k={k} {min(v):,.0f}-{max(v):,.0f}' for k, v in fixed.items())})")

@@ -85,7 +85,7 @@ def answers(llm: Any, prompts: list[str], max_tokens: int) -> list[list[int]]:
     limit = min(llm.engine.core.max_model_len, llm.engine.core.config.scheduler.max_num_batched_tokens)
     token_ids = [ids for ids in token_ids if len(ids) < limit - max_tokens]
     outs = llm.generate(token_ids, SamplingParams(temperature=0, max_tokens=max_tokens))
-    return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    return [list(o.prompt_token_ids) + o.outputs[0].token_ids for o in outs]
 
 
 @dataclass

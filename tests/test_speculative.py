@@ -304,7 +304,8 @@ def test_a_pause_does_not_keep_the_draft_policy_drafting():
             k = p.choose(200)
             step = cost[k] + (0.1 if i % every == every - 1 else 0.0)
             p.record(200, k, round(200 * gain[k]), step)
-            tokens, seconds, ks = tokens + round(200 * gain[k]), seconds + step, ks + [k]
+            tokens, seconds = tokens + round(200 * gain[k]), seconds + step
+            ks.append(k)
         plain = 4000 * 200 / (4000 * cost[0] + 4000 // every * 0.1)  # plain decoding paused as often
         assert tokens / seconds >= 0.95 * plain, every
         assert ks[-1000:].count(0) >= 950

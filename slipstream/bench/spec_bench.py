@@ -98,7 +98,7 @@ def _timed(llm: LLM, prompts: list, params: SamplingParams, profile: str | None 
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    return elapsed, [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    return elapsed, [list(o.prompt_token_ids) + o.outputs[0].token_ids for o in outs]
 
 
 def _without_weights(model: str | None) -> bool:
@@ -183,6 +183,11 @@ def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, t
     return [r for m in methods for r in {"wrong": wrong, "oracle": oracle}[m]]  # in the order asked
 
 
+# the engine's counters whose change over a timed run the results report
+_COUNTED = ("draft_tokens", "accepted_draft_tokens", "drafts", "generation_tokens", "draft_seconds", "decode_steps",
+            "mixed_steps")
+
+
 def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,
              want: dict[int, list[list[int]]], script: tuple[dict, bool] | None = None,
              ) -> tuple[list[dict], dict[int, list[list[int]]]]:
@@ -199,13 +204,13 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         scripted(b)
         _timed(spec, texts[:b], params, warm_up=True)  # (the first wave, as for the plain runs)
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
-        before = (core.stats.draft_tokens, core.stats.accepted_draft_tokens, core.stats.drafts, core.stats.generation_tokens,
-                  core.stats.draft_seconds, core.stats.decode_steps, core.stats.mixed_steps)
+        before = {n: getattr(core.stats, n) for n in _COUNTED}
         prompts = _waves(texts, b)
         elapsed, got = _timed(spec, prompts, params, a.profile, what=method, wave=b)
         written[b] = got
-        drafted, accepted = core.stats.draft_tokens - before[0], core.stats.accepted_draft_tokens - before[1]
-        verified, tokens = core.stats.drafts - before[2], core.stats.generation_tokens - before[3]
+        run = {n: getattr(core.stats, n) - before[n] for n in _COUNTED}  # this run's share of the engine's counters
+        drafted, accepted, verified = run["draft_tokens"], run["accepted_draft_tokens"], run["drafts"]
+        tokens = run["generation_tokens"]
         plain_s, plain = base[b]
         plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, prompts))  # (prompts are token ids)
         same = sum(g == w for g, w in zip(got, want[b]))
@@ -215,9 +220,8 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
              "mean_accepted_length": round(1 + accepted / verified, 2) if verified else None,
              # the proposer's share of the time (a head's or draft model's forwards included)
-             "draft_share": round((core.stats.draft_seconds - before[4]) / elapsed, 3),
-             "identical": f"{same}/{len(got)}",
-             "decode_steps": core.stats.decode_steps - before[5], "mixed_steps": core.stats.mixed_steps - before[6],
+             "draft_share": round(run["draft_seconds"] / elapsed, 3),
+             "identical": f"{same}/{len(got)}", "decode_steps": run["decode_steps"], "mixed_steps": run["mixed_steps"],
              # what the adaptive policy measured, per batch bucket and k: output tok/s of decode steps
              "policy_rates": None if core.draft_policy is None else
              {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())}}

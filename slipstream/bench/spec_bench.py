@@ -130,13 +130,15 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     else:  # (a bundled shape's word-level tokenizer)
         texts = [plain.tokenizer.encode(p) for p in prompts]
-    base = {}
+    base, plain_steps = {}, {}
     for b in a.batch_sizes:
         # A run of the first wave before the timed run of every wave: a run after one of another batch size met kernel
         # variants of its own (H100, lease AW). The timed run's first wave then finds its prompts in the prefix cache,
         # the later waves do not, for plain and speculative runs alike.
         _timed(plain, texts[:b], params, warm_up=True)
+        before = _counters(plain)
         base[b] = _timed(plain, _waves(texts, b), params, a.profile, what="plain", wave=b)
+        plain_steps[b] = _step_costs(_counters(plain, before), base[b][0])
     del plain
     release_gpu_memory()
     results = []
@@ -146,11 +148,11 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         for method in a.method:
             if method not in scripted:
                 spec = _speculative_llm(a, method, k, engine)
-                results += _measure(a, spec, method, k, texts, params, base, plain_out)[0]
+                results += _measure(a, spec, method, k, texts, params, base, plain_out, plain_steps)[0]
                 del spec
                 release_gpu_memory()
         if scripted:
-            results += _scripted(a, scripted, k, engine, texts, params, base, plain_out)
+            results += _scripted(a, scripted, k, engine, texts, params, base, plain_out, plain_steps)
             release_gpu_memory()
     return results
 
@@ -171,25 +173,42 @@ def _warm(llm: LLM) -> LLM:
 
 
 def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, texts: list, params: SamplingParams,
-              base: dict, plain: dict[int, list[list[int]]]) -> list[dict]:
+              base: dict, plain: dict[int, list[list[int]]], plain_steps: dict[int, dict]) -> list[dict]:
     """The verification alone, on one engine: drafts always wrong, then drafts always right. The right drafts are
     the tokens the wrong run wrote, not plain decoding's: a verifying step computes k + 1 rows where plain decoding
     computes one, and in 16-bit the different sums flip near-ties (on random weights, within a few tokens), after
     which plain decoding's answer is no longer the model's next token and an oracle drafting it would be wrong."""
     spec = _speculative_llm(a, "wrong", k, engine)
-    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, script=(plain, True))
+    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, plain_steps, script=(plain, True))
     # each batch size replays its own run: a step of another batch size sums other shapes, another near-tie flips
-    oracle = _measure(a, spec, "oracle", k, texts, params, base, written, script=(written, False))[0] if "oracle" in methods else []
+    oracle = (_measure(a, spec, "oracle", k, texts, params, base, written, plain_steps, script=(written, False))[0]
+              if "oracle" in methods else [])
     return [r for m in methods for r in {"wrong": wrong, "oracle": oracle}[m]]  # in the order asked
 
 
 # the engine's counters whose change over a timed run the results report
 _COUNTED = ("draft_tokens", "accepted_draft_tokens", "drafts", "generation_tokens", "draft_seconds", "decode_steps",
-            "mixed_steps")
+            "mixed_steps", "decode_device_seconds", "mixed_device_seconds")
+
+
+def _counters(llm: LLM, before: dict | None = None) -> dict:
+    """The engine's counters now, or their change since `before`."""
+    stats = llm.engine.core.stats
+    return {n: getattr(stats, n) - (before[n] if before else 0) for n in _COUNTED}
+
+
+def _step_costs(run: dict, elapsed: float) -> dict:
+    """A timed run's steps and what one took: on the device (CUDA events around its forward and draw; 0 on a CPU)
+    and on the clock. Where the clock's time a step is well above the device's, the host sets the pace: a step
+    that verifies drafts is read before the next is prepared, and the host's work no longer hides behind the device."""
+    steps = run["decode_steps"] + run["mixed_steps"]
+    device = run["decode_device_seconds"] + run["mixed_device_seconds"]
+    return {"steps": steps, "device_ms_a_step": round(1e3 * device / steps, 3) if steps else None,
+            "wall_ms_a_step": round(1e3 * elapsed / steps, 3) if steps else None}
 
 
 def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,
-             want: dict[int, list[list[int]]], script: tuple[dict, bool] | None = None,
+             want: dict[int, list[list[int]]], plain_steps: dict[int, dict], script: tuple[dict, bool] | None = None,
              ) -> tuple[list[dict], dict[int, list[list[int]]]]:
     """Each batch size's run on a speculative engine, its tokens compared with `want`'s: (results, tokens written).
     `script`: (answers by batch size, wrong): drafts from those answers (ScriptedProposer) instead of the engine's."""
@@ -204,11 +223,11 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         scripted(b)
         _timed(spec, texts[:b], params, warm_up=True)  # (the first wave, as for the plain runs)
         scripted(b)  # (a fresh script for the timed run: the warm-up read the first to its end)
-        before = {n: getattr(core.stats, n) for n in _COUNTED}
+        before = _counters(spec)
         prompts = _waves(texts, b)
         elapsed, got = _timed(spec, prompts, params, a.profile, what=method, wave=b)
         written[b] = got
-        run = {n: getattr(core.stats, n) - before[n] for n in _COUNTED}  # this run's share of the engine's counters
+        run = _counters(spec, before)  # this run's share of the engine's counters
         drafted, accepted, verified = run["draft_tokens"], run["accepted_draft_tokens"], run["drafts"]
         tokens = run["generation_tokens"]
         plain_s, plain = base[b]
@@ -222,6 +241,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
              # the proposer's share of the time (a head's or draft model's forwards included)
              "draft_share": round(run["draft_seconds"] / elapsed, 3),
              "identical": f"{same}/{len(got)}", "decode_steps": run["decode_steps"], "mixed_steps": run["mixed_steps"],
+             "plain_steps": plain_steps[b], "spec_steps": _step_costs(run, elapsed),
              # what the adaptive policy measured, per batch bucket and k: output tok/s of decode steps
              "policy_rates": None if core.draft_policy is None else
              {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())}}
@@ -233,6 +253,12 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
           f"{a.dtype}; identical: tokens equal to {against}):", flush=True)
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
                   "identical"]] + rows), flush=True)
+    for r in results:  # what a step cost, plain and speculative: where the time went
+        p, q = r["plain_steps"], r["spec_steps"]
+        if p["steps"] and q["steps"]:
+            print(f"batch {r['batch_size']}: plain {p['steps']} steps, {p['wall_ms_a_step']} ms a step on the clock, "
+                  f"{p['device_ms_a_step']} on the device; {method} {q['steps']} steps, {q['wall_ms_a_step']} ms on the "
+                  f"clock, {q['device_ms_a_step']} on the device", flush=True)
     for r in results:  # where the policy chose badly, what it measured says why
         if r["policy_rates"]:
             print(f"batch {r['batch_size']}: {r['decode_steps']} decode and {r['mixed_steps']} mixed steps; the policy's "

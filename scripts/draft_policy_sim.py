@@ -11,8 +11,11 @@ import sys
 
 from slipstream.engine import speculation
 
-# name: (batch, seconds of a step by k, tokens a sequence by k, a 100 ms pause every N steps, timing noise +-)
+# name: (batch, seconds of a step by k, tokens a sequence by k, a 100 ms pause every N steps, timing noise +-[, what
+# the first plain step after a verifying one costs more: with overlap it starts with nothing in flight])
 MODELS = {
+    "lease AZ, batch 256: a plain step 2.5 ms behind another, 5 ms after a verifying one": (
+        256, {0: 2.5e-3, 1: 7e-3, 2: 9e-3, 4: 12e-3}, {0: 1, 1: 1.7, 2: 2.0, 4: 2.2}, 300, 0.1, 2.5e-3),
     "lease AY, batch 256 (plain best), pause / 150": (200, {0: 3.6e-3, 1: 15e-3, 2: 17e-3, 4: 20e-3},
                                                      {0: 1, 1: 1.7, 2: 2.0, 4: 2.3}, 150, 0.1),
     "lease AY, batch 256, pause / 300": (200, {0: 3.6e-3, 1: 15e-3, 2: 17e-3, 4: 20e-3},
@@ -30,14 +33,15 @@ MODELS = {
 
 def run(model: tuple, seed: int, fixed: int | None = None, steps: int = 4000) -> float:
     """Tokens/s of a run: the policy's choices, or always `fixed` drafts."""
-    batch, cost, gain, every, noise = model
-    rng, p, tokens, seconds = random.Random(seed), speculation.DraftPolicy(4), 0, 0.0
+    batch, cost, gain, every, noise, restart = model if len(model) == 6 else (*model, 0.0)
+    rng, p, tokens, seconds, after = random.Random(seed), speculation.DraftPolicy(4), 0, 0.0, None
     for _ in range(steps):
         k = p.choose(batch) if fixed is None else fixed
         s = cost[k] * rng.uniform(1 - noise, 1 + noise) + (0.1 if every and rng.random() < 1 / every else 0.0)
+        s += restart if k == 0 and after != 0 else 0.0
         t = round(batch * gain[k])
-        p.record(batch, k, t, s)
-        tokens, seconds = tokens + t, seconds + s
+        p.record(batch, k, t, s, overlapped=after == 0 or not restart)
+        tokens, seconds, after = tokens + t, seconds + s, k
     return tokens / seconds
 
 

@@ -244,7 +244,11 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
              "plain_steps": plain_steps[b], "spec_steps": _step_costs(run, elapsed),
              # what the adaptive policy measured, per batch bucket and k: output tok/s of decode steps
              "policy_rates": None if core.draft_policy is None else
-             {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())}}
+             {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())},
+             # every decode step the policy saw, by batch bucket/k: [steps, output tokens, seconds] (since the engine
+             # was built: the warm-up runs too)
+             "policy_totals": None if core.draft_policy is None else
+             {f"{bb}/{kk}": [n, t, round(sec, 4)] for (bb, kk), (n, t, sec) in sorted(core.draft_policy.totals.items())}}
         results.append(r)
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
@@ -264,6 +268,8 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
             print(f"batch {r['batch_size']}: {r['decode_steps']} decode and {r['mixed_steps']} mixed steps; the policy's "
                   "tok/s by batch bucket/k: " + ", ".join(f"{key} {v:.0f}" for key, v in r["policy_rates"].items()),
                   flush=True)
+            print("  all its steps so far by batch bucket/k (steps, tok/s, seconds): " + ", ".join(
+                f"{key} {n} {t / sec:.0f} {sec:.2f}" for key, (n, t, sec) in r["policy_totals"].items() if sec), flush=True)
     return results, written
 
 

@@ -24,6 +24,13 @@ stayed in its average for hundreds of steps: the policy kept drafting where draf
 measured its own plain steps at 12,379 tok/s while the plain engine ran 70,591, and kept k = 4 at 0.41-0.50x of plain
 decoding (lease AY); fed those step costs and a 100 ms pause every 150-300 steps, it ran at 0.45-0.48x of the best
 fixed k's rate, and at 0.98x with the clamp (scripts/draft_policy_sim.py, tests/test_speculative.py).
+
+With overlap, a plain step costs what plain decoding's steps cost only when it is launched while another is in
+flight: the first one after a verifying step (which is read at once) starts with the device idle, and pays its host
+work in full. So only plain steps launched behind another step are timed (`record(..., overlapped=False)` is not),
+and a probe of the plain step lasts PROBE_RUN steps. Timed whole, the plain steps a drafting policy took now and then
+ran at a half to a third of plain decoding's rate, and speculation stayed on where it lost: at batch 256 the policy
+measured its plain steps at 38,115 tok/s while the plain engine ran 83,185, and ran at 0.81x (H100, lease AZ).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ PROBE_EVERY = 16  # at most one step in this many tries a k other than the best 
 EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing the others may lose
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
+PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
 
 
 class DraftPolicy:
@@ -40,6 +48,10 @@ class DraftPolicy:
         self._sums: dict[tuple[int, int], tuple[float, float]] = {}  # moving averages of (tokens, seconds) a step
         self._steps = 0
         self._credit: dict[int, float] = {}  # batch bucket -> seconds that probes may still lose
+        self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
+        # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
+        # over a run (`slipstream bench speculative` prints it)
+        self.totals: dict[tuple[int, int], list[float]] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -50,6 +62,9 @@ class DraftPolicy:
         """The drafts per sequence for a step of `batch` decoding sequences."""
         b = self.bucket(batch)
         self._steps += 1
+        if self._run.get(b):
+            self._run[b] -= 1
+            return 0
         rates = {k: r for (bb, k), r in self.rate.items() if bb == b}
         if not rates:
             return self._borrowed(b)
@@ -67,6 +82,8 @@ class DraftPolicy:
             probe = near[(self._steps // PROBE_EVERY) % len(near)]
             if credit >= regret[probe]:
                 self._credit[b] = credit - regret[probe]
+                if probe == 0:
+                    self._run[b] = PROBE_RUN - 1
                 return probe
         # no more saved than the dearest probe needs: a cheap spell must not pay for a run of dear probes later
         self._credit[b] = min(credit + EXPLORE_SHARE * self._sums[(b, best)][1], max(regret.values()))
@@ -87,14 +104,20 @@ class DraftPolicy:
         nearest = min(measured, key=lambda bb: abs(bb.bit_length() - b.bit_length()))
         return max((k for bb, k in self.rate if bb == nearest), key=lambda k: (self.rate[(nearest, k)], -k))
 
-    def record(self, batch: int, k: int, tokens: int, seconds: float) -> None:
-        """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`.
+    def record(self, batch: int, k: int, tokens: int, seconds: float, overlapped: bool = True) -> None:
+        """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`;
+        `overlapped`: it was launched while another step was in flight, or the engine does not overlap steps (a plain
+        step that was not is counted in `totals` but not timed).
         Tokens and seconds are averaged apart, their ratio is the rate: with overlap, how a step's time splits
         between it and the next can vary (one read late, the next at once), and a mean of per-step rates would take
         the short one's rate for the truth."""
         if seconds <= 0 or k not in self.candidates:
             return
         key = (self.bucket(batch), k)
+        total = self.totals.setdefault(key, [0, 0, 0.0])
+        total[0], total[1], total[2] = total[0] + 1, total[1] + tokens, total[2] + seconds
+        if k == 0 and not overlapped:
+            return
         t, s = self._sums.get(key, (tokens, seconds))
         seconds = min(seconds, PAUSE_RATIO * s)
         t, s = (1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds

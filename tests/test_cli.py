@@ -82,6 +82,7 @@ BAD_OPTIONS = [
     (["bench", "speculative", "--num-prompts", "-1"], "--num-prompts must be >= 1, got -1"),
     (["serve", "--served-model-name", " "], "--served-model-name must not be empty"),
     (["bench", "speculative", "--output-len", "0"], "--output-len must be >= 1, got 0"),
+    (["bench", "speculative", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
 ]
 

@@ -209,13 +209,15 @@ def test_the_exactness_check_catches_a_wrong_acceptance_rule(tmp_path, monkeypat
 
 def test_bench_speculative_bounds_the_verification(tmp_path, gguf_path):
     """`slipstream bench speculative` on the quote workload: a drafter that knows the answer gets every draft accepted
-    (k + 1 tokens a verifying step), one that is always wrong none; both leave the tokens exactly plain decoding's."""
+    (k + 1 tokens a verifying step), one that is always wrong none; both leave the tokens exactly plain decoding's.
+    Each run timed twice (the faster reported): the second run drafts from a script of its own, and its counters
+    are the run's alone."""
     from slipstream import cli
 
     out = tmp_path / "bounds.json"
     cli.main(["bench", "speculative", "--model", gguf_path, "--method", "oracle,wrong", "--num-speculative-tokens", "3",
               "--fixed-k", "--num-prompts", "2", "--batch-sizes", "1,3", "--output-len", "16", "--ignore-eos", "--device", "cpu",
-              "--dtype", "float32", "--max-model-len", "1024", "--json", str(out), "--quiet"])
+              "--dtype", "float32", "--max-model-len", "1024", "--repeats", "2", "--json", str(out), "--quiet"])
     results = json.loads(out.read_text())["results"]
     # (a batch of 3 over 2 prompts runs, and is labelled, 2 sequences; a batch of 1 runs both prompts, one after the
     # other: whole waves of the batch size)

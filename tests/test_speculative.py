@@ -401,6 +401,31 @@ def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, story_ans
             assert st.accepted_draft_tokens == st.draft_tokens and st.decode_steps < 25, (st.decode_steps, core.draft_policy.rate)
 
 
+def test_a_plain_step_asks_the_proposer_nothing(gguf_path):
+    """Where the draft policy chooses no drafts the step is plain: the proposer is not asked (a pass over every
+    sequence was 4% of a run at batch 256, H100), and drafts a sequence still holds from an earlier step are not
+    verified; once the policy drafts again, they are proposed afresh."""
+    llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, **STORY_ENGINE)
+    core = llm.engine.core
+    asked = []
+    propose = core.proposer.propose
+    core.proposer.propose = lambda *args: asked.append(args[0]) or propose(*args)
+    core.draft_policy.choose = lambda batch: 0
+    core.add_request("r", llm.tokenizer.encode(STORIES[0]), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for _ in range(3):
+        core.step()
+    (seq,) = core.scheduler.running
+    seq.draft_token_ids = [11, 12, 13]  # left over: a step that drafted gave this sequence none
+    while core.has_unfinished():
+        core.step()
+    assert asked == [] and core.stats.draft_tokens == 0 and core.stats.drafts == 0
+    core.draft_policy.choose = lambda batch: 4
+    core.add_request("s", llm.tokenizer.encode(STORIES[1]), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    while core.has_unfinished():
+        core.step()
+    assert asked  # (each step that may draft asks for every decoding sequence's)
+
+
 def test_speculative_config_takes_vllms_json():
     c = EngineConfig.from_options(None, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
     assert (c.speculative_method, c.num_speculative_tokens, c.speculative_adaptive) == ("ngram", 3, True)

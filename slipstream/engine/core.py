@@ -436,8 +436,10 @@ class EngineCore:
                 k = self.draft_policy.choose(decoding)
             if k and self._inflight is not None:  # drafts follow the tokens the step in flight draws
                 self._read += self._collect()
-            self._propose(k)
-        batch = self.scheduler.schedule(self._prefill_budget())
+            if k:  # (a plain step asks the proposer nothing: a pass over every sequence was 4% of the run at batch 256)
+                self._propose(k)
+        # drafts proposed for an earlier step stay on sequences it did not give them to: a plain step schedules none
+        batch = self.scheduler.schedule(self._prefill_budget(), drafts=self.proposer is None or k > 0)
         self.stats.num_preemptions += batch.num_preempted
         if self.proposer is not None and any(batch.num_drafts):
             self._refine(batch)

@@ -67,9 +67,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, prefill_budget: int | None = None) -> ScheduledBatch:
+    def schedule(self, prefill_budget: int | None = None, drafts: bool = True) -> ScheduledBatch:
         """`prefill_budget`: while some sequence is decoding, at most this many prefill tokens in the step (the
-        engine sizes it so that a step, and so every running stream's next token, is not held up for long)."""
+        engine sizes it so that a step, and so every running stream's next token, is not held up for long).
+        `drafts`: verify the sequences' draft tokens (False: a plain step, whatever drafts they still hold)."""
         self.num_steps += 1
         budget = self.config.max_num_batched_tokens
         if prefill_budget is not None and not any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
@@ -83,13 +84,13 @@ class Scheduler:
                 i += 1  # its pending token is its last: nothing more to compute
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = 0
+            num_drafts = 0
             if seq.num_tokens - seq.num_computed_tokens == 1:  # a decode
-                if not seq.num_pending:
+                if drafts and not seq.num_pending:
                     # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len (and
                     # need every token before them known: none pending).
-                    drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
-                n += drafts
+                    num_drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
+                n += num_drafts
             else:
                 n = min(n, prefill_left)
                 if n == 0:
@@ -101,7 +102,7 @@ class Scheduler:
                 if not self._make_room(seq, need, batch):
                     break  # `seq` itself was preempted; it was the last running sequence
                 self._allocate(seq, need)
-            batch.add(seq, n, drafts)
+            batch.add(seq, n, num_drafts)
             budget -= n
             i += 1
         if batch.num_preempted == 0:

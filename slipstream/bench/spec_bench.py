@@ -200,7 +200,7 @@ def _counters(llm: LLM, before: dict | None = None) -> dict:
 def _best_of(n: int, llm: LLM, timed) -> tuple[float, list[list[int]], dict]:  # noqa: ANN001
     """The fastest of n runs of `timed()` (-> (seconds, outputs)): (its seconds, its outputs, the engine's counters'
     change over it). A run's speed drifts with the host's (the engines run one after another: on an H100 host the plain
-    engine at batch 256 ran 83,185 tok/s in one lease and 51,117 in the next, lease AZ); the best of a few is the
+    engine at batch 256 ran 83,185 tok/s in one lease and 51,117 in the next, leases AZ and BA); the best of a few is the
     engine's own."""
     best = None
     for _ in range(n):

@@ -1,5 +1,6 @@
 """The draft policy (engine/speculation.py) against cost models of its steps, on the CPU: for each model, the policy's
-tokens/s over a run as a share of the best fixed k's under the same pauses and noise (the worst of six seeds).
+tokens/s over a run as a share of the best fixed k's under the same pauses and noise (the worst of six seeds); then
+batch 1 on text where drafts pay in phases.
 An argument of 0 turns the clamp off (every step's seconds counted whole), for the comparison.
 
 usage: PYTHONPATH=. python3 scripts/draft_policy_sim.py [PAUSE_RATIO]
@@ -45,11 +46,48 @@ def run(model: tuple, seed: int, fixed: int | None = None, steps: int = 4000) ->
     return tokens / seconds
 
 
-if len(sys.argv) > 1:
-    speculation.PAUSE_RATIO = float(sys.argv[1]) or float("inf")
-print(f"PAUSE_RATIO {speculation.PAUSE_RATIO}: the policy's tokens/s / the best fixed k's, worst of six seeds "
-      "(and each fixed k's tokens/s, lowest-highest over the seeds)")
-for name, model in MODELS.items():
-    fixed = {k: [run(model, s, k) for s in range(6)] for k in (0, 1, 2, 4)}
-    share = min(run(model, s) / max(fixed[k][s] for k in fixed) for s in range(6))
-    print(f"  {name}: {share:.3f} ({', '.join(f'k={k} {min(v):,.0f}-{max(v):,.0f}' for k, v in fixed.items())})")
+# Batch 1 on text whose drafts pay in phases (quoting the prompt, or not), lease BA's costs: a plain step 0.6 ms behind
+# another, 1.1 ms after a verifying one; a verifying step 1.1 ms + 0.01 ms a draft. name: (per-draft acceptance while
+# quoting, while not, the chance a step switches phase)
+TEXTS = {
+    "batch 1, quoting and not, a switch every 100 steps": (0.9, 0.05, 0.01),
+    "batch 1, never quoting": (0.05, 0.05, 0.0),
+    "batch 1, always quoting": (0.9, 0.9, 0.0),
+}
+
+
+def run_text(text: tuple, seed: int, fixed: int | None = None, steps: int = 6000) -> float:
+    """Tokens/s of a run at batch 1 on `text` (a TEXTS entry): the policy's choices, or always `fixed` drafts."""
+    quote, other, switch = text
+    rng, p, tokens, seconds, after, quoting = random.Random(seed), speculation.DraftPolicy(8), 0, 0.0, None, True
+    for _ in range(steps):
+        quoting ^= rng.random() < switch
+        k = p.choose(1) if fixed is None else fixed
+        t = 1
+        while t <= k and rng.random() < (quote if quoting else other):  # drafts accepted while each is right
+            t += 1
+        s = ((0.6e-3 if after == 0 else 1.1e-3) if k == 0 else 1.1e-3 + 0.01e-3 * k) * rng.uniform(0.9, 1.1)
+        p.record(1, k, t, s, overlapped=after == 0)
+        # the proposer's first guess for each token that arrived (drafted or not): right as often as a draft is
+        p.record_guesses(1, sum(rng.random() < (quote if quoting else other) for _ in range(t)), t)
+        tokens, seconds, after = tokens + t, seconds + s, k
+    return tokens / seconds
+
+
+def main() -> None:
+    if len(sys.argv) > 1:
+        speculation.PAUSE_RATIO = float(sys.argv[1]) or float("inf")
+    print(f"PAUSE_RATIO {speculation.PAUSE_RATIO}: the policy's tokens/s / the best fixed k's, worst of six seeds "
+          "(and each fixed k's tokens/s, lowest-highest over the seeds)")
+    for name, model in MODELS.items():
+        fixed = {k: [run(model, s, k) for s in range(6)] for k in (0, 1, 2, 4)}
+        share = min(run(model, s) / max(fixed[k][s] for k in fixed) for s in range(6))
+        print(f"  {name}: {share:.3f} ({', '.join(f'k={k} {min(v):,.0f}-{max(v):,.0f}' for k, v in fixed.items())})")
+    for name, text in TEXTS.items():
+        fixed = {k: [run_text(text, s, k) for s in range(6)] for k in (0, 1, 2, 4, 8)}
+        share = min(run_text(text, s) / max(fixed[k][s] for k in fixed) for s in range(6))
+        print(f"  {name}: {share:.3f} ({', '.join(f'k={k} {min(v):,.0f}-{max(v):,.0f}' for k, v in fixed.items())})")
+
+
+if __name__ == "__main__":
+    main()

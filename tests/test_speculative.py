@@ -3,6 +3,7 @@ engine's output with speculation on exactly equal to the output without it (gree
 logprobs, penalties, n > 1, stop strings), with fewer steps where the text repeats; a draft model likewise; and
 `bench speculative`'s bounds (a drafter always right, one always wrong)."""
 import json
+import os
 import random
 
 import pytest
@@ -37,6 +38,36 @@ def test_ngram_index_matches_brute_force():
     assert prop.propose(3, [1, 2, 3, 4], 100) == []
     prop.forget(1)
     assert 1 not in prop._index
+
+
+def test_first_guesses_match_brute_force():
+    """The proposer's first guess for each output token that arrived, drafted or not, looks only at the tokens before
+    it; the prompt is indexed, not guessed."""
+    from types import SimpleNamespace
+
+    rng = random.Random(1)
+    for trial in range(30):
+        prop = NgramProposer(num_tokens=4, min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
+        ids = [rng.choice([0, 1, 2, 3]) for _ in range(rng.randint(1, 8))]
+        seq = SimpleNamespace(seq_id=3, token_ids=ids, num_prompt_tokens=len(ids))
+        for _ in range(20):  # tokens arrive a few at a time; now and then a drafting step indexes them first
+            if rng.random() < 0.3:
+                prop.propose(3, ids, 4)
+            else:
+                first = max(prop._index[3][0] if 3 in prop._index else 0, seq.num_prompt_tokens)
+                want = sum(brute_force(ids[:i], 1, prop.min_n, prop.max_n) == [ids[i]] for i in range(first, len(ids)))
+                assert prop.first_guesses([seq]) == (want, len(ids) - first), (trial, ids)
+                assert prop._index[3][0] == len(ids)
+            ids += [rng.choice([0, 1, 2, 3]) for _ in range(rng.randint(1, 3))]
+        assert prop.propose(3, ids, 100) == brute_force(ids, 4, prop.min_n, prop.max_n)  # the index stays whole
+    # a guess per output token, against the lookup over the tokens before it
+    prop = NgramProposer(4)
+    ids = [5, 6, 7, 8, 9, 5, 6, 7, 1, 5, 6, 2]
+    seq = SimpleNamespace(seq_id=1, token_ids=ids[:5], num_prompt_tokens=5)
+    assert prop.first_guesses([seq]) == (0, 0)
+    seq.token_ids = ids
+    want = sum(brute_force(ids[:i], 1, prop.min_n, prop.max_n) == [ids[i]] for i in range(5, len(ids)))
+    assert prop.first_guesses([seq]) == (want, len(ids) - 5) and want == 1  # 7 after 5, 6 (then 2 where 7 was guessed)
 
 
 def test_speculation_needs_synchronous_steps():
@@ -254,7 +285,12 @@ def test_draft_policy_follows_the_measured_rates():
     assert p.choose(64) == 0 and DraftPolicy(4).choose(64) == 4  # borrowed from batch 4; a new policy starts high
     for _ in range(30):  # the workload changes: at batch 4, drafts now pay
         p.record(4, 1, tokens=20, seconds=1.0)
-    assert p.choose(4) == 1 or p._steps % PROBE_EVERY == 0  # the best now (unless this step probes)
+    picks = []
+    for _ in range(64):
+        picks.append(p.choose(4))
+        p.record(4, picks[-1], tokens=20 if picks[-1] == 1 else 4, seconds=1.0)
+    # the best now, but for the neighbours' timings, stale, retried (a small batch's rates follow its text)
+    assert picks.count(1) >= 48, picks
 
 
 def _policy_rate(step_seconds, step_tokens, steps: int = 3000, batch: int = 14) -> tuple[float, list[int]]:
@@ -335,6 +371,22 @@ def test_the_draft_policy_times_plain_steps_as_plain_decoding_runs_them():
     assert tokens / seconds >= 0.95 * 256 / 2.5e-3
     assert ks[-1000:].count(0) >= 950
     assert sum(p.totals[(256, k)][0] for k in (0, 1, 2, 4)) == 4000  # every step counted, timed or not
+
+
+def test_the_draft_policy_follows_a_single_sequences_text():
+    """At batch 1 the rate of a k follows one sequence's text: quoting its prompt, drafts pay 2-3x; then a line of its
+    own, and they lose. Measured over both, the policy sat at k = 0 through most quoting spells (lease BC: 1.55x where
+    k = 8 fixed ran 1.99x on the GPU; 0.49 of k = 8 fixed in this model). Stale timings replaced, and the drafts retried
+    once the proposer's guesses turn right, it follows the text; where drafts never pay it does not retry them."""
+    from slipstream.bench.common import module_from_file
+
+    sim = module_from_file(os.path.join(os.path.dirname(__file__), "..", "scripts", "draft_policy_sim.py"))  # (its text models, lease BA's step costs)
+    for seed in range(2):
+        phases = sim.TEXTS["batch 1, quoting and not, a switch every 100 steps"]
+        best = max(sim.run_text(phases, seed, k, steps=4000) for k in (0, 1, 2, 4, 8))
+        assert sim.run_text(phases, seed, steps=4000) >= 0.8 * best
+        never = sim.TEXTS["batch 1, never quoting"]
+        assert sim.run_text(never, seed, steps=4000) >= 0.95 * sim.run_text(never, seed, 0, steps=4000)
 
 
 def test_draft_policy_measures_the_plain_step_where_the_climb_stops():
@@ -419,6 +471,7 @@ def test_a_plain_step_asks_the_proposer_nothing(gguf_path):
     while core.has_unfinished():
         core.step()
     assert asked == [] and core.stats.draft_tokens == 0 and core.stats.drafts == 0
+    assert 0 <= core.draft_policy._guessed[1] <= 1  # (what drafting would have yielded: the index's first guesses)
     core.draft_policy.choose = lambda batch: 4
     core.add_request("s", llm.tokenizer.encode(STORIES[1]), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     while core.has_unfinished():

@@ -566,6 +566,10 @@ class EngineCore:
         if self.proposer is not None:  # ended ones too: their pages may stay in the prefix cache
             started = time.perf_counter()
             self.proposer.observe(list(zip(batch.seqs, tables)))
+            policy = self.draft_policy
+            if policy is not None and isinstance(self.proposer, NgramProposer) and policy.wants_guesses(len(batch.seqs)):
+                policy.record_guesses(len(batch.seqs), *self.proposer.first_guesses(
+                    [seq for seq in batch.seqs if not seq.is_finished]))  # (an ended one's index is gone)
             self.stats.draft_seconds += time.perf_counter() - started
         # A decode step (no prompt tokens) measured for the draft policy: its tokens over the time since the step
         # read before it, or since the step() that launched it began if later (drafting and scheduling count). With

@@ -47,31 +47,59 @@ class NgramProposer:
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
         """Up to min(k, limit) draft tokens to follow `ids` (the sequence's tokens so far)."""
-        done, maps = self._index.get(seq_id) or (0, [{} for _ in range(self.max_n + 1)])
-        # Index every n-gram that ends before the last token: its continuation is known. An n-gram's key is one
-        # integer, its tokens 32 bits each, the last one lowest, built up token by token (a step that drafts after
-        # overlapped ones indexes every sequence's tokens since). The lookup below builds its keys the same way, with no
-        # slices and tuples of the last tokens: half the host time of a drafting step's proposals at 256 sequences
-        # (scripts/ngram_costs.py).
-        for end in range(max(done, self.min_n), len(ids)):
-            key = 0
-            for n in range(1, min(self.max_n, end) + 1):
-                key |= ids[end - n] << (32 * n - 32)
-                if n >= self.min_n:
-                    maps[n][key] = end
-        self._index[seq_id] = (len(ids), maps)
+        maps = self._catch_up(seq_id, ids, len(ids))
         k = min(self.k, limit)
         if k <= 0:
             return []
+        start = self._lookup(maps, ids, len(ids))
+        return [] if start is None else ids[start : start + k]
+
+    def _catch_up(self, seq_id: int, ids: list[int], end: int) -> list[dict[int, int]]:
+        """Index every n-gram of `ids` that ends before `end`: its continuation is known. An n-gram's key is one
+        integer, its tokens 32 bits each, the last one lowest, built up token by token (a step that drafts after
+        overlapped ones indexes every sequence's tokens since). The lookup builds its keys the same way, with no
+        slices and tuples of the last tokens: half the host time of a drafting step's proposals at 256 sequences
+        (scripts/ngram_costs.py)."""
+        done, maps = self._index.get(seq_id) or (0, [{} for _ in range(self.max_n + 1)])
+        for e in range(max(done, self.min_n), end):
+            key = 0
+            for n in range(1, min(self.max_n, e) + 1):
+                key |= ids[e - n] << (32 * n - 32)
+                if n >= self.min_n:
+                    maps[n][key] = e
+        self._index[seq_id] = (max(done, end), maps)
+        return maps
+
+    def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int) -> int | None:
+        """Where the tokens that followed the longest n-gram ending `ids[:end]` begin (its latest earlier occurrence),
+        if it occurred before."""
         keys, key = [0], 0  # keys[n]: the last n tokens'
-        for n in range(1, min(self.max_n, len(ids)) + 1):
-            key |= ids[-n] << (32 * n - 32)
+        for n in range(1, min(self.max_n, end) + 1):
+            key |= ids[end - n] << (32 * n - 32)
             keys.append(key)
         for n in range(len(keys) - 1, self.min_n - 1, -1):
             start = maps[n].get(keys[n])
             if start is not None:
-                return ids[start : start + k]
-        return []
+                return start
+        return None
+
+    def first_guesses(self, seqs: list[Any]) -> tuple[int, int]:
+        """For the output tokens that arrived since the sequences were last indexed: (how many are the first draft the
+        lookup would have proposed before them, how many arrived). The draft policy reads what drafting would yield
+        from this where it does not draft (engine/speculation.py); a step that drafts indexes the tokens anyway. A
+        token's guess looks only at the tokens before it (indexed up to it, one token at a time)."""
+        right = arrived = 0
+        for seq in seqs:
+            ids = seq.token_ids
+            done = self._index[seq.seq_id][0] if seq.seq_id in self._index else 0
+            first = max(done, seq.num_prompt_tokens)
+            maps = self._catch_up(seq.seq_id, ids, first)  # (the prompt: indexed, not guessed)
+            for end in range(first, len(ids)):
+                start = self._lookup(maps, ids, end)
+                right += start is not None and ids[start] == ids[end]
+                maps = self._catch_up(seq.seq_id, ids, end + 1)
+            arrived += len(ids) - first
+        return right, arrived
 
     def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass  # the index catches up in propose

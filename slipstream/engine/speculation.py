@@ -39,6 +39,18 @@ EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing t
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
+# At a small batch the rates follow the few sequences' text, which changes (a paragraph quoted, then a line of its
+# own): a timing older than STALE_STEPS steps is stale, and the next one replaces it. While drafting, a stale
+# neighbour of the best k that drafts is retried at once where that costs at most one step at the best k (the plain
+# step needs no retry: once the text stops paying, the drafts' rates fall below its stale one). While not drafting, the
+# drafts are retried (k = 1, then the climb) once the proposer reports that its guesses would now be right
+# (`record_guesses`: at least GUESS_RATE of the tokens that arrived were the ones it would have drafted first).
+# A retry of the drafts after every stale spell cost 6-10% at batch 1 on text where drafts never pay; guided by the
+# guesses, none is made there (scripts/draft_policy_sim.py). At a large batch the text of many sequences averages out,
+# and a retry is dear: the rationed probes alone.
+STALE_STEPS = 16
+STALE_BATCH = 8  # the largest batch bucket that retries stale k
+GUESS_RATE = 0.5
 
 
 class DraftPolicy:
@@ -49,6 +61,8 @@ class DraftPolicy:
         self._steps = 0
         self._credit: dict[int, float] = {}  # batch bucket -> seconds that probes may still lose
         self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
+        self._when: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step it was last timed in
+        self._guessed: dict[int, float] = {}  # batch bucket -> moving average of the proposer's first guesses right
         # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
         # over a run (`slipstream bench speculative` prints it)
         self.totals: dict[tuple[int, int], list[float]] = {}
@@ -77,17 +91,43 @@ class DraftPolicy:
         if 0 not in rates:  # the plain step: where timings are noisy the climb can stop at a k that only seemed to pay
             return 0
         regret = {k: self._regret(b, k, rates[best]) for k in near}
+        if b <= STALE_BATCH:
+            if best == 0:
+                retry = [1] if self._guessed.get(b, 0.0) >= GUESS_RATE and self._stale((b, 1)) else []
+            else:
+                # (not the plain step: its stale timing, if good, wins by itself once the drafts' rates fall)
+                retry = [k for k in near if k and self._stale((b, k)) and regret[k] <= self._sums[(b, best)][1]]
+            if retry:
+                return self._probe(b, retry[0])
         credit = self._credit.get(b, 0.0)
         if self._steps % PROBE_EVERY == 0:
             probe = near[(self._steps // PROBE_EVERY) % len(near)]
             if credit >= regret[probe]:
                 self._credit[b] = credit - regret[probe]
-                if probe == 0:
-                    self._run[b] = PROBE_RUN - 1
-                return probe
+                return self._probe(b, probe)
         # no more saved than the dearest probe needs: a cheap spell must not pay for a run of dear probes later
         self._credit[b] = min(credit + EXPLORE_SHARE * self._sums[(b, best)][1], max(regret.values()))
         return best
+
+    def _stale(self, key: tuple[int, int]) -> bool:
+        return key[0] <= STALE_BATCH and self._steps - self._when.get(key, self._steps) > STALE_STEPS
+
+    def wants_guesses(self, batch: int) -> bool:
+        """Whether a step of `batch` sequences should report the proposer's guesses (`record_guesses`): at the batch
+        sizes that retry stale k."""
+        return self.bucket(batch) <= STALE_BATCH
+
+    def record_guesses(self, batch: int, right: int, tokens: int) -> None:
+        """Of `tokens` that arrived for a batch of `batch` sequences, `right` were what the proposer would have drafted
+        first (drafted or not)."""
+        if tokens:
+            b = self.bucket(batch)
+            self._guessed[b] = (1 - _WEIGHT) * self._guessed.get(b, right / tokens) + _WEIGHT * right / tokens
+
+    def _probe(self, b: int, k: int) -> int:
+        if k == 0:
+            self._run[b] = PROBE_RUN - 1
+        return k
 
     def _regret(self, b: int, k: int, best_rate: float) -> float:
         """The seconds a step with k drafts loses against the best rate: its time less what its tokens take at that
@@ -120,6 +160,8 @@ class DraftPolicy:
             return
         t, s = self._sums.get(key, (tokens, seconds))
         seconds = min(seconds, PAUSE_RATIO * s)
-        t, s = (1 - _WEIGHT) * t + _WEIGHT * tokens, (1 - _WEIGHT) * s + _WEIGHT * seconds
+        weight = 1.0 if self._stale(key) else _WEIGHT
+        t, s = (1 - weight) * t + weight * tokens, (1 - weight) * s + weight * seconds
+        self._when[key] = self._steps
         self._sums[key] = (t, s)
         self.rate[key] = t / s

@@ -41,7 +41,7 @@ def run(model: tuple, seed: int, fixed: int | None = None, steps: int = 4000) ->
         s = cost[k] * rng.uniform(1 - noise, 1 + noise) + (0.1 if every and rng.random() < 1 / every else 0.0)
         s += restart if k == 0 and after != 0 else 0.0
         t = round(batch * gain[k])
-        p.record(batch, k, t, s, overlapped=after == 0 or not restart)
+        p.record(batch, k, t, s, steady=after == 0 or not restart)
         tokens, seconds, after = tokens + t, seconds + s, k
     return tokens / seconds
 
@@ -67,7 +67,7 @@ def run_text(text: tuple, seed: int, fixed: int | None = None, steps: int = 6000
         while t <= k and rng.random() < (quote if quoting else other):  # drafts accepted while each is right
             t += 1
         s = ((0.6e-3 if after == 0 else 1.1e-3) if k == 0 else 1.1e-3 + 0.01e-3 * k) * rng.uniform(0.9, 1.1)
-        p.record(1, k, t, s, overlapped=after == 0)
+        p.record(1, k, t, s, steady=after == 0)
         # the proposer's first guess for each token that arrived (drafted or not): right as often as a draft is
         p.record_guesses(1, sum(rng.random() < (quote if quoting else other) for _ in range(t)), t)
         tokens, seconds, after = tokens + t, seconds + s, k

@@ -365,7 +365,7 @@ def test_the_draft_policy_times_plain_steps_as_plain_decoding_runs_them():
     for _ in range(4000):
         k = p.choose(256)
         step = cost(k, after)
-        p.record(256, k, round(256 * gain[k]), step, overlapped=after == 0)
+        p.record(256, k, round(256 * gain[k]), step, steady=after == 0)
         tokens, seconds, after = tokens + round(256 * gain[k]), seconds + step, k
         ks.append(k)
     assert tokens / seconds >= 0.95 * 256 / 2.5e-3
@@ -379,6 +379,7 @@ def test_the_draft_policy_follows_a_single_sequences_text():
     k = 8 fixed ran 1.99x on the GPU; 0.49 of k = 8 fixed in this model). Stale timings replaced, and the drafts retried
     once the proposer's guesses turn right, it follows the text; where drafts never pay it does not retry them."""
     from slipstream.bench.common import module_from_file
+    from slipstream.engine.speculation import STALE_STEPS, DraftPolicy
 
     sim = module_from_file(os.path.join(os.path.dirname(__file__), "..", "scripts", "draft_policy_sim.py"))  # (its text models, lease BA's step costs)
     for seed in range(2):
@@ -387,6 +388,14 @@ def test_the_draft_policy_follows_a_single_sequences_text():
         assert sim.run_text(phases, seed, steps=4000) >= 0.8 * best
         never = sim.TEXTS["batch 1, never quoting"]
         assert sim.run_text(never, seed, steps=4000) >= 0.95 * sim.run_text(never, seed, 0, steps=4000)
+    # a retry that falls in steps never timed (a prompt prefilling beside the one decoding sequence) is not repeated
+    # step after step: each such step would read the step in flight before launching
+    p = DraftPolicy(4)
+    for k in (4, 2, 1, 0, 0, 0):
+        p.record(1, k, tokens=1, seconds=1e-3 if k else 0.5e-3)
+    p.record_guesses(1, 10, 10)
+    picks = [p.choose(1) for _ in range(64)]
+    assert 0 < picks.count(1) <= 64 // STALE_STEPS, picks
 
 
 def test_draft_policy_measures_the_plain_step_where_the_climb_stops():
@@ -477,6 +486,33 @@ def test_a_plain_step_asks_the_proposer_nothing(gguf_path):
     while core.has_unfinished():
         core.step()
     assert asked  # (each step that may draft asks for every decoding sequence's)
+
+
+def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path, story_answers):
+    """With overlap, a plain step launched right after a verifying one (read at once) starts with nothing in flight:
+    not timed; the next, behind it, is. With a penalty every step is read at once, as in plain decoding with that
+    penalty: all are timed (counting none of them, the policy measured no plain step and kept returning to it)."""
+    from slipstream.bench.spec_bench import ScriptedProposer
+
+    for penalty in (1.0, 1.05):
+        llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, async_scheduling="on", **STORY_ENGINE)
+        core = llm.engine.core
+        core.proposer = ScriptedProposer(4, story_answers, False)  # drafts every step that asks
+        ks = iter([4, 0, 0, 0] * 100)
+        core.draft_policy.choose = lambda batch: next(ks)
+        timed = []
+        record = core.draft_policy.record
+        core.draft_policy.record = lambda batch, k, tokens, seconds, steady: (timed.append((k, steady)),
+                                                                              record(batch, k, tokens, seconds, steady))
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=penalty)
+        llm.generate(STORIES[:1], params)
+        plain = [steady for k, steady in timed if k == 0]
+        if penalty == 1.0:  # three plain steps after each verifying one: the first launched alone
+            after = [steady for k, steady in timed[[k for k, _ in timed].index(4):] if k == 0]
+            assert after[:6] == [False, True, True, False, True, True], timed
+        else:
+            assert plain and all(plain), timed
+        assert (1, 0) in core.draft_policy.rate
 
 
 def test_speculative_config_takes_vllms_json():

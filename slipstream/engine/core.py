@@ -495,8 +495,10 @@ class EngineCore:
         self.stats.steps += 1
         started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
         masks = self._fill_masks if self._matchers or self._dormant else None  # a dormant one may wake as it reads
-        overlapped = not self.overlap or self._inflight is not None  # (launched behind another step: its host work hidden)
-        return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started, overlapped)
+        # launched as plain decoding would launch it: behind another step (its host work hidden), or with no overlap to
+        # lose (an engine that never overlaps; a step read at once anyway: penalties)
+        steady = not self.overlap or self._inflight is not None or sync
+        return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started, steady)
 
     def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
         start = seq.num_computed_tokens
@@ -577,7 +579,7 @@ class EngineCore:
         now = time.perf_counter()
         if self.draft_policy is not None and batch.seqs and not batch.carries_prompt:
             self.draft_policy.record(len(batch.seqs), flight.k, stats.generation_tokens - generated,
-                                     now - max(self._last_read, flight.step_started), flight.overlapped)
+                                     now - max(self._last_read, flight.step_started), flight.steady)
         self._last_read = now
         return deltas
 
@@ -673,7 +675,7 @@ class _InFlight:
     sync: bool  # read it before scheduling the next step
     k: int  # the drafts per sequence the draft policy chose for it
     step_started: float  # when the step() that launched it began (drafting and scheduling are its cost too)
-    overlapped: bool  # launched while another step was in flight (or the engine never overlaps)
+    steady: bool  # launched as plain decoding launches its steps (behind another, or with no overlap to lose)
 
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ fixed k's rate, and at 0.98x with the clamp (scripts/draft_policy_sim.py, tests/
 
 With overlap, a plain step costs what plain decoding's steps cost only when it is launched while another is in
 flight: the first one after a verifying step (which is read at once) starts with the device idle, and pays its host
-work in full. So only plain steps launched behind another step are timed (`record(..., overlapped=False)` is not),
+work in full. So only plain steps launched as plain decoding launches them are timed (`record(..., steady=False)`,
+one launched with nothing in flight where it could have overlapped, is not),
 and a probe of the plain step lasts PROBE_RUN steps. Timed whole, the plain steps a drafting policy took now and then
 ran at a half to a third of plain decoding's rate, and speculation stayed on where it lost: at batch 256 the policy
 measured its plain steps at 38,115 tok/s while the plain engine ran 83,185, and ran at 0.81x (H100, lease AZ).
@@ -63,6 +64,7 @@ class DraftPolicy:
         self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
         self._when: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step it was last timed in
         self._guessed: dict[int, float] = {}  # batch bucket -> moving average of the proposer's first guesses right
+        self._tried: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step a stale k was last retried in
         # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
         # over a run (`slipstream bench speculative` prints it)
         self.totals: dict[tuple[int, int], list[float]] = {}
@@ -93,12 +95,13 @@ class DraftPolicy:
         regret = {k: self._regret(b, k, rates[best]) for k in near}
         if b <= STALE_BATCH:
             if best == 0:
-                retry = [1] if self._guessed.get(b, 0.0) >= GUESS_RATE and self._stale((b, 1)) else []
+                retry = [1] if self._guessed.get(b, 0.0) >= GUESS_RATE and self._due((b, 1)) else []
             else:
                 # (not the plain step: its stale timing, if good, wins by itself once the drafts' rates fall)
-                retry = [k for k in near if k and self._stale((b, k)) and regret[k] <= self._sums[(b, best)][1]]
+                retry = [k for k in near if k and self._due((b, k)) and regret[k] <= self._sums[(b, best)][1]]
             if retry:
-                return self._probe(b, retry[0])
+                self._tried[(b, retry[0])] = self._steps
+                return retry[0]
         credit = self._credit.get(b, 0.0)
         if self._steps % PROBE_EVERY == 0:
             probe = near[(self._steps // PROBE_EVERY) % len(near)]
@@ -111,6 +114,11 @@ class DraftPolicy:
 
     def _stale(self, key: tuple[int, int]) -> bool:
         return key[0] <= STALE_BATCH and self._steps - self._when.get(key, self._steps) > STALE_STEPS
+
+    def _due(self, key: tuple[int, int]) -> bool:
+        """Stale, and not retried in the last STALE_STEPS steps (a retry that fell in a step carrying a prompt was not
+        timed: it is not repeated step after step)."""
+        return self._stale(key) and self._steps - self._tried.get(key, -STALE_STEPS - 1) > STALE_STEPS
 
     def wants_guesses(self, batch: int) -> bool:
         """Whether a step of `batch` sequences should report the proposer's guesses (`record_guesses`): at the batch
@@ -144,10 +152,10 @@ class DraftPolicy:
         nearest = min(measured, key=lambda bb: abs(bb.bit_length() - b.bit_length()))
         return max((k for bb, k in self.rate if bb == nearest), key=lambda k: (self.rate[(nearest, k)], -k))
 
-    def record(self, batch: int, k: int, tokens: int, seconds: float, overlapped: bool = True) -> None:
+    def record(self, batch: int, k: int, tokens: int, seconds: float, steady: bool = True) -> None:
         """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`;
-        `overlapped`: it was launched while another step was in flight, or the engine does not overlap steps (a plain
-        step that was not is counted in `totals` but not timed).
+        `steady`: it was launched as plain decoding launches its steps: while another was in flight, or where it would
+        be read at once anyway (no overlap, penalties; a plain step that was not is counted in `totals`, not timed).
         Tokens and seconds are averaged apart, their ratio is the rate: with overlap, how a step's time splits
         between it and the next can vary (one read late, the next at once), and a mean of per-step rates would take
         the short one's rate for the truth."""
@@ -156,7 +164,7 @@ class DraftPolicy:
         key = (self.bucket(batch), k)
         total = self.totals.setdefault(key, [0, 0, 0.0])
         total[0], total[1], total[2] = total[0] + 1, total[1] + tokens, total[2] + seconds
-        if k == 0 and not overlapped:
+        if k == 0 and not steady:
             return
         t, s = self._sums.get(key, (tokens, seconds))
         seconds = min(seconds, PAUSE_RATIO * s)

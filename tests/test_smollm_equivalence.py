@@ -35,8 +35,8 @@ def _run(gguf_path, hf_smollm, prefix_caching: bool):
     seen = {"chunked": False, "mixed": False}
     schedule = eng.scheduler.schedule
 
-    def spy(*args):
-        batch = schedule(*args)
+    def spy(*args, **kwargs):
+        batch = schedule(*args, **kwargs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.num_computed_tokens + n < seq.num_prompt_tokens:
                 seen["chunked"] = True

@@ -10,6 +10,9 @@
 #   OUT_DIR/pyspy-json.txt (summarize with scripts/pyspy_summary.py)
 #   BRIEF=1: the two runs at 256 concurrent only (unconstrained, then a cached schema on every request): the
 #   throughput ratio, in about half the device time
+#   REPEAT=N: those two runs N times, alternating on the same server (one pair's ratio ranged 0.855-0.960 over six
+#   machines, H100, leases AY-BB: the host drifts between and during runs), and each pair's ratio printed with the
+#   ratio of the best runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 n=${3:-1024}
@@ -39,6 +42,10 @@ bench() {  # $1: structured mode, $2: concurrency, $3: prompts
     --dataset "$data" --num-prompts "$3" --max-concurrency "$2" --structured "$1" --label "$1-c$2" \
     --json "$out/$1-c$2.json" 2>&1 | tail -4
 }
+for i in $(seq 2 "${REPEAT:-1}"); do  # (the extra pairs first: the last pair below is the one profiled)
+  bench none 256 "$n" && mv "$out/none-c256.json" "$out/none-c256-$i.json"
+  bench json 256 "$n" && mv "$out/json-c256.json" "$out/json-c256-$i.json"
+done
 bench none 256 "$n"
 if [ "${PROFILE:-0}" = 1 ]; then
   py-spy record --pid $pid --subprocesses --rate 100 --format raw --nonblocking -o "$out/pyspy-json.txt" > "$out/pyspy.log" 2>&1 &
@@ -50,6 +57,14 @@ if [ "${BRIEF:-0}" != 1 ]; then
   bench json-unique 1 16; bench json 1 16; bench none 1 16
   bench json-unique 256 "$n"
 fi
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+tok = lambda f: json.load(open(f))["results"][0]["output_tok_s"]  # noqa: E731
+nones = sorted(glob.glob(os.path.join(sys.argv[1], "none-c256*.json")))
+pairs = [(tok(n), tok(os.path.join(sys.argv[1], "json-" + os.path.basename(n)[5:]))) for n in nones]
+print("constrained / unconstrained out tok/s, each pair:", ", ".join(f"{j / u:.3f}" for u, j in pairs),
+      f"; best / best: {max(j for _, j in pairs) / max(u for u, _ in pairs):.3f}")
+PY
 kill -TERM $pid; wait $pid; echo "slipstream serve exited with $?"
 grep -iE "error|warning|traceback" "$out/server.log" | head -5
 [ "${BRIEF:-0}" = 1 ] || python3 scripts/grammar_costs.py "$model" 151936

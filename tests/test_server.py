@@ -353,9 +353,10 @@ def test_tokenize_counts_what_the_server_runs(server, client, llm):
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
-def test_bench_serve_reads_the_servers_tokenizer(server, capsys):
+def test_bench_serve_reads_the_servers_tokenizer(server, capsys, tmp_path):
     """`slipstream bench serve` with no --tokenizer: the server names where its model came from (`root` in /v1/models,
-    here the embedded GGUF file), and the benchmark counts lengths with that file's tokenizer."""
+    here the embedded GGUF file), and the benchmark counts lengths with that file's tokenizer. A run saved with --json
+    gives another run each prompt's output length (--output-lens-from): the same work."""
     import argparse
 
     from slipstream.bench import serve_bench
@@ -364,8 +365,16 @@ def test_bench_serve_reads_the_servers_tokenizer(server, capsys):
     assert root.endswith(".gguf")
     args = argparse.Namespace(base_url=server.url, model=None, tokenizer=None, dataset="random", num_prompts=3,
                               random_input_len=8, random_output_len=4, request_rate=[float("inf")], max_concurrency=None,
-                              slo_ttft_ms=1000.0, slo_tpot_ms=50.0, seed=0, structured="none", label="", plot=None)
+                              slo_ttft_ms=1000.0, slo_tpot_ms=50.0, seed=0, structured="none", label="", plot=None,
+                              output_lens_from=None)
     (r,) = serve_bench.run(args)
     assert r["completed"] == 3 and r["failed"] == 0 and "3 prompts, random" in capsys.readouterr().out
+    assert len(r["output_lens"]) == 3 and all(n >= 1 for n in r["output_lens"])
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"results": [{**r, "output_lens": [2, 3, None]}]}))
+    (again,) = serve_bench.run(argparse.Namespace(**{**vars(args), "output_lens_from": str(saved)}))
+    assert again["output_lens"] == [2, 3, r["output_lens"][2]]  # (a prompt that failed there keeps its own length)
+    with pytest.raises(ValueError, match="--output-lens-from"):
+        serve_bench.run(argparse.Namespace(**{**vars(args), "num_prompts": 2, "output_lens_from": str(saved)}))
     with pytest.raises(ValueError, match="--tokenizer"):
         serve_bench.run(argparse.Namespace(**{**vars(args), "tokenizer": "/no/such/dir"}))

@@ -515,6 +515,24 @@ def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path, story_answ
         assert (1, 0) in core.draft_policy.rate
 
 
+def test_a_verifying_step_is_read_by_the_next_step(gguf_path, story_answers):
+    """With overlap, a step that verifies drafts is read at the start of the next step(), before anything is scheduled
+    after it, not at the end of its own: what the caller does with the deltas in between runs while it computes. The
+    answers stay plain decoding's."""
+    from slipstream.bench.spec_bench import ScriptedProposer
+
+    llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, speculative_adaptive=False,
+              async_scheduling="on", **STORY_ENGINE)
+    core = llm.engine.core
+    core.proposer = ScriptedProposer(4, story_answers, False)
+    left = []
+    step = core.step
+    core.step = lambda: (deltas := step(), left.append(core._inflight is not None and core._inflight.sync))[0]
+    got = llm.generate(STORIES[:2], STORY_PARAMS)
+    assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == story_answers[:2]
+    assert sum(left) >= 5 and core.stats.accepted_draft_tokens == core.stats.draft_tokens > 0
+
+
 def test_speculative_config_takes_vllms_json():
     c = EngineConfig.from_options(None, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
     assert (c.speculative_method, c.num_speculative_tokens, c.speculative_adaptive) == ("ngram", 3, True)

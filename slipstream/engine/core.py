@@ -426,9 +426,14 @@ class EngineCore:
     # ---- one step ----
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
-        while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read."""
+        while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read.
+        A step that must be read before the next is scheduled (it verifies drafts, or a penalty's history needs its
+        draw) is read at the start of the next step(), not at the end of its own: what the caller does with the
+        deltas returned in between (the output processor, the engine-core process's send) runs while it computes."""
         started = time.perf_counter()
         self._read = self._admit_compiled() if self._awaiting else []
+        if self._inflight is not None and self._inflight.sync:
+            self._read += self._collect()
         k, decoding = 0, len(self.scheduler.running)
         if self.proposer is not None:
             k = self.config.num_speculative_tokens
@@ -447,7 +452,7 @@ class EngineCore:
         if self._inflight is not None:
             self._read += self._collect()
         self._inflight = launched
-        if launched is not None and (not self.overlap or launched.sync):
+        if launched is not None and not self.overlap:
             self._read += self._collect()
         deltas, self._read = self._read, []
         return deltas

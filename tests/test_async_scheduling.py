@@ -141,8 +141,9 @@ def test_masks_behind_the_gate_on_a_gpu_change_no_output(gguf_path, monkeypatch)
 
 
 def test_overlap_with_ngram_drafts_changes_no_output(reference, gguf_path):
-    """n-gram drafting with overlap on: steps that verify drafts are read at once, a step that will draft reads the
-    one in flight first, and the others overlap; under preemption, grammars (masks after drafts), penalties, n > 1."""
+    """n-gram drafting with overlap on: steps that verify drafts are read before the next is scheduled, a step that
+    will draft reads the one in flight first, and the others overlap; under preemption, grammars (masks after drafts),
+    penalties, n > 1."""
     spec = LLM(gguf_path, async_scheduling="on", speculative_method="ngram", num_speculative_tokens=3,
                speculative_adaptive=False, **TIGHT)
     core = spec.engine.core

@@ -489,8 +489,8 @@ def test_a_plain_step_asks_the_proposer_nothing(gguf_path):
 
 
 def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path, story_answers):
-    """With overlap, a plain step launched right after a verifying one (read at once) starts with nothing in flight:
-    not timed; the next, behind it, is. With a penalty every step is read at once, as in plain decoding with that
+    """With overlap, a plain step launched right after a verifying one (read before it is scheduled) starts with nothing
+    in flight: not timed; the next, behind it, is. With a penalty every step is read so, as in plain decoding with that
     penalty: all are timed (counting none of them, the policy measured no plain step and kept returning to it)."""
     from slipstream.bench.spec_bench import ScriptedProposer
 
@@ -525,10 +525,14 @@ def test_a_verifying_step_is_read_by_the_next_step(gguf_path, story_answers):
               async_scheduling="on", **STORY_ENGINE)
     core = llm.engine.core
     core.proposer = ScriptedProposer(4, story_answers, False)
-    left = []
-    step = core.step
+    left, unread = [], []
+    step, schedule = core.step, core.scheduler.schedule
     core.step = lambda: (deltas := step(), left.append(core._inflight is not None and core._inflight.sync))[0]
+    # (nothing is scheduled while a step that must be read first is in flight)
+    core.scheduler.schedule = lambda *a, **kw: (unread.append(core._inflight is not None and core._inflight.sync),
+                                                schedule(*a, **kw))[1]
     got = llm.generate(STORIES[:2], STORY_PARAMS)
+    assert not any(unread)
     assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == story_answers[:2]
     assert sum(left) >= 5 and core.stats.accepted_draft_tokens == core.stats.draft_tokens > 0
 

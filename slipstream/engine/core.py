@@ -100,7 +100,8 @@ class EngineCore:
         # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
         # it is asked, so overlap there would only hold every output back by one step.
         # Drafts follow the last token, which must be known when a step is scheduled: a step that verifies drafts is
-        # read at once, and one that will draft reads the step in flight first. Steps without drafts (the n-gram
+        # read before the next is scheduled (at the start of the next step()), and one that will draft reads the step
+        # in flight first. Steps without drafts (the n-gram
         # proposer found none, or the draft policy chose none) still overlap; a draft model or head keeps its own
         # state step by step and turns overlap off.
         k = config.num_speculative_tokens
@@ -501,7 +502,7 @@ class EngineCore:
         started = time.perf_counter()  # before the launch: on a CPU the launch itself computes the step
         masks = self._fill_masks if self._matchers or self._dormant else None  # a dormant one may wake as it reads
         # launched as plain decoding would launch it: behind another step (its host work hidden), or with no overlap to
-        # lose (an engine that never overlaps; a step read at once anyway: penalties)
+        # lose (an engine that never overlaps; a step read before the next is scheduled anyway: penalties)
         steady = not self.overlap or self._inflight is not None or sync
         return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started, steady)
 

@@ -26,10 +26,10 @@ decoding (lease AY); fed those step costs and a 100 ms pause every 150-300 steps
 fixed k's rate, and at 0.98x with the clamp (scripts/draft_policy_sim.py, tests/test_speculative.py).
 
 With overlap, a plain step costs what plain decoding's steps cost only when it is launched while another is in
-flight: the first one after a verifying step (which is read at once) starts with the device idle, and pays its host
-work in full. So only plain steps launched as plain decoding launches them are timed (`record(..., steady=False)`,
-one launched with nothing in flight where it could have overlapped, is not),
-and a probe of the plain step lasts PROBE_RUN steps. Timed whole, the plain steps a drafting policy took now and then
+flight: the first one after a verifying step (which is read before it is scheduled) starts with the device idle,
+and pays its host work in full. So only plain steps launched as plain decoding launches them are timed
+(`record(..., steady=False)`, one launched with nothing in flight where it could have overlapped, is not), and a
+probe of the plain step lasts PROBE_RUN steps. Timed whole, the plain steps a drafting policy took now and then
 ran at a half to a third of plain decoding's rate, and speculation stayed on where it lost: at batch 256 the policy
 measured its plain steps at 38,115 tok/s while the plain engine ran 83,185, and ran at 0.81x (H100, lease AZ).
 """
@@ -155,7 +155,8 @@ class DraftPolicy:
     def record(self, batch: int, k: int, tokens: int, seconds: float, steady: bool = True) -> None:
         """A decode step of `batch` sequences that ran with k drafts per sequence produced `tokens` in `seconds`;
         `steady`: it was launched as plain decoding launches its steps: while another was in flight, or where it would
-        be read at once anyway (no overlap, penalties; a plain step that was not is counted in `totals`, not timed).
+        be read before the next is scheduled anyway (no overlap, penalties; a plain step that was not is counted in
+        `totals`, not timed).
         Tokens and seconds are averaged apart, their ratio is the rate: with overlap, how a step's time splits
         between it and the next can vary (one read late, the next at once), and a mean of per-step rates would take
         the short one's rate for the truth."""

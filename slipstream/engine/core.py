@@ -101,9 +101,8 @@ class EngineCore:
         # it is asked, so overlap there would only hold every output back by one step.
         # Drafts follow the last token, which must be known when a step is scheduled: a step that verifies drafts is
         # read before the next is scheduled (at the start of the next step()), and one that will draft reads the step
-        # in flight first. Steps without drafts (the n-gram
-        # proposer found none, or the draft policy chose none) still overlap; a draft model or head keeps its own
-        # state step by step and turns overlap off.
+        # in flight first. Steps without drafts (the n-gram proposer found none, or the draft policy chose none) still
+        # overlap; a draft model or head keeps its own state step by step and turns overlap off.
         k = config.num_speculative_tokens
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
             NgramProposer(k) if config.speculative_method == "ngram"

@@ -43,7 +43,7 @@ class NgramProposer:
         if num_tokens < 1 or not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram proposer needs num_tokens >= 1 and 1 <= min_n <= max_n, got {num_tokens}, {min_n}, {max_n}")
         self.k, self.min_n, self.max_n = num_tokens, min_n, max_n
-        self._index: dict[int, tuple[int, list[dict[tuple[int, ...], int]]]] = {}  # seq id -> (indexed up to, maps)
+        self._index: dict[int, tuple[int, list[dict[int, int]]]] = {}  # seq id -> (indexed up to, maps)
 
     def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
         """Up to min(k, limit) draft tokens to follow `ids` (the sequence's tokens so far)."""
@@ -91,8 +91,7 @@ class NgramProposer:
         right = arrived = 0
         for seq in seqs:
             ids = seq.token_ids
-            done = self._index[seq.seq_id][0] if seq.seq_id in self._index else 0
-            first = max(done, seq.num_prompt_tokens)
+            first = max(self._index.get(seq.seq_id, (0,))[0], seq.num_prompt_tokens)
             maps = self._catch_up(seq.seq_id, ids, first)  # (the prompt: indexed, not guessed)
             for end in range(first, len(ids)):
                 start = self._lookup(maps, ids, end)

@@ -130,7 +130,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         texts = [plain.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     else:  # (a bundled shape's word-level tokenizer)
         texts = [plain.tokenizer.encode(p) for p in prompts]
-    base, plain_steps = {}, {}
+    base = {}  # batch size -> the plain run's (seconds, tokens, step costs)
     for b in a.batch_sizes:
         # A run of the first wave before the timed run of every wave: a run after one of another batch size met kernel
         # variants of its own (H100, lease AW). The timed run's first wave then finds its prompts in the prefix cache,
@@ -138,7 +138,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         _timed(plain, texts[:b], params, warm_up=True)
         elapsed, got, run, _ = _best_of(a.repeats, plain, lambda: _timed(plain, _waves(texts, b), params, a.profile,
                                                                       what="plain", wave=b))
-        base[b], plain_steps[b] = (elapsed, got), _step_costs(run, elapsed)
+        base[b] = elapsed, got, _step_costs(run, elapsed)
     del plain
     release_gpu_memory()
     results = []
@@ -148,11 +148,11 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         for method in a.method:
             if method not in scripted:
                 spec = _speculative_llm(a, method, k, engine)
-                results += _measure(a, spec, method, k, texts, params, base, plain_out, plain_steps)[0]
+                results += _measure(a, spec, method, k, texts, params, base, plain_out)[0]
                 del spec
                 release_gpu_memory()
         if scripted:
-            results += _scripted(a, scripted, k, engine, texts, params, base, plain_out, plain_steps)
+            results += _scripted(a, scripted, k, engine, texts, params, base, plain_out)
             release_gpu_memory()
     return results
 
@@ -173,16 +173,15 @@ def _warm(llm: LLM) -> LLM:
 
 
 def _scripted(a: argparse.Namespace, methods: list[str], k: int, engine: dict, texts: list, params: SamplingParams,
-              base: dict, plain: dict[int, list[list[int]]], plain_steps: dict[int, dict]) -> list[dict]:
+              base: dict, plain: dict[int, list[list[int]]]) -> list[dict]:
     """The verification alone, on one engine: drafts always wrong, then drafts always right. The right drafts are
     the tokens the wrong run wrote, not plain decoding's: a verifying step computes k + 1 rows where plain decoding
     computes one, and in 16-bit the different sums flip near-ties (on random weights, within a few tokens), after
     which plain decoding's answer is no longer the model's next token and an oracle drafting it would be wrong."""
     spec = _speculative_llm(a, "wrong", k, engine)
-    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, plain_steps, script=(plain, True))
+    wrong, written = _measure(a, spec, "wrong", k, texts, params, base, plain, script=(plain, True))
     # each batch size replays its own run: a step of another batch size sums other shapes, another near-tie flips
-    oracle = (_measure(a, spec, "oracle", k, texts, params, base, written, plain_steps, script=(written, False))[0]
-              if "oracle" in methods else [])
+    oracle = _measure(a, spec, "oracle", k, texts, params, base, written, script=(written, False))[0] if "oracle" in methods else []
     return [r for m in methods for r in {"wrong": wrong, "oracle": oracle}[m]]  # in the order asked
 
 
@@ -224,7 +223,7 @@ def _step_costs(run: dict, elapsed: float) -> dict:
 
 
 def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list, params: SamplingParams, base: dict,
-             want: dict[int, list[list[int]]], plain_steps: dict[int, dict], script: tuple[dict, bool] | None = None,
+             want: dict[int, list[list[int]]], script: tuple[dict, bool] | None = None,
              ) -> tuple[list[dict], dict[int, list[list[int]]]]:
     """Each batch size's run on a speculative engine, its tokens compared with `want`'s: (results, tokens written).
     `script`: (answers by batch size, wrong): drafts from those answers (ScriptedProposer) instead of the engine's."""
@@ -248,7 +247,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         written[b] = got
         drafted, accepted, verified = run["draft_tokens"], run["accepted_draft_tokens"], run["drafts"]
         tokens = run["generation_tokens"]
-        plain_s, plain = base[b]
+        plain_s, plain, plain_steps = base[b]
         plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, prompts))  # (prompts are token ids)
         same = min(sum(g == w for g, w in zip(out, want[b])) for out in runs)  # (the fewest of any run)
         r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
@@ -259,7 +258,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
              # the proposer's share of the time (a head's or draft model's forwards included)
              "draft_share": round(run["draft_seconds"] / elapsed, 3),
              "identical": f"{same}/{len(got)}", "decode_steps": run["decode_steps"], "mixed_steps": run["mixed_steps"],
-             "plain_steps": plain_steps[b], "spec_steps": _step_costs(run, elapsed),
+             "plain_steps": plain_steps, "spec_steps": _step_costs(run, elapsed),
              # what the adaptive policy measured, per batch bucket and k: output tok/s of decode steps
              "policy_rates": None if core.draft_policy is None else
              {f"{bb}/{kk}": round(rate, 1) for (bb, kk), rate in sorted(core.draft_policy.rate.items())},

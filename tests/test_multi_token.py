@@ -337,3 +337,78 @@ def test_only_uneven_steps_that_fit_the_verifying_ladder_are_padded():
     runner.graphs = {1: Ladder(), 8: Ladder()}
     assert shaped([2] * 32) == [8] * 32  # 32 x 8 = 256 rows
     assert shaped([2] * 33) == [2] * 33  # 33 sequences replay 48 x 8 = 384 rows
+
+
+BEHIND = [(d, p) for d in DEVICES for p in ("eager", "padded", "pieces", "ladder") if d == "cuda" or p != "ladder"]
+
+
+@pytest.mark.parametrize("device,path", BEHIND)
+def test_a_step_planned_behind_a_verifying_one_equals_the_step_planned_after_it(monkeypatch, device, path):
+    """Step 1 verifies drafts (a: 3, the first two right; b: 2, wrong; c: none). Step 2 is launched before step 1 is
+    read, planned as if every draft were accepted: the device feeds each sequence the draw after its last accepted
+    draft and moves its positions, KV slots and context back by the drafts rejected. Its logits and KV equal those of
+    step 2 planned after reading step 1 (run eagerly), on each path a step takes: eagerly, padded in front to a
+    verifying shape, in graph pieces, and on a GPU the verifying ladder's graphs."""
+    config = EngineConfig.from_options(None, device=device, dtype="float32", block_size=BS, num_blocks=64,
+                                       max_model_len=256, max_num_seqs=8, max_num_batched_tokens=200)
+    runner = ModelRunner(config, TINY, None, 256, {2})
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (37, 27, 30)]
+    junk = torch.randint(3, 256, (8,), generator=g).tolist()
+    row = SamplingRow(SamplingParams(temperature=0), seed=0, num_output_tokens=0)
+
+    def draws(step: Step) -> dict[int, list[int]]:
+        return {r.seq_id: r.tokens for r in runner.execute(step)}
+
+    eager = (None, {}, lambda h: h)
+
+    def use(pieces, graphs, shape) -> None:  # noqa: ANN001
+        runner.pieces, runner.graphs = pieces, graphs
+        monkeypatch.setattr(runner, "_graph_shaped", shape)
+
+    path_of = {"eager": eager, "padded": (None, {}, lambda h: front_padded(h, 3, runner.kv.pad_slot, 3) or h)}
+    if path == "pieces":
+        if device == "cpu":
+            emulate_cuda_graphs(monkeypatch)
+            runner.pieces = PiecewiseLadder(runner.model, runner.backend, runner.ints, 200, runner.kv.pad_slot,
+                                            CapturePool(runner.device))
+        path_of["pieces"] = (runner.pieces, {}, lambda h: h)
+    if path == "ladder":
+        runner.capture_graphs(3)
+        path_of["ladder"] = (None, runner.graphs, lambda h: h)
+    use(*eager)
+    # the greedy continuation of a's prompt, two tokens past its first draw (on pages of their own)
+    first = draws(Step([SeqStep(99, prompts[0], 0, list(range(50, 54)), 0, row)]))[99][0]
+    g1 = draws(Step([SeqStep(99, [first], 37, list(range(50, 54)), 0, row)]))[99][0]
+    g2 = draws(Step([SeqStep(99, [g1], 38, list(range(50, 54)), 0, row)]))[99][0]
+    even = path == "ladder"  # (its graphs take 3 tokens for every sequence)
+
+    def run(base: int, first_page: int, behind: bool) -> tuple[dict, list[list[int]], list[int], list[int]]:
+        t = [list(range(first_page + 6 * i, first_page + 6 * i + 6)) for i in range(3)]
+        a, b, c = (base + i for i in range(3))
+        use(*eager)
+        f = draws(Step([SeqStep(s, p, 0, tab, 0, row) for s, p, tab in zip((a, b, c), prompts, t)]))
+        step1 = Step([SeqStep(a, [f[a][0], g1, g2, junk[0]], 37, t[0], 3, row),
+                      SeqStep(b, [f[b][0]] + junk[1:3], 27, t[1], 2, row), SeqStep(c, [f[c][0]], 30, t[2], 0, row)])
+        drafts = {a: [junk[3], junk[4]], b: junk[5:7] if even else [], c: junk[7:9] if even else [junk[7]]}
+        use(*path_of[path])
+        if behind:  # planned before step 1 is read: every draft accepted
+            launched = runner.launch(step1)
+            step2 = Step([SeqStep(s, [0] + drafts[s], start, tab, len(drafts[s]), row, feed_previous=True)
+                          for s, start, tab in zip((a, b, c), (41, 30, 31), t)])
+            logits = _logits_by_seq(runner, step2)
+            results = {r.seq_id: r.tokens for r in runner.collect(launched)}
+        else:
+            results = {r.seq_id: r.tokens for r in runner.execute(step1)}
+            use(*eager)
+            step2 = Step([SeqStep(s, results[s][-1:] + drafts[s], start + len(results[s]), tab, len(drafts[s]), row)
+                          for s, start, tab in zip((a, b, c), (37, 27, 30), t)])
+            logits = _logits_by_seq(runner, step2)
+        ends = [start + len(results[s]) + len(drafts[s]) for s, start in zip((a, b, c), (37, 27, 30))]
+        return logits, t, ends, [len(results[s]) - 1 for s in (a, b, c)]
+
+    behind, t1, ends, accepted = run(0, 0, True)
+    after, t2, ends2, accepted2 = run(10, 20, False)
+    assert accepted == accepted2 == [2, 0, 0] and ends == ends2
+    _same_by_seq([behind], [after], 10)
+    _same_kv(runner, t1, t2, ends)

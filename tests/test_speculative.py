@@ -25,17 +25,17 @@ def brute_force(ids, k, min_n, max_n):
 def test_ngram_index_matches_brute_force():
     rng = random.Random(0)
     for trial in range(40):
-        prop = NgramProposer(num_tokens=rng.randint(1, 5), min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
+        prop, k = NgramProposer(min_n=rng.randint(1, 2), max_n=rng.randint(2, 4)), rng.randint(1, 5)
         # six token ids: small ones, or ids up to 2^32 - 1 (an n-gram's key packs its tokens 32 bits each)
         vocab = [0, 1, 2, 3, 4, 5] if trial % 2 else [0, 1, 65535, 65536, 151935, 2**32 - 1]
         ids = [rng.choice(vocab) for _ in range(rng.randint(1, 6))]
         for _ in range(30):  # tokens arrive a few at a time, as accepted drafts do
-            assert prop.propose(7, ids, 100) == brute_force(ids, prop.k, prop.min_n, prop.max_n), (trial, ids)
+            assert prop.propose(7, ids, k) == brute_force(ids, k, prop.min_n, prop.max_n), (trial, ids)
             ids += [rng.choice(vocab) for _ in range(rng.randint(1, 3))]
-    prop = NgramProposer(4)
-    assert prop.propose(1, [5, 6, 7, 8, 9, 5, 6], 100) == [7, 8, 9, 5]
+    prop = NgramProposer()
+    assert prop.propose(1, [5, 6, 7, 8, 9, 5, 6], 4) == [7, 8, 9, 5]
     assert prop.propose(2, [5, 6, 7, 8, 9, 5, 6], 2) == [7, 8]  # the limit caps the drafts
-    assert prop.propose(3, [1, 2, 3, 4], 100) == []
+    assert prop.propose(3, [1, 2, 3, 4], 4) == []
     prop.forget(1)
     assert 1 not in prop._index
 
@@ -47,7 +47,7 @@ def test_first_guesses_match_brute_force():
 
     rng = random.Random(1)
     for trial in range(30):
-        prop = NgramProposer(num_tokens=4, min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
+        prop = NgramProposer(min_n=rng.randint(1, 2), max_n=rng.randint(2, 4))
         ids = [rng.choice([0, 1, 2, 3]) for _ in range(rng.randint(1, 8))]
         seq = SimpleNamespace(seq_id=3, token_ids=ids, num_prompt_tokens=len(ids))
         for _ in range(20):  # tokens arrive a few at a time; now and then a drafting step indexes them first
@@ -59,9 +59,9 @@ def test_first_guesses_match_brute_force():
                 assert prop.first_guesses([seq]) == (want, len(ids) - first), (trial, ids)
                 assert prop._index[3][0] == len(ids)
             ids += [rng.choice([0, 1, 2, 3]) for _ in range(rng.randint(1, 3))]
-        assert prop.propose(3, ids, 100) == brute_force(ids, 4, prop.min_n, prop.max_n)  # the index stays whole
+        assert prop.propose(3, ids, 4) == brute_force(ids, 4, prop.min_n, prop.max_n)  # the index stays whole
     # a guess per output token, against the lookup over the tokens before it
-    prop = NgramProposer(4)
+    prop = NgramProposer()
     ids = [5, 6, 7, 8, 9, 5, 6, 7, 1, 5, 6, 2]
     seq = SimpleNamespace(seq_id=1, token_ids=ids[:5], num_prompt_tokens=5)
     assert prop.first_guesses([seq]) == (0, 0)
@@ -447,7 +447,7 @@ def test_speculation_turns_itself_off_where_it_does_not_pay(gguf_path, story_ans
         llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=8, async_scheduling=async_scheduling,
                   **STORY_ENGINE)
         core = llm.engine.core
-        core.proposer = ScriptedProposer(8, story_answers, wrong)
+        core.proposer = ScriptedProposer(story_answers, wrong)
         got = llm.generate(STORIES, STORY_PARAMS)
         assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == story_answers
         st = core.stats
@@ -488,52 +488,100 @@ def test_a_plain_step_asks_the_proposer_nothing(gguf_path):
     assert asked  # (each step that may draft asks for every decoding sequence's)
 
 
-def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path, story_answers):
-    """With overlap, a plain step launched right after a verifying one (read before it is scheduled) starts with nothing
-    in flight: not timed; the next, behind it, is. With a penalty every step is read so, as in plain decoding with that
-    penalty: all are timed (counting none of them, the policy measured no plain step and kept returning to it)."""
+def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path):
+    """With overlap, a plain step launched right after a verifying one that is read before it is scheduled (min_tokens
+    still bans the end) starts with nothing in flight: not timed; the next, behind it, is. Otherwise drafts are planned
+    behind (every plain step launched behind another: all timed); with a penalty every step is read before the next,
+    as in plain decoding with that penalty: all are timed (counting none of them, the policy measured no plain step
+    and kept returning to it)."""
     from slipstream.bench.spec_bench import ScriptedProposer
 
-    for penalty in (1.0, 1.05):
+    for params in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                   SamplingParams(temperature=0, min_tokens=39, max_tokens=40),
+                   SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.05)):
+        answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+                   for o in LLM(gguf_path, **STORY_ENGINE).generate(STORIES[:1], params)]
         llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, async_scheduling="on", **STORY_ENGINE)
         core = llm.engine.core
-        core.proposer = ScriptedProposer(4, story_answers, False)  # drafts every step that asks
+        core.proposer = ScriptedProposer(answers, False)  # drafts every step that asks
         ks = iter([4, 0, 0, 0] * 100)
         core.draft_policy.choose = lambda batch: next(ks)
         timed = []
         record = core.draft_policy.record
         core.draft_policy.record = lambda batch, k, tokens, seconds, steady: (timed.append((k, steady)),
                                                                               record(batch, k, tokens, seconds, steady))
-        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=penalty)
         llm.generate(STORIES[:1], params)
-        plain = [steady for k, steady in timed if k == 0]
-        if penalty == 1.0:  # three plain steps after each verifying one: the first launched alone
-            after = [steady for k, steady in timed[[k for k, _ in timed].index(4):] if k == 0]
+        after = [steady for k, steady in timed[[k for k, _ in timed].index(4):] if k == 0]
+        if params.min_tokens:  # three plain steps after each verifying one: the first launched alone
             assert after[:6] == [False, True, True, False, True, True], timed
         else:
-            assert plain and all(plain), timed
+            assert after and all(after), timed
         assert (1, 0) in core.draft_policy.rate
 
 
-def test_a_verifying_step_is_read_by_the_next_step(gguf_path, story_answers):
-    """With overlap, a step that verifies drafts is read at the start of the next step(), before anything is scheduled
-    after it, not at the end of its own: what the caller does with the deltas in between runs while it computes. The
-    answers stay plain decoding's."""
+def test_drafts_are_verified_behind_the_step_in_flight(gguf_path, story_answers):
+    """With overlap, a step that verifies drafts is not read before the next is launched: that one is planned as if
+    every draft were accepted, its drafts looked up behind it, and the device moves it back by the rejected ones (its
+    positions, and for a seeded draw its output index). Drafts always right, always wrong, and right for a while then
+    wrong (every count of rejected drafts) give plain decoding's answers, greedy and seeded; always right, every step
+    after the prompt verifies four drafts with one in flight."""
     from slipstream.bench.spec_bench import ScriptedProposer
 
+    class Partly(ScriptedProposer):  # the third token it looks up is wrong
+        def propose(self, seq_id, ids, limit, known=None):  # noqa: ANN001, ANN201
+            got = super().propose(seq_id, ids, limit, known)
+            return got[:2] + [t + 1 for t in got[2:3]] + got[3:]
+
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=60, ignore_eos=True)
+    seeded_answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+                      for o in LLM(gguf_path, **STORY_ENGINE).generate(STORIES[:2], seeded)]
     llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, speculative_adaptive=False,
               async_scheduling="on", **STORY_ENGINE)
     core = llm.engine.core
-    core.proposer = ScriptedProposer(4, story_answers, False)
+    behind = []  # per step launched: a step verifying drafts was in flight
+    launch = core._launch
+    core._launch = lambda batch, *a: (behind.append(core._inflight is not None and bool(core._inflight.drafts)),
+                                      launch(batch, *a))[1]
+    for params, answers in ((STORY_PARAMS, story_answers[:2]), (seeded, seeded_answers)):
+        for proposer in (ScriptedProposer(answers, False), ScriptedProposer(answers, True), Partly(answers, False)):
+            core.proposer = proposer
+            behind.clear()
+            core.stats.draft_tokens = core.stats.accepted_draft_tokens = 0
+            got = llm.generate(STORIES[:2], params)
+            assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == answers
+            st = core.stats
+            if proposer.wrong:
+                assert st.accepted_draft_tokens == 0 and sum(behind) >= 20
+            elif isinstance(proposer, Partly):
+                assert 0 < st.accepted_draft_tokens < st.draft_tokens and sum(behind) >= 10
+            else:
+                assert st.accepted_draft_tokens == st.draft_tokens > 0
+                assert sum(behind) >= 60 / 5 - 2  # (the two answers decode side by side: 60 tokens, five a step)
+    assert_no_leak(llm)
+
+
+def test_a_verifying_step_is_read_by_the_next_step(gguf_path):
+    """With overlap, a step that verifies drafts where min_tokens still bans the end (which the next step's plan must
+    know) is read at the start of the next step(), before anything is scheduled after it, not at the end of its own:
+    what the caller does with the deltas in between runs while it computes. The answers stay plain decoding's."""
+    from slipstream.bench.spec_bench import ScriptedProposer
+
+    params = SamplingParams(temperature=0, min_tokens=59, max_tokens=60)
+    answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+               for o in LLM(gguf_path, **STORY_ENGINE).generate(STORIES[:2], params)]
+    llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, speculative_adaptive=False,
+              async_scheduling="on", **STORY_ENGINE)
+    core = llm.engine.core
+    core.proposer = ScriptedProposer(answers, False)
     left, unread = [], []
     step, schedule = core.step, core.scheduler.schedule
     core.step = lambda: (deltas := step(), left.append(core._inflight is not None and core._inflight.sync))[0]
     # (nothing is scheduled while a step that must be read first is in flight)
     core.scheduler.schedule = lambda *a, **kw: (unread.append(core._inflight is not None and core._inflight.sync),
                                                 schedule(*a, **kw))[1]
-    got = llm.generate(STORIES[:2], STORY_PARAMS)
+    got = llm.generate(STORIES[:2], params)
     assert not any(unread)
-    assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == story_answers[:2]
+    assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == answers
     assert sum(left) >= 5 and core.stats.accepted_draft_tokens == core.stats.draft_tokens > 0
 
 

@@ -33,6 +33,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int64: context length of each sequence after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64
     query_lens_cpu: list[int]
+    # Bounds, not the lengths: a step planned behind one whose drafts are not counted yet has its lengths moved back
+    # on the device (runner/inputs.Feed); a backend reads the lengths from seq_lens
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int

@@ -17,7 +17,8 @@ def paged_attention_ref(
     out = torch.empty_like(q) if out is None else out
     block_size = k_cache.shape[1]
     start = 0
-    for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+    # (the lengths on the device: a step planned behind one whose verdict is not read yet has them moved there)
+    for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens.tolist())):
         blocks = meta.block_tables[b, : -(-ctx // block_size)]
         k, v = k_cache[blocks].flatten(0, 1)[:ctx], v_cache[blocks].flatten(0, 1)[:ctx]
         if kv_scales is not None:

@@ -52,18 +52,18 @@ def chat_prompts(path: str, n: int) -> list[str]:
 class ScriptedProposer:
     """Drafts from known answers (`wrong`: each answer token moved by one id, never right)."""
 
-    def __init__(self, num_tokens: int, answers: list[list[int]], wrong: bool) -> None:
-        self.k, self.answers, self.wrong = num_tokens, answers, wrong
+    def __init__(self, answers: list[list[int]], wrong: bool) -> None:
+        self.answers, self.wrong = answers, wrong
         self._of: dict[int, list[int]] = {}  # seq id -> its full answer (prompt included)
 
     def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass
 
-    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
+    def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
         full = self._of.get(seq_id)
         if full is None:
             full = self._of[seq_id] = next((a for a in self.answers if a[: len(ids)] == ids), [])
-        drafts = full[len(ids) : len(ids) + min(self.k, limit)]
+        drafts = full[len(ids) : len(ids) + limit]
         return [t - 1 if t else 1 for t in drafts] if self.wrong else drafts
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
@@ -231,7 +231,7 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
 
     def scripted(b: int) -> None:
         if script is not None:
-            core.proposer = ScriptedProposer(k, script[0][b], script[1])
+            core.proposer = ScriptedProposer(script[0][b], script[1])
 
     results, rows, written = [], [], {}
     for b in a.batch_sizes:

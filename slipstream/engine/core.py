@@ -26,7 +26,7 @@ from slipstream.engine.outputs import SeqDelta
 from slipstream.engine.proposer import DraftHeadProposer, DraftModelProposer, NgramProposer
 from slipstream.engine.radix_cache import PrefixCacheStats, RadixCache
 from slipstream.engine.scheduler import ScheduledBatch, Scheduler
-from slipstream.engine.sequence import Request, Sequence
+from slipstream.engine.sequence import Request, Sequence, SeqStatus
 from slipstream.engine.speculation import DraftPolicy
 from slipstream.runner.batch import PromptScoring, SamplingRow, SeqResult, SeqStep, Step
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
@@ -99,19 +99,22 @@ class EngineCore:
         self._sec_per_token: float | None = None  # measured cost of a scheduled token, for the prefill budget
         # Overlap (async scheduling): launch step N + 1 before reading step N. On a CPU the "device" computes as
         # it is asked, so overlap there would only hold every output back by one step.
-        # Drafts follow the last token, which must be known when a step is scheduled: a step that verifies drafts is
-        # read before the next is scheduled (at the start of the next step()), and one that will draft reads the step
-        # in flight first. Steps without drafts (the n-gram proposer found none, or the draft policy chose none) still
-        # overlap; a draft model or head keeps its own state step by step and turns overlap off.
+        # n-gram drafts overlap too: the step after a verifying one is planned as if every draft were accepted (the
+        # device moves it back by the rejected ones: runner/inputs.Feed), and its drafts are looked up behind the
+        # step in flight, guessing its outcome (_propose). Where that plan cannot hold (penalties, a grammar,
+        # min_tokens), a step that verifies drafts is read before the next is scheduled (at the
+        # start of the next step()), and one that will draft for such a sequence reads the step in flight first. A
+        # draft model or head keeps its own state step by step and turns overlap off.
         k = config.num_speculative_tokens
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
-            NgramProposer(k) if config.speculative_method == "ngram"
-            else DraftModelProposer(draft_runner, k) if draft is not None
-            else DraftHeadProposer(head_runner, k) if head is not None
+            NgramProposer() if config.speculative_method == "ngram"
+            else DraftModelProposer(draft_runner) if draft is not None
+            else DraftHeadProposer(head_runner) if head is not None
             else None)
         self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
         self.overlap = (self.proposer is None or isinstance(self.proposer, NgramProposer)) and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
+        self.drafts_behind = self.overlap and config.speculative_method == "ngram"  # drafts behind a step in flight
         self._inflight: _InFlight | None = None
         self._last_read = 0.0  # when the last step was read (perf_counter)
         self._read: list[SeqDelta] = []  # what this step() has read so far (admission refusals, the step before)
@@ -439,8 +442,8 @@ class EngineCore:
             k = self.config.num_speculative_tokens
             if self.draft_policy is not None:
                 k = self.draft_policy.choose(decoding)
-            if k and self._inflight is not None:  # drafts follow the tokens the step in flight draws
-                self._read += self._collect()
+            if k and self._inflight is not None and not all(self._behind(seq) for seq in self.scheduler.running if seq.num_pending):
+                self._read += self._collect()  # drafts follow the tokens the step in flight draws
             if k:  # (a plain step asks the proposer nothing: a pass over every sequence was 4% of the run at batch 256)
                 self._propose(k)
         # drafts proposed for an earlier step stay on sequences it did not give them to: a plain step schedules none
@@ -458,15 +461,39 @@ class EngineCore:
         return deltas
 
     def _propose(self, k: int) -> None:
-        """Up to k drafts for every decoding sequence (the scheduler takes as many as the step's budget allows)."""
+        """Up to k drafts for every decoding sequence (the scheduler takes as many as the step's budget allows).
+        Behind a step in flight (`_behind`), the lookup follows the tokens that step is assumed to yield: its drafts, if
+        the ones before them turned out as guessed (else none: drafts that follow a wrong guess are seldom accepted),
+        and its draw, the first token looked up, which is dropped; the drafts follow it."""
         started = time.perf_counter()
+        flight = self._inflight.drafts if self._inflight is not None else {}
         for seq in self.scheduler.running:
+            seq.draft_token_ids = []
             # no drafts before a dormant grammar starts: draws after its marker in the same step would go unmasked
-            if seq.num_tokens - seq.num_computed_tokens == 1 and not seq.num_pending and seq.seq_id not in self._dormant:
-                # drafts and the token after them must fit under the sequence's length limit
-                limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
-                seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, limit)
+            if seq.num_tokens - seq.num_computed_tokens != 1 or seq.seq_id in self._dormant:
+                continue
+            # drafts and the token after them must fit under the sequence's length limit
+            limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
+            ids = seq.token_ids
+            if not seq.num_pending:
+                seq.draft_token_ids = self.proposer.propose(seq.seq_id, ids, limit)
+                seq.drafts_follow = (len(ids), ids[-1])
+            elif self._behind(seq):
+                ahead = flight.get(seq.seq_id, [])
+                if ahead and seq.drafts_follow == (len(ids), ids[-1]):
+                    ids = ids + ahead
+                guess = self.proposer.propose(seq.seq_id, ids, limit + 1, len(seq.token_ids))
+                if guess:
+                    seq.draft_token_ids, seq.drafts_follow = guess[1:], (len(ids) + 1, guess[0])
         self.stats.draft_seconds += time.perf_counter() - started
+
+    def _behind(self, seq: Sequence) -> bool:
+        """Whether a step of `seq` may be planned behind one of its steps whose drafts are not counted yet (the device
+        moves its positions and output indices; runner/inputs.Feed): not where the host reads what the drafts change
+        (a penalty's history, a grammar's state, whether min_tokens still bans the end)."""
+        p = seq.params
+        return (self.drafts_behind and not p.needs_penalties and seq.seq_id not in self._matchers
+                and seq.seq_id not in self._dormant and len(seq.token_ids) - seq.num_prompt_tokens >= p.min_tokens)
 
     def _refine(self, batch: ScheduledBatch) -> None:
         """Let the proposer draft for the scheduled sequences, within the step's prefill budget (a draft model
@@ -484,17 +511,21 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, k: int, step_started: float) -> _InFlight:
         step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
-        # Drafts: the next step depends on how many are accepted. Penalties: the history uploaded with this step must
-        # hold the token the step in flight draws. (Grammars need it too, but only once this step's forward is queued:
-        # _fill_masks reads the step in flight then.)
-        sync = any(batch.num_drafts) or any(s.sampling is not None and s.sampling.history is not None for s in step.seqs)
+        # Penalties: the history uploaded with the next step must hold the token this one draws. Drafts: the next step
+        # is planned as if all were accepted, where the plan can hold (_behind). (Grammars need this step's draws
+        # too, but only once the next step's forward is queued: _fill_masks reads the step in flight then.)
+        sync = any(s.sampling is not None and s.sampling.history is not None for s in step.seqs) or any(
+            d and not self._behind(seq) for seq, d in zip(batch.seqs, batch.num_drafts))
+        drafts_in_flight = {}
         cache = self.prefix_cache
         for seq, n, drafts, s in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts, step.seqs):
             # Counted as computed now, before the launch reads the step in flight (their KV is written before
-            # anything later on the device reads it); drafts are counted when their verdict is read.
-            seq.num_computed_tokens += n - drafts
+            # anything later on the device reads it); drafts as if all were accepted, until their verdict is read.
+            seq.num_computed_tokens += n
             if s.sampling is not None:
-                seq.num_pending += 1
+                seq.num_pending += 1 + drafts
+            if drafts:
+                drafts_in_flight[seq.seq_id] = seq.draft_token_ids[:drafts]
             if cache is not None and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 cache.insert(seq)  # share prompt pages with requests that arrive while this one still runs
         self.stats.steps += 1
@@ -503,13 +534,13 @@ class EngineCore:
         # launched as plain decoding would launch it: behind another step (its host work hidden), or with no overlap to
         # lose (an engine that never overlaps; a step read before the next is scheduled anyway: penalties)
         steady = not self.overlap or self._inflight is not None or sync
-        return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started, steady)
+        return _InFlight(batch, self.runner.launch(step, masks), started, sync, k, step_started, steady, drafts_in_flight)
 
     def _seq_step(self, seq: Sequence, n: int, drafts: int) -> SeqStep:
         start = seq.num_computed_tokens
         known = len(seq.token_ids)
-        if start >= known:  # a decode of the token the step in flight is drawing
-            ids, fed = [0], True
+        if start >= known:  # a decode of the token the step in flight is drawing, and drafts to follow it
+            ids, fed = [0] + seq.draft_token_ids[:drafts], True
         else:
             ids, fed = seq.token_ids[start : start + n - drafts] + seq.draft_token_ids[:drafts], False
         sampling = None
@@ -550,12 +581,12 @@ class EngineCore:
         deltas = []
         for r in results:
             seq, drafts = by_id[r.seq_id]
-            seq.num_pending -= 1
+            seq.num_pending -= 1 + drafts
             if seq.is_finished:
                 continue
             if drafts:
-                seq.draft_token_ids = []
-                seq.num_computed_tokens += len(r.tokens) - 1
+                if seq.status is SeqStatus.RUNNING:  # (a sequence preempted since has none computed)
+                    seq.num_computed_tokens -= drafts - (len(r.tokens) - 1)
                 self.stats.draft_tokens += drafts
                 self.stats.accepted_draft_tokens += len(r.tokens) - 1
                 self.stats.drafts += 1
@@ -681,6 +712,7 @@ class _InFlight:
     k: int  # the drafts per sequence the draft policy chose for it
     step_started: float  # when the step() that launched it began (drafting and scheduling are its cost too)
     steady: bool  # launched as plain decoding launches its steps (behind another, or with no overlap to lose)
+    drafts: dict[int, list[int]]  # the drafts it verifies, by sequence id
 
 
 if TYPE_CHECKING:

@@ -39,20 +39,20 @@ from slipstream.sampling_params import SamplingParams
 
 
 class NgramProposer:
-    def __init__(self, num_tokens: int, min_n: int = 2, max_n: int = 4) -> None:
-        if num_tokens < 1 or not 1 <= min_n <= max_n:
-            raise ValueError(f"n-gram proposer needs num_tokens >= 1 and 1 <= min_n <= max_n, got {num_tokens}, {min_n}, {max_n}")
-        self.k, self.min_n, self.max_n = num_tokens, min_n, max_n
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram proposer needs 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
         self._index: dict[int, tuple[int, list[dict[int, int]]]] = {}  # seq id -> (indexed up to, maps)
 
-    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
-        """Up to min(k, limit) draft tokens to follow `ids` (the sequence's tokens so far)."""
-        maps = self._catch_up(seq_id, ids, len(ids))
-        k = min(self.k, limit)
-        if k <= 0:
+    def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
+        """Up to `limit` draft tokens to follow `ids` (the sequence's tokens so far; past `known` of them, tokens
+        guessed to follow: looked up, not indexed, as the sequence may not keep them)."""
+        maps = self._catch_up(seq_id, ids, len(ids) if known is None else known)
+        if limit <= 0:
             return []
         start = self._lookup(maps, ids, len(ids))
-        return [] if start is None else ids[start : start + k]
+        return [] if start is None else ids[start : start + limit]
 
     def _catch_up(self, seq_id: int, ids: list[int], end: int) -> list[dict[int, int]]:
         """Index every n-gram of `ids` that ends before `end`: its continuation is known. An n-gram's key is one
@@ -120,9 +120,9 @@ def _as_drafted(p: SamplingParams) -> SamplingParams:
 
 
 class DraftModelProposer:
-    def __init__(self, runner: Any, num_tokens: int) -> None:
+    def __init__(self, runner: Any) -> None:
         """`runner`: the draft model's ModelRunner, its pool as many pages as the target's."""
-        self.runner, self.k = runner, num_tokens
+        self.runner = runner
         # seq id -> (positions whose draft KV holds the sequence's tokens, the sequence's preemptions then: a
         # preempted sequence lost its pages, and the draft starts over)
         self._valid: dict[int, tuple[int, int]] = {}
@@ -132,8 +132,8 @@ class DraftModelProposer:
     def observe(self, seqs: list[tuple[Any, list[int]]]) -> None:
         pass  # the draft model catches up in refine, within the step's budget
 
-    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
-        return [0] * min(self.k, limit)  # placeholders: the scheduler reserves their slots, refine() fills them
+    def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
+        return [0] * limit  # placeholders: the scheduler reserves their slots, refine() fills them
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         """Draft for the scheduled sequences (each with the number of drafts the step reserved): catch the draft's KV
@@ -195,9 +195,9 @@ class DraftModelProposer:
 
 
 class DraftHeadProposer:
-    def __init__(self, runner: Any, num_tokens: int) -> None:
+    def __init__(self, runner: Any) -> None:
         """`runner`: the head's DraftHeadRunner (beside the target's runner, whose hidden states it reads)."""
-        self.runner, self.k = runner, num_tokens
+        self.runner = runner
         self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
 
     def _row(self, seq: Any, j: int) -> SamplingRow:
@@ -209,10 +209,10 @@ class DraftHeadProposer:
         (for those that ended too, whose pages the prefix cache may keep; they draft no more)."""
         self.runner.catch_up([(s.seq_id, s.token_ids, table, not s.is_finished) for s, table in seqs])
 
-    def propose(self, seq_id: int, ids: list[int], limit: int) -> list[int]:
+    def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
         # placeholders (refine draws them) where the head has read the sequence's last token: only a sequence whose
         # last step the head read can draft
-        return [0] * min(self.k, limit) if self.runner.has_first(seq_id, len(ids)) else []
+        return [0] * limit if self.runner.has_first(seq_id, len(ids)) else []
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         """Draw the drafts the step reserved slots for (the head's KV writes go to those slots)."""

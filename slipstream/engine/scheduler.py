@@ -86,9 +86,10 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             num_drafts = 0
             if seq.num_tokens - seq.num_computed_tokens == 1:  # a decode
-                if drafts and not seq.num_pending:
-                    # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len (and
-                    # need every token before them known: none pending).
+                if drafts:
+                    # Drafts sit at positions num_tokens.. and must stay inside the budget and max_model_len. (The
+                    # proposer gave drafts only where they may follow the tokens it knows: behind a step in flight,
+                    # only where the step may be planned before that one's verdict is read.)
                     num_drafts = max(0, min(len(seq.draft_token_ids), budget - 1, self.config.max_model_len - seq.num_tokens))
                 n += num_drafts
             else:

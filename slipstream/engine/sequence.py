@@ -31,10 +31,15 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
-    # Proposed continuations (speculative decoding) that the next decode step verifies; cleared after it.
+    # Proposed continuations (speculative decoding) that the next decode step verifies; each drafting step proposes
+    # afresh for every running sequence, and a plain step verifies none.
     draft_token_ids: list[int] = field(default_factory=list)
-    # Tokens drawn by launched steps whose results the core has not read yet (0..2: the engine launches step N + 1
-    # before it reads step N). They count in num_tokens: the scheduler plans with them.
+    # The (length, last token) its tokens must have once the step in flight is read for the drafts proposed behind that
+    # step to follow them: they guess its outcome (EngineCore._propose).
+    drafts_follow: tuple[int, int] = (0, -1)
+    # Tokens of launched steps whose results the core has not read yet, counted as the plan counts them: a drawn
+    # token a step, and its drafts as if all were accepted (the engine launches step N + 1 before it reads step N).
+    # They count in num_tokens: the scheduler plans with them.
     num_pending: int = 0
     max_total_tokens: int = 1 << 62  # the sequence ends at this many tokens (max_tokens, max_model_len)
     # prompt_logprobs: prompt positions whose scores are launched (a recomputed prompt is not scored again), and the

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
-from slipstream.runner.inputs import HostInputs, Stager, eager_inputs
+from slipstream.runner.inputs import Feed, HostInputs, Stager, eager_inputs
 
 T = TypeVar("T")
 
@@ -135,9 +135,10 @@ class GraphLadder:
         """The captured batch size a step of `num_seqs` sequences replays."""
         return next(s for s in self.sizes if s >= num_seqs)
 
-    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Replay for the step `h` (every sequence has q tokens); `feed` writes the ids that are already on the
-        device (tokens just drawn) into the input ids. Returns the hidden states of the real rows."""
+    def run(self, h: HostInputs, feed: Feed | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Replay for the step `h` (every sequence has q tokens); `feed` writes what is already on the device (tokens
+        just drawn, positions that move with a verdict not read yet) into the staged inputs. Returns the hidden states
+        of the real rows."""
         b, q = len(h.seq_lens), self.q
         size = self.size_for(b)
         pos, slots, lens = self._pad_rows(b, size)
@@ -148,8 +149,6 @@ class GraphLadder:
         st.upload()
         v = vec()
         self.ids[:n].copy_(v[:n])
-        if feed is not None:
-            feed(self.ids)
         self.pos[:n].copy_(v[n : 2 * n])
         self.slots[:n].copy_(v[2 * n : 3 * n])
         self.seq_lens[:size].copy_(v[3 * n : 3 * n + size])
@@ -157,6 +156,8 @@ class GraphLadder:
             self.shared.copy_(v[3 * n + size :])
         t = tab()
         self.tables[:b, : t.shape[1]].copy_(t)
+        if feed is not None:
+            feed(self.ids, self.pos, self.slots, self.seq_lens, self.tables)
         graph, out = self.graphs[size]
         graph.replay()
         if isinstance(out, tuple):  # the hidden states and the ones an EAGLE-3 head reads
@@ -266,17 +267,17 @@ class PiecewiseLadder:
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.sizes[-1]
 
-    def run(self, h: HostInputs, feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def run(self, h: HostInputs, feed: Feed | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Replay for the step `h`; `feed` as for GraphLadder.run. Returns the hidden states of the real rows (and with
         aux_layers the states entering them)."""
         t = len(h.input_ids)
         size = next(s for s in self.sizes if s >= t)
         ids, pos, meta = eager_inputs(h, self.stager, size - t, self.pad_slot)
         self.ids[:size].copy_(ids)
-        if feed is not None:
-            feed(self.ids)
         self.pos[:size].copy_(pos)
         self.slots[:size].copy_(meta.slot_mapping)
+        if feed is not None:  # (the attention between the pieces reads the metadata's lengths and tables)
+            feed(self.ids, self.pos, self.slots, meta.seq_lens, meta.block_tables)
         q, o = self.q[:t], self.o[:t]
         for graph, layer, scale in self.graphs[size]:
             graph.replay()

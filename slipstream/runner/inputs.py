@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -61,7 +62,7 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
                       shared)
 
 
-def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
+def front_padded(h: HostInputs, q: int, pad_slot: int, slack: int = 0) -> HostInputs | None:
     """The step with every sequence's tokens padded in front to `q`, so that it replays the graph ladder captured for q
     tokens a sequence (a verifying step whose sequences check different numbers of drafts, or decodes beside them),
     not pieces with the attention launched eagerly between them; None where a sequence computes more than q tokens or
@@ -70,8 +71,9 @@ def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
     The attention reads a row's position as its sequence's context length minus the rows after it, so a sequence's
     real tokens, the last of its q rows, keep their positions and see what they saw. A padding row stands at one of
     the q - n positions before them, which the cache already holds: it attends to the sequence's own past, writes its
-    key and value to the pad page (the cache keeps the real ones), and no row is drawn from it."""
-    if any(n > q for n in h.query_lens) or any(end < q for end in h.seq_lens):
+    key and value to the pad page (the cache keeps the real ones), and no row is drawn from it. `slack`: how far a
+    sequence's context may yet move back on the device (a `Feed`'s rejected drafts); it keeps q tokens all the same."""
+    if any(n > q for n in h.query_lens) or any(end < q + slack for end in h.seq_lens):
         return None
     ids: list[int] = []
     positions: list[int] = []
@@ -87,6 +89,71 @@ def front_padded(h: HostInputs, q: int, pad_slot: int) -> HostInputs | None:
         slots += [pad_slot + i for i in range(pad)] + h.slots[at : at + n]
     return HostInputs(ids, positions, slots, [q] * len(h.query_lens), h.seq_lens, h.tables,
                       [moved[r] for r in h.sample_rows], first, 0, 0)
+
+
+class Feed:
+    """What a step takes from the step launched just before it, whose results are still on the device: the tokens it
+    drew, fed to the sequences that continue from them, and for a sequence whose drafts it verified, how many it
+    accepted. The host plans a step behind a verifying one as if every draft were accepted (engine/core.py); each one
+    rejected moves this step's tokens one position back: their positions, KV slots and the sequence's context length,
+    the output index of its draws (seeded sampling's noise follows it), and the fed token is the draw that follows the
+    last accepted draft."""
+
+    def __init__(self, st: Stager, tokens: torch.Tensor, block_size: int, plain: list[tuple[int, int]],
+                 moved: list[Moved]) -> None:
+        """`tokens`: the earlier step's draws, one row each. `plain`: (row of a fed token here, row of its draw)."""
+        self.tokens, self.bs = tokens, block_size
+        self.plain = (st.put([d for d, _ in plain]), st.put([s for _, s in plain])) if plain else None
+        self.moved = None
+        self.back: torch.Tensor | None = None  # drafts rejected, per moved sequence (once called)
+        if moved:
+            width, last = max(len(m.drafts) for m in moved), tokens.shape[0] - 1
+            # draft j of a sequence against its draw j (a sentinel, -1, pads the shorter lists: no draw equals it)
+            draws = [min(m.draw + j, last) for m in moved for j in range(width)]
+            drafts = [t for m in moved for t in m.drafts + [-1] * (width - len(m.drafts))]
+            rows = [(m.row + i, j) for j, m in enumerate(moved) for i in range(m.num_tokens)]
+            drawn = [(m.drawn + i, j) for j, m in enumerate(moved) for i in range(m.num_drawn)]
+            self.moved = (len(moved), width, st.put(draws), st.put(drafts), st.put([m.draw for m in moved]),
+                          st.put([len(m.drafts) for m in moved]), st.put([m.row for m in moved]),
+                          st.put([m.index for m in moved]), st.put([r for r, _ in rows]), st.put([j for _, j in rows]),
+                          st.put([r for r, _ in drawn]), st.put([j for _, j in drawn]))
+        st.upload()
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+                 tables: torch.Tensor) -> None:
+        """Write into a step's staged inputs (in place, on the device)."""
+        if self.plain is not None:
+            dst, src = self.plain
+            ids.index_copy_(0, dst(), self.tokens[src()])
+        if self.moved is None:
+            return
+        m, width, draws, drafts, first, num, dst, seqs, rows, owner, _, _ = self.moved
+        accepted = (self.tokens[draws()].view(m, width) == drafts().view(m, width)).long().cumprod(1).sum(1)
+        ids.index_copy_(0, dst(), self.tokens[first() + accepted])
+        self.back = back = num() - accepted
+        rows_t, owner_t = rows(), owner()
+        pos.index_add_(0, rows_t, -back[owner_t])
+        seq_lens.index_add_(0, seqs(), -back)
+        p = pos[rows_t]
+        slots.index_copy_(0, rows_t, tables[seqs()[owner_t], p // self.bs] * self.bs + p % self.bs)
+
+    def move_draws(self, output_index: torch.Tensor) -> None:
+        """Move the output index of the moved sequences' draws (one per drawn row) back as their positions moved."""
+        if self.back is not None:
+            *_, drawn, owner = self.moved
+            output_index.index_add_(0, drawn(), -self.back[owner()])
+
+
+class Moved(NamedTuple):
+    """A sequence fed after drafts the step before verified."""
+
+    draw: int  # the row of its first draw there
+    drafts: list[int]
+    row: int  # the row of its first token here
+    index: int  # its index among this step's sequences
+    num_tokens: int  # its tokens here
+    drawn: int  # the first of the rows drawn here that are its (in draw order)
+    num_drawn: int
 
 
 def shared_prefix_len(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:

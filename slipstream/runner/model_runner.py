@@ -10,7 +10,9 @@ exactly speculative sampling's rule, so the output distribution is that of plain
 A step is launched (`launch`: inputs staged, forward, draw, results copied to pinned host memory, all queued
 on the device) and its results read later (`collect`). The engine core launches step N + 1 before it collects
 step N, so the GPU never waits for the host's bookkeeping: a sequence that drew a token in step N is fed it in
-step N + 1 straight from the device (`SeqStep.feed_previous`), and only `collect` waits for the GPU.
+step N + 1 straight from the device (`SeqStep.feed_previous`), and only `collect` waits for the GPU. A step behind
+one that verifies drafts is planned as if every draft were accepted; the device counts the accepted ones and moves
+the positions of what follows back by the rest (`inputs.Feed`).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from slipstream.parallel.shard import Shard
 from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
 from slipstream.runner.cuda_graphs import CapturePool, GraphLadder, PiecewiseLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
-from slipstream.runner.inputs import HostInputs, Stager, eager_inputs, front_padded, host_inputs
+from slipstream.runner.inputs import Feed, HostInputs, Moved, Stager, eager_inputs, front_padded, host_inputs
 from slipstream.runner.kv_pool import KVPool
 from slipstream.runner.sampling import SamplingTensors, expand_rows
 
@@ -185,9 +187,12 @@ class ModelRunner:
                 for q, ladder in self.graphs.items()), len(self.pieces.sizes), self.pieces.sizes[-1],
                 time.perf_counter() - started)
         self.gpu_wait_s = 0.0  # host time spent blocked on the GPU (benchmarks derive the CPU share of a step)
-        # The last launched step's draws, on the device: sequence id -> row, and the tokens.
+        # The last launched step's draws, on the device: sequence id -> its first row, the tokens, and the drafts they
+        # verify by sequence id.
         self._last_rows: dict[int, int] = {}
         self._last_tokens: torch.Tensor | None = None
+        self._last_drafts: dict[int, list[int]] = {}
+        self._feed: Feed | None = None  # what the step being launched takes from the one before
         if self.device.type == "cuda":
             self._host_tokens = [torch.empty(sched.max_num_batched_tokens, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._token_buf = 0
@@ -280,8 +285,8 @@ class ModelRunner:
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
         h = self._graph_shaped(host_inputs(seqs, self.block_size, self.cascade))
-        fed = [(row, s.seq_id) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
-        out = self._forward(h, self._feeder(fed))
+        self._feed = self._feeder(seqs, h)
+        out = self._forward(h, self._feed)
         if self.aux_layers:
             out, self.head_states = out
         elif self.keep_hidden:
@@ -337,18 +342,23 @@ class ModelRunner:
                 scores.setdefault(s.seq_id, []).append((rank, entry))
         return scores
 
-    def _feeder(self, fed: list[tuple[int, int]]):  # noqa: ANN202 - a callable that patches input ids, or None
-        """Rows of the input ids to fill with the previous step's draws, still on the device."""
-        if not fed:
-            return None
-        try:
-            src = [self._last_rows[sid] for _, sid in fed]
-        except KeyError:
-            raise RuntimeError("a sequence is fed a token that the previous step did not draw") from None
-        dst_t, src_t = self.ints.put([row for row, _ in fed]), self.ints.put(src)
-        self.ints.upload()
-        last = self._last_tokens
-        return lambda ids: ids.index_copy_(0, dst_t(), last[src_t()])
+    def _feeder(self, seqs: list[SeqStep], h: HostInputs) -> Feed | None:
+        """What the step's inputs take from the previous step's results, still on the device (see `Feed`)."""
+        plain: list[tuple[int, int]] = []
+        moved: list[Moved] = []
+        drawn = 0  # rows drawn by the sequences before
+        for i, (s, row) in enumerate(zip(seqs, h.first_rows)):
+            if s.feed_previous:
+                src = self._last_rows.get(s.seq_id)
+                if src is None:
+                    raise RuntimeError("a sequence is fed a token that the previous step did not draw")
+                drafts = self._last_drafts.get(s.seq_id)
+                if drafts:
+                    moved.append(Moved(src, drafts, row, i, len(s.token_ids), drawn, s.num_samples))
+                else:
+                    plain.append((row, src))
+            drawn += s.num_samples
+        return Feed(self.ints, self._last_tokens, self.block_size, plain, moved) if plain or moved else None
 
     @torch.inference_mode()
     def launch(self, step: Step, fill_masks: MaskFiller | None = None) -> Launched:
@@ -392,16 +402,19 @@ class ModelRunner:
         if fill_masks is not None:
             allowed = fill_masks([s.seq_id for s in drawing for _ in range(s.num_samples)], before)
         sb = self.sampling.build(rows, positions, before, self.ints, allowed)
+        if sb is not None and self._feed is not None:  # (seeded draws: their noise follows the output index)
+            self._feed.move_draws(sb.positions)
         if sb is None:
             out = SamplerOutput(kernels.argmax(logits) if self.fused else logits.argmax(dim=-1), None, None)
         else:
             out = sample(logits, sb, self.fused)
-        rows, r = {}, 0
+        rows, drafts, r = {}, {}, 0
         for s in drawing:
-            if not s.num_drafts:  # after drafts the next fed token depends on how many were accepted: known later
-                rows[s.seq_id] = r
+            rows[s.seq_id] = r
+            if s.num_drafts:
+                drafts[s.seq_id] = s.token_ids[len(s.token_ids) - s.num_drafts :]
             r += s.num_samples
-        self._last_rows, self._last_tokens = rows, out.tokens
+        self._last_rows, self._last_tokens, self._last_drafts = rows, out.tokens, drafts
         return drawing, out, scores
 
     def collect(self, launched: Launched) -> list[SeqResult]:
@@ -445,9 +458,10 @@ class ModelRunner:
         ladder = self.graphs[q]
         if not ladder.fits(len(n)) or ladder.size_for(len(n)) * q > PAD_TO_GRAPH_TOKENS:  # (rows the replay computes)
             return h
-        return front_padded(h, q, self.kv.pad_slot) or h
+        slack = max(map(len, self._last_drafts.values()), default=0)  # (positions a Feed may yet move back)
+        return front_padded(h, q, self.kv.pad_slot, slack) or h
 
-    def _forward(self, h: HostInputs, feed) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    def _forward(self, h: HostInputs, feed: Feed | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of every token of the step (and with aux_layers the states entering them): a captured graph
         when one fits, else captured pieces, else eagerly."""
         q = h.query_lens[0]
@@ -458,7 +472,7 @@ class ModelRunner:
             return self.pieces.run(h, feed)
         ids, positions, meta = eager_inputs(h, self.ints)
         if feed is not None:
-            feed(ids)
+            feed(ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
         return self.model(ids, positions, meta, self.aux_layers)
 
     def _take(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

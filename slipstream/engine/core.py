@@ -678,12 +678,12 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        # Stopped inside a run of accepted drafts, or with a step in flight: KV past the kept tokens must not reach
-        # the prefix cache.
-        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
+        # Stopped inside a run of accepted drafts, or with a step in flight (its drafts counted as computed until read):
+        # KV past the kept tokens must not reach the prefix cache.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
         self.scheduler.finish(seq)
         self._matchers.pop(seq.seq_id, None)
         self._dormant.pop(seq.seq_id, None)

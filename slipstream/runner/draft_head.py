@@ -180,7 +180,8 @@ class DraftHeadRunner:
             if self.graphs is not None and self.graphs.fits(len(now)):
                 st.upload()
                 self._g[: len(now)].copy_(o[sel()])
-                o = self.graphs.run(h, lambda ids, fed=tokens[sel()]: ids[: len(fed)].copy_(fed))
+                # (the ladder hands a feed every staged input; the chain's rows only take the draws as their ids)
+                o = self.graphs.run(h, lambda ids, *staged, fed=tokens[sel()]: ids[: len(fed)].copy_(fed))
             else:
                 _, positions, meta = eager_inputs(h, st)
                 o = self.head(tokens[sel()], positions, meta, o[sel()])

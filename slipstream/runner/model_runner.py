@@ -159,8 +159,12 @@ class ModelRunner:
         width = -(-max_model_len // bs)
         # Room for one step: per token its id, position and slot; per drawn row (at most one a token: a verifying
         # step draws every one) its index, three sampling ints and whether a grammar holds it; per sequence its block
-        # table, query start and length (alignment padding is covered by the +64).
-        self.ints = Stager(self.device, torch.int64, 8 * sched.max_num_batched_tokens + sched.max_num_seqs * (width + 8) + 64)
+        # table, query start and length. A step behind a verifying one (inputs.Feed) adds per token its row and owner,
+        # per drawn row the same, per sequence its k drafts and the rows of their draws and 6 more (each list's
+        # alignment padding is covered by the +128).
+        k = config.num_speculative_tokens
+        self.ints = Stager(self.device, torch.int64, 12 * sched.max_num_batched_tokens
+                           + sched.max_num_seqs * (width + 2 * k + 16) + 128)
         self.sampling = SamplingTensors(self.device, mc.vocab_size, sorted(eos_ids), sched.max_num_batched_tokens)
         kv_heads = self.shard.heads(mc.num_heads, mc.num_kv_heads)[3]
         self.kv = KVPool(mc, bs, kv_dtype(config, self.dtype, self.device), self.device, kv_heads)

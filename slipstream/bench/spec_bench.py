@@ -215,7 +215,8 @@ def _best_of(n: int, llm: LLM, timed) -> tuple[float, list[list[int]], dict, lis
 def _step_costs(run: dict, elapsed: float) -> dict:
     """A timed run's steps and what one took: on the device (CUDA events around its forward and draw; 0 on a CPU)
     and on the clock. Where the clock's time a step is well above the device's, the host sets the pace: a step
-    that verifies drafts is read before the next is prepared, and the host's work no longer hides behind the device."""
+    read before the next is prepared (one that verifies drafts the next cannot be planned past) leaves the host's work
+    no longer hidden behind the device."""
     steps = run["decode_steps"] + run["mixed_steps"]
     device = run["decode_device_seconds"] + run["mixed_device_seconds"]
     return {"steps": steps, "device_ms_a_step": round(1e3 * device / steps, 3) if steps else None,

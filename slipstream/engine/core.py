@@ -102,9 +102,9 @@ class EngineCore:
         # n-gram drafts overlap too: the step after a verifying one is planned as if every draft were accepted (the
         # device moves it back by the rejected ones: runner/inputs.Feed), and its drafts are looked up behind the
         # step in flight, guessing its outcome (_propose). Where that plan cannot hold (penalties, a grammar,
-        # min_tokens), a step that verifies drafts is read before the next is scheduled (at the
-        # start of the next step()), and one that will draft for such a sequence reads the step in flight first. A
-        # draft model or head keeps its own state step by step and turns overlap off.
+        # min_tokens), a step that verifies drafts is read before the next is scheduled (at the start of the next
+        # step()), and one that will draft for such a sequence reads the step in flight first. A draft model or head
+        # keeps its own state step by step and turns overlap off.
         k = config.num_speculative_tokens
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
             NgramProposer() if config.speculative_method == "ngram"
@@ -430,8 +430,8 @@ class EngineCore:
     def step(self) -> list[SeqDelta]:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read.
-        A step that must be read before the next is scheduled (it verifies drafts, or a penalty's history needs its
-        draw) is read at the start of the next step(), not at the end of its own: what the caller does with the
+        A step that must be read before the next is scheduled (a penalty's history needs its draw, or it verifies
+        drafts the next step cannot be planned past: see _behind) is read at the start of the next step(), not at the end of its own: what the caller does with the
         deltas returned in between (the output processor, the engine-core process's send) runs while it computes."""
         started = time.perf_counter()
         self._read = self._admit_compiled() if self._awaiting else []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -47,6 +48,11 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @cached_property
+    def context_lens(self) -> list[int]:
+        """seq_lens as the device holds them, read once a step (for a backend that loops over sequences on the host)."""
+        return self.seq_lens.tolist()
 
 
 class AttentionBackend:

@@ -18,7 +18,7 @@ def paged_attention_ref(
     block_size = k_cache.shape[1]
     start = 0
     # (the lengths on the device: a step planned behind one whose verdict is not read yet has them moved there)
-    for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens.tolist())):
+    for b, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens)):
         blocks = meta.block_tables[b, : -(-ctx // block_size)]
         k, v = k_cache[blocks].flatten(0, 1)[:ctx], v_cache[blocks].flatten(0, 1)[:ctx]
         if kv_scales is not None:

@@ -520,11 +520,12 @@ def test_plain_steps_are_timed_as_plain_decoding_runs_them(gguf_path):
 
 
 def test_drafts_are_verified_behind_the_step_in_flight(gguf_path, story_answers):
-    """With overlap, a step that verifies drafts is not read before the next is launched: that one is planned as if
-    every draft were accepted, its drafts looked up behind it, and the device moves it back by the rejected ones (its
-    positions, and for a seeded draw its output index). Drafts always right, always wrong, and right for a while then
-    wrong (every count of rejected drafts) give plain decoding's answers, greedy and seeded; always right, every step
-    after the prompt verifies four drafts with one in flight."""
+    """With overlap, the step after a verifying one is launched before that one is read, planned as if every draft were
+    accepted, and the device moves it back by the rejected ones (its positions, and for a seeded draw its output
+    index); it drafts too where the sequence's last verdict kept every draft. Steps of 4, 4 and no drafts in turn, with
+    drafts always right, always wrong, and right for a while then wrong (every count of rejected drafts) give
+    plain decoding's answers, greedy and seeded; with drafts always right, every step after a verifying one is launched
+    behind it."""
     from slipstream.bench.spec_bench import ScriptedProposer
 
     class Partly(ScriptedProposer):  # the third token it looks up is wrong
@@ -535,8 +536,7 @@ def test_drafts_are_verified_behind_the_step_in_flight(gguf_path, story_answers)
     seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=60, ignore_eos=True)
     seeded_answers = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
                       for o in LLM(gguf_path, **STORY_ENGINE).generate(STORIES[:2], seeded)]
-    llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, speculative_adaptive=False,
-              async_scheduling="on", **STORY_ENGINE)
+    llm = LLM(gguf_path, speculative_method="ngram", num_speculative_tokens=4, async_scheduling="on", **STORY_ENGINE)
     core = llm.engine.core
     behind = []  # per step launched: a step verifying drafts was in flight
     launch = core._launch
@@ -545,18 +545,21 @@ def test_drafts_are_verified_behind_the_step_in_flight(gguf_path, story_answers)
     for params, answers in ((STORY_PARAMS, story_answers[:2]), (seeded, seeded_answers)):
         for proposer in (ScriptedProposer(answers, False), ScriptedProposer(answers, True), Partly(answers, False)):
             core.proposer = proposer
+            ks = iter([4, 4, 0] * 100)
+            core.draft_policy.choose = lambda batch: next(ks)
             behind.clear()
             core.stats.draft_tokens = core.stats.accepted_draft_tokens = 0
             got = llm.generate(STORIES[:2], params)
             assert [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in got] == answers
             st = core.stats
+            assert sum(behind) >= 5
             if proposer.wrong:
-                assert st.accepted_draft_tokens == 0 and sum(behind) >= 20
+                assert st.accepted_draft_tokens == 0
             elif isinstance(proposer, Partly):
-                assert 0 < st.accepted_draft_tokens < st.draft_tokens and sum(behind) >= 10
+                assert 0 < st.accepted_draft_tokens < st.draft_tokens
             else:
-                assert st.accepted_draft_tokens == st.draft_tokens > 0
-                assert sum(behind) >= 60 / 5 - 2  # (the two answers decode side by side: 60 tokens, five a step)
+                # (the second of two verifying steps and the plain one after them: two steps in three)
+                assert st.accepted_draft_tokens == st.draft_tokens > 0 and sum(behind) >= 2 * len(behind) / 3 - 3
     assert_no_leak(llm)
 
 

@@ -37,6 +37,7 @@ class Sequence:
     # The (length, last token) its tokens must have once the step in flight is read for the drafts proposed behind that
     # step to follow them: they guess its outcome (EngineCore._propose).
     drafts_follow: tuple[int, int] = (0, -1)
+    all_accepted: bool = True  # the last verdict read kept every draft (the next is planned behind only then)
     # Tokens of launched steps whose results the core has not read yet, counted as the plan counts them: a drawn
     # token a step, and its drafts as if all were accepted (the engine launches step N + 1 before it reads step N).
     # They count in num_tokens: the scheduler plans with them.

@@ -432,8 +432,9 @@ class EngineCore:
         """Schedule and launch a step, then read the step launched before it: with overlap on, the GPU runs step N
         while the host reads step N - 1 and prepares step N + 1. Returns the deltas of the step that was read.
         A step that must be read before the next is scheduled (a penalty's history needs its draw, or it verifies
-        drafts the next step cannot be planned past: see _behind) is read at the start of the next step(), not at the end of its own: what the caller does with the
-        deltas returned in between (the output processor, the engine-core process's send) runs while it computes."""
+        drafts the next step cannot be planned past: see _behind) is read at the start of the next step(), not at the
+        end of its own: what the caller does with the deltas returned in between (the output processor, the
+        engine-core process's send) runs while it computes."""
         started = time.perf_counter()
         self._read = self._admit_compiled() if self._awaiting else []
         if self._inflight is not None and self._inflight.sync:
@@ -470,11 +471,11 @@ class EngineCore:
 
     def _propose(self, k: int) -> None:
         """Up to k drafts for every decoding sequence (the scheduler takes as many as the step's budget allows).
-        Behind a step in flight (`_behind`), the lookup follows the tokens that step is assumed to yield: its drafts, if
-        the ones before them turned out as guessed (else none: drafts that follow a wrong guess are seldom accepted),
-        and its draw, the first token looked up, which is dropped; the drafts follow it."""
+        Behind the step in flight (step() read it first unless every sequence waiting on it may draft behind it), the
+        lookup follows the tokens that step is assumed to yield: its drafts, if the ones before them turned out as
+        guessed (else none: drafts that follow a wrong guess are seldom accepted), and its draw, the first token looked
+        up, which is dropped; the drafts follow it."""
         started = time.perf_counter()
-        flight = self._inflight.drafts if self._inflight is not None else {}
         for seq in self.scheduler.running:
             seq.draft_token_ids = []
             # no drafts before a dormant grammar starts: draws after its marker in the same step would go unmasked
@@ -486,10 +487,9 @@ class EngineCore:
             if not seq.num_pending:
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, ids, limit)
                 seq.drafts_follow = (len(ids), ids[-1])
-            elif self._behind(seq):
-                ahead = flight.get(seq.seq_id, [])
-                if ahead and seq.drafts_follow == (len(ids), ids[-1]):
-                    ids = ids + ahead
+            else:
+                if seq.drafts_follow == (len(ids), ids[-1]):
+                    ids = ids + self._inflight.drafts[seq.seq_id]
                 guess = self.proposer.propose(seq.seq_id, ids, limit + 1, len(seq.token_ids))
                 if guess:
                     seq.draft_token_ids, seq.drafts_follow = guess[1:], (len(ids) + 1, guess[0])

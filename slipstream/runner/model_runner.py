@@ -348,12 +348,18 @@ class ModelRunner:
 
     def _feeder(self, seqs: list[SeqStep], h: HostInputs) -> Feed | None:
         """What the step's inputs take from the previous step's results, still on the device (see `Feed`)."""
-        plain: list[tuple[int, int]] = []
-        moved: list[Moved] = []
+        last = self._last_rows
+        if not self._last_drafts:  # (the common step: no draft moves anything; no loop over every sequence)
+            try:
+                plain = [(row, last[s.seq_id]) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
+            except KeyError:
+                raise RuntimeError("a sequence is fed a token that the previous step did not draw") from None
+            return Feed(self.ints, self._last_tokens, self.block_size, plain, []) if plain else None
+        plain, moved = [], []
         drawn = 0  # rows drawn by the sequences before
         for i, (s, row) in enumerate(zip(seqs, h.first_rows)):
             if s.feed_previous:
-                src = self._last_rows.get(s.seq_id)
+                src = last.get(s.seq_id)
                 if src is None:
                     raise RuntimeError("a sequence is fed a token that the previous step did not draw")
                 drafts = self._last_drafts.get(s.seq_id)

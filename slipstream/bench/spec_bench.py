@@ -119,7 +119,8 @@ def speculative(a: argparse.Namespace) -> list[dict]:
         print(f"[{len(prompts)} prompts: batch sizes above that run {len(prompts)} sequences]")
         a.batch_sizes = sorted({min(b, len(prompts)) for b in a.batch_sizes})
     engine = dict(device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
-                  gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
+                  gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization,
+                  async_scheduling=a.async_scheduling)
     # a shape with random weights: for the verification mechanism (oracle, wrong), or the cost of a head's drafts
     if a.model in BUNDLED or _without_weights(a.model):
         a.model = model_dir(a.model)
@@ -334,6 +335,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATION_METHODS)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="off: every step read before the next is planned (how much the overlap gives, plain and "
+                        "speculative)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each run this many times, plain and speculative alike, and report the fastest (its "
                         "identical answers: the fewest of any run)")

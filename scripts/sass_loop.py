@@ -62,15 +62,15 @@ def main() -> None:
     io = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16",
               q_ptr="*u8", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*bf16", eps="fp32")
     # (name, kernel, constexprs, warps, stages, weights a thread handles in one pass of the loop)
-    cases = [("one-row GEMV, 16 rows x 512 columns, no prologue", _gemv_int4_kernel,
-              dict(PROLOGUE=0, HAS_RES=False, HAS_BIAS=False, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
-              4, 3, 16 * 512 // 128),
-             ("one-row GEMV, same tile, RMSNorm prologue", _gemv_int4_kernel,
-              dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SPAN=128, BLOCK_N=16, BLOCK_K=512, PDL=False),
-              4, 3, 16 * 512 // 128),
-             ("W4A16 GEMM, decode tiles 16 x 32 x 128", _w4a16_kernel,
-              dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=32,
-                   BLOCK_K=128, PDL=True), 4, 4, 32 * 128 // 128)]
+    cases = [(f"one-row GEMV, {bn} rows x {bk} columns, {warps} warp(s), {form}, {pro}", _gemv_int4_kernel,
+               dict(GROUP=128, PROLOGUE=p, HAS_RES=p == 1, HAS_BIAS=False, SPAN=128, HALF2=half2, BLOCK_N=bn,
+                    BLOCK_K=bk, PDL=False), warps, 3, bn * bk // (32 * warps))
+             for half2, form in ((False, "float32 sums"), (True, "half-precision pairs"))
+             for bn, bk, warps in ((16, 512, 4), (16, 256, 1))
+             for p, pro in ((0, "no prologue"), (1, "RMSNorm prologue"))]
+    cases.append(("W4A16 GEMM, decode tiles 16 x 32 x 128", _w4a16_kernel,
+                  dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=32,
+                       BLOCK_K=128, PDL=True), 4, 4, 32 * 128 // 128))
     for name, fn, consts, warps, stages, per_thread in cases:
         ops = loop_counts(compiled_sass(fn, io, consts, warps, stages))
         total = sum(ops.values())

@@ -44,6 +44,60 @@ def one_plus_sixteenth(w, j: tl.constexpr):
     return ((b & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
+# The 8 columns of a word in half-precision pairs as the magic-number unpacking yields them: (0, 4), (1, 5), (2, 6),
+# (3, 7), the first of each pair in the low 16 bits. 1024 + q (column j at bits 4j, j = 0, 2) and 64 + q (j = 1, 3,
+# whose nibble sits 4 bits higher: 64's half-precision step is 1/16) are exact, and so is subtracting the magic.
+_WORD_DOT_F16 = tl.constexpr("""{
+.reg .b32 t, m1024, m64, p0, p1, p2, p3, h;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m1024, 0x64006400;
+mov.b32 m64, 0x54005400;
+shr.u32 t, $1, 8;
+lop3.b32 p0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 p1, $1, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 p2, t, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 p3, t, 0x00F000F0, 0x54005400, 0xEA;
+sub.f16x2 p0, p0, m1024;
+sub.f16x2 p1, p1, m64;
+sub.f16x2 p2, p2, m1024;
+sub.f16x2 p3, p3, m64;
+mul.rn.f16x2 h, p0, $2;
+fma.rn.f16x2 h, p1, $3, h;
+fma.rn.f16x2 h, p2, $4, h;
+fma.rn.f16x2 h, p3, $5, h;
+mov.b32 {lo, hi}, h;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+
+
+@triton.jit
+def word_dot_f16(w, x04, x15, x26, x37):
+    """sum over j of q_j * x_j for the 8 nibbles q_j of each int32 word w and half-precision x (pairs packed in int32:
+    x04 holds x_0 low and x_4 high, and so on), as float32. On the GPU only (inline PTX): the nibbles become
+    half-precision pairs by one three-input logic op per two (the magic number OR-ed in) and meet x in paired
+    multiply-adds, about two instructions a weight where unpacking to float32 one nibble at a time takes three or
+    more, and at batch 1 the 4-bit GEMV is bound by those instructions, not by memory. Each word's two half sums
+    (four products each) are rounded to half precision before they add in float32."""
+    return tl.inline_asm_elementwise(_WORD_DOT_F16, "=r,r,r,r,r,r", [w, x04, x15, x26, x37], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def half_pairs(a, SPANS: tl.constexpr, WORDS: tl.constexpr):
+    """[SPANS, WORDS, 8] float32, the 8 columns of each word -> the four int32 tensors [SPANS, WORDS] of
+    half-precision pairs word_dot_f16 takes."""
+    bits = a.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.permute(tl.reshape(bits, [SPANS, WORDS, 2, 4]), (0, 1, 3, 2)))  # columns 0-3, 4-7
+    pairs = lo | (hi << 16)
+    even, odd = tl.split(tl.reshape(pairs, [SPANS, WORDS, 2, 2]))
+    x04, x26 = tl.split(even)
+    x15, x37 = tl.split(odd)
+    return x04, x15, x26, x37
+
+
 # How a weight's integers are stored (dequant_tile's CODE): unsigned nibbles, FP4 E2M1 nibbles, or signed bytes
 # (GGUF's 5-, 6- and 8-bit blocks, kept 8-bit); each with a scale per group, and (OFFSET) an offset
 CODE_U4, CODE_FP4, CODE_S8 = 0, 1, 2

@@ -23,10 +23,11 @@ FP8 weights come with scales: one per output row (applied to the row's sum) or o
 (applied to each weight as it is loaded; the scale tile is a few hundred bytes and stays in L1). 4-bit weights
 (layers/quantization/int4.py: bytes of two columns, a scale and an offset per group of a row) and 8-bit integer
 weights (GGUF 5-, 6- and 8-bit blocks: a signed byte a column, a scale and maybe an offset per group): one row runs
-_gemv_int4_kernel (4-bit integers, read as int32 words of 8 columns) or _gemv_grouped_kernel (FP4, 8-bit), which apply
-each group's scale (and offset) to the group's sums and keep the weights and f(x) in float32 (nothing is rounded to
-x's dtype: one row's sums differ from the GEMM's of several rows in the last bits); a few rows unpack and dequantize
-each weight as it loads, rounded to x's dtype as the W4A16 GEMM rounds them.
+_gemv_int4_kernel (4-bit integers, read as int32 words of 8 columns: for 16-bit x on the GPU, the nibbles meet f(x) in
+half-precision pairs, each word's products summed in half precision) or _gemv_grouped_kernel (FP4, 8-bit), which
+apply each group's scale (and offset) to the group's sums, kept in float32 (one row's sums differ from the GEMM's of
+several rows in the last bits); a few rows unpack and dequantize each weight as it loads, rounded to x's dtype as the
+W4A16 GEMM rounds them.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import GEMV_ROWS, INTERPRET, cdiv, dot_precision
 from slipstream.kernels._pdl import await_inputs, first_wave, pdl, prefetch_weights
-from slipstream.kernels.int4 import e2m1, one_plus_sixteenth
+from slipstream.kernels.int4 import e2m1, half_pairs, one_plus_sixteenth, word_dot_f16
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
@@ -166,15 +167,20 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
 
 
 @triton.jit(do_not_specialize=["eps"])
-def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, group,
-                      stride_q, stride_s, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """One row times 4-bit integer weights with a scale and an offset per group of columns (SCALE 3 as weight_tile
+def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_q,
+                      stride_s, wave, GROUP: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPAN: tl.constexpr, HALF2: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One row times 4-bit integer weights with a scale and an offset per GROUP columns (SCALE 3 as weight_tile
     reads them), read as int32 words of 8 columns. A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a span's words],
     each span of SPAN columns inside one group:
-        y[n] = sum over spans of 16 scale * sum((1 + q / 16) f(x)) + (offset - 16 scale) * sum(f(x)),
-    f(x) (built in float32: it does not meet tensor cores) laid out [spans, words, 8] and split into the 8 columns of
-    each word in registers, so that each nibble meets its column in a multiply-add."""
+        y[n] = sum over spans of scale * sum(q f(x)) + offset * sum(f(x)).
+    f(x) is built in float32 laid out [spans, words, 8] (once for all BLOCK_N rows) and meets the nibbles either in
+    half-precision pairs (HALF2: 16-bit activations on the GPU, word_dot_f16; f(x) scaled by 2^-8 on the way, so
+    that a word's sums of products stay far below half precision's 65504 for any |f(x)| under 2^16, the scale
+    given back with the group's) or in float32, a nibble at a time (float32 activations, and the CPU interpreter,
+    which runs no inline assembly), split into the 8 columns of each word in registers:
+        sum(q f(x)) = 16 sum((1 + q / 16) f(x)) - 16 sum(f(x))."""
     WORDS: tl.constexpr = SPAN // 8
     SPANS: tl.constexpr = BLOCK_K // SPAN
     pid = tl.program_id(0)
@@ -184,9 +190,10 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
     await_inputs(PDL)
     span = tl.arange(0, SPANS)
     word_at = (span * WORDS)[:, None] + tl.arange(0, WORDS)[None, :]  # [SPANS, WORDS] from the tile's first word
-    col_at = 8 * word_at[:, :, None] + tl.arange(0, 8)[None, None, :]  # [SPANS, WORDS, 8]
     rows = q_ptr.to(tl.pointer_type(tl.int32)) + ns.to(tl.int64)[:, None, None] * (stride_q // 4)
     acc = tl.zeros([BLOCK_N, SPANS, WORDS], dtype=tl.float32)
+    acc_offset = tl.zeros([BLOCK_N, SPANS], dtype=tl.float32)
+    col_at = 8 * word_at[:, :, None] + tl.arange(0, 8)[None, None, :]  # [SPANS, WORDS, 8]
     sq = tl.zeros([SPANS, WORDS, 8], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         span_ok = k0 + span * SPAN < K
@@ -194,28 +201,32 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
         cols = k0 + col_at
         a, sq = gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, cols, cols, cols < K, K, pid == 0, sq, PROLOGUE,
                            HAS_RES, True)
-        even, odd = tl.split(tl.reshape(a, [SPANS, WORDS, 4, 2]))  # columns 0, 2, 4, 6 and 1, 3, 5, 7 of a word
-        a04, a26 = tl.split(tl.reshape(even, [SPANS, WORDS, 2, 2]))
-        a15, a37 = tl.split(tl.reshape(odd, [SPANS, WORDS, 2, 2]))
-        a0, a4 = tl.split(a04)
-        a2, a6 = tl.split(a26)
-        a1, a5 = tl.split(a15)
-        a3, a7 = tl.split(a37)
-        part = one_plus_sixteenth(w, 0) * a0[None, :, :]
-        part += one_plus_sixteenth(w, 1) * a1[None, :, :]
-        part += one_plus_sixteenth(w, 2) * a2[None, :, :]
-        part += one_plus_sixteenth(w, 3) * a3[None, :, :]
-        part += one_plus_sixteenth(w, 4) * a4[None, :, :]
-        part += one_plus_sixteenth(w, 5) * a5[None, :, :]
-        part += one_plus_sixteenth(w, 6) * a6[None, :, :]
-        part += one_plus_sixteenth(w, 7) * a7[None, :, :]
-        a_sum = tl.sum(a, 2)
-        at = ns[:, None] * stride_s + ((k0 + span * SPAN) // group)[None, :]
+        at = ns[:, None] * stride_s + ((k0 + span * SPAN) // GROUP)[None, :]
         s_ok = n_ok[:, None] & span_ok[None, :]
         scale = tl.load(s_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
-        offset = tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
-        acc += part * (16.0 * scale)[:, :, None] + (offset - 16.0 * scale)[:, :, None] * a_sum[None, :, :]
-    y = tl.sum(tl.sum(acc, 2), 1)
+        acc_offset += tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32) * tl.sum(tl.sum(a, 2), 1)[None, :]
+        if HALF2:
+            x04, x15, x26, x37 = half_pairs(a * 0.00390625, SPANS, WORDS)
+            part = word_dot_f16(w, x04[None, :, :], x15[None, :, :], x26[None, :, :], x37[None, :, :])
+            acc += part * (256.0 * scale)[:, :, None]
+        else:
+            even, odd = tl.split(tl.reshape(a, [SPANS, WORDS, 4, 2]))  # columns 0, 2, 4, 6 and 1, 3, 5, 7 of a word
+            a04, a26 = tl.split(tl.reshape(even, [SPANS, WORDS, 2, 2]))
+            a15, a37 = tl.split(tl.reshape(odd, [SPANS, WORDS, 2, 2]))
+            a0, a4 = tl.split(a04)
+            a2, a6 = tl.split(a26)
+            a1, a5 = tl.split(a15)
+            a3, a7 = tl.split(a37)
+            part = one_plus_sixteenth(w, 0) * a0[None, :, :]
+            part += one_plus_sixteenth(w, 1) * a1[None, :, :]
+            part += one_plus_sixteenth(w, 2) * a2[None, :, :]
+            part += one_plus_sixteenth(w, 3) * a3[None, :, :]
+            part += one_plus_sixteenth(w, 4) * a4[None, :, :]
+            part += one_plus_sixteenth(w, 5) * a5[None, :, :]
+            part += one_plus_sixteenth(w, 6) * a6[None, :, :]
+            part += one_plus_sixteenth(w, 7) * a7[None, :, :]
+            acc += (part - tl.sum(a, 2)[None, :, :]) * (16.0 * scale)[:, :, None]
+    y = tl.sum(tl.sum(acc, 2) + acc_offset, 1)
     if PROLOGUE == 1:
         y = y * tl.math.rsqrt(tl.sum(tl.reshape(sq, [sq.numel]), 0) / K + eps)
     if HAS_BIAS:
@@ -299,8 +310,16 @@ GROUPED_CONFIGS = [
 ]
 _gemv_grouped = (_gemv_grouped_kernel if INTERPRET
                  else triton.autotune(GROUPED_CONFIGS, key=[*_KEY, "SPAN"])(_gemv_grouped_kernel))
+# 4-bit words: also tiles of one, two and four warps with more weights a thread (f(x) reaches the words' layout through
+# shared memory: a program of fewer warps waits at barriers for fewer), the fewest instructions a weight in their
+# loops (scripts/sass_loop.py); the autotuner picks
+INT4_CONFIGS = GROUPED_CONFIGS + [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(16, 256, 1, 4), (32, 128, 1, 4), (32, 256, 2, 4), (64, 128, 2, 4), (32, 512, 4, 3),
+                         (64, 256, 2, 3)]
+]
 _gemv_int4 = (_gemv_int4_kernel if INTERPRET
-              else triton.autotune(GROUPED_CONFIGS, key=["N", "K", "PROLOGUE", "SPAN"])(_gemv_int4_kernel))
+              else triton.autotune(INT4_CONFIGS, key=["N", "K", "PROLOGUE", "GROUP", "HALF2"])(_gemv_int4_kernel))
 
 
 def span_of(group: int) -> int:
@@ -354,15 +373,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if weight.data_ptr() % 4 or weight.stride(0) % 4:
                 raise ValueError(f"the 4-bit GEMV reads int32 words: the weight's address and row stride "
                                  f"({weight.stride(0)} bytes) must be multiples of 4")
-        kernel = _gemv_int4 if scale == 3 else _gemv_grouped
-        form = {} if scale == 3 else dict(SCALE=scale)
-        kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
-            x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
-            weight, weight_scale, weight_offset if weight_offset is not None else weight_scale,
-            bias if bias is not None else x, y, res_out if res_out is not None else y, n, k, eps, group,
-            weight.stride(0), weight_scale.stride(0), first_wave(x), PROLOGUE=_PROLOGUES[prologue],
-            HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None, SPAN=span, **form,
-            **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}), **pdl(x))
+        args = (x, residual.contiguous() if residual is not None else x,
+                norm_weight if norm_weight is not None else x, weight, weight_scale,
+                weight_offset if weight_offset is not None else weight_scale, bias if bias is not None else x, y,
+                res_out if res_out is not None else y, n, k, eps)
+        form = dict(PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm",
+                    HAS_BIAS=bias is not None, SPAN=span, **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}),
+                    **pdl(x))
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        if scale == 3:  # 16-bit activations meet the nibbles in half-precision pairs on the GPU
+            _gemv_int4[grid](*args, weight.stride(0), weight_scale.stride(0), first_wave(x), GROUP=group,
+                             HALF2=x.dtype != torch.float32 and not INTERPRET, **form)
+        else:
+            _gemv_grouped[grid](*args, group, weight.stride(0), weight_scale.stride(0), first_wave(x), SCALE=scale,
+                                **form)
         return y, res_out
     kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
     kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](

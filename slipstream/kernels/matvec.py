@@ -378,8 +378,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                 weight_offset if weight_offset is not None else weight_scale, bias if bias is not None else x, y,
                 res_out if res_out is not None else y, n, k, eps)
         form = dict(PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm",
-                    HAS_BIAS=bias is not None, SPAN=span, **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}),
-                    **pdl(x))
+                    HAS_BIAS=bias is not None, SPAN=span,
+                    **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}), **pdl(x))
         grid = lambda meta: (cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         if scale == 3:  # 16-bit activations meet the nibbles in half-precision pairs on the GPU
             _gemv_int4[grid](*args, weight.stride(0), weight_scale.stride(0), first_wave(x), GROUP=group,

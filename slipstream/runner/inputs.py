@@ -1,6 +1,7 @@
 """A step's inputs: host lists from the plain-data step, then device tensors staged in one upload."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -104,7 +105,7 @@ class Feed:
         """`tokens`: the earlier step's draws, one row each. `plain`: (row of a fed token here, row of its draw)."""
         self.tokens, self.bs = tokens, block_size
         self.plain = (st.put([d for d, _ in plain]), st.put([s for _, s in plain])) if plain else None
-        self.moved = None
+        self.moved: _MovedStaged | None = None
         self.back: torch.Tensor | None = None  # drafts rejected, per moved sequence (once called)
         if moved:
             width, last = max(len(m.drafts) for m in moved), tokens.shape[0] - 1
@@ -113,10 +114,11 @@ class Feed:
             drafts = [t for m in moved for t in m.drafts + [-1] * (width - len(m.drafts))]
             rows = [(m.row + i, j) for j, m in enumerate(moved) for i in range(m.num_tokens)]
             drawn = [(m.drawn + i, j) for j, m in enumerate(moved) for i in range(m.num_drawn)]
-            self.moved = (len(moved), width, st.put(draws), st.put(drafts), st.put([m.draw for m in moved]),
-                          st.put([len(m.drafts) for m in moved]), st.put([m.row for m in moved]),
-                          st.put([m.index for m in moved]), st.put([r for r, _ in rows]), st.put([j for _, j in rows]),
-                          st.put([r for r, _ in drawn]), st.put([j for _, j in drawn]))
+            self.moved = _MovedStaged(
+                len(moved), width, st.put(draws), st.put(drafts), st.put([m.draw for m in moved]),
+                st.put([len(m.drafts) for m in moved]), st.put([m.row for m in moved]),
+                st.put([m.index for m in moved]), st.put([r for r, _ in rows]), st.put([j for _, j in rows]),
+                st.put([r for r, _ in drawn]), st.put([j for _, j in drawn]))
         st.upload()
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
@@ -127,21 +129,38 @@ class Feed:
             ids.index_copy_(0, dst(), self.tokens[src()])
         if self.moved is None:
             return
-        m, width, draws, drafts, first, num, dst, seqs, rows, owner, _, _ = self.moved
-        accepted = (self.tokens[draws()].view(m, width) == drafts().view(m, width)).long().cumprod(1).sum(1)
-        ids.index_copy_(0, dst(), self.tokens[first() + accepted])
-        self.back = back = num() - accepted
-        rows_t, owner_t = rows(), owner()
+        mv = self.moved
+        n, w = mv.count, mv.width
+        accepted = (self.tokens[mv.draws()].view(n, w) == mv.drafts().view(n, w)).long().cumprod(1).sum(1)
+        ids.index_copy_(0, mv.fed_rows(), self.tokens[mv.first_draws() + accepted])
+        self.back = back = mv.num_drafts() - accepted
+        rows_t, owner_t = mv.token_rows(), mv.token_owners()
         pos.index_add_(0, rows_t, -back[owner_t])
-        seq_lens.index_add_(0, seqs(), -back)
+        seq_lens.index_add_(0, mv.seqs(), -back)
         p = pos[rows_t]
-        slots.index_copy_(0, rows_t, tables[seqs()[owner_t], p // self.bs] * self.bs + p % self.bs)
+        slots.index_copy_(0, rows_t, tables[mv.seqs()[owner_t], p // self.bs] * self.bs + p % self.bs)
 
     def move_draws(self, output_index: torch.Tensor) -> None:
         """Move the output index of the moved sequences' draws (one per drawn row) back as their positions moved."""
         if self.back is not None:
-            *_, drawn, owner = self.moved
-            output_index.index_add_(0, drawn(), -self.back[owner()])
+            output_index.index_add_(0, self.moved.drawn_rows(), -self.back[self.moved.drawn_owners()])
+
+
+class _MovedStaged(NamedTuple):
+    """The moved sequences' lists as Feed stages them (each a Stager handle: called, the uploaded tensor)."""
+
+    count: int  # moved sequences
+    width: int  # the most drafts any of them verified
+    draws: Callable[[], torch.Tensor]  # per sequence, `width` rows of the earlier step's draws (clamped)
+    drafts: Callable[[], torch.Tensor]  # per sequence, its drafts padded to `width` with -1
+    first_draws: Callable[[], torch.Tensor]  # per sequence, the row of its first draw there
+    num_drafts: Callable[[], torch.Tensor]
+    fed_rows: Callable[[], torch.Tensor]  # per sequence, the row of its first token here
+    seqs: Callable[[], torch.Tensor]  # per sequence, its index among this step's sequences
+    token_rows: Callable[[], torch.Tensor]  # every row of their tokens here ...
+    token_owners: Callable[[], torch.Tensor]  # ... and whose it is
+    drawn_rows: Callable[[], torch.Tensor]  # every row of their draws here ...
+    drawn_owners: Callable[[], torch.Tensor]  # ... and whose it is
 
 
 class Moved(NamedTuple):

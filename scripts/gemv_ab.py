@@ -56,3 +56,9 @@ for form in os.environ.get("FORMS", "bf16 fp8 int4").split():
         del weights
         torch.cuda.empty_cache()
 print(table(rows))
+# the tiles each version's autotuners chose (by key: N, K, prologue, ...), so a difference can be read as one of tiles
+for name, mod in versions:
+    for kernel in ("_gemv", "_gemv_int4"):
+        cache = getattr(getattr(mod, kernel, None), "cache", {})
+        for key, cfg in cache.items():
+            print(f"{name} {kernel} {key[:3]}: {cfg}")

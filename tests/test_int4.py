@@ -224,6 +224,30 @@ def test_4bit_gemv_matches_reference(prologue, group, kind, rows, dtype):
         torch.testing.assert_close(res_out.cpu(), x + res, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="16-bit activations meet the nibbles in half-precision pairs on a GPU only")
+@pytest.mark.parametrize("prologue", ["none", "silu_mul"])
+def test_4bit_gemv_half_pairs_keep_large_activations(prologue):
+    """The one-row 4-bit GEMV's half-precision pairs (f(x) scaled by 2^-8, a word's four products summed in half
+    precision): bf16 activations with outliers of +-20,000 among ordinary ones (a model's massive activations) neither
+    overflow nor drown the rest, on a realistic shape, against float64."""
+    from slipstream.kernels.matvec import gemv
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 1024, 4096
+    width = 2 * k if prologue == "silu_mul" else k
+    x = torch.randn(1, width, generator=g)
+    x[0, torch.randperm(width, generator=g)[:8]] = 20000.0 * torch.sign(torch.randn(8, generator=g))
+    x = x.to(torch.bfloat16)
+    qweight, scales, offsets = quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, 128)
+    a = gemv_prologue_ref(x.double(), k, None, prologue)
+    ref = a @ dequantize(qweight, scales, offsets, torch.float64).T
+    y, _ = gemv(x.cuda(), qweight.cuda(), prologue=prologue, weight_scale=scales.cuda(), weight_offset=offsets.cuda(),
+                group=128)
+    assert torch.isfinite(y).all()
+    # (bf16 output: 2^-8 of the largest value; the pairs' own error is about 1e-3 of it)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=0, atol=ref.abs().max().item() * 2**-7)
+
+
 def test_4bit_gemv_refuses_weights_it_cannot_read_as_words():
     """The one-row GEMV reads 4-bit integers as int32 words of 8 columns: a weight at an address or with a row stride
     that is not a multiple of 4 bytes, or groups that split a word, are refused by name, not read misaligned."""

@@ -379,14 +379,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                 res_out if res_out is not None else y, n, k, eps)
         form = dict(PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm",
                     HAS_BIAS=bias is not None, SPAN=span,
-                    **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}), **pdl(x))
+                    **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}))
         grid = lambda meta: (cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         if scale == 3:  # 16-bit activations meet the nibbles in half-precision pairs on the GPU
             _gemv_int4[grid](*args, weight.stride(0), weight_scale.stride(0), first_wave(x), GROUP=group,
-                             HALF2=x.dtype != torch.float32 and not INTERPRET, **form)
+                             HALF2=x.dtype != torch.float32 and not INTERPRET, **form, **pdl(x))
         else:
             _gemv_grouped[grid](*args, group, weight.stride(0), weight_scale.stride(0), first_wave(x), SCALE=scale,
-                                **form)
+                                **form, **pdl(x))
         return y, res_out
     kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
     kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](

@@ -73,14 +73,36 @@ add.f32 $0, flo, fhi;
 }""")
 
 
+_EMULATE = tl.constexpr(INTERPRET)  # the CPU interpreter runs no inline assembly: word_dot_f16 in Triton's own ops
+
+
+@triton.jit
+def _half(bits):
+    """The low 16 bits of int32 `bits` as a half-precision value."""
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _half_sum(w, x04, x15, x26, x37, SHIFT: tl.constexpr):
+    """The interpreter's word_dot_f16 half: nibbles SHIFT / 4 .. SHIFT / 4 + 3 of w times x's halves at SHIFT, summed
+    in half precision as the assembly sums them (each multiply-add rounded twice here, once there)."""
+    h = ((w >> SHIFT) & 15).to(tl.float16) * _half(x04 >> SHIFT)
+    h = (((w >> (SHIFT + 4)) & 15).to(tl.float16) * _half(x15 >> SHIFT) + h).to(tl.float16)
+    h = (((w >> (SHIFT + 8)) & 15).to(tl.float16) * _half(x26 >> SHIFT) + h).to(tl.float16)
+    return (((w >> (SHIFT + 12)) & 15).to(tl.float16) * _half(x37 >> SHIFT) + h).to(tl.float16)
+
+
 @triton.jit
 def word_dot_f16(w, x04, x15, x26, x37):
     """sum over j of q_j * x_j for the 8 nibbles q_j of each int32 word w and half-precision x (pairs packed in int32:
-    x04 holds x_0 low and x_4 high, and so on), as float32. On the GPU only (inline PTX): the nibbles become
+    x04 holds x_0 low and x_4 high, and so on), as float32. On the GPU inline PTX: the nibbles become
     half-precision pairs by one three-input logic op per two (the magic number OR-ed in) and meet x in paired
     multiply-adds, about two instructions a weight where unpacking to float32 one nibble at a time takes three or
-    more, and at batch 1 the 4-bit GEMV is bound by those instructions, not by memory. Each word's two half sums
-    (four products each) are rounded to half precision before they add in float32."""
+    more, and at batch 1 the 4-bit GEMV is bound by those instructions, not by memory. Each of a word's two sums of
+    four products (columns 0-3 and 4-7) is kept in half precision, every product and sum rounded, then they add in
+    float32. Under the CPU interpreter the same sums in Triton's half-precision ops (tests only)."""
+    if _EMULATE:
+        return _half_sum(w, x04, x15, x26, x37, 0).to(tl.float32) + _half_sum(w, x04, x15, x26, x37, 16).to(tl.float32)
     return tl.inline_asm_elementwise(_WORD_DOT_F16, "=r,r,r,r,r,r", [w, x04, x15, x26, x37], dtype=tl.float32,
                                      is_pure=True, pack=1)
 

@@ -45,8 +45,9 @@ def one_plus_sixteenth(w, j: tl.constexpr):
 
 
 # The 8 columns of a word in half-precision pairs as the magic-number unpacking yields them: (0, 4), (1, 5), (2, 6),
-# (3, 7), the first of each pair in the low 16 bits. 1024 + q (column j at bits 4j, j = 0, 2) and 64 + q (j = 1, 3,
-# whose nibble sits 4 bits higher: 64's half-precision step is 1/16) are exact, and so is subtracting the magic.
+# (3, 7), the first of each pair in the low 16 bits (column j at bits 4j; columns 2, 3, 6, 7 after a shift by 8).
+# 1024 + q (columns 0, 2, 4, 6) and 64 + q (columns 1, 3, 5, 7, whose nibbles sit 4 bits higher: 64's half-precision
+# step is 1/16) are exact, and so is subtracting the magic.
 _WORD_DOT_F16 = tl.constexpr("""{
 .reg .b32 t, m1024, m64, p0, p1, p2, p3, h;
 .reg .f16 lo, hi;

@@ -206,7 +206,8 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
         at = ns[:, None] * stride_s + ((k0 + span * SPAN) // GROUP)[None, :]
         s_ok = n_ok[:, None] & span_ok[None, :]
         scale = tl.load(s_ptr + at, mask=s_ok, other=0.0).to(tl.float32)
-        acc_offset += tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32) * tl.sum(tl.sum(a, 2), 1)[None, :]
+        a_word = tl.sum(a, 2)  # [SPANS, WORDS]
+        acc_offset += tl.load(o_ptr + at, mask=s_ok, other=0.0).to(tl.float32) * tl.sum(a_word, 1)[None, :]
         if HALF2:
             x04, x15, x26, x37 = half_pairs(a * 0.00390625, SPANS, WORDS)
             part = word_dot_f16(w, x04[None, :, :], x15[None, :, :], x26[None, :, :], x37[None, :, :])
@@ -227,7 +228,7 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
             part += one_plus_sixteenth(w, 5) * a5[None, :, :]
             part += one_plus_sixteenth(w, 6) * a6[None, :, :]
             part += one_plus_sixteenth(w, 7) * a7[None, :, :]
-            acc += (part - tl.sum(a, 2)[None, :, :]) * (16.0 * scale)[:, :, None]
+            acc += (part - a_word[None, :, :]) * (16.0 * scale)[:, :, None]
     y = tl.sum(tl.sum(acc, 2) + acc_offset, 1)
     if PROLOGUE == 1:
         y = y * tl.math.rsqrt(tl.sum(tl.reshape(sq, [sq.numel]), 0) / K + eps)

@@ -147,6 +147,48 @@ def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
             proc.kill()
 
 
+def test_a_core_that_dies_while_the_tokenizer_loads_ends_the_server_at_once():
+    """The front end loads its tokenizer while the core loads the model; a core that dies meanwhile (a rank killed,
+    out of memory) must end the server then, not once the tokenizer (and the grammar service's imports: tens of
+    seconds on a loaded machine) have loaded, and the process's exit must not wait for the abandoned load."""
+    script = """
+import asyncio, sys, threading, time
+from slipstream.server.core_client import load_while_core_loads
+class Dead:
+    def alive(self): return time.monotonic() < dies_at
+async def main():
+    try:
+        await load_while_core_loads(Dead(), threading.Event().wait)  # a load that never ends
+    except RuntimeError as e:
+        print(e, round(time.monotonic() - dies_at, 1), flush=True)
+        sys.exit(1)
+dies_at = time.monotonic() + 0.3
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 1, done.stderr
+    said, after = done.stdout.split("model ")[0] + "model", float(done.stdout.split()[-1])
+    assert said == "the engine core exited while loading the model" and after < 2.0, done.stdout
+
+
+def test_a_front_ends_load_returns_or_raises_as_its_function_does():
+    import asyncio
+
+    from slipstream.server.core_client import load_while_core_loads
+
+    class Alive:
+        def alive(self):
+            return True
+
+    def broken():
+        raise ValueError("no tokenizer here")
+
+    assert asyncio.run(load_while_core_loads(Alive(), lambda: "tok")) == "tok"
+    with pytest.raises(ValueError, match="no tokenizer here"):
+        asyncio.run(load_while_core_loads(Alive(), broken))
+
+
 def test_streams_cut_by_the_grace_period_end_with_an_error_and_done(gguf_path):
     """SIGTERM with --grace-period 2: a stream that would run for minutes ends after ~2 s with an error event and
     [DONE] (not a cut connection), and the server exits. Warm-up traffic is not in /metrics."""

@@ -144,6 +144,12 @@ class LeadRunner:
         self._in_steps += 1
         try:
             yield
+        except Exception as e:
+            # a rank that died is the cause of what this one met in the step (gloo: a connection reset by its peer)
+            if (gone := _ended(self.workers, timeout=1.0)) is not None:
+                self._closing.set()
+                raise RuntimeError(_exited(*gone)) from e
+            raise
         finally:
             self._in_steps -= 1
 
@@ -158,15 +164,13 @@ class LeadRunner:
             threading.Thread(target=self._watch, args=(on_stuck, grace_s), daemon=True, name="slipstream-rank-watch").start()
 
     def _watch(self, on_stuck: Callable[[str], None], grace_s: float) -> None:
-        ended = multiprocessing.connection.wait([w.sentinel for w in self.workers])
+        gone = _ended(self.workers)
         if self._closing.wait(grace_s) or not self._in_steps:
-            return  # stopping, the engine failed (check_ranks), or no step is waiting
-        rank, w = next((r, w) for r, w in enumerate(self.workers, 1) if w.sentinel in ended)
-        code = w.exitcode
+            return  # stopping, the engine failed (check_ranks, a step's error), or no step is waiting
+        why = _exited(*gone)
         for other in self.workers:
             other.kill()
-        on_stuck(f"tensor-parallel rank {rank} exited (code {code}) and a step has waited for it {grace_s:g} s: "
-                 "its collectives cannot complete")
+        on_stuck(f"{why} and a step has waited for it {grace_s:g} s: its collectives cannot complete")
 
     def launch(self, step: Any, fill_masks: Any = None) -> Any:
         with self._lock, self._in_step():
@@ -194,7 +198,7 @@ class LeadRunner:
         for rank, w in enumerate(self.workers, 1):
             if not w.is_alive():
                 self._closing.set()  # the engine cannot go on: no more keep-alives
-                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {w.exitcode})")
+                raise RuntimeError(_exited(rank, w))
 
     def __getattr__(self, name: str) -> Any:  # num_blocks, device, kv, ...: the rank's own runner
         return getattr(self.runner, name)
@@ -231,11 +235,14 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
             shard = join(0, world, addr, port, cuda, config.distributed_timeout_s, config.enable_expert_parallel, 0)
             dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
             runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
-    except BaseException:
+    except BaseException as e:
+        gone = _ended(workers, timeout=1.0)  # the cause of what rank 0 met meanwhile (a connection closed by its peer)
         for w in workers:
             w.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if gone is not None:
+            raise RuntimeError(_exited(*gone, while_="the engine started")) from e
         raise
     log.info("tensor parallel: %d ranks", world)
     lead = LeadRunner(runner, shard, workers, config.distributed_timeout_s / 4)
@@ -258,11 +265,10 @@ def _fail_fast(workers: list[multiprocessing.Process], on_stuck: Callable[[str],
         ended = multiprocessing.connection.wait([started, *(w.sentinel for w in workers)])
         if started in ended:
             return
-        rank, w = next((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended)
-        w.join(5)  # (its sentinel closes a moment before the process can be reaped and its exit code read)
+        why = _exited(*_ended(workers, timeout=0), while_="the engine started")
         for other in workers:
             other.kill()
-        on_stuck(f"tensor-parallel rank {rank} exited (code {w.exitcode}) while the engine started")
+        on_stuck(why)
 
     watcher = threading.Thread(target=watch, daemon=True, name="slipstream-rank-start-watch")
     watcher.start()
@@ -273,6 +279,18 @@ def _fail_fast(workers: list[multiprocessing.Process], on_stuck: Callable[[str],
         watcher.join()
         started.close()
         done.close()
+
+
+def _ended(workers: list[multiprocessing.Process], timeout: float | None = None) -> tuple[int, Any] | None:
+    """The first of this host's ranks (1..) whose process has ended, and the process, waiting up to `timeout` s
+    (forever: None) for one; None if none has. (A rank's closed connection may be seen a moment before its end.)"""
+    ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout) if workers else []
+    return next(((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended), None)
+
+
+def _exited(rank: int, w: multiprocessing.Process, while_: str = "") -> str:
+    w.join(5)  # (its sentinel closes a moment before the process can be reaped and its exit code read)
+    return f"tensor-parallel rank {rank} exited (code {w.exitcode})" + (f" while {while_}" if while_ else "")
 
 
 def _per_host(config: Any) -> int:

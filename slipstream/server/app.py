@@ -33,7 +33,7 @@ from slipstream.engine.input_processor import EngineOverloaded, apply_chat_templ
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.heap import freeze_startup_heap, thaw_startup_heap
 from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
-                                           new_request_id)
+                                           load_while_core_loads, new_request_id)
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                        describe)
@@ -182,12 +182,16 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
                 runner, tok = CoreThread(core), core.tokenizer
             else:
                 runner = state.runner = attach if attach is not None else CoreProcess(config, log_level)
-                loop = asyncio.get_running_loop()
-                tok = await loop.run_in_executor(None, tokenizer)
-                # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the event
-                # loop when the first constrained request arrives; after the tokenizer, not beside it: two threads
-                # importing transformers at once break its lazy imports
-                await loop.run_in_executor(None, importlib.import_module, "slipstream.grammar")
+
+                def load() -> Any:
+                    tok = tokenizer()
+                    # the grammar service (xgrammar, torch: seconds) imports now, while the core loads, not on the
+                    # event loop when the first constrained request arrives; after the tokenizer, not beside it: two
+                    # threads importing transformers at once break its lazy imports
+                    importlib.import_module("slipstream.grammar")
+                    return tok
+
+                tok = await load_while_core_loads(runner, load)
             client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
             await client.start()
             state.client = client

@@ -36,6 +36,38 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+_EXITED_LOADING = "the engine core exited while loading the model"
+
+
+async def load_while_core_loads(runner: CoreProcess | CoreAttached, load: Callable[[], Any]) -> Any:
+    """`load()`'s result (the front end's tokenizer, loaded while the core loads the model), or an error as soon as
+    the core's process is gone: a core that dies while it starts (a tensor-parallel rank killed, out of memory) ends
+    the server at once, not once the tokenizer has loaded. On a daemon thread, not the loop's executor, whose threads
+    the interpreter joins at exit: the server must not wait for a load whose result nobody will use."""
+    loop = asyncio.get_running_loop()
+    loaded = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not loaded.done():
+            loaded.set_exception(error) if error is not None else loaded.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = load(), None
+        except BaseException as e:  # noqa: BLE001 - raised in the awaiting task
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the server is exiting
+            pass
+
+    threading.Thread(target=run, daemon=True, name="slipstream-front-end-load").start()
+    while not (await asyncio.wait({loaded}, timeout=0.5))[0]:
+        if not runner.alive():
+            raise RuntimeError(_EXITED_LOADING)
+    return loaded.result()
+
+
 def _addresses(clients: int = 1) -> tuple[str, str, list[str]]:
     d = tempfile.mkdtemp(prefix="slipstream-")
     return d, f"ipc://{d}/in", [f"ipc://{d}/out{i}" for i in range(clients)]
@@ -187,7 +219,7 @@ class AsyncEngineClient:
             if await self._from_core.poll(500):
                 return self._decode(await self._from_core.recv())
             if not self.runner.alive():
-                raise RuntimeError("the engine core exited while loading the model")
+                raise RuntimeError(_EXITED_LOADING)
 
     @property
     def limits(self):  # noqa: ANN201

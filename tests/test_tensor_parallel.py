@@ -325,6 +325,39 @@ def test_a_rank_lost_mid_step_is_reported_once_the_step_is_stuck(monkeypatch):
     assert reports[False] == []
 
 
+def test_a_rank_killed_by_a_signal_is_named_as_the_cause_of_rank_0s_error():
+    """Rank 0 meets a dead rank as a closed connection (gloo) or a step's error; a rank killed by a signal is named
+    instead. One that exited on its own error (code 1: its traceback is on stderr, often rank 0's own error too)
+    leaves rank 0's error as it is, and so does a Ctrl-C."""
+    import multiprocessing
+
+    from slipstream.parallel.workers import _blame
+
+    ctx = multiprocessing.get_context("fork")
+    alive, killed, failed = (ctx.Process(target=time.sleep, args=(60,)) for _ in range(3))
+    for p in (alive, killed, failed):
+        p.start()
+    try:
+        reset = RuntimeError("Connection reset by peer")
+        assert _blame([alive], reset) is reset  # (after a second's wait for a rank to end)
+        failed.kill()  # SIGKILL: code -9
+        blamed = _blame([alive, failed], reset, "the engine started")
+        assert str(blamed) == "tensor-parallel rank 2 exited (code -9) while the engine started", blamed
+        interrupt = KeyboardInterrupt()
+        assert _blame([alive, failed], interrupt) is interrupt
+        os.kill(killed.pid, signal.SIGTERM)
+        killed.join()
+        assert str(_blame([killed], reset)) == "tensor-parallel rank 1 exited (code -15)"
+        exited = ctx.Process(target=os._exit, args=(1,))
+        exited.start()
+        exited.join()
+        assert _blame([exited], reset) is reset
+    finally:
+        for p in (alive, killed, failed):
+            p.kill()
+            p.join()
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -364,7 +397,7 @@ def test_serve_with_two_ranks_and_its_shutdowns(gguf_path):
                 assert ranks, "the engine core started no rank"
                 os.kill(ranks[0], signal.SIGKILL)
                 try:
-                    said = proc.communicate(timeout=60)[0].decode()  # (read as it comes: a full pipe would block it)
+                    said = proc.communicate(timeout=30)[0].decode()  # (read as it comes: a full pipe would block it)
                 except subprocess.TimeoutExpired as e:
                     alive = [p for p in [proc.pid, *_children(proc.pid)] if _running(p)]
                     raise AssertionError(f"the server outlived its killed rank; running: "

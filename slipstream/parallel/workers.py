@@ -145,10 +145,11 @@ class LeadRunner:
         try:
             yield
         except Exception as e:
-            # a rank that died is the cause of what this one met in the step (gloo: a connection reset by its peer)
-            if (gone := _ended(self.workers, timeout=1.0)) is not None:
+            if self._closing.is_set():  # failed already (check_ranks), or stopping
+                raise
+            if (blamed := _blame(self.workers, e)) is not e:
                 self._closing.set()
-                raise RuntimeError(_exited(*gone)) from e
+                raise blamed from e
             raise
         finally:
             self._in_steps -= 1
@@ -236,13 +237,13 @@ def start(config: Any, model_config: Any, weights: Any, max_len: int, eos_ids: s
             dist.broadcast_object_list([(max_len, eos_ids)], src=0, group=shard.control)  # what every rank's runner needs
             runner = ModelRunner(config, model_config, weights, max_len, eos_ids, shard=shard)
     except BaseException as e:
-        gone = _ended(workers, timeout=1.0)  # the cause of what rank 0 met meanwhile (a connection closed by its peer)
+        blamed = _blame(workers, e, "the engine started")
         for w in workers:
             w.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if gone is not None:
-            raise RuntimeError(_exited(*gone, while_="the engine started")) from e
+        if blamed is not e:
+            raise blamed from e
         raise
     log.info("tensor parallel: %d ranks", world)
     lead = LeadRunner(runner, shard, workers, config.distributed_timeout_s / 4)
@@ -282,15 +283,27 @@ def _fail_fast(workers: list[multiprocessing.Process], on_stuck: Callable[[str],
 
 
 def _ended(workers: list[multiprocessing.Process], timeout: float | None = None) -> tuple[int, Any] | None:
-    """The first of this host's ranks (1..) whose process has ended, and the process, waiting up to `timeout` s
-    (forever: None) for one; None if none has. (A rank's closed connection may be seen a moment before its end.)"""
+    """The first of this host's ranks (1..) whose process has ended, and the process, reaped, waiting up to `timeout`
+    s (forever: None) for one; None if none has."""
     ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout) if workers else []
-    return next(((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended), None)
+    gone = next(((r, w) for r, w in enumerate(workers, 1) if w.sentinel in ended), None)
+    if gone is not None:
+        gone[1].join(5)  # (its sentinel closes a moment before the process can be reaped and its exit code read)
+    return gone
 
 
 def _exited(rank: int, w: multiprocessing.Process, while_: str = "") -> str:
-    w.join(5)  # (its sentinel closes a moment before the process can be reaped and its exit code read)
     return f"tensor-parallel rank {rank} exited (code {w.exitcode})" + (f" while {while_}" if while_ else "")
+
+
+def _blame(workers: list[multiprocessing.Process], error: BaseException, while_: str = "") -> BaseException:
+    """What rank 0 raises for `error`: if a rank of this host was killed by a signal (the OOM killer, a crash, a
+    user), that, the cause of what rank 0 met (gloo: a connection reset by its peer); otherwise `error` itself (a
+    rank that raised exits with code 1, often on the same error as rank 0, and its traceback is on stderr). A
+    killed rank's connections may close a moment before its process ends: it is waited for up to a second."""
+    if isinstance(error, Exception) and (gone := _ended(workers, timeout=1.0)) and gone[1].exitcode < 0:
+        return RuntimeError(_exited(*gone, while_))
+    return error
 
 
 def _per_host(config: Any) -> int:

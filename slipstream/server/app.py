@@ -33,7 +33,7 @@ from slipstream.engine.input_processor import EngineOverloaded, apply_chat_templ
 from slipstream.engine.outputs import CompletionOutput, RequestOutput
 from slipstream.heap import freeze_startup_heap, thaw_startup_heap
 from slipstream.server.core_client import (AsyncEngineClient, CoreAttached, CoreProcess, CoreThread, EngineDeadError,
-                                           load_while_core_loads, new_request_id)
+                                           new_request_id)
 from slipstream.server.metrics import ServerMetrics
 from slipstream.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                        describe)
@@ -179,7 +179,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
     async def boot() -> None:
         try:
             if core is not None:
-                runner, tok = CoreThread(core), core.tokenizer
+                runner, load = CoreThread(core), lambda: core.tokenizer
             else:
                 runner = state.runner = attach if attach is not None else CoreProcess(config, log_level)
 
@@ -191,9 +191,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
                     importlib.import_module("slipstream.grammar")
                     return tok
 
-                tok = await load_while_core_loads(runner, load)
-            client = AsyncEngineClient(runner, tok, on_step=state.metrics.on_step, on_dead=dead)
-            await client.start()
+            client = AsyncEngineClient(runner, on_step=state.metrics.on_step, on_dead=dead)
+            await client.start(load)
             state.client = client
             if freeze_heap:
                 log.debug("%d start-up objects frozen out of garbage collection", freeze_startup_heap())
@@ -201,6 +200,8 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
                 log.info("engine ready: %s", options.model_name)
             else:
                 log.info("ready: %s on %s (OpenAI API at %s/v1)", options.model_name, url, url)
+        except asyncio.CancelledError:  # the server stops while it starts
+            raise
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits
             log.critical("the model failed to load: %s", e)
             state.load_error = e

@@ -36,24 +36,19 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-_EXITED_LOADING = "the engine core exited while loading the model"
-
-
-async def load_while_core_loads(runner: CoreProcess | CoreAttached, load: Callable[[], Any]) -> Any:
-    """`load()`'s result (the front end's tokenizer, loaded while the core loads the model), or an error as soon as
-    the core's process is gone: a core that dies while it starts (a tensor-parallel rank killed, out of memory) ends
-    the server at once, not once the tokenizer has loaded. On a daemon thread, not the loop's executor, whose threads
-    the interpreter joins at exit: the server must not wait for a load whose result nobody will use."""
+def _on_a_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
+    """`fn()`'s result, as a future of the running loop. A daemon thread, not the loop's executor, whose threads the
+    interpreter joins at exit: a server whose core failed while its tokenizer loads must not wait for that load."""
     loop = asyncio.get_running_loop()
-    loaded = loop.create_future()
+    done = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
-        if not loaded.done():
-            loaded.set_exception(error) if error is not None else loaded.set_result(result)
+        if not done.done():  # (cancelled: nobody waits for it)
+            done.set_exception(error) if error is not None else done.set_result(result)
 
     def run() -> None:
         try:
-            result, error = load(), None
+            result, error = fn(), None
         except BaseException as e:  # noqa: BLE001 - raised in the awaiting task
             result, error = None, e
         try:
@@ -61,11 +56,8 @@ async def load_while_core_loads(runner: CoreProcess | CoreAttached, load: Callab
         except RuntimeError:  # the loop has closed: the server is exiting
             pass
 
-    threading.Thread(target=run, daemon=True, name="slipstream-front-end-load").start()
-    while not (await asyncio.wait({loaded}, timeout=0.5))[0]:
-        if not runner.alive():
-            raise RuntimeError(_EXITED_LOADING)
-    return loaded.result()
+    threading.Thread(target=run, daemon=True, name="slipstream-tokenizer-load").start()
+    return done
 
 
 def _addresses(clients: int = 1) -> tuple[str, str, list[str]]:
@@ -184,10 +176,12 @@ class _Stream:
 
 
 class AsyncEngineClient:
-    def __init__(self, runner: CoreProcess | CoreAttached | CoreThread, tokenizer: Any,
+    def __init__(self, runner: CoreProcess | CoreAttached | CoreThread,
                  on_step: Callable[[list[RequestOutput], CoreStats, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
-        self.runner, self.tokenizer = runner, tokenizer
+        """Connects to the core at once: a core that fails while this front end loads its tokenizer is heard (it
+        waits for its front ends to connect before it reports and exits)."""
+        self.runner, self.tokenizer = runner, None
         self.on_step, self.on_dead = on_step, on_dead
         self.ctx = zmq.asyncio.Context()
         self._to_core = self.ctx.socket(zmq.PUSH)
@@ -197,7 +191,7 @@ class AsyncEngineClient:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(FromCore).decode
         self.inputs: InputProcessor | None = None
-        self.outputs = OutputProcessor(tokenizer)
+        self.outputs: OutputProcessor | None = None
         self.stats = CoreStats()
         self._streams: dict[str, _Stream] = {}
         self._sent_seqs = 0  # sequences sent since the core last reported its queue (admission control)
@@ -206,20 +200,40 @@ class AsyncEngineClient:
         self._tasks: list[asyncio.Task] = []
 
     # ---- life cycle ----
-    async def start(self) -> None:
-        """Wait for the core's Ready (or failure), then serve its outputs in the background."""
-        msg = await self._recv_first()
-        if isinstance(msg, Failed):
-            raise RuntimeError(msg.message)
+    async def start(self, load_tokenizer: Callable[[], Any]) -> None:
+        """Load the tokenizer (`load_tokenizer()`, on a thread) while the core loads the model; once both are ready,
+        serve the core's outputs in the background. Raises as soon as the core fails or its process ends, loaded or
+        not: a core that dies while it starts (a tensor-parallel rank killed, out of memory) ends the server then,
+        not after the tokenizer and the imports beside it (tens of seconds on a busy machine)."""
+        loading = _on_a_daemon_thread(load_tokenizer)
+        first = asyncio.ensure_future(self._from_core.recv())
+        try:
+            msg = None
+            while True:
+                if loading.done():
+                    loading.result()  # (its error: at once, not once the model has loaded)
+                if msg is None and first.done():
+                    msg = self._decode(first.result())
+                    if isinstance(msg, Failed):
+                        raise RuntimeError(msg.message)
+                if msg is not None and loading.done():
+                    break
+                await self._while_core_lives({f for f in (first, loading) if not f.done()})
+        except BaseException:
+            for f in (first, loading):
+                f.cancel()
+            self.ctx.destroy(linger=0)  # (a client that did not start is not used)
+            raise
+        self.tokenizer = loading.result()
         self.inputs = InputProcessor(self.tokenizer, msg.limits)
+        self.outputs = OutputProcessor(self.tokenizer)
         self._tasks = [asyncio.ensure_future(self._read_outputs()), asyncio.ensure_future(self._watch())]
 
-    async def _recv_first(self) -> Ready | Failed:
-        while True:
-            if await self._from_core.poll(500):
-                return self._decode(await self._from_core.recv())
+    async def _while_core_lives(self, pending: set[asyncio.Future]) -> None:
+        """Until one of `pending` is done; an error as soon as the core's process has ended."""
+        while not (await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED))[0]:
             if not self.runner.alive():
-                raise RuntimeError(_EXITED_LOADING)
+                raise RuntimeError("the engine core exited while loading the model")
 
     @property
     def limits(self):  # noqa: ANN201

@@ -105,7 +105,7 @@ class ServerState:
 
     def ready(self) -> AsyncEngineClient:
         if self.client is None:
-            msg = "the model is still loading" if self.load_error is None else f"the model failed to load: {self.load_error}"
+            msg = "the model is still loading" if self.load_error is None else f"the server failed to start: {self.load_error}"
             raise ApiError(503, msg, "service_unavailable", headers={"Retry-After": "5"})
         if not self.client.alive:
             raise ApiError(503, f"the engine has stopped: {self.client.error}", "service_unavailable")
@@ -203,7 +203,7 @@ def build_app(options: ServerOptions, core: Any = None, config: Any = None, toke
         except asyncio.CancelledError:  # the server stops while it starts
             raise
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request, then the server exits
-            log.critical("the model failed to load: %s", e)
+            log.critical("the server failed to start: %s", e)  # (the core's own message says what failed)
             state.load_error = e
             dead(e)
 

@@ -119,6 +119,9 @@ def kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> 
     return torch.float8_e4m3fn
 
 
+_NOT_DRAWN = "a sequence is fed a token that the previous step did not draw"  # (a scheduler bug: never a user's)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: WeightSource, max_model_len: int,
                  eos_ids: set[int], companion: tuple[int, int] = (0, 0), shard: Shard | None = None,
@@ -353,7 +356,7 @@ class ModelRunner:
             try:
                 plain = [(row, last[s.seq_id]) for s, row in zip(seqs, h.first_rows) if s.feed_previous]
             except KeyError:
-                raise RuntimeError("a sequence is fed a token that the previous step did not draw") from None
+                raise RuntimeError(_NOT_DRAWN) from None
             return Feed(self.ints, self._last_tokens, self.block_size, plain, []) if plain else None
         plain, moved = [], []
         drawn = 0  # rows drawn by the sequences before
@@ -361,7 +364,7 @@ class ModelRunner:
             if s.feed_previous:
                 src = last.get(s.seq_id)
                 if src is None:
-                    raise RuntimeError("a sequence is fed a token that the previous step did not draw")
+                    raise RuntimeError(_NOT_DRAWN)
                 drafts = self._last_drafts.get(s.seq_id)
                 if drafts:
                     moved.append(Moved(src, drafts, row, i, len(s.token_ids), drawn, s.num_samples))

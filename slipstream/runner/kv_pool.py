@@ -54,11 +54,12 @@ class KVPool:
                 budget = free_bytes()
             else:
                 budget = _CPU_KV_BYTES
-            n = min(useful, budget // (self.bytes_per_block + shared_page_bytes) - 1)  # and the padding page
+            n = min(useful, max(budget // (self.bytes_per_block + shared_page_bytes) - 1, 0))  # and the padding page
         if n * self.block_size < max_model_len:
             raise ValueError(
-                f"KV cache of {n} blocks x {self.block_size} tokens cannot hold one sequence of max_model_len="
-                f"{max_model_len}; lower max_model_len or give the cache more memory"
+                f"KV cache of {n} blocks x {self.block_size} tokens ({self.bytes_per_block + shared_page_bytes} bytes "
+                f"a block) cannot hold one sequence of max_model_len={max_model_len}; lower max_model_len or give the "
+                "cache more memory"
             )
         return n
 

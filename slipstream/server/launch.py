@@ -39,6 +39,13 @@ class HttpSettings:
     grace_period: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    quiet: bool = False  # the engine core's start-up lines off (`--quiet`)
+
+    @property
+    def core_log_level(self) -> str:
+        """The engine core's: the server's, or at least warning when quiet."""
+        quieter = LOG_LEVELS.index("warning")
+        return LOG_LEVELS[min(LOG_LEVELS.index(self.log_level), quieter)] if self.quiet else self.log_level
 
     def __post_init__(self) -> None:
         for name, ok, rule in (("port", 0 <= self.port <= 65535, "in [0, 65535]"), ("grace_period", self.grace_period >= 0, ">= 0"),
@@ -79,7 +86,7 @@ def run_front_end(options: Any, http: HttpSettings, model: str | None, config: A
         asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
 
     app = build_app(options, config=config, attach=attach, tokenizer=lambda: loader.load_tokenizer(model, None),
-                    on_dead=on_dead, log_level=http.log_level, freeze_heap=True, metrics_dir=metrics_dir,
+                    on_dead=on_dead, log_level=http.core_log_level, freeze_heap=True, metrics_dir=metrics_dir,
                     url=f"http://{host}:{port}" if announce else None)
 
     class Server(uvicorn.Server):
@@ -124,7 +131,7 @@ def serve_with_front_ends(config: Any, options: Any, http: HttpSettings, model: 
 
     metrics_dir = tempfile.mkdtemp(prefix="slipstream-metrics-")
     ctx = multiprocessing.get_context("spawn")
-    core = CoreProcess(config, http.log_level, clients=count)
+    core = CoreProcess(config, http.core_log_level, clients=count)
     fronts = [ctx.Process(target=_front_end_main, name=f"slipstream-api-{i}",
                           args=(i, options, http, model, core.attach(i), sock, metrics_dir)) for i in range(count)]
     # the front ends' environment only (prometheus_client reads it at import): set while they start

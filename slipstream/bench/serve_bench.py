@@ -227,7 +227,8 @@ def run(a: argparse.Namespace) -> list[dict]:
     if a.output_lens_from:
         prompts = _same_work(prompts, a.output_lens_from)
     results = []
-    rows = [["rate", "req/s", "out tok/s", "out len", "TTFT mean/p50/p99 ms", "TPOT mean/p50/p99 ms", "ITL p99 ms", "goodput",
+    rows = [["rate", "req/s", "out tok/s", "out len (mean)", "TTFT mean/p50/p99 ms", "TPOT mean/p50/p99 ms", "ITL p99 ms",
+             f"goodput req/s (TTFT <= {a.slo_ttft_ms:g}, TPOT <= {a.slo_tpot_ms:g} ms)",
              "failed", "JSON complete/broken"]]
     for rate in a.request_rate:
         r = asyncio.run(run_rate(url, model, prompts, rate, a.max_concurrency, (a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3),

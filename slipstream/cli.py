@@ -21,11 +21,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quiet", action="store_true", help="no progress lines while the engine starts")
     p.add_argument("--speculative-config", default=None, help="the speculative options as one JSON object, as vLLM "
-                   "takes them: {\"method\": \"ngram\"|\"draft_model\"|\"eagle3\", \"model\": DIR, "
+                   "takes them: {\"method\": \"ngram\"|\"draft_model\" (or \"draft\")|\"eagle3\"|\"mtp\", \"model\": DIR, "
                    "\"num_speculative_tokens\": K, \"adaptive\": BOOL}")
     for o in ENGINE_OPTIONS.values():
         if o.type is bool:
-            p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
+            p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default,
+                           help=f"{o.help} (default: {'on' if o.default else 'off'})")
         else:
             p.add_argument(o.flag, dest=o.name, type=o.type, default=o.default, choices=o.choices,
                            help=o.help + ("" if o.default is None else f" (default: {o.default})"))

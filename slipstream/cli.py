@@ -21,7 +21,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quiet", action="store_true", help="no progress lines while the engine starts")
     p.add_argument("--speculative-config", default=None, help="the speculative options as one JSON object, as vLLM "
-                   "takes them: {\"method\": \"ngram\"|\"draft_model\" (or \"draft\")|\"eagle3\"|\"mtp\", \"model\": DIR, "
+                   "takes them: {\"method\": \"ngram\"|\"draft_model\" (or \"draft\")|\"eagle3\"|\"mtp\" (or \"deepseek_mtp\", "
+                   "\"glm4_moe_mtp\"), \"model\": DIR, "
                    "\"num_speculative_tokens\": K, \"adaptive\": BOOL}")
     for o in ENGINE_OPTIONS.values():
         if o.type is bool:
@@ -231,6 +232,17 @@ def cmd_chat(a: argparse.Namespace) -> None:
     Chat(llm, params, a.system).run()
 
 
+def _model(a: argparse.Namespace) -> str | None:
+    """The model a command names positionally or with --model (None: the embedded one)."""
+    import os
+
+    same = a.model_pos is None or a.model is None or (
+        os.path.realpath(os.path.expanduser(a.model_pos)) == os.path.realpath(os.path.expanduser(a.model)))
+    if not same:
+        raise ValueError(f"the model is named twice: {a.model_pos!r} and --model {a.model!r}; give one")
+    return a.model_pos or a.model
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
@@ -242,9 +254,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise ValueError(f"api_server_count must be >= 1, got {a.api_server_count}")
     if a.served_model_name is not None and not a.served_model_name.strip():
         raise ValueError("--served-model-name must not be empty (requests and responses name the model by it)")
-    if a.model_pos is not None and a.model is not None and a.model_pos != a.model:
-        raise ValueError(f"the model is named twice: {a.model_pos!r} and --model {a.model!r}; give one")
-    model = a.model_pos or a.model
+    model = _model(a)
     # (a wrong path: one line now, not a traceback from the engine core once the server has started)
     name = a.served_model_name or os.path.basename(os.path.normpath(loader.model_path(model)))
     config = EngineConfig.from_options(model, **engine_kwargs(a))
@@ -256,7 +266,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         resolve_device(config.device)
     options = ServerOptions(name, a.api_key, max_request_bytes=a.max_request_bytes, request_timeout=a.request_timeout,
                             metrics_without_key=a.metrics_without_key, tool_call_parser=a.tool_call_parser,
-                            reasoning_parser=a.reasoning_parser)
+                            reasoning_parser=a.reasoning_parser, tokenizer=config.tokenizer)
     http = HttpSettings(a.host, a.port, a.log_level, a.grace_period, a.header_timeout, a.body_timeout, a.quiet)
     sock = listen(http)
     if a.api_server_count == 1:
@@ -337,7 +347,7 @@ def cmd_train_draft(a: argparse.Namespace) -> None:
     cfg = DraftTraining(steps=a.steps, epochs=a.epochs, lr=a.lr, draft_vocab_size=a.draft_vocab_size,
                         answer_tokens=a.answer_tokens, held_out=a.held_out, seed=a.seed)  # checked before loading
     prompts = read_prompts(a.prompts, a.num_prompts)
-    llm = LLM(a.model_pos or a.model, **engine_kwargs(a))
+    llm = LLM(_model(a), **engine_kwargs(a))
     head, report = train(llm, prompts, cfg)
     save(head, a.out, llm.engine.core.model_config.num_layers)
     print(json.dumps({"out": a.out, **report}))
@@ -358,7 +368,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def cmd_worker(a: argparse.Namespace) -> None:
     from slipstream.parallel.workers import run_node
 
-    config = EngineConfig.from_options(a.model_pos or a.model, **engine_kwargs(a))
+    config = EngineConfig.from_options(_model(a), **engine_kwargs(a))
     sys.exit(run_node(config, a.node_rank))
 
 

@@ -139,7 +139,8 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     ("completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, "top_p"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": True}, "max_tokens: Value error, a boolean is not a number"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": True}, "temperature: Value error, a boolean is not"),
     ("completions", {"model": MODEL, "prompt": [1, True]}, "prompt.1: Input should be a valid"),  # (not token 1)
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "max_model_len"),

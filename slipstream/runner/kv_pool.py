@@ -58,8 +58,8 @@ class KVPool:
         if n * self.block_size < max_model_len:
             raise ValueError(
                 f"KV cache of {n} blocks x {self.block_size} tokens ({self.bytes_per_block + shared_page_bytes} bytes "
-                f"a block) cannot hold one sequence of max_model_len={max_model_len}; lower max_model_len or give the "
-                "cache more memory"
+                f"a block) cannot hold one sequence of max_model_len={max_model_len}; lower max_model_len or "
+                + ("raise num_blocks" if cache.num_blocks is not None else "give the cache more memory")
             )
         return n
 

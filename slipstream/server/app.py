@@ -53,6 +53,7 @@ class ServerOptions:
     metrics_without_key: bool = False  # with an API key, /metrics needs it too unless this is set
     tool_call_parser: str = "auto"  # how the model writes tool calls (server/tools.py); auto: from the chat template
     reasoning_parser: str = "none"  # how a reasoning model marks its reasoning (server/tools.py), sent as reasoning_content
+    tokenizer: str | None = None  # where the front ends' tokenizer is, if not with the model (--tokenizer, as the core's)
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:

@@ -85,7 +85,7 @@ def run_front_end(options: Any, http: HttpSettings, model: str | None, config: A
         failed.append(error)
         asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)  # let streams send the error
 
-    app = build_app(options, config=config, attach=attach, tokenizer=lambda: loader.load_tokenizer(model, None),
+    app = build_app(options, config=config, attach=attach, tokenizer=lambda: loader.load_tokenizer(model, options.tokenizer),
                     on_dead=on_dead, log_level=http.core_log_level, freeze_heap=True, metrics_dir=metrics_dir,
                     url=f"http://{host}:{port}" if announce else None)
 

@@ -12,15 +12,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictStr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr,
+                      ValidationError, model_validator)
 
 from slipstream.engine.input_processor import check_template_kwargs
 from slipstream.sampling_params import SamplingParams, StructuredOutputs
 
-# Integers are strict: JSON's true is not 1 (OpenAI refuses it), nor is 2.0 or "2" an integer.
-Int64 = Annotated[int, Strict(), Field(ge=-(1 << 63), le=(1 << 63) - 1)]
-Count = Annotated[int, Strict(), Field(ge=1, le=(1 << 31) - 1)]
-TokenId = Annotated[int, Strict(), Field(ge=0, le=(1 << 31) - 1)]
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    return v
+
+
+# JSON's true is not the number 1 (OpenAI refuses it; pydantic would take it), though 2.0 is 2 (as vLLM takes it)
+NotBool = BeforeValidator(_not_bool)
+Int64 = Annotated[int, NotBool, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+Count = Annotated[int, NotBool, Field(ge=1, le=(1 << 31) - 1)]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=(1 << 31) - 1)]  # (strict: never a float either)
 
 
 def _template_kwargs(v: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -79,30 +88,30 @@ class _Common(BaseModel):
     model_config = _CONFIG
     model: str | None = None
     max_tokens: Count | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Strict(), Field(ge=-1, le=(1 << 31) - 1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Strict(), Field(ge=1, le=1 << 16)] = 1
-    best_of: Annotated[int, Strict()] | None = None
+    temperature: Annotated[float, NotBool, Field(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[float, NotBool, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, NotBool, Field(ge=-1, le=(1 << 31) - 1)] | None = None
+    min_p: Annotated[float, NotBool, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, NotBool, Field(ge=1, le=1 << 16)] = 1
+    best_of: Annotated[int, NotBool] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[TokenId] | None = None
     seed: Int64 | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    presence_penalty: Annotated[float, NotBool, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, NotBool, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, NotBool, Field(gt=0.0, le=100.0)] | None = None
+    logit_bias: dict[str, Annotated[float, NotBool, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Strict(), Field(ge=0, le=(1 << 31) - 1)] = 0
+    min_tokens: Annotated[int, NotBool, Field(ge=0, le=(1 << 31) - 1)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: Annotated[int, Strict(), Field(ge=-(1 << 31), le=(1 << 31) - 1)] = 0
+    priority: Annotated[int, NotBool, Field(ge=-(1 << 31), le=(1 << 31) - 1)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    timeout: Annotated[float, Field(gt=0.0)] | None = None  # seconds until the request is aborted (extension)
+    timeout: Annotated[float, NotBool, Field(gt=0.0)] | None = None  # seconds until the request is aborted (extension)
     # vLLM's extension: each prompt token's logprob and the k most likely there
-    prompt_logprobs: Annotated[int, Strict(), Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[int, NotBool, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
     guided_json: dict[str, Any] | StrictStr | None = None
@@ -271,7 +280,7 @@ class CompletionRequest(_Common):
     tool_choice: Literal["none"] | None = None
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
     max_tokens: Count | None = 16
-    logprobs: Annotated[int, Strict(), Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, NotBool, Field(ge=0, le=20)] | None = None
     echo: bool = False
 
     @model_validator(mode="after")
@@ -392,7 +401,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Strict(), Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, NotBool, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: TemplateKwargs = None  # extra template variables, e.g. Qwen3's enable_thinking
 

@@ -148,26 +148,31 @@ def test_serve_of_a_missing_model_exits_non_zero(tmp_path):
             proc.kill()
 
 
-_FAKE_CORE = """
-import asyncio, sys, threading, time
-from slipstream.server.core_client import AsyncEngineClient, _addresses
-class Core:  # a core process that is alive until `dies_at`, and says nothing
+class SilentCore:
+    """A core process, for a front end's start: alive until `dies_at` (time.monotonic()), and says nothing."""
+
     owned = True
-    def __init__(self, dies_at):
+
+    def __init__(self, dies_at: float) -> None:
+        from slipstream.server.core_client import _addresses
+
         self.dir, self.in_addr, (self.out_addr,) = _addresses()
         self.dies_at = dies_at
-    def alive(self):
+
+    def alive(self) -> bool:
         return time.monotonic() < self.dies_at
-"""
 
 
 def test_a_core_that_dies_while_the_tokenizer_loads_ends_the_server_at_once():
     """The front end loads its tokenizer while the core loads the model; a core that dies meanwhile (a rank killed,
     out of memory) must end the server then, not once the tokenizer (and the grammar service's imports: tens of
     seconds on a loaded machine) have loaded, and the process's exit must not wait for the abandoned load."""
-    script = _FAKE_CORE + """
+    script = """
+import asyncio, sys, threading, time
+from slipstream.server.core_client import AsyncEngineClient
+from test_serve_process import SilentCore
 async def main():
-    client = AsyncEngineClient(Core(time.monotonic() + 0.3))
+    client = AsyncEngineClient(SilentCore(time.monotonic() + 0.3))
     try:
         await client.start(threading.Event().wait)  # a load that never ends
     except RuntimeError as e:
@@ -192,16 +197,14 @@ def test_a_front_end_hears_a_failing_core_or_tokenizer_before_the_other_has_load
     import zmq
 
     from slipstream.engine.messages import Failed
-
-    namespace = {}
-    exec(_FAKE_CORE, namespace)
+    from slipstream.server.core_client import AsyncEngineClient
 
     async def failing_core():
-        core = namespace["Core"](time.monotonic() + 60)
+        core = SilentCore(time.monotonic() + 60)
         ctx = zmq.Context()
         out = ctx.socket(zmq.PUSH)
         out.bind(core.out_addr)
-        client = namespace["AsyncEngineClient"](core)
+        client = AsyncEngineClient(core)
         out.send(msgspec.msgpack.encode(Failed("the model failed to load: no such file")))  # (once one connected)
         try:
             await asyncio.wait_for(client.start(threading.Event().wait), 5)
@@ -212,8 +215,7 @@ def test_a_front_end_hears_a_failing_core_or_tokenizer_before_the_other_has_load
         raise ValueError("no tokenizer here")
 
     async def failing_tokenizer():
-        core = namespace["Core"](time.monotonic() + 60)
-        await asyncio.wait_for(namespace["AsyncEngineClient"](core).start(broken), 5)
+        await asyncio.wait_for(AsyncEngineClient(SilentCore(time.monotonic() + 60)).start(broken), 5)
 
     with pytest.raises(RuntimeError, match="no such file"):
         asyncio.run(failing_core())

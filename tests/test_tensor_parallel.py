@@ -334,26 +334,26 @@ def test_a_rank_killed_by_a_signal_is_named_as_the_cause_of_rank_0s_error():
     from slipstream.parallel.workers import _blame
 
     ctx = multiprocessing.get_context("fork")
-    alive, killed, failed = (ctx.Process(target=time.sleep, args=(60,)) for _ in range(3))
-    for p in (alive, killed, failed):
+    alive, sigtermed, sigkilled = (ctx.Process(target=time.sleep, args=(60,)) for _ in range(3))
+    for p in (alive, sigtermed, sigkilled):
         p.start()
     try:
         reset = RuntimeError("Connection reset by peer")
         assert _blame([alive], reset) is reset  # (after a second's wait for a rank to end)
-        failed.kill()  # SIGKILL: code -9
-        blamed = _blame([alive, failed], reset, "the engine started")
+        sigkilled.kill()  # code -9
+        blamed = _blame([alive, sigkilled], reset, "the engine started")
         assert str(blamed) == "tensor-parallel rank 2 exited (code -9) while the engine started", blamed
         interrupt = KeyboardInterrupt()
-        assert _blame([alive, failed], interrupt) is interrupt
-        os.kill(killed.pid, signal.SIGTERM)
-        killed.join()
-        assert str(_blame([killed], reset)) == "tensor-parallel rank 1 exited (code -15)"
+        assert _blame([alive, sigkilled], interrupt) is interrupt
+        os.kill(sigtermed.pid, signal.SIGTERM)
+        sigtermed.join()
+        assert str(_blame([sigtermed], reset)) == "tensor-parallel rank 1 exited (code -15)"
         exited = ctx.Process(target=os._exit, args=(1,))
         exited.start()
         exited.join()
         assert _blame([exited], reset) is reset
     finally:
-        for p in (alive, killed, failed):
+        for p in (alive, sigtermed, sigkilled):
             p.kill()
             p.join()
 

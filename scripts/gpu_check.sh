@@ -4,8 +4,8 @@
 # (EAGLE-3, MTP: the same drafts as eager), grammar masks the stream waits for behind a host gate (the same outputs as
 # masks filled before each draw), the end-to-end Triton-vs-torch check, and
 # `slipstream serve` under concurrent load in bf16 on the Hopper kernels (prompts of 65 to 16K tokens), with 16-bit,
-# FP8 and 4-bit weights, with n-gram drafts, with an FP8 KV cache, and MoE models with FP8 experts (and an FP8 output
-# head) and with 4-bit experts and MTP drafting.
+# FP8 and 4-bit weights, with n-gram drafts (chains and token trees), with an FP8 KV cache, and MoE models with FP8
+# experts (and an FP8 output head) and with 4-bit experts and MTP drafting.
 # Usage: bash scripts/gpu_check.sh [MODEL.gguf|HF_DIR] [DUMMY_HF_DIR]
 #   MODEL: for the end-to-end check (default: the embedded model, if installed)
 #   DUMMY_HF_DIR: a config.json + tokenizer directory served with random weights (default: the bundled Qwen3-0.6B
@@ -47,6 +47,9 @@ python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --r
 # n-gram drafts, verified behind the step in flight (seeded draws, clients hanging up, grammars beside them)
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --speculative-method ngram --num-speculative-tokens 4 || rc=1
+# n-gram token trees (tree steps read before the next is planned, their kept drafts' KV moved)
+python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
+  --regex 'w[0-9]{1,6}' --speculative-method ngram --num-speculative-tokens 6 --speculative-branches 3 || rc=1
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \
   --regex 'w[0-9]{1,6}' --quantization int4 || rc=1
 python3 scripts/serve_check.py "$dummy" --load-format dummy --dtype bfloat16 --requests 200 --max-prompt 16384 --vocab 151000 \

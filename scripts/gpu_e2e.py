@@ -1,6 +1,6 @@
 """On the GPU: greedy output of the Triton backend with CUDA graphs equals the torch reference backend's, with
-overlap (async scheduling) it equals synchronous steps', and with a draft model or an EAGLE-3 head proposing it
-equals plain decoding.
+overlap (async scheduling) it equals synchronous steps', and with a draft model, n-gram token trees or an EAGLE-3
+head proposing it equals plain decoding.
 
 Two prompt sets: eight short chats, and eight questions after one long system prompt (the prefix cache shares
 its pages, so the Triton decode attends to them with the cascade kernel).
@@ -111,6 +111,15 @@ def main() -> int:
                   num_speculative_tokens=3)
         same = sum(g == r for g, r in zip(got, ref))
         print(f"  {same}/{len(ref)} sequences identical with a draft model")
+        failures += dtype == "float32" and same != len(ref)
+    # n-gram token trees (the continuations of an n-gram's last three occurrences): tree steps run the Triton prefill
+    # kernel with ancestor masks in graph pieces, the kept drafts' KV moved before the next step
+    for dtype in ("float32", "bfloat16"):
+        ref = run(a.model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
+        got = run(a.model, dtype, "triton", False, 8192, SYSTEM, speculative_method="ngram", num_speculative_tokens=6,
+                  speculative_branches=3, speculative_adaptive=False)
+        same = sum(g == r for g, r in zip(got, ref))
+        print(f"  {same}/{len(ref)} sequences identical with n-gram token trees")
         failures += dtype == "float32" and same != len(ref)
     # An EAGLE-3 head (random weights in the published format) on the Triton path: the head's catch-up prefill and
     # chained decodes run the Triton kernels on its own one-layer pool; the target keeps its CUDA graphs.

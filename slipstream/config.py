@@ -290,6 +290,9 @@ class EngineConfig:
                                                  "directory of speculative_method=eagle3")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding (at most: see "
                                             "speculative_adaptive)")
+    speculative_branches: int = option(1, "token trees: n-gram drafting merges the continuations of the matched "
+                                          "n-gram's last N occurrences into a tree of num_speculative_tokens drafts "
+                                          "(the likeliest first), verified in one step; 1: one chain")
     speculative_adaptive: bool = option(True, "choose each step's drafts per sequence (0 .. num_speculative_tokens) "
                                               "from the output tokens/s measured at that batch size, so speculation "
                                               "turns itself off where it does not pay; off: always "
@@ -318,6 +321,13 @@ class EngineConfig:
                "rounds the output head to the run's weight format: it needs quantization fp8, int4 or auto (a "
                "checkpoint that holds them)", self.quantize_lm_head)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
+        _check(self.speculative_branches >= 1, "speculative_branches", "must be >= 1", self.speculative_branches)
+        _check(self.speculative_branches == 1 or self.speculative_method == "ngram", "speculative_branches",
+               f"> 1 builds token trees from n-gram drafts: it needs speculative_method 'ngram', not "
+               f"{self.speculative_method!r}", self.speculative_branches)
+        # (a tree's step is at most 63 rows: a row's ancestor mask is one int64 whose sign marks a causal row)
+        _check(self.speculative_branches == 1 or self.num_speculative_tokens <= 62, "num_speculative_tokens",
+               "must be <= 62 with token trees (speculative_branches > 1)", self.num_speculative_tokens)
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
         _check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0", self.distributed_timeout_s)
         _check(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes",
@@ -354,7 +364,8 @@ class EngineConfig:
 
 # vLLM's --speculative-config keys and methods -> ours
 _SPECULATIVE_KEYS = {"method": "speculative_method", "model": "speculative_model",
-                     "num_speculative_tokens": "num_speculative_tokens", "adaptive": "speculative_adaptive"}
+                     "num_speculative_tokens": "num_speculative_tokens", "adaptive": "speculative_adaptive",
+                     "branches": "speculative_branches"}
 _SPECULATIVE_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft", "eagle3": "eagle3", "mtp": "mtp",
                         "deepseek_mtp": "mtp", "glm4_moe_mtp": "mtp"}
 

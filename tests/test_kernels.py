@@ -149,6 +149,41 @@ def test_prefill_on_a_slice_of_the_batch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [16, 64])
+def test_prefill_attends_token_trees(dtype, page):
+    """A token tree's rows see the context before the step, their ancestors and themselves; a prompt chunk beside them
+    stays causal. Against masks built here from the parents (and the torch backend, which the CPU engine runs)."""
+    from slipstream.runner.inputs import ancestor_masks
+
+    parents = [-1, 0, 0, -1, 3, 1, 5, 2]  # after one real token: 0 -> (1 -> 5 -> 6, 2 -> 7); 3 -> 4
+    ctx, ql = [20, 45, 46], [1, 30, 9]  # a decode, a chunk after 15 cached tokens, the tree after 37
+    q, kc, vc, meta = make_paged(ctx, ql, 4, 2, 64, page=page, dtype=dtype, seed=7)
+    meta.tree_rows = torch.tensor([-1] * 31 + ancestor_masks(1, parents))
+    seen = torch.ones(9, 46, dtype=torch.bool)
+    seen[:, 38:] = False  # (the context and the real token: every row)
+    for r in range(9):  # row 0 the real token, row 1 + i draft i: itself and its ancestors
+        node = r - 1
+        seen[r, 37 + r] = True
+        while node >= 0:
+            seen[r, 38 + node] = True
+            node = parents[node]
+    table = meta.block_tables[2, : -(-46 // page)]
+    k, v = (c[table].flatten(0, 1)[:46].float().transpose(0, 1) for c in (kc, vc))
+    qt = q[31:].float().transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(qt, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0),
+                                                            attn_mask=seen, scale=64**-0.5).transpose(0, 1)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, 64**-0.5)
+    assert rel_err(ref[31:], want) < 1e-6
+    causal = paged_attention_ref(q.float(), kc.float(), vc.float(), make_paged(ctx, ql, 4, 2, 64, page, dtype, 7)[3], 64**-0.5)
+    assert rel_err(ref[:31], causal[:31]) < 1e-6 and rel_err(ref[31:], causal[31:]) > 1e-2  # (the mask matters)
+    out = torch.zeros_like(q)
+    q, kc, vc, bt, sl, qsl, tr, out = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                         meta.tree_rows, out)
+    paged_prefill(q, kc, vc, bt, sl, qsl, 30, 64**-0.5, out=out, first_seq=1, tree_rows=tr)
+    assert rel_err(out[31:].cpu(), want) < TOL[dtype] and rel_err(out[1:31].cpu(), causal[1:31]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq, hk, d", [(4, 4, 64), (8, 2, 128), (8, 1, 64), (16, 2, 128)])
 @pytest.mark.parametrize("partition", [16, 512])  # many splits + reduction, and a single split
 def test_decode_split_kv(dtype, hq, hk, d, partition):
@@ -412,11 +447,14 @@ from slipstream.kernels.attention import _prefill_kernel as fn
 
 # The engine stages lengths, offsets and block tables as int64.
 types = dict(q_ptr="*bf16", k_cache="*bf16", v_cache="*bf16", out_ptr="*bf16", block_tables="*i64", seq_lens="*i64",
-             q_start="*i64", scale_log2="fp32", k_scales="*bf16", v_scales="*bf16")
+             q_start="*i64", scale_log2="fp32", k_scales="*bf16", v_scales="*bf16", tree_ptr="*i64")
 fp8 = dict(types, k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scales="*fp32", v_scales="*fp32")
-for page, bulk, scaled in ((64, True, False), (16, False, False), (64, False, True)):
-    # bulk copies (TMA) need whole tiles in a page, else the gather path; an FP8 pool with its scales gathers too
-    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", TMA=bulk, SCALED=scaled)
+for page, bulk, scaled, tree in ((64, True, False, False), (16, False, False, False), (64, False, True, False),
+                                 (64, True, False, True), (64, False, True, True)):
+    # bulk copies (TMA) need whole tiles in a page, else the gather path; an FP8 pool with its scales gathers too;
+    # token trees (their ancestor masks) in both
+    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=64, BLOCK_N=64, PRECISION="tf32", TMA=bulk, SCALED=scaled,
+                  TREE=tree)
     sig = {n: "constexpr" if n in consts else (fp8 if scaled else types).get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))

@@ -91,11 +91,14 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module", params=["off", "on"])
+@pytest.fixture(scope="module", params=["off", "on", "trees"])
 def speculative(gguf_path, request):
-    """k fixed; with async scheduling on (as on a GPU), steps for which the n-gram lookup finds no draft overlap."""
+    """k fixed; with async scheduling on (as on a GPU), steps for which the n-gram lookup finds no draft overlap;
+    "trees": token trees of the continuations of an n-gram's last three occurrences."""
+    trees = request.param == "trees"
     return LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024, speculative_method="ngram",
-               num_speculative_tokens=4, speculative_adaptive=False, async_scheduling=request.param)
+               num_speculative_tokens=6 if trees else 4, speculative_adaptive=False, speculative_branches=3 if trees else 1,
+               async_scheduling="off" if trees else request.param)
 
 
 SPEC_PROMPTS = [LIST, "The quick brown fox jumps over the lazy dog. The quick brown fox"]
@@ -137,6 +140,54 @@ def test_speculation_never_changes_the_output(plain_runs, speculative):
     assert stats.accepted_draft_tokens > 0 and stats.draft_tokens >= stats.accepted_draft_tokens
     assert_no_leak(speculative)
     assert not speculative.engine.core.proposer._index  # every finished sequence's index is dropped
+    assert not speculative.engine.core.proposer._earlier
+
+
+def _decoy_trees(gguf_path: str) -> LLM:
+    """An engine drafting token trees whose first branch is always wrong (a decoy put before the n-gram's tree): every
+    draft it keeps is off the first branch and was written past its place in the sequence."""
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024, speculative_method="ngram",
+              num_speculative_tokens=6, speculative_adaptive=False, speculative_branches=2)
+    propose = llm.engine.core.proposer.propose_tree
+
+    def with_decoy(seq_id, ids, limit):
+        tokens, parents = propose(seq_id, ids, limit - 1)
+        if not tokens:
+            return tokens, parents
+        decoy = max(t for t, p in zip(tokens, parents) if p < 0) + 1
+        return [decoy] + tokens, [-1] + [p + 1 if p >= 0 else -1 for p in parents]
+
+    llm.engine.core.proposer.propose_tree = with_decoy
+    return llm
+
+
+def test_drafts_off_a_trees_first_branch_are_kept_exactly_and_their_kv_moved(gguf_path, plain_runs, monkeypatch):
+    """The output equals plain decoding only if the verdict walks the tree and the next step moves the kept drafts' KV;
+    without the moves it changes (the identity check has power)."""
+    from slipstream.engine import core as core_module
+
+    for name in ("greedy", "seeded"):
+        llm = _decoy_trees(gguf_path)
+        got = llm.generate(SPEC_PROMPTS, PARAMS[name])
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain_runs[name][0]], name
+        assert llm.engine.core.stats.accepted_draft_tokens > 0
+        assert_no_leak(llm)
+    monkeypatch.setattr(core_module, "tree_moves", lambda *a: [])
+    got = _decoy_trees(gguf_path).generate(SPEC_PROMPTS, PARAMS["greedy"])
+    assert [o.outputs[0].token_ids for o in got] != [o.outputs[0].token_ids for o in plain_runs["greedy"][0]]
+
+
+def test_pages_a_token_tree_wrote_serve_prefix_cache_hits(gguf_path, smollm):
+    """A finished sequence's pages, written by tree steps (its last verdict's moves still pending when it ended), are
+    cached; a prompt that continues its text reads them, and goes on as plain decoding does."""
+    llm = _decoy_trees(gguf_path)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    first = llm.generate([LIST], greedy)[0]
+    again = first.prompt_token_ids + first.outputs[0].token_ids[:36]
+    got = llm.generate([again], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert got.metrics.num_cached_tokens == 64  # (a page of 64 tokens: the prompt, then 26 tokens of tree steps)
+    want = smollm.generate([again], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
 
 
 # ---- a draft model ----
@@ -232,7 +283,7 @@ def test_the_exactness_check_catches_a_wrong_acceptance_rule(tmp_path, monkeypat
     params = SamplingParams(temperature=0.8, seed=4, max_tokens=20, ignore_eos=True)
     kw = dict(dtype="float32", device="cpu", max_model_len=128)
     want = LLM(target, **kw).generate(prompts, params)
-    monkeypatch.setattr(model_runner, "num_accepted", lambda draws, drafts: len(drafts))
+    monkeypatch.setattr(model_runner, "walk_tree", lambda draws, drafts, parents: list(range(len(drafts))))
     got = LLM(target, speculative_method="draft", speculative_model=drafts["small"], speculative_adaptive=False,
               **kw).generate(prompts, params)
     assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(want, got))

@@ -44,6 +44,10 @@ class AttentionMetadata:
     # [1] int64 on the device, or None: the decodes' first shared_prefix[0] context tokens sit in the same pages
     # (sequence 0's), so a backend may attend to them once for all (cascade). Bounded by decode_max_len.
     shared_prefix: torch.Tensor | None = None
+    # [T] int64 on the device, or None where no sequence verifies a token tree: per query row, the rows of its
+    # sequence's step it attends to as bits (bit j: the key at context length - query length + j; a draft sees its
+    # ancestors, runner/inputs.ancestor_masks), or -1 for a causal row
+    tree_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -93,6 +97,16 @@ class AttentionBackend:
                 x, s = quantize_kv(x)
                 rows.view(torch.uint8).index_copy_(0, meta.slot_mapping, x.view(torch.uint8))
                 scale.view(-1, scale.shape[2]).index_copy_(0, meta.slot_mapping, s)
+
+    def move_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's keys and values (and scales) at slots `src` to slots `dst` (int64 tensors on the pool's
+        device): read whole before any is written, so the two may overlap."""
+        pools = self.k_caches + self.v_caches + (self.scales or [])
+        for pool in pools:
+            rows = pool.view(-1, *pool.shape[2:])
+            if rows.dtype == torch.float8_e4m3fn:  # as bytes: index_copy_ has no float8 kernel on the CPU
+                rows = rows.view(torch.uint8)
+            rows.index_copy_(0, dst, rows.index_select(0, src))
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """[T, Hq, D] queries -> [T, Hq, D] outputs over each sequence's pages (new K/V already stored): what a model

@@ -32,10 +32,15 @@ def paged_attention_ref(
         # query i sits at position ctx - q_len + i and sees keys 0..that position (with no cached prefix: the plain
         # causal mask, which SDPA applies without one in memory, twice as fast again)
         mask = None
-        if 1 < q_len < ctx:
+        if meta.tree_rows is not None and q_len > 1:  # token trees: the context before the step, then the step's rows
+            tree = meta.tree_rows[start : start + q_len, None]  # each row's bits name (-1: the rows up to itself)
+            j = torch.arange(q_len, device=q.device)
+            seen = torch.where(tree < 0, j[None, :] <= j[:, None], ((tree >> j.clamp(max=63)) & 1).bool())
+            mask = torch.cat([torch.ones(q_len, ctx - q_len, dtype=torch.bool, device=q.device), seen], dim=1)
+        elif 1 < q_len < ctx:
             rows = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= rows
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, is_causal=1 < q_len == ctx, scale=scale,
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, is_causal=mask is None and 1 < q_len == ctx, scale=scale,
                                            enable_gqa=True)
         out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len

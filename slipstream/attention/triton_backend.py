@@ -26,5 +26,5 @@ class TritonAttention(AttentionBackend):
                          out=out[:nd], shared=meta.shared_prefix, shared_bound=meta.decode_max_len, kv_scales=scales)
         if nd < meta.num_seqs:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
-                          scale, out=out, first_seq=nd, kv_scales=scales)
+                          scale, out=out, first_seq=nd, kv_scales=scales, tree_rows=meta.tree_rows)
         return out

@@ -161,7 +161,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
 def _speculative_llm(a: argparse.Namespace, method: str, k: int, engine: dict) -> LLM:
     return _warm(LLM(a.model, speculative_method={"oracle": "ngram", "wrong": "ngram"}.get(method, method),
                      speculative_model=a.speculative_model, num_speculative_tokens=k, speculative_adaptive=not a.fixed_k,
-                     **engine))
+                     speculative_branches=a.branches, **engine))
 
 
 def _warm(llm: LLM) -> LLM:
@@ -252,7 +252,8 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         plain_s, plain, plain_steps = base[b]
         plain_tokens = sum(len(w) - len(t) for w, t in zip(plain, prompts))  # (prompts are token ids)
         same = min(sum(g == w for g, w in zip(out, want[b])) for out in runs)  # (the fewest of any run)
-        r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "workload": a.workload,
+        r = {"batch_size": b, "method": method, "k": k, "adaptive": not a.fixed_k, "branches": a.branches,
+             "workload": a.workload,
              "output_tokens": tokens, "plain_tok_s": round(plain_tokens / plain_s, 1),
              "spec_tok_s": round(tokens / elapsed, 1),
              "speedup": round(plain_s / elapsed, 3), "acceptance": round(accepted / drafted, 3) if drafted else None,
@@ -272,7 +273,8 @@ def _measure(a: argparse.Namespace, spec: LLM, method: str, k: int, texts: list,
         rows.append([b, r["plain_tok_s"], r["spec_tok_s"], f"{r['speedup']:.2f}x", r["acceptance"],
                      r["mean_accepted_length"], f"{100 * r['draft_share']:.0f}%", r["identical"]])
     against = "the wrong run's" if method == "oracle" else "plain decoding's"
-    print(f"{method} k={k}{' fixed' if a.fixed_k else ' adaptive'} on {a.workload} ({spec.engine.runner.device}, "
+    print(f"{method} k={k}{' fixed' if a.fixed_k else ' adaptive'}{f' trees of {a.branches} branches' * (a.branches > 1)} "
+          f"on {a.workload} ({spec.engine.runner.device}, "
           f"{a.dtype}; identical: tokens equal to {against}):", flush=True)
     print(table([["batch", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "mean accepted length", "drafting",
                   "identical"]] + rows), flush=True)
@@ -323,6 +325,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative-model", default=None, help="the draft model or EAGLE-3 head (draft, eagle3)")
     p.add_argument("--num-speculative-tokens", type=_ints, default=[4], help="k, or several joined by commas: 1,2,4,8")
     p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")
+    p.add_argument("--branches", type=int, default=1, help="ngram: token trees of the continuations of the n-gram's last "
+                   "N occurrences (speculative_branches)")
     p.add_argument("--workload", default="quote", choices=["quote", "chat"])
     p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
     p.add_argument("--num-prompts", type=int, default=16,

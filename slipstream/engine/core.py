@@ -105,17 +105,21 @@ class EngineCore:
         # (_propose). Where that plan cannot hold (penalties, a grammar, min_tokens), a step that verifies drafts is
         # read before the next is scheduled (at the start of the next step()), and one that will draft for such a
         # sequence reads the step in flight first. A draft model or head keeps its own state step by step and turns
-        # overlap off.
+        # overlap off. A step that verifies token trees is read before the next is planned: the device cannot move a
+        # step planned behind it (which drafts the verdict keeps, and where their KV goes, are the host's to say).
         k = config.num_speculative_tokens
+        self.trees = config.speculative_branches > 1
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
-            NgramProposer() if config.speculative_method == "ngram"
+            NgramProposer(branches=config.speculative_branches) if config.speculative_method == "ngram"
             else DraftModelProposer(draft_runner) if draft is not None
             else DraftHeadProposer(head_runner) if head is not None
             else None)
         self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
         self.overlap = (self.proposer is None or isinstance(self.proposer, NgramProposer)) and (
             config.async_scheduling == "on" or (config.async_scheduling == "auto" and self.runner.device.type == "cuda"))
-        self.drafts_behind = self.overlap and config.speculative_method == "ngram"  # drafts behind a step in flight
+        # drafts behind a step in flight
+        self.drafts_behind = self.overlap and config.speculative_method == "ngram" and not self.trees
+        self._kv_moves: list[tuple[int, int]] = []  # for the next step: accepted tree drafts' KV to their positions
         self._inflight: _InFlight | None = None
         self._last_read = 0.0  # when the last step was read (perf_counter)
         self._read: list[SeqDelta] = []  # what this step() has read so far (admission refusals, the step before)
@@ -484,7 +488,9 @@ class EngineCore:
             # drafts and the token after them must fit under the sequence's length limit
             limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
             ids = seq.token_ids
-            if not seq.num_pending:
+            if self.trees:  # (read first: nothing pending)
+                seq.draft_token_ids, seq.draft_parents = self.proposer.propose_tree(seq.seq_id, ids, limit)
+            elif not seq.num_pending:
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, ids, limit)
                 seq.drafts_follow = (len(ids), ids[-1])
             else:
@@ -518,7 +524,9 @@ class EngineCore:
                 batch.num_drafts[i] = n
 
     def _launch(self, batch: ScheduledBatch, k: int, step_started: float) -> _InFlight:
-        step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)])
+        step = Step([self._seq_step(*item) for item in zip(batch.seqs, batch.num_new_tokens, batch.num_drafts)],
+                    self._kv_moves)
+        self._kv_moves = []
         # Penalties: the history uploaded with the next step must hold the token this one draws. Drafts: the next step
         # is planned as if all were accepted, where the plan can hold (_behind). (Grammars need this step's draws
         # too, but only once the next step's forward is queued: _fill_masks reads the step in flight then.)
@@ -563,7 +571,8 @@ class EngineCore:
             if lo < hi:
                 score = PromptScoring(lo - start, seq.token_ids[lo + 1 : hi + 1], p.prompt_logprobs)
                 seq.num_prompt_scored = hi
-        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed, score)
+        parents = seq.draft_parents[:drafts] if drafts and seq.draft_parents is not None else None
+        return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed, score, parents)
 
     def _collect(self) -> list[SeqDelta]:
         """Read the step in flight and append what it drew (finished or aborted sequences drop theirs). Drafts past
@@ -594,6 +603,9 @@ class EngineCore:
                 continue
             if drafts:
                 if seq.status is SeqStatus.RUNNING:  # (a sequence preempted since has none computed)
+                    if r.path is not None:
+                        self._kv_moves += tree_moves(seq.block_table, self.config.cache.block_size,
+                                                     seq.num_computed_tokens - drafts - 1, r.path)
                     seq.num_computed_tokens -= drafts - (len(r.tokens) - 1)
                 seq.all_accepted = len(r.tokens) - 1 == drafts
                 self.stats.draft_tokens += drafts
@@ -710,6 +722,15 @@ class EngineCore:
             s.cache_evicted_blocks, s.cache_blocks = cache.stats.evicted_blocks, len(cache.nodes)
         return s
 
+
+
+def tree_moves(table: list[int], block_size: int, last: int, path: list[int]) -> list[tuple[int, int]]:
+    """(from slot, to slot) of the KV of a token tree's accepted drafts (`path`, by index): draft i was written at
+    position last + 1 + i (`last`: the token before the drafts) and now stands at last + its depth."""
+    def slot(p: int) -> int:
+        return table[p // block_size] * block_size + p % block_size
+
+    return [(slot(last + 1 + i), slot(last + d)) for d, i in enumerate(path, 1) if i + 1 != d]
 
 
 @dataclass

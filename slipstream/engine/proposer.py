@@ -38,12 +38,22 @@ from slipstream.runner.batch import SamplingRow, SeqStep, Step
 from slipstream.sampling_params import SamplingParams
 
 
+# A token tree's drafts are chosen by a score, most likely first: the sum of the weights of the occurrences whose
+# continuation passes through the draft (the most recent weighs 1, each older one half the one after it) times
+# _DEPTH_DISCOUNT per step from the root (drafts deep in a chain are accepted less often). A draft scores below its
+# parent, so any head of the order is a tree: the scheduler may cut it anywhere.
+_DEPTH_DISCOUNT = 0.8
+
+
 class NgramProposer:
-    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+    def __init__(self, min_n: int = 2, max_n: int = 4, branches: int = 1) -> None:
+        """`branches` > 1: `propose_tree` merges the continuations of the n-gram's last `branches` occurrences."""
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram proposer needs 1 <= min_n <= max_n, got {min_n}, {max_n}")
-        self.min_n, self.max_n = min_n, max_n
+        self.min_n, self.max_n, self.branches = min_n, max_n, branches
         self._index: dict[int, tuple[int, list[dict[int, int]]]] = {}  # seq id -> (indexed up to, maps)
+        # with branches: seq id -> per n, the position after an n-gram's occurrence -> after its occurrence before
+        self._earlier: dict[int, list[dict[int, int]]] = {}
 
     def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
         """Up to `limit` draft tokens to follow `ids` (the sequence's tokens so far; past `known` of them, tokens
@@ -61,18 +71,57 @@ class NgramProposer:
         slices and tuples of the last tokens: half the host time of a drafting step's proposals at 256 sequences
         (scripts/ngram_costs.py)."""
         done, maps = self._index.get(seq_id) or (0, [{} for _ in range(self.max_n + 1)])
+        earlier = self._earlier.setdefault(seq_id, [{} for _ in range(self.max_n + 1)]) if self.branches > 1 else None
         for e in range(max(done, self.min_n), end):
             key = 0
             for n in range(1, min(self.max_n, e) + 1):
                 key |= ids[e - n] << (32 * n - 32)
                 if n >= self.min_n:
+                    if earlier is not None and key in maps[n]:
+                        earlier[n][e] = maps[n][key]
                     maps[n][key] = e
         self._index[seq_id] = (max(done, end), maps)
         return maps
 
-    def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int) -> int | None:
+    def propose_tree(self, seq_id: int, ids: list[int], limit: int) -> tuple[list[int], list[int]]:
+        """Up to `limit` drafts to follow `ids` as a token tree: (tokens, each one's parent: an earlier draft's index,
+        or -1 for the token after `ids`), the continuations of the longest n-gram's last `branches` occurrences merged,
+        the likeliest drafts first (see _DEPTH_DISCOUNT)."""
+        maps = self._catch_up(seq_id, ids, len(ids))
+        if limit <= 0:
+            return [], []
+        found = self._lookup(maps, ids, len(ids), with_n=True)
+        if found is None:
+            return [], []
+        start, n = found
+        earlier = self._earlier[seq_id][n] if self.branches > 1 else {}
+        # a trie of the continuations: node -> (token, parent node, score); children by (parent node, token)
+        nodes: list[tuple[int, int, float]] = []
+        child: dict[tuple[int, int], int] = {}
+        weight = 1.0
+        for _ in range(self.branches):
+            parent, score = -1, weight
+            for t in ids[start : start + limit]:
+                score *= _DEPTH_DISCOUNT
+                node = child.get((parent, t))
+                if node is None:
+                    node = child[(parent, t)] = len(nodes)
+                    nodes.append((t, parent, 0.0))
+                tok, par, total = nodes[node]
+                nodes[node] = (tok, par, total + score)
+                parent = node
+            start = earlier.get(start)
+            if start is None:
+                break
+            weight /= 2
+        # the best `limit` nodes, each after its parent (it scores less), renumbered in that order
+        order = sorted(range(len(nodes)), key=lambda i: -nodes[i][2])[:limit]
+        place = {node: i for i, node in enumerate(order)}
+        return [nodes[i][0] for i in order], [place.get(nodes[i][1], -1) for i in order]
+
+    def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int, with_n: bool = False) -> Any:
         """Where the tokens that followed the longest n-gram ending `ids[:end]` begin (its latest earlier occurrence),
-        if it occurred before."""
+        if it occurred before (`with_n`: and that n, as a pair)."""
         keys, key = [0], 0  # keys[n]: the last n tokens'
         for n in range(1, min(self.max_n, end) + 1):
             key |= ids[end - n] << (32 * n - 32)
@@ -80,7 +129,7 @@ class NgramProposer:
         for n in range(len(keys) - 1, self.min_n - 1, -1):
             start = maps[n].get(keys[n])
             if start is not None:
-                return start
+                return (start, n) if with_n else start
         return None
 
     def first_guesses(self, seqs: list[Any]) -> tuple[int, int]:
@@ -111,6 +160,7 @@ class NgramProposer:
 
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
+        self._earlier.pop(seq_id, None)
 
 
 def _as_drafted(p: SamplingParams) -> SamplingParams:

@@ -34,6 +34,7 @@ class Sequence:
     # Proposed continuations (speculative decoding) that the next decode step verifies; each drafting step proposes
     # afresh for every running sequence, and a plain step verifies none.
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_parents: list[int] | None = None  # a token tree's (runner/batch.SeqStep.draft_parents); None: a chain
     # The (length, last token) its tokens must have once the step in flight is read for the drafts proposed behind that
     # step to follow them: they guess its outcome (EngineCore._propose).
     drafts_follow: tuple[int, int] = (0, -1)

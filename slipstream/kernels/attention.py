@@ -72,10 +72,12 @@ def _kv_scales(src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE: tl.constexp
 def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos, kvh, scale_log2,
             stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-            SCALED: tl.constexpr):
+            SCALED: tl.constexpr, TREE: tl.constexpr = False, tree=0, prefix=0):
     """One key tile of online-softmax attention; MASK applies causality and the context end. SCALED: the pool holds
     FP8 keys and values with a float32 scale per token and head (k = k8 * ks): q.k = (q.k8) ks, and the value rows
-    are dequantized in float32 before the P @ V dot (folding vs into p instead left fp16 weights subnormal)."""
+    are dequantized in float32 before the P @ V dot (folding vs into p instead left fp16 weights subnormal).
+    TREE (with MASK): `tree` holds each row's ancestor mask (runner/inputs.ancestor_masks: bit j = the step's row j
+    of its sequence, the key at prefix + j), or -1 where the row is causal."""
     k = _kv_tile(k_src, table, n0, ctx, kvh, stride_kp, stride_kt, stride_kh, HEAD_DIM, PAGE, BLOCK_N, MASK, TMA)
     if SCALED:
         k = k.to(q.dtype)
@@ -84,7 +86,12 @@ def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos,
         s = s * _kv_scales(ks_src, table, n0, ctx, kvh, stride_sp, stride_st, PAGE, BLOCK_N)[None, :]
     if MASK:
         toks = n0 + tl.arange(0, BLOCK_N)
-        s = tl.where((toks[None, :] <= pos[:, None]) & (toks < ctx)[None, :], s, float("-inf"))
+        seen = toks[None, :] <= pos[:, None]
+        if TREE:
+            j = tl.minimum(tl.maximum(toks - prefix, 0), 63).to(tl.int64)
+            bit = ((tree[:, None] >> j[None, :]) & 1) != 0
+            seen = seen & ((tree[:, None] < 0) | (toks < prefix)[None, :] | bit)
+        s = tl.where(seen & (toks < ctx)[None, :], s, float("-inf"))
     # The scale folds into one multiply-add per score; the rescaled accumulator feeds the P @ V dot in place.
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     p = tl.math.exp2(s * scale_log2 - m_new[:, None])
@@ -100,11 +107,11 @@ def _attend(q, acc, m_i, l_i, k_src, v_src, ks_src, vs_src, table, n0, ctx, pos,
 
 @triton.jit(do_not_specialize=["max_q_len", "stride_bt", "first_seq", "num_slots"])  # vary every step: no recompiles
 def _prefill_kernel(
-    q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, q_start, out_ptr, scale_log2,
+    q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, q_start, out_ptr, tree_ptr, scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, stride_bt, stride_ot, stride_oh,
     max_q_len, first_seq, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr, TREE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     await_inputs(PDL)
@@ -132,8 +139,14 @@ def _prefill_kernel(
         v_src = tl.make_tensor_descriptor(v_cache, [num_slots, stride_kt], [stride_kt, 1], [BLOCK_N, HEAD_DIM])
     else:
         k_src, v_src = k_cache, v_cache
-    # Keys below the tile's first position are visible to every row: no mask. Then the diagonal band.
-    unmasked_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # Keys below the tile's first position are visible to every row: no mask. Then the diagonal band. (In a token
+    # tree only the context before the step is: a row sees the step's rows that are its ancestors.)
+    if TREE:
+        unmasked_end = (prefix // BLOCK_N) * BLOCK_N
+        tree = tl.load(tree_ptr + q0 + rows, mask=row_ok, other=-1)
+    else:
+        unmasked_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+        tree = 0
     hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)
     for n0 in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, k_scales, v_scales, table, n0, ctx, pos, kvh, scale_log2,
@@ -142,7 +155,7 @@ def _prefill_kernel(
     for n0 in range(unmasked_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_src, v_src, k_scales, v_scales, table, n0, ctx, pos, kvh, scale_log2,
                                 stride_kp, stride_kt, stride_kh, stride_sp, stride_st, HEAD_DIM, PAGE, BLOCK_N, True,
-                                PRECISION, TMA, SCALED)
+                                PRECISION, TMA, SCALED, TREE, tree, prefix)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -304,16 +317,17 @@ def _scale_args(k_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]
 def paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, max_query_len: int, scale: float, out: torch.Tensor | None = None, first_seq: int = 0,
-    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, tree_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for the packed queries q [T, Hq, D] of sequences first_seq.. of the batch (the earlier
     ones are decodes handled elsewhere); `query_start_loc` holds row offsets into q. Pool slots past a context
     may be read and must hold finite values (the engine zero-fills its pool). `kv_scales`: the pool is FP8 with
-    these per-token, per-head scales ([pages, page, Hk] float32 for K and for V)."""
+    these per-token, per-head scales ([pages, page, Hk] float32 for K and for V). `tree_rows` [T] int64: token
+    trees (AttentionMetadata.tree_rows): each row's ancestor mask, or -1 for a causal row."""
     hq, hk, d = _check(q, k_cache)
     out = torch.empty_like(q) if out is None else out
     if (attention_sm90 is not None and q.is_cuda and _capability(q.device) == 9 and kv_scales is None
-            and attention_sm90.supported(q, k_cache, max_query_len)):
+            and tree_rows is None and attention_sm90.supported(q, k_cache, max_query_len)):
         _device_scratch()
         return attention_sm90.paged_prefill_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                  max_query_len, scale * _LOG2E, out, first_seq, _num_sms(q.device),
@@ -328,11 +342,12 @@ def paged_prefill(
         _device_scratch()
     ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
     _prefill_kernel[(cdiv(max_query_len, block_m), seq_lens.shape[0] - first_seq, hq)](
-        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, query_start_loc, out,
+        tree_rows if tree_rows is not None else query_start_loc, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
         block_tables.stride(0), out.stride(0), out.stride(1), max_query_len, first_seq, k_cache.shape[0] * k_cache.shape[1],
         GROUP=hq // hk, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), TMA=tma, SCALED=kv_scales is not None, num_warps=4,
+        PRECISION=dot_precision(q.dtype), TMA=tma, SCALED=kv_scales is not None, TREE=tree_rows is not None, num_warps=4,
         num_stages=1 if INTERPRET else 2 if tma else 3, **pdl(q),
     )
     return out

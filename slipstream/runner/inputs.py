@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from slipstream.attention.backend import AttentionMetadata
-from slipstream.runner.batch import SeqStep
+from slipstream.runner.batch import SeqStep, tree_depths
 
 _MIN_SHARED = 256  # shorter common prefixes are not worth the cascade kernel's launch
 
@@ -27,6 +27,9 @@ class HostInputs:
     first_rows: list[int]  # row of each sequence's first token
     num_decodes: int
     shared: int  # cascade: context tokens every decode reads from the same pages (0: none)
+    # Token trees: per sequence, None (causal) or per row of its tokens the rows of the step it attends to (bit j: its
+    # row j; a draft sees the tokens before the drafts, its ancestors and itself); None where no sequence has a tree
+    trees: list[list[int] | None] | None = None
 
 
 def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInputs:
@@ -45,11 +48,19 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
     seq_lens: list[int] = []
     rows: list[int] = []
     first: list[int] = []
-    for s in seqs:
+    trees: list[list[int] | None] | None = None
+    for i, s in enumerate(seqs):
         end = s.start + len(s.token_ids)
         first.append(len(ids))
         ids += s.token_ids
-        positions += range(s.start, end)
+        if s.draft_parents is None:
+            positions += range(s.start, end)
+        else:  # a draft stands at its depth past the last token before the drafts; its KV goes to its own slot
+            last = end - s.num_drafts - 1
+            positions += range(s.start, last + 1)
+            positions += [last + d for d in tree_depths(s.draft_parents)]
+            trees = trees or [None] * len(seqs)
+            trees[i] = ancestor_masks(len(s.token_ids) - s.num_drafts, s.draft_parents)
         table = s.block_table
         slots += [table[p // bs] * bs + p % bs for p in range(s.start, end)]
         seq_lens.append(end)
@@ -60,7 +71,16 @@ def host_inputs(seqs: list[SeqStep], block_size: int, cascade: bool) -> HostInpu
     tables = [s.block_table for s in seqs]
     shared = shared_prefix_len(tables[:num_decodes], seq_lens[:num_decodes], bs) if cascade else 0
     return HostInputs(ids, positions, slots, [len(s.token_ids) for s in seqs], seq_lens, tables, rows, first, num_decodes,
-                      shared)
+                      shared, trees)
+
+
+def ancestor_masks(num_real: int, parents: list[int]) -> list[int]:
+    """Per row of a sequence's step (`num_real` tokens, then its drafts), the rows it attends to as bits: a real token
+    the ones up to itself (causal), a draft the real tokens, its ancestors and itself."""
+    masks = [(2 << r) - 1 for r in range(num_real)]
+    for i, p in enumerate(parents):
+        masks.append(masks[num_real + p] | 1 << (num_real + i))  # (p = -1: the last real token's row)
+    return masks
 
 
 def front_padded(h: HostInputs, q: int, pad_slot: int, slack: int = 0) -> HostInputs | None:
@@ -73,8 +93,9 @@ def front_padded(h: HostInputs, q: int, pad_slot: int, slack: int = 0) -> HostIn
     real tokens, the last of its q rows, keep their positions and see what they saw. A padding row stands at one of
     the q - n positions before them, which the cache already holds: it attends to the sequence's own past, writes its
     key and value to the pad page (the cache keeps the real ones), and no row is drawn from it. `slack`: how far a
-    sequence's context may yet move back on the device (a `Feed`'s rejected drafts); it keeps q tokens all the same."""
-    if any(n > q for n in h.query_lens) or any(end < q + slack for end in h.seq_lens):
+    sequence's context may yet move back on the device (a `Feed`'s rejected drafts); it keeps q tokens all the same.
+    (A token tree's rows are not padded: the ladders' kernels have no tree mask.)"""
+    if h.trees is not None or any(n > q for n in h.query_lens) or any(end < q + slack for end in h.seq_lens):
         return None
     ids: list[int] = []
     positions: list[int] = []
@@ -209,6 +230,9 @@ def eager_inputs(h: HostInputs, st: "Stager", pad: int = 0, pad_slot: int = 0) -
     ids_t, pos_t, slots_t = st.put(ids), st.put(positions), st.put(slots)
     qsl_t, lens_t = st.put(qsl), st.put(h.seq_lens)
     shared_t = st.put([h.shared]) if h.shared else None
+    tree_t = None
+    if h.trees is not None:  # (a padding row is causal)
+        tree_t = st.put([m for n, rows in zip(h.query_lens, h.trees) for m in rows or [-1] * n] + [-1] * pad)
     tables_t = st.put_table(h.tables)
     st.upload()
     nd = h.num_decodes
@@ -216,6 +240,7 @@ def eager_inputs(h: HostInputs, st: "Stager", pad: int = 0, pad_slot: int = 0) -
         slot_mapping=slots_t(), query_start_loc=qsl_t(), seq_lens=lens_t(), block_tables=tables_t(),
         query_lens_cpu=h.query_lens, seq_lens_cpu=h.seq_lens, max_query_len=max(h.query_lens), max_seq_len=max(h.seq_lens),
         num_decodes=nd, decode_max_len=max(h.seq_lens[:nd], default=0), shared_prefix=shared_t() if shared_t else None,
+        tree_rows=tree_t() if tree_t else None,
     )
     return ids_t(), pos_t(), meta
 

@@ -32,7 +32,7 @@ from slipstream.layers.sampler import SamplerOutput, sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.models import model_class
 from slipstream.parallel.shard import Shard
-from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step
+from slipstream.runner.batch import PromptScore, SeqResult, SeqStep, Step, walk_tree
 from slipstream.runner.cuda_graphs import CapturePool, GraphLadder, PiecewiseLadder
 from slipstream.runner.device import capability, dtype_name, resolve_device, resolve_dtype
 from slipstream.runner.inputs import Feed, HostInputs, Moved, Stager, eager_inputs, front_padded, host_inputs
@@ -61,15 +61,6 @@ PAD_TO_GRAPH_TOKENS = 256
 _SCORE_ROWS = 256
 
 WeightSource = Callable[..., Iterator[tuple[str, torch.Tensor]]] | None  # (as stored?, lazy=) -> tensors; None: random
-
-
-def num_accepted(draws: list[int], drafts: list[int]) -> int:
-    """How many drafts a verifying step keeps: while each equals what the step drew after the ones before it (the
-    draw plain decoding makes there), which keeps the output exactly plain decoding's."""
-    n = 0
-    while n < len(drafts) and draws[n] == drafts[n]:
-        n += 1
-    return n
 
 
 def _construct(config: EngineConfig, mc: ModelConfig, backend: object, fused: bool, device: torch.device,
@@ -291,6 +282,10 @@ class ModelRunner:
         one per drawing sequence, k + 1 after k drafts; the prompt scores of the sequences that ask, by id)."""
         seqs = sorted(step.seqs, key=lambda s: len(s.token_ids) != 1)  # one-token sequences first: decode kernel
         self.ints.reset()
+        if step.kv_moves:  # (queued before the forward, which may read the moved KV or write where it was)
+            src, dst = self.ints.put([a for a, _ in step.kv_moves]), self.ints.put([b for _, b in step.kv_moves])
+            self.ints.upload()
+            self.backend.move_kv(src(), dst())
         h = self._graph_shaped(host_inputs(seqs, self.block_size, self.cascade))
         self._feed = self._feeder(seqs, h)
         out = self._forward(h, self._feed)
@@ -424,7 +419,7 @@ class ModelRunner:
         rows, drafts, r = {}, {}, 0
         for s in drawing:
             rows[s.seq_id] = r
-            if s.num_drafts:
+            if s.num_drafts and s.draft_parents is None:  # (a tree's step is read before the next is planned)
                 drafts[s.seq_id] = s.token_ids[len(s.token_ids) - s.num_drafts :]
             r += s.num_samples
         self._last_rows, self._last_tokens, self._last_drafts = rows, out.tokens, drafts
@@ -449,12 +444,12 @@ class ModelRunner:
         for s in launched.seqs:
             k = s.num_drafts
             drafts = s.token_ids[len(s.token_ids) - k :] if k else []
-            n = num_accepted(tokens[r : r + k], drafts) + 1
+            path = walk_tree(tokens[r : r + k + 1], drafts, s.draft_parents)
+            kept = [r] + [r + 1 + i for i in path]  # the rows whose draws are kept: the root's, then each kept draft's
             top = s.sampling.params.logprobs
-            row_lps = None if lps is None or top is None else [
-                dict(zip(ids[r + j][: 1 + top], lps[r + j][: 1 + top])) for j in range(n)
-            ]
-            results.append(SeqResult(s.seq_id, tokens[r : r + n], row_lps))
+            row_lps = None if lps is None or top is None else [dict(zip(ids[j][: 1 + top], lps[j][: 1 + top])) for j in kept]
+            results.append(SeqResult(s.seq_id, [tokens[j] for j in kept], row_lps,
+                                     None if s.draft_parents is None else path))
             r += k + 1
         return results
 
@@ -478,8 +473,8 @@ class ModelRunner:
         """Hidden states of every token of the step (and with aux_layers the states entering them): a captured graph
         when one fits, else captured pieces, else eagerly."""
         q = h.query_lens[0]
-        ladder = self.graphs.get(q)
-        if ladder is not None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens)):
+        ladder = self.graphs.get(q)  # (its captured attention has no tree mask: a tree's step runs in pieces)
+        if ladder is not None and h.trees is None and all(n == q for n in h.query_lens) and ladder.fits(len(h.query_lens)):
             return ladder.run(h, feed)
         if self.pieces is not None and self.pieces.fits(len(h.input_ids)):
             return self.pieces.run(h, feed)

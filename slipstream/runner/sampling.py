@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slipstream.layers.sampler import Penalties, SamplingBatch
-from slipstream.runner.batch import SamplingRow, SeqStep
+from slipstream.runner.batch import SamplingRow, SeqStep, tree_path
 from slipstream.runner.inputs import Stager
 
 if TYPE_CHECKING:  # (xgrammar loads only for models that see a constraint)
@@ -14,8 +14,9 @@ if TYPE_CHECKING:  # (xgrammar loads only for models that see a constraint)
 
 
 def expand_rows(seqs: list[SeqStep]) -> tuple[list[SamplingRow], list[int], list[list[int]] | None]:
-    """The rows a step draws: per drawing sequence one row, or k + 1 after k drafts (row j follows drafts[:j]).
-    Returns (each row's sampling row, its output index, the drafts before it, or None when no sequence has any)."""
+    """The rows a step draws: per drawing sequence one row, or k + 1 after k drafts (row j follows drafts[:j]; in a
+    token tree, row 1 + i follows draft i's path from the root). Returns (each row's sampling row, its output index,
+    the drafts before it, or None when no sequence has any)."""
     drawing = [s for s in seqs if s.sampling is not None]
     if not any(s.num_drafts for s in drawing):
         rows = [s.sampling for s in drawing]
@@ -23,10 +24,14 @@ def expand_rows(seqs: list[SeqStep]) -> tuple[list[SamplingRow], list[int], list
     rows, positions, before = [], [], []
     for s in drawing:
         drafts = s.token_ids[len(s.token_ids) - s.num_drafts :] if s.num_drafts else []
-        for j in range(s.num_samples):
-            rows.append(s.sampling)
-            positions.append(s.sampling.num_output_tokens + j)
-            before.append(drafts[:j])
+        rows += [s.sampling] * s.num_samples
+        if s.draft_parents is None:
+            positions += range(s.sampling.num_output_tokens, s.sampling.num_output_tokens + s.num_samples)
+            before += [drafts[:j] for j in range(s.num_samples)]
+        else:  # (a draft's draw stands where plain decoding draws after its path: seeded noise follows the index)
+            paths = [tree_path(s.draft_parents, i) for i in range(s.num_drafts)]
+            positions += [s.sampling.num_output_tokens + len(p) for p in [[]] + paths]
+            before += [[]] + [[drafts[j] for j in p] for p in paths]
     return rows, positions, before
 
 

@@ -110,6 +110,22 @@ def test_ngram_trees_merge_the_continuations_of_the_last_occurrences():
     assert 5 not in prop._index and 5 not in prop._earlier
 
 
+def test_ngram_trees_branch_sooner_where_fewer_drafts_are_kept():
+    """The discount a level follows the verdicts: where every tree's path is kept to its depth, the latest
+    continuation's chain fills the tree; where drafts are seldom kept, the other continuations' heads come first."""
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 10, 11, 12, 13, 14, 15, 16, 1, 2]  # "1 2": then 10 11 ..., or 3 4 ...
+    for kept in (True, False):
+        prop = NgramProposer(branches=2)
+        for _ in range(200):
+            tokens, parents = prop.propose_tree(0, ids, 8)
+            prop.accepted(0, max(tree_depths(parents)) if kept else 0)
+        tokens, parents = prop.propose_tree(0, ids, 8)
+        if kept:
+            assert tokens == [10, 11, 12, 13, 14, 15, 16, 1] and parents == list(range(-1, 7))
+        else:
+            assert tokens[:4] == [10, 3, 11, 4] and parents[:4] == [-1, -1, 0, 1]
+
+
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_a_tree_step_gives_each_draft_its_chains_logits_and_moves_its_kv(kv):
     """Every row of a tree step scores what plain decoding scores after that draft's path; once the verdict's moves

@@ -34,15 +34,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from slipstream.runner.batch import SamplingRow, SeqStep, Step
+from slipstream.runner.batch import SamplingRow, SeqStep, Step, tree_depths
 from slipstream.sampling_params import SamplingParams
 
 
 # A token tree's drafts are chosen by a score, most likely first: the sum of the weights of the occurrences whose
-# continuation passes through the draft (the most recent weighs 1, each older one half the one after it) times
-# _DEPTH_DISCOUNT per step from the root (drafts deep in a chain are accepted less often). A draft scores below its
-# parent, so any head of the order is a tree: the scheduler may cut it anywhere.
-_DEPTH_DISCOUNT = 0.8
+# continuation passes through the draft (the most recent weighs 1, each older one half the one after it) times a
+# discount per step from the root: how often a draft whose parent was kept is kept too, as measured on this
+# proposer's verdicts (a moving count; _PRIOR_KEPT until there are some). Where drafts are kept nine times in ten (text
+# that quotes its source) a tree is almost the latest continuation's chain; where they are kept less often, branches
+# come before deep drafts. A draft scores below its parent, so any head of the order is a tree: the scheduler may
+# cut it anywhere.
+_PRIOR_KEPT = (4.0, 1.0)  # (kept, missed) pseudo-counts: a discount of 0.8
+_FORGET = 0.98  # of the counts, kept at each verdict (about the last 50 weigh)
 
 
 class NgramProposer:
@@ -54,6 +58,8 @@ class NgramProposer:
         self._index: dict[int, tuple[int, list[dict[int, int]]]] = {}  # seq id -> (indexed up to, maps)
         # with branches: seq id -> per n, the position after an n-gram's occurrence -> after its occurrence before
         self._earlier: dict[int, list[dict[int, int]]] = {}
+        self._depth: dict[int, int] = {}  # seq id -> its last tree's depth
+        self._kept, self._missed = _PRIOR_KEPT  # moving counts of drafts kept after a kept parent, and of misses
 
     def propose(self, seq_id: int, ids: list[int], limit: int, known: int | None = None) -> list[int]:
         """Up to `limit` draft tokens to follow `ids` (the sequence's tokens so far; past `known` of them, tokens
@@ -98,11 +104,11 @@ class NgramProposer:
         # a trie of the continuations: node -> (token, parent node, score); children by (parent node, token)
         nodes: list[tuple[int, int, float]] = []
         child: dict[tuple[int, int], int] = {}
-        weight = 1.0
+        weight, discount = 1.0, self._kept / (self._kept + self._missed)
         for _ in range(self.branches):
             parent, score = -1, weight
             for t in ids[start : start + limit]:
-                score *= _DEPTH_DISCOUNT
+                score *= discount
                 node = child.get((parent, t))
                 if node is None:
                     node = child[(parent, t)] = len(nodes)
@@ -117,7 +123,9 @@ class NgramProposer:
         # the best `limit` nodes, each after its parent (it scores less), renumbered in that order
         order = sorted(range(len(nodes)), key=lambda i: -nodes[i][2])[:limit]
         place = {node: i for i, node in enumerate(order)}
-        return [nodes[i][0] for i in order], [place.get(nodes[i][1], -1) for i in order]
+        parents = [place.get(nodes[i][1], -1) for i in order]
+        self._depth[seq_id] = max(tree_depths(parents))
+        return [nodes[i][0] for i in order], parents
 
     def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int, with_n: bool = False) -> Any:
         """Where the tokens that followed the longest n-gram ending `ids[:end]` begin (its latest earlier occurrence),
@@ -156,11 +164,17 @@ class NgramProposer:
         pass  # the drafts were final when proposed
 
     def accepted(self, seq_id: int, num_accepted: int) -> None:
-        pass
+        """A verdict on the sequence's last tree: `num_accepted` drafts kept, then a miss unless the path reached the
+        tree's depth (a path that ended at a shallower leaf counts a miss too: a small bias to branching)."""
+        depth = self._depth.pop(seq_id, None)
+        if depth is not None:
+            self._kept = _FORGET * self._kept + num_accepted
+            self._missed = _FORGET * self._missed + (num_accepted < depth)
 
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
         self._earlier.pop(seq_id, None)
+        self._depth.pop(seq_id, None)
 
 
 def _as_drafted(p: SamplingParams) -> SamplingParams:

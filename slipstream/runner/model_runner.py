@@ -151,10 +151,11 @@ class ModelRunner:
         log.info("weights: %.2f GB on %s in %.1f s", nbytes / 1e9, self.device, time.perf_counter() - started)
         sched = config.scheduler
         width = -(-max_model_len // bs)
-        # Room for one step: per token its id, position and slot; per drawn row (at most one a token: a verifying
-        # step draws every one) its index, three sampling ints and whether a grammar holds it; per sequence its block
-        # table, query start and length. A step behind a verifying one (inputs.Feed) adds per token its row and owner,
-        # per drawn row the same, per sequence its k drafts and the rows of their draws and 6 more (each list's
+        # Room for one step: per token its id, position, slot (and a token tree's mask); per drawn row (at most one a
+        # token: a verifying step draws every one) its index, three sampling ints and whether a grammar holds it; per
+        # sequence its block table, query start and length. A step behind a verifying one (inputs.Feed) adds per token
+        # its row and owner, per drawn row the same, per sequence its k drafts and the rows of their draws and 6 more;
+        # one behind a tree's verdict (never behind a chain's) per sequence at most k KV moves of 2 (each list's
         # alignment padding is covered by the +128).
         k = config.num_speculative_tokens
         self.ints = Stager(self.device, torch.int64, 12 * sched.max_num_batched_tokens

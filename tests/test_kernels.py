@@ -449,11 +449,11 @@ from slipstream.kernels.attention import _prefill_kernel as fn
 types = dict(q_ptr="*bf16", k_cache="*bf16", v_cache="*bf16", out_ptr="*bf16", block_tables="*i64", seq_lens="*i64",
              q_start="*i64", scale_log2="fp32", k_scales="*bf16", v_scales="*bf16", tree_ptr="*i64")
 fp8 = dict(types, k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scales="*fp32", v_scales="*fp32")
-for page, bulk, scaled, tree in ((64, True, False, False), (16, False, False, False), (64, False, True, False),
-                                 (64, True, False, True), (64, False, True, True)):
+for page, bulk, scaled, tree, rows in ((64, True, False, False, 128), (16, False, False, False, 128),
+                                       (64, False, True, False, 128), (64, True, False, True, 64), (64, False, True, True, 128)):
     # bulk copies (TMA) need whole tiles in a page, else the gather path; an FP8 pool with its scales gathers too;
-    # token trees (their ancestor masks) in both
-    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=64, BLOCK_N=64, PRECISION="tf32", TMA=bulk, SCALED=scaled,
+    # token trees (their ancestor masks) in both, alone (64-row tiles) and beside a longer prompt chunk
+    consts = dict(GROUP=4, HEAD_DIM=128, PAGE=page, BLOCK_M=rows, BLOCK_N=64, PRECISION="tf32", TMA=bulk, SCALED=scaled,
                   TREE=tree)
     sig = {n: "constexpr" if n in consts else (fp8 if scaled else types).get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

@@ -32,8 +32,10 @@ def paged_attention_ref(
         # query i sits at position ctx - q_len + i and sees keys 0..that position (with no cached prefix: the plain
         # causal mask, which SDPA applies without one in memory, twice as fast again)
         mask = None
-        if meta.tree_rows is not None and q_len > 1:  # token trees: the context before the step, then the step's rows
-            tree = meta.tree_rows[start : start + q_len, None]  # each row's bits name (-1: the rows up to itself)
+        # token trees (a tree's step is at most 63 rows): the context before the step, then the rows of the step each
+        # row's bits name (-1: the rows up to itself)
+        if meta.tree_rows is not None and 1 < q_len <= 63:
+            tree = meta.tree_rows[start : start + q_len, None]
             j = torch.arange(q_len, device=q.device)
             seen = torch.where(tree < 0, j[None, :] <= j[:, None], ((tree >> j.clamp(max=63)) & 1).bool())
             mask = torch.cat([torch.ones(q_len, ctx - q_len, dtype=torch.bool, device=q.device), seen], dim=1)

@@ -370,6 +370,8 @@ class EngineCore:
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
         if self.draft_policy is not None:  # (and so did the draft policy's rates)
             self.draft_policy = DraftPolicy(self.config.num_speculative_tokens)
+        if isinstance(self.proposer, NgramProposer):  # (and a tree's measured discount)
+            self.proposer = NgramProposer(branches=self.config.speculative_branches)
 
     def _warm_up_on_gpu(self, prompt_len: int, word: StructuredOutputs) -> None:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
@@ -422,6 +424,15 @@ class EngineCore:
         longest = min(self.max_model_len - 8, 32768)
         if longest > prompt_len and -(-longest // self.config.cache.block_size) < self.block_manager.num_blocks:
             self.add_request("__warmup_longest", [(5 * j + 13) % vocab for j in range(longest)], greedy)
+            while self.has_unfinished():
+                self.step()
+        if self.trees:  # the prefill kernel's tree masks: a tree step alone (short tiles), then beside a prompt chunk
+            x, y = 3 % vocab, 5 % vocab  # ("x y" followed by two continuations: the first drafts are a tree)
+            self.add_request("__warmup_tree", [x, y, 7 % vocab, x, y, 9 % vocab, x, y],
+                             SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            self.step()
+            self.step()
+            self.add_request("__warmup_tree_mixed", [(3 * j + 1) % vocab for j in range(prompt_len)], greedy)
             while self.has_unfinished():
                 self.step()
 

@@ -92,7 +92,7 @@ class NgramProposer:
     def propose_tree(self, seq_id: int, ids: list[int], limit: int) -> tuple[list[int], list[int]]:
         """Up to `limit` drafts to follow `ids` as a token tree: (tokens, each one's parent: an earlier draft's index,
         or -1 for the token after `ids`), the continuations of the longest n-gram's last `branches` occurrences merged,
-        the likeliest drafts first (see _DEPTH_DISCOUNT)."""
+        the likeliest drafts first (see _PRIOR_KEPT)."""
         maps = self._catch_up(seq_id, ids, len(ids))
         if limit <= 0:
             return [], []
@@ -165,7 +165,8 @@ class NgramProposer:
 
     def accepted(self, seq_id: int, num_accepted: int) -> None:
         """A verdict on the sequence's last tree: `num_accepted` drafts kept, then a miss unless the path reached the
-        tree's depth (a path that ended at a shallower leaf counts a miss too: a small bias to branching)."""
+        tree's depth (a path that ended at a shallower leaf, or at the end of a tree the scheduler cut, counts a miss
+        too: a small bias to branching)."""
         depth = self._depth.pop(seq_id, None)
         if depth is not None:
             self._kept = _FORGET * self._kept + num_accepted

@@ -141,9 +141,9 @@ def _prefill_kernel(
         k_src, v_src = k_cache, v_cache
     # Keys below the tile's first position are visible to every row: no mask. Then the diagonal band. (In a token
     # tree only the context before the step is: a row sees the step's rows that are its ancestors.)
-    if TREE:
-        unmasked_end = (prefix // BLOCK_N) * BLOCK_N
+    if TREE:  # (a sequence without a tree beside them, a prompt chunk, has -1 rows: causal, and the causal bound)
         tree = tl.load(tree_ptr + q0 + rows, mask=row_ok, other=-1)
+        unmasked_end = (tl.where(tl.load(tree_ptr + q0) < 0, prefix + tile * BLOCK_M, prefix) // BLOCK_N) * BLOCK_N
     else:
         unmasked_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
         tree = 0

@@ -177,7 +177,9 @@ class ModelRunner:
             # A step that verifies k drafts for every sequence computes 1 + k tokens each: a ladder of its own (fewer
             # drafts, or a mix, replay pieces). One rank only: the others would replay pieces for such a step.
             verify = 1 + config.num_speculative_tokens
-            if config.speculative_method != "none" and self.shard.world == 1 and verify <= bs:
+            # (a token tree's step runs in pieces: no ladder for it)
+            chains = config.speculative_method != "none" and config.speculative_branches == 1
+            if chains and self.shard.world == 1 and verify <= bs:
                 self.capture_graphs(verify)
             self.pieces = PiecewiseLadder(self.model, self.backend, self.ints, min(sched.max_num_batched_tokens, MAX_PIECEWISE_TOKENS),
                                           self.kv.pad_slot, self._graph_pool, self.aux_layers)

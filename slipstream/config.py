@@ -290,9 +290,10 @@ class EngineConfig:
                                                  "directory of speculative_method=eagle3")
     num_speculative_tokens: int = option(4, "draft tokens per step with speculative decoding (at most: see "
                                             "speculative_adaptive)")
-    speculative_branches: int = option(1, "token trees: n-gram drafting merges the continuations of the matched "
-                                          "n-gram's last N occurrences into a tree of num_speculative_tokens drafts "
-                                          "(the likeliest first), verified in one step; 1: one chain")
+    speculative_branches: int = option(1, "token trees of num_speculative_tokens drafts verified in one step: n-gram "
+                                          "drafting merges the continuations of the matched n-gram's last N "
+                                          "occurrences; a draft head (eagle3, mtp) puts its draws' N - 1 runners-up "
+                                          "beside its chain where the measured rates say they pay; 1: one chain")
     speculative_adaptive: bool = option(True, "choose each step's drafts per sequence (0 .. num_speculative_tokens) "
                                               "from the output tokens/s measured at that batch size, so speculation "
                                               "turns itself off where it does not pay; off: always "
@@ -322,9 +323,9 @@ class EngineConfig:
                "checkpoint that holds them)", self.quantize_lm_head)
         _check(self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1", self.num_speculative_tokens)
         _check(self.speculative_branches >= 1, "speculative_branches", "must be >= 1", self.speculative_branches)
-        _check(self.speculative_branches == 1 or self.speculative_method == "ngram", "speculative_branches",
-               f"> 1 builds token trees from n-gram drafts: it needs speculative_method 'ngram', not "
-               f"{self.speculative_method!r}", self.speculative_branches)
+        _check(self.speculative_branches == 1 or self.speculative_method in ("ngram", "eagle3", "mtp"), "speculative_branches",
+               f"> 1 builds token trees from n-gram drafts or a draft head's: it needs speculative_method 'ngram', "
+               f"'eagle3' or 'mtp', not {self.speculative_method!r}", self.speculative_branches)
         # (a tree's step is at most 63 rows: a row's ancestor mask is one int64 whose sign marks a causal row)
         _check(self.speculative_branches == 1 or self.num_speculative_tokens <= 62, "num_speculative_tokens",
                "must be <= 62 with token trees (speculative_branches > 1)", self.num_speculative_tokens)

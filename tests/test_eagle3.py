@@ -257,6 +257,79 @@ def test_a_head_never_changes_the_output(dirs):
                            num_speculative_tokens=3)
 
 
+def test_head_trees_never_change_the_output(dirs, monkeypatch):
+    """Token trees of the head's chain and its draws' runners-up (shaped here to hold one beside each of the chain's
+    first drafts, half the tree): the output is plain decoding's, through chunked prefill, preemption and prefix
+    cache hits; the trees were verified, and runners-up kept."""
+    from slipstream.engine.proposer import DraftHeadProposer
+    from slipstream.runner import batch
+
+    def half_and_half(self, n):
+        chain = (n + 1) // 2
+        return chain, [1] * (n - chain) + [0] * (2 * chain - n)
+
+    monkeypatch.setattr(DraftHeadProposer, "_shape", half_and_half)
+    kept_up = []
+    walk = batch.walk_tree
+
+    def spy(draws, drafts, parents):
+        path = walk(draws, drafts, parents)
+        if parents is not None:
+            chain = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
+            kept_up.append(any(i >= chain for i in path))
+        return path
+
+    monkeypatch.setattr("slipstream.runner.model_runner.walk_tree", spy)
+    root = dirs[0]
+    check_output_unchanged(str(root / "target"), speculative_method="eagle3", speculative_model=str(root / "default"),
+                           num_speculative_tokens=4, speculative_branches=2)
+    assert len(kept_up) > 100 and any(kept_up)
+
+
+def test_after_a_tree_the_head_reads_the_kept_drafts_states():
+    """catch_up after a token tree's verdict: position by position, the states of the token before the tree and of
+    the drafts kept, in their rows of the target's step (not the step's next rows, which held other drafts)."""
+    from types import SimpleNamespace
+
+    from slipstream.runner.draft_head import DraftHeadRunner
+    from slipstream.runner.inputs import Stager
+
+    states = torch.arange(40, dtype=torch.float32).repeat_interleave(4).view(40, 4)  # row r holds r
+    target = SimpleNamespace(computed={7: (10, 20, 6)}, kept_rows={7: [0, 2, 5]}, head_states=states, block_size=16)
+    seen = []
+    runner = object.__new__(DraftHeadRunner)
+    runner.target, runner.graphs, runner.ints = target, None, Stager(torch.device("cpu"), torch.int64, 512)
+    runner.head = lambda ids, positions, meta, g: (seen.append((ids.tolist(), positions.tolist(), g[:, 0].tolist())), g)[1]
+    # tokens 0..19, then the real token at 20 and the kept drafts (rows 12 and 15 of the step) at 21, 22, the draw at 23
+    tokens = list(range(20)) + [100, 101, 102, 103]
+    runner.catch_up([(7, tokens, [0, 1], True)])
+    assert seen == [([101, 102, 103], [20, 21, 22], [10.0, 12.0, 15.0])]
+    assert runner.has_first(7, len(tokens))
+
+
+def test_runners_up_follow_the_draw():
+    """A row's runners-up are the tokens that came next in its own draw: greedy rows by logit, sampled rows in the
+    exponential race (the same noise), filtered tokens never; the draw itself is unchanged."""
+    from slipstream.kernels.hash import exponential_noise
+    from slipstream.layers.sampler import sample
+    from slipstream.runner.sampling import SamplingTensors
+    from slipstream.runner.batch import SamplingRow
+    from slipstream.runner.inputs import Stager
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 50, generator=g) * 2
+    rows = [SamplingRow(SamplingParams(temperature=0), 0, 0), SamplingRow(SamplingParams(temperature=0.9, seed=5), 5, 2),
+            SamplingRow(SamplingParams(temperature=1.0, top_k=3, seed=6), 6, 1)]
+    build = lambda: SamplingTensors(torch.device("cpu"), 50, [], 8).build(  # noqa: E731
+        rows, [r.num_output_tokens for r in rows], None, Stager(torch.device("cpu"), torch.int64, 256))
+    plain, out = sample(logits, build()), sample(logits, build(), alternatives=3)
+    assert out.tokens.tolist() == plain.tokens.tolist()
+    assert out.runners_up[0].tolist() == logits[0].argsort(descending=True)[1:4].tolist()
+    race = torch.softmax(logits[1] / 0.9, -1) / exponential_noise(torch.tensor([5]), torch.tensor([2]), 50)[0]
+    assert [out.tokens[1].item()] + out.runners_up[1].tolist() == race.argsort(descending=True)[:4].tolist()
+    assert out.runners_up[2].tolist()[2] == -1  # top-k 3: the draw and two runners-up, no third
+
+
 def test_head_checkpoints_are_checked(dirs, tmp_path):
     root = dirs[0]
     from transformers import LlamaConfig

@@ -69,7 +69,7 @@ class ScriptedProposer:
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         pass
 
-    def accepted(self, seq_id: int, num_accepted: int) -> None:
+    def accepted(self, seq_id: int, num_accepted: int, path: list[int] | None = None) -> None:
         pass
 
     def forget(self, seq_id: int) -> None:
@@ -161,7 +161,7 @@ def speculative(a: argparse.Namespace) -> list[dict]:
 def _speculative_llm(a: argparse.Namespace, method: str, k: int, engine: dict) -> LLM:
     return _warm(LLM(a.model, speculative_method={"oracle": "ngram", "wrong": "ngram"}.get(method, method),
                      speculative_model=a.speculative_model, num_speculative_tokens=k, speculative_adaptive=not a.fixed_k,
-                     speculative_branches=a.branches if method == "ngram" else 1, **engine))
+                     speculative_branches=a.branches if method in ("ngram", "eagle3", "mtp") else 1, **engine))
 
 
 def _warm(llm: LLM) -> LLM:
@@ -326,7 +326,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-speculative-tokens", type=_ints, default=[4], help="k, or several joined by commas: 1,2,4,8")
     p.add_argument("--fixed-k", action="store_true", help="always num-speculative-tokens drafts (no adaptive choice)")
     p.add_argument("--branches", type=int, default=1, help="ngram: token trees of the continuations of the n-gram's last "
-                   "N occurrences (speculative_branches; the other methods draft chains)")
+                   "N occurrences; eagle3, mtp: the head's chain with its draws' N - 1 runners-up (speculative_branches)")
     p.add_argument("--workload", default="quote", choices=["quote", "chat"])
     p.add_argument("--dataset", default=None, help="chat: a ShareGPT-style .json or a text file, a prompt a line")
     p.add_argument("--num-prompts", type=int, default=16,

@@ -112,7 +112,7 @@ class EngineCore:
         self.proposer: NgramProposer | DraftModelProposer | DraftHeadProposer | None = (
             NgramProposer(branches=config.speculative_branches) if config.speculative_method == "ngram"
             else DraftModelProposer(draft_runner) if draft is not None
-            else DraftHeadProposer(head_runner) if head is not None
+            else DraftHeadProposer(head_runner, config.speculative_branches) if head is not None
             else None)
         self.draft_policy = DraftPolicy(k) if self.proposer is not None and config.speculative_adaptive else None
         self.overlap = (self.proposer is None or isinstance(self.proposer, NgramProposer)) and (
@@ -370,8 +370,10 @@ class EngineCore:
         self._sec_per_token = None  # warm-up steps timed compilation, not tokens
         if self.draft_policy is not None:  # (and so did the draft policy's rates)
             self.draft_policy = DraftPolicy(self.config.num_speculative_tokens)
-        if isinstance(self.proposer, NgramProposer):  # (and a tree's measured discount)
+        if isinstance(self.proposer, NgramProposer):  # (and the rates its trees are shaped by)
             self.proposer = NgramProposer(branches=self.config.speculative_branches)
+        elif isinstance(self.proposer, DraftHeadProposer):
+            self.proposer = DraftHeadProposer(self.proposer.runner, self.config.speculative_branches)
 
     def _warm_up_on_gpu(self, prompt_len: int, word: StructuredOutputs) -> None:
         """Kernel variants the steps above leave uncompiled, compiled now: a compile in the middle of serving holds up
@@ -499,7 +501,7 @@ class EngineCore:
             # drafts and the token after them must fit under the sequence's length limit
             limit = min(k, seq.max_total_tokens - seq.num_tokens - 1)
             ids = seq.token_ids
-            if self.trees:  # (read first: nothing pending)
+            if self.trees and isinstance(self.proposer, NgramProposer):  # (read first: nothing pending)
                 seq.draft_token_ids, seq.draft_parents = self.proposer.propose_tree(seq.seq_id, ids, limit)
             elif not seq.num_pending:
                 seq.draft_token_ids = self.proposer.propose(seq.seq_id, ids, limit)
@@ -583,6 +585,8 @@ class EngineCore:
                 score = PromptScoring(lo - start, seq.token_ids[lo + 1 : hi + 1], p.prompt_logprobs)
                 seq.num_prompt_scored = hi
         parents = seq.draft_parents[:drafts] if drafts and seq.draft_parents is not None else None
+        if parents is not None and all(p == i - 1 for i, p in enumerate(parents)):
+            parents = None  # a tree that is one chain verifies as one (in the CUDA graphs of 1 + k tokens)
         return SeqStep(seq.seq_id, ids, start, seq.block_table, drafts, sampling, fed, score, parents)
 
     def _collect(self) -> list[SeqDelta]:
@@ -623,7 +627,7 @@ class EngineCore:
                 self.stats.accepted_draft_tokens += len(r.tokens) - 1
                 self.stats.drafts += 1
                 if self.proposer is not None:  # (tests hand out drafts themselves)
-                    self.proposer.accepted(seq.seq_id, len(r.tokens) - 1)
+                    self.proposer.accepted(seq.seq_id, len(r.tokens) - 1, r.path)
             delta = self._append(seq, r)
             if drafts:
                 delta.draft_tokens, delta.accepted_draft_tokens = drafts, len(r.tokens) - 1

@@ -163,7 +163,7 @@ class NgramProposer:
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
         pass  # the drafts were final when proposed
 
-    def accepted(self, seq_id: int, num_accepted: int) -> None:
+    def accepted(self, seq_id: int, num_accepted: int, path: list[int] | None = None) -> None:
         """A verdict on the sequence's last tree: `num_accepted` drafts kept, then a miss unless the path reached the
         tree's depth (a path that ended at a shallower leaf, or at the end of a tree the scheduler cut, counts a miss
         too: a small bias to branching)."""
@@ -246,7 +246,7 @@ class DraftModelProposer:
             self._fed[seq.seq_id] = (seq.num_tokens, n)
             self._valid[seq.seq_id] = (seq.num_tokens, seq.num_preemptions)
 
-    def accepted(self, seq_id: int, num_accepted: int) -> None:
+    def accepted(self, seq_id: int, num_accepted: int, path: list[int] | None = None) -> None:
         """Drafts 1..n - 1 were fed at the positions after the last token: those accepted hold true tokens."""
         fed = self._fed.pop(seq_id, None)
         if fed is not None and seq_id in self._valid:
@@ -259,11 +259,38 @@ class DraftModelProposer:
         self._params.pop(seq_id, None)
 
 
+_PRIOR_RUNNER_UP = (1.0, 3.0)  # (kept, tried) pseudo-counts: a runner-up is the draw a quarter of the times the head's is not
+
+
 class DraftHeadProposer:
-    def __init__(self, runner: Any) -> None:
-        """`runner`: the head's DraftHeadRunner (beside the target's runner, whose hidden states it reads)."""
+    def __init__(self, runner: Any, branches: int = 1) -> None:
+        """`runner`: the head's DraftHeadRunner (beside the target's runner, whose hidden states it reads).
+        `branches` > 1: token trees, the head's chain with at its first drafts the `branches - 1` runners-up of each
+        draw beside it (as many as pay: `_shape`)."""
         self.runner = runner
+        self.alternatives = branches - 1
         self._params: dict[int, SamplingParams] = {}  # seq id -> how its drafts are drawn
+        # moving counts: chain drafts kept after a kept parent and missed; runners-up kept where their chain draft was
+        # missed, and such misses
+        (self._kept, self._missed), (self._up_kept, self._up_tried) = _PRIOR_KEPT, _PRIOR_RUNNER_UP
+        self._trees: dict[int, tuple[int, list[int]]] = {}  # seq id -> (its last tree's chain length, runners-up a depth)
+
+    def _shape(self, n: int) -> tuple[int, list[int]]:
+        """How n drafts split between the chain and the runners-up: the n likeliest to be kept, as measured. The chain's
+        draft at depth d is kept with probability a^d (a: how often a draft whose parent was kept is kept); a runner-up
+        beside it with a^(d-1) (1 - a) u / (branches - 1) (u: how often one of them was the draw where the chain's was
+        not). Both fall with depth and a runner-up scores below its parent, so the n best are a tree."""
+        a = self._kept / (self._kept + self._missed)
+        u = self._up_kept / self._up_tried / self.alternatives
+        drafts = [(a**d, d, False) for d in range(1, n + 1)]
+        drafts += [(a ** (d - 1) * (1 - a) * u, d, True) for d in range(1, n + 1) for _ in range(self.alternatives)]
+        best = sorted(drafts, key=lambda c: (-c[0], c[1], c[2]))[:n]  # (a tie: the shallower, the chain's first)
+        chain = sum(1 for _, _, up in best if not up)
+        ups = [0] * chain
+        for _, d, up in best:
+            if up:
+                ups[d - 1] += 1
+        return chain, ups
 
     def _row(self, seq: Any, j: int) -> SamplingRow:
         p = self._params.get(seq.seq_id) or self._params.setdefault(seq.seq_id, _as_drafted(seq.params))
@@ -280,14 +307,42 @@ class DraftHeadProposer:
         return [0] * limit if self.runner.has_first(seq_id, len(ids)) else []
 
     def refine(self, scheduled: list[tuple[Any, int]], budget: int) -> None:
-        """Draw the drafts the step reserved slots for (the head's KV writes go to those slots)."""
-        todo = [(s.seq_id, s.num_tokens, s.block_table, [self._row(s, j) for j in range(n)]) for s, n in scheduled if n]
-        drafts = self.runner.chain(todo) if todo else {}
+        """Draw the drafts the step reserved slots for (the head's KV writes go to those slots). A tree's chain comes
+        first, so its drafts sit in the slots of their positions, where the head writes; the runners-up after it."""
+        shapes = {s.seq_id: self._shape(n) if self.alternatives else (n, []) for s, n in scheduled if n}
+        todo = [(s.seq_id, s.num_tokens, s.block_table, [self._row(s, j) for j in range(shapes[s.seq_id][0])])
+                for s, n in scheduled if n]
+        drafts, others = self.runner.chain(todo, self.alternatives) if todo else ({}, {})
         for seq, _ in scheduled:
-            seq.draft_token_ids = drafts.get(seq.seq_id, [])
+            seq.draft_token_ids, seq.draft_parents = drafts.get(seq.seq_id, []), None
+            if self.alternatives and seq.draft_token_ids:
+                chain, ups = shapes[seq.seq_id]
+                parents = list(range(-1, chain - 1))
+                for d, count in enumerate(ups):  # beside the chain's draft at depth d + 1: its draw's runners-up
+                    for t in others[seq.seq_id][d][:count]:
+                        if t >= 0:
+                            seq.draft_token_ids.append(t)
+                            parents.append(d - 1)
+                seq.draft_parents = parents
+                self._trees[seq.seq_id] = (chain, [sum(1 for p in parents[chain:] if p == d - 1) for d in range(chain)])
 
-    def accepted(self, seq_id: int, num_accepted: int) -> None:
-        pass  # the head reads the accepted tokens' states in observe
+    def accepted(self, seq_id: int, num_accepted: int, path: list[int] | None = None) -> None:
+        """The head reads the accepted tokens' states in observe; a tree's verdict moves the measured rates."""
+        tree = self._trees.pop(seq_id, None)
+        if tree is None:
+            return
+        chain, ups = tree
+        path = list(range(num_accepted)) if path is None else path  # (a tree without runners-up verified as a chain)
+        on_chain = sum(1 for i in path if i < chain)
+        self._kept = _FORGET * self._kept + on_chain
+        if on_chain < chain:  # the chain's next draft was not the draw
+            self._missed = _FORGET * self._missed + 1
+            if ups[on_chain]:
+                self._up_tried = _FORGET * self._up_tried + 1
+                self._up_kept = _FORGET * self._up_kept + (len(path) > on_chain)
+        else:
+            self._missed *= _FORGET
 
     def forget(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)
+        self._trees.pop(seq_id, None)

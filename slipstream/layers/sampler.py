@@ -52,6 +52,9 @@ class SamplerOutput:
     tokens: torch.Tensor  # [S]
     logprobs: torch.Tensor | None  # [S, 1 + k]: the sampled token's logprob, then the top-k
     logprob_ids: torch.Tensor | None  # [S, 1 + k]
+    # [S, a] with `alternatives` a: the tokens that came next in the row's draw (greedy: the next largest logits;
+    # sampled: the exponential race's next places), -1 where no other token could be drawn
+    runners_up: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
@@ -93,9 +96,11 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) -> SamplerOutput:
-    """`fused_kernels`: the model runs on the GPU with Triton kernels; temperature-only rows then draw in one pass."""
-    fused = not (b.use_top_k_top_p or b.use_min_p) and fused_kernels
+def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False, alternatives: int = 0) -> SamplerOutput:
+    """`fused_kernels`: the model runs on the GPU with Triton kernels; temperature-only rows then draw in one pass.
+    `alternatives`: also the runners-up of each row's draw (a draft head's token trees), drawn on the torch path (the
+    fused draw is the same draw: tests/test_kernels.py)."""
+    fused = not (b.use_top_k_top_p or b.use_min_p) and fused_kernels and not alternatives
     adjusted = b.bias is not None or b.banned is not None or b.penalties is not None
     if not fused or adjusted or b.max_logprobs is not None:  # the fused kernel reads bf16 logits as they are
         logits = logits.float()
@@ -110,22 +115,35 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused_kernels: bool = False) 
         logits = apply_penalties(logits, b.penalties)
     if b.allowed is not None and not fused:  # last: no adjustment can bring back a token the grammar refuses
         logits = apply_token_mask(logits, b.allowed)
+    alts = None
     if fused:  # (the grammar's mask read in the same pass)
         tokens = kernels.gumbel_argmax(logits, b.temperature, b.seeds, b.positions, b.allowed)
     elif b.all_greedy:
         tokens = logits.argmax(dim=-1)
+        if alternatives:
+            alts = runners_up(logits, tokens, alternatives, float("-inf"))
     else:
         greedy = logits.argmax(dim=-1)
         is_greedy = b.temperature < GREEDY_BELOW
         temp = torch.where(is_greedy, torch.ones_like(b.temperature), b.temperature)
         probs = filter_probs(torch.softmax(logits / temp.unsqueeze(1), dim=-1), b)
         noise = exponential_noise(b.seeds, b.positions, logits.shape[-1])
-        tokens = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
+        race = probs / noise
+        tokens = torch.where(is_greedy, greedy, race.argmax(dim=-1))
+        if alternatives:  # (a greedy row's order is its logits'; a filtered token, probability 0, never places)
+            alts = torch.where(is_greedy.unsqueeze(1), runners_up(logits, tokens, alternatives, float("-inf")),
+                               runners_up(race, tokens, alternatives, 0.0))
     if raw_logprobs is None:
-        return SamplerOutput(tokens, None, None)
+        return SamplerOutput(tokens, None, None, alts)
     chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
     ids = tokens.unsqueeze(1)
     if b.max_logprobs > 0:
         top_lp, top_ids = raw_logprobs.topk(b.max_logprobs, dim=-1)
         chosen, ids = torch.cat([chosen, top_lp], 1), torch.cat([ids, top_ids], 1)
-    return SamplerOutput(tokens, chosen, ids)
+    return SamplerOutput(tokens, chosen, ids, alts)
+
+
+def runners_up(scores: torch.Tensor, winners: torch.Tensor, n: int, out: float) -> torch.Tensor:
+    """The n best-scoring tokens after each row's winner, -1 where a score is `out` (no such token can be drawn)."""
+    top, ids = scores.scatter(1, winners.unsqueeze(1), out).topk(n, dim=-1)
+    return torch.where(top > out, ids, -1)

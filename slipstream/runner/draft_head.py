@@ -24,7 +24,7 @@ from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.attention.registry import create_backend, resolve_backend
 from slipstream.config import EngineConfig, ModelConfig
 from slipstream.layers.linear import finish_loading
-from slipstream.layers.sampler import sample
+from slipstream.layers.sampler import runners_up, sample
 from slipstream.loader.dummy import init_dummy_weights
 from slipstream.runner.batch import SamplingRow, SeqStep
 from slipstream.runner.cuda_graphs import CapturePool, GraphLadder
@@ -121,14 +121,16 @@ class DraftHeadRunner:
         only once a step asks for drafts: where the draft policy chose none, the head's forward is all a step costs,
         and for one-token steps that is a graph replay)."""
         steps = []
-        computed = self.target.computed
+        computed, kept = self.target.computed, self.target.kept_rows
         drafting = set()
+        offsets = {}  # per sequence, the rows of its states from its first row, position by position
         for seq_id, tokens, table, drafts in seqs:
             where = computed.get(seq_id)
             if where is None or not table:  # not in the step, or its pages already given up
                 continue
             _, start, n = where
-            end = min(start + n, len(tokens) - 1)  # position p reads token p + 1
+            offsets[seq_id] = kept.get(seq_id) or range(n)  # (a token tree: its kept drafts' rows)
+            end = min(start + len(offsets[seq_id]), len(tokens) - 1)  # position p reads token p + 1
             if end > start:
                 steps.append(SeqStep(seq_id, tokens[start + 1 : end + 1], start, table))
                 if drafts and end == len(tokens) - 1:
@@ -140,7 +142,7 @@ class DraftHeadRunner:
         st = self.ints
         st.reset()
         h = host_inputs(steps, self.target.block_size, False)
-        rows = st.put([computed[s.seq_id][0] + i for s in steps for i in range(len(s.token_ids))])
+        rows = st.put([computed[s.seq_id][0] + offsets[s.seq_id][i] for s in steps for i in range(len(s.token_ids))])
         drawn = [(i, s) for i, s in enumerate(steps) if s.seq_id in drafting]
         last = st.put([h.first_rows[i] + len(s.token_ids) - 1 for i, s in drawn]) if drawn else None
         if self.graphs is not None and h.num_decodes == len(steps) and self.graphs.fits(len(steps)):
@@ -155,21 +157,23 @@ class DraftHeadRunner:
             self._first = {s.seq_id: (j, s.start + len(s.token_ids) + 1) for j, (_, s) in enumerate(drawn)}
 
     @torch.inference_mode()
-    def chain(self, seqs: list[tuple[int, int, list[int], list[SamplingRow]]]) -> dict[int, list[int]]:
+    def chain(self, seqs: list[tuple[int, int, list[int], list[SamplingRow]]],
+              alternatives: int = 0) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
         """(sequence id, its length, block table, the draw of each draft) for the scheduled sequences whose last token
         the head has read: the first drafts are drawn from its output there, and the head runs on its own output for
-        the drafts after them. Returns each one's drafts (one host sync)."""
+        the drafts after them. Returns each one's drafts and, with `alternatives`, at each draft that many runners-up
+        of its draw (-1: none) (one host sync)."""
         order = [(sid, length, table, rows) for sid, length, table, rows in seqs if self.has_first(sid, length)]
         if not order:
-            return {}
+            return {}, {}
         st = self.ints
         st.reset()
         first = st.put([self._first[sid][0] for sid, *_ in order])
         st.upload()
         o = self._o[first()]
-        rounds = [(order, self._draw(o, [rows[0] for *_, rows in order]))]
+        rounds = [(order, *self._draw(o, [rows[0] for *_, rows in order], alternatives))]
         for j in range(1, max(len(rows) for *_, rows in order)):
-            prev, tokens = rounds[-1]
+            prev, tokens, _ = rounds[-1]
             keep = [i for i, (*_, rows) in enumerate(prev) if len(rows) > j]
             now = [prev[i] for i in keep]
             st.reset()
@@ -185,19 +189,28 @@ class DraftHeadRunner:
             else:
                 _, positions, meta = eager_inputs(h, st)
                 o = self.head(tokens[sel()], positions, meta, o[sel()])
-            rounds.append((now, self._draw(o, [rows[j] for *_, rows in now])))
+            rounds.append((now, *self._draw(o, [rows[j] for *_, rows in now], alternatives)))
         drafts: dict[int, list[int]] = {sid: [] for sid, *_ in order}
-        for seqs_j, tokens in rounds:  # read once every round is queued: the device runs them back to back
+        others: dict[int, list[list[int]]] = {sid: [] for sid, *_ in order} if alternatives else {}
+        for seqs_j, tokens, alts in rounds:  # read once every round is queued: the device runs them back to back
             for (sid, *_), t in zip(seqs_j, tokens.tolist()):
                 drafts[sid].append(t)
-        return drafts
+            if alts is not None:
+                for (sid, *_), a in zip(seqs_j, alts.tolist()):
+                    others[sid].append(a)
+        return drafts, others
 
-    def _draw(self, o: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _draw(self, o: torch.Tensor, rows: list[SamplingRow], alternatives: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draws (and their runners-up) from the head's output."""
         logits = self.head.compute_logits(o, self.target.model_config.vocab_size)
         sb = self.sampling.build(rows, [r.num_output_tokens for r in rows], None, self.ints)
         if sb is None:
-            return logits.argmax(dim=-1)
-        return sample(logits, sb, self.target.fused).tokens
+            tokens = logits.argmax(dim=-1)
+            if not alternatives:
+                return tokens, None
+            return tokens, runners_up(logits, tokens, alternatives, float("-inf"))
+        out = sample(logits, sb, self.target.fused, alternatives)
+        return out.tokens, out.runners_up
 
 
 class _ChainRound:

@@ -129,6 +129,9 @@ class ModelRunner:
         # the last step's states entering aux_layers [tokens, 3 x hidden], or its final hidden states [tokens, hidden]
         self.head_states: torch.Tensor | None = None
         self.computed: dict[int, tuple[int, int, int]] = {}  # its sequences: id -> (first row, first position, tokens)
+        # of the last step read, the sequences that verified a token tree: id -> the rows it kept, from its first row
+        # (the token before the tree, then the kept drafts': their states, in the order of their new positions)
+        self.kept_rows: dict[int, list[int]] = {}
         self.config = config
         self.model_config = mc = model_config
         self.device = resolve_device(config.device)
@@ -177,9 +180,8 @@ class ModelRunner:
             # A step that verifies k drafts for every sequence computes 1 + k tokens each: a ladder of its own (fewer
             # drafts, or a mix, replay pieces). One rank only: the others would replay pieces for such a step.
             verify = 1 + config.num_speculative_tokens
-            # (a token tree's step runs in pieces: no ladder for it)
-            chains = config.speculative_method != "none" and config.speculative_branches == 1
-            if chains and self.shard.world == 1 and verify <= bs:
+            # (a token tree's step runs in pieces; one that is a chain, as trees often are, replays this ladder)
+            if config.speculative_method != "none" and self.shard.world == 1 and verify <= bs:
                 self.capture_graphs(verify)
             self.pieces = PiecewiseLadder(self.model, self.backend, self.ints, min(sched.max_num_batched_tokens, MAX_PIECEWISE_TOKENS),
                                           self.kv.pad_slot, self._graph_pool, self.aux_layers)
@@ -444,10 +446,13 @@ class ModelRunner:
         if lps is None and not any(s.num_drafts for s in launched.seqs):  # the common case: one token each
             return [SeqResult(s.seq_id, [t]) for s, t in zip(launched.seqs, tokens)]
         results, r = [], 0
+        self.kept_rows = {}
         for s in launched.seqs:
             k = s.num_drafts
             drafts = s.token_ids[len(s.token_ids) - k :] if k else []
             path = walk_tree(tokens[r : r + k + 1], drafts, s.draft_parents)
+            if s.draft_parents is not None:
+                self.kept_rows[s.seq_id] = [0] + [1 + i for i in path]
             kept = [r] + [r + 1 + i for i in path]  # the rows whose draws are kept: the root's, then each kept draft's
             top = s.sampling.params.logprobs
             row_lps = None if lps is None or top is None else [dict(zip(ids[j][: 1 + top], lps[j][: 1 + top])) for j in kept]

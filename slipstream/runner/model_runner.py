@@ -300,6 +300,7 @@ class ModelRunner:
             self.head_states = out
         if self.aux_layers or self.keep_hidden:
             self.computed = {s.seq_id: (row, s.start, len(s.token_ids)) for s, row in zip(seqs, h.first_rows)}
+            self.kept_rows = {}  # (this step's trees', once it is read)
         scores = self._score_prompts(seqs, h.first_rows, out) if any(s.score is not None for s in seqs) else {}
         hidden = self._take(out, h.sample_rows)
         return seqs, self.model.compute_logits(hidden) if h.sample_rows else None, scores
@@ -446,12 +447,11 @@ class ModelRunner:
         if lps is None and not any(s.num_drafts for s in launched.seqs):  # the common case: one token each
             return [SeqResult(s.seq_id, [t]) for s, t in zip(launched.seqs, tokens)]
         results, r = [], 0
-        self.kept_rows = {}
         for s in launched.seqs:
             k = s.num_drafts
             drafts = s.token_ids[len(s.token_ids) - k :] if k else []
             path = walk_tree(tokens[r : r + k + 1], drafts, s.draft_parents)
-            if s.draft_parents is not None:
+            if s.draft_parents is not None and (self.aux_layers or self.keep_hidden):  # (a draft head reads them)
                 self.kept_rows[s.seq_id] = [0] + [1 + i for i in path]
             kept = [r] + [r + 1 + i for i in path]  # the rows whose draws are kept: the root's, then each kept draft's
             top = s.sampling.params.logprobs

@@ -286,6 +286,28 @@ def test_head_trees_never_change_the_output(dirs, monkeypatch):
     assert len(kept_up) > 100 and any(kept_up)
 
 
+def test_head_tree_shapes_follow_the_measured_rates():
+    """The n drafts split by the rates the verdicts measured: a chain while drafts are kept, runners-up beside the first
+    drafts once the head's draws are often missed and its runners-up often right; never a runner-up without the chain
+    draft it stands beside (whatever the rates)."""
+    from slipstream.engine.proposer import DraftHeadProposer
+
+    p = DraftHeadProposer(None, branches=2)
+    assert p._shape(4) == (4, [0, 0, 0, 0])  # the priors: a = 0.8, u = 0.25
+    for _ in range(100):  # the chain's first draft missed, its runner-up the draw
+        p._trees[1] = (3, [1, 0, 0])
+        p.accepted(1, 1, [3])
+    assert p._kept / (p._kept + p._missed) < 0.02 and p._up_kept / p._up_tried > 0.95
+    assert [p._shape(n) for n in (1, 2, 4)] == [(1, [0]), (1, [1]), (2, [1, 1])]
+    for branches in (2, 4):
+        p = DraftHeadProposer(None, branches=branches)
+        for kept, missed, up_kept, up_tried in ((9, 1, 1, 3), (1, 9, 9, 10), (0.01, 9, 9, 9), (5, 5, 0.01, 9)):
+            p._kept, p._missed, p._up_kept, p._up_tried = kept, missed, up_kept, up_tried
+            for n in range(1, 12):
+                chain, ups = p._shape(n)
+                assert chain >= 1 and len(ups) == chain and chain + sum(ups) == n and max(ups) <= branches - 1
+
+
 def test_after_a_tree_the_head_reads_the_kept_drafts_states():
     """catch_up after a token tree's verdict: position by position, the states of the token before the tree and of
     the drafts kept, in their rows of the target's step (not the step's next rows, which held other drafts)."""

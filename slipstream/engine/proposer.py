@@ -276,20 +276,22 @@ class DraftHeadProposer:
         self._trees: dict[int, tuple[int, list[int]]] = {}  # seq id -> (its last tree's chain length, runners-up a depth)
 
     def _shape(self, n: int) -> tuple[int, list[int]]:
-        """How n drafts split between the chain and the runners-up: the n likeliest to be kept, as measured. The chain's
-        draft at depth d is kept with probability a^d (a: how often a draft whose parent was kept is kept); a runner-up
-        beside it with a^(d-1) (1 - a) u / (branches - 1) (u: how often one of them was the draw where the chain's was
-        not). Both fall with depth and a runner-up scores below its parent, so the n best are a tree."""
+        """How n drafts split between the chain and the runners-up (a count beside each chain draft), one likeliest
+        draft at a time, as measured: the chain's next draft, at depth d, is kept with probability a^d (a: how often a
+        draft whose parent was kept is kept); a runner-up beside its draft at depth d with a^(d-1) (1 - a) u /
+        (branches - 1) (u: how often one of them was the draw where the chain's was not). A runner-up can stand only
+        beside a chain draft (it is that draw's), so the chain's next draft is taken first where it is needed."""
         a = self._kept / (self._kept + self._missed)
         u = self._up_kept / self._up_tried / self.alternatives
-        drafts = [(a**d, d, False) for d in range(1, n + 1)]
-        drafts += [(a ** (d - 1) * (1 - a) * u, d, True) for d in range(1, n + 1) for _ in range(self.alternatives)]
-        best = sorted(drafts, key=lambda c: (-c[0], c[1], c[2]))[:n]  # (a tie: the shallower, the chain's first)
-        chain = sum(1 for _, _, up in best if not up)
-        ups = [0] * chain
-        for _, d, up in best:
-            if up:
-                ups[d - 1] += 1
+        chain, ups = 0, []
+        for _ in range(n):
+            # the shallowest chain draft with room beside it: its runners-up are the likeliest
+            d = next((d for d in range(chain) if ups[d] < self.alternatives), None)
+            if d is not None and a**d * (1 - a) * u > a ** (chain + 1):
+                ups[d] += 1
+            else:
+                chain += 1
+                ups.append(0)
         return chain, ups
 
     def _row(self, seq: Any, j: int) -> SamplingRow:

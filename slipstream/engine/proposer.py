@@ -259,7 +259,7 @@ class DraftModelProposer:
         self._params.pop(seq_id, None)
 
 
-_PRIOR_RUNNER_UP = (1.0, 3.0)  # (kept, tried) pseudo-counts: a runner-up is the draw a quarter of the times the head's is not
+_PRIOR_RUNNER_UP = (1.0, 3.0)  # (kept, tried) pseudo-counts: a runner-up is the draw a third of the times the head's is not
 
 
 class DraftHeadProposer:

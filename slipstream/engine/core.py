@@ -428,8 +428,11 @@ class EngineCore:
             self.add_request("__warmup_longest", [(5 * j + 13) % vocab for j in range(longest)], greedy)
             while self.has_unfinished():
                 self.step()
-        if self.trees:  # the prefill kernel's tree masks: a tree step alone (short tiles), then beside a prompt chunk
-            x, y = 3 % vocab, 5 % vocab  # ("x y" followed by two continuations: the first drafts are a tree)
+        # The prefill kernel's tree masks: a tree step alone (short tiles), then beside a prompt chunk. ("x y" followed
+        # by two continuations: n-gram drafts make a tree; a draft head's trees, a chain until its measured rates say
+        # otherwise, compile these variants when they first branch.)
+        if self.trees:
+            x, y = 3 % vocab, 5 % vocab
             self.add_request("__warmup_tree", [x, y, 7 % vocab, x, y, 9 % vocab, x, y],
                              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
             self.step()

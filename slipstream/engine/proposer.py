@@ -67,8 +67,8 @@ class NgramProposer:
         maps = self._catch_up(seq_id, ids, len(ids) if known is None else known)
         if limit <= 0:
             return []
-        start = self._lookup(maps, ids, len(ids))
-        return [] if start is None else ids[start : start + limit]
+        found = self._lookup(maps, ids, len(ids))
+        return [] if found is None else ids[found[0] : found[0] + limit]
 
     def _catch_up(self, seq_id: int, ids: list[int], end: int) -> list[dict[int, int]]:
         """Index every n-gram of `ids` that ends before `end`: its continuation is known. An n-gram's key is one
@@ -96,7 +96,7 @@ class NgramProposer:
         maps = self._catch_up(seq_id, ids, len(ids))
         if limit <= 0:
             return [], []
-        found = self._lookup(maps, ids, len(ids), with_n=True)
+        found = self._lookup(maps, ids, len(ids))
         if found is None:
             return [], []
         start, n = found
@@ -127,9 +127,9 @@ class NgramProposer:
         self._depth[seq_id] = max(tree_depths(parents))
         return [nodes[i][0] for i in order], parents
 
-    def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int, with_n: bool = False) -> Any:
-        """Where the tokens that followed the longest n-gram ending `ids[:end]` begin (its latest earlier occurrence),
-        if it occurred before (`with_n`: and that n, as a pair)."""
+    def _lookup(self, maps: list[dict[int, int]], ids: list[int], end: int) -> tuple[int, int] | None:
+        """(where the tokens that followed the longest n-gram ending `ids[:end]` begin (its latest earlier occurrence),
+        that n), if it occurred before."""
         keys, key = [0], 0  # keys[n]: the last n tokens'
         for n in range(1, min(self.max_n, end) + 1):
             key |= ids[end - n] << (32 * n - 32)
@@ -137,7 +137,7 @@ class NgramProposer:
         for n in range(len(keys) - 1, self.min_n - 1, -1):
             start = maps[n].get(keys[n])
             if start is not None:
-                return (start, n) if with_n else start
+                return start, n
         return None
 
     def first_guesses(self, seqs: list[Any]) -> tuple[int, int]:
@@ -151,8 +151,8 @@ class NgramProposer:
             first = max(self._index.get(seq.seq_id, (0,))[0], seq.num_prompt_tokens)
             maps = self._catch_up(seq.seq_id, ids, first)  # (the prompt: indexed, not guessed)
             for end in range(first, len(ids)):
-                start = self._lookup(maps, ids, end)
-                right += start is not None and ids[start] == ids[end]
+                found = self._lookup(maps, ids, end)
+                right += found is not None and ids[found[0]] == ids[end]
                 maps = self._catch_up(seq.seq_id, ids, end + 1)
             arrived += len(ids) - first
         return right, arrived
@@ -319,14 +319,15 @@ class DraftHeadProposer:
             seq.draft_token_ids, seq.draft_parents = drafts.get(seq.seq_id, []), None
             if self.alternatives and seq.draft_token_ids:
                 chain, ups = shapes[seq.seq_id]
-                parents = list(range(-1, chain - 1))
+                parents, placed = list(range(-1, chain - 1)), [0] * chain
                 for d, count in enumerate(ups):  # beside the chain's draft at depth d + 1: its draw's runners-up
                     for t in others[seq.seq_id][d][:count]:
-                        if t >= 0:
+                        if t >= 0:  # (-1: no other token could be drawn)
                             seq.draft_token_ids.append(t)
                             parents.append(d - 1)
+                            placed[d] += 1
                 seq.draft_parents = parents
-                self._trees[seq.seq_id] = (chain, [sum(1 for p in parents[chain:] if p == d - 1) for d in range(chain)])
+                self._trees[seq.seq_id] = (chain, placed)
 
     def accepted(self, seq_id: int, num_accepted: int, path: list[int] | None = None) -> None:
         """The head reads the accepted tokens' states in observe; a tree's verdict moves the measured rates."""

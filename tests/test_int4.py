@@ -882,3 +882,27 @@ def test_quantize_lm_head_int4(tmp_path, gguf_path):
     assert all(len(o.outputs[0].token_ids) == 12 for o in llm.generate(PROMPTS, GREEDY))
     kept = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=64, quantization="int4", quantize_lm_head=True)
     assert (kept.engine.core.runner.model.lm_head.method.bits, kept.engine.core.runner.model.lm_head.method.group) == (8, 32)
+
+
+def test_awq_model_dirs_keep_what_groups_cannot_cut(tmp_path):
+    """A benchmark's 4-bit (AWQ) directory of GLM-4.5-Air's form: its dense first layer's 10,944-wide down projection
+    (here 200 wide) cannot be grouped by 128, so the checkpoint lists it as not converted, as a quantizer leaves it;
+    the model loads (it did not: `int4 weights need the input width ... to be a multiple of the group`) and runs."""
+    from importlib import resources
+
+    from slipstream.bench.common import AWQ_4BIT, model_dir
+
+    cfg = json.loads(resources.files("slipstream.configs").joinpath("glm-4.5-air.json").read_text())
+    cfg.update(hidden_size=128, intermediate_size=200, moe_intermediate_size=128, n_routed_experts=4,
+               num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+               vocab_size=512, eos_token_id=[1], num_nextn_predict_layers=0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    path = model_dir(str(tmp_path / "config.json"), AWQ_4BIT)
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["quantization_config"]["modules_to_not_convert"] == ["model.layers.0.mlp.down_proj"]
+    llm = LLM(path, load_format="dummy", device="cpu", dtype="float32", max_model_len=128)
+    assert len(llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4
+    cfg["intermediate_size"] = 256  # a width the group divides: nothing kept 16-bit
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with open(os.path.join(model_dir(str(tmp_path / "config.json"), AWQ_4BIT), "config.json")) as f:
+        assert "modules_to_not_convert" not in json.load(f)["quantization_config"]

@@ -36,12 +36,28 @@ def model_dir(name: str, quantization_config: dict | None = None) -> str:
         with open(path) as f:
             cfg = json.load(f)
     if quantization_config is not None:
-        cfg["quantization_config"] = quantization_config
+        cfg["quantization_config"] = dict(quantization_config)
+        kept = _dense_down_projections_kept(cfg, quantization_config.get("group_size"))
+        if kept:
+            cfg["quantization_config"]["modules_to_not_convert"] = kept
     out = tempfile.mkdtemp(prefix="slipstream-dummy-")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
     _synthetic_tokenizer(cfg["vocab_size"], cfg.get("eos_token_id"), out)
     return out
+
+
+def _dense_down_projections_kept(cfg: dict, group: int | None) -> list[str]:
+    """The dense MLPs' down projections whose input width the checkpoint's group does not divide (GLM-4.5-Air's first
+    layer: 10,944 columns, groups of 128), which a 4-bit quantizer must leave 16-bit: a checkpoint lists them as not
+    converted. Dense MLPs: the first `first_k_dense_replace` layers of a MoE model that has them, every layer of one
+    without experts."""
+    width = cfg.get("intermediate_size")
+    if not group or group <= 0 or not width or width % group == 0:
+        return []
+    moe = any(key in cfg for key in ("n_routed_experts", "num_experts", "num_local_experts"))
+    dense = cfg.get("first_k_dense_replace", 0) if moe else cfg["num_hidden_layers"]
+    return [f"model.layers.{i}.mlp.down_proj" for i in range(dense)]
 
 
 def _synthetic_tokenizer(vocab: int, eos: int | list[int] | None, out: str) -> None:

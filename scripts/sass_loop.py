@@ -60,7 +60,7 @@ def loop_counts(sass: str) -> collections.Counter:
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90")
     io = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16",
-              q_ptr="*u8", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*bf16", eps="fp32")
+              q_ptr="*u8", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", eps="fp32")
     # (name, kernel, constexprs, warps, stages, weights a thread handles in one pass of the loop)
     cases = [(f"one-row GEMV, {bn} rows x {bk} columns, {warps} warp(s), {form}, {pro}", _gemv_int4_kernel,
                dict(GROUP=128, PROLOGUE=p, HAS_RES=p == 1, HAS_BIAS=False, SPAN=128, HALF2=half2, BLOCK_N=bn,
@@ -68,9 +68,9 @@ def main() -> None:
              for half2, form in ((False, "float32 sums"), (True, "half-precision pairs"))
              for bn, bk, warps in ((16, 512, 4), (16, 256, 1))
              for p, pro in ((0, "no prologue"), (1, "RMSNorm prologue"))]
-    cases.append(("W4A16 GEMM, decode tiles 16 x 32 x 128", _w4a16_kernel,
-                  dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=32,
-                       BLOCK_K=128, PDL=True), 4, 4, 32 * 128 // 128))
+    cases.append(("W4A16 GEMM, decode tiles 64 (transposed) x 16 x 128, 4 slices", _w4a16_kernel,
+                  dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=64,
+                       BLOCK_K=128, SPLIT_K=4, SWAP=True, PDL=True), 4, 4, 64 * 128 // 128))
     for name, fn, consts, warps, stages, per_thread in cases:
         ops = loop_counts(compiled_sass(fn, io, consts, warps, stages))
         total = sum(ops.values())

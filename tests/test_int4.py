@@ -105,7 +105,7 @@ def test_e2m1_codes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,group,kind", [(1, 32, "int4"), (19, 128, "int4"), (40, 64, "int4"), (1, 16, "fp4"),
+@pytest.mark.parametrize("m,group,kind", [(1, 32, "int4"), (4, 128, "int4"), (16, 64, "int4"), (19, 128, "int4"), (40, 64, "int4"), (1, 16, "fp4"),
                                           (19, 32, "fp4"), (1, 16, "int8"), (19, 32, "int8"), (40, 16, "int8")])
 def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
     from slipstream.kernels.int4 import w4a16_gemm
@@ -120,6 +120,26 @@ def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
                      bias.to(DEV), fp4=kind == "fp4")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the GPU's decode tiles are the autotuner's")
+@pytest.mark.parametrize("split,swap,kind", [(1, False, "int4"), (3, True, "int4"), (8, False, "int4"), (3, False, "fp4"),
+                                             (8, True, "int8")])
+def test_w4a16_decode_slices_add_in_order(monkeypatch, split, swap, kind):
+    """The decode GEMM's tiles (a few rows of x) in K slices, transposed or not: the reference's product, the same
+    bits on a second call (each tile's last slice adds the slices' sums in slice order and resets the tile's count)."""
+    from slipstream.kernels import int4
+
+    monkeypatch.setattr(int4, "INTERPRETER_DECODE_TILES", dict(BLOCK_N=32, SPLIT_K=split, SWAP=swap))
+    g = torch.Generator().manual_seed(split)
+    n, k, group = 80, 256, 32  # 8 K steps: 3 slices of 2 and 3 steps, 8 of one
+    qweight, scales, offsets = packed_weights(kind, n, k, group, g)
+    x = torch.randn(5, k, generator=g).to(torch.float16)
+    ref = x.float() @ dequantize(qweight, scales, offsets, torch.float16).float().T
+    out = int4.w4a16_gemm(x, qweight, scales, offsets, group, fp4=kind == "fp4")
+    torch.testing.assert_close(out.float(), ref, atol=TOL[torch.float16] * 10, rtol=TOL[torch.float16])
+    assert torch.equal(int4.w4a16_gemm(x, qweight, scales, offsets, group, fp4=kind == "fp4"), out)
+    assert not int4._tile_counts(x.device).any()
 
 
 @pytest.mark.parametrize("group,kind,dtype", [(32, "int4", torch.float32), (128, "int4", torch.float16),

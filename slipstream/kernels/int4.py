@@ -8,8 +8,10 @@ E2M1 codes with a float32 scale per group and no offset (NVFP4, MXFP4): w = e2m1
 [N, K], one signed integer a column, with a scale (and maybe an offset) per group (GGUF's 5-, 6- and 8-bit blocks):
 w = q * scale (+ offset). Each program
 computes a BLOCK_M x BLOCK_N tile of the output; a K step of BLOCK_K (one group, or a part of one) loads BLOCK_N x
-BLOCK_K / 2 bytes, splits the nibbles, scales them in float32, and feeds the tensor cores in the activation's dtype.
-A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains up to 4x less the scales.
+BLOCK_K / 2 bytes, splits the nibbles and feeds the tensor cores in the activation's dtype: unsigned nibbles in whole
+groups as exact 16-bit values BIAS + q, the group's scale and offset applied to the dot's sums; otherwise each weight
+dequantized in float32 first. A quarter of the bytes of a 16-bit weight cross memory: decode, bound by them, gains
+up to 4x less the scales; at a few rows the K steps are cut into slices so that every SM streams weight bytes.
 """
 from __future__ import annotations
 
@@ -157,27 +159,98 @@ def dequant_tile(q_ptr, s_ptr, o_ptr, rows, ok, k0, group, stride_q, stride_s, d
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, M, N, K, group,
+def u4_biased(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """Bytes `packed` [BLOCK_N, BLOCK_K / 2] of unsigned nibbles -> [BLOCK_N, BLOCK_K] values BIAS + q in `dtype`, exact:
+    for 16-bit dtypes the nibble is OR-ed into the mantissa of BIAS (1024 in float16, 128 in bfloat16, where the
+    mantissa's last bit is worth 1), a logic op a weight where an integer-to-float conversion runs at a quarter of the
+    ALU rate; the caller takes BIAS times the sum of x off the dot's sums. float32 converts (BIAS 0)."""
+    q = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K]).to(tl.int16)  # (lo, hi) = (2j, 2j + 1)
+    if dtype == tl.float16:
+        v = (q | 0x6400).to(tl.float16, bitcast=True)
+    elif dtype == tl.bfloat16:
+        v = (q | 0x4300).to(tl.bfloat16, bitcast=True)
+    else:
+        v = q.to(tl.float32)
+    return v
+
+
+@triton.jit
+def u4_bias(dtype: tl.constexpr):
+    """The BIAS of u4_biased's values in `dtype`."""
+    bias: tl.constexpr = 1024.0 if dtype == tl.float16 else 128.0 if dtype == tl.bfloat16 else 0.0
+    return bias
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CODE: tl.constexpr, OFFSET: tl.constexpr,
-                  FINE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                  FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SPLIT_K: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile of y = x @ W^T over the K steps of this program's slice (SPLIT_K slices of K).
+    Unsigned nibbles in whole groups (not FINE) meet x as BIAS + q (u4_biased) and each group's scale and offset
+    are applied to the dot's sums: y += scale * (x.(BIAS + q) - BIAS * sum(x)) + offset * sum(x), no per-weight
+    multiply. SWAP computes the tile transposed (W's rows as the dot's M: at most 16 rows of x leave the tensor
+    cores' M mostly idle otherwise). With SPLIT_K > 1 each slice's float32 sums go to `part_ptr`; the last slice
+    of a tile to finish (an atomic count per tile, which it resets) adds them in slice order, so the result does not
+    depend on which slice ends first."""
     await_inputs(PDL)
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_m, ok_n = rm < M, rn < N
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
+    steps = K // BLOCK_K  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
+    k_lo = pid_k * steps // SPLIT_K * BLOCK_K
+    k_hi = (pid_k + 1) * steps // SPLIT_K * BLOCK_K
+    SUMS: tl.constexpr = CODE == 0 and not FINE  # scales and offsets on the dot's sums
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok_m[:, None], other=0.0)
-        w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, OFFSET, FINE,
-                         BLOCK_N, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=ok_m[:, None] & ok_n[None, :])
+        if SUMS:
+            packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
+                             mask=ok_n[:, None], other=0)
+            w = u4_biased(packed, BLOCK_N, BLOCK_K, x.dtype)
+            at = rn * stride_sn + k0 // group
+            scale = tl.load(s_ptr + at, mask=ok_n, other=0.0).to(tl.float32)
+            shift = -u4_bias(x.dtype) * scale
+            if OFFSET:
+                shift += tl.load(o_ptr + at, mask=ok_n, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), 1)
+            if SWAP:
+                acc += tl.dot(w, tl.trans(x), input_precision=PRECISION) * scale[:, None] + shift[:, None] * x_sum[None, :]
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * scale[None, :] + x_sum[:, None] * shift[None, :]
+        else:
+            w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, OFFSET,
+                             FINE, BLOCK_N, BLOCK_K)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if SWAP:
+        acc = tl.trans(acc)
+    mask = ok_m[:, None] & ok_n[None, :]
+    tile = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    last = True
+    if SPLIT_K > 1:
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
+        count = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        # every thread's stores before the count (one thread's release publishes what the barrier ordered before it)
+        tl.debug_barrier()
+        last = tl.atomic_add(count, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -214,6 +287,31 @@ def _code(qweight: torch.Tensor, fp4: bool) -> int:
     return CODE_S8 if qweight.dtype == torch.int8 else CODE_FP4 if fp4 else CODE_U4
 
 
+# Decode (at most 16 rows of x): tuned per weight shape at the first call (the engine warms up before capturing
+# graphs). With few rows a tile's weight bytes are the whole cost; the N / BLOCK_N x SPLIT_K programs must keep enough
+# of them in flight on every SM (a 4,096-row projection in 32-row tiles was 128 programs, one an SM). Transposed tiles
+# (SWAP) only: on an H100 every projection of the Llama-3.1-8B shape, at 4 and at 16 rows, chose them among both
+# forms (tiles of 64 rows; 4 or 8 slices, but one for gate_up: docs/benchmarks.md, "The decode GEMM in slices").
+DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "SWAP": True}, num_warps=4, num_stages=4)
+    for bn in (32, 64, 128) for split in (1, 2, 4, 8)
+]
+_w4a16_decode = (_w4a16_kernel if INTERPRET
+                 else triton.autotune(DECODE_CONFIGS, key=["N", "K", "CODE", "OFFSET", "FINE"])(_w4a16_kernel))
+MAX_SPLIT_K = 8
+INTERPRETER_DECODE_TILES = dict(BLOCK_N=32, SPLIT_K=2, SWAP=True)  # the CPU interpreter's (tests set others)
+_COUNTS = 1 << 16  # tiles a split launch may count in (a 131,072-row projection in 32-row tiles needs 4,096)
+_counts: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counts(device: torch.device) -> torch.Tensor:
+    """The split-K tiles' arrival counts on `device`: zeros, each reset by the tile's last slice, so one buffer lives
+    as long as the process (CUDA graphs keep its address)."""
+    if device not in _counts:
+        _counts[device] = torch.zeros(_COUNTS, dtype=torch.int32, device=device)
+    return _counts[device]
+
+
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
                bias: torch.Tensor | None = None, fp4: bool = False) -> torch.Tensor:
     """x [M, K] (16/32-bit) @ W^T with W [N, K] = unpack(qweight) * scales + offsets per group -> [M, N] in x's dtype.
@@ -225,20 +323,24 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bk = block_k(k, group)
     code = _code(qweight, fp4)
+    args = (x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y, y)
+    form = dict(HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code, OFFSET=offsets is not None,
+                FINE=fine_groups(bk, group), BLOCK_K=bk)
+    strides = (x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0))
+    if m <= 16 and cdiv(n, 32) <= _COUNTS:
+        split_tiles = dict(INTERPRETER_DECODE_TILES, num_warps=4, num_stages=1) if INTERPRET else {}
+        parts = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
+        _w4a16_decode[lambda meta: (1, cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+            *args, parts, _tile_counts(x.device), m, n, k, group, *strides, BLOCK_M=16, **form, **split_tiles, **pdl(x))
+        return y
     if INTERPRET:
         bm, bn, warps, stages = 16, 32, 4, 1
-    elif m <= 16:  # decode: many narrow column tiles keep every SM streaming weight bytes
-        bm, bn, warps, stages = 16, 32, 4, 4
     elif m <= 128:
         bm, bn, warps, stages = 64, 64, 4, 4
     else:
         bm, bn, warps, stages = 128, 128, 8, 3
-    grid = (cdiv(m, bm), cdiv(n, bn))
-    _w4a16_kernel[grid](x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else y,
-                        y, m, n, k, group, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code,
-                        OFFSET=offsets is not None, FINE=fine_groups(bk, group),
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl(x))
+    _w4a16_kernel[(cdiv(m, bm), cdiv(n, bn), 1)](*args, y, y, m, n, k, group, *strides, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1,
+                                                 SWAP=False, **form, num_warps=warps, num_stages=stages, **pdl(x))
     return y
 
 

@@ -439,6 +439,11 @@ def test_the_draft_policy_follows_a_single_sequences_text():
         assert sim.run_text(phases, seed, steps=4000) >= 0.8 * best
         never = sim.TEXTS["batch 1, never quoting"]
         assert sim.run_text(never, seed, steps=4000) >= 0.95 * sim.run_text(never, seed, 0, steps=4000)
+        # a first step of each k 25 ms longer (its only timing, once, kept the policy from k = 16 for good: 0.36-0.47
+        # of the best fixed k, 1.37x on the H100 where k = 16 fixed ran 2.4-3.5x): confirmed by a second timing
+        slow_first = dict(steps=4000, max_k=16, first=0.025)
+        best = max(sim.run_text(phases, seed, k, **slow_first) for k in (0, 4, 8, 16))
+        assert sim.run_text(phases, seed, **slow_first) >= 0.8 * best
     # a retry that falls in steps never timed (a prompt prefilling beside the one decoding sequence) is not repeated
     # step after step: each such step would read the step in flight before launching
     p = DraftPolicy(4)
@@ -446,7 +451,8 @@ def test_the_draft_policy_follows_a_single_sequences_text():
         p.record(1, k, tokens=1, seconds=1e-3 if k else 0.5e-3)
     p.record_guesses(1, 10, 10)
     picks = [p.choose(1) for _ in range(64)]
-    assert 0 < picks.count(1) <= 64 // STALE_STEPS, picks
+    # (one more: k = 1's single timing is confirmed once, as a first timing is)
+    assert 0 < picks.count(1) <= 64 // STALE_STEPS + 1, picks
 
 
 def test_draft_policy_measures_the_plain_step_where_the_climb_stops():

@@ -40,6 +40,11 @@ EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing t
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
+# The first timing of a k at a batch size is provisional: the step after it with that k (taken at once where it is the
+# best or next to it) replaces it. A first step can carry a one-off cost that PAUSE_RATIO cannot clamp, having no
+# average to clamp to (the first steps of a run: on an H100 at batch 1 the policy timed its first two k = 16 steps at
+# 25 ms each, 20 times a k = 16 step, never tried k = 16 again and ran the quote workload at 1.37x where k = 16 fixed
+# ran 2.4-3.5x; a 25 ms first step of each k, in scripts/draft_policy_sim.py, left it at 0.36-0.47 of the best fixed k).
 # At a small batch the rates follow the few sequences' text, which changes (a paragraph quoted, then a line of its
 # own): a timing older than STALE_STEPS steps is stale, and the next one replaces it. While drafting, a stale
 # neighbour of the best k that drafts is retried at once where that costs at most one step at the best k (the plain
@@ -63,6 +68,7 @@ class DraftPolicy:
         self._credit: dict[int, float] = {}  # batch bucket -> seconds that probes may still lose
         self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
         self._when: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step it was last timed in
+        self._timed: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> steps timed
         self._guessed: dict[int, float] = {}  # batch bucket -> moving average of the proposer's first guesses right
         self._tried: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step a stale k was last retried in
         # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
@@ -92,6 +98,10 @@ class DraftPolicy:
             return unmeasured[0]
         if 0 not in rates:  # the plain step: where timings are noisy the climb can stop at a k that only seemed to pay
             return 0
+        once = [k for k in (best, *near) if self._timed[(b, k)] == 1 and (b, k) not in self._tried]
+        if once:  # a first timing is provisional (the note by PROBE_RUN): a second replaces it
+            self._tried[(b, once[0])] = self._steps
+            return once[0]
         regret = {k: self._regret(b, k, rates[best]) for k in near}
         if b <= STALE_BATCH:
             if best == 0:
@@ -169,7 +179,8 @@ class DraftPolicy:
             return
         t, s = self._sums.get(key, (tokens, seconds))
         seconds = min(seconds, PAUSE_RATIO * s)
-        weight = 1.0 if self._stale(key) else _WEIGHT
+        timed = self._timed[key] = self._timed.get(key, 0) + 1
+        weight = 1.0 if self._stale(key) or timed == 2 else _WEIGHT
         t, s = (1 - weight) * t + weight * tokens, (1 - weight) * s + weight * seconds
         self._when[key] = self._steps
         self._sums[key] = (t, s)

@@ -20,8 +20,20 @@ SYSTEM = ("You are a patient assistant for a public library. Answer briefly and 
           "and never invent a book that the catalogue does not hold. ") * 8
 
 
+_RUNS: dict[tuple, list[list[int]]] = {}
+
+
 def run(model: str, dtype: str, backend: str, eager: bool, budget: int, system: str | None = None,
         overlap: str = "auto", quantization: str = "auto", **spec: object) -> list[list[int]]:
+    """The greedy tokens of the prompts under these settings (a reference asked for again is not run again)."""
+    key = (model, dtype, backend, eager, budget, system, overlap, quantization, tuple(sorted(spec.items())))
+    if key not in _RUNS:
+        _RUNS[key] = _run(model, dtype, backend, eager, budget, system, overlap, quantization, **spec)
+    return _RUNS[key]
+
+
+def _run(model: str, dtype: str, backend: str, eager: bool, budget: int, system: str | None, overlap: str,
+         quantization: str, **spec: object) -> list[list[int]]:
     llm = LLM(model, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=eager, max_model_len=2048,
               max_num_batched_tokens=budget, gpu_memory_utilization=0.3, async_scheduling=overlap,
               quantization=quantization, **spec)
@@ -72,65 +84,76 @@ def random_eagle3_head(model: str) -> str:
     return path
 
 
+def compare(got: list[list[int]], ref: list[list[int]], dtype: str, what: str) -> int:
+    """Prints how many sequences agree; a failure (1) where float32's do not all agree."""
+    same = sum(g == r for g, r in zip(got, ref))
+    print(f"  {same}/{len(ref)} sequences identical {what}")
+    return int(dtype == "float32" and same != len(ref))
+
+
+def spec_case(model: str, dtype: str, what: str, **spec: object) -> int:
+    """Greedy tokens with speculation on the Triton path (graphs) against plain decoding's with overlap off."""
+    ref = run(model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
+    return compare(run(model, dtype, "triton", False, 8192, SYSTEM, **spec), ref, dtype, what)
+
+
+PARTS = ("overlap", "backends", "int4", "draft", "trees", "eagle3")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated, of: {', '.join(PARTS)} (all, about thirty engines started, take over four "
+                         "minutes on an H100)")
     a = ap.parse_args()
-    failures = 0
+    parts = a.parts.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    failures, dtypes = 0, ("float32", "bfloat16")
     # Overlap (async scheduling, on by default on CUDA) against synchronous steps; a budget of 40 mixes prefill
     # chunks into decode steps. A sequence that ends on eos still computes one more (dropped) token with overlap,
     # so batches can differ by a row: fp32 must agree, bf16 is reported.
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "triton", False, 40, SYSTEM, overlap="off")
-        same = sum(g == r for g, r in zip(run(a.model, dtype, "triton", False, 40, SYSTEM, overlap="on"), ref))
-        print(f"  {same}/{len(ref)} sequences identical with overlap off")
-        failures += dtype == "float32" and same != len(ref)
+    if "overlap" in parts:
+        for dtype in dtypes:
+            ref = run(a.model, dtype, "triton", False, 40, SYSTEM, overlap="off")
+            failures += compare(run(a.model, dtype, "triton", False, 40, SYSTEM, overlap="on"), ref, dtype,
+                                "with overlap off")
     # bf16 with the system prompt: prefills over 64 tokens, which take the Hopper (Gluon) prefill kernel on an H100/H200.
-    for dtype, system in (("float32", None), ("float32", SYSTEM), ("bfloat16", None), ("bfloat16", SYSTEM)):
-        ref = run(a.model, dtype, "torch", True, 8192, system)
-        for eager, budget in ((False, 8192), (True, 8192), (False, 40)):  # graphs; eager; chunked prefill + mixed steps
-            got = run(a.model, dtype, "triton", eager, budget, system)
-            same = sum(g == r for g, r in zip(got, ref))
-            print(f"  {same}/{len(ref)} sequences identical to the torch backend")
-            if dtype == "float32" and same != len(ref):
-                failures += 1
+    if "backends" in parts:
+        for dtype, system in (("float32", None), ("float32", SYSTEM), ("bfloat16", None), ("bfloat16", SYSTEM)):
+            ref = run(a.model, dtype, "torch", True, 8192, system)
+            for eager, budget in ((False, 8192), (True, 8192), (False, 40)):  # graphs; eager; chunked prefill + mixed steps
+                failures += compare(run(a.model, dtype, "triton", eager, budget, system), ref, dtype,
+                                    "to the torch backend")
     # The GGUF as stored (--quantization int4: the embedded model's Q4_1 layers 4-bit, its tied Q8_0 head 8-bit, read
     # by the W4A16 GEMM and GEMV, the embedding's lookups dequantizing its rows) on the Triton path with graphs, and
     # with mixed steps: the tokens of its dequantized weights on the torch backend.
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "torch", True, 8192, SYSTEM)
-        for budget in (8192, 40):
-            same = sum(g == r for g, r in zip(run(a.model, dtype, "triton", False, budget, SYSTEM, quantization="int4"), ref))
-            print(f"  {same}/{len(ref)} sequences identical kept quantized")
-            failures += dtype == "float32" and same != len(ref)
+    if "int4" in parts:
+        for dtype in dtypes:
+            ref = run(a.model, dtype, "torch", True, 8192, SYSTEM)
+            for budget in (8192, 40):
+                failures += compare(run(a.model, dtype, "triton", False, budget, SYSTEM, quantization="int4"), ref,
+                                    dtype, "kept quantized")
     # A draft model (the target itself: its drafts, drawn as the target draws, are all right) on the Triton path,
     # its chained draft steps in CUDA graphs fed on the device: the same greedy tokens as without speculation.
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
-        got = run(a.model, dtype, "triton", False, 8192, SYSTEM, speculative_method="draft", speculative_model=a.model,
-                  num_speculative_tokens=3)
-        same = sum(g == r for g, r in zip(got, ref))
-        print(f"  {same}/{len(ref)} sequences identical with a draft model")
-        failures += dtype == "float32" and same != len(ref)
+    if "draft" in parts:
+        for dtype in dtypes:
+            failures += spec_case(a.model, dtype, "with a draft model", speculative_method="draft",
+                                  speculative_model=a.model, num_speculative_tokens=3)
     # n-gram token trees (the continuations of an n-gram's last three occurrences): tree steps run the Triton prefill
     # kernel with ancestor masks in graph pieces, the kept drafts' KV moved before the next step
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
-        got = run(a.model, dtype, "triton", False, 8192, SYSTEM, speculative_method="ngram", num_speculative_tokens=6,
-                  speculative_branches=3, speculative_adaptive=False)
-        same = sum(g == r for g, r in zip(got, ref))
-        print(f"  {same}/{len(ref)} sequences identical with n-gram token trees")
-        failures += dtype == "float32" and same != len(ref)
+    if "trees" in parts:
+        for dtype in dtypes:
+            failures += spec_case(a.model, dtype, "with n-gram token trees", speculative_method="ngram",
+                                  num_speculative_tokens=6, speculative_branches=3, speculative_adaptive=False)
     # An EAGLE-3 head (random weights in the published format) on the Triton path: the head's catch-up prefill and
     # chained decodes run the Triton kernels on its own one-layer pool; the target keeps its CUDA graphs.
-    head = random_eagle3_head(a.model)
-    for dtype in ("float32", "bfloat16"):
-        ref = run(a.model, dtype, "triton", False, 8192, SYSTEM, overlap="off")
-        got = run(a.model, dtype, "triton", False, 8192, SYSTEM, speculative_method="eagle3", speculative_model=head,
-                  num_speculative_tokens=3)
-        same = sum(g == r for g, r in zip(got, ref))
-        print(f"  {same}/{len(ref)} sequences identical with an EAGLE-3 head")
-        failures += dtype == "float32" and same != len(ref)
+    if "eagle3" in parts:
+        head = random_eagle3_head(a.model)
+        for dtype in dtypes:
+            failures += spec_case(a.model, dtype, "with an EAGLE-3 head", speculative_method="eagle3",
+                                  speculative_model=head, num_speculative_tokens=3)
     print("GPU E2E:", "PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 

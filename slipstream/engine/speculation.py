@@ -40,11 +40,13 @@ EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing t
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
-# The first timing of a k at a batch size is provisional: the step after it with that k (taken at once where it is the
-# best or next to it) replaces it. A first step can carry a one-off cost that PAUSE_RATIO cannot clamp, having no
-# average to clamp to (the first steps of a run: on an H100 at batch 1 the policy timed its first two k = 16 steps at
-# 25 ms each, 20 times a k = 16 step, never tried k = 16 again and ran the quote workload at 1.37x where k = 16 fixed
-# ran 2.4-3.5x; a 25 ms first step of each k, in scripts/draft_policy_sim.py, left it at 0.36-0.47 of the best fixed k).
+# A k's timing at a batch size is provisional until two of its steps agree (seconds within PAUSE_RATIO of each other):
+# where they do not, the shorter one stands (a step can take longer than its cost, never less), and the k, if it is the
+# best or next to it, is timed again at once, up to SETTLE_TIMINGS timings. A run's first steps can carry one-off costs
+# that PAUSE_RATIO cannot clamp, having no average to clamp to: on an H100 at batch 1 the policy timed its first two k =
+# 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16 again, and ran the quote workload at 1.37x where
+# k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py: the first one or two steps of each k 25 ms longer).
+SETTLE_TIMINGS = 4
 # At a small batch the rates follow the few sequences' text, which changes (a paragraph quoted, then a line of its
 # own): a timing older than STALE_STEPS steps is stale, and the next one replaces it. While drafting, a stale
 # neighbour of the best k that drafts is retried at once where that costs at most one step at the best k (the plain
@@ -69,6 +71,8 @@ class DraftPolicy:
         self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
         self._when: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step it was last timed in
         self._timed: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> steps timed
+        self._settled: set[tuple[int, int]] = set()  # (batch bucket, k) whose timing two steps agree on
+        self._settling: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> its timings when last timed again
         self._guessed: dict[int, float] = {}  # batch bucket -> moving average of the proposer's first guesses right
         self._tried: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step a stale k was last retried in
         # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
@@ -98,10 +102,11 @@ class DraftPolicy:
             return unmeasured[0]
         if 0 not in rates:  # the plain step: where timings are noisy the climb can stop at a k that only seemed to pay
             return 0
-        once = [k for k in (best, *near) if self._timed[(b, k)] == 1 and (b, k) not in self._tried]
-        if once:  # a first timing is provisional (the note by PROBE_RUN): a second replaces it
-            self._tried[(b, once[0])] = self._steps
-            return once[0]
+        unsettled = [k for k in (best, *near) if (b, k) not in self._settled
+                     and self._settling.get((b, k)) != self._timed[(b, k)]]  # (not again until that step is timed)
+        if unsettled:  # timed again at once (SETTLE_TIMINGS)
+            self._settling[(b, unsettled[0])] = self._timed[(b, unsettled[0])]
+            return self._probe(b, unsettled[0])
         regret = {k: self._regret(b, k, rates[best]) for k in near}
         if b <= STALE_BATCH:
             if best == 0:
@@ -178,9 +183,16 @@ class DraftPolicy:
         if k == 0 and not steady:
             return
         t, s = self._sums.get(key, (tokens, seconds))
-        seconds = min(seconds, PAUSE_RATIO * s)
         timed = self._timed[key] = self._timed.get(key, 0) + 1
-        weight = 1.0 if self._stale(key) or timed == 2 else _WEIGHT
+        if timed > 1 and key not in self._settled:
+            agree = max(s, seconds) <= PAUSE_RATIO * min(s, seconds)
+            if agree or timed >= SETTLE_TIMINGS:
+                self._settled.add(key)
+            if not agree:  # the shorter step stands
+                t, s = (t, s) if s <= seconds else (tokens, seconds)
+                tokens, seconds = t, s
+        seconds = min(seconds, PAUSE_RATIO * s)
+        weight = 1.0 if self._stale(key) else _WEIGHT
         t, s = (1 - weight) * t + weight * tokens, (1 - weight) * s + weight * seconds
         self._when[key] = self._steps
         self._sums[key] = (t, s)

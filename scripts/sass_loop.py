@@ -70,7 +70,7 @@ def main() -> None:
              for p, pro in ((0, "no prologue"), (1, "RMSNorm prologue"))]
     cases.append(("W4A16 GEMM, decode tiles 64 (transposed) x 16 x 128, 4 slices", _w4a16_kernel,
                   dict(HAS_BIAS=False, PRECISION="tf32", CODE=0, OFFSET=True, FINE=False, BLOCK_M=16, BLOCK_N=64,
-                       BLOCK_K=128, SPLIT_K=4, SWAP=True, PDL=True), 4, 4, 64 * 128 // 128))
+                       BLOCK_K=128, SPLIT_K=4, SWAP=True, SUMS=True, PDL=True), 4, 4, 64 * 128 // 128))
     for name, fn, consts, warps, stages, per_thread in cases:
         ops = loop_counts(compiled_sass(fn, io, consts, warps, stages))
         total = sum(ops.values())

@@ -122,24 +122,46 @@ def test_w4a16_gemm_matches_reference(dtype, m, group, kind):
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="the GPU's decode tiles are the autotuner's")
 @pytest.mark.parametrize("split,swap,kind", [(1, False, "int4"), (3, True, "int4"), (8, False, "int4"), (3, False, "fp4"),
                                              (8, True, "int8")])
 def test_w4a16_decode_slices_add_in_order(monkeypatch, split, swap, kind):
     """The decode GEMM's tiles (a few rows of x) in K slices, transposed or not: the reference's product, the same
-    bits on a second call (each tile's last slice adds the slices' sums in slice order and resets the tile's count)."""
+    bits on a second call (each tile's last slice adds the slices' sums in slice order and resets the tile's count).
+    (The interpreter runs a tile's slices in order, one after another: the GPU test below races them.)"""
     from slipstream.kernels import int4
 
-    monkeypatch.setattr(int4, "INTERPRETER_DECODE_TILES", dict(BLOCK_N=32, SPLIT_K=split, SWAP=swap))
+    monkeypatch.setattr(int4, "DECODE_TILES", dict(BLOCK_N=32, SPLIT_K=split, SWAP=swap, num_warps=4, num_stages=1))
     g = torch.Generator().manual_seed(split)
     n, k, group = 80, 256, 32  # 8 K steps: 3 slices of 2 and 3 steps, 8 of one
     qweight, scales, offsets = packed_weights(kind, n, k, group, g)
     x = torch.randn(5, k, generator=g).to(torch.float16)
     ref = x.float() @ dequantize(qweight, scales, offsets, torch.float16).float().T
-    out = int4.w4a16_gemm(x, qweight, scales, offsets, group, fp4=kind == "fp4")
-    torch.testing.assert_close(out.float(), ref, atol=TOL[torch.float16] * 10, rtol=TOL[torch.float16])
-    assert torch.equal(int4.w4a16_gemm(x, qweight, scales, offsets, group, fp4=kind == "fp4"), out)
-    assert not int4._tile_counts(x.device).any()
+    args = (x.to(DEV), qweight.to(DEV), scales.to(DEV), None if offsets is None else offsets.to(DEV), group)
+    out = int4.w4a16_gemm(*args, fp4=kind == "fp4")
+    torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[torch.float16] * 10, rtol=TOL[torch.float16])
+    assert torch.equal(int4.w4a16_gemm(*args, fp4=kind == "fp4"), out)
+    assert not int4._tile_counts(out.device).any()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the slices race only on a GPU")
+@pytest.mark.parametrize("rows", [1, 16])
+def test_w4a16_decode_tiles_race_to_the_same_bits(monkeypatch, rows):
+    """Every tuned decode tile on a GPU, at a shape of many tiles (4,096 x 4,096, groups of 128), launched 50 times:
+    whichever slice of a tile ends last, the same bits, the reference's product, and every arrival count back at 0."""
+    from slipstream.kernels import int4
+
+    g = torch.Generator().manual_seed(rows)
+    n = k = 4096
+    qweight, scales, offsets = (t.cuda() for t in packed_weights("int4", n, k, 128, g))
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16).cuda()
+    ref = x.float() @ dequantize(qweight, scales, offsets, torch.float32).T
+    for config in int4.DECODE_CONFIGS:
+        monkeypatch.setattr(int4, "DECODE_TILES", dict(config.kwargs, num_warps=config.num_warps,
+                                                       num_stages=config.num_stages))
+        first = int4.w4a16_gemm(x, qweight, scales, offsets, 128)
+        torch.testing.assert_close(first.float(), ref, atol=TOL[torch.bfloat16] * 10, rtol=TOL[torch.bfloat16])
+        assert all(torch.equal(int4.w4a16_gemm(x, qweight, scales, offsets, 128), first) for _ in range(50)), config
+        assert not int4._tile_counts(x.device).any(), config
 
 
 @pytest.mark.parametrize("group,kind,dtype", [(32, "int4", torch.float32), (128, "int4", torch.float16),

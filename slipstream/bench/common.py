@@ -39,7 +39,8 @@ def model_dir(name: str, quantization_config: dict | None = None) -> str:
         cfg["quantization_config"] = dict(quantization_config)
         kept = _dense_down_projections_kept(cfg, quantization_config.get("group_size"))
         if kept:
-            cfg["quantization_config"]["modules_to_not_convert"] = kept
+            cfg["quantization_config"]["modules_to_not_convert"] = [
+                *(quantization_config.get("modules_to_not_convert") or ()), *kept]
     out = tempfile.mkdtemp(prefix="slipstream-dummy-")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)

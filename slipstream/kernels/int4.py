@@ -185,15 +185,18 @@ def u4_bias(dtype: tl.constexpr):
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, group,
                   stride_xm, stride_qn, stride_sn, stride_ym,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CODE: tl.constexpr, OFFSET: tl.constexpr,
-                  FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SPLIT_K: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
+                  FINE: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] tile of y = x @ W^T over the K steps of this program's slice (SPLIT_K slices of K).
-    Unsigned nibbles in whole groups (not FINE) meet x as BIAS + q (u4_biased) and each group's scale and offset
-    are applied to the dot's sums: y += scale * (x.(BIAS + q) - BIAS * sum(x)) + offset * sum(x), no per-weight
-    multiply. SWAP computes the tile transposed (W's rows as the dot's M: at most 16 rows of x leave the tensor
-    cores' M mostly idle otherwise). With SPLIT_K > 1 each slice's float32 sums go to `part_ptr`; the last slice
-    of a tile to finish (an atomic count per tile, which it resets) adds them in slice order, so the result does not
-    depend on which slice ends first."""
+    With SUMS (unsigned nibbles in whole groups: CODE 0, not FINE) the nibbles meet x as BIAS + q (u4_biased) and
+    each group's scale and offset are applied to the dot's sums: y += scale * (x.(BIAS + q) - BIAS * sum(x)) +
+    offset * sum(x), no per-weight multiply (decode tiles only: in 64 x 64 tiles the second accumulator took 184
+    registers a thread where 108 did; sm_90, Triton 3.9, a static compile, unmeasured). SWAP computes the tile
+    transposed (W's rows as the dot's M: at most 16 rows of x leave the tensor cores' M mostly idle otherwise). With
+    SPLIT_K > 1 each slice's float32 sums go to `part_ptr`; the last slice of a tile to finish (an atomic count per
+    tile, which it resets) adds them in slice order, so the result does not depend on which slice ends first. (It
+    depends on the tile and the slices, which the autotuner times per process: two processes can differ in the last
+    bits.)"""
     await_inputs(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,7 +206,6 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
     steps = K // BLOCK_K  # K is a multiple of BLOCK_K, which divides the group or is a multiple of it
     k_lo = pid_k * steps // SPLIT_K * BLOCK_K
     k_hi = (pid_k + 1) * steps // SPLIT_K * BLOCK_K
-    SUMS: tl.constexpr = CODE == 0 and not FINE  # scales and offsets on the dot's sums
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -214,7 +216,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
             packed = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
                              mask=ok_n[:, None], other=0)
             w = u4_biased(packed, BLOCK_N, BLOCK_K, x.dtype)
-            at = rn * stride_sn + k0 // group
+            at = rn * stride_sn + k0 // group  # (int32: rows x groups a row stay far below 2^31)
             scale = tl.load(s_ptr + at, mask=ok_n, other=0.0).to(tl.float32)
             shift = -u4_bias(x.dtype) * scale
             if OFFSET:
@@ -298,16 +300,21 @@ DECODE_CONFIGS = [
 ]
 _w4a16_decode = (_w4a16_kernel if INTERPRET
                  else triton.autotune(DECODE_CONFIGS, key=["N", "K", "CODE", "OFFSET", "FINE"])(_w4a16_kernel))
-MAX_SPLIT_K = 8
-INTERPRETER_DECODE_TILES = dict(BLOCK_N=32, SPLIT_K=2, SWAP=True)  # the CPU interpreter's (tests set others)
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DECODE_CONFIGS)
+# Fixed decode tiles instead of the tuned ones: the CPU interpreter's (tests set others, on the GPU too)
+DECODE_TILES: dict | None = dict(BLOCK_N=32, SPLIT_K=2, SWAP=True, num_warps=4, num_stages=1) if INTERPRET else None
 _COUNTS = 1 << 16  # tiles a split launch may count in (a 131,072-row projection in 32-row tiles needs 4,096)
 _counts: dict[torch.device, torch.Tensor] = {}
 
 
 def _tile_counts(device: torch.device) -> torch.Tensor:
     """The split-K tiles' arrival counts on `device`: zeros, each reset by the tile's last slice, so one buffer lives
-    as long as the process (CUDA graphs keep its address)."""
+    as long as the process (CUDA graphs keep its address). One buffer a device serves every split launch, which is
+    right while they never overlap: the engine runs them on one stream, each waiting for the kernel before it."""
     if device not in _counts:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the 4-bit decode GEMM's first call on a device must run outside CUDA graph capture "
+                               "(its arrival counts are zeroed then, once): warm up before capturing")
         _counts[device] = torch.zeros(_COUNTS, dtype=torch.int32, device=device)
     return _counts[device]
 
@@ -327,11 +334,14 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     form = dict(HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code, OFFSET=offsets is not None,
                 FINE=fine_groups(bk, group), BLOCK_K=bk)
     strides = (x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0))
-    if m <= 16 and cdiv(n, 32) <= _COUNTS:
-        split_tiles = dict(INTERPRETER_DECODE_TILES, num_warps=4, num_stages=1) if INTERPRET else {}
+    if m <= 16 and cdiv(n, 32) < _COUNTS:  # (also within the grid's 65,535 column tiles)
+        kernel, tiles = (_w4a16_decode, {}) if DECODE_TILES is None else (_w4a16_kernel, DECODE_TILES)
+        if tiles.get("SPLIT_K", 1) > MAX_SPLIT_K:
+            raise ValueError(f"decode tiles of {tiles['SPLIT_K']} slices: at most {MAX_SPLIT_K}")
         parts = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
-        _w4a16_decode[lambda meta: (1, cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-            *args, parts, _tile_counts(x.device), m, n, k, group, *strides, BLOCK_M=16, **form, **split_tiles, **pdl(x))
+        kernel[lambda meta: (1, cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+            *args, parts, _tile_counts(x.device), m, n, k, group, *strides, SUMS=code == CODE_U4 and not form["FINE"],
+            BLOCK_M=16, **form, **tiles, **pdl(x))
         return y
     if INTERPRET:
         bm, bn, warps, stages = 16, 32, 4, 1
@@ -339,8 +349,9 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
         bm, bn, warps, stages = 64, 64, 4, 4
     else:
         bm, bn, warps, stages = 128, 128, 8, 3
-    _w4a16_kernel[(cdiv(m, bm), cdiv(n, bn), 1)](*args, y, y, m, n, k, group, *strides, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1,
-                                                 SWAP=False, **form, num_warps=warps, num_stages=stages, **pdl(x))
+    _w4a16_kernel[(cdiv(m, bm), cdiv(n, bn), 1)](*args, y, y, m, n, k, group, *strides, SUMS=False, BLOCK_M=bm, BLOCK_N=bn,
+                                                 SPLIT_K=1, SWAP=False, **form, num_warps=warps, num_stages=stages,
+                                                 **pdl(x))
     return y
 
 

@@ -487,14 +487,16 @@ from slipstream.kernels.int4 import _w4a16_kernel as w4
 from slipstream.kernels.matvec import _gemv_grouped_kernel as ggv, _gemv_int4_kernel as i4v, _gemv_kernel as gv
 for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     q = "*i8" if code == 2 else "*u8"
-    w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
+    w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
+                   part_ptr="*fp32", count_ptr="*i32")
     gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr=q, ws_ptr="*fp32", wo_ptr="*fp32",
                    b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
-    consts = dict(HAS_BIAS=False, PRECISION="tf32", CODE=code, OFFSET=offset, FINE=code > 0, BLOCK_M=16, BLOCK_N=32,
-                  BLOCK_K=64)
-    sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
-    triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+    for sums, split, swap in ((code == 0, 4, True), (False, 1, False)):  # decode tiles in slices; many rows
+        consts = dict(HAS_BIAS=False, PRECISION="tf32", CODE=code, OFFSET=offset, FINE=code > 0, SUMS=sums, BLOCK_M=16,
+                      BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, SWAP=swap, PDL=True)
+        sig = {n: "constexpr" if n in consts else w4types.get(n, "i32") for n in w4.arg_names}
+        triton.compile(ASTSource(w4, sig, constexprs={(w4.arg_names.index(k),): v for k, v in consts.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
     # a few rows, through the tensor cores
     consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
                   SCALE_BK=16, PRECISION="tf32", NORM_ON_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)

@@ -473,7 +473,7 @@ def test_draft_policy_measures_the_plain_step_where_the_climb_stops():
 
 def test_a_draft_policy_timing_settles_when_two_steps_agree():
     """A k's first timing that a one-off cost inflated (25 ms where its steps take 1 ms) is timed again at once and the
-    shorter step stands; the plain step, timed again, runs as a probe does (PROBE_RUN steps, the first after a
+    newer step stands; the plain step, timed again, runs as a probe does (PROBE_RUN steps, the first after a
     verifying step not timed), so that its second timing is taken."""
     from slipstream.engine.speculation import PROBE_RUN, DraftPolicy
 
@@ -492,6 +492,12 @@ def test_a_draft_policy_timing_settles_when_two_steps_agree():
     p.record(1, 1, 2, 1e-3)
     p.record(1, 0, 1, 0.6e-3, steady=True)
     assert [p.choose(1) for _ in range(PROBE_RUN)] == [0] * PROBE_RUN
+    # a step timed short (with overlap, read at once after a pause) does not stand: the next timing replaces it
+    p = DraftPolicy(1)
+    p.record(1, 1, 2, 1e-3)
+    p.record(1, 1, 2, 0.01e-3)
+    p.record(1, 1, 2, 1e-3)
+    assert p.rate[(1, 1)] == pytest.approx(2 / 1e-3)
 
 
 def test_draft_policy_ties_go_to_fewer_drafts():

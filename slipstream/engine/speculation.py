@@ -40,12 +40,13 @@ EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing t
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
-# A k's timing at a batch size is provisional until two of its steps agree (seconds within PAUSE_RATIO of each other):
-# where they do not, the shorter one stands (a step can take longer than its cost, never less), and the k, if it is the
-# best or next to it, is timed again at once, up to SETTLE_TIMINGS timings. A run's first steps can carry one-off costs
-# that PAUSE_RATIO cannot clamp, having no average to clamp to: on an H100 at batch 1 the policy timed its first two k =
-# 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16 again, and ran the quote workload at 1.37x where
-# k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py: the first one or two steps of each k 25 ms longer).
+# A k's timing at a batch size is provisional until two of its steps in a row agree (seconds within PAUSE_RATIO of each
+# other): where they do not, the newer one stands (not the shorter: with overlap a step read at once after a pause is
+# timed short), and the k, if it is the best or next to it, is timed again at once, up to SETTLE_TIMINGS timings. A
+# run's first steps can carry one-off costs that PAUSE_RATIO cannot clamp, having no average to clamp to: on an H100 at
+# batch 1 the policy timed its first two k = 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16 again,
+# and ran the quote workload at 1.37x where k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py: the first one or
+# two steps of each k, or of the run, 25 ms longer).
 SETTLE_TIMINGS = 4
 # At a small batch the rates follow the few sequences' text, which changes (a paragraph quoted, then a line of its
 # own): a timing older than STALE_STEPS steps is stale, and the next one replaces it. While drafting, a stale
@@ -188,9 +189,8 @@ class DraftPolicy:
             agree = max(s, seconds) <= PAUSE_RATIO * min(s, seconds)
             if agree or timed >= SETTLE_TIMINGS:
                 self._settled.add(key)
-            if not agree:  # the shorter step stands
-                t, s = (t, s) if s <= seconds else (tokens, seconds)
-                tokens, seconds = t, s
+            if not agree:  # the newer step stands
+                t, s = tokens, seconds
         seconds = min(seconds, PAUSE_RATIO * s)
         weight = 1.0 if self._stale(key) else _WEIGHT
         t, s = (1 - weight) * t + weight * tokens, (1 - weight) * s + weight * seconds

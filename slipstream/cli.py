@@ -493,7 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         from slipstream.bench import tune_moe
 
         tune_moe.add_parser(tsub)
-    a = parser.parse_args(argv)
+    a, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser (its usage), with the options meant where the spelling is close
+        command = sub.choices[a.cmd]
+        if a.cmd in ("bench", "tune"):
+            command = {"bench": bsub, "tune": tsub}[a.cmd].choices[getattr(a, a.cmd)]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(unknown, command)}")
     # Start-up progress (loading, KV cache, graphs, ready) on stderr; the server's processes configure their own.
     if a.cmd != "serve":
         handler = logging.StreamHandler()
@@ -511,6 +516,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"slipstream: error: {_as_flags(str(e))}\n")
     except KeyboardInterrupt:  # Ctrl-C while loading or generating: the shell's usual status, no traceback
         parser.exit(130, "\n")
+
+
+def _did_you_mean(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """' (did you mean --max-tokens?)' for the unknown options spelled close to one of the parser's."""
+    import difflib
+
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    meant = [m[0] for u in unknown if u.startswith("--")
+             for m in [difflib.get_close_matches(u.split("=")[0], known, n=1, cutoff=0.75)] if m]
+    return f" (did you mean {', '.join(meant)}?)" if meant else ""
 
 
 # options of the sampling, train-draft and serve flags, as their errors name them

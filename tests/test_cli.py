@@ -87,6 +87,13 @@ BAD_OPTIONS = [
     (["bench", "quality", "--window", "256", "--stride", "256"], "--stride must be in [1, --window - 1], got 256"),
     (["serve", "/no/such/model"], "model path '/no/such/model' does not exist"),  # (before the server starts)
     (["serve", "a.gguf", "--model", "b.gguf"], "the model is named twice: 'a.gguf' and --model 'b.gguf'"),
+    # a misspelt option: the command's own usage, and the option meant (the top-level usage, without either, before)
+    (["generate", "--max-tokns", "5", "hi"], "slipstream generate: error: unrecognized arguments: --max-tokns hi (did "
+                                             "you mean --max-tokens?)"),
+    (["serve", "--prot", "8000"], "slipstream serve: error: unrecognized arguments: --prot (did you mean --port?)"),
+    (["bench", "latency", "--batch-sizee", "4"], "slipstream bench latency: error: unrecognized arguments: "
+                                                 "--batch-sizee 4 (did you mean --batch-size?)"),
+    (["generate", "hi", "--zzz"], "unrecognized arguments: --zzz\n"),
 ]
 
 

@@ -8,6 +8,7 @@ server's flags all derive from `ENGINE_OPTIONS`.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -358,6 +359,7 @@ class EngineConfig:
         for key, value in options.items():
             if key not in ENGINE_OPTIONS:
                 raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
+            ENGINE_OPTIONS[key].check_type(value)
             parts[ENGINE_OPTIONS[key].owner][key] = value
         return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]),
                             scheduler=SchedulerConfig(**parts[SchedulerConfig]))
@@ -402,6 +404,16 @@ class Option:
     help: str
     choices: tuple | None
     flag: str  # the CLI flag
+
+    def check_type(self, value: Any) -> None:
+        """ValueError unless `value` is of the option's type (a bool for a bool: "yes" or 1 would pass as true)."""
+        if value is None and self.optional:
+            return
+        ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+              int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)}[self.type](value)
+        kind = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[self.type]
+        _check(ok, self.name, f"must be {kind}{' or None' if self.optional else ''}", value)
 
 
 def _options() -> dict[str, Option]:

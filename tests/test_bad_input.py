@@ -149,6 +149,21 @@ def test_unknown_engine_option():
         LLM(None, max_batch=3)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(enforce_eager="yes"), "enforce_eager must be true or false, got 'yes'"),  # (ran eagerly before: "yes" is true)
+    (dict(speculative_config={"method": "ngram", "adaptive": "no"}), "speculative_adaptive must be true or false"),
+    (dict(max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5"),
+    (dict(max_num_seqs=True), "max_num_seqs must be an integer, got True"),
+    (dict(kv_cache_bytes="1GB"), "kv_cache_bytes must be an integer or None, got '1GB'"),
+    (dict(gpu_memory_utilization="0.5"), "gpu_memory_utilization must be a number, got '0.5'"),
+    (dict(dtype=16), "dtype must be a string, got 16"),
+])
+def test_engine_options_of_the_wrong_type(kwargs, message):
+    """An engine option of the wrong type is named before anything loads (truthy strings passed as bools)."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LLM(None, **kwargs)
+
+
 def test_warm_up_leaves_nothing_behind(fresh):
     fresh.engine.warm_up()
     assert not fresh.engine.requests  # the `fresh` fixture then checks that every block is free

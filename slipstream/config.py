@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -359,8 +360,7 @@ class EngineConfig:
         for key, value in options.items():
             if key not in ENGINE_OPTIONS:
                 raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
-            ENGINE_OPTIONS[key].check_type(value)
-            parts[ENGINE_OPTIONS[key].owner][key] = value
+            parts[ENGINE_OPTIONS[key].owner][key] = ENGINE_OPTIONS[key].typed(value)
         return EngineConfig(**parts[EngineConfig], cache=CacheConfig(**parts[CacheConfig]),
                             scheduler=SchedulerConfig(**parts[SchedulerConfig]))
 
@@ -382,7 +382,8 @@ def _speculative_options(spec: Any, given: dict[str, Any]) -> dict[str, Any]:
     _check(isinstance(spec, dict), "speculative_config", "must be a JSON object", spec)
     unknown = sorted(set(spec) - set(_SPECULATIVE_KEYS))
     _check(not unknown, "speculative_config", f"takes the keys {', '.join(_SPECULATIVE_KEYS)}; unknown", unknown)
-    out = {_SPECULATIVE_KEYS[k]: v for k, v in spec.items()}
+    out = {_SPECULATIVE_KEYS[k]: ENGINE_OPTIONS[_SPECULATIVE_KEYS[k]].typed(v, f"speculative_config.{k}")
+           for k, v in spec.items()}
     if "speculative_method" in out:
         method = out["speculative_method"]
         _check(method in _SPECULATIVE_METHODS, "speculative_config.method",
@@ -405,15 +406,19 @@ class Option:
     choices: tuple | None
     flag: str  # the CLI flag
 
-    def check_type(self, value: Any) -> None:
-        """ValueError unless `value` is of the option's type (a bool for a bool: "yes" or 1 would pass as true)."""
+    def typed(self, value: Any, name: str | None = None) -> Any:
+        """`value`, checked to be of the option's type (a bool for a bool: "yes" or 1 would pass as true; a path for
+        a string, as its text), else a ValueError naming the option (or `name`)."""
         if value is None and self.optional:
-            return
+            return value
+        if self.type is str and isinstance(value, os.PathLike):
+            value = os.fspath(value)
         ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
               int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
               float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)}[self.type](value)
         kind = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[self.type]
-        _check(ok, self.name, f"must be {kind}{' or None' if self.optional else ''}", value)
+        _check(ok, name or self.name, f"must be {kind}{' or None' if self.optional else ''}", value)
+        return value
 
 
 def _options() -> dict[str, Option]:

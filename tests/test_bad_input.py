@@ -151,7 +151,7 @@ def test_unknown_engine_option():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(enforce_eager="yes"), "enforce_eager must be true or false, got 'yes'"),  # (ran eagerly before: "yes" is true)
-    (dict(speculative_config={"method": "ngram", "adaptive": "no"}), "speculative_adaptive must be true or false"),
+    (dict(speculative_config={"method": "ngram", "adaptive": "no"}), "speculative_config.adaptive must be true or false"),
     (dict(max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5"),
     (dict(max_num_seqs=True), "max_num_seqs must be an integer, got True"),
     (dict(kv_cache_bytes="1GB"), "kv_cache_bytes must be an integer or None, got '1GB'"),
@@ -162,6 +162,14 @@ def test_engine_options_of_the_wrong_type(kwargs, message):
     """An engine option of the wrong type is named before anything loads (truthy strings passed as bools)."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LLM(None, **kwargs)
+
+
+def test_paths_are_taken_for_path_options(tmp_path):
+    """A path (os.PathLike) where an option names a file or directory is taken as its text."""
+    from slipstream.config import EngineConfig
+
+    config = EngineConfig.from_options(None, tokenizer=tmp_path, speculative_method="ngram")
+    assert config.tokenizer == str(tmp_path)
 
 
 def test_warm_up_leaves_nothing_behind(fresh):

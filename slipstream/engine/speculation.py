@@ -40,13 +40,14 @@ EXPLORE_SHARE = 0.02  # of the time spent at the best k, the most that probing t
 _WEIGHT = 0.2  # of a new measurement in the moving average
 PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's average (a pause is no cost of the step)
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
-# A k's timing at a batch size is provisional until two of its steps in a row agree (seconds within PAUSE_RATIO of each
-# other): where they do not, the newer one stands (not the shorter: with overlap a step read at once after a pause is
-# timed short), and the k, if it is the best or next to it, is timed again at once, up to SETTLE_TIMINGS timings. A
-# run's first steps can carry one-off costs that PAUSE_RATIO cannot clamp, having no average to clamp to: on an H100 at
-# batch 1 the policy timed its first two k = 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16 again,
-# and ran the quote workload at 1.37x where k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py: the first one or
-# two steps of each k, or of the run, 25 ms longer).
+# A k's timing at a batch size is provisional until it settles: two of its steps in a row agree (seconds within
+# PAUSE_RATIO of each other, and of its shortest step so far), its first two not counted, or it has been timed
+# SETTLE_TIMINGS times. Until then
+# the newer step stands (not the shorter: with overlap a step read at once after a pause is timed short) and the k is
+# timed again at once, whatever its rate: at a large batch nothing else would re-time a k that one slow step made look
+# bad. A run's first steps can carry one-off costs that PAUSE_RATIO cannot clamp, having no average to clamp to: on an
+# H100 at batch 1 the policy timed its first two k = 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16
+# again, and ran the quote workload at 1.37x where k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py).
 SETTLE_TIMINGS = 4
 # At a small batch the rates follow the few sequences' text, which changes (a paragraph quoted, then a line of its
 # own): a timing older than STALE_STEPS steps is stale, and the next one replaces it. While drafting, a stale
@@ -72,8 +73,9 @@ class DraftPolicy:
         self._run: dict[int, int] = {}  # batch bucket -> plain steps a probe still has to run
         self._when: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step it was last timed in
         self._timed: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> steps timed
-        self._settled: set[tuple[int, int]] = set()  # (batch bucket, k) whose timing two steps agree on
+        self._settled: set[tuple[int, int]] = set()  # (batch bucket, k) whose timing has settled (SETTLE_TIMINGS)
         self._settling: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> its timings when last timed again
+        self._fastest: dict[tuple[int, int], float] = {}  # (batch bucket, k) -> its shortest step while settling
         self._guessed: dict[int, float] = {}  # batch bucket -> moving average of the proposer's first guesses right
         self._tried: dict[tuple[int, int], int] = {}  # (batch bucket, k) -> the step a stale k was last retried in
         # (batch bucket, k) -> [steps, output tokens, seconds] of every step recorded, timed or not: what each k cost
@@ -103,8 +105,8 @@ class DraftPolicy:
             return unmeasured[0]
         if 0 not in rates:  # the plain step: where timings are noisy the climb can stop at a k that only seemed to pay
             return 0
-        unsettled = [k for k in (best, *near) if (b, k) not in self._settled
-                     and self._settling.get((b, k)) != self._timed[(b, k)]]  # (not again until that step is timed)
+        unsettled = sorted(k for k in rates if (b, k) not in self._settled
+                           and self._settling.get((b, k)) != self._timed[(b, k)])  # (not again until that one is timed)
         if unsettled:  # timed again at once (SETTLE_TIMINGS)
             self._settling[(b, unsettled[0])] = self._timed[(b, unsettled[0])]
             return self._probe(b, unsettled[0])
@@ -185,8 +187,11 @@ class DraftPolicy:
             return
         t, s = self._sums.get(key, (tokens, seconds))
         timed = self._timed[key] = self._timed.get(key, 0) + 1
-        if timed > 1 and key not in self._settled:
-            agree = max(s, seconds) <= PAUSE_RATIO * min(s, seconds)
+        if key not in self._settled:
+            fastest = self._fastest[key] = min(self._fastest.get(key, seconds), seconds)
+            # (not before a third timing: a k's first two steps may both carry a one-off cost; and against the
+            # shortest too: two slow steps in a row after a good one do not settle it)
+            agree = timed > 2 and max(s, seconds) <= PAUSE_RATIO * min(s, seconds) and seconds <= PAUSE_RATIO * fastest
             if agree or timed >= SETTLE_TIMINGS:
                 self._settled.add(key)
             if not agree:  # the newer step stands

@@ -42,10 +42,9 @@ PAUSE_RATIO = 2.0  # a step's seconds count at most this many times its k's aver
 PROBE_RUN = 3  # steps a probe of the plain step lasts (its first, launched with nothing in flight, is not timed)
 # A k's timing at a batch size is provisional until it settles: two of its steps in a row agree (seconds within
 # PAUSE_RATIO of each other, and of its shortest step so far), its first two not counted, or it has been timed
-# SETTLE_TIMINGS times. Until then
-# the newer step stands (not the shorter: with overlap a step read at once after a pause is timed short) and the k is
-# timed again at once, whatever its rate: at a large batch nothing else would re-time a k that one slow step made look
-# bad. A run's first steps can carry one-off costs that PAUSE_RATIO cannot clamp, having no average to clamp to: on an
+# SETTLE_TIMINGS times. Until then the newer step stands (not the shorter: with overlap a step read at once after a
+# pause is timed short) and the k is timed again at once, whatever its rate: at a large batch nothing else would
+# re-time a k that one slow step made look bad. A run's first steps can carry one-off costs that PAUSE_RATIO cannot clamp, having no average to clamp to: on an
 # H100 at batch 1 the policy timed its first two k = 16 steps at 25 ms each, 20 times a k = 16 step, never tried k = 16
 # again, and ran the quote workload at 1.37x where k = 16 fixed ran 2.4-3.5x (scripts/draft_policy_sim.py).
 SETTLE_TIMINGS = 4

@@ -197,6 +197,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
     tile, which it resets) adds them in slice order, so the result does not depend on which slice ends first. (It
     depends on the tile and the slices, which the autotuner times per process: two processes can differ in the last
     bits.)"""
+    tl.static_assert(SWAP or not SUMS, "scales on the sums come with transposed (decode) tiles")
     await_inputs(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,10 +223,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
             if OFFSET:
                 shift += tl.load(o_ptr + at, mask=ok_n, other=0.0).to(tl.float32)
             x_sum = tl.sum(x.to(tl.float32), 1)
-            if SWAP:
-                acc += tl.dot(w, tl.trans(x), input_precision=PRECISION) * scale[:, None] + shift[:, None] * x_sum[None, :]
-            else:
-                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * scale[None, :] + x_sum[:, None] * shift[None, :]
+            acc += tl.dot(w, tl.trans(x), input_precision=PRECISION) * scale[:, None] + shift[:, None] * x_sum[None, :]
         else:
             w = dequant_tile(q_ptr, s_ptr, o_ptr, rn, ok_n, k0, group, stride_qn, stride_sn, x.dtype, CODE, OFFSET,
                              FINE, BLOCK_N, BLOCK_K)
@@ -291,18 +289,18 @@ def _code(qweight: torch.Tensor, fp4: bool) -> int:
 
 # Decode (at most 16 rows of x): tuned per weight shape at the first call (the engine warms up before capturing
 # graphs). With few rows a tile's weight bytes are the whole cost; the N / BLOCK_N x SPLIT_K programs must keep enough
-# of them in flight on every SM (a 4,096-row projection in 32-row tiles was 128 programs, one an SM). Transposed tiles
-# (SWAP) only: on an H100 every projection of the Llama-3.1-8B shape, at 4 and at 16 rows, chose them among both
+# of them in flight on every SM (a 4,096-row projection in 32-row tiles was 128 programs, one an SM). Decode tiles are
+# transposed (SWAP): on an H100 every projection of the Llama-3.1-8B shape, at 4 and at 16 rows, chose them among both
 # forms (tiles of 64 rows; 4 or 8 slices, but one for gate_up: docs/benchmarks.md, "The decode GEMM in slices").
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "SWAP": True}, num_warps=4, num_stages=4)
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": split}, num_warps=4, num_stages=4)
     for bn in (32, 64, 128) for split in (1, 2, 4, 8)
 ]
 _w4a16_decode = (_w4a16_kernel if INTERPRET
                  else triton.autotune(DECODE_CONFIGS, key=["N", "K", "CODE", "OFFSET", "FINE"])(_w4a16_kernel))
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DECODE_CONFIGS)
 # Fixed decode tiles instead of the tuned ones: the CPU interpreter's (tests set others, on the GPU too)
-DECODE_TILES: dict | None = dict(BLOCK_N=32, SPLIT_K=2, SWAP=True, num_warps=4, num_stages=1) if INTERPRET else None
+DECODE_TILES: dict | None = dict(BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1) if INTERPRET else None
 _COUNTS = 1 << 16  # tiles a split launch may count in (a 131,072-row projection in 32-row tiles needs 4,096)
 _counts: dict[torch.device, torch.Tensor] = {}
 
@@ -341,7 +339,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
         parts = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
         kernel[lambda meta: (1, cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *args, parts, _tile_counts(x.device), m, n, k, group, *strides, SUMS=code == CODE_U4 and not form["FINE"],
-            BLOCK_M=16, **form, **tiles, **pdl(x))
+            BLOCK_M=16, SWAP=True, **form, **tiles, **pdl(x))
         return y
     if INTERPRET:
         bm, bn, warps, stages = 16, 32, 4, 1

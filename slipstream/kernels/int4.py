@@ -197,8 +197,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
     tile, which it resets) adds them in slice order, so the result does not depend on which slice ends first. (It
     depends on the tile and the slices, which the autotuner times per process: two processes can differ in the last
     bits.)"""
-    tl.static_assert(SWAP or not SUMS, "scales on the sums come with transposed (decode) tiles")
     await_inputs(PDL)
+    tl.static_assert(SWAP or not SUMS, "scales on the sums come with transposed (decode) tiles")
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -6,7 +6,7 @@ import torch
 
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
 from slipstream.attention.registry import BACKENDS
-from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+from slipstream.kernels.attention import decode_splits, paged_decode, paged_prefill
 
 
 class TritonAttention(AttentionBackend):
@@ -21,8 +21,8 @@ class TritonAttention(AttentionBackend):
         scales = self.kv_scales(layer)
         nd = meta.num_decodes
         if nd:
-            part = decode_partition(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
-            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, part, scale,
+            splits = decode_splits(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
+            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, splits, scale,
                          out=out[:nd], shared=meta.shared_prefix, shared_bound=meta.decode_max_len, kv_scales=scales)
         if nd < meta.num_seqs:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,

@@ -82,7 +82,7 @@ def latency(a: argparse.Namespace) -> list[dict]:
     sizes = a.batch_size
     # the peer runs first, before our engine holds the GPU's memory
     peers = {b: hf_decode_rate(a.model, b, a.input_len, a.output_len) for b in sizes} if a.hf_peer else {}
-    llm = _llm(a.model, max_model_len=a.input_len + a.output_len + 16, max_num_seqs=max(sizes),
+    llm = _llm(a.model, max_model_len=a.max_model_len or a.input_len + a.output_len + 16, max_num_seqs=max(sizes),
                enforce_eager=a.enforce_eager, enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
                quantization=a.quantization, quantize_lm_head=a.quantize_lm_head, kv_cache_dtype=a.kv_cache_dtype)
     llm.engine.warm_up()
@@ -255,6 +255,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--hf-peer", action="store_true", help="also time HF transformers on the same config")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's longest sequence (default: input + output + 16); a server's default is the "
+                        "model's own, and its CUDA graphs are captured for it")
     p.set_defaults(bench_fn=latency)
     p = sub.add_parser("throughput", help="nano-vllm workload: output tok/s")
     p.add_argument("--model", default="qwen3-0.6b")

@@ -17,7 +17,7 @@ from slipstream.attention.backend import quantize_kv
 from slipstream.bench.common import copy_bandwidth, gpu_name, graph_us, matmul_rate, table
 from slipstream.config import CacheConfig, ModelConfig
 from slipstream.kernels.activation import silu_and_mul
-from slipstream.kernels.attention import decode_partition, paged_decode, paged_prefill
+from slipstream.kernels.attention import decode_splits, paged_decode, paged_prefill
 from slipstream.kernels.fp8 import fp8_gemm, quantize_fp8
 from slipstream.kernels.int4 import dequantize, w4a16_gemm
 from slipstream.kernels._device import LAYER_GEMV_ROWS, W4A16_GEMM_ROWS
@@ -77,13 +77,13 @@ def run(a: argparse.Namespace) -> dict:
             k, v, tables = _paged(ctx, batch, dtype)
             q = torch.randn(batch, HQ, D, device="cuda", dtype=dtype)
             seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-            part = decode_partition(batch, HK, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
-            ms = _ms(lambda: paged_decode(q, k, v, tables, seq_lens, ctx, part, D**-0.5))
+            splits = decode_splits(batch, HK, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
+            ms = _ms(lambda: paged_decode(q, k, v, tables, seq_lens, ctx, splits, D**-0.5))
             nbytes = 2 * batch * ctx * HK * D * k.element_size() + 2 * q.numel() * q.element_size()
             (k8, ks), (v8, vs) = (quantize_kv(c.flatten(0, 1)) for c in (k, v))
             del k, v
             k8, v8, scales = k8.view(-1, PAGE, HK, D), v8.view(-1, PAGE, HK, D), (ks.view(-1, PAGE, HK), vs.view(-1, PAGE, HK))
-            ms8 = _ms(lambda: paged_decode(q, k8, v8, tables, seq_lens, ctx, part, D**-0.5, kv_scales=scales))
+            ms8 = _ms(lambda: paged_decode(q, k8, v8, tables, seq_lens, ctx, splits, D**-0.5, kv_scales=scales))
             nbytes8 = 2 * batch * ctx * HK * (D + 4) + 2 * q.numel() * q.element_size()
             r = dict(batch=batch, ctx=ctx, us=ms * 1e3, GBps=nbytes / ms / 1e6, pct_copy_bw=100 * nbytes / ms / 1e-3 / bw,
                      fp8_us=ms8 * 1e3, fp8_pct_copy_bw=100 * nbytes8 / ms8 / 1e-3 / bw)

@@ -14,7 +14,9 @@ device; otherwise (and for 16-token pages) tokens are gathered through the block
 Decode: one query token per sequence. A program takes one KV head and all the query heads that share it (GQA
 packing: the K/V tile is loaded once for the whole group, and the group forms the M side of a tensor-core dot),
 over one partition of the context. Partitions are combined by a second kernel using each partition's
-log-sum-exp, so long contexts spread over many SMs (flash decoding).
+log-sum-exp, so long contexts spread over many SMs (flash decoding). The grid's partitions per sequence are fixed
+by the batch (a CUDA graph is captured once for contexts up to max_model_len); each sequence cuts its own context
+into that many on the device, so a short context under a graph sized for a long one still spreads over the SMs.
 """
 from __future__ import annotations
 
@@ -160,26 +162,35 @@ def _prefill_kernel(
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _partition(tokens, splits, PART_MIN: tl.constexpr, PART_STEP: tl.constexpr):
+    """Context tokens per program when a sequence's `tokens` are cut into at most `splits` partitions: an even
+    share rounded up to whole key tiles (PART_STEP), and at least PART_MIN, so that a short context takes a few
+    programs of whole tiles rather than every program a sliver. The decode kernel and the reduction both use it."""
+    return tl.maximum(tl.cdiv(tl.cdiv(tokens, splits), PART_STEP) * PART_STEP, PART_MIN)
+
+
 # The partial-result strides scale with the number of partitions: like the per-step ints, never specialized on.
-@triton.jit(do_not_specialize=["partition", "stride_bt", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base"])
+@triton.jit(do_not_specialize=["splits", "stride_bt", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out_ptr, part_out, part_lse, shared_ptr,
     scale_log2, stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_sp, stride_st, stride_bt, stride_ob,
     stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    partition, split_base,
+    splits, split_base,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
-    PDL: tl.constexpr,
+    PART_MIN: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(seq_lens + b)
+    first = 0
     if SHARED:  # the shared prefix kernel covers [0, shared); this one the rest
-        start = tl.load(shared_ptr) + split * partition
-    else:
-        start = split * partition
+        first = tl.load(shared_ptr)
+    partition = _partition(ctx - first, splits, PART_MIN, BLOCK_N)
+    start = first + split * partition
     if start >= ctx:
         return
     end = tl.minimum(start + partition, ctx)
@@ -264,13 +275,13 @@ def _merge(part_out, part_lse, lo, hi, m, total, acc, b, h, d, stride_pb, stride
     return m, total, acc
 
 
-@triton.jit(do_not_specialize=["partition", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base",
+@triton.jit(do_not_specialize=["splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "split_base",
                                "shared_partition"])
 def _reduce_kernel(
-    part_out, part_lse, seq_lens, shared_ptr, out_ptr, partition, split_base, shared_partition,
+    part_out, part_lse, seq_lens, shared_ptr, out_ptr, splits, split_base, shared_partition,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr, SHARED: tl.constexpr,
-    PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr, SHARED: tl.constexpr, PART_MIN: tl.constexpr,
+    PART_STEP: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
     # Partitions are merged SPLIT_BLOCK at a time with a running max, so the kernel does not depend on how many
@@ -288,7 +299,8 @@ def _reduce_kernel(
         m, total, acc = _merge(part_out, part_lse, 0, tl.cdiv(shared, shared_partition), m, total, acc, b, h, d,
                                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLIT_BLOCK)
         ctx -= shared
-    m, total, acc = _merge(part_out, part_lse, split_base, split_base + tl.cdiv(ctx, partition), m, total, acc, b, h, d,
+    used = tl.cdiv(ctx, _partition(ctx, splits, PART_MIN, PART_STEP))
+    m, total, acc = _merge(part_out, part_lse, split_base, split_base + used, m, total, acc, b, h, d,
                            stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLIT_BLOCK)
     total = tl.where(total > 0, total, 1.0)  # a padded graph row has no context: write 0, not 0/0
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
@@ -390,19 +402,25 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def decode_partition(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
-    """Context tokens per program: enough programs to fill the GPU twice over, at least 128 tokens each."""
-    splits = max(1, cdiv(2 * num_sms, batch * num_kv_heads))
-    return max(128, next_pow2(cdiv(max_len, splits)))
+# The fewest context tokens a decode program takes (GPU; CPU tests cross partitions with fewer)
+DECODE_PART_MIN = 16 if INTERPRET else 128
+
+
+def decode_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
+    """Partitions per sequence and KV head, the decode grid's third axis: enough programs to fill the GPU twice
+    over, and no more than a context of `max_len` tokens fills with DECODE_PART_MIN each."""
+    return min(max(1, cdiv(2 * num_sms, batch * num_kv_heads)), cdiv(max_len, DECODE_PART_MIN))
 
 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    max_len: int, partition: int, scale: float, out: torch.Tensor | None = None,
+    max_len: int, splits: int, scale: float, out: torch.Tensor | None = None,
     shared: torch.Tensor | None = None, shared_bound: int = 0, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
-    so a CUDA graph captured with max_model_len serves any shorter context).
+    so a CUDA graph captured with max_model_len serves any shorter context). `splits` (at most cdiv(max_len,
+    DECODE_PART_MIN); decode_splits picks it): the partitions each sequence's context is cut into, on the device, by
+    its own length; 1 runs no reduction.
 
     `shared` ([1] int, on the device): the first shared[0] context tokens of every sequence sit in the same
     pages, those of sequence 0's table (a prefix-cache hit common to the batch), shared[0] <= shared_bound.
@@ -411,7 +429,9 @@ def paged_decode(
     hq, hk, d = _check(q, k_cache)
     bsz = q.shape[0]
     out = torch.empty_like(q) if out is None else out
-    splits = cdiv(max_len, partition)
+    if not 1 <= splits <= cdiv(max_len, DECODE_PART_MIN):
+        raise ValueError(f"decode splits must be 1 to {cdiv(max_len, DECODE_PART_MIN)} for contexts up to {max_len} "
+                         f"tokens, got {splits}")
     group = hq // hk
     block_n = 16 if INTERPRET else 64
     # A big batch has programs enough to fill every SM many times over: 128-token tiles then amortize each
@@ -423,12 +443,12 @@ def paged_decode(
                   BLOCK_N=128 if big else block_n, PRECISION=dot_precision(q.dtype), num_warps=4,
                   num_stages=1 if INTERPRET else 2 if big else 3)
     ks, vs, stride_sp, stride_st = _scale_args(k_cache, kv_scales)
-    common["SCALED"] = kv_scales is not None
+    common.update(SCALED=kv_scales is not None, PART_MIN=DECODE_PART_MIN)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
                block_tables.stride(0), out.stride(0), out.stride(1))
     if splits == 1 and shared is None:
         _decode_kernel[(bsz, hk, 1)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, out, out, seq_lens,
-                                     scale * _LOG2E, *strides, 0, 0, 0, 0, 0, partition, 0, SPLIT=False, SHARED=False,
+                                     scale * _LOG2E, *strides, 0, 0, 0, 0, 0, 1, 0, SPLIT=False, SHARED=False,
                                      **common, **pdl(q))
         return out
     base = cdiv(shared_bound, SHARED_PARTITION) if shared is not None else 0
@@ -446,9 +466,9 @@ def paged_decode(
         )
     flag = shared if shared is not None else seq_lens
     _decode_kernel[(bsz, hk, splits)](q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, part_out, part_lse, flag,
-                                      scale * _LOG2E, *strides, *pstr, partition, base, SPLIT=True,
+                                      scale * _LOG2E, *strides, *pstr, splits, base, SPLIT=True,
                                       SHARED=shared is not None, **common, **pdl(q))
-    _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, flag, out, partition, base, SHARED_PARTITION, *pstr,
+    _reduce_kernel[(bsz, hq)](part_out, part_lse, seq_lens, flag, out, splits, base, SHARED_PARTITION, *pstr,
                               out.stride(0), out.stride(1), HEAD_DIM=d, SPLIT_BLOCK=16, SHARED=shared is not None,
-                              **pdl(q))
+                              PART_MIN=DECODE_PART_MIN, PART_STEP=common["BLOCK_N"], **pdl(q))
     return out

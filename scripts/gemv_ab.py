@@ -6,6 +6,11 @@ them back to back (PDL included, where the version has it).
 
     git show main:slipstream/kernels/matvec.py > .ab/matvec_main.py      (here, then carry .ab)
     python3 scripts/gemv_ab.py .ab/matvec_main.py [.ab/matvec_other.py ...]
+
+Under Nsight Compute, this tree's GEMV once per projection, cold (after the timing, so the autotuner's launches are
+not profiled):
+    FORMS="fp8 int4" ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section LaunchStats python3 scripts/gemv_ab.py
 """
 import os
 import sys
@@ -50,6 +55,11 @@ for form in os.environ.get("FORMS", "bf16 fp8 int4").split():
         for _, mod in versions:
             outs.append(mod.gemv(x, prologue=pro, **weights[0], **kw)[0].float())
             times.append(graph_us([lambda w=w, mod=mod: mod.gemv(x, prologue=pro, **w, **kw) for w in weights]))
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()  # a no-op unless a profiler waits for it
+        matvec.gemv(x, prologue=pro, **weights[1], **kw)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
         diff = max(((o - outs[-1]).abs().max() / outs[-1].abs().max()).item() for o in outs)
         rows.append([form, f"{name} {n}x{k} ({pro})", f"{nbytes / 1e6:.1f}"]
                     + [f"{t:.1f} ({100 * nbytes / t / 1e-6 / bw:.0f}%)" for t in times] + [f"{diff:.1e}"])

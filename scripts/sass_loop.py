@@ -63,7 +63,7 @@ def main() -> None:
               q_ptr="*u8", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", eps="fp32")
     # (name, kernel, constexprs, warps, stages, weights a thread handles in one pass of the loop)
     cases = [(f"one-row GEMV, {bn} rows x {bk} columns, {warps} warp(s), {form}, {pro}", _gemv_int4_kernel,
-               dict(GROUP=128, PROLOGUE=p, HAS_RES=p == 1, HAS_BIAS=False, SPAN=128, HALF2=half2, BLOCK_N=bn,
+               dict(GROUP=128, PROLOGUE=p, HAS_RES=p == 1, HAS_BIAS=False, SPAN=128, HALF2=half2, BLOCK_N=bn, SPLIT_K=1,
                     BLOCK_K=bk, PDL=False), warps, 3, bn * bk // (32 * warps))
              for half2, form in ((False, "float32 sums"), (True, "half-precision pairs"))
              for bn, bk, warps in ((16, 512, 4), (16, 256, 1))

@@ -15,6 +15,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from conftest import gemv_prologue_ref
 from slipstream import LLM, SamplingParams
+from slipstream.kernels._slices import tile_counts
 from slipstream.layers.quantization import QuantSpec, resolve_quantization
 from slipstream.layers.quantization.int4 import dequantize, pack, quantize_rtn, unpack
 from slipstream.loader.gguf_loader import q4_blocks
@@ -139,7 +140,7 @@ def test_w4a16_decode_slices_add_in_order(monkeypatch, split, kind):
     out = int4.w4a16_gemm(*args, fp4=kind == "fp4")
     torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[torch.float16] * 10, rtol=TOL[torch.float16])
     assert torch.equal(int4.w4a16_gemm(*args, fp4=kind == "fp4"), out)
-    assert not int4._tile_counts(out.device).any()
+    assert not tile_counts(out.device).any()
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the slices race only on a GPU")
@@ -160,7 +161,7 @@ def test_w4a16_decode_tiles_race_to_the_same_bits(monkeypatch, rows):
         first = int4.w4a16_gemm(x, qweight, scales, offsets, 128)
         torch.testing.assert_close(first.float(), ref, atol=TOL[torch.bfloat16] * 10, rtol=TOL[torch.bfloat16])
         assert all(torch.equal(int4.w4a16_gemm(x, qweight, scales, offsets, 128), first) for _ in range(50)), config
-        assert not int4._tile_counts(x.device).any(), config
+        assert not tile_counts(x.device).any(), config
 
 
 @pytest.mark.parametrize("group,kind,dtype", [(32, "int4", torch.float32), (128, "int4", torch.float16),

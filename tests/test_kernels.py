@@ -396,6 +396,56 @@ def test_gemv(dtype, prologue, bias, rows):
 
 
 
+def _one_row_tiles(monkeypatch, matvec, split, warps=4, stages=1):
+    """The one-row GEMVs launched with K in `split` slices: under the interpreter its fixed tiles; on a GPU the kernels
+    untuned, with tiles the autotuner could pick."""
+    if matvec.INTERPRET:
+        monkeypatch.setattr(matvec, "_FIXED_ONE", dict(SPLIT_K=split))
+        return
+    monkeypatch.setattr(matvec, "_gemv", matvec._gemv_kernel)
+    monkeypatch.setattr(matvec, "_gemv_int4", matvec._gemv_int4_kernel)
+    monkeypatch.setattr(matvec, "_FIXED_ONE", dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=split, num_warps=warps,
+                                                   num_stages=stages))
+
+
+@pytest.mark.parametrize("form", ["16-bit", "fp8", "int4"])
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_gemv_k_slices_add_in_order(monkeypatch, form, split):
+    """The one-row GEMV with K in slices (the RMSNorm prologue with a residual, a bias): the reference's product, the
+    residual written once, the same bits on a second call (each tile's last slice adds the slices' sums and sums of
+    squares in slice order, then resets its count); 5 slices of K's 4 or 6 tiles leave some empty. On a GPU the
+    slices race: 20 launches, the same bits."""
+    from slipstream.kernels import matvec
+    from slipstream.kernels._slices import tile_counts
+    from slipstream.layers.quantization.fp8 import dequantize as fp8_dequantize, quantize_weight_per_channel
+    from slipstream.layers.quantization.int4 import dequantize as int4_dequantize, quantize_rtn
+
+    _one_row_tiles(monkeypatch, matvec, split)
+    g = torch.Generator().manual_seed(split)
+    n, k = 83, 384 if matvec.INTERPRET else 1536  # 6 K tiles of the interpreter's 64 columns, 6 of 256 on a GPU
+    dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+    x, res = torch.randn(1, k, generator=g), torch.randn(1, k, generator=g)
+    w, b, nw = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g), 1 + 0.1 * torch.randn(k, generator=g)
+    if form == "fp8":
+        wq, ws = quantize_weight_per_channel(w)
+        kw, w = dict(weight_scale=ws.to(DEV)), fp8_dequantize(wq, ws, None, torch.float64)
+    elif form == "int4":
+        wq, ws, wo = quantize_rtn(w, 128)
+        kw, w = dict(weight_scale=ws.to(DEV), weight_offset=wo.to(DEV), group=128), int4_dequantize(wq, ws, wo, torch.float64)
+    else:
+        wq, kw = w.to(dtype), {}
+    ref = rms_norm_ref((x + res).double(), nw.double(), 1e-6) @ w.double().T + b.double()
+    args = (x.to(dtype).to(DEV), wq.to(DEV), b.to(dtype).to(DEV))
+    opts = dict(prologue="rmsnorm", residual=res.to(dtype).to(DEV), norm_weight=nw.to(dtype).to(DEV), **kw)
+    y, new_res = matvec.gemv(*args, **opts)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(new_res.cpu(), (x.to(dtype) + res.to(dtype)), rtol=0, atol=0)
+    for _ in range(1 if DEV == "cpu" else 20):
+        assert torch.equal(matvec.gemv(*args, **opts)[0], y)
+    assert not tile_counts(y.device).any()
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("scale, outlier", [(1.0, True), (0.001, False)])
 def test_gemv_folded_norm_in_fp16(rows, scale, outlier):
@@ -493,7 +543,7 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     w4types = dict(x_ptr="*bf16", q_ptr=q, s_ptr="*fp32", o_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16",
                    part_ptr="*fp32", count_ptr="*i32")
     gvtypes = dict(x_ptr="*bf16", res_ptr="*bf16", nw_ptr="*bf16", w_ptr=q, ws_ptr="*fp32", wo_ptr="*fp32",
-                   b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
+                   b_ptr="*bf16", y_ptr="*bf16", res_out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", eps="fp32")
     for sums, split, swap in ((code == 0, 4, True), (False, 1, False)):  # decode tiles in slices; many rows
         consts = dict(HAS_BIAS=False, PRECISION="tf32", CODE=code, OFFSET=offset, FINE=code > 0, SUMS=sums, BLOCK_M=16,
                       BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, SWAP=swap, PDL=True)
@@ -502,7 +552,7 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
     # a few rows, through the tensor cores
     consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=3 + code + (code == 2 and offset), SCALE_BN=1,
-                  SCALE_BK=16, PRECISION="tf32", NORM_ON_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)
+                  SCALE_BK=16, PRECISION="tf32", NORM_ON_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1)
     sig = {n: "constexpr" if n in consts else gvtypes.get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
@@ -512,7 +562,7 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
     prologue, span = ((1, 128), (2, 16), (0, 128), (1, 32))[code + (code == 2 and offset)]
     one = i4v if code == 0 else ggv
     consts = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=True, SPAN=span, BLOCK_N=32, BLOCK_K=256, PDL=True,
-                  **({} if code == 0 else dict(SCALE=3 + code + (code == 2 and offset))))
+                  **(dict(SPLIT_K=2) if code == 0 else dict(SCALE=3 + code + (code == 2 and offset))))  # K in slices
     sig = {n: "constexpr" if n in consts else gg.get(n, "i32") for n in one.arg_names}
     ptx = triton.compile(ASTSource(one, sig, constexprs={(one.arg_names.index(k),): v for k, v in consts.items()}),
                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
@@ -521,15 +571,15 @@ for code, offset in ((0, True), (1, False), (2, False), (2, True)):
 # ... and the GEMV of a few rows on 16-bit and block-scaled FP8 weights, with the SwiGLU before it
 for w, scale in (("*bf16", 0), ("*fp8e4nv", 2)):
     consts = dict(PROLOGUE=2, HAS_RES=False, HAS_BIAS=True, SCALE=scale, SCALE_BN=128, SCALE_BK=128, PRECISION="tf32",
-                  NORM_ON_W=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+                  NORM_ON_W=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)
     sig = {n: "constexpr" if n in consts else dict(gvtypes, w_ptr=w).get(n, "i32") for n in gv.arg_names}
     triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
-# ... and in fp16, the folded norm's weight on the weight tile (one row and a few)
+# ... and in fp16, the folded norm's weight on the weight tile (one row, K in slices, and a few rows)
 fp16 = {k: "*fp16" for k in ("x_ptr", "res_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "res_out_ptr")}
 for rows, bn, bk in ((1, 8, 512), (16, 32, 256)):
     consts = dict(PROLOGUE=1, HAS_RES=True, HAS_BIAS=False, SCALE=0, SCALE_BN=1, SCALE_BK=1, PRECISION="tf32",
-                  NORM_ON_W=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, PDL=True)
+                  NORM_ON_W=True, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=4 if rows == 1 else 1, PDL=True)
     sig = {n: "constexpr" if n in consts else dict(gvtypes, **fp16).get(n, "i32") for n in gv.arg_names}
     ptx = triton.compile(ASTSource(gv, sig, constexprs={(gv.arg_names.index(k),): v for k, v in consts.items()}),
                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]

@@ -148,7 +148,8 @@ def test_the_checker_sees_circles(tmp_path):
 
 
 # what a kernel may do before await_inputs(PDL): index arithmetic, and asking L2 for weights no kernel writes
-_BEFORE_WAIT = {"tl.program_id", "tl.arange", "prefetch_weights"}
+# (k_slice: a one-row GEMV's tile and slice of K, from its program id)
+_BEFORE_WAIT = {"tl.program_id", "tl.arange", "prefetch_weights", "k_slice"}
 
 
 def _pdl_faults(source: str) -> list[str]:

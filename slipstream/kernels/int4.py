@@ -21,6 +21,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision
 from slipstream.kernels._pdl import await_inputs, pdl
+from slipstream.kernels._slices import COUNTS, arrive, leave, slice_sum, tile_counts
 
 
 @triton.jit
@@ -239,14 +240,10 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, y_ptr, part_ptr, count_p
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
         count = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        # every thread's stores before the count (one thread's release publishes what the barrier ordered before it)
-        tl.debug_barrier()
-        last = tl.atomic_add(count, 1, sem="acq_rel") == SPLIT_K - 1
+        last = arrive(count, SPLIT_K)
         if last:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count, 0)
+            acc = slice_sum(part_ptr, tile, mask, M * N, acc, SPLIT_K)
+            leave(count)
     if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
@@ -301,20 +298,6 @@ _w4a16_decode = (_w4a16_kernel if INTERPRET
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DECODE_CONFIGS)
 # Fixed decode tiles instead of the tuned ones: the CPU interpreter's (tests set others, on the GPU too)
 DECODE_TILES: dict | None = dict(BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1) if INTERPRET else None
-_COUNTS = 1 << 16  # tiles a split launch may count in (a 131,072-row projection in 32-row tiles needs 4,096)
-_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counts(device: torch.device) -> torch.Tensor:
-    """The split-K tiles' arrival counts on `device`: zeros, each reset by the tile's last slice, so one buffer lives
-    as long as the process (CUDA graphs keep its address). One buffer a device serves every split launch, which is
-    right while they never overlap: the engine runs them on one stream, each waiting for the kernel before it."""
-    if device not in _counts:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the 4-bit decode GEMM's first call on a device must run outside CUDA graph capture "
-                               "(its arrival counts are zeroed then, once): warm up before capturing")
-        _counts[device] = torch.zeros(_COUNTS, dtype=torch.int32, device=device)
-    return _counts[device]
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
@@ -332,13 +315,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     form = dict(HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), CODE=code, OFFSET=offsets is not None,
                 FINE=fine_groups(bk, group), BLOCK_K=bk)
     strides = (x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0))
-    if m <= 16 and cdiv(n, 32) < _COUNTS:  # (also within the grid's 65,535 column tiles)
+    if m <= 16 and cdiv(n, 32) < COUNTS:  # (also within the grid's 65,535 column tiles)
         kernel, tiles = (_w4a16_decode, {}) if DECODE_TILES is None else (_w4a16_kernel, DECODE_TILES)
         if tiles.get("SPLIT_K", 1) > MAX_SPLIT_K:
             raise ValueError(f"decode tiles of {tiles['SPLIT_K']} slices: at most {MAX_SPLIT_K}")
         parts = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
         kernel[lambda meta: (1, cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-            *args, parts, _tile_counts(x.device), m, n, k, group, *strides, SUMS=code == CODE_U4 and not form["FINE"],
+            *args, parts, tile_counts(x.device), m, n, k, group, *strides, SUMS=code == CODE_U4 and not form["FINE"],
             BLOCK_M=16, SWAP=True, **form, **tiles, **pdl(x))
         return y
     if INTERPRET:

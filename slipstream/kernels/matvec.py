@@ -12,7 +12,9 @@ f(x) on the fly:
                 x + residual, the next block's residual;
   - "silu_mul": f([gate | up]) = silu(gate) * up, the SwiGLU before the down projection;
   - "none":     f(x) = x.
-x is re-read by every program, but it is a few KB and stays in L2. Up to GEMV_ROWS rows run through the tensor
+x is re-read by every program, but it is a few KB and stays in L2. One row may also cut K into slices
+(kernels/_slices.py: summed in slice order by each tile's last, the RMSNorm's sums of squares with them), so that a
+narrow projection's programs are enough to keep loads in flight on every SM; the autotuner picks. Up to GEMV_ROWS rows run through the tensor
 cores, 16 rows at once, each weight tile loaded once for all of them, so that a few rows stream the weight once as
 one row does (with cuBLAS and the unfused ops, a batch-1 verifying step of k + 1 rows cost 6.8 ms where a plain
 decode step cost 5.9: H100, Llama-3.1-8B shape, lease AK); the layers send it up to LAYER_GEMV_ROWS rows, one until a
@@ -39,6 +41,7 @@ import triton.language as tl
 
 from slipstream.kernels._device import GEMV_ROWS, INTERPRET, cdiv, dot_precision
 from slipstream.kernels._pdl import await_inputs, first_wave, pdl, prefetch_weights
+from slipstream.kernels._slices import COUNTS, arrive, leave, slice_sum, tile_counts
 from slipstream.kernels.int4 import e2m1, half_pairs, one_plus_sixteenth, word_dot_f16
 
 _PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -114,21 +117,57 @@ def gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, at, ks, ok, K, write_res, sq
     return a, sq
 
 
+@triton.jit
+def k_slice(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(tile of output rows, slice, its first column, its end column) of this program of a one-row GEMV whose grid is
+    SPLIT_K slices of K (whole BLOCK_K tiles, the last slice ending at K) times cdiv(N, BLOCK_N) row tiles, the tiles
+    first: the programs placed first (the first wave, which prefetches) are the slices that start at column 0."""
+    pid = tl.program_id(0)
+    if SPLIT_K == 1:  # (the loop from 0: its columns' alignment stays known to the compiler)
+        return pid, 0, 0, K
+    tiles = tl.num_programs(0) // SPLIT_K
+    tile, part = pid % tiles, pid // tiles
+    steps = tl.cdiv(K, BLOCK_K)
+    return tile, part, part * steps // SPLIT_K * BLOCK_K, tl.minimum((part + 1) * steps // SPLIT_K * BLOCK_K, K)
+
+
+@triton.jit
+def finish_slices(y, sq, part_ptr, count_ptr, ns, n_ok, N, tile, part, SPLIT_K: tl.constexpr):
+    """A one-row GEMV's row sums `y` [BLOCK_N] and its sum of squares `sq` ([1]; the RMSNorm prologue's) over this
+    program's slice of K -> (every slice's, summed in slice order; whether this program finishes the tile). The
+    workspace holds a slice's sums at [slice, row] and its sums of squares at [slice, N + tile]."""
+    if SPLIT_K == 1:
+        return y, sq, True
+    stride = N + tl.cdiv(N, ns.shape[0])
+    one = tl.arange(0, 1)
+    tl.store(part_ptr + part * stride + ns, y, mask=n_ok)
+    tl.store(part_ptr + part * stride + N + tile + one, sq)
+    last = arrive(count_ptr + tile, SPLIT_K)
+    if last:
+        y = slice_sum(part_ptr, ns, n_ok, stride, y, SPLIT_K)
+        sq = slice_sum(part_ptr, N + tile + one, one < 1, stride, sq, SPLIT_K)
+        leave(count_ptr + tile)
+    return y, sq, last
+
+
 # (M: one compiled variant for every row count, rather than another for a multiple of 16 met after warm-up)
 @triton.jit(do_not_specialize=["eps", "M"])
-def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_w,
-                 stride_ws, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, PRECISION: tl.constexpr,
-                 NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, res_out_ptr, part_ptr, count_ptr, M, N,
+                 K, eps, stride_w, stride_ws, wave, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+                 PRECISION: tl.constexpr, NORM_ON_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     # SCALE: as weight_tile reads it. BLOCK_M: 1 (one row: products summed elementwise) or at least 16 (up to
-    # BLOCK_M rows through the tensor cores); x, the residual and y are contiguous [M, K or 2K or N].
-    pid = tl.program_id(0)
+    # BLOCK_M rows through the tensor cores); x, the residual and y are contiguous [M, K or 2K or N]. SPLIT_K: slices
+    # of K (one row only), summed in order by each tile's last (finish_slices).
+    pid, k_part, k_lo, k_hi = k_slice(K, BLOCK_K, SPLIT_K)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     PACKED: tl.constexpr = SCALE == 3 or SCALE == 4  # two columns a byte
-    prefetch_weights(w_ptr, ns, N, stride_w, K // 2 if PACKED else K, wave, BLOCK_K // 2 if PACKED else BLOCK_K, PDL)
+    prefetch_weights(w_ptr + (k_lo // 2 if PACKED else k_lo), ns, N, stride_w, (K - k_lo) // 2 if PACKED else K - k_lo,
+                     wave, BLOCK_K // 2 if PACKED else BLOCK_K, PDL)
     await_inputs(PDL)
+    tl.static_assert(BLOCK_M == 1 or SPLIT_K == 1, "K is cut into slices for one row only")
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     if BLOCK_M == 1:  # products accumulate elementwise and are reduced across K once at the end, not every tile
@@ -137,7 +176,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     width = 2 * K if PROLOGUE == 2 else K  # of a row of x
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         ok = m_ok[:, None] & (ks < K)[None, :]
         a, sq = gemv_input(x_ptr, res_ptr, nw_ptr, res_out_ptr, ms[:, None] * width + ks[None, :], ks[None, :], ok, K,
@@ -153,24 +192,27 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr, re
             acc += w * a.to(tl.float32)
         else:
             acc = tl.dot(a, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision=PRECISION)
+    sq = tl.sum(sq, 1)
     if BLOCK_M == 1:
-        y = tl.sum(acc, 1)[None, :]
+        y, sq, last = finish_slices(tl.sum(acc, 1), sq, part_ptr, count_ptr, ns, n_ok, N, pid, k_part, SPLIT_K)
+        y = y[None, :]
     else:
-        y = acc
-    if SCALE == 1:
-        y *= tl.load(ws_ptr + ns, mask=n_ok, other=0.0)[None, :]
-    if PROLOGUE == 1:
-        y = y * tl.math.rsqrt(tl.sum(sq, 1) / K + eps)[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * N + ns[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        y, last = acc, True
+    if last:
+        if SCALE == 1:
+            y *= tl.load(ws_ptr + ns, mask=n_ok, other=0.0)[None, :]
+        if PROLOGUE == 1:
+            y = y * tl.math.rsqrt(sq / K + eps)[:, None]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + ns[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["eps"])
-def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, N, K, eps, stride_q,
-                      stride_s, wave, GROUP: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SPAN: tl.constexpr, HALF2: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, res_out_ptr, part_ptr, count_ptr, N,
+                      K, eps, stride_q, stride_s, wave, GROUP: tl.constexpr, PROLOGUE: tl.constexpr,
+                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SPAN: tl.constexpr, HALF2: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """One row times 4-bit integer weights with a scale and an offset per GROUP columns (SCALE 3 as weight_tile
     reads them), read as int32 words of 8 columns. A tile is [BLOCK_N rows, BLOCK_K / SPAN spans, a span's words],
     each span of SPAN columns inside one group:
@@ -182,13 +224,14 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
     prologue f(x) is not yet normalized, and in a CPU emulation of SmolLM2's first layer, where most of it lies
     below 2^-6, the error stayed under 0.4% of the output's RMS, under bf16's rounding of the output) or in float32,
     a nibble at a time (float32 activations), split into the 8 columns of each word in registers:
-        sum(q f(x)) = 16 sum((1 + q / 16) f(x)) - 16 sum(f(x))."""
+        sum(q f(x)) = 16 sum((1 + q / 16) f(x)) - 16 sum(f(x)).
+    SPLIT_K: slices of K, summed in order by each tile's last (finish_slices)."""
     WORDS: tl.constexpr = SPAN // 8
     SPANS: tl.constexpr = BLOCK_K // SPAN
-    pid = tl.program_id(0)
+    pid, k_part, k_lo, k_hi = k_slice(K, BLOCK_K, SPLIT_K)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
-    prefetch_weights(q_ptr, ns, N, stride_q, K // 2, wave, BLOCK_K // 2, PDL)
+    prefetch_weights(q_ptr + k_lo // 2, ns, N, stride_q, (K - k_lo) // 2, wave, BLOCK_K // 2, PDL)
     await_inputs(PDL)
     span = tl.arange(0, SPANS)
     word_at = (span * WORDS)[:, None] + tl.arange(0, WORDS)[None, :]  # [SPANS, WORDS] from the tile's first word
@@ -197,7 +240,7 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
     acc_offset = tl.zeros([BLOCK_N, SPANS], dtype=tl.float32)
     col_at = 8 * word_at[:, :, None] + tl.arange(0, 8)[None, None, :]  # [SPANS, WORDS, 8]
     sq = tl.zeros([SPANS, WORDS, 8], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         span_ok = k0 + span * SPAN < K
         w = tl.load(rows + (k0 // 8 + word_at)[None, :, :], mask=n_ok[:, None, None] & span_ok[None, :, None], other=0)
         cols = k0 + col_at
@@ -229,12 +272,14 @@ def _gemv_int4_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr,
             part += one_plus_sixteenth(w, 6) * a6[None, :, :]
             part += one_plus_sixteenth(w, 7) * a7[None, :, :]
             acc += (part - a_word[None, :, :]) * (16.0 * scale)[:, :, None]
-    y = tl.sum(tl.sum(acc, 2) + acc_offset, 1)
-    if PROLOGUE == 1:
-        y = y * tl.math.rsqrt(tl.sum(tl.reshape(sq, [sq.numel]), 0) / K + eps)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    y, sq, last = finish_slices(tl.sum(tl.sum(acc, 2) + acc_offset, 1), tl.sum(tl.reshape(sq, [1, sq.numel]), 1),
+                                part_ptr, count_ptr, ns, n_ok, N, pid, k_part, SPLIT_K)
+    if last:
+        if PROLOGUE == 1:
+            y = y * tl.math.rsqrt(sq / K + eps)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=["eps"])
@@ -297,12 +342,30 @@ def _gemv_grouped_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_p
     tl.store(y_ptr + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+def _sliced(configs: list[triton.Config], splits: list[tuple]) -> list[triton.Config]:
+    """`configs` whole (SPLIT_K 1), and the (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) tiles `splits` with K in slices."""
+    return ([triton.Config({**c.kwargs, "SPLIT_K": 1}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+            + [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+               for bn, bk, w, st, sk in splits])
+
+
+def _counted(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """Tiles whose slices' arrival counts fit the counts buffer (a vocabulary-wide head in narrow tiles does not)."""
+    return [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1 or cdiv(named_args["N"], c.kwargs["BLOCK_N"]) <= COUNTS]
+
+
+# One row on 16-bit and FP8 weights, with K also in slices: the narrow projections' few programs left the loads in
+# flight too few (Nsight Compute: under one wave an SM, docs/benchmarks.md); the autotuner picks.
+ONE_ROW_CONFIGS = _sliced(CONFIGS, [(8, 1024, 8, 3, 2), (16, 512, 8, 2, 4), (16, 1024, 8, 3, 2)])
 # Tuned once per weight shape, prologue and form, at the first call (the engine warms up before capturing graphs).
 _KEY = ["N", "K", "PROLOGUE", "SCALE"]
-_gemv = _gemv_kernel if INTERPRET else triton.autotune(CONFIGS, key=_KEY)(_gemv_kernel)
-_gemv_rows = _gemv_kernel if INTERPRET else triton.autotune(ROW_CONFIGS, key=_KEY)(_gemv_kernel)
+_gemv = (_gemv_kernel if INTERPRET
+         else triton.autotune(ONE_ROW_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _counted})(_gemv_kernel))
+_gemv_rows = _gemv_kernel if INTERPRET else triton.autotune(_sliced(ROW_CONFIGS, []), key=_KEY)(_gemv_kernel)
 FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
-_FIXED_ROWS = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRET else {}
+_FIXED_ROWS = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1) if INTERPRET else {}
+# The interpreter's slices of K for one row (tests set others)
+_FIXED_ONE = dict(SPLIT_K=2) if INTERPRET else {}
 # One row on grouped small-integer weights: BLOCK_K columns (at least a span, SPAN <= 128), 4-bit bytes in flight per
 # tile as the 16-bit configs' (4 to 16 KB)
 GROUPED_CONFIGS = [
@@ -315,14 +378,28 @@ _gemv_grouped = (_gemv_grouped_kernel if INTERPRET
                  else triton.autotune(GROUPED_CONFIGS, key=[*_KEY, "SPAN"])(_gemv_grouped_kernel))
 # 4-bit words: also tiles of one, two and four warps with more weights a thread (f(x) reaches the words' layout through
 # shared memory: a program of fewer warps waits at barriers for fewer), the fewest instructions a weight in their
-# loops (scripts/sass_loop.py); the autotuner picks
-INT4_CONFIGS = GROUPED_CONFIGS + [
+# loops (scripts/sass_loop.py), and K in slices; the autotuner picks
+INT4_CONFIGS = _sliced(GROUPED_CONFIGS + [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [(16, 256, 1, 4), (32, 128, 1, 4), (32, 256, 2, 4), (64, 128, 2, 4), (32, 512, 4, 3),
                          (64, 256, 2, 3)]
-]
+], [(16, 256, 1, 4, 4), (16, 512, 4, 3, 2), (32, 256, 2, 4, 2)])
 _gemv_int4 = (_gemv_int4_kernel if INTERPRET
-              else triton.autotune(INT4_CONFIGS, key=["N", "K", "PROLOGUE", "GROUP", "HALF2"])(_gemv_int4_kernel))
+              else triton.autotune(INT4_CONFIGS, key=["N", "K", "PROLOGUE", "GROUP", "HALF2"],
+                                   prune_configs_by={"early_config_prune": _counted})(_gemv_int4_kernel))
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in ONE_ROW_CONFIGS + INT4_CONFIGS)
+
+
+def _sliced_grid(n: int):
+    """A one-row GEMV's grid: its tiles of rows times its slices of K (k_slice)."""
+    return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+
+
+def _slices_of(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, arrival counts) of a one-row GEMV of `n` output rows, for whichever tiles and slices it runs with:
+    a slice's float32 sums of its n rows, then its sums of squares, one a tile (finish_slices), at most n."""
+    splits = max(MAX_SPLIT_K, _FIXED_ONE.get("SPLIT_K", 1))
+    return torch.empty(splits * 2 * n, dtype=torch.float32, device=device), tile_counts(device)
 
 
 def span_of(group: int) -> int:
@@ -376,27 +453,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if weight.data_ptr() % 4 or weight.stride(0) % 4:
                 raise ValueError(f"the 4-bit GEMV reads int32 words: the weight's address and row stride "
                                  f"({weight.stride(0)} bytes) must be multiples of 4")
-        args = (x, residual.contiguous() if residual is not None else x,
-                norm_weight if norm_weight is not None else x, weight, weight_scale,
-                weight_offset if weight_offset is not None else weight_scale, bias if bias is not None else x, y,
-                res_out if res_out is not None else y, n, k, eps)
+        io = (x, residual.contiguous() if residual is not None else x,
+              norm_weight if norm_weight is not None else x, weight, weight_scale,
+              weight_offset if weight_offset is not None else weight_scale, bias if bias is not None else x, y,
+              res_out if res_out is not None else y)
         form = dict(PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm",
                     HAS_BIAS=bias is not None, SPAN=span,
                     **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}))
-        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         if scale == 3:  # 16-bit activations meet the nibbles in half-precision pairs
-            _gemv_int4[grid](*args, weight.stride(0), weight_scale.stride(0), first_wave(x), GROUP=group,
-                             HALF2=x.dtype != torch.float32, **form, **pdl(x))
+            _gemv_int4[_sliced_grid(n)](*io, *_slices_of(n, x.device), n, k, eps, weight.stride(0),
+                                        weight_scale.stride(0), first_wave(x), GROUP=group,
+                                        HALF2=x.dtype != torch.float32, **form, **_FIXED_ONE, **pdl(x))
         else:
-            _gemv_grouped[grid](*args, group, weight.stride(0), weight_scale.stride(0), first_wave(x), SCALE=scale,
-                                **form, **pdl(x))
+            _gemv_grouped[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+                *io, n, k, eps, group, weight.stride(0), weight_scale.stride(0), first_wave(x), SCALE=scale, **form,
+                **pdl(x))
         return y, res_out
-    kernel, tiles = (_gemv, dict(BLOCK_M=1, **FIXED)) if m == 1 else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS))
-    kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+    kernel, tiles = ((_gemv, dict(BLOCK_M=1, **FIXED, **_FIXED_ONE)) if m == 1
+                     else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS)))
+    kernel[_sliced_grid(n)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,
         bias if bias is not None else x, y,
-        res_out if res_out is not None else y, m, n, k, eps, weight.stride(0),
+        res_out if res_out is not None else y, *_slices_of(n, x.device), m, n, k, eps, weight.stride(0),
         weight_scale.stride(0) if weight_scale is not None else 0, first_wave(x),
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
         SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype),

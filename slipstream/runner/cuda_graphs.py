@@ -17,6 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from slipstream.attention.backend import AttentionBackend, AttentionMetadata
+from slipstream.kernels._slices import tile_counts
 from slipstream.runner.inputs import Feed, HostInputs, Stager, eager_inputs
 
 T = TypeVar("T")
@@ -30,6 +31,7 @@ class CapturePool:
         self.device = device
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
+        tile_counts(device)  # the split-K kernels' arrival counts, zeroed once, before any capture records them
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:

@@ -16,12 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-COUNTS = 1 << 16  # tiles a split launch may count in (a 131,072-row projection in 2-row tiles needs 65,536)
+COUNTS = 1 << 16  # tiles a split launch may count in (a 262,144-row vocabulary in 4-row tiles needs 65,536)
 _counts: dict[torch.device, torch.Tensor] = {}
 
 
 def tile_counts(device: torch.device) -> torch.Tensor:
     """The split tiles' arrival counts on `device` (COUNTS of them): zeros, each reset by its tile's last slice."""
+    if device.type == "cuda" and device.index is None:  # ("cuda" and "cuda:0" are different keys)
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _counts:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a kernel with K in slices must first run on a device outside CUDA graph capture (its "

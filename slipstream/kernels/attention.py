@@ -409,7 +409,7 @@ DECODE_PART_MIN = 16 if INTERPRET else 128
 def decode_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
     """Partitions per sequence and KV head, the decode grid's third axis: enough programs to fill the GPU twice
     over, and no more than a context of `max_len` tokens fills with DECODE_PART_MIN each."""
-    return min(max(1, cdiv(2 * num_sms, batch * num_kv_heads)), cdiv(max_len, DECODE_PART_MIN))
+    return max(1, min(cdiv(2 * num_sms, batch * num_kv_heads), cdiv(max_len, DECODE_PART_MIN)))
 
 
 def paged_decode(
@@ -418,9 +418,9 @@ def paged_decode(
     shared: torch.Tensor | None = None, shared_bound: int = 0, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
-    so a CUDA graph captured with max_model_len serves any shorter context). `splits` (at most cdiv(max_len,
-    DECODE_PART_MIN); decode_splits picks it): the partitions each sequence's context is cut into, on the device, by
-    its own length; 1 runs no reduction.
+    so a CUDA graph captured with max_model_len serves any shorter context). `splits` (decode_splits picks it): the
+    partitions each sequence's context is cut into on the device, by its own length, at least DECODE_PART_MIN tokens
+    each (programs past them return at once); 1 runs no reduction.
 
     `shared` ([1] int, on the device): the first shared[0] context tokens of every sequence sit in the same
     pages, those of sequence 0's table (a prefix-cache hit common to the batch), shared[0] <= shared_bound.
@@ -429,9 +429,8 @@ def paged_decode(
     hq, hk, d = _check(q, k_cache)
     bsz = q.shape[0]
     out = torch.empty_like(q) if out is None else out
-    if not 1 <= splits <= cdiv(max_len, DECODE_PART_MIN):
-        raise ValueError(f"decode splits must be 1 to {cdiv(max_len, DECODE_PART_MIN)} for contexts up to {max_len} "
-                         f"tokens, got {splits}")
+    if splits < 1:
+        raise ValueError(f"decode splits must be at least 1, got {splits}")
     group = hq // hk
     block_n = 16 if INTERPRET else 64
     # A big batch has programs enough to fill every SM many times over: 128-token tiles then amortize each

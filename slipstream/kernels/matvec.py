@@ -471,11 +471,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y, res_out
     kernel, tiles = ((_gemv, dict(BLOCK_M=1, **FIXED, **_FIXED_ONE)) if m == 1
                      else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS)))
+    slices = _slices_of(n, x.device) if m == 1 else (y, y)  # (a few rows never cut K: placeholders)
     kernel[_sliced_grid(n)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,
         bias if bias is not None else x, y,
-        res_out if res_out is not None else y, *_slices_of(n, x.device), m, n, k, eps, weight.stride(0),
+        res_out if res_out is not None else y, *slices, m, n, k, eps, weight.stride(0),
         weight_scale.stride(0) if weight_scale is not None else 0, first_wave(x),
         PROLOGUE=_PROLOGUES[prologue], HAS_RES=residual is not None and prologue == "rmsnorm", HAS_BIAS=bias is not None,
         SCALE=scale, SCALE_BN=bn, SCALE_BK=bk, PRECISION=dot_precision(x.dtype),

@@ -355,3 +355,14 @@ def test_weights_progress_only_on_a_watched_terminal(monkeypatch):
         assert list(progress(iter("ab"), 2)) == ["a", "b"] and sys.stderr.getvalue() == ""
     finally:
         logger.setLevel(before)
+
+
+def test_profile_counts_each_kernels_time_past_the_ones_before():
+    """--profile gpu's second table: a kernel placed early (PDL) and waiting through its predecessor's tail is counted
+    only past it; a kernel inside another's span adds nothing; gaps are not busy time; the times add to the busy time."""
+    from slipstream.bench.common import exposed_times
+
+    times, busy = exposed_times([("b", 2.0, 13.0), ("a", 0.0, 10.0), ("c", 20.0, 25.0), ("d", 21.0, 24.0),
+                                 ("b", 30.0, 31.0)])
+    assert times == {"a": [1, 10.0], "b": [2, 4.0], "c": [1, 5.0], "d": [1, 0.0]}
+    assert busy == 19.0 == sum(t for _, t in times.values())

@@ -187,9 +187,28 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def exposed_times(kernels: list[tuple[str, float, float]]) -> tuple[dict[str, list[float]], float]:
+    """Kernels as (name, start, end) on one device -> ({name: [launches, time in which it alone extended the device's
+    busy time]}, that busy time). With programmatic dependent launch a kernel's programs are placed while the kernel
+    before it runs and wait for it, and a profiler counts that wait in the kernel's own time: a kernel table then
+    ranks the small kernels after the big ones by their predecessors' tails. The time each kernel adds past the
+    kernels before it does not double count: the times add up to the busy time."""
+    out: dict[str, list[float]] = {}
+    frontier, busy = float("-inf"), 0.0
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        added = max(0.0, end - max(start, frontier))
+        frontier = max(frontier, end)
+        busy += added
+        entry = out.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += added
+    return out, busy
+
+
 @contextlib.contextmanager
 def profiled(kind: str | None) -> Iterator[None]:
-    """--profile host: cProfile of the block (the engine loop); --profile gpu: torch.profiler's kernel table."""
+    """--profile host: cProfile of the block (the engine loop); --profile gpu: torch.profiler's kernel table, and each
+    kernel's time counted past the kernels before it (exposed_times)."""
     if kind == "host":
         prof = cProfile.Profile()
         prof.enable()
@@ -200,5 +219,13 @@ def profiled(kind: str | None) -> Iterator[None]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             yield
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        times, busy = exposed_times(kernels)
+        rows = [["kernel", "launches", "exposed us", "us a launch", "share of busy time"]]
+        for name, (n, t) in sorted(times.items(), key=lambda kv: -kv[1][1])[:20]:
+            rows.append([name[:60], n, f"{t:.0f}", f"{t / n:.2f}", f"{100 * t / busy:.1f}%"])
+        print(f"each kernel's time past the kernels before it (busy {busy / 1e3:.2f} ms):")
+        print(table(rows))
     else:
         yield

@@ -399,11 +399,11 @@ def _one_row_tiles(monkeypatch, matvec, split, warps=4, stages=1):
     """The one-row GEMVs launched with K in `split` slices: under the interpreter its fixed tiles; on a GPU the kernels
     untuned, with tiles the autotuner could pick."""
     if matvec.INTERPRET:
-        monkeypatch.setattr(matvec, "_FIXED_ONE", dict(SPLIT_K=split))
+        monkeypatch.setattr(matvec, "FIXED_SPLIT", dict(SPLIT_K=split))
         return
     monkeypatch.setattr(matvec, "_gemv", matvec._gemv_kernel)
     monkeypatch.setattr(matvec, "_gemv_int4", matvec._gemv_int4_kernel)
-    monkeypatch.setattr(matvec, "_FIXED_ONE", dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=split, num_warps=warps,
+    monkeypatch.setattr(matvec, "FIXED_SPLIT", dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=split, num_warps=warps,
                                                    num_stages=stages))
 
 
@@ -612,9 +612,10 @@ for w, scale, down in (("*bf16", 0, False), ("*bf16", 0, True), ("*fp8e4nv", 1, 
                        ("*u8", 3, False), ("*u8", 4, True), ("*i8", 5, True), ("*fp16", 0, False)):
     act = "*fp16" if w == "*fp16" else "*bf16"  # (fp16: the folded norm's weight on the weight tile)
     consts = dict(DOWN=down, NORM=not down and scale == 0, NORM_ON_W=w == "*fp16", SCALE=scale,
-                  SCALE_BN=128 if scale == 2 else 1, SCALE_BK=128, BLOCK_N=8, BLOCK_K=512)
+                  SCALE_BN=128 if scale == 2 else 1, SCALE_BK=128, BLOCK_N=8, BLOCK_K=512, SPLIT_K=2 if down else 1)
     sig = {n: "constexpr" if n in consts else dict(x_ptr=act, w_ptr=w, ws_ptr="*fp32", wo_ptr="*fp32", ids_ptr="*i32",
-                                                  rw_ptr="*fp32", nw_ptr=act, y_ptr=act, eps="fp32").get(n, "i32")
+                                                  rw_ptr="*fp32", nw_ptr=act, y_ptr=act, part_ptr="*fp32",
+                                                  count_ptr="*i32", eps="fp32").get(n, "i32")
            for n in mv.arg_names}
     triton.compile(ASTSource(mv, sig, constexprs={(mv.arg_names.index(k),): v for k, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))

@@ -210,11 +210,17 @@ def test_deepseek_routing_and_shared_expert_match_hf():
 
 
 
-def test_grouped_gemv_folds_the_norm():
+@pytest.mark.parametrize("split", [1, 3])
+def test_grouped_gemv_folds_the_norm(monkeypatch, split):
     """fused_moe on h + residual not yet normalized, the RMSNorm applied as the grouped GEMV loads it, against the loop
-    on the normalized input; the grouped GEMMs refuse such an input."""
+    on the normalized input; the grouped GEMMs refuse such an input. (Under the interpreter, each row's (pair, K tile)
+    steps whole or in 3 slices: gate-up's 2 tiles leave a slice empty, down's 4 steps split unevenly.)"""
+    from slipstream.kernels import matvec
     from slipstream.kernels.moe import fused_moe
     from slipstream.layers.norm import rms_norm_ref
+
+    if matvec.INTERPRET:
+        monkeypatch.setattr(matvec, "FIXED_SPLIT", dict(SPLIT_K=split))
 
     e, h, inter, k, t = 8, 96, 80, 2, 2
     w13, w2 = _weights(e, h, inter, torch.float32, 5)

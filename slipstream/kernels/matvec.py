@@ -365,7 +365,7 @@ _gemv_rows = _gemv_kernel if INTERPRET else triton.autotune(_sliced(ROW_CONFIGS,
 FIXED = dict(BLOCK_N=8, BLOCK_K=64) if INTERPRET else {}  # small tiles make CPU tests cross tile borders
 _FIXED_ROWS = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1) if INTERPRET else {}
 # The interpreter's slices of K for one row (tests set others)
-_FIXED_ONE = dict(SPLIT_K=2) if INTERPRET else {}
+FIXED_SPLIT = dict(SPLIT_K=2) if INTERPRET else {}
 # One row on grouped small-integer weights: BLOCK_K columns (at least a span, SPAN <= 128), 4-bit bytes in flight per
 # tile as the 16-bit configs' (4 to 16 KB)
 GROUPED_CONFIGS = [
@@ -395,11 +395,12 @@ def _sliced_grid(n: int):
     return lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
 
 
-def _slices_of(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, arrival counts) of a one-row GEMV of `n` output rows, for whichever tiles and slices it runs with:
-    a slice's float32 sums of its n rows, then its sums of squares, one a tile (finish_slices), at most n."""
-    splits = max(MAX_SPLIT_K, _FIXED_ONE.get("SPLIT_K", 1))
-    return torch.empty(splits * 2 * n, dtype=torch.float32, device=device), tile_counts(device)
+def slice_workspace(n: int, device: torch.device, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, arrival counts) of `rows` one-row GEMVs of `n` outputs each, for whichever tiles and slices they
+    run with: a row's slices' float32 sums of its n outputs, then their sums of squares, one a tile (finish_slices),
+    at most n."""
+    splits = max(MAX_SPLIT_K, FIXED_SPLIT.get("SPLIT_K", 1))
+    return torch.empty(rows * splits * 2 * n, dtype=torch.float32, device=device), tile_counts(device)
 
 
 def span_of(group: int) -> int:
@@ -461,17 +462,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                     HAS_BIAS=bias is not None, SPAN=span,
                     **(dict(BLOCK_N=8, BLOCK_K=max(64, span)) if INTERPRET else {}))
         if scale == 3:  # 16-bit activations meet the nibbles in half-precision pairs
-            _gemv_int4[_sliced_grid(n)](*io, *_slices_of(n, x.device), n, k, eps, weight.stride(0),
+            _gemv_int4[_sliced_grid(n)](*io, *slice_workspace(n, x.device), n, k, eps, weight.stride(0),
                                         weight_scale.stride(0), first_wave(x), GROUP=group,
-                                        HALF2=x.dtype != torch.float32, **form, **_FIXED_ONE, **pdl(x))
+                                        HALF2=x.dtype != torch.float32, **form, **FIXED_SPLIT, **pdl(x))
         else:
             _gemv_grouped[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
                 *io, n, k, eps, group, weight.stride(0), weight_scale.stride(0), first_wave(x), SCALE=scale, **form,
                 **pdl(x))
         return y, res_out
-    kernel, tiles = ((_gemv, dict(BLOCK_M=1, **FIXED, **_FIXED_ONE)) if m == 1
+    kernel, tiles = ((_gemv, dict(BLOCK_M=1, **FIXED, **FIXED_SPLIT)) if m == 1
                      else (_gemv_rows, dict(BLOCK_M=16, **_FIXED_ROWS)))
-    slices = _slices_of(n, x.device) if m == 1 else (y, y)  # (a few rows never cut K: placeholders)
+    slices = slice_workspace(n, x.device) if m == 1 else (y, y)  # (a few rows never cut K: placeholders)
     kernel[_sliced_grid(n)](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else weight,
         weight, weight_scale if weight_scale is not None else x, weight_offset if weight_offset is not None else x,

@@ -40,7 +40,10 @@ import triton.language as tl
 from slipstream.kernels._device import INTERPRET, cdiv, dot_precision, next_pow2
 from slipstream.kernels._pdl import await_inputs, pdl
 from slipstream.kernels.int4 import CODE_FP4, CODE_S8, CODE_U4, block_k, dequant_tile, fine_groups
-from slipstream.kernels.matvec import CONFIGS as GEMV_CONFIGS, FIXED as GEMV_FIXED, weight_form, weight_tile
+from slipstream.kernels import matvec
+from slipstream.kernels._slices import COUNTS
+from slipstream.kernels.matvec import (FIXED as GEMV_FIXED, ONE_ROW_CONFIGS, finish_slices, slice_workspace, weight_form,
+                                       weight_tile)
 
 log = logging.getLogger(__name__)
 # Tile tables `slipstream tune moe` measured, one file per GPU and layer shape (tiles_file names it):
@@ -268,17 +271,19 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, s_ptr, z_ptr, sorted_ptr, block
 
 # (one_token: a key of the autotuner alone, below)
 @triton.jit(do_not_specialize=["eps", "one_token"])
-def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_ptr, N, K, num_experts, pairs_per_row,
-                     x_div, eps, one_token, stride_x, stride_y, stride_we, stride_w, stride_wse, stride_ws,
-                     DOWN: tl.constexpr, NORM: tl.constexpr, NORM_ON_W: tl.constexpr, SCALE: tl.constexpr,
-                     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_ptr, part_ptr, count_ptr, N, K,
+                     num_experts, pairs_per_row, x_div, eps, one_token, stride_x, stride_y, stride_we, stride_w,
+                     stride_wse, stride_ws, DOWN: tl.constexpr, NORM: tl.constexpr, NORM_ON_W: tl.constexpr,
+                     SCALE: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Output row `row`, columns of this program: the sum over its `pairs_per_row` pairs p of rw[p] (DOWN) times
     expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p; NORM: RMSNorm of it with
     weight nw, applied as the dense GEMV's prologue applies it). SCALE as kernels/matvec.py's weight_tile reads it. A
-    pair whose id is outside [0, num_experts) adds nothing."""
+    pair whose id is outside [0, num_experts) adds nothing. SPLIT_K: the (pair, K tile) steps of a row in slices, the
+    grid's third axis, summed in order by each tile's last (matvec.finish_slices): at one token the down projection
+    is one row of few tiles, which the slices spread over more SMs."""
     await_inputs(PDL)
-    pid, row = tl.program_id(0), tl.program_id(1)
+    pid, row, k_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     # One loop over (pair, K tile), not a loop over K in a loop over pairs: the weight loads stay pipelined across
@@ -287,7 +292,11 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     tiles = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)  # (NORM: one pair a row)
-    for i in range(0, pairs_per_row * tiles):
+    steps = pairs_per_row * tiles
+    i_lo, i_hi = 0, steps
+    if SPLIT_K > 1:
+        i_lo, i_hi = k_part * steps // SPLIT_K, (k_part + 1) * steps // SPLIT_K
+    for i in range(i_lo, i_hi):
         j = i // tiles
         k0 = (i - j * tiles) * BLOCK_K
         p = row * pairs_per_row + j
@@ -319,17 +328,29 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
         if DOWN:
             a = a * tl.load(rw_ptr + p)
         acc += w * a[None, :]
-    y = tl.sum(acc, 1)
-    if NORM:
-        y *= tl.math.rsqrt(tl.sum(sq, 0) / K + eps)
-    tl.store(y_ptr + row.to(tl.int64) * stride_y + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    row_tiles = tl.num_programs(0)  # (a row's slices: its own workspace and counts, finish_slices' layout)
+    y, sq, last = finish_slices(tl.sum(acc, 1), tl.sum(tl.reshape(sq, [1, BLOCK_K]), 1),
+                                part_ptr + row.to(tl.int64) * SPLIT_K * (N + row_tiles), count_ptr + row * row_tiles,
+                                ns, n_ok, N, pid, k_part, SPLIT_K)
+    if last:
+        if NORM:
+            y *= tl.math.rsqrt(sq / K + eps)
+        tl.store(y_ptr + row.to(tl.int64) * stride_y + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 # Tuned once per projection shape, weight form and one token or more, at the first call (the engine warms up each graph
 # size before capturing it): the grid grows with the pairs, and a tile chosen at the largest graph size of a few tokens
 # (warmed first) left most SMs idle at batch-1 decode's one token.
+def _counted(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """Tiles whose slices' arrival counts (one a row and tile) fit the counts buffer."""
+    rows = named_args["ids_ptr"].numel() // named_args["pairs_per_row"]
+    return [c for c in configs
+            if c.kwargs["SPLIT_K"] == 1 or rows * cdiv(named_args["N"], c.kwargs["BLOCK_N"]) <= COUNTS]
+
+
 _moe_gemv = (_moe_gemv_kernel if INTERPRET
-             else triton.autotune(GEMV_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM", "one_token"])(_moe_gemv_kernel))
+             else triton.autotune(ONE_ROW_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM", "one_token"],
+                                  prune_configs_by={"early_config_prune": _counted})(_moe_gemv_kernel))
 
 
 def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -365,11 +386,11 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         z = s if z is None else z
         n = b.shape[1]
         fold = norm is not None and not down
-        _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows)](
-            a, b, s, z, ids, weights, norm[0] if fold else a, c, n, kk, e, per_row, x_div, norm[1] if fold else 0.0,
-            int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides, DOWN=down, NORM=fold,
-            NORM_ON_W=fold and x.dtype == torch.float16, SCALE=scale,
-            SCALE_BN=sbn, SCALE_BK=sbk, **GEMV_FIXED, **pdl(x))
+        _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows, meta["SPLIT_K"])](
+            a, b, s, z, ids, weights, norm[0] if fold else a, c, *slice_workspace(n, x.device, rows), n, kk, e, per_row,
+            x_div, norm[1] if fold else 0.0, int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides,
+            DOWN=down, NORM=fold, NORM_ON_W=fold and x.dtype == torch.float16, SCALE=scale, SCALE_BN=sbn, SCALE_BK=sbk,
+            **GEMV_FIXED, **matvec.FIXED_SPLIT, **pdl(x))
     return out
 
 

@@ -75,6 +75,7 @@ def main() -> None:
                   f"{t * 1e6:.1f} us a layer, {nbytes / t / 1e12:.2f} TB/s = {nbytes / t / bw:.0%} of copy")
 
     from slipstream.kernels import moe
+    from slipstream.kernels.matvec import slice_workspace
     e, inter, h, k = 128, 768, 2048, 8
     w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -92,8 +93,9 @@ def main() -> None:
         for pdl in (False, True):
             def run() -> None:
                 for chosen in id_sets:  # (each launch waits for the one before)
-                    moe._moe_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](
-                        a, b, x, x, chosen, wts, a, c, n, kk, e, per_row, x_div, 0.0, 1, a.stride(0), c.stride(0),
+                    moe._moe_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows, meta["SPLIT_K"])](
+                        a, b, x, x, chosen, wts, a, c, *slice_workspace(n, a.device, rows), n, kk, e, per_row, x_div,
+                        0.0, 1, a.stride(0), c.stride(0),
                         b.stride(0), b.stride(1), 0, 0, DOWN=down, NORM=False, NORM_ON_W=False, SCALE=0, SCALE_BN=1,
                         SCALE_BK=1, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
             t = graph_time(run) / launches

@@ -210,11 +210,12 @@ def test_deepseek_routing_and_shared_expert_match_hf():
 
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_grouped_gemv_folds_the_norm(monkeypatch, split):
+@pytest.mark.parametrize("t, split", [(2, 1), (1, 1), (1, 3)])
+def test_grouped_gemv_folds_the_norm(monkeypatch, t, split):
     """fused_moe on h + residual not yet normalized, the RMSNorm applied as the grouped GEMV loads it, against the loop
-    on the normalized input; the grouped GEMMs refuse such an input. (Under the interpreter, each row's (pair, K tile)
-    steps whole or in 3 slices: gate-up's 2 tiles leave a slice empty, down's 4 steps split unevenly.)"""
+    on the normalized input; the grouped GEMMs refuse such an input. (Under the interpreter, one token's rows take
+    their (pair, K tile) steps whole or in 3 slices: gate-up's 2 tiles leave a slice empty, down's 4 steps split
+    unevenly.)"""
     from slipstream.kernels import matvec
     from slipstream.kernels.moe import fused_moe
     from slipstream.layers.norm import rms_norm_ref
@@ -222,7 +223,7 @@ def test_grouped_gemv_folds_the_norm(monkeypatch, split):
     if matvec.INTERPRET:
         monkeypatch.setattr(matvec, "FIXED_SPLIT", dict(SPLIT_K=split))
 
-    e, h, inter, k, t = 8, 96, 80, 2, 2
+    e, h, inter, k = 8, 96, 80, 2
     w13, w2 = _weights(e, h, inter, torch.float32, 5)
     g = torch.Generator().manual_seed(5)
     x, nw = torch.randn(t, h, generator=g) * 3, 1 + 0.1 * torch.randn(h, generator=g)

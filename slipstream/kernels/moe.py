@@ -280,8 +280,8 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
     expert ids[p]'s weight rows times input row p // x_div (DOWN: silu(gate) * up of row p; NORM: RMSNorm of it with
     weight nw, applied as the dense GEMV's prologue applies it). SCALE as kernels/matvec.py's weight_tile reads it. A
     pair whose id is outside [0, num_experts) adds nothing. SPLIT_K: the (pair, K tile) steps of a row in slices, the
-    grid's third axis, summed in order by each tile's last (matvec.finish_slices): at one token the down projection
-    is one row of few tiles, which the slices spread over more SMs."""
+    grid's third axis, summed in order by each tile's last (matvec.finish_slices); one token's steps only
+    (_one_token_slices): there the down projection is one row of few tiles, which the slices spread over more SMs."""
     await_inputs(PDL)
     pid, row, k_part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -341,16 +341,17 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
 # Tuned once per projection shape, weight form and one token or more, at the first call (the engine warms up each graph
 # size before capturing it): the grid grows with the pairs, and a tile chosen at the largest graph size of a few tokens
 # (warmed first) left most SMs idle at batch-1 decode's one token.
-def _counted(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Tiles whose slices' arrival counts (one a row and tile) fit the counts buffer."""
+def _one_token_slices(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """K in slices for one token's step only (one_token is in the tuning key; a step of more tokens has programs
+    enough, and its rows' workspace and counts would grow with it), where its counts (one a row and tile) fit."""
     rows = named_args["ids_ptr"].numel() // named_args["pairs_per_row"]
-    return [c for c in configs
-            if c.kwargs["SPLIT_K"] == 1 or rows * cdiv(named_args["N"], c.kwargs["BLOCK_N"]) <= COUNTS]
+    return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (
+        named_args["one_token"] and rows * cdiv(named_args["N"], c.kwargs["BLOCK_N"]) <= COUNTS)]
 
 
 _moe_gemv = (_moe_gemv_kernel if INTERPRET
              else triton.autotune(ONE_ROW_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM", "one_token"],
-                                  prune_configs_by={"early_config_prune": _counted})(_moe_gemv_kernel))
+                                  prune_configs_by={"early_config_prune": _one_token_slices})(_moe_gemv_kernel))
 
 
 def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -386,11 +387,15 @@ def grouped_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         z = s if z is None else z
         n = b.shape[1]
         fold = norm is not None and not down
+        # K in slices at one token only (_one_token_slices; the interpreter's fixed slices too): more tokens pass
+        # placeholders for the workspace and counts their launches never touch
+        fixed = dict(matvec.FIXED_SPLIT, **({"SPLIT_K": 1} if t > 1 and matvec.FIXED_SPLIT else {}))
+        slices = slice_workspace(n, x.device, rows) if t == 1 else (c, c)
         _moe_gemv[lambda meta: (cdiv(n, meta["BLOCK_N"]), rows, meta["SPLIT_K"])](
-            a, b, s, z, ids, weights, norm[0] if fold else a, c, *slice_workspace(n, x.device, rows), n, kk, e, per_row,
-            x_div, norm[1] if fold else 0.0, int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides,
+            a, b, s, z, ids, weights, norm[0] if fold else a, c, *slices, n, kk, e, per_row, x_div,
+            norm[1] if fold else 0.0, int(t == 1), a.stride(0), c.stride(0), b.stride(0), b.stride(1), *strides,
             DOWN=down, NORM=fold, NORM_ON_W=fold and x.dtype == torch.float16, SCALE=scale, SCALE_BN=sbn, SCALE_BK=sbk,
-            **GEMV_FIXED, **matvec.FIXED_SPLIT, **pdl(x))
+            **GEMV_FIXED, **fixed, **pdl(x))
     return out
 
 

@@ -191,7 +191,7 @@ def test_decode_split_kv(dtype, hq, hk, d, splits):
     q, kc, vc, meta = make_paged(ctx, [1] * len(ctx), hq, hk, d, page=16, dtype=dtype, seed=d + hq)
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, d**-0.5)
     q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
-    out = paged_decode(q, kc, vc, bt, sl, max(ctx), splits, d**-0.5)
+    out = paged_decode(q, kc, vc, bt, sl, splits, d**-0.5)
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
@@ -205,7 +205,7 @@ def test_decode_with_shared_prefix(dtype, shared_len):
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, 0.125)
     q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
     shared = torch.tensor([shared_len], dtype=torch.int64, device=DEV)
-    out = paged_decode(q, kc, vc, bt, sl, 1024, 8, 0.125, shared=shared, shared_bound=1024)
+    out = paged_decode(q, kc, vc, bt, sl, 8, 0.125, shared=shared, shared_bound=1024)
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
@@ -217,10 +217,10 @@ def test_decode_grid_bound_exceeds_contexts():
     meta.seq_lens_cpu = [3, 40, 1]
     ref = paged_attention_ref(q, kc, vc, meta, 0.125)
     q, kc, vc, bt, sl = to(DEV, q, kc, vc, meta.block_tables, meta.seq_lens)
-    out = paged_decode(q, kc, vc, bt, sl, 4096, decode_splits(3, 1, 4096, 132), 0.125)
+    out = paged_decode(q, kc, vc, bt, sl, decode_splits(3, 1, 4096, 132), 0.125)
     assert rel_err(out[:2].cpu(), ref[:2]) < 1e-5
     with pytest.raises(ValueError, match="decode splits must be at least 1"):
-        paged_decode(q, kc, vc, bt, sl, 4096, 0, 0.125)
+        paged_decode(q, kc, vc, bt, sl, 0, 0.125)
 
 
 def fp8_pool(kc, vc):
@@ -255,10 +255,10 @@ def test_fp8_pool_attention(dtype, kind):
     if kind == "prefill":
         out = paged_prefill(q, k8, v8, bt, sl, qsl, meta.max_query_len, d**-0.5, kv_scales=dev_scales)
     elif kind == "cascade":
-        out = paged_decode(q, k8, v8, bt, sl, 1024, 8, d**-0.5, kv_scales=dev_scales,
+        out = paged_decode(q, k8, v8, bt, sl, 8, d**-0.5, kv_scales=dev_scales,
                            shared=torch.tensor([shared], device=DEV), shared_bound=1024)
     else:
-        out = paged_decode(q, k8, v8, bt, sl, 1024, 64 if kind == "decode_split" else 1, d**-0.5, kv_scales=dev_scales)
+        out = paged_decode(q, k8, v8, bt, sl, 64 if kind == "decode_split" else 1, d**-0.5, kv_scales=dev_scales)
     assert rel_err(out.cpu(), want) < max(TOL[dtype], 1e-4)
     assert rel_err(out.cpu(), exact) < 0.05  # FP8 E4M3: 3 mantissa bits, a scale per row
 

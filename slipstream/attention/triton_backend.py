@@ -22,7 +22,7 @@ class TritonAttention(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             splits = decode_splits(nd, k_cache.shape[2], meta.decode_max_len, self.num_sms)
-            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.decode_max_len, splits, scale,
+            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], splits, scale,
                          out=out[:nd], shared=meta.shared_prefix, shared_bound=meta.decode_max_len, kv_scales=scales)
         if nd < meta.num_seqs:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,

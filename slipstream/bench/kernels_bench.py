@@ -78,12 +78,12 @@ def run(a: argparse.Namespace) -> dict:
             q = torch.randn(batch, HQ, D, device="cuda", dtype=dtype)
             seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
             splits = decode_splits(batch, HK, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
-            ms = _ms(lambda: paged_decode(q, k, v, tables, seq_lens, ctx, splits, D**-0.5))
+            ms = _ms(lambda: paged_decode(q, k, v, tables, seq_lens, splits, D**-0.5))
             nbytes = 2 * batch * ctx * HK * D * k.element_size() + 2 * q.numel() * q.element_size()
             (k8, ks), (v8, vs) = (quantize_kv(c.flatten(0, 1)) for c in (k, v))
             del k, v
             k8, v8, scales = k8.view(-1, PAGE, HK, D), v8.view(-1, PAGE, HK, D), (ks.view(-1, PAGE, HK), vs.view(-1, PAGE, HK))
-            ms8 = _ms(lambda: paged_decode(q, k8, v8, tables, seq_lens, ctx, splits, D**-0.5, kv_scales=scales))
+            ms8 = _ms(lambda: paged_decode(q, k8, v8, tables, seq_lens, splits, D**-0.5, kv_scales=scales))
             nbytes8 = 2 * batch * ctx * HK * (D + 4) + 2 * q.numel() * q.element_size()
             r = dict(batch=batch, ctx=ctx, us=ms * 1e3, GBps=nbytes / ms / 1e6, pct_copy_bw=100 * nbytes / ms / 1e-3 / bw,
                      fp8_us=ms8 * 1e3, fp8_pct_copy_bw=100 * nbytes8 / ms8 / 1e-3 / bw)

@@ -414,13 +414,13 @@ def decode_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> 
 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    max_len: int, splits: int, scale: float, out: torch.Tensor | None = None,
+    splits: int, scale: float, out: torch.Tensor | None = None,
     shared: torch.Tensor | None = None, shared_bound: int = 0, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D]. `max_len` bounds every context (the grid is sized from it,
-    so a CUDA graph captured with max_model_len serves any shorter context). `splits` (decode_splits picks it): the
+    """One query token per sequence: q [B, Hq, D]. `splits` (decode_splits picks it from a bound on the contexts): the
     partitions each sequence's context is cut into on the device, by its own length, at least DECODE_PART_MIN tokens
-    each (programs past them return at once); 1 runs no reduction.
+    each (programs past them return at once), so a CUDA graph captured with max_model_len serves any shorter context;
+    1 runs no reduction.
 
     `shared` ([1] int, on the device): the first shared[0] context tokens of every sequence sit in the same
     pages, those of sequence 0's table (a prefix-cache hit common to the batch), shared[0] <= shared_bound.

@@ -14,9 +14,9 @@ f(x) on the fly:
   - "none":     f(x) = x.
 x is re-read by every program, but it is a few KB and stays in L2. One row may also cut K into slices
 (kernels/_slices.py: summed in slice order by each tile's last, the RMSNorm's sums of squares with them), so that a
-narrow projection's programs are enough to keep loads in flight on every SM; the autotuner picks. Up to GEMV_ROWS rows run through the tensor
-cores, 16 rows at once, each weight tile loaded once for all of them, so that a few rows stream the weight once as
-one row does (with cuBLAS and the unfused ops, a batch-1 verifying step of k + 1 rows cost 6.8 ms where a plain
+narrow projection's programs are enough to keep loads in flight on every SM; the autotuner picks. Up to GEMV_ROWS
+rows run through the tensor cores, 16 rows at once, each weight tile loaded once for all of them, so that a few rows
+stream the weight once as one row does (with cuBLAS and the unfused ops, a batch-1 verifying step of k + 1 rows cost 6.8 ms where a plain
 decode step cost 5.9: H100, Llama-3.1-8B shape, lease AK); the layers send it up to LAYER_GEMV_ROWS rows, one until a
 GPU has measured where this form beats cuBLAS. What meets W is rounded to x's dtype, as the unfused
 kernels round their outputs (for "rmsnorm" that is w_norm * (x + residual), before the 1/rms scale; in fp16, whose

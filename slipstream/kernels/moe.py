@@ -338,9 +338,6 @@ def _moe_gemv_kernel(x_ptr, w_ptr, ws_ptr, wo_ptr, ids_ptr, rw_ptr, nw_ptr, y_pt
         tl.store(y_ptr + row.to(tl.int64) * stride_y + ns, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-# Tuned once per projection shape, weight form and one token or more, at the first call (the engine warms up each graph
-# size before capturing it): the grid grows with the pairs, and a tile chosen at the largest graph size of a few tokens
-# (warmed first) left most SMs idle at batch-1 decode's one token.
 def _one_token_slices(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     """K in slices for one token's step only (one_token is in the tuning key; a step of more tokens has programs
     enough, and its rows' workspace and counts would grow with it), where its counts (one a row and tile) fit."""
@@ -349,6 +346,9 @@ def _one_token_slices(configs: list[triton.Config], named_args: dict, **_) -> li
         named_args["one_token"] and rows * cdiv(named_args["N"], c.kwargs["BLOCK_N"]) <= COUNTS)]
 
 
+# Tuned once per projection shape, weight form and one token or more, at the first call (the engine warms up each graph
+# size before capturing it): the grid grows with the pairs, and a tile chosen at the largest graph size of a few tokens
+# (warmed first) left most SMs idle at batch-1 decode's one token.
 _moe_gemv = (_moe_gemv_kernel if INTERPRET
              else triton.autotune(ONE_ROW_CONFIGS, key=["N", "K", "SCALE", "DOWN", "NORM", "one_token"],
                                   prune_configs_by={"early_config_prune": _one_token_slices})(_moe_gemv_kernel))
